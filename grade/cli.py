@@ -1,0 +1,61 @@
+"""Shared command-line plumbing: logging to stderr, exit status 2 on bad input, progress bars."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
+
+from grade.errors import InputError
+
+T = TypeVar("T")
+log = logging.getLogger("grade")
+
+
+def setup_logging(level: str | None = None) -> None:
+    level = level or os.environ.get("GRADE_LOG_LEVEL", "INFO")
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("urllib3", "werkzeug", "matplotlib", "botocore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Run a component's ``main``; InputError -> one clear message on stderr and exit status 2."""
+    setup_logging()
+    try:
+        rc = main(argv)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0 if rc is None else int(rc)
+
+
+def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "",
+             unit: str = "it") -> Iterator[T]:
+    """A progress bar on stderr with rate and ETA; plain periodic log lines when stderr is not a TTY."""
+    from tqdm.auto import tqdm
+
+    if sys.stderr.isatty():
+        yield from tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
+        return
+    start = last = time.monotonic()
+    n = 0
+    for n, item in enumerate(iterable, 1):
+        yield item
+        now = time.monotonic()
+        if now - last >= 10 or (total and n == total):
+            rate = n / max(now - start, 1e-9)
+            eta = f", ETA {(total - n) / rate:.0f}s" if total else ""
+            log.info("%s: %d%s %s (%.1f %s/s%s)", desc, n, f"/{total}" if total else "", unit,
+                     rate, unit, eta)
+            last = now
