@@ -1,0 +1,95 @@
+"""Score fusion: S_i(w) = sum_k w_k z_ik for batches of requests and groups of weight vectors.
+
+Shapes (B requests, L list positions, K objectives, G weight vectors per request, E exposure depth):
+
+- z: [B, L, K] standardised per-objective signals (log-predictions), mask: [B, L] True = real item
+- w: [B, K] (one weight vector per request) or [B, G, K] (a group per request)
+- scores: [B, L] or [B, G, L]; padded positions are -inf so they always rank last
+
+All functions are vectorised over requests and groups; nothing loops over items.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def fuse(z: torch.Tensor, w: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Fused scores for weights ``w`` [B, K] -> [B, L] or a group ``w`` [B, G, K] -> [B, G, L]."""
+    if w.dim() == 2:
+        scores = torch.einsum("blk,bk->bl", z, w)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+    elif w.dim() == 3:
+        scores = torch.einsum("blk,bgk->bgl", z, w)
+        if mask is not None:
+            scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
+    else:
+        raise ValueError(f"weights must be [B, K] or [B, G, K], got shape {tuple(w.shape)}")
+    return scores
+
+
+def top_e(scores: torch.Tensor, e: int) -> torch.Tensor:
+    """Indices of the ``e`` best items along the last axis, best first: [..., L] -> [..., min(e, L)].
+
+    Ties are broken by the lower item index, so the result is deterministic across runs.
+    """
+    e = min(e, scores.shape[-1])
+    # A stable descending sort keeps equal scores in index order (topk gives no such guarantee).
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :e]
+
+
+def ranks(scores: torch.Tensor) -> torch.Tensor:
+    """0-based rank of every item (0 = best) along the last axis; same tie rule as :func:`top_e`."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return torch.argsort(order, dim=-1)
+
+
+def gather_items(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Per-item values ``x`` [B, L] (or [B, L, K]) at ranked indices ``idx`` [B, E] or [B, G, E].
+
+    Returns [B, E] / [B, G, E] (or with a trailing K axis).
+    """
+    if idx.dim() == 2:
+        if x.dim() == 2:
+            return torch.gather(x, 1, idx)
+        return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    if idx.dim() == 3:
+        b, g, e = idx.shape
+        if x.dim() == 2:
+            return torch.gather(x.unsqueeze(1).expand(b, g, x.shape[1]), 2, idx)
+        k = x.shape[-1]
+        xx = x.unsqueeze(1).expand(b, g, x.shape[1], k)
+        return torch.gather(xx, 2, idx.unsqueeze(-1).expand(b, g, e, k))
+    raise ValueError(f"indices must be [B, E] or [B, G, E], got shape {tuple(idx.shape)}")
+
+
+def dcg_discounts(e: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """DCG discounts d_j = 1 / log2(j + 2) for 0-based positions j < e: [e]."""
+    return 1.0 / torch.log2(torch.arange(e, device=device, dtype=dtype) + 2.0)
+
+
+def examination(e: int, eta: float = 1.0, device: torch.device | None = None,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Position-bias examination probabilities theta_j = 1 / (1 + j)^eta for 0-based j < e: [e]."""
+    return (torch.arange(e, device=device, dtype=dtype) + 1.0).pow(-eta)
+
+
+def ndcg_at(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, e: int,
+            gain: str = "exp2") -> torch.Tensor:
+    """NDCG@e of the ranking by ``scores`` against ``labels`` [B, L].
+
+    ``scores`` is [B, L] or [B, G, L]; returns [B] or [B, G]. Requests whose ideal DCG is 0 (no
+    positive label) score 0. ``gain``: "exp2" (2^y - 1) or "linear" (y, for graded values like gmv).
+    """
+    if mask is not None:
+        labels = labels.masked_fill(~mask, 0.0)
+    g = torch.pow(2.0, labels) - 1.0 if gain == "exp2" else labels
+    idx = top_e(scores, e)
+    disc = dcg_discounts(idx.shape[-1], device=scores.device, dtype=g.dtype)
+    dcg = (gather_items(g, idx) * disc).sum(-1)
+    ideal = torch.sort(g, dim=-1, descending=True).values[..., : idx.shape[-1]]
+    idcg = (ideal * disc).sum(-1)
+    if dcg.dim() == 2:
+        idcg = idcg.unsqueeze(1)
+    return torch.where(idcg > 0, dcg / idcg.clamp_min(1e-12), torch.zeros_like(dcg))
