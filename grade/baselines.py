@@ -1,0 +1,134 @@
+"""Baseline policies of the offline auction: static, best_static, logged, oracle.
+
+- ``static``: the production default, ranking by the product of the MTL predictions. In the
+  standardised space log p_k = s_k z_k + m_k, so the product order is w_k proportional to s_k.
+- ``best_static``: one global weight vector, searched on the TRAIN split by the cross-entropy method
+  (CEM) over softmax logits. Train has no ground truth, so the objective is a replay metric on logged
+  labels: by default NDCG@E of logged orders (orders are what the primary metric OPM counts). The
+  search always evaluates the static weights too and returns the best vector seen, so its objective
+  value on train is never below static's.
+- ``logged``: the order the logging policy displayed (rank by -position).
+- ``oracle``: per request, the weights that maximise the TRUE business value (simulated data only),
+  from ``grade.simulator.oracle_weights``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from grade.fusion import fuse, ndcg_at
+
+log = logging.getLogger(__name__)
+
+SEARCH_OBJECTIVES = ("ndcg_order", "ndcg_click", "ndcg_gmv")
+
+
+def static_weights(spec: dict) -> torch.Tensor:
+    """The production weights [K]: w_k proportional to pred_log_std s_k (ranks by prod_k p_k)."""
+    s = torch.tensor([float(v) for v in spec["pred_log_std"]], dtype=torch.float32)
+    return s / s.sum()
+
+
+def logged_scores(data: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Scores [N, L] reproducing the logged display order (position 0 first; padding last)."""
+    scores = -data["position"].to(torch.float32)
+    return scores.masked_fill(~data["mask"], float("-inf"))
+
+
+@dataclasses.dataclass
+class SearchResult:
+    weights: torch.Tensor
+    """the best global weight vector found [K]"""
+    objective: float
+    """its objective value on the search requests"""
+    static_objective: float
+    """the static weights' objective value on the same requests"""
+    history: list[dict]
+    """per iteration: best objective so far, population mean, sampling spread"""
+    n_requests: int
+    """requests the objective was measured on"""
+
+
+def replay_objective(z: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                     depth: int, gain: str = "exp2", chunk_elems: int = 8_000_000) -> torch.Tensor:
+    """Mean NDCG@depth over requests of each global weight vector ``weights`` [G, K] -> [G]."""
+    n, length, _ = z.shape
+    g = weights.shape[0]
+    chunk = max(1, chunk_elems // max(1, g * length))
+    total = torch.zeros(g, dtype=torch.float64)
+    for start in range(0, n, chunk):
+        sl = slice(start, min(start + chunk, n))
+        w = weights.to(z.dtype).unsqueeze(0).expand(z[sl].shape[0], g, -1)
+        total += ndcg_at(fuse(z[sl], w, mask[sl]), labels[sl], mask[sl], depth, gain=gain).sum(0, dtype=torch.float64)
+    return total / max(n, 1)
+
+
+def best_static(train: dict[str, torch.Tensor], spec: dict, depth: int = 10, objective: str = "ndcg_order",
+                iterations: int = 10, population: int = 32, elite_fraction: float = 0.25,
+                init_spread: float = 1.0, max_requests: int = 20000, seed: int = 0) -> SearchResult:
+    """Search one global weight vector on the train split with the cross-entropy method.
+
+    Only requests with at least one positive label carry signal for NDCG, so the search uses those
+    (at most ``max_requests``, drawn with ``seed``). Logits ~ N(mu, sigma), weights = softmax; mu starts
+    at log(static) and moves to the elite mean each iteration.
+    """
+    if objective not in SEARCH_OBJECTIVES:
+        raise ValueError(f"objective must be one of {SEARCH_OBJECTIVES}, got {objective!r}")
+    label_name = objective.removeprefix("ndcg_")
+    gain = "linear" if label_name == "gmv" else "exp2"
+    labels = train[label_name]
+    mask = train["mask"]
+    keep = torch.nonzero(((labels > 0) & mask).any(-1)).squeeze(-1)
+    gen = torch.Generator().manual_seed(int(seed))
+    if keep.numel() > max_requests:
+        keep = keep[torch.randperm(keep.numel(), generator=gen)[:max_requests]].sort().values
+    z, mask, labels = train["z"][keep], mask[keep], labels[keep]
+    static = static_weights(spec)
+
+    def score(w: torch.Tensor) -> torch.Tensor:
+        return replay_objective(z, mask, labels, w, depth, gain)
+
+    static_value = float(score(static.unsqueeze(0))[0])
+    best_w, best_v = static.clone(), static_value
+    mu = static.clamp_min(1e-6).log()
+    sigma = torch.full_like(mu, float(init_spread))
+    n_elite = max(2, int(round(population * elite_fraction)))
+    history = []
+    for it in range(iterations):
+        logits = mu + sigma * torch.randn(population, mu.numel(), generator=gen)
+        cand = torch.softmax(logits, dim=-1)
+        values = score(cand)
+        top = torch.argsort(values, descending=True)[:n_elite]
+        if float(values[top[0]]) > best_v:
+            best_v, best_w = float(values[top[0]]), cand[top[0]].clone()
+        mu = logits[top].mean(0)
+        sigma = logits[top].std(0).clamp_min(0.05)
+        history.append({"iteration": it, "best": best_v, "population_mean": float(values.mean()),
+                        "spread": float(sigma.mean())})
+        log.info("best_static CEM %d/%d: best %s %.5f (static %.5f), spread %.3f", it + 1, iterations,
+                 objective, best_v, static_value, float(sigma.mean()))
+    return SearchResult(weights=best_w, objective=best_v, static_objective=static_value, history=history,
+                        n_requests=int(keep.numel()))
+
+
+def oracle_weights(data: dict[str, torch.Tensor], depth: int = 10, eta: float = 1.0, value: str = "orders",
+                   n_candidates: int = 256, seed: int = 0, chunk: int = 4096) -> torch.Tensor:
+    """Per-request weights [N, K] maximising the true value, from the simulator's oracle.
+
+    Needs the ground truth (true_ctr, true_cvr, price). Processed in chunks of requests to bound memory;
+    chunk c uses seed + c so the result is deterministic.
+    """
+    from grade.simulator import oracle_weights as simulator_oracle
+
+    n = data["mask"].shape[0]
+    out = []
+    for c, start in enumerate(range(0, n, chunk)):
+        sl = slice(start, min(start + chunk, n))
+        w, _ = simulator_oracle(data["z"][sl], data["true_ctr"][sl], data["true_cvr"][sl], data["price"][sl],
+                                data["mask"][sl], depth=depth, eta=eta, value=value,
+                                n_candidates=n_candidates, seed=int(seed) + c)
+        out.append(torch.as_tensor(w, dtype=torch.float32))
+    return torch.cat(out)
