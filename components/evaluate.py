@@ -1,0 +1,62 @@
+"""Offline auction evaluation: every policy on the same held-out requests, report.json/html, KFP metrics.
+
+    python -m components.evaluate --features URI --model NAME=URI [--model NAME=URI ...] --out URI
+                                  [--config YAML] [--registry URI]
+
+Prints a table of metrics and lifts vs static (with paired bootstrap CIs) and the report's path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import grade.cli
+from grade import config, store
+from grade.errors import InputError
+
+
+def parse_model(text: str) -> tuple[str, str]:
+    name, sep, uri = text.partition("=")
+    if not sep or not name or not uri:
+        raise argparse.ArgumentTypeError(f"expected NAME=URI, got {text!r}")
+    return name, uri
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m components.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--features", required=True, metavar="URI",
+                   help="published features folder (components.features output), local path or s3://")
+    p.add_argument("--model", action="append", default=[], type=parse_model, metavar="NAME=URI",
+                   help="a policy model folder to evaluate under NAME (repeatable), e.g. grade=s3://b/models/grade")
+    p.add_argument("--out", required=True, metavar="URI",
+                   help="output folder: report.json, report.html, metrics.json (KFP), config.json")
+    p.add_argument("--config", metavar="YAML", help="config file; its 'evaluate' section is used")
+    p.add_argument("--registry", metavar="URI",
+                   help="model registry root; its production model is evaluated as 'incumbent' when it exists")
+    p.add_argument("--split", help="held-out split to evaluate on (overrides evaluate.split)")
+    p.add_argument("--bootstrap-samples", type=int, help="paired bootstrap resamples (overrides the config)")
+    p.add_argument("--seed", type=int, help="seed (overrides evaluate.seed)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from grade.evaluation import format_table, run_evaluation
+
+    models: dict[str, str] = {}
+    for name, uri in args.model:
+        if name in models:
+            raise InputError(f"--model {name}=...: the name is given twice")
+        models[name] = uri
+    cfg = config.load_section(args.config, "evaluate", {"split": args.split, "seed": args.seed,
+                                                         "bootstrap_samples": args.bootstrap_samples})
+    report = run_evaluation(args.features, models, args.out, cfg, registry_uri=args.registry)
+    print(format_table(report))
+    print(f"report: {store.join(args.out, 'report.html')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(grade.cli.run(main))

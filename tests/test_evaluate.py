@@ -1,0 +1,275 @@
+"""End to end evaluation on a small synthetic features folder built by the contract in docs/architecture.md."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from grade import store
+from grade.errors import InputError
+from grade.evaluation import EvaluateConfig, format_table, run_evaluation
+from grade.policy import PolicyConfig, PolicyNet, save_policy
+
+OBJECTIVES = ["ctr", "cvr", "gmv"]
+HAS_SIMULATOR = importlib.util.find_spec("grade.simulator") is not None
+
+
+def _requests(n: int, length: int, gen: torch.Generator, truth: bool) -> dict[str, torch.Tensor]:
+    """Synthetic marketplace requests: 3 segments with different price sensitivity."""
+    segment = torch.randint(0, 3, (n,), generator=gen)
+    n_items = torch.randint(length - 4, length + 1, (n,), generator=gen)
+    mask = torch.arange(length).unsqueeze(0) < n_items.unsqueeze(1)
+    price = torch.exp(torch.randn(n, length, generator=gen) * 0.8 + 3.0)
+    quality = torch.randn(n, length, generator=gen)
+    sensitivity = torch.tensor([0.2, 0.6, 1.0])[segment].unsqueeze(1)
+    true_ctr = torch.sigmoid(-2.5 + 0.8 * quality - sensitivity * (price.log() - 3.0))
+    true_cvr = torch.sigmoid(-2.0 + 0.5 * quality - 1.5 * sensitivity * (price.log() - 3.0))
+    # The MTL model misses the per-segment price sensitivity (global average 0.6).
+    pred_ctr = torch.sigmoid(-2.5 + 0.8 * quality - 0.6 * (price.log() - 3.0) + 0.2 * torch.randn(n, length, generator=gen))
+    pred_cvr = torch.sigmoid(-2.0 + 0.5 * quality - 0.9 * (price.log() - 3.0) + 0.2 * torch.randn(n, length, generator=gen))
+    pred = torch.stack([pred_ctr, pred_cvr, price], -1) * mask.unsqueeze(-1)
+    # Logged order: static ranking (product of predictions) with noise; clicks under position bias.
+    logged_score = (pred.clamp_min(1e-12).log().sum(-1) + 0.5 * torch.randn(n, length, generator=gen))
+    logged_score = logged_score.masked_fill(~mask, float("-inf"))
+    order = torch.argsort(logged_score, dim=-1, descending=True, stable=True)
+    position = torch.argsort(order, dim=-1).masked_fill(~mask, -1)
+    examine = 1.0 / (1.0 + position.clamp_min(0).float())
+    click = ((torch.rand(n, length, generator=gen) < true_ctr * examine) & mask).float()
+    buy = ((torch.rand(n, length, generator=gen) < true_cvr) & (click > 0)).float()
+    out = {
+        "pred": pred.float(), "mask": mask, "click": click, "order": buy, "gmv": buy * price * mask,
+        "position": position.long(),
+        "num": torch.stack([sensitivity[:, 0] + 0.1 * torch.randn(n, generator=gen), torch.randn(n, generator=gen)], -1),
+        "cat": torch.stack([segment + 1, torch.randint(0, 3, (n,), generator=gen)], -1).long(),
+        "event_time": torch.arange(n, dtype=torch.int64), "request_id": torch.arange(n, dtype=torch.int64),
+    }
+    if truth:
+        out.update({"true_ctr": true_ctr * mask, "true_cvr": true_cvr * mask, "price": price * mask,
+                    "segment": segment.long()})
+    return out
+
+
+def make_features(root: Path, n_train: int = 600, n_test: int = 500, length: int = 12, seed: int = 0,
+                  truth: bool = True) -> str:
+    """A published features folder: feature_spec.json + {train,valid,test}/part-00000.safetensors."""
+    gen = torch.Generator().manual_seed(seed)
+    splits = {"train": _requests(n_train, length, gen, truth=False),
+              "valid": _requests(max(1, n_test // 4), length, gen, truth),
+              "test": _requests(n_test, length, gen, truth)}
+    train = splits["train"]
+    logp = train["pred"].clamp_min(1e-12).log()[train["mask"]]
+    m, s = logp.mean(0), logp.std(0)
+    spec = {"objectives": OBJECTIVES, "pred_log_mean": m.tolist(), "pred_log_std": s.tolist(),
+            "numeric": [{"name": "u_sensitivity", "mean": 0.0, "std": 1.0}, {"name": "u_noise", "mean": 0.0, "std": 1.0}],
+            "categorical": [{"name": "c_segment_hint", "vocab": [10, 20, 30], "size": 4},
+                            {"name": "c_device", "vocab": [0, 1], "size": 3}],
+            "list_size": length, "splits": {}, "ground_truth": ["true_ctr", "true_cvr", "price"] if truth else []}
+    with store.publishing(str(root)) as staging:
+        for name, t in splits.items():
+            t["z"] = (((t["pred"].clamp_min(1e-12).log() - m) / s) * t["mask"].unsqueeze(-1)).float()
+            (staging / name).mkdir()
+            save_file({k: v.contiguous() for k, v in t.items()}, str(staging / name / "part-00000.safetensors"))
+            spec["splits"][name] = {"n_requests": int(t["mask"].shape[0]), "n_rows": int(t["mask"].sum()),
+                                    "shards": [f"{name}/part-00000.safetensors"], "time_min": 0, "time_max": 1}
+        (staging / "feature_spec.json").write_text(json.dumps(spec))
+    return str(root)
+
+
+def make_model(root: Path, seed: int = 0, steps: int = 5) -> str:
+    """A published policy folder with a train_log.jsonl and metrics.json (like Stage 1/2 outputs)."""
+    torch.manual_seed(seed)
+    model = PolicyNet(PolicyConfig(n_numeric=2, cat_sizes=[4, 3], n_objectives=3, hidden=[8]))
+    with torch.no_grad():
+        model.mu_head.weight.normal_(0, 1.0)  # weights that differ per request
+    with store.publishing(str(root)) as staging:
+        save_policy(model, staging)
+        rows = [{"step": i, "pretrain/loss": 1.0 / (i + 1), "pretrain/ndcg": 0.1 * i} for i in range(steps)]
+        (staging / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (staging / "metrics.json").write_text(json.dumps({"valid_ndcg_order": 0.4}))
+    return str(root)
+
+
+def small_config(**kw) -> EvaluateConfig:
+    base = {"bootstrap_samples": 200, "static_search_iterations": 3, "static_search_population": 12,
+            "oracle_candidates": 16, "frontier_steps": 5, "exposure_depth": 5}
+    base.update(kw)
+    return EvaluateConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    features = make_features(root / "features")
+    model = make_model(root / "model")
+    out = str(root / "out")
+    report = run_evaluation(features, {"grade": model}, out, small_config())
+    return features, model, out, report
+
+
+def test_report_shape_and_outputs(evaluated):
+    features, model, out, report = evaluated
+    assert store.is_published(out)
+    names = set(store.read_manifest(out)["files"])
+    assert {"report.json", "report.html", "metrics.json", "config.json"} <= names
+    on_disk = store.read_json(store.join(out, "report.json"))
+    assert on_disk["n_requests"] == 500 and on_disk["primary_metric"] == "opm" and on_disk["has_ground_truth"]
+    expected = {"static", "best_static", "logged", "grade"} | ({"oracle"} if HAS_SIMULATOR else set())
+    assert expected <= set(on_disk["policies"])
+    for flavour, metrics in (("true", {"ctr", "cvr", "opm", "gpm"}), ("prior", {"ctr", "cvr", "opm", "gpm"}),
+                             ("replay", {"ndcg_click", "ndcg_order", "ndcg_gmv", "gauc"})):
+        assert set(on_disk["policies"]["grade"][flavour]) == metrics
+    lift = on_disk["lift_vs_static"]["grade"]["true"]["opm"]
+    assert lift["ci_low"] <= lift["lift"] <= lift["ci_high"]
+    assert "static" not in on_disk["lift_vs_static"]
+    assert on_disk["models"]["grade"] == {"uri": model, "content_hash": store.content_hash(model)}
+    assert on_disk["config"]["bootstrap_samples"] == 200
+    # The lift is the ratio of the two reported metrics.
+    p = on_disk["policies"]
+    assert lift["lift"] == pytest.approx(p["grade"]["true"]["opm"] / p["static"]["true"]["opm"] - 1)
+    seg = on_disk["segments"]
+    assert seg["feature"] == "segment" and set(seg["by_segment"]) == {"0", "1", "2"}
+    assert sum(v["n_requests"] for v in seg["by_segment"].values()) == 500
+    # Mean learned weights per segment are on the simplex.
+    for w in seg["mean_weights"]["grade"].values():
+        assert sum(w) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_kfp_metrics_format(evaluated):
+    _, _, out, report = evaluated
+    metrics = store.read_json(store.join(out, "metrics.json"))["metrics"]
+    assert metrics and all(set(m) == {"name", "numberValue", "format"} and m["format"] == "RAW" for m in metrics)
+    by = {m["name"]: m["numberValue"] for m in metrics}
+    assert by["grade-lift-opm"] == pytest.approx(report["lift_vs_static"]["grade"]["true"]["opm"]["lift"])
+    assert by["static-true-ctr"] == pytest.approx(report["policies"]["static"]["true"]["ctr"])
+    import re
+
+    assert all(re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,62}", m["name"]) for m in metrics)
+
+
+def test_static_and_logged_metrics_match_a_direct_computation(evaluated):
+    """The static policy's true OPM recomputed by hand (loops, not the library) on the test split."""
+    features, _, _, report = evaluated
+    from safetensors.torch import load_file
+
+    t = load_file(str(Path(features) / "test" / "part-00000.safetensors"))
+    spec = json.loads((Path(features) / "feature_spec.json").read_text())
+    w = torch.tensor(spec["pred_log_std"]) / sum(spec["pred_log_std"])
+    orders = impressions = 0.0
+    for r in range(t["mask"].shape[0]):
+        n = int(t["mask"][r].sum())
+        score = (t["z"][r, :n] * w).sum(-1).tolist()
+        ranked = sorted(range(n), key=lambda i: (-score[i], i))[:5]
+        for j, i in enumerate(ranked):
+            impressions += 1 / (1 + j)
+            orders += float(t["true_ctr"][r, i] * t["true_cvr"][r, i]) / (1 + j)
+    assert report["policies"]["static"]["true"]["opm"] == pytest.approx(1000 * orders / impressions, rel=1e-5)
+    # logged: position order
+    clicks = 0.0
+    for r in range(t["mask"].shape[0]):
+        for i in range(t["mask"].shape[1]):
+            pos = int(t["position"][r, i])
+            if 0 <= pos < 5:
+                clicks += float(t["true_ctr"][r, i]) / (1 + pos)
+    assert report["policies"]["logged"]["true"]["ctr"] == pytest.approx(clicks / impressions, rel=1e-5)
+
+
+def test_best_static_is_in_the_report_with_its_search(evaluated):
+    report = evaluated[3]
+    search = report["best_static_search"]
+    assert search["value"] >= search["static_value"]
+    assert sum(report["weights"]["best_static"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_same_config_same_report(evaluated, tmp_path):
+    features, model, _, report = evaluated
+    again = run_evaluation(features, {"grade": model}, str(tmp_path / "again"), small_config())
+    assert again["policies"] == report["policies"]
+    assert again["lift_vs_static"] == report["lift_vs_static"]
+
+
+def test_terminal_table(evaluated):
+    text = format_table(evaluated[3])
+    lines = text.splitlines()
+    assert any(line.startswith("grade") and "%" in line and "[" in line for line in lines)
+    assert any(line.startswith("static") and "(reference)" in line for line in lines)
+
+
+def test_html_is_self_contained(evaluated):
+    _, _, out, _ = evaluated
+    page = Path(out, "report.html").read_text()
+    assert "http://" not in page and "https://" not in page
+    assert page.count("<img") >= 4  # lift bars, frontier, weights per segment, training curves
+    for heading in ("Metrics", "Lifts vs static", "Trade-off frontier", "Learned weights per segment",
+                    "Training curves"):
+        assert f"<h2>{heading}</h2>" in page
+
+
+def test_without_ground_truth_uses_prior_and_a_categorical_segment(tmp_path):
+    features = make_features(tmp_path / "f", n_train=200, n_test=150, truth=False)
+    report = run_evaluation(features, {}, str(tmp_path / "out"), small_config(static_search_iterations=0))
+    assert not report["has_ground_truth"] and report["primary_flavour"] == "prior"
+    assert "true" not in report["policies"]["static"] and "oracle" not in report["policies"]
+    assert report["segments"]["feature"] == "c_segment_hint"
+    assert set(report["segments"]["by_segment"]) <= {"10", "20", "30", "(other)"}
+    assert report["headroom_captured"] == {}
+    assert math.isfinite(report["lift_vs_static"]["logged"]["prior"]["opm"]["lift"])
+
+
+def test_bad_inputs_raise_input_errors(tmp_path, evaluated):
+    features, model, _, _ = evaluated
+    with pytest.raises(InputError, match="segment_feature"):
+        run_evaluation(features, {}, str(tmp_path / "o1"), small_config(segment_feature="c_nope",
+                                                                         static_search_iterations=0))
+    with pytest.raises(InputError, match="reserved"):
+        run_evaluation(features, {"static": model}, str(tmp_path / "o2"), small_config())
+    with pytest.raises(InputError, match="split"):
+        run_evaluation(features, {}, str(tmp_path / "o3"), small_config(split="nope"))
+    with pytest.raises(InputError, match="not a policy folder"):
+        run_evaluation(features, {"m": str(tmp_path)}, str(tmp_path / "o4"), small_config(static_search_iterations=0))
+    assert not store.is_published(str(tmp_path / "o4"))
+
+
+def test_component_cli(evaluated, tmp_path, capsys):
+    from components import evaluate
+
+    features, model, _, _ = evaluated
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("evaluate:\n  bootstrap_samples: 50\n  static_search_iterations: 1\n  static_search_population: 4\n"
+                   "  oracle_candidates: 8\n  frontier_steps: 3\n")
+    out = str(tmp_path / "cli")
+    assert evaluate.main(["--features", features, "--model", f"grade={model}", "--out", out,
+                          "--config", str(cfg)]) == 0
+    printed = capsys.readouterr().out
+    assert f"report: {out}/report.html" in printed and "OPM lift vs static" in printed
+    assert store.read_json(store.join(out, "report.json"))["config"]["bootstrap_samples"] == 50
+    import grade.cli
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("evaluate:\n  nonsense: 1\n")
+    assert grade.cli.run(evaluate.main, ["--features", features, "--out", out, "--config", str(bad)]) == 2
+
+
+def test_incumbent_from_registry(evaluated, tmp_path, monkeypatch):
+    """With a registry that has a production model, 'incumbent' is evaluated and lifts vs it are reported."""
+    import sys
+    import types
+
+    features, model, _, _ = evaluated
+    fake = types.ModuleType("grade.registry")
+    fake.production_model = lambda registry_uri, model_name: ("v0007", model) if model_name == "grade" else None
+    monkeypatch.setitem(sys.modules, "grade.registry", fake)
+    report = run_evaluation(features, {"grade": model}, str(tmp_path / "inc"), small_config(),
+                            registry_uri=str(tmp_path / "registry"))
+    assert report["models"]["incumbent"]["version"] == "v0007"
+    same = report["lift_vs_incumbent"]["grade"]["true"]["opm"]
+    assert same == {"lift": 0.0, "ci_low": 0.0, "ci_high": 0.0}  # the same model: identical rankings
+    fake.production_model = lambda registry_uri, model_name: None
+    report = run_evaluation(features, {"grade": model}, str(tmp_path / "none"), small_config(),
+                            registry_uri=str(tmp_path / "registry"))
+    assert "incumbent" not in report["policies"] and "lift_vs_incumbent" not in report
