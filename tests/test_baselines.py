@@ -1,0 +1,95 @@
+"""Baselines: static = product of predictions, logged order, best_static search, the oracle wrapper."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from grade import baselines
+from grade.fusion import fuse, top_e
+
+
+def test_static_weights_rank_by_the_product_of_predictions():
+    spec = {"pred_log_mean": [-3.0, -4.0, 3.5], "pred_log_std": [0.5, 1.5, 1.0]}
+    w = baselines.static_weights(spec)
+    assert w.tolist() == pytest.approx([0.5 / 3, 1.5 / 3, 1.0 / 3])
+    g = torch.Generator().manual_seed(0)
+    pred = torch.rand(64, 20, 3, generator=g) + 1e-3
+    m, s = torch.tensor(spec["pred_log_mean"]), torch.tensor(spec["pred_log_std"])
+    z = (pred.log() - m) / s
+    by_static = top_e(fuse(z, w.expand(64, -1)), 20)
+    by_product = torch.argsort(pred.prod(-1), dim=-1, descending=True, stable=True)
+    assert torch.equal(by_static, by_product)
+
+
+def test_logged_scores_reproduce_positions_and_put_padding_last():
+    data = {"position": torch.tensor([[2, 0, 1, -1]]), "mask": torch.tensor([[True, True, True, False]])}
+    assert top_e(baselines.logged_scores(data), 4).tolist() == [[1, 2, 0, 3]]
+
+
+def _train(n: int = 800, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Orders follow signal 1 much more than signal 0: the best global weights lean on signal 1."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 10, 2, generator=g)
+    utility = 0.3 * z[..., 0] + 1.5 * z[..., 1] + 0.5 * torch.randn(n, 10, generator=g)
+    order = (utility == utility.max(-1, keepdim=True).values).float() * (torch.rand(n, 1, generator=g) < 0.5)
+    mask = torch.ones(n, 10, dtype=torch.bool)
+    return {"z": z, "mask": mask, "order": order, "click": order, "gmv": order * 10}
+
+
+def test_best_static_beats_static_on_its_train_objective_and_is_deterministic():
+    spec = {"pred_log_std": [1.0, 1.0]}
+    train = _train()
+    res = baselines.best_static(train, spec, depth=5, iterations=5, population=16, seed=3)
+    again = baselines.best_static(train, spec, depth=5, iterations=5, population=16, seed=3)
+    assert torch.equal(res.weights, again.weights)
+    assert res.objective >= res.static_objective
+    assert res.objective > res.static_objective + 0.01  # (0.5, 0.5) is clearly improvable here
+    assert res.weights[1] > res.weights[0]
+    assert res.weights.sum().item() == pytest.approx(1.0, abs=1e-6)
+    # Only the requests with an order are scored; the reported objective matches a recomputation.
+    with_order = (train["order"] > 0).any(-1)
+    assert res.n_requests == int(with_order.sum())
+    direct = baselines.replay_objective(train["z"][with_order], train["mask"][with_order],
+                                        train["order"][with_order], res.weights.unsqueeze(0), 5)
+    assert direct.item() == pytest.approx(res.objective)
+    assert [h["iteration"] for h in res.history] == list(range(5))
+
+
+def test_best_static_with_no_iterations_is_static_and_bad_objective_is_refused():
+    spec = {"pred_log_std": [1.0, 3.0]}
+    res = baselines.best_static(_train(200), spec, depth=5, iterations=0)
+    assert res.weights.tolist() == pytest.approx([0.25, 0.75])
+    with pytest.raises(ValueError):
+        baselines.best_static(_train(50), spec, objective="revenue")
+
+
+def test_replay_objective_by_hand():
+    # One request, 3 items, order on item 2. Weights (1, 0) rank by z0: 0, 1, 2 -> NDCG@3 = 1/log2(4) = 0.5
+    z = torch.tensor([[[3.0, 1.0], [2.0, 2.0], [1.0, 3.0]]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    order = torch.tensor([[0.0, 0.0, 1.0]])
+    vals = baselines.replay_objective(z, mask, order, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), depth=3)
+    assert vals.tolist() == pytest.approx([0.5, 1.0])
+
+
+def test_oracle_wrapper_passes_the_truth_in_chunks_with_distinct_seeds(monkeypatch):
+    calls = []
+
+    def fake_oracle(signals, true_ctr, true_cvr, price, mask, depth, eta, value, n_candidates, seed):
+        calls.append((signals.shape[0], depth, eta, value, n_candidates, seed))
+        return torch.full((signals.shape[0], signals.shape[-1]), float(seed)), torch.zeros(signals.shape[0])
+
+    fake = types.ModuleType("grade.simulator")
+    fake.oracle_weights = fake_oracle
+    monkeypatch.setitem(sys.modules, "grade.simulator", fake)
+    n = 10
+    data = {"z": torch.zeros(n, 4, 3), "true_ctr": torch.zeros(n, 4), "true_cvr": torch.zeros(n, 4),
+            "price": torch.zeros(n, 4), "mask": torch.ones(n, 4, dtype=torch.bool)}
+    w = baselines.oracle_weights(data, depth=3, eta=0.5, value="gmv", n_candidates=7, seed=100, chunk=4)
+    assert [c[0] for c in calls] == [4, 4, 2]
+    assert {c[1:5] for c in calls} == {(3, 0.5, "gmv", 7)}
+    assert w[:, 0].tolist() == [100.0] * 4 + [101.0] * 4 + [102.0] * 2
