@@ -273,3 +273,13 @@ def test_incumbent_from_registry(evaluated, tmp_path, monkeypatch):
     report = run_evaluation(features, {"grade": model}, str(tmp_path / "none"), small_config(),
                             registry_uri=str(tmp_path / "registry"))
     assert "incumbent" not in report["policies"] and "lift_vs_incumbent" not in report
+
+
+def test_publishes_to_s3(evaluated, s3_env):
+    features, model, _, _ = evaluated
+    out = f"{s3_env}/reports/run-1"
+    report = run_evaluation(features, {"grade": model}, out,
+                            small_config(static_search_iterations=0, bootstrap_samples=20))
+    assert store.is_published(out)
+    assert store.read_json(store.join(out, "report.json"))["n_requests"] == report["n_requests"]
+    assert store.read_bytes(store.join(out, "report.html")).startswith(b"<!DOCTYPE html>")
