@@ -1,0 +1,875 @@
+"""Raw search logs (long-format Parquet) -> validated, split, standardised request tensors.
+
+Two streaming passes over the same record batches (memory bounded by the batch and shard sizes,
+plus a few numbers per request, never by the number of rows):
+
+1. **scan**: check the schema of every file and every row (vectorised per batch), and keep per
+   request only its id, time, length and sums (log-prediction sums, first-row user features).
+   From those: the time boundaries of the train/valid/test split and the standardisation
+   statistics and vocabularies, all fitted on the train requests only.
+2. **write**: read the batches again and scatter each request into a fixed-size shard buffer of its
+   split; a full buffer becomes ``<split>/part-NNNNN.safetensors``. Bad requests (``skip`` mode)
+   go to ``quarantine.parquet`` with a reason.
+
+The output format is the "Feature tensors" contract of ``docs/architecture.md``; ``docs/features.md``
+describes it for users. Batches are request-aligned: a request cut by a batch boundary is carried
+over to the next batch, so every check and every scatter sees whole requests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from grade import config as config_mod
+from grade import store
+from grade.errors import ConfigError, InputError
+
+log = logging.getLogger("grade.features")
+
+SPEC_FILE = "feature_spec.json"
+QUARANTINE_FILE = "quarantine.parquet"
+FORMAT_VERSION = 1
+SPLITS = ("train", "valid", "test")
+#: floor under predictions before the log (the contract's epsilon)
+PRED_EPS = 1e-12
+#: the canonical order of the last axis of ``z`` / ``pred``; other objectives follow, sorted
+KNOWN_OBJECTIVES = ("ctr", "cvr", "gmv", "rel")
+#: per-item ground-truth columns carried into valid/test only
+TRUTH_ROW_COLUMNS = ("true_ctr", "true_cvr", "price")
+TRUTH_SEGMENT_COLUMN = "true_segment"
+REQUIRED_COLUMNS = ("request_id", "user_id", "event_time", "item_id", "position", "click", "order", "gmv")
+_TIME_UNIT_NS = {"s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "ns": 1}
+_MASK63 = np.uint64((1 << 63) - 1)
+
+
+@dataclasses.dataclass
+class FeaturesConfig:
+    valid_fraction: float = 0.15
+    """share of requests (by event_time quantile) in the validation split, after train"""
+    test_fraction: float = 0.15
+    """share of requests (the latest ones by event_time) in the test split"""
+    shard_requests: int = 8192
+    """requests per safetensors shard (the last shard of a split may hold fewer)"""
+    on_bad_rows: Literal["fail", "skip"] = "fail"
+    """fail: bad input exits with status 2; skip: bad requests go to quarantine.parquet"""
+    batch_rows: int = 262_144
+    """Parquet rows read per record batch (bounds memory together with shard_requests)"""
+    max_vocab: int = 100_000
+    """largest vocabulary per categorical feature (the most frequent train values are kept)"""
+
+    def validate(self) -> None:
+        if not (0.0 <= self.valid_fraction < 1.0 and 0.0 <= self.test_fraction < 1.0):
+            raise ConfigError("features: valid_fraction and test_fraction must be in [0, 1)")
+        if self.valid_fraction + self.test_fraction >= 1.0:
+            raise ConfigError("features: valid_fraction + test_fraction must be < 1 (train needs requests)")
+        for name in ("shard_requests", "batch_rows", "max_vocab"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"features.{name}: expected an integer >= 1, got {getattr(self, name)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Input discovery and schema
+# --------------------------------------------------------------------------------------------
+
+def list_log_files(logs_uri: str) -> list[str]:
+    """The Parquet file URIs of a log folder: the manifest's files when there is one, else every
+    ``*.parquet`` below the prefix (hidden ``.``/``_`` names skipped), sorted."""
+    logs_uri = str(logs_uri)
+    if logs_uri.endswith(".parquet") and store.exists(logs_uri):
+        return [logs_uri]
+    if store.is_published(logs_uri):
+        names = sorted(store.read_manifest(logs_uri)["files"])
+    else:
+        names = [n for n in store.list_prefix(logs_uri)
+                 if not any(part.startswith((".", "_")) for part in n.split("/"))]
+    return [store.join(logs_uri, n) for n in names if n.endswith(".parquet")]
+
+
+def objective_order(names: list[str]) -> list[str]:
+    """ctr, cvr, gmv, rel when present, then any other objective sorted by name."""
+    known = [k for k in KNOWN_OBJECTIVES if k in names]
+    return known + sorted(set(names) - set(known))
+
+
+@dataclasses.dataclass
+class LogSchema:
+    """The columns found in the logs and how they map to tensors."""
+
+    objectives: list[str]
+    numeric: list[str]
+    categorical: list[str]
+    truth_rows: list[str]
+    has_segment: bool
+    request_id_is_string: bool
+
+    @property
+    def pred_columns(self) -> list[str]:
+        return [f"pred_{k}" for k in self.objectives]
+
+    def used_columns(self) -> list[str]:
+        cols = list(REQUIRED_COLUMNS) + self.pred_columns + self.numeric + self.categorical + self.truth_rows
+        return cols + ([TRUTH_SEGMENT_COLUMN] if self.has_segment else [])
+
+    def ground_truth(self) -> list[str]:
+        return self.truth_rows + (["segment"] if self.has_segment else [])
+
+
+def _kind(t: pa.DataType) -> str:
+    if pa.types.is_boolean(t):
+        return "bool"
+    if pa.types.is_integer(t):
+        return "int"
+    if pa.types.is_floating(t):
+        return "float"
+    if pa.types.is_timestamp(t):
+        return "timestamp"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    return str(t)
+
+
+def _expected_kinds(name: str) -> tuple[set[str], str]:
+    """Accepted type kinds of a column and how to say so in a message."""
+    if name == "request_id":
+        return {"int", "string"}, "int64 or string"
+    if name == "event_time":
+        return {"timestamp"}, "a timestamp"
+    if name in ("click", "order"):
+        return {"int", "bool"}, "an integer 0/1 (int8)"
+    if name in ("user_id", "item_id", "position", TRUTH_SEGMENT_COLUMN) or name.startswith("c_"):
+        return {"int"}, "an integer"
+    return {"float", "int"}, "a number (float32)"
+
+
+def read_log_schema(file_uri: str, schema: pa.Schema, expected: LogSchema | None = None) -> LogSchema:
+    """Check one file's Arrow schema; the first file fixes the columns, later files must match."""
+    names = schema.names
+    for col in REQUIRED_COLUMNS:
+        if col not in names:
+            raise InputError(f"missing column; the log contract requires {list(REQUIRED_COLUMNS)} "
+                             "and at least one pred_<objective>", file=file_uri, column=col)
+    preds = [n[len("pred_"):] for n in names if n.startswith("pred_")]
+    if not preds:
+        raise InputError("no prediction column: expected at least one pred_<objective> (e.g. pred_ctr)",
+                         file=file_uri, column="pred_*")
+    found = LogSchema(
+        objectives=objective_order(preds),
+        numeric=sorted(n for n in names if n.startswith("u_")),
+        categorical=sorted(n for n in names if n.startswith("c_")),
+        truth_rows=[n for n in TRUTH_ROW_COLUMNS if n in names],
+        has_segment=TRUTH_SEGMENT_COLUMN in names,
+        request_id_is_string=_kind(schema.field("request_id").type) == "string",
+    )
+    for col in found.used_columns():
+        kinds, words = _expected_kinds(col)
+        t = schema.field(col).type
+        if _kind(t) not in kinds:
+            raise InputError(f"wrong type {t}: expected {words}", file=file_uri, column=col)
+    if expected is not None:
+        mine, theirs = set(found.used_columns()), set(expected.used_columns())
+        for col in sorted(mine ^ theirs):
+            where = "missing here" if col in theirs else "not in the first file"
+            raise InputError(f"column set differs between files ({where}); every file needs the same "
+                             "pred_/u_/c_/ground-truth columns", file=file_uri, column=col)
+        if found.request_id_is_string != expected.request_id_is_string:
+            raise InputError("request_id type differs from the first file", file=file_uri, column="request_id")
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# Request ids
+# --------------------------------------------------------------------------------------------
+
+_FNV_PRIME = 0x100000001B3
+
+
+def _mix64(h: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser (uint64 arithmetic wraps mod 2**64)."""
+    h = h ^ (h >> np.uint64(30))
+    h = h * np.uint64(0xBF58476D1CE4E5B9)
+    h = h ^ (h >> np.uint64(27))
+    h = h * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
+
+
+def hash_strings(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A stable 63-bit non-negative int64 hash of each string, vectorised over the byte buffer.
+
+    h = mix(sum_j (b_j + 1) * P**(n-1-j) + n * golden), computed for all strings at once as
+    P**(end-1) * sum_j (b_j + 1) * P**(-j) over the concatenated bytes (P odd, so invertible mod 2**64).
+    """
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks() if values.num_chunks else pa.array([], pa.large_string())
+    values = values.cast(pa.large_binary())
+    n = len(values)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = np.frombuffer(values.buffers()[1], dtype=np.int64)[values.offset:values.offset + n + 1]
+    data_buf = values.buffers()[2]
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    data = data[offsets[0]:offsets[-1]].astype(np.uint64) + np.uint64(1)
+    rel = offsets - offsets[0]
+    total = len(data)
+    with np.errstate(over="ignore"):
+        inv_pows = np.full(max(total, 1), pow(_FNV_PRIME, -1, 1 << 64), dtype=np.uint64)
+        inv_pows[0] = 1
+        np.cumprod(inv_pows, out=inv_pows)
+        pows = np.full(max(total, 1), _FNV_PRIME, dtype=np.uint64)
+        pows[0] = 1
+        np.cumprod(pows, out=pows)
+        csum = np.zeros(total + 1, dtype=np.uint64)
+        np.cumsum(data * inv_pows[:total], out=csum[1:])
+        sums = csum[rel[1:]] - csum[rel[:-1]]
+        lengths = (rel[1:] - rel[:-1]).astype(np.uint64)
+        h = sums * pows[np.maximum(rel[1:] - 1, 0)]
+        h = _mix64(h ^ (lengths * np.uint64(0x9E3779B97F4A7C15)))
+    return (h & _MASK63).view(np.int64)
+
+
+def request_keys(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """int64 request key per row: the id itself, or the stable 63-bit hash of a string id.
+
+    Strings are hashed once per run of equal adjacent values (a request's rows are contiguous).
+    """
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        if column.null_count:  # reported by the row checks; any key keeps the batching going
+            column = column.fill_null(0)
+        return np.asarray(column.to_numpy(), dtype=np.int64)
+    if column.null_count:
+        column = column.fill_null("")
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+    n = len(column)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    changed = pc.not_equal(column.slice(1), column.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    starts = np.concatenate([[0], np.flatnonzero(changed) + 1])
+    hashed = hash_strings(column.take(pa.array(starts)))
+    return np.repeat(hashed, np.diff(np.append(starts, n)))
+
+
+# --------------------------------------------------------------------------------------------
+# Request-aligned batches
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Batch:
+    """Whole requests from one file: the Arrow rows, their keys and where they start in the file."""
+
+    table: pa.Table
+    keys: np.ndarray
+    file_index: int
+    row0: int
+
+    def runs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(start, length) of each run of equal request keys."""
+        n = len(self.keys)
+        starts = np.concatenate([[0], np.flatnonzero(self.keys[1:] != self.keys[:-1]) + 1])
+        return starts, np.diff(np.append(starts, n))
+
+
+def _aligned_batches(fs, path: str, file_index: int, columns: list[str] | None,
+                     batch_rows: int) -> Iterator[Batch]:
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        carry: pa.Table | None = None
+        carry_keys = np.zeros(0, dtype=np.int64)
+        carry_row0 = 0
+        for rb in pf.iter_batches(batch_size=batch_rows, columns=columns, use_threads=True):
+            t = pa.Table.from_batches([rb])
+            if carry is not None and carry.num_rows:
+                t = pa.concat_tables([carry, t])
+            keys = request_keys(t.column("request_id"))
+            boundaries = np.flatnonzero(keys[1:] != keys[:-1])
+            cut = int(boundaries[-1]) + 1 if len(boundaries) else 0
+            if cut:
+                yield Batch(t.slice(0, cut), keys[:cut], file_index, carry_row0)
+            carry, carry_keys, carry_row0 = t.slice(cut), keys[cut:], carry_row0 + cut
+        if carry is not None and carry.num_rows:
+            yield Batch(carry, carry_keys, file_index, carry_row0)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation (vectorised per batch)
+# --------------------------------------------------------------------------------------------
+
+def _column(table: pa.Table, name: str, dtype) -> tuple[np.ndarray, np.ndarray | None]:
+    """(values as numpy ``dtype`` with nulls filled by 0, null mask or None)."""
+    col = table.column(name)
+    nulls = None
+    if col.null_count:
+        nulls = col.is_null().to_numpy(zero_copy_only=False)
+        col = col.fill_null(pa.scalar(False if pa.types.is_boolean(col.type) else 0, col.type))
+    if pa.types.is_timestamp(col.type):
+        values = col.cast(pa.int64()).to_numpy() * _TIME_UNIT_NS[col.type.unit]
+    else:
+        values = col.to_numpy()
+    return np.asarray(values, dtype=dtype), nulls
+
+
+@dataclasses.dataclass
+class Rule:
+    """One row-level check: the rows it flags in a batch, the column it names, and what was expected."""
+
+    column: str
+    expectation: str
+    bad: np.ndarray
+    values: np.ndarray | None = None
+
+    def message(self, i: int) -> str:
+        got = "" if self.values is None else f", got {self.values[i]!r}"
+        return f"{self.expectation}{got}"
+
+
+def _check_rows(b: Batch, ls: LogSchema, starts: np.ndarray, lengths: np.ndarray) -> tuple[dict, list[Rule]]:
+    """Numpy columns of a batch and the rules that flag at least one row."""
+    t = b.table
+    cols: dict[str, np.ndarray] = {}
+    rules: list[Rule] = []
+
+    def add(col, expectation, bad, values=None):
+        if bad is not None and bad.any():
+            rules.append(Rule(col, expectation, bad, values))
+
+    specs = [("event_time", np.int64), ("item_id", np.int64), ("position", np.int64),
+             ("click", np.float32), ("order", np.float32), ("gmv", np.float32)]
+    specs += [(c, np.float32) for c in ls.pred_columns + ls.numeric]
+    specs += [(c, np.int64) for c in ls.categorical]
+    for name in ("request_id", "user_id"):
+        if t.column(name).null_count:
+            add(name, "expected a value, got null", t.column(name).is_null().to_numpy(zero_copy_only=False))
+    for name, dtype in specs:
+        cols[name], nulls = _column(t, name, dtype)
+        add(name, "expected a value, got null", nulls)
+    for c in ls.pred_columns:
+        p = cols[c]
+        add(c, "expected a finite prediction > 0", ~(np.isfinite(p) & (p > 0)), p)
+    for c in ("click", "order"):
+        v = cols[c]
+        add(c, "expected 0 or 1", (v != 0) & (v != 1), v)
+    add("order", "expected no order without a click (click = 0, order = 1)",
+        (cols["order"] == 1) & (cols["click"] == 0), cols["order"])
+    gmv = cols["gmv"]
+    add("gmv", "expected a finite value >= 0", ~(np.isfinite(gmv) & (gmv >= 0)), gmv)
+    add("gmv", "expected gmv = 0 without an order", (gmv > 0) & (cols["order"] == 0), gmv)
+    add("position", "expected a position >= 0", cols["position"] < 0, cols["position"])
+    for c in ls.numeric:
+        add(c, "expected a finite number", ~np.isfinite(cols[c]), cols[c])
+    dup = _duplicate_items(cols["item_id"], starts, lengths)
+    add("item_id", "expected each (request_id, item_id) once; this item repeats in its request", dup,
+        cols["item_id"])
+    return cols, rules
+
+
+def _duplicate_items(items: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray | None:
+    """Rows whose item already appeared earlier in the same request (None when there are none)."""
+    n = len(items)
+    run = np.repeat(np.arange(len(starts), dtype=np.int64), lengths)
+    lo, hi = (int(items.min()), int(items.max())) if n else (0, 0)
+    if lo >= 0 and hi < (1 << 40) and len(starts) < (1 << 23):
+        # fast exact path: one int64 key per row, a plain sort says whether any pair repeats
+        key = np.sort((run << 40) | items)
+        if not (key[1:] == key[:-1]).any():
+            return None
+    order = np.lexsort((np.arange(n), items, run))
+    same = (run[order][1:] == run[order][:-1]) & (items[order][1:] == items[order][:-1])
+    if not same.any():
+        return None
+    bad = np.zeros(n, dtype=bool)
+    bad[order[1:][same]] = True
+    return bad
+
+
+# --------------------------------------------------------------------------------------------
+# Pass 1: scan
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Scan:
+    """Per-request facts gathered by pass 1 (one entry per run of rows)."""
+
+    key: np.ndarray
+    file: np.ndarray
+    row: np.ndarray
+    length: np.ndarray
+    time: np.ndarray
+    reason: np.ndarray
+    log_sum: np.ndarray
+    log_sq: np.ndarray
+    numeric: np.ndarray
+    categorical: np.ndarray
+
+
+class _Rate:
+    """Rows processed, logged with rate and ETA every few seconds (stderr)."""
+
+    def __init__(self, what: str, total: int):
+        self.what, self.total, self.done = what, total, 0
+        self.start = self.last = time.monotonic()
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= 5:
+            self._log(now)
+            self.last = now
+
+    def _log(self, now: float) -> None:
+        rate = self.done / max(now - self.start, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        log.info("%s: %d/%d rows (%.0f rows/s, ETA %.0fs)", self.what, self.done, self.total, rate, eta)
+
+    def finish(self) -> float:
+        now = time.monotonic()
+        self._log(now)
+        return now - self.start
+
+
+def _scan(files: list[str], fs, paths: list[str], ls: LogSchema, cfg: FeaturesConfig,
+          reasons: list[str], total_rows: int) -> Scan:
+    columns = list(REQUIRED_COLUMNS) + ls.pred_columns + ls.numeric + ls.categorical
+    parts: dict[str, list[np.ndarray]] = {f.name: [] for f in dataclasses.fields(Scan)}
+    rate = _Rate("scan", total_rows)
+    for fi, path in enumerate(paths):
+        for b in _aligned_batches(fs, path, fi, columns, cfg.batch_rows):
+            starts, lengths = b.runs()
+            cols, rules = _check_rows(b, ls, starts, lengths)
+            reason = np.zeros(len(starts), dtype=np.int16)
+            if rules:
+                if cfg.on_bad_rows == "fail":
+                    r = rules[0]
+                    i = int(np.flatnonzero(r.bad)[0])
+                    rid = b.table.column("request_id")[i].as_py()
+                    raise InputError(f"{r.message(i)} (request_id {rid!r})", file=files[fi],
+                                     column=r.column, row=b.row0 + i)
+                run_of_row = np.repeat(np.arange(len(starts)), lengths)
+                for r in rules:
+                    text = f"column '{r.column}': {r.expectation}"
+                    if text not in reasons:
+                        reasons.append(text)
+                    flagged = np.zeros(len(starts), dtype=bool)
+                    flagged[run_of_row[r.bad]] = True
+                    reason[flagged & (reason == 0)] = reasons.index(text) + 1
+            logp = np.log(np.maximum(np.stack([cols[c] for c in ls.pred_columns], axis=1), PRED_EPS),
+                          dtype=np.float64)
+            parts["key"].append(b.keys[starts])
+            parts["file"].append(np.full(len(starts), fi, dtype=np.int32))
+            parts["row"].append(b.row0 + starts)
+            parts["length"].append(lengths.astype(np.int32))
+            parts["time"].append(cols["event_time"][starts])
+            parts["reason"].append(reason)
+            parts["log_sum"].append(np.add.reduceat(logp, starts, axis=0))
+            parts["log_sq"].append(np.add.reduceat(logp * logp, starts, axis=0))
+            parts["numeric"].append(np.stack([cols[c][starts] for c in ls.numeric], axis=1).astype(np.float64)
+                                    if ls.numeric else np.zeros((len(starts), 0)))
+            parts["categorical"].append(np.stack([cols[c][starts] for c in ls.categorical], axis=1)
+                                        if ls.categorical else np.zeros((len(starts), 0), np.int64))
+            rate.add(b.table.num_rows)
+    seconds = rate.finish()
+    log.info("scan: %d rows in %.1fs", rate.done, seconds)
+    if rate.done == 0:
+        raise InputError("empty input: the log files hold no rows", file=files[0] if files else None)
+    k, u, c = len(ls.objectives), len(ls.numeric), len(ls.categorical)
+    empty = {"log_sum": (0, k), "log_sq": (0, k), "numeric": (0, u), "categorical": (0, c)}
+    return Scan(**{name: np.concatenate(v) if v else np.zeros(empty.get(name, (0,)))
+                   for name, v in parts.items()})
+
+
+def _check_contiguous(scan: Scan, files: list[str], cfg: FeaturesConfig, reasons: list[str]) -> None:
+    """A request key may form only one run of rows in the whole input."""
+    order = np.argsort(scan.key, kind="stable")
+    sk = scan.key[order]
+    again = np.flatnonzero(sk[1:] == sk[:-1]) + 1
+    if not len(again):
+        return
+    if cfg.on_bad_rows == "fail":
+        second = int(order[again].min())
+        first = int(order[np.searchsorted(sk, scan.key[second])])
+        raise InputError(
+            f"rows of a request must be contiguous in one file: this request_id (key {scan.key[second]}) "
+            f"appeared before at {files[scan.file[first]]} row {scan.row[first]}, then other requests",
+            file=files[scan.file[second]], column="request_id", row=int(scan.row[second]))
+    text = "column 'request_id': expected the rows of a request to be contiguous in one file"
+    if text not in reasons:
+        reasons.append(text)
+    repeated = np.isin(scan.key, sk[again])
+    scan.reason[repeated & (scan.reason == 0)] = reasons.index(text) + 1
+
+
+# --------------------------------------------------------------------------------------------
+# Split and statistics (fitted on train)
+# --------------------------------------------------------------------------------------------
+
+def split_boundaries(times: np.ndarray, valid_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """(valid_start, test_start) in ns: train is t < valid_start, valid is valid_start <= t < test_start,
+    test is t >= test_start. Quantiles of the request times; requests at equal times stay together."""
+    s = np.sort(times)
+    n = len(s)
+    n_test = int(round(n * test_fraction))
+    n_valid = int(round(n * valid_fraction))
+    never = np.iinfo(np.int64).max
+    n_train = n - n_valid - n_test
+    valid_start = int(s[n_train]) if n_valid + n_test > 0 else never
+    test_start = int(s[n_train + n_valid]) if n_test > 0 else never
+    return valid_start, test_start
+
+
+def _iso(ns: int | None) -> str | None:
+    if ns is None or ns == np.iinfo(np.int64).max:
+        return None
+    return dt.datetime.fromtimestamp(ns / 1e9, tz=dt.timezone.utc).isoformat()
+
+
+def _fit_vocab(values: np.ndarray, max_vocab: int) -> np.ndarray:
+    uniq, counts = np.unique(values, return_counts=True)
+    if len(uniq) > max_vocab:
+        keep = np.lexsort((uniq, -counts))[:max_vocab]  # most frequent, ties by value
+        uniq = np.sort(uniq[keep])
+    return uniq
+
+
+def _fit(scan: Scan, train: np.ndarray, ls: LogSchema, cfg: FeaturesConfig) -> dict[str, Any]:
+    n_items = float(scan.length[train].sum())
+    mean = scan.log_sum[train].sum(axis=0) / n_items
+    var = np.maximum(scan.log_sq[train].sum(axis=0) / n_items - mean * mean, 0.0)
+    std = np.sqrt(var)
+    std = np.where(std > 1e-12, std, 1.0)  # a constant signal stays 0 after centring
+    num = scan.numeric[train]
+    num_mean, num_std = num.mean(axis=0), num.std(axis=0)
+    num_std = np.where(num_std > 1e-12, num_std, 1.0)
+    vocabs = [_fit_vocab(scan.categorical[train, j], cfg.max_vocab) for j in range(len(ls.categorical))]
+    return {
+        "pred_log_mean": [float(x) for x in mean],
+        "pred_log_std": [float(x) for x in std],
+        "numeric": [{"name": n, "mean": float(m), "std": float(s)}
+                    for n, m, s in zip(ls.numeric, num_mean, num_std, strict=True)],
+        "categorical": [{"name": n, "vocab": [int(v) for v in voc], "size": len(voc) + 1}
+                        for n, voc in zip(ls.categorical, vocabs, strict=True)],
+    }
+
+
+def standardise(pred: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """z = (log max(p, eps) - m_k) / s_k with the spec's train statistics; pred [..., K]."""
+    m = np.asarray(spec["pred_log_mean"], dtype=np.float32)
+    s = np.asarray(spec["pred_log_std"], dtype=np.float32)
+    return ((np.log(np.maximum(pred, np.float32(PRED_EPS))) - m) / s).astype(np.float32)
+
+
+def encode_categorical(values: np.ndarray, vocab: np.ndarray) -> np.ndarray:
+    """ids 1..n for values in the (sorted) vocabulary, 0 for anything else."""
+    vocab = np.asarray(vocab, dtype=np.int64)
+    if not len(vocab):
+        return np.zeros(values.shape, dtype=np.int64)
+    idx = np.searchsorted(vocab, values)
+    idx_c = np.minimum(idx, len(vocab) - 1)
+    return np.where(vocab[idx_c] == values, idx_c + 1, 0).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Pass 2: shards
+# --------------------------------------------------------------------------------------------
+
+class ShardWriter:
+    """Fixed-size shard buffers of one split, filled request by request, written when full."""
+
+    def __init__(self, root: Path, split: str, capacity: int, list_size: int, k: int, u: int, c: int,
+                 truth_rows: list[str], has_segment: bool):
+        self.root, self.split, self.capacity, self.L = root, split, capacity, list_size
+        n, L = capacity, list_size
+        self.row_fields = {"z": ((n, L, k), np.float32, 0), "pred": ((n, L, k), np.float32, 0),
+                           "mask": ((n, L), np.bool_, False), "click": ((n, L), np.float32, 0),
+                           "order": ((n, L), np.float32, 0), "gmv": ((n, L), np.float32, 0),
+                           "position": ((n, L), np.int64, -1)}
+        for name in truth_rows:
+            self.row_fields[name] = ((n, L), np.float32, 0)
+        self.req_fields = {"num": ((n, u), np.float32, 0), "cat": ((n, c), np.int64, 0),
+                           "event_time": ((n,), np.int64, 0), "request_id": ((n,), np.int64, 0)}
+        if has_segment:
+            self.req_fields["segment"] = ((n,), np.int64, 0)
+        self.buf = {name: np.full(shape, fill, dtype=dtype)
+                    for name, (shape, dtype, fill) in {**self.row_fields, **self.req_fields}.items()}
+        self.cursor = 0
+        self.shards: list[str] = []
+        self.sizes: list[int] = []
+        self.n_rows = 0
+        self.time_min: int | None = None
+        self.time_max: int | None = None
+
+    def add(self, req: dict[str, np.ndarray], rows: dict[str, np.ndarray], lengths: np.ndarray) -> None:
+        """Append requests: ``req`` fields [m, ...], ``rows`` fields [sum(lengths), ...] in request order."""
+        m = len(lengths)
+        if not m:
+            return
+        t = req["event_time"]
+        self.time_min = int(t.min()) if self.time_min is None else min(self.time_min, int(t.min()))
+        self.time_max = int(t.max()) if self.time_max is None else max(self.time_max, int(t.max()))
+        self.n_rows += int(lengths.sum())
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        req_of_row = np.repeat(np.arange(m), lengths)
+        pos = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
+        i = 0
+        while i < m:
+            take = min(self.capacity - self.cursor, m - i)
+            r0, r1 = offsets[i], offsets[i + take]
+            flat = (self.cursor + req_of_row[r0:r1] - i) * self.L + pos[r0:r1]
+            for name in self.row_fields:
+                target = self.buf[name]
+                target.reshape((self.capacity * self.L,) + target.shape[2:])[flat] = rows[name][r0:r1]
+            for name in self.req_fields:
+                self.buf[name][self.cursor:self.cursor + take] = req[name][i:i + take]
+            self.cursor += take
+            i += take
+            if self.cursor == self.capacity:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.cursor:
+            return
+        from safetensors.numpy import save_file
+
+        rel = f"{self.split}/part-{len(self.shards):05d}.safetensors"
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        n = self.cursor
+        save_file({name: np.ascontiguousarray(a[:n]) for name, a in self.buf.items()}, str(path),
+                  metadata={"split": self.split, "n_requests": str(n), "format_version": str(FORMAT_VERSION)})
+        for name, (_, _, fill) in {**self.row_fields, **self.req_fields}.items():
+            self.buf[name][:n] = fill
+        self.shards.append(rel)
+        self.sizes.append(n)
+        self.cursor = 0
+
+    def summary(self) -> dict[str, Any]:
+        return {"n_requests": int(sum(self.sizes)), "n_rows": self.n_rows, "shards": self.shards,
+                "shard_requests": self.sizes, "time_min": self.time_min, "time_max": self.time_max,
+                "time_min_iso": _iso(self.time_min), "time_max_iso": _iso(self.time_max)}
+
+
+class _Quarantine:
+    """Rows of bad requests with the reason, the source file and the row in it."""
+
+    def __init__(self, path: Path):
+        self.path, self.writer, self.schema = path, None, None
+        self.n_rows = 0
+
+    def add(self, table: pa.Table, reason: np.ndarray, file_uri: str, rows: np.ndarray) -> None:
+        table = table.append_column("reason", pa.array(reason, pa.string()))
+        table = table.append_column("source_file", pa.array([file_uri] * len(rows), pa.string()))
+        table = table.append_column("source_row", pa.array(rows, pa.int64()))
+        if self.writer is None:
+            self.schema = table.schema
+            self.writer = pq.ParquetWriter(str(self.path), self.schema)
+        elif table.schema != self.schema:
+            try:
+                table = table.select(self.schema.names).cast(self.schema)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, KeyError) as e:
+                raise InputError(f"column types differ from the first quarantined file ({e})",
+                                 file=file_uri) from None
+        self.writer.write_table(table)
+        self.n_rows += table.num_rows
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _write(files, fs, paths, ls: LogSchema, cfg: FeaturesConfig, staging: Path, fitted: dict,
+           boundaries: np.ndarray, list_size: int, bad_keys: np.ndarray, bad_reason: np.ndarray,
+           total_rows: int) -> tuple[dict[str, ShardWriter], _Quarantine | None]:
+    k, u, c = len(ls.objectives), len(ls.numeric), len(ls.categorical)
+    writers = {s: ShardWriter(staging, s, cfg.shard_requests, list_size, k, u, c,
+                              [] if s == "train" else ls.truth_rows, s != "train" and ls.has_segment)
+               for s in SPLITS}
+    quarantine = _Quarantine(staging / QUARANTINE_FILE) if len(bad_keys) else None
+    columns = None if quarantine else ls.used_columns()
+    m = np.asarray(fitted["pred_log_mean"], dtype=np.float32)
+    s = np.asarray(fitted["pred_log_std"], dtype=np.float32)
+    num_mean = np.asarray([f["mean"] for f in fitted["numeric"]], dtype=np.float32)
+    num_std = np.asarray([f["std"] for f in fitted["numeric"]], dtype=np.float32)
+    vocabs = [np.asarray(f["vocab"], dtype=np.int64) for f in fitted["categorical"]]
+    rate = _Rate("write", total_rows)
+    try:
+        for fi, path in enumerate(paths):
+            for b in _aligned_batches(fs, path, fi, columns, cfg.batch_rows):
+                starts, lengths = b.runs()
+                t = b.table
+                run_keys = b.keys[starts]
+                good = np.ones(len(starts), dtype=bool)
+                if len(bad_keys):
+                    idx = np.minimum(np.searchsorted(bad_keys, run_keys), len(bad_keys) - 1)
+                    bad = bad_keys[idx] == run_keys
+                    if bad.any():
+                        good = ~bad
+                        rows_bad = np.repeat(bad, lengths)
+                        reason = np.repeat(bad_reason[idx[bad]], lengths[bad])
+                        quarantine.add(t.filter(pa.array(rows_bad)), reason, files[fi],
+                                       b.row0 + np.flatnonzero(rows_bad))
+                        keep = np.flatnonzero(~rows_bad)
+                        t = t.take(pa.array(keep))
+                        starts = np.concatenate([[0], np.cumsum(lengths[good])[:-1]]).astype(np.int64)
+                        lengths = lengths[good]
+                        run_keys = run_keys[good]
+                if not len(starts) or not t.num_rows:
+                    rate.add(b.table.num_rows)
+                    continue
+                _emit(t, starts, lengths, run_keys, ls, writers, boundaries, m, s, num_mean, num_std, vocabs)
+                rate.add(b.table.num_rows)
+        for w in writers.values():
+            w.flush()
+    finally:
+        if quarantine is not None:
+            quarantine.close()
+    seconds = rate.finish()
+    log.info("write: %d rows in %.1fs", rate.done, seconds)
+    return writers, quarantine
+
+
+def _emit(t: pa.Table, starts, lengths, run_keys, ls: LogSchema, writers, boundaries, m, s,
+          num_mean, num_std, vocabs) -> None:
+    """Tensors of the good requests of one batch, handed to their split's writer."""
+    def col(name, dtype):
+        return _column(t, name, dtype)[0]
+
+    times = col("event_time", np.int64)[starts]
+    split_of = np.searchsorted(boundaries, times, side="right")
+    pred = np.stack([col(p, np.float32) for p in ls.pred_columns], axis=1)
+    rows = {"pred": pred,
+            "z": ((np.log(np.maximum(pred, np.float32(PRED_EPS))) - m) / s).astype(np.float32),
+            "mask": np.ones(len(pred), dtype=np.bool_),
+            "click": col("click", np.float32), "order": col("order", np.float32),
+            "gmv": col("gmv", np.float32), "position": col("position", np.int64)}
+    for name in ls.truth_rows:
+        rows[name] = col(name, np.float32)
+    req = {"event_time": times, "request_id": run_keys,
+           "num": ((np.stack([col(n, np.float32)[starts] for n in ls.numeric], axis=1) - num_mean) / num_std
+                   ).astype(np.float32) if ls.numeric else np.zeros((len(starts), 0), np.float32),
+           "cat": np.stack([encode_categorical(col(n, np.int64)[starts], v)
+                            for n, v in zip(ls.categorical, vocabs, strict=True)], axis=1)
+           if ls.categorical else np.zeros((len(starts), 0), np.int64)}
+    if ls.has_segment:
+        req["segment"] = col(TRUTH_SEGMENT_COLUMN, np.int64)[starts]
+    for si, split in enumerate(SPLITS):
+        sel = split_of == si
+        if not sel.any():
+            continue
+        w = writers[split]
+        if sel.all():
+            w.add({n: req[n] for n in w.req_fields}, {n: rows[n] for n in w.row_fields}, lengths)
+            continue
+        row_sel = np.repeat(sel, lengths)
+        w.add({n: req[n][sel] for n in w.req_fields}, {n: rows[n][row_sel] for n in w.row_fields},
+              lengths[sel])
+
+
+# --------------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------------
+
+def _open_inputs(logs_uri: str) -> tuple[list[str], Any, list[str], LogSchema, int]:
+    files = list_log_files(logs_uri)
+    if not files:
+        raise InputError("empty input: no *.parquet files found", file=str(logs_uri))
+    fs, _ = store.arrow_filesystem(files[0])
+    paths = [store.arrow_filesystem(f)[1] for f in files]
+    ls: LogSchema | None = None
+    total = 0
+    for uri, path in zip(files, paths, strict=True):
+        try:
+            with fs.open_input_file(path) as f:
+                pf = pq.ParquetFile(f)
+                schema, n = pf.schema_arrow, pf.metadata.num_rows
+        except (pa.ArrowInvalid, OSError) as e:
+            raise InputError(f"not a readable Parquet file ({e})", file=uri) from None
+        ls = read_log_schema(uri, schema, ls)
+        total += n
+    assert ls is not None
+    return files, fs, paths, ls, total
+
+
+def extract_features(logs_uri: str, out_uri: str, cfg: FeaturesConfig | None = None) -> dict[str, Any]:
+    """Validate the logs at ``logs_uri`` and publish feature tensors + spec at ``out_uri``.
+
+    Returns the feature spec. Raises :class:`InputError` on bad input (``on_bad_rows="fail"``),
+    before anything is published.
+    """
+    cfg = cfg or FeaturesConfig()
+    cfg.validate()
+    log.info("features config: %s", config_mod.to_dict(cfg))
+    files, fs, paths, ls, total_rows = _open_inputs(logs_uri)
+    log.info("%d log file(s), %d rows; objectives %s, %d numeric, %d categorical feature(s)",
+             len(files), total_rows, ls.objectives, len(ls.numeric), len(ls.categorical))
+    reasons: list[str] = []
+    scan = _scan(files, fs, paths, ls, cfg, reasons, total_rows)
+    _check_contiguous(scan, files, cfg, reasons)
+
+    good = scan.reason == 0
+    bad_order = np.argsort(scan.key[~good], kind="stable")
+    bad_keys_all = scan.key[~good][bad_order]
+    first = np.concatenate([[True], bad_keys_all[1:] != bad_keys_all[:-1]]) if len(bad_keys_all) else \
+        np.zeros(0, bool)
+    bad_keys = bad_keys_all[first]
+    bad_codes = scan.reason[~good][bad_order][first]
+    bad_reason = np.array([reasons[cd - 1] for cd in range(1, len(reasons) + 1)] or [""], dtype=object)
+    bad_reason = bad_reason[np.maximum(bad_codes - 1, 0)] if len(bad_codes) else bad_reason[:0]
+    quarantine_counts = {"n_requests": int(len(bad_keys)), "n_rows": int(scan.length[~good].sum()),
+                         "reasons": {r: int((bad_codes == i + 1).sum()) for i, r in enumerate(reasons)
+                                     if (bad_codes == i + 1).any()},
+                         "file": QUARANTINE_FILE if len(bad_keys) else None}
+    if len(bad_keys):
+        log.warning("quarantined %d request(s) (%d rows): %s", quarantine_counts["n_requests"],
+                    quarantine_counts["n_rows"], quarantine_counts["reasons"])
+    if not good.any():
+        raise InputError("no valid request left after quarantining bad ones", file=str(logs_uri))
+
+    valid_start, test_start = split_boundaries(scan.time[good], cfg.valid_fraction, cfg.test_fraction)
+    train = good & (scan.time < valid_start)
+    n_split = {"train": int(train.sum()),
+               "valid": int((good & (scan.time >= valid_start) & (scan.time < test_start)).sum()),
+               "test": int((good & (scan.time >= test_start)).sum())}
+    wanted = {"train": True, "valid": cfg.valid_fraction > 0, "test": cfg.test_fraction > 0}
+    for split, n in n_split.items():
+        if wanted[split] and n == 0:
+            raise InputError(f"cannot split {int(good.sum())} request(s) by event_time: split '{split}' "
+                             "would be empty (too few requests or distinct event times)",
+                             file=str(logs_uri), column="event_time")
+    fitted = _fit(scan, train, ls, cfg)
+    list_size = int(scan.length[good].max())
+    boundaries = np.array([valid_start, test_start], dtype=np.int64)
+    del scan
+
+    with store.publishing(out_uri) as staging:
+        writers, _ = _write(files, fs, paths, ls, cfg, staging, fitted, boundaries, list_size, bad_keys,
+                            bad_reason, total_rows)
+        spec = {
+            "format_version": FORMAT_VERSION,
+            "objectives": ls.objectives,
+            "pred_columns": ls.pred_columns,
+            "pred_eps": PRED_EPS,
+            **fitted,
+            "list_size": list_size,
+            "splits": {s: w.summary() for s, w in writers.items()},
+            "split_boundaries": {"valid_start": valid_start, "test_start": test_start,
+                                 "valid_start_iso": _iso(valid_start), "test_start_iso": _iso(test_start)},
+            "ground_truth": ls.ground_truth(),
+            "request_id": {"source_type": "string" if ls.request_id_is_string else "int64",
+                           "hashed": ls.request_id_is_string},
+            "input": {"uri": str(logs_uri), "files": len(files), "n_rows": total_rows},
+            "quarantine": quarantine_counts,
+            "config": config_mod.to_dict(cfg),
+        }
+        store.write_json(str(staging / SPEC_FILE), spec)
+    log.info("published %s: %s", out_uri,
+             ", ".join(f"{s} {spec['splits'][s]['n_requests']} requests" for s in SPLITS))
+    return spec
+
