@@ -328,7 +328,7 @@ class Rule:
     values: np.ndarray | None = None
 
     def message(self, i: int) -> str:
-        got = "" if self.values is None else f", got {self.values[i]!r}"
+        got = "" if self.values is None else f", got {self.values[i].item()!r}"
         return f"{self.expectation}{got}"
 
 
@@ -497,8 +497,8 @@ def _check_contiguous(scan: Scan, files: list[str], cfg: FeaturesConfig, reasons
         second = int(order[again].min())
         first = int(order[np.searchsorted(sk, scan.key[second])])
         raise InputError(
-            f"rows of a request must be contiguous in one file: this request_id (key {scan.key[second]}) "
-            f"appeared before at {files[scan.file[first]]} row {scan.row[first]}, then other requests",
+            f"expected the rows of a request to be contiguous in one file; this request_id (key "
+            f"{scan.key[second]}) already had rows at {files[scan.file[first]]} row {scan.row[first]}",
             file=files[scan.file[second]], column="request_id", row=int(scan.row[second]))
     text = "column 'request_id': expected the rows of a request to be contiguous in one file"
     if text not in reasons:
@@ -643,7 +643,8 @@ class ShardWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         n = self.cursor
         save_file({name: np.ascontiguousarray(a[:n]) for name, a in self.buf.items()}, str(path),
-                  metadata={"split": self.split, "n_requests": str(n), "format_version": str(FORMAT_VERSION)})
+                  # one key only: safetensors writes metadata in hash-map order, which varies per run
+                  metadata={"grade_features_format": str(FORMAT_VERSION)})
         for name, (_, _, fill) in {**self.row_fields, **self.req_fields}.items():
             self.buf[name][:n] = fill
         self.shards.append(rel)
