@@ -29,23 +29,24 @@ from grade.errors import InputError
 
 SPEC_FILE = "feature_spec.json"
 SPLITS = ("train", "valid", "test")
-_LOCAL: dict[str, Path] = {}
+_FETCHED: dict[tuple[str, str], Path] = {}
 
 
 def _local_root(uri: str) -> Path:
-    """A local folder holding the published features (downloaded once per process when on S3)."""
+    """A local folder holding the published features (an S3 folder is downloaded once per content)."""
     uri = str(uri)
-    if uri not in _LOCAL:
-        if store.is_s3(uri):
-            base = Path(os.environ.get("GRADE_CACHE_DIR") or Path(tempfile.gettempdir(), "grade-cache"))
-            cache = base / hashlib.sha256(uri.encode()).hexdigest()[:16]
-            _LOCAL[uri] = store.open_published(uri, cache_dir=cache)
-        else:
-            try:
-                _LOCAL[uri] = store.open_published(uri)
-            except store.NotPublished as e:
-                raise InputError(str(e)) from None
-    return _LOCAL[uri]
+    try:
+        manifest = store.read_manifest(uri)
+    except store.NotPublished as e:
+        raise InputError(str(e)) from None
+    if not store.is_s3(uri):
+        return store.open_published(uri)
+    key = (uri, store.content_hash(manifest))
+    if key not in _FETCHED:
+        base = Path(os.environ.get("GRADE_CACHE_DIR") or Path(tempfile.gettempdir(), "grade-cache"))
+        cache = base / hashlib.sha256("\t".join(key).encode()).hexdigest()[:16]
+        _FETCHED[key] = store.open_published(uri, cache_dir=cache)
+    return _FETCHED[key]
 
 
 def load_spec(uri: str) -> dict[str, Any]:
