@@ -1,0 +1,50 @@
+"""Stage 1 step: LambdaLoss pretraining of the fusion policy's mean weights.
+
+    python -m components.pretrain --features URI --out URI [--config YAML] [--epochs N] [--seed S]
+
+Reads the feature tensors written by ``components.features``; publishes the model folder
+(policy.safetensors, policy.json, feature_spec.json, config.json, metrics.json, train_log.jsonl)
+atomically. Re-running on the same --out resumes after the last completed epoch (checkpoints in
+<out>/_checkpoints/). Exit status 2 on bad input or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import grade.cli
+from grade import config
+from grade.pretrain import pretrain
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m components.pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--features", required=True, metavar="URI",
+                   help="published features folder or s3:// prefix (output of components.features)")
+    p.add_argument("--out", required=True, metavar="URI",
+                   help="model folder or s3:// prefix (published atomically; holds the resume checkpoints)")
+    p.add_argument("--config", metavar="YAML", help="config file; its 'pretrain' section is used")
+    p.add_argument("--epochs", type=int, default=None, metavar="N",
+                   help="maximum number of epochs (overrides pretrain.epochs)")
+    p.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="seed of the initialisation and the data order (overrides pretrain.seed)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="requests per gradient step (overrides pretrain.batch_size)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch intra-op threads (overrides pretrain.threads)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = config.load_section(args.config, "pretrain", {
+        "epochs": args.epochs, "seed": args.seed, "batch_size": args.batch_size, "threads": args.threads,
+    })
+    pretrain(args.features, args.out, cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(grade.cli.run(main))
