@@ -69,14 +69,16 @@ def make_features(root: Path, n_train: int = 600, n_test: int = 500, length: int
             "numeric": [{"name": "u_sensitivity", "mean": 0.0, "std": 1.0}, {"name": "u_noise", "mean": 0.0, "std": 1.0}],
             "categorical": [{"name": "c_segment_hint", "vocab": [10, 20, 30], "size": 4},
                             {"name": "c_device", "vocab": [0, 1], "size": 3}],
-            "list_size": length, "splits": {}, "ground_truth": ["true_ctr", "true_cvr", "price"] if truth else []}
+            "list_size": length, "splits": {},
+            "ground_truth": ["true_ctr", "true_cvr", "price", "segment"] if truth else []}
     with store.publishing(str(root)) as staging:
         for name, t in splits.items():
             t["z"] = (((t["pred"].clamp_min(1e-12).log() - m) / s) * t["mask"].unsqueeze(-1)).float()
             (staging / name).mkdir()
             save_file({k: v.contiguous() for k, v in t.items()}, str(staging / name / "part-00000.safetensors"))
             spec["splits"][name] = {"n_requests": int(t["mask"].shape[0]), "n_rows": int(t["mask"].sum()),
-                                    "shards": [f"{name}/part-00000.safetensors"], "time_min": 0, "time_max": 1}
+                                    "shards": [f"{name}/part-00000.safetensors"],
+                                    "shard_requests": [int(t["mask"].shape[0])], "time_min": 0, "time_max": 1}
         (staging / "feature_spec.json").write_text(json.dumps(spec))
     return str(root)
 
