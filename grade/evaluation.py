@@ -301,6 +301,7 @@ def run_evaluation(features_uri: str, models: dict[str, str], out_uri: str, cfg:
             "objective": cfg.static_search_objective, "value": search.objective,
             "static_value": search.static_objective, "n_requests": search.n_requests, "history": search.history},
         "headroom_captured": headroom,
+        "comparisons": comparisons(policies, primary_flavour, list(named)),
         "headroom_sentence": headroom_sentence(headroom, policies, primary_flavour, list(models)),
         "segments": {"feature": seg_name, "mean_weights": mean_w, "by_segment": segments},
         "frontier": frontier,
@@ -385,6 +386,22 @@ def headroom_shares(policies: dict[str, Any], flavour: str = "true") -> dict[str
     return {p: (v["true"]["opm"] - s) / (o - s) for p, v in policies.items() if p not in ("static", "oracle")}
 
 
+def comparisons(policies: dict[str, Any], flavour: str, models: list[str]) -> dict[str, Any]:
+    """Per named model: its OPM against every other policy's (beats_*) and whether the oracle bounds all."""
+    out: dict[str, Any] = {}
+    for m in models:
+        mine = policies[m][flavour].get("opm")
+        if mine is None:
+            continue
+        out[m] = {f"beats_{p}": bool(mine > v[flavour]["opm"]) for p, v in policies.items()
+                  if p not in (m, "oracle") and v.get(flavour, {}).get("opm") is not None}
+    if "oracle" in policies and flavour == "true":
+        o = policies["oracle"]["true"]
+        out["oracle_above_all"] = {metric: all(o[metric] >= v["true"][metric] for p, v in policies.items()
+                                               if p != "oracle") for metric in ("opm", "gpm")}
+    return out
+
+
 def headroom_sentence(headroom: dict[str, float], policies: dict[str, Any], flavour: str, models: list[str]) -> str:
     if not headroom:
         if flavour != "true":
@@ -453,5 +470,12 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{100 * lift['lift']:+7.2f}% [{100 * lift['ci_low']:+6.2f}, {100 * lift['ci_high']:+6.2f}]"
             row += f"  {cell:<31}"
         lines.append(row)
+    for m, c in report.get("comparisons", {}).items():
+        if m == "oracle_above_all":
+            lines.append("oracle above every policy: " + ", ".join(f"{k.upper()} {'yes' if v else 'NO'}"
+                                                                 for k, v in c.items()))
+        else:
+            lines.append(f"{m} {flavour} OPM vs: " + ", ".join(f"{k.removeprefix('beats_')} {'higher' if v else 'NOT higher'}"
+                                                             for k, v in c.items()))
     lines.append(report["headroom_sentence"])
     return "\n".join(lines)

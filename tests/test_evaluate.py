@@ -285,3 +285,14 @@ def test_publishes_to_s3(evaluated, s3_env):
     assert store.is_published(out)
     assert store.read_json(store.join(out, "report.json"))["n_requests"] == report["n_requests"]
     assert store.read_bytes(store.join(out, "report.html")).startswith(b"<!DOCTYPE html>")
+
+
+def test_comparisons_by_hand():
+    from grade.evaluation import comparisons, headroom_shares
+
+    policies = {"static": {"true": {"opm": 10.0, "gpm": 100.0}}, "best_static": {"true": {"opm": 11.0, "gpm": 90.0}},
+                "grade": {"true": {"opm": 12.0, "gpm": 120.0}}, "oracle": {"true": {"opm": 20.0, "gpm": 110.0}}}
+    c = comparisons(policies, "true", ["grade"])
+    assert c["grade"] == {"beats_static": True, "beats_best_static": True}
+    assert c["oracle_above_all"] == {"opm": True, "gpm": False}
+    assert headroom_shares(policies) == pytest.approx({"best_static": 0.1, "grade": 0.2})
