@@ -1,0 +1,303 @@
+"""Stage 2: GRPO with adaptive Dirichlet exploration (DESIGN section 7), readable top to bottom.
+
+One training step on a batch of requests:
+
+1. rollout: sample G weight vectors per request from the policy frozen at sampling time (pi_old):
+   w ~ Dir(alpha_old(x)), clamped >= eps and renormalised; store log pi_old(w|x) now.
+   Gaussian ablation: logistic-normal w = softmax(m(x) + sigma*eps), the action being the logits.
+2. rewards: composite reward (grade.reward) of each ranking; group-normalised advantages
+   A = (R - mean_g R) / (std_g R + eps), exactly 0 in groups whose rewards are all equal.
+3. several update epochs on the same samples: clipped surrogate on the ratio
+   rho = exp(clamp(log pi_theta - log pi_old)) plus beta * KL(pi_theta || pi_ref) in closed form
+   (Dirichlet-Dirichlet, or Gaussian-Gaussian on the logits), gradient clipping, optimiser step.
+
+Every function takes plain tensors so that a data-parallel wrapper only has to split the batches
+(``rank``/``world_size`` in the data iterator) and average gradients (:func:`sync_gradients`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import torch
+import torch.distributions as D
+
+from grade.errors import InputError
+from grade.policy import PolicyNet
+from grade.reward import RewardConfig, reward_terms, weight_entropy
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    group_size: int = 16
+    """G: weight vectors sampled per request"""
+    exploration: Literal["dirichlet", "gaussian"] = "dirichlet"
+    """dirichlet (GRADE) or gaussian (logistic-normal ablation: softmax(logits + sigma*eps))"""
+    adaptive_kappa: bool = True
+    """learn the Dirichlet concentration per request; false = fixed_kappa for every request (ablation)"""
+    fixed_kappa: float = 50.0
+    """the concentration used when adaptive_kappa is false"""
+    gaussian_sigma: float = 0.3
+    """std of the logit noise of the gaussian exploration"""
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    """composite reward: coefficients post/prior/format, label and value mix, weight bounds, entropy floor"""
+    kl_coef: float = 0.02
+    """beta: weight of KL(pi_theta || pi_stage1) in the loss"""
+    clip: float = 0.2
+    """epsilon of the clipped importance ratio"""
+    log_ratio_clip: float = 10.0
+    """|log rho| is clamped to this before exp (guards against exploding ratios)"""
+    adv_eps: float = 1e-4
+    """added to the group std in the advantage denominator"""
+    sample_eps: float = 1e-6
+    """Dirichlet samples are clamped to >= this and renormalised"""
+    lr: float = 3e-3
+    """Adam learning rate"""
+    epochs: int = 3
+    """passes over the train split"""
+    max_steps: int = 0
+    """stop after this many steps (0 = run all epochs)"""
+    batch_size: int = 256
+    """requests per step (per rank)"""
+    update_epochs: int = 2
+    """gradient updates on the same samples per step"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (global L2 norm)"""
+    exposure_depth: int = 10
+    """E: items exposed per request (reward depth and validation depth)"""
+    position_bias: float = 1.0
+    """eta of the validation metrics' examination theta_j = 1/(1+j)^eta"""
+    eval_every: int = 25
+    """steps between validation points (also evaluated at step 0 and at the end)"""
+    eval_max_requests: int = 20000
+    """validation requests used for the curve (the first N of the valid split)"""
+    checkpoint_every: int = 50
+    """steps between checkpoints (also one at every epoch end)"""
+    seed: int = 0
+    """seed of the data order and of every step's sampling"""
+    threads: int = 0
+    """torch intra-op threads (0 = torch's default)"""
+
+    def validate(self, n_objectives: int | None = None) -> None:
+        for name in ("group_size", "batch_size", "update_epochs", "exposure_depth", "eval_every",
+                     "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise InputError(f"finetune.{name}: expected a positive integer, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise InputError("finetune.group_size: expected >= 2 (advantages are relative within a group)")
+        for name in ("epochs", "max_steps", "eval_max_requests", "threads"):
+            if getattr(self, name) < 0:
+                raise InputError(f"finetune.{name}: expected >= 0, got {getattr(self, name)}")
+        for name in ("fixed_kappa", "gaussian_sigma", "lr", "log_ratio_clip", "adv_eps", "max_grad_norm"):
+            if getattr(self, name) <= 0:
+                raise InputError(f"finetune.{name}: expected > 0, got {getattr(self, name)}")
+        if self.kl_coef < 0:
+            raise InputError(f"finetune.kl_coef: expected >= 0, got {self.kl_coef}")
+        if not 0 < self.clip < 1:
+            raise InputError(f"finetune.clip: expected a value in (0, 1), got {self.clip}")
+        if not 0 < self.sample_eps < 0.01:
+            raise InputError(f"finetune.sample_eps: expected a value in (0, 0.01), got {self.sample_eps}")
+        self.reward.validate(n_objectives)
+
+
+# ------------------------------------------------------------------------------------------------
+# The policy as a distribution over weight vectors (Dirichlet, or logistic-normal for the ablation)
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class PolicyOutput:
+    """What one forward pass gives: the exploration distribution and the kappa / mean diagnostics."""
+
+    dist: D.Distribution
+    """over the action: weights [B, K] (dirichlet) or logits [B, K] (gaussian)"""
+    kappa: torch.Tensor
+    """[B] concentration (dirichlet); for gaussian the equivalent 1/sigma^2 is not meaningful: kappa head"""
+    mean: torch.Tensor
+    """[B, K] mean weights (the serving weights)"""
+
+
+def policy_output(policy: PolicyNet, num: torch.Tensor, cat: torch.Tensor, cfg: FinetuneConfig) -> PolicyOutput:
+    if cfg.exploration == "gaussian":
+        logits = policy.logits(num, cat)
+        logits = logits - logits.mean(-1, keepdim=True)  # softmax ignores a shift: remove that direction
+        mu = torch.softmax(logits, -1)
+        dist = D.Independent(D.Normal(logits, torch.full_like(logits, cfg.gaussian_sigma)), 1)
+        return PolicyOutput(dist, torch.zeros_like(mu[:, 0]), mu)
+    mu, kappa = policy(num, cat)
+    alpha = kappa.unsqueeze(-1) * mu + policy.alpha_floor
+    return PolicyOutput(D.Dirichlet(alpha), kappa, mu)
+
+
+def action_to_weights(action: torch.Tensor, cfg: FinetuneConfig) -> torch.Tensor:
+    """Weights on the simplex from a sampled action ([..., K])."""
+    if cfg.exploration == "gaussian":
+        return torch.softmax(action, -1)
+    return action
+
+
+def sync_gradients(policy: PolicyNet) -> None:
+    """Average gradients over ranks when running data-parallel (no-op in a single process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        for p in policy.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= world
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Rollout
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Rollout:
+    actions: torch.Tensor
+    """[B, G, K] sampled actions (weights, or logits for gaussian)"""
+    weights: torch.Tensor
+    """[B, G, K] weight vectors on the simplex"""
+    log_prob_old: torch.Tensor
+    """[B, G] log pi_old(action | x), stored at sampling time"""
+
+
+@torch.no_grad()
+def rollout(policy: PolicyNet, num: torch.Tensor, cat: torch.Tensor, cfg: FinetuneConfig, seed: int) -> Rollout:
+    """Sample G actions per request from the current (old) policy; the global RNG is left untouched."""
+    out = policy_output(policy, num, cat, cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        actions = out.dist.sample((cfg.group_size,)).transpose(0, 1)  # [B, G, K]
+    if cfg.exploration == "dirichlet":
+        # Tiny float32 samples sit near 1e-38 where log-densities explode; clamp and renormalise.
+        actions = actions.clamp_min(cfg.sample_eps)
+        actions = actions / actions.sum(-1, keepdim=True)
+    log_prob_old = log_prob(out.dist, actions)
+    return Rollout(actions, action_to_weights(actions, cfg), log_prob_old)
+
+
+def log_prob(dist: D.Distribution, actions: torch.Tensor) -> torch.Tensor:
+    """log pi(actions) [B, G] for a batch distribution [B] and actions [B, G, K]."""
+    return dist.log_prob(actions.transpose(0, 1)).transpose(0, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Group-relative advantages
+# ------------------------------------------------------------------------------------------------
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages [B, G], zero-variance groups [B] bool) from rewards [B, G].
+
+    A = (R - mean) / (std + eps) with the Bessel-corrected std; a group whose rewards are all equal
+    carries no signal and gets exactly 0 (not (R - mean)/eps of rounding noise).
+    """
+    mean = rewards.mean(-1, keepdim=True)
+    std = rewards.std(-1, keepdim=True, unbiased=True) if rewards.shape[-1] > 1 else torch.zeros_like(mean)
+    constant = (rewards == rewards[..., :1]).all(-1)
+    adv = (rewards - mean) / (std + eps)
+    adv = torch.where(constant.unsqueeze(-1), torch.zeros_like(adv), adv)
+    return adv, constant
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Loss: clipped surrogate + KL to the frozen reference
+# ------------------------------------------------------------------------------------------------
+
+def kl_to_reference(current: PolicyOutput, reference: PolicyOutput) -> torch.Tensor:
+    """Closed-form KL(pi_theta || pi_ref) per request [B]."""
+    return D.kl_divergence(current.dist, reference.dist)
+
+
+def clipped_surrogate(new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, adv: torch.Tensor, clip: float,
+                      log_ratio_clip: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(policy loss scalar, stats) of the PPO/GRPO clipped objective, all tensors [B, G]."""
+    log_ratio = (new_log_prob - old_log_prob).clamp(-log_ratio_clip, log_ratio_clip)
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - clip, 1 + clip) * adv
+    loss = -torch.minimum(unclipped, clipped).mean()
+    with torch.no_grad():
+        stats = {
+            "ratio": ratio.detach(),
+            "clip_frac": ((ratio - 1).abs() > clip).float().mean(),
+            "approx_kl": ((ratio - 1) - log_ratio).mean(),  # k3 estimate of KL(old || new)
+        }
+    return loss, stats
+
+
+def grpo_loss(policy: PolicyNet, reference_out: PolicyOutput, num: torch.Tensor, cat: torch.Tensor,
+              roll: Rollout, adv: torch.Tensor, cfg: FinetuneConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Total loss and its parts for one update epoch."""
+    out = policy_output(policy, num, cat, cfg)
+    new_lp = log_prob(out.dist, roll.actions)
+    policy_loss, stats = clipped_surrogate(new_lp, roll.log_prob_old, adv, cfg.clip, cfg.log_ratio_clip)
+    kl = kl_to_reference(out, reference_out).mean()
+    loss = policy_loss + cfg.kl_coef * kl
+    stats.update(policy_loss=policy_loss.detach(), kl=kl.detach(), out=out)
+    return loss, stats
+
+
+# ------------------------------------------------------------------------------------------------
+# One training step
+# ------------------------------------------------------------------------------------------------
+
+def train_step(policy: PolicyNet, reference: PolicyNet, optimizer: torch.optim.Optimizer,
+               batch: dict[str, torch.Tensor], objectives: list[str], cfg: FinetuneConfig,
+               seed: int) -> dict[str, float]:
+    """Rollout, rewards, advantages and ``update_epochs`` clipped updates on one batch.
+
+    Returns the step's diagnostics under namespaced keys. ``seed`` fixes this step's samples.
+    """
+    num, cat = batch["num"], batch["cat"]
+    policy.train()
+    roll = rollout(policy, num, cat, cfg, seed)
+    with torch.no_grad():
+        terms = reward_terms(roll.weights, batch, objectives, cfg.reward, cfg.exposure_depth)
+        adv, constant = group_advantages(terms["total"], cfg.adv_eps)
+        reference_out = policy_output(reference, num, cat, cfg)
+
+    first_ratio_mean = float("nan")
+    for epoch in range(cfg.update_epochs):
+        loss, stats = grpo_loss(policy, reference_out, num, cat, roll, adv, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        sync_gradients(policy)
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        if epoch == 0:
+            first_ratio_mean = float(stats["ratio"].mean())
+
+    out = stats["out"]
+    with torch.no_grad():
+        entropy = out.dist.entropy()
+        kappa = out.kappa.detach()
+        mean_w = out.mean.detach()
+    diag = {
+        "reward/total": float(terms["total"].mean()),
+        "reward/post": float(terms["post"].mean()),
+        "reward/prior": float(terms["prior"].mean()),
+        "reward/format": float(terms["format"].mean()),
+        "reward/group_std": float(terms["total"].std(-1).mean()),
+        "adv/std": float(adv.std()),
+        "loss/policy": float(stats["policy_loss"]),
+        "loss/kl": float(stats["kl"]),
+        "loss/total": float(loss.detach()),
+        "grpo/clip_frac": float(stats["clip_frac"]),
+        "grpo/ratio_mean": float(stats["ratio"].mean()),
+        "grpo/ratio_max": float(stats["ratio"].max()),
+        "grpo/ratio_first_epoch": first_ratio_mean,
+        "grpo/approx_kl_old": float(stats["approx_kl"]),
+        "grpo/zero_var_groups": float(constant.float().mean()),
+        "policy/entropy": float(entropy.mean()),
+        "policy/weight_entropy": float(weight_entropy(mean_w).mean()),
+        "policy/kappa_mean": float(kappa.mean()),
+        "policy/kappa_min": float(kappa.min()),
+        "policy/kappa_max": float(kappa.max()),
+        "grad/norm": float(grad_norm),
+    }
+    for k in range(mean_w.shape[-1]):
+        diag[f"policy/w{k}_mean"] = float(mean_w[:, k].mean())
+    bad = [k for k, v in diag.items() if not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"non-finite diagnostics {bad} (lower lr or raise alpha_floor)")
+    return diag

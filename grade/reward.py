@@ -1,0 +1,158 @@
+"""The composite reward of Stage 2: posterior, prior and format terms for groups of weight vectors.
+
+For B requests and a group of G weight vectors per request (``w`` [B, G, K]), each ranking is
+pi_w = argsort of S(w) = sum_k w_k z_k, exposed to depth E with DCG discounts d_j = 1/log2(j + 2):
+
+- **posterior** R_post: NDCG@E of pi_w against the logged labels, a configurable mix of click, order
+  and gmv NDCG. Unbiased but sparse: a request without a positive label gives 0 to every member.
+- **prior** R_prior: sum_j d_j value(pi_w(j)) / ideal, with value = pctr (v_click + pcvr (v_order +
+  v_gmv pgmv)) from the raw MTL predictions. Dense but inherits the MTL model's biases: maximising it
+  alone reward-hacks (the prior metrics go up, the true ones down).
+- **format** R_fmt = -(sum_k violation of [w_min_k, w_max_k] + entropy deficit below a floor): rules
+  that forbid degenerate weights such as all the mass on GMV.
+
+R = post * R_post + prior * R_prior + format * R_fmt. Every term is returned separately for logging.
+Everything is vectorised over requests and group members: one fused scoring, one sort.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from grade.errors import InputError
+from grade.fusion import dcg_discounts, fuse, gather_items, top_e
+
+TERMS = ("post", "prior", "format")
+
+
+@dataclasses.dataclass
+class RewardConfig:
+    post: float = 1.0
+    """lambda_post: coefficient of the posterior (logged-label NDCG@E) term; 0 switches it off"""
+    prior: float = 1.0
+    """lambda_prior: coefficient of the prior (MTL-predicted discounted value) term; 0 switches it off"""
+    format: float = 1.0
+    """lambda_fmt: coefficient of the format (weight bounds + entropy floor) penalty; 0 switches it off"""
+    post_click: float = 0.25
+    """share of click NDCG in the posterior term"""
+    post_order: float = 1.0
+    """share of order NDCG in the posterior term"""
+    post_gmv: float = 0.0
+    """share of gmv NDCG (linear gain) in the posterior term"""
+    v_click: float = 0.0
+    """value of a click in the prior item value pctr*(v_click + pcvr*(v_order + v_gmv*pgmv))"""
+    v_order: float = 1.0
+    """value of an order in the prior item value"""
+    v_gmv: float = 0.0
+    """value per unit of predicted order value (pgmv) in the prior item value"""
+    w_min: list[float] = dataclasses.field(default_factory=lambda: [0.05])
+    """lower bound per objective (one value for all, or K values in the features' objective order)"""
+    w_max: list[float] = dataclasses.field(default_factory=lambda: [0.8])
+    """upper bound per objective (one value for all, or K values)"""
+    entropy_floor: float = 0.6
+    """minimum Shannon entropy (nats) of a weight vector; ln K is the uniform maximum"""
+
+    def validate(self, n_objectives: int | None = None) -> None:
+        for name in ("post", "prior", "format", "post_click", "post_order", "post_gmv", "v_click",
+                     "v_order", "v_gmv", "entropy_floor"):
+            if getattr(self, name) < 0:
+                raise InputError(f"finetune.reward.{name}: expected >= 0, got {getattr(self, name)}")
+        if self.post > 0 and self.post_click + self.post_order + self.post_gmv <= 0:
+            raise InputError("finetune.reward: post > 0 needs a positive post_click, post_order or post_gmv")
+        if self.prior > 0 and self.v_click + self.v_order + self.v_gmv <= 0:
+            raise InputError("finetune.reward: prior > 0 needs a positive v_click, v_order or v_gmv")
+        if n_objectives is not None:
+            lo, hi = self.bounds(n_objectives)
+            if bool((lo > hi).any()) or float(lo.sum()) > 1 or float(hi.sum()) < 1:
+                raise InputError(f"finetune.reward: bounds w_min={self.w_min}, w_max={self.w_max} admit no "
+                                 "weight vector on the simplex (need w_min <= w_max, sum w_min <= 1 <= sum w_max)")
+
+    def bounds(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w_min [K], w_max [K]): one value broadcast to every objective, or one per objective."""
+        out = []
+        for name in ("w_min", "w_max"):
+            v = list(getattr(self, name))
+            if len(v) == 1:
+                v = v * k
+            if len(v) != k:
+                raise InputError(f"finetune.reward.{name}: expected 1 or {k} values (one per objective), got {len(v)}")
+            out.append(torch.tensor(v, dtype=torch.float32))
+        return out[0], out[1]
+
+
+def _objective_index(objectives: list[str]) -> dict[str, int]:
+    return {str(name).removeprefix("pred_"): i for i, name in enumerate(objectives)}
+
+
+def prior_item_value(pred: torch.Tensor, mask: torch.Tensor, objectives: list[str], cfg: RewardConfig) -> torch.Tensor:
+    """MTL-predicted value of every item [B, L]: pctr*(v_click + pcvr*(v_order + v_gmv*pgmv)); 0 at padding.
+
+    Objectives missing from the features drop out (no cvr: value = v_click*pctr; no gmv: no v_gmv term).
+    """
+    obj = _objective_index(objectives)
+    if "ctr" not in obj:
+        raise InputError(f"finetune.reward.prior: needs a 'ctr' objective, the features have {objectives}")
+    pctr = pred[..., obj["ctr"]]
+    inner = torch.full_like(pctr, cfg.v_order)
+    if "gmv" in obj and cfg.v_gmv:
+        inner = inner + cfg.v_gmv * pred[..., obj["gmv"]]
+    after_click = pred[..., obj["cvr"]] * inner if "cvr" in obj else torch.zeros_like(pctr)
+    value = pctr * (cfg.v_click + after_click)
+    return value.masked_fill(~mask, 0.0)
+
+
+def _ndcg_from_ranking(gains: torch.Tensor, idx: torch.Tensor, disc: torch.Tensor) -> torch.Tensor:
+    """NDCG [B, G] of ranked indices ``idx`` [B, G, E] for per-item gains [B, L] (0 where no ideal)."""
+    dcg = (gather_items(gains, idx) * disc).sum(-1)
+    ideal = torch.sort(gains, dim=-1, descending=True).values[..., : idx.shape[-1]]
+    idcg = (ideal * disc).sum(-1, keepdim=True)
+    return torch.where(idcg > 0, dcg / idcg.clamp_min(1e-12), torch.zeros_like(dcg))
+
+
+def weight_entropy(w: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of weight vectors along the last axis."""
+    return -(w * w.clamp_min(1e-12).log()).sum(-1)
+
+
+def format_penalty(w: torch.Tensor, cfg: RewardConfig) -> torch.Tensor:
+    """Penalty >= 0 [...]: total bound violation plus the entropy deficit below the floor."""
+    lo, hi = cfg.bounds(w.shape[-1])
+    lo, hi = lo.to(w), hi.to(w)
+    bounds = (torch.relu(lo - w) + torch.relu(w - hi)).sum(-1)
+    return bounds + torch.relu(cfg.entropy_floor - weight_entropy(w))
+
+
+def reward_terms(w: torch.Tensor, batch: dict[str, torch.Tensor], objectives: list[str], cfg: RewardConfig,
+                 depth: int) -> dict[str, torch.Tensor]:
+    """Reward terms [B, G] for weight groups ``w`` [B, G, K] on ``batch`` (z, pred, mask, click, order, gmv).
+
+    Returns {"post", "prior", "format", "total"}; a term whose coefficient is 0 is all zeros (not computed).
+    """
+    if w.dim() != 3:
+        raise ValueError(f"weights must be [B, G, K], got shape {tuple(w.shape)}")
+    mask = batch["mask"]
+    zeros = torch.zeros(w.shape[:2], dtype=w.dtype, device=w.device)
+    out = {"post": zeros, "prior": zeros, "format": zeros}
+    if cfg.post > 0 or cfg.prior > 0:
+        idx = top_e(fuse(batch["z"], w, mask), depth)
+        disc = dcg_discounts(idx.shape[-1], device=w.device, dtype=w.dtype)
+    if cfg.post > 0:
+        mix = {"click": cfg.post_click, "order": cfg.post_order, "gmv": cfg.post_gmv}
+        total = sum(mix.values())
+        post = zeros
+        for label, share in mix.items():
+            if share <= 0:
+                continue
+            y = batch[label].masked_fill(~mask, 0.0).to(w.dtype)
+            gains = y if label == "gmv" else torch.pow(2.0, y) - 1.0
+            post = post + (share / total) * _ndcg_from_ranking(gains, idx, disc)
+        out["post"] = post
+    if cfg.prior > 0:
+        value = prior_item_value(batch["pred"].to(w.dtype), mask, objectives, cfg)
+        out["prior"] = _ndcg_from_ranking(value, idx, disc)
+    if cfg.format > 0:
+        out["format"] = -format_penalty(w, cfg)
+    out["total"] = cfg.post * out["post"] + cfg.prior * out["prior"] + cfg.format * out["format"]
+    return out
