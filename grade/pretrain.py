@@ -403,9 +403,11 @@ def pretrain(features_uri: str, out_uri: str, cfg: PretrainConfig, *, rank: int 
             "train_loss_by_objective": {k: v / max(n_steps, 1) for k, v in parts_sum.items()},
             "valid_ndcg": {"policy": ndcg, "static": static_ndcg},
             "requests_per_s": rate.done / max(seconds, 1e-9), "seconds": seconds})
-        log.info("pretrain epoch %d/%d: loss %.4f, valid NDCG@%d %s policy %.4f vs static %.4f (best epoch %d)%s",
-                 epoch, cfg.epochs, history[-1]["train_loss"], cfg.exposure_depth, cfg.stopping_objective,
-                 score, static_ndcg[cfg.stopping_objective], best["epoch"], ", early stop" if stopped else "")
+        log.info("pretrain epoch %d/%d: loss %.4f, valid NDCG@%d %s policy %.4f vs static %.4f (best epoch %d); "
+                 "%.0f requests/s, ETA %.0fs%s", epoch, cfg.epochs, history[-1]["train_loss"], cfg.exposure_depth,
+                 cfg.stopping_objective, score, static_ndcg[cfg.stopping_objective], best["epoch"],
+                 history[-1]["requests_per_s"], 0.0 if stopped else seconds * (cfg.epochs - epoch),
+                 ", early stop" if stopped else "")
         if rank == 0:
             save_checkpoint(out_uri, epoch, model, best_state, optimizer,
                             {"epoch": epoch, "history": history, "best": best, "bad_epochs": bad_epochs,
