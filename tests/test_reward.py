@@ -1,0 +1,132 @@
+"""The composite reward: each term checked by hand on tiny requests, edge cases, config validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from grade.errors import InputError
+from grade.reward import RewardConfig, format_penalty, prior_item_value, reward_terms, weight_entropy
+
+OBJECTIVES = ["ctr", "cvr", "gmv"]
+
+
+def tiny_batch() -> dict[str, torch.Tensor]:
+    """One request, 3 items, 3 objectives; z chosen so w=(1,0,0) and w=(0,1,0) rank differently.
+
+    z_ctr = (1, 0, 0.5), z_cvr = (0, 1, 0.5), z_gmv = 0:
+    w=(1,0,0) ranks items 0, 2, 1; w=(0,1,0) ranks items 1, 2, 0.
+    """
+    z = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.5, 0.0]]])
+    pred = torch.tensor([[[0.1, 0.5, 10.0], [0.2, 0.1, 20.0], [0.4, 0.25, 4.0]]])
+    return {"z": z, "pred": pred, "mask": torch.ones(1, 3, dtype=torch.bool),
+            "click": torch.tensor([[0.0, 1.0, 0.0]]), "order": torch.tensor([[1.0, 0.0, 0.0]]),
+            "gmv": torch.tensor([[30.0, 0.0, 0.0]])}
+
+
+GROUP = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])  # [B=1, G=2, K=3]
+
+
+def test_posterior_is_the_label_mix_of_ndcg_by_hand():
+    cfg = RewardConfig(post=1.0, prior=0.0, format=0.0, post_click=1.0, post_order=3.0, post_gmv=0.0)
+    terms = reward_terms(GROUP, tiny_batch(), OBJECTIVES, cfg, depth=2)
+    # w1 shows items 0, 2: no click in the top 2 (NDCG 0), the order on top (NDCG 1) -> 3/4.
+    # w2 shows items 1, 2: the click on top (1), the ordered item 0 not shown (0) -> 1/4.
+    torch.testing.assert_close(terms["post"], torch.tensor([[0.75, 0.25]]))
+    torch.testing.assert_close(terms["total"], terms["post"])
+    assert torch.equal(terms["prior"], torch.zeros(1, 2)) and torch.equal(terms["format"], torch.zeros(1, 2))
+
+
+def test_posterior_gmv_uses_linear_gain():
+    batch = tiny_batch()
+    batch["gmv"] = torch.tensor([[30.0, 10.0, 0.0]])
+    cfg = RewardConfig(post=1.0, prior=0.0, format=0.0, post_click=0.0, post_order=0.0, post_gmv=1.0)
+    terms = reward_terms(GROUP, batch, OBJECTIVES, cfg, depth=2)
+    ideal = 30.0 + 10.0 / math.log2(3)
+    # w1: items 0, 2 -> 30; w2: items 1, 2 -> 10.
+    torch.testing.assert_close(terms["post"], torch.tensor([[30.0 / ideal, 10.0 / ideal]]))
+
+
+def test_prior_is_discounted_value_over_the_ideal_by_hand():
+    cfg = RewardConfig(post=0.0, prior=1.0, format=0.0, v_click=1.0, v_order=2.0, v_gmv=0.5)
+    batch = tiny_batch()
+    # value = pctr * (1 + pcvr * (2 + 0.5 * pgmv)): 0.45, 0.44, 0.8
+    torch.testing.assert_close(prior_item_value(batch["pred"], batch["mask"], OBJECTIVES, cfg),
+                               torch.tensor([[0.45, 0.44, 0.8]]))
+    d2 = 1.0 / math.log2(3)
+    ideal = 0.8 + 0.45 * d2
+    terms = reward_terms(GROUP, batch, OBJECTIVES, cfg, depth=2)
+    expected = torch.tensor([[(0.45 + 0.8 * d2) / ideal, (0.44 + 0.8 * d2) / ideal]])
+    torch.testing.assert_close(terms["prior"], expected)
+
+
+def test_prior_without_gmv_or_cvr_objectives():
+    cfg = RewardConfig(v_click=1.0, v_order=2.0, v_gmv=0.5)
+    pred = torch.tensor([[[0.1, 0.5], [0.2, 0.1]]])
+    mask = torch.tensor([[True, False]])
+    # No gmv objective: value = pctr * (1 + pcvr * 2); padding is 0.
+    torch.testing.assert_close(prior_item_value(pred, mask, ["ctr", "cvr"], cfg), torch.tensor([[0.2, 0.0]]))
+    torch.testing.assert_close(prior_item_value(pred[..., :1], mask, ["ctr"], cfg), torch.tensor([[0.1, 0.0]]))
+    with pytest.raises(InputError, match="ctr"):
+        prior_item_value(pred, mask, ["cvr", "gmv"], cfg)
+
+
+def test_format_penalty_by_hand():
+    cfg = RewardConfig(w_min=[0.1], w_max=[0.8], entropy_floor=0.5)
+    w = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.85, 0.15]])
+    h3 = -(0.85 * math.log(0.85) + 0.15 * math.log(0.15))
+    # [1, 0]: 0.2 above w_max, 0.1 below w_min, entropy 0 -> deficit 0.5.
+    expected = torch.tensor([0.2 + 0.1 + 0.5, 0.0, 0.05 + (0.5 - h3)])
+    torch.testing.assert_close(format_penalty(w, cfg), expected)
+    torch.testing.assert_close(weight_entropy(w), torch.tensor([0.0, math.log(2), h3]))
+
+
+def test_per_objective_bounds_and_total_combination():
+    cfg = RewardConfig(post=2.0, prior=0.5, format=3.0, w_min=[0.0, 0.2, 0.0], w_max=[1.0, 1.0, 0.1],
+                       entropy_floor=0.0)
+    terms = reward_terms(GROUP, tiny_batch(), OBJECTIVES, cfg, depth=2)
+    torch.testing.assert_close(terms["format"], torch.tensor([[-0.2, 0.0]]))
+    torch.testing.assert_close(terms["total"], 2.0 * terms["post"] + 0.5 * terms["prior"] + 3.0 * terms["format"])
+
+
+def test_padding_one_item_lists_and_zero_labels_give_finite_rewards():
+    gen = torch.Generator().manual_seed(0)
+    b, length, k, g = 4, 6, 3, 5
+    batch = {"z": torch.randn(b, length, k, generator=gen), "pred": torch.rand(b, length, k, generator=gen),
+             "mask": torch.arange(length).unsqueeze(0) < torch.tensor([[1], [1], [3], [6]]),
+             "click": torch.zeros(b, length), "order": torch.zeros(b, length), "gmv": torch.zeros(b, length)}
+    batch["click"][3, 2] = 1.0
+    w = torch.distributions.Dirichlet(torch.ones(k)).sample((b, g))
+    terms = reward_terms(w, batch, OBJECTIVES, RewardConfig(), depth=10)
+    for name, t in terms.items():
+        assert t.shape == (b, g) and torch.isfinite(t).all(), name
+    assert torch.equal(terms["post"][:3], torch.zeros(3, g))  # no positive label: 0, not NaN
+    # A one-item list ranks the same whatever the weights: the prior is exactly 1 (= ideal).
+    torch.testing.assert_close(terms["prior"][:2], torch.ones(2, g))
+    # Padding never enters the ranking even when its z would win.
+    batch["z"][0, 1:] = 100.0
+    torch.testing.assert_close(reward_terms(w, batch, OBJECTIVES, RewardConfig(), depth=10)["prior"][0],
+                               torch.ones(g))
+
+
+def test_switched_off_terms_are_zero_and_weights_must_be_grouped():
+    cfg = RewardConfig(post=0.0, prior=0.0, format=1.0)
+    terms = reward_terms(GROUP, tiny_batch(), OBJECTIVES, cfg, depth=2)
+    assert torch.equal(terms["post"], torch.zeros(1, 2)) and torch.equal(terms["prior"], torch.zeros(1, 2))
+    with pytest.raises(ValueError, match=r"\[B, G, K\]"):
+        reward_terms(GROUP[0], tiny_batch(), OBJECTIVES, cfg, depth=2)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"post": -1.0}, "post"),
+    ({"post_click": 0.0, "post_order": 0.0, "post_gmv": 0.0}, "post > 0"),
+    ({"v_click": 0.0, "v_order": 0.0, "v_gmv": 0.0}, "prior > 0"),
+    ({"w_min": [0.5]}, "admit no weight"),
+    ({"w_max": [0.2]}, "admit no weight"),
+    ({"w_min": [0.1, 0.1]}, "1 or 3 values"),
+])
+def test_invalid_reward_config(kw, match):
+    with pytest.raises(InputError, match=match):
+        RewardConfig(**kw).validate(3)
