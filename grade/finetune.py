@@ -204,11 +204,15 @@ def finetune(features_uri: str, init_uri: str, out_uri: str, cfg: FinetuneConfig
         raise InputError(f"{features_uri}: the train split has no request")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    policy, reference = build_policies(init_uri, cfg, spec)
+    try:
+        init_hash = store.content_hash(init_uri)
+    except store.NotPublished as e:
+        raise InputError(f"--init {init_uri}: not a published Stage 1 model folder ({e})") from None
     fingerprint = json.loads(json.dumps({
         "config": to_dict(cfg), "features": features_uri, "features_content_hash": store.content_hash(features_uri),
-        "init": init_uri, "init_content_hash": store.content_hash(init_uri), "world_size": world_size}))
+        "init": init_uri, "init_content_hash": init_hash, "world_size": world_size}))
 
-    policy, reference = build_policies(init_uri, cfg, spec)
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
 
     valid = _load_valid(features_uri, spec, cfg)
