@@ -1,0 +1,144 @@
+"""The KFP v2 components of the grade-mtf pipeline: one thin containerised call per step.
+
+Each body imports ``components.<step>`` inside the image and calls its ``main([...])`` with the
+task's artifact paths as ``--out`` / inputs; a task's YAML config is the pipeline's ``config_yaml``
+with the tunable parameters merged over it (see :mod:`pipeline.params`).
+
+The image is the project image built from ``containers/Dockerfile``; override it with the
+``GRADE_IMAGE`` environment variable at compile time (``python -m pipeline.compile --image``).
+The image already holds kfp, so ``install_kfp_package=False`` (no pip install when a task starts).
+"""
+
+# No `from __future__ import annotations`: KFP reads the artifact annotations as real types.
+import os
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+
+#: The component image when GRADE_IMAGE is not set: build and push it from containers/.
+DEFAULT_IMAGE = "ghcr.io/grade-mtf/grade-mtf:0.1.0"
+IMAGE = os.environ.get("GRADE_IMAGE", DEFAULT_IMAGE)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def simulate(config_yaml: str, n_requests: int, seed: int, list_size: int, snapshot_date: str,
+             logs: Output[Dataset]):
+    """Simulated marketplace search logs (Parquet) with ground truth."""
+    from components.simulate import main
+
+    from pipeline.params import write_step_config
+    from pipeline.step_io import run_step
+
+    cfg = write_step_config(config_yaml, {"n_requests": n_requests, "seed": seed, "list_size": list_size})
+    run_step("simulate", main, ["--out", logs.path, "--config", cfg])
+    logs.metadata.update({"snapshot_date": snapshot_date, "n_requests": n_requests, "seed": seed})
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def features(config_yaml: str, snapshot_date: str, features: Output[Dataset],
+             logs: Input[Dataset] | None = None, logs_uri: str = ""):
+    """Validated, time-split request tensors from the logs artifact or from a given URI."""
+    from components.features import main
+    from grade import store
+    from pipeline.params import write_step_config
+    from pipeline.step_io import run_step
+
+    source = logs.path if logs is not None else logs_uri
+    if not source:
+        raise ValueError("features: neither a logs artifact nor a logs URI was given")
+    cfg = write_step_config(config_yaml)
+    run_step("features", main, ["--logs", source, "--out", features.path, "--config", cfg])
+    spec = store.read_json(store.join(features.path, "feature_spec.json"))
+    features.metadata.update({
+        "snapshot_date": snapshot_date, "logs": logs_uri or "simulated",
+        "content_hash": store.content_hash(features.path),
+        **{f"{split}_requests": info.get("n_requests") for split, info in spec.get("splits", {}).items()},
+    })
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def pretrain(features: Input[Dataset], config_yaml: str, pretrain_epochs: int,
+             model: Output[Model], metrics: Output[Metrics]):
+    """Stage 1: LambdaLoss pretraining of the policy mean."""
+    from components.pretrain import main
+    from grade import store
+    from pipeline.params import write_step_config
+    from pipeline.step_io import log_metrics_file, run_step
+
+    cfg = write_step_config(config_yaml, {"pretrain_epochs": pretrain_epochs})
+    run_step("pretrain", main, ["--features", features.path, "--out", model.path, "--config", cfg])
+    log_metrics_file(metrics, store.join(model.path, "metrics.json"))
+    model.metadata.update({"stage": "stage1", "content_hash": store.content_hash(model.path)})
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def finetune(features: Input[Dataset], init: Input[Model], config_yaml: str, finetune_epochs: int,
+             group_size: int, kl_coef: float, model: Output[Model], metrics: Output[Metrics],
+             ablation: str = ""):
+    """Stage 2: GRPO with adaptive Dirichlet exploration (or one of the ablations)."""
+    from components.finetune import main
+    from grade import store
+    from pipeline.params import write_step_config
+    from pipeline.step_io import log_metrics_file, run_step
+
+    cfg = write_step_config(config_yaml, {"finetune_epochs": finetune_epochs, "group_size": group_size,
+                                          "kl_coef": kl_coef}, ablation=ablation)
+    run_step("finetune", main, ["--features", features.path, "--init", init.path, "--out", model.path,
+                                "--config", cfg])
+    log_metrics_file(metrics, store.join(model.path, "metrics.json"))
+    model.metadata.update({"stage": ablation or "grade", "content_hash": store.content_hash(model.path)})
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def evaluate(features: Input[Dataset], stage1: Input[Model], grade: Input[Model], config_yaml: str,
+             registry_uri: str, report: Output[Artifact], report_html: Output[HTML],
+             metrics: Output[Metrics], summary: Output[Markdown],
+             grade_gaussian: Input[Model] | None = None,
+             grade_fixed_kappa: Input[Model] | None = None,
+             grade_posterior_only: Input[Model] | None = None,
+             grade_prior_only: Input[Model] | None = None):
+    """Offline auction of every policy (and the registry's incumbent) on the held-out requests."""
+    import shutil
+
+    from components.evaluate import main
+    from grade import store
+    from pipeline.params import write_step_config
+    from pipeline.step_io import log_metrics_file, report_markdown, run_step
+
+    models = {"stage1": stage1, "grade": grade, "grade_gaussian": grade_gaussian,
+              "grade_fixed_kappa": grade_fixed_kappa, "grade_posterior_only": grade_posterior_only,
+              "grade_prior_only": grade_prior_only}
+    argv = ["--features", features.path, "--out", report.path, "--config", write_step_config(config_yaml)]
+    for name, artifact in models.items():
+        if artifact is not None:
+            argv += ["--model", f"{name}={artifact.path}"]
+    if registry_uri:
+        argv += ["--registry", registry_uri]
+    run_step("evaluate", main, argv)
+    shutil.copyfile(store.join(report.path, "report.html"), report_html.path)
+    log_metrics_file(metrics, store.join(report.path, "metrics.json"))
+    result = store.read_json(store.join(report.path, "report.json"))
+    with open(summary.path, "w") as f:
+        f.write(report_markdown(result))
+    report.metadata.update({"n_requests": result.get("n_requests"),
+                            "primary_metric": result.get("primary_metric")})
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def promote(report: Input[Artifact], candidate: Input[Model], registry_uri: str, config_yaml: str,
+            min_primary_lift: float, blessing: Output[Artifact], summary: Output[Markdown]):
+    """Gate the candidate against the production model; register it and move the alias when blessed."""
+    from components.promote import main
+
+    from grade import store
+    from pipeline.params import write_step_config
+    from pipeline.step_io import blessing_markdown, blessing_verdict, run_step
+
+    cfg = write_step_config(config_yaml, {"min_primary_lift": min_primary_lift})
+    run_step("promote", main, ["--report", report.path, "--candidate", candidate.path,
+                               "--registry", registry_uri, "--candidate-name", "grade",
+                               "--blessing", blessing.path, "--config", cfg])
+    result = store.read_json(blessing.path)
+    with open(summary.path, "w") as f:
+        f.write(blessing_markdown(result))
+    blessing.metadata.update({"verdict": blessing_verdict(result)})

@@ -1,0 +1,179 @@
+"""Run the whole grade-mtf pipeline on this machine through KFP's local runner.
+
+    python -m pipeline.run_local [--config YAML] --out DIR [--workdir DIR] [--store URI]
+                                 [--logs URI] [--registry URI]
+
+Every step runs as a subprocess in this Python environment (``SubprocessRunner(use_venv=False)``);
+artifacts land under WORKDIR/pipeline-root. The registry lives under --store: a local folder by
+default (WORKDIR/store), or an ``s3://bucket/prefix`` when S3_ENDPOINT_URL and the AWS_* credentials
+are set. A second run evaluates the new candidate against the production model the first one
+promoted. At the end, report.json, report.html and blessing.json are copied to DIR and a summary
+(lifts with CIs, promotion verdict) is printed with their paths.
+"""
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import grade.cli
+from grade import store
+from grade.errors import InputError
+from pipeline import params
+from pipeline.grade_pipeline import PIPELINE_NAME
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline.run_local", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="YAML", help="config file passed to every step (default: all defaults)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="where report.json, report.html and blessing.json are copied at the end")
+    p.add_argument("--workdir", metavar="DIR",
+                   help="pipeline root (artifacts of every run) and the local store (default: DIR/_work)")
+    p.add_argument("--store", metavar="URI",
+                   help="root of the registry: a local folder (default: WORKDIR/store) or s3://bucket/prefix "
+                        "(needs S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
+    p.add_argument("--registry", metavar="URI", help="model registry root (default: STORE/registry)")
+    p.add_argument("--logs", default="", metavar="URI",
+                   help="raw Parquet logs (folder or s3:// prefix) to train on instead of simulating")
+    p.add_argument("--snapshot-date", metavar="YYYY-MM-DD", help="date of the data (default: today, UTC)")
+    p.add_argument("--ablations", action="store_true",
+                   help="also fine-tune and evaluate the ablations (copied to DIR/ablations/)")
+    return p
+
+
+def _check_s3(uri: str, flag: str) -> None:
+    if store.is_s3(uri) and not os.environ.get("S3_ENDPOINT_URL"):
+        raise InputError(f"{flag} {uri}: an s3:// URI needs S3_ENDPOINT_URL (and AWS_ACCESS_KEY_ID, "
+                         "AWS_SECRET_ACCESS_KEY) in the environment")
+
+
+def run_pipeline(arguments: dict[str, Any], pipeline_root: Path) -> Path:
+    """Run the pipeline with ``arguments`` under ``pipeline_root``; returns the run's folder."""
+    from kfp import local
+
+    from pipeline.grade_pipeline import build_pipeline
+
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    # Task subprocesses import this project from its source tree, installed or not.
+    path = os.environ.get("PYTHONPATH", "")
+    if str(PROJECT_ROOT) not in path.split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), path) if p)
+    before = {p.name for p in pipeline_root.iterdir()}
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
+               raise_on_error=True)
+    with warnings.catch_warnings():
+        # The local runner ignores the image, Kubernetes settings and resources; it says so per task.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        build_pipeline()(**arguments)
+    runs = sorted(p for p in pipeline_root.iterdir() if p.name not in before and p.name.startswith(PIPELINE_NAME))
+    if len(runs) != 1:
+        raise RuntimeError(f"{pipeline_root}: expected one new run folder, found {[p.name for p in runs]}")
+    return runs[0]
+
+
+def find_outputs(run_dir: Path) -> dict[str, Path]:
+    """The report folders (main and ablations) and the blessing file of a finished local run."""
+    found: dict[str, Path] = {}
+    for report_json in sorted(run_dir.glob("evaluate*/report/report.json")):
+        policies = json.loads(report_json.read_text()).get("policies", {})
+        key = "ablations" if any(name in policies for name in params.ABLATIONS) else "report"
+        found[key] = report_json.parent
+    blessings = sorted(p for p in run_dir.glob("promote*/blessing") if p.exists())
+    if blessings:
+        found["blessing"] = blessings[0]
+    if "report" not in found:
+        raise RuntimeError(f"{run_dir}: the run left no evaluation report")
+    return found
+
+
+def _blessing_file(path: Path) -> Path:
+    """The blessing artifact is a JSON file, or a folder holding blessing.json."""
+    return path / "blessing.json" if path.is_dir() else path
+
+
+def summary(report: dict[str, Any], blessing: dict[str, Any] | None) -> str:
+    """The evaluation table (metrics, lifts vs static with CIs), lifts vs the incumbent, the verdict."""
+    from grade.evaluation import format_table
+    from pipeline.step_io import blessing_verdict
+
+    lines = [format_table(report)]
+    vs_incumbent = report.get("lift_vs_incumbent", {}).get("grade", {})
+    flavour = report.get("primary_flavour", "true")
+    if vs_incumbent.get(flavour):
+        cells = [f"{m.upper()} {100 * v['lift']:+.2f}% [{100 * v['ci_low']:+.2f}, {100 * v['ci_high']:+.2f}]"
+                 for m, v in vs_incumbent[flavour].items() if isinstance(v, dict) and "lift" in v]
+        lines.append("grade vs incumbent: " + ", ".join(cells))
+    if blessing is not None:
+        lines.append(f"promotion: {blessing_verdict(blessing)}")
+        lines += [f"  - {r}" for r in blessing.get("reasons", [])]
+    return "\n".join(lines)
+
+
+def run_local(config_path: str | None, out: str | Path, *, workdir: str | Path | None = None,
+              store_uri: str | None = None, registry: str | None = None, logs: str = "",
+              snapshot_date: str | None = None, ablations: bool = False) -> dict[str, Any]:
+    """Run the pipeline locally; copy the report and blessing to ``out``; return what was found."""
+    out = Path(out)
+    workdir = Path(workdir) if workdir else out / "_work"
+    store_uri = store_uri or str((workdir / "store").absolute())
+    registry = registry or store.join(store_uri, "registry")
+    for uri, flag in ((store_uri, "--store"), (registry, "--registry"), (logs, "--logs")):
+        _check_s3(uri, flag)
+    snapshot_date = snapshot_date or dt.datetime.now(dt.timezone.utc).date().isoformat()
+    if logs and not store.is_s3(logs):
+        logs = str(Path(logs).absolute())
+    if not store.is_s3(registry):
+        registry = str(Path(registry).absolute())
+    arguments = params.pipeline_arguments(config_path, logs=logs, registry=registry,
+                                          snapshot_date=snapshot_date, ablations=ablations)
+    start = time.monotonic()
+    run_dir = run_pipeline(arguments, (workdir / "pipeline-root").absolute())
+    elapsed = time.monotonic() - start
+    found = find_outputs(run_dir)
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("report.json", "report.html"):
+        shutil.copyfile(found["report"] / name, out / name)
+    if "ablations" in found:
+        (out / "ablations").mkdir(exist_ok=True)
+        for name in ("report.json", "report.html"):
+            shutil.copyfile(found["ablations"] / name, out / "ablations" / name)
+    blessing = None
+    if "blessing" in found:
+        shutil.copyfile(_blessing_file(found["blessing"]), out / "blessing.json")
+        blessing = json.loads((out / "blessing.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    return {"run_dir": run_dir, "registry": registry, "report": report, "blessing": blessing,
+            "elapsed_s": elapsed, "out": out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result = run_local(args.config, args.out, workdir=args.workdir, store_uri=args.store,
+                       registry=args.registry, logs=args.logs, snapshot_date=args.snapshot_date,
+                       ablations=args.ablations)
+    out = result["out"].absolute()
+    print()
+    print(summary(result["report"], result["blessing"]))
+    print(f"pipeline finished in {result['elapsed_s']:.0f} s; artifacts: {result['run_dir']}")
+    print(f"registry: {result['registry']}")
+    print(f"report.json: {out / 'report.json'}")
+    if result["blessing"] is not None:
+        print(f"blessing.json: {out / 'blessing.json'}")
+    print(f"report.html: {out / 'report.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(grade.cli.run(main))
