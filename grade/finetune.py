@@ -33,7 +33,7 @@ from grade.config import to_dict
 from grade.errors import InputError
 from grade.grpo import FinetuneConfig, train_step
 from grade.policy import PolicyConfig, PolicyNet, load_policy, save_policy
-from grade.reward import reward_terms, weight_entropy
+from grade.reward import gmv_unit_of, reward_terms, weight_entropy
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def clamp_categories(cat: torch.Tensor, policy: PolicyNet) -> torch.Tensor:
 
 @torch.no_grad()
 def validation_metrics(policy: PolicyNet, data: dict[str, torch.Tensor], objectives: list[str],
-                       cfg: FinetuneConfig, chunk: int = 8192) -> dict[str, float]:
+                       cfg: FinetuneConfig, gmv_unit: float = 1.0, chunk: int = 8192) -> dict[str, float]:
     """Metrics of the policy mean on held-out requests, keyed ``true/opm``, ``prior/gpm``, ``replay/ndcg_order``...
 
     Also ``reward/*`` (the training reward of the mean weights) and ``policy/weight_entropy``.
@@ -89,11 +89,11 @@ def validation_metrics(policy: PolicyNet, data: dict[str, torch.Tensor], objecti
     cat = clamp_categories(data["cat"], policy)
     w = torch.cat([policy.mean_weights(data["num"][s:s + chunk], cat[s:s + chunk])
                    for s in range(0, cat.shape[0], chunk)])
-    return weights_metrics(w, data, objectives, cfg, chunk)
+    return weights_metrics(w, data, objectives, cfg, gmv_unit, chunk)
 
 
 def weights_metrics(w: torch.Tensor, data: dict[str, torch.Tensor], objectives: list[str], cfg: FinetuneConfig,
-                    chunk: int = 8192) -> dict[str, float]:
+                    gmv_unit: float = 1.0, chunk: int = 8192) -> dict[str, float]:
     """The validation metrics of given weights ([K] global or [N, K] per request)."""
     n = data["mask"].shape[0]
     if w.dim() == 1:
@@ -110,7 +110,7 @@ def weights_metrics(w: torch.Tensor, data: dict[str, torch.Tensor], objectives: 
     for s in range(0, n, chunk):
         sl = slice(s, min(s + chunk, n))
         batch = {k: v[sl] for k, v in data.items()}
-        terms = reward_terms(w[sl].unsqueeze(1), batch, objectives, cfg.reward, cfg.exposure_depth)
+        terms = reward_terms(w[sl].unsqueeze(1), batch, objectives, cfg.reward, cfg.exposure_depth, gmv_unit)
         for k in parts:
             parts[k] += float(terms[k].sum())
     out.update({f"reward/{k}": v / max(n, 1) for k, v in parts.items()})
@@ -199,6 +199,7 @@ def finetune(features_uri: str, init_uri: str, out_uri: str, cfg: FinetuneConfig
     features_uri, init_uri, out_uri = str(features_uri), str(init_uri), str(out_uri)
     spec = dataset.load_spec(features_uri)
     objectives = list(spec["objectives"])
+    gmv_unit = gmv_unit_of(spec)
     cfg.validate(len(objectives))
     if spec["splits"].get("train", {}).get("n_requests", 0) < 1:
         raise InputError(f"{features_uri}: the train split has no request")
@@ -232,7 +233,7 @@ def finetune(features_uri: str, init_uri: str, out_uri: str, cfg: FinetuneConfig
         optimizer.load_state_dict(ckpt["optimizer"])
         step, curve, log_lines = ckpt["state"]["step"], ckpt["state"]["curve"], ckpt["log_lines"]
         log.info("finetune: resuming after step %d/%d from %s", step, total_steps, store.join(out_uri, CHECKPOINTS))
-    stage1_metrics = validation_metrics(reference, valid, objectives, cfg) if valid is not None else None
+    stage1_metrics = validation_metrics(reference, valid, objectives, cfg, gmv_unit) if valid is not None else None
     if valid is not None and not curve:
         curve.append({"step": 0, "epoch": 0, **stage1_metrics})
 
@@ -251,7 +252,8 @@ def finetune(features_uri: str, init_uri: str, out_uri: str, cfg: FinetuneConfig
             if step >= total_steps:
                 break
             batch["cat"] = clamp_categories(batch["cat"], policy)
-            diag = train_step(policy, reference, optimizer, batch, objectives, cfg, step_seed(cfg.seed, step))
+            diag = train_step(policy, reference, optimizer, batch, objectives, cfg, step_seed(cfg.seed, step),
+                              gmv_unit)
             step += 1
             n_batch = int(batch["mask"].shape[0])
             n_requests_run += n_batch
@@ -260,7 +262,7 @@ def finetune(features_uri: str, init_uri: str, out_uri: str, cfg: FinetuneConfig
             progress.add(step, n_batch, diag)
             at_epoch_end = i + 1 == steps_per_epoch or step == total_steps
             if valid is not None and (step % cfg.eval_every == 0 or step == total_steps):
-                curve.append({"step": step, "epoch": epoch + 1, **validation_metrics(policy, valid, objectives, cfg)})
+                curve.append({"step": step, "epoch": epoch + 1, **validation_metrics(policy, valid, objectives, cfg, gmv_unit)})
                 _log_curve(curve[-1], curve[0])
             if rank == 0 and (step % cfg.checkpoint_every == 0 or at_epoch_end):
                 save_checkpoint(out_uri, step, policy, optimizer,
@@ -269,7 +271,7 @@ def finetune(features_uri: str, init_uri: str, out_uri: str, cfg: FinetuneConfig
                 on_step(step)
 
     seconds = time.monotonic() - start_time
-    final = validation_metrics(policy, valid, objectives, cfg) if valid is not None else None
+    final = validation_metrics(policy, valid, objectives, cfg, gmv_unit) if valid is not None else None
     metrics = {
         "stage": "finetune", "steps": step, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
         "exposure_depth": cfg.exposure_depth, "position_bias": cfg.position_bias,

@@ -243,16 +243,17 @@ def grpo_loss(policy: PolicyNet, reference_out: PolicyOutput, num: torch.Tensor,
 
 def train_step(policy: PolicyNet, reference: PolicyNet, optimizer: torch.optim.Optimizer,
                batch: dict[str, torch.Tensor], objectives: list[str], cfg: FinetuneConfig,
-               seed: int) -> dict[str, float]:
+               seed: int, gmv_unit: float = 1.0) -> dict[str, float]:
     """Rollout, rewards, advantages and ``update_epochs`` clipped updates on one batch.
 
-    Returns the step's diagnostics under namespaced keys. ``seed`` fixes this step's samples.
+    Returns the step's diagnostics under namespaced keys. ``seed`` fixes this step's samples;
+    ``gmv_unit`` scales pgmv in the prior (see :func:`grade.reward.gmv_unit_of`).
     """
     num, cat = batch["num"], batch["cat"]
     policy.train()
     roll = rollout(policy, num, cat, cfg, seed)
     with torch.no_grad():
-        terms = reward_terms(roll.weights, batch, objectives, cfg.reward, cfg.exposure_depth)
+        terms = reward_terms(roll.weights, batch, objectives, cfg.reward, cfg.exposure_depth, gmv_unit)
         adv, constant = group_advantages(terms["total"], cfg.adv_eps)
         reference_out = policy_output(reference, num, cat, cfg)
 

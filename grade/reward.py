@@ -46,7 +46,7 @@ class RewardConfig:
     v_order: float = 1.0
     """value of an order in the prior item value"""
     v_gmv: float = 0.0
-    """value per unit of predicted order value (pgmv) in the prior item value"""
+    """value of an order per unit of pgmv / gmv_unit (gmv_unit: the train geometric mean of pgmv in a run)"""
     w_min: list[float] = dataclasses.field(default_factory=lambda: [0.05])
     """lower bound per objective (one value for all, or K values in the features' objective order)"""
     w_max: list[float] = dataclasses.field(default_factory=lambda: [0.8])
@@ -86,9 +86,11 @@ def _objective_index(objectives: list[str]) -> dict[str, int]:
     return {str(name).removeprefix("pred_"): i for i, name in enumerate(objectives)}
 
 
-def prior_item_value(pred: torch.Tensor, mask: torch.Tensor, objectives: list[str], cfg: RewardConfig) -> torch.Tensor:
-    """MTL-predicted value of every item [B, L]: pctr*(v_click + pcvr*(v_order + v_gmv*pgmv)); 0 at padding.
+def prior_item_value(pred: torch.Tensor, mask: torch.Tensor, objectives: list[str], cfg: RewardConfig,
+                     gmv_unit: float = 1.0) -> torch.Tensor:
+    """MTL-predicted value of every item [B, L]: pctr*(v_click + pcvr*(v_order + v_gmv*pgmv/gmv_unit)); 0 at padding.
 
+    ``gmv_unit`` makes v_gmv scale-free (an order of a typical value is worth v_order + v_gmv).
     Objectives missing from the features drop out (no cvr: value = v_click*pctr; no gmv: no v_gmv term).
     """
     obj = _objective_index(objectives)
@@ -97,7 +99,7 @@ def prior_item_value(pred: torch.Tensor, mask: torch.Tensor, objectives: list[st
     pctr = pred[..., obj["ctr"]]
     inner = torch.full_like(pctr, cfg.v_order)
     if "gmv" in obj and cfg.v_gmv:
-        inner = inner + cfg.v_gmv * pred[..., obj["gmv"]]
+        inner = inner + (cfg.v_gmv / gmv_unit) * pred[..., obj["gmv"]]
     after_click = pred[..., obj["cvr"]] * inner if "cvr" in obj else torch.zeros_like(pctr)
     value = pctr * (cfg.v_click + after_click)
     return value.masked_fill(~mask, 0.0)
@@ -109,6 +111,14 @@ def _ndcg_from_ranking(gains: torch.Tensor, idx: torch.Tensor, disc: torch.Tenso
     ideal = torch.sort(gains, dim=-1, descending=True).values[..., : idx.shape[-1]]
     idcg = (ideal * disc).sum(-1, keepdim=True)
     return torch.where(idcg > 0, dcg / idcg.clamp_min(1e-12), torch.zeros_like(dcg))
+
+
+def gmv_unit_of(spec: dict) -> float:
+    """The train geometric mean of the gmv prediction, exp(pred_log_mean[gmv]) (1 without a gmv objective)."""
+    obj = _objective_index(spec["objectives"])
+    if "gmv" not in obj:
+        return 1.0
+    return float(torch.tensor(float(spec["pred_log_mean"][obj["gmv"]])).exp())
 
 
 def weight_entropy(w: torch.Tensor) -> torch.Tensor:
@@ -125,7 +135,7 @@ def format_penalty(w: torch.Tensor, cfg: RewardConfig) -> torch.Tensor:
 
 
 def reward_terms(w: torch.Tensor, batch: dict[str, torch.Tensor], objectives: list[str], cfg: RewardConfig,
-                 depth: int) -> dict[str, torch.Tensor]:
+                 depth: int, gmv_unit: float = 1.0) -> dict[str, torch.Tensor]:
     """Reward terms [B, G] for weight groups ``w`` [B, G, K] on ``batch`` (z, pred, mask, click, order, gmv).
 
     Returns {"post", "prior", "format", "total"}; a term whose coefficient is 0 is all zeros (not computed).
@@ -150,7 +160,7 @@ def reward_terms(w: torch.Tensor, batch: dict[str, torch.Tensor], objectives: li
             post = post + (share / total) * _ndcg_from_ranking(gains, idx, disc)
         out["post"] = post
     if cfg.prior > 0:
-        value = prior_item_value(batch["pred"].to(w.dtype), mask, objectives, cfg)
+        value = prior_item_value(batch["pred"].to(w.dtype), mask, objectives, cfg, gmv_unit)
         out["prior"] = _ndcg_from_ranking(value, idx, disc)
     if cfg.format > 0:
         out["format"] = -format_penalty(w, cfg)

@@ -130,3 +130,19 @@ def test_switched_off_terms_are_zero_and_weights_must_be_grouped():
 def test_invalid_reward_config(kw, match):
     with pytest.raises(InputError, match=match):
         RewardConfig(**kw).validate(3)
+
+
+def test_gmv_unit_makes_the_gmv_value_scale_free():
+    from grade.reward import gmv_unit_of
+
+    cfg = RewardConfig(v_click=1.0, v_order=2.0, v_gmv=0.5)
+    batch = tiny_batch()
+    # Item 0 with pgmv 10 in units of 2: 0.1 * (1 + 0.5 * (2 + 0.5 * 5)) = 0.325.
+    value = prior_item_value(batch["pred"], batch["mask"], OBJECTIVES, cfg, gmv_unit=2.0)
+    torch.testing.assert_close(value[0, 0], torch.tensor(0.325))
+    # Scaling every pgmv and the unit together changes nothing.
+    scaled = batch["pred"] * torch.tensor([1.0, 1.0, 7.0])
+    torch.testing.assert_close(prior_item_value(scaled, batch["mask"], OBJECTIVES, cfg, gmv_unit=14.0), value)
+    spec = {"objectives": ["ctr", "cvr", "gmv"], "pred_log_mean": [-2.0, -3.0, math.log(40.0)]}
+    assert gmv_unit_of(spec) == pytest.approx(40.0)
+    assert gmv_unit_of({"objectives": ["ctr"], "pred_log_mean": [0.0]}) == 1.0
