@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from grade import dataset, store
 from grade.baselines import static_weights
@@ -76,6 +77,10 @@ class PretrainConfig:
     """LambdaLoss logistic scale of score differences"""
     mu: float = 10.0
     """weight of the ndcgLoss2 term in ndcgLoss2PP"""
+    score_scale: float = 0.0
+    """initial scale of the fused scores seen by the loss (0 = fitted on train for the initial weights)"""
+    learn_score_scale: bool = True
+    """learn the score scale jointly with the policy (it never changes a ranking)"""
     exposure_depth: int = 10
     """E of the validation NDCG@E"""
     stopping_objective: Literal["click", "order", "gmv"] = "order"
@@ -126,11 +131,31 @@ def training_labels(batch: dict[str, torch.Tensor], cfg: PretrainConfig) -> dict
     return out
 
 
-def multi_objective_loss(model: PolicyNet, batch: dict[str, torch.Tensor], cfg: PretrainConfig
+class RankingModel(nn.Module):
+    """The policy plus a scalar score scale: the loss sees exp(log_scale) * fuse(z, mu(x)).
+
+    Weights on the simplex cannot scale the fused scores, so without it LambdaLoss (whose pairwise
+    logistic wants large margins) prefers whichever signal has the widest spread within a request
+    over the one that ranks best; on simulated logs that pushed mu onto pCTR alone and the
+    validation NDCG below the static weights'. The scale is a temperature: no ranking depends on it.
+    """
+
+    def __init__(self, policy: PolicyNet, scale: float = 1.0, learn_scale: bool = True):
+        super().__init__()
+        self.policy = policy
+        self.log_scale = nn.Parameter(torch.tensor(math.log(scale)), requires_grad=learn_scale)
+
+    def scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        mu, _ = self.policy(batch["num"], batch["cat"])
+        return self.log_scale.exp() * fuse(batch["z"], mu, batch["mask"])
+
+
+def multi_objective_loss(model: PolicyNet | RankingModel, batch: dict[str, torch.Tensor], cfg: PretrainConfig
                          ) -> tuple[torch.Tensor, dict[str, float]]:
-    """sum_o weight_o * LambdaLoss(fuse(z, mu(x)), label_o) and the per-objective values."""
-    mu, _ = model(batch["num"], batch["cat"])
-    scores = fuse(batch["z"], mu, batch["mask"])
+    """sum_o weight_o * LambdaLoss(scale * fuse(z, mu(x)), label_o) and the per-objective values."""
+    if isinstance(model, PolicyNet):
+        model = RankingModel(model, 1.0, learn_scale=False)
+    scores = model.scores(batch)
     total = scores.new_zeros(())
     parts = {}
     for name, labels in training_labels(batch, cfg).items():
@@ -149,8 +174,8 @@ def with_signal(batch: dict[str, torch.Tensor], cfg: PretrainConfig) -> dict[str
     return {k: v[keep] for k, v in batch.items()}
 
 
-def train_step(model: PolicyNet, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-               cfg: PretrainConfig, all_reduce: Callable[[PolicyNet], None] | None = None
+def train_step(model: RankingModel, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+               cfg: PretrainConfig, all_reduce: Callable[[RankingModel], None] | None = None
                ) -> tuple[float, dict[str, float]]:
     """One gradient step on ``batch``; ``all_reduce`` averages gradients across ranks when given."""
     model.train()
@@ -223,11 +248,11 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _state_tensors(model: PolicyNet) -> dict[str, torch.Tensor]:
+def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def save_checkpoint(out_uri: str, epoch: int, model: PolicyNet, best_state: dict[str, torch.Tensor],
+def save_checkpoint(out_uri: str, epoch: int, model: RankingModel, best_state: dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer, state: dict[str, Any], log_lines: list[str]) -> None:
     """Write ``_checkpoints/epoch-NNNN/`` then ``_checkpoints/latest.json`` (the commit point)."""
     from safetensors.torch import save_file
@@ -283,6 +308,20 @@ def policy_config(spec: dict[str, Any], cfg: PretrainConfig) -> PolicyConfig:
         init_mean=[float(v) for v in static_weights(spec)])
 
 
+@torch.no_grad()
+def fit_score_scale(policy: PolicyNet, features_uri: str, cfg: PretrainConfig, max_requests: int = 4096) -> float:
+    """The score scale (a power of 2**0.25 in [1/4, 64]) with the lowest loss for ``policy`` on train.
+
+    Measured on the first ``max_requests`` train requests (in file order: deterministic).
+    """
+    batch = next(dataset.iter_batches(features_uri, "train", max_requests, fields=_TRAIN_FIELDS))
+    batch = with_signal(batch, cfg)
+    candidates = [2.0 ** (e / 4) for e in range(-8, 25)]
+    losses = [multi_objective_loss(RankingModel(policy, s, learn_scale=False), batch, cfg)[0].item()
+              for s in candidates]
+    return candidates[min(range(len(candidates)), key=losses.__getitem__)]
+
+
 def _check(cfg: PretrainConfig, spec: dict[str, Any], features_uri: str) -> None:
     unknown = sorted(set(cfg.objective_weights) - set(OBJECTIVES))
     if unknown:
@@ -334,9 +373,13 @@ def pretrain(features_uri: str, out_uri: str, cfg: PretrainConfig, *, rank: int 
     fingerprint = {"config": to_dict(cfg), "features": features_uri,
                    "features_content_hash": store.content_hash(features_uri), "world_size": world_size}
 
-    pcfg = policy_config(spec, cfg)
-    model = PolicyNet(pcfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    policy = PolicyNet(policy_config(spec, cfg))
+    scale = cfg.score_scale if cfg.score_scale > 0 else fit_score_scale(policy, features_uri, cfg)
+    model = RankingModel(policy, scale, cfg.learn_score_scale)
+    # no weight decay on the scale: it is a temperature, not a weight to shrink
+    optimizer = torch.optim.AdamW([{"params": list(policy.parameters())},
+                                   {"params": [model.log_scale], "weight_decay": 0.0}],
+                                  lr=cfg.lr, weight_decay=cfg.weight_decay)
     static = static_weights(spec)
     valid = dataset.load_split(features_uri, "valid", fields=_TRAIN_FIELDS)
     if cfg.max_valid_requests > 0:
@@ -364,9 +407,10 @@ def pretrain(features_uri: str, out_uri: str, cfg: PretrainConfig, *, rank: int 
     else:
         # Epoch 0 is the initial policy (= the static weights): pretraining must beat it to be kept.
         best_state = _state_tensors(model)
-        ndcg0 = validation_ndcg(model, valid, cfg.exposure_depth)
+        ndcg0 = validation_ndcg(policy, valid, cfg.exposure_depth)
         history.append({"epoch": 0, "train_loss": None, "train_loss_by_objective": None,
-                        "valid_ndcg": {"policy": ndcg0, "static": static_ndcg}, "requests_per_s": None})
+                        "valid_ndcg": {"policy": ndcg0, "static": static_ndcg}, "requests_per_s": None,
+                        "score_scale": scale})
         best = {"epoch": 0, "score": ndcg0[cfg.stopping_objective]}
 
     step = sum(1 for _ in log_lines)
@@ -389,7 +433,7 @@ def pretrain(features_uri: str, out_uri: str, cfg: PretrainConfig, *, rank: int 
                                          "pretrain.requests": n_batch}, sort_keys=True) + "\n")
             rate.add(n_batch)
         seconds = rate.seconds()
-        ndcg = validation_ndcg(model, valid, cfg.exposure_depth)
+        ndcg = validation_ndcg(policy, valid, cfg.exposure_depth)
         score = ndcg[cfg.stopping_objective]
         if score > best["score"] + cfg.min_delta:
             best = {"epoch": epoch, "score": score}
@@ -402,7 +446,8 @@ def pretrain(features_uri: str, out_uri: str, cfg: PretrainConfig, *, rank: int 
             "epoch": epoch, "train_loss": loss_sum / max(n_steps, 1),
             "train_loss_by_objective": {k: v / max(n_steps, 1) for k, v in parts_sum.items()},
             "valid_ndcg": {"policy": ndcg, "static": static_ndcg},
-            "requests_per_s": rate.done / max(seconds, 1e-9), "seconds": seconds})
+            "requests_per_s": rate.done / max(seconds, 1e-9), "seconds": seconds,
+            "score_scale": float(model.log_scale.detach().exp())})
         log.info("pretrain epoch %d/%d: loss %.4f, valid NDCG@%d %s policy %.4f vs static %.4f (best epoch %d); "
                  "%.0f requests/s, ETA %.0fs%s", epoch, cfg.epochs, history[-1]["train_loss"], cfg.exposure_depth,
                  cfg.stopping_objective, score, static_ndcg[cfg.stopping_objective], best["epoch"],
@@ -415,18 +460,18 @@ def pretrain(features_uri: str, out_uri: str, cfg: PretrainConfig, *, rank: int 
         if on_epoch_end is not None:
             on_epoch_end(epoch)
 
+    model.load_state_dict(best_state)
     best_entry = next(h for h in history if h["epoch"] == best["epoch"])
     trained = [h for h in history if h["epoch"] > 0]
     metrics = {
         "stage": "pretrain", "exposure_depth": cfg.exposure_depth, "stopping_objective": cfg.stopping_objective,
         "best_epoch": best["epoch"], "epochs_run": len(trained), "early_stopped": stopped,
-        "best": best_entry["valid_ndcg"], "epochs": history,
+        "best": best_entry["valid_ndcg"], "epochs": history, "score_scale": float(model.log_scale.detach().exp()),
         "n_train_requests": n_train, "n_valid_requests": n_valid,
         "requests_per_s": (sum(h["requests_per_s"] for h in trained) / len(trained)) if trained else None,
     }
     if rank == 0:
-        model.load_state_dict(best_state)
-        _publish(out_uri, model, spec, cfg, fingerprint, metrics, log_lines)
+        _publish(out_uri, policy, spec, cfg, fingerprint, metrics, log_lines)
     return metrics
 
 

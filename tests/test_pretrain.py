@@ -365,3 +365,27 @@ def test_cli_overrides_and_bad_input_exit_2(features, tmp_path, capsys):
                                              str(tmp_path / "z")]) == 2
     assert "missing" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+
+
+def test_fitted_score_scale_minimises_the_initial_loss(features):
+    from grade.dataset import iter_batches, load_spec
+    from grade.policy import PolicyNet
+    from grade.pretrain import RankingModel, fit_score_scale
+
+    cfg = small_cfg()
+    torch.manual_seed(0)
+    policy = PolicyNet(policy_config(load_spec(features), cfg))
+    scale = fit_score_scale(policy, features, cfg)
+    grid = [2.0 ** (e / 4) for e in range(-8, 25)]
+    assert scale in grid
+    batch = with_signal(next(iter_batches(features, "train", 4096, fields=[
+        "z", "mask", "num", "cat", "click", "order", "gmv"])), cfg)
+
+    def loss(s):
+        return multi_objective_loss(RankingModel(policy, s, learn_scale=False), batch, cfg)[0].item()
+
+    assert all(loss(scale) <= loss(s) for s in grid)
+    # the scale multiplies the scores: no ranking changes, so no validation metric does
+    model = RankingModel(policy, 3.0)
+    assert torch.equal(torch.sort(model.scores(batch), dim=-1, stable=True).indices,
+                       torch.sort(RankingModel(policy, 1.0).scores(batch), dim=-1, stable=True).indices)
