@@ -389,3 +389,19 @@ def test_fitted_score_scale_minimises_the_initial_loss(features):
     model = RankingModel(policy, 3.0)
     assert torch.equal(torch.sort(model.scores(batch), dim=-1, stable=True).indices,
                        torch.sort(RankingModel(policy, 1.0).scores(batch), dim=-1, stable=True).indices)
+
+
+@pytest.mark.slow
+def test_beats_static_on_20k_simulated_requests(tmp_path):
+    """The acceptance run: simulate -> features -> pretrain with default settings."""
+    pytest.importorskip("grade.simulator", reason="the simulator (grade/simulator.py) has not landed yet")
+    from components import features as features_cli
+    from components import simulate as simulate_cli
+
+    logs, feats, model = tmp_path / "logs", tmp_path / "features", tmp_path / "stage1"
+    assert grade.cli.run(simulate_cli.main, ["--out", str(logs), "--requests", "20000"]) == 0
+    assert grade.cli.run(features_cli.main, ["--logs", str(logs), "--out", str(feats)]) == 0
+    assert grade.cli.run(pretrain_cli.main, ["--features", str(feats), "--out", str(model)]) == 0
+    metrics = json.loads((model / "metrics.json").read_text())
+    assert metrics["exposure_depth"] == 10 and metrics["best_epoch"] >= 1
+    assert metrics["best"]["policy"]["order"] > metrics["best"]["static"]["order"]
