@@ -237,8 +237,9 @@ def build_manifest(local_dir: str | os.PathLike, extra: dict[str, Any] | None = 
     root = Path(local_dir)
     files = {}
     for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            rel = str(p.relative_to(root)).replace(os.sep, "/")
+        rel = str(p.relative_to(root)).replace(os.sep, "/")
+        # only the folder's own manifest is left out: a nested published folder keeps its manifest
+        if p.is_file() and rel != MANIFEST:
             files[rel] = {"size": p.stat().st_size, "sha256": _sha256_file(p)}
     return {"files": files, **(extra or {})}
 
