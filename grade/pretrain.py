@@ -358,7 +358,7 @@ class _Rate:
 
 
 def pretrain(features_uri: str, out_uri: str, cfg: PretrainConfig, *, rank: int = 0, world_size: int = 1,
-             all_reduce: Callable[[PolicyNet], None] | None = None,
+             all_reduce: Callable[[RankingModel], None] | None = None,
              on_epoch_end: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train the policy mean on ``features_uri`` and publish the model folder at ``out_uri``.
 
@@ -373,8 +373,16 @@ def pretrain(features_uri: str, out_uri: str, cfg: PretrainConfig, *, rank: int 
     fingerprint = {"config": to_dict(cfg), "features": features_uri,
                    "features_content_hash": store.content_hash(features_uri), "world_size": world_size}
 
+    ckpt = load_checkpoint(out_uri)
+    if ckpt is not None and ckpt["state"]["fingerprint"] != json.loads(json.dumps(fingerprint)):
+        log.warning("%s: checkpoint from a different config or data set; starting afresh", out_uri)
+        ckpt = None
+
     policy = PolicyNet(policy_config(spec, cfg))
-    scale = cfg.score_scale if cfg.score_scale > 0 else fit_score_scale(policy, features_uri, cfg)
+    if ckpt is not None or cfg.score_scale > 0:
+        scale = cfg.score_scale if cfg.score_scale > 0 else 1.0   # a resumed run loads its own
+    else:
+        scale = fit_score_scale(policy, features_uri, cfg)
     model = RankingModel(policy, scale, cfg.learn_score_scale)
     # no weight decay on the scale: it is a temperature, not a weight to shrink
     optimizer = torch.optim.AdamW([{"params": list(policy.parameters())},
@@ -391,10 +399,6 @@ def pretrain(features_uri: str, out_uri: str, cfg: PretrainConfig, *, rank: int 
     start_epoch, log_lines, history = 1, [], []
     best = {"epoch": 0, "score": -math.inf}
     bad_epochs, stopped = 0, False
-    ckpt = load_checkpoint(out_uri)
-    if ckpt is not None and ckpt["state"]["fingerprint"] != json.loads(json.dumps(fingerprint)):
-        log.warning("%s: checkpoint from a different config or data set; starting afresh", out_uri)
-        ckpt = None
     if ckpt is not None:
         st = ckpt["state"]
         model.load_state_dict(ckpt["model"])
