@@ -65,7 +65,7 @@ class EvaluateConfig:
     """weight vectors the oracle tries per request"""
     frontier_steps: int = 12
     """grid resolution of the static-weights sweep over the simplex (trade-off frontier)"""
-    registry_model_name: str = "grade"
+    registry_model_name: str = "grade-mtf"
     """model name in the registry whose production alias is the incumbent"""
     batch_size: int = 16384
     """requests per chunk in ranking and policy inference"""

@@ -1,0 +1,104 @@
+"""Promotion gate and model registry operations.
+
+    python -m components.promote --report URI --candidate URI --registry URI [--config YAML]
+                                 [--candidate-name grade] [--blessing PATH] [--data URI]
+    python -m components.promote status   --registry URI [--model-name grade-mtf]
+    python -m components.promote history  --registry URI [--model-name grade-mtf]
+    python -m components.promote rollback --registry URI [--model-name grade-mtf] [--why TEXT]
+
+The gate compares the candidate with the production model (or with static weights for the first
+model) on the report's held-out requests and writes a blessing (JSON). When blessed, the candidate
+is registered and the ``production`` alias moves by compare-and-swap. Not blessed is a normal
+outcome (exit 0); bad input exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from grade import cli, config, store
+from grade.errors import InputError
+
+SUBCOMMANDS = ("status", "history", "rollback")
+
+
+def gate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m components.promote", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--report", required=True, help="evaluation report folder (or its report.json)")
+    p.add_argument("--candidate", required=True, help="the candidate model folder that the report evaluated")
+    p.add_argument("--registry", required=True, help="registry root (local folder or s3://bucket/prefix)")
+    p.add_argument("--config", help="YAML config; its `promote` section holds the thresholds")
+    p.add_argument("--candidate-name", help="the candidate's name in the report (default: promote.candidate_name)")
+    p.add_argument("--model-name", help="registry model name (default: promote.model_name, grade-mtf)")
+    p.add_argument("--blessing", help="where to write the blessing JSON (default: print only)")
+    p.add_argument("--data", help="data URI recorded in the version's lineage")
+    return p
+
+
+def admin_parser(command: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m components.promote {command}",
+                                description={"status": "show the production alias",
+                                             "history": "print every alias move",
+                                             "rollback": "point the alias back at its previous version"}[command])
+    p.add_argument("--registry", required=True, help="registry root (local folder or s3://bucket/prefix)")
+    p.add_argument("--model-name", default="grade-mtf", help="registry model name")
+    if command == "rollback":
+        p.add_argument("--why", default="manual rollback", help="reason recorded in the history")
+    return p
+
+
+def admin(command: str, argv: list[str]) -> int:
+    from grade.registry import Registry
+
+    args = admin_parser(command).parse_args(argv)
+    reg = Registry(args.registry, args.model_name)
+    if command == "status":
+        current = reg.production()
+        if current is None:
+            print(f"{args.model_name}: no production model in {args.registry}")
+        else:
+            rec = current[0]
+            print(f"{args.model_name}/production -> {rec['version']} (since {rec['when']}; {rec['why']})")
+            print(f"  content hash {rec['content_hash']}; previous {rec.get('previous_version')}")
+            print(f"  model: {reg.model_uri(rec['version'])}")
+        print(f"versions: {', '.join(reg.versions()) or 'none'}")
+    elif command == "history":
+        moves = reg.history()
+        if not moves:
+            print(f"{args.model_name}: no alias moves yet")
+        for i, m in enumerate(moves, 1):
+            print(f"{i:>3}  {m['when']}  {m.get('action', 'promote'):<8} {m.get('previous_version')} -> "
+                  f"{m['version']}  ({m['why']})")
+    else:
+        try:
+            rec = reg.rollback(args.why)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        print(f"{args.model_name}/production rolled back to {rec['version']} (was {rec['previous_version']})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return admin(argv[0], argv[1:])
+    args = gate_parser().parse_args(argv)
+    from grade import promotion
+
+    cfg = config.load_section(args.config, "promote", {"candidate_name": args.candidate_name,
+                                                       "model_name": args.model_name})
+    cli.log.info("promote config: %s", json.dumps(config.to_dict(cfg), sort_keys=True))
+    blessing = promotion.promote(args.report, args.candidate, args.registry, cfg, data_uri=args.data)
+    if args.blessing:
+        store.write_json(args.blessing, blessing)
+    print(promotion.format_blessing(blessing))
+    if args.blessing:
+        print(f"blessing: {args.blessing}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
