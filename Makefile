@@ -23,7 +23,7 @@ test: install
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 demo: install
-	$(PY) -m pipeline.run_local --out $(DEMO_OUT)
+	$(PY) -m pipeline.run_local --config configs/demo.yaml --out $(DEMO_OUT)
 
 lint: install
 	$(PY) -m ruff check grade components pipeline tests benchmarks

@@ -25,7 +25,6 @@ def simulate(config_yaml: str, n_requests: int, seed: int, list_size: int, snaps
              logs: Output[Dataset]):
     """Simulated marketplace search logs (Parquet) with ground truth."""
     from components.simulate import main
-
     from pipeline.params import write_step_config
     from pipeline.step_io import run_step
 
@@ -126,10 +125,10 @@ def evaluate(features: Input[Dataset], stage1: Input[Model], grade: Input[Model]
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def promote(report: Input[Artifact], candidate: Input[Model], registry_uri: str, config_yaml: str,
-            min_primary_lift: float, blessing: Output[Artifact], summary: Output[Markdown]):
+            min_primary_lift: float, data_uri: str, snapshot_date: str, blessing: Output[Artifact],
+            summary: Output[Markdown]):
     """Gate the candidate against the production model; register it and move the alias when blessed."""
     from components.promote import main
-
     from grade import store
     from pipeline.params import write_step_config
     from pipeline.step_io import blessing_markdown, blessing_verdict, run_step
@@ -137,7 +136,8 @@ def promote(report: Input[Artifact], candidate: Input[Model], registry_uri: str,
     cfg = write_step_config(config_yaml, {"min_primary_lift": min_primary_lift})
     run_step("promote", main, ["--report", report.path, "--candidate", candidate.path,
                                "--registry", registry_uri, "--candidate-name", "grade",
-                               "--blessing", blessing.path, "--config", cfg])
+                               "--blessing", blessing.path, "--config", cfg,
+                               "--data", f"{data_uri}@{snapshot_date}" if snapshot_date else data_uri])
     result = store.read_json(blessing.path)
     with open(summary.path, "w") as f:
         f.write(blessing_markdown(result))

@@ -78,7 +78,8 @@ def build_pipeline(gpu: bool = False, s3_secret: str = S3_SECRET, image: str | N
 
     @dsl.pipeline(name="train-evaluate-promote",
                   description="Stage 1, Stage 2, offline auction against the incumbent, promotion gate")
-    def train_evaluate_promote(features: Input[Dataset], config_yaml: str, registry_uri: str,
+    def train_evaluate_promote(features: Input[Dataset], data_uri: str, snapshot_date: str,
+                               config_yaml: str, registry_uri: str,
                                pretrain_epochs: int, finetune_epochs: int, group_size: int,
                                kl_coef: float, min_primary_lift: float, run_ablations: bool):
         stage1 = configure(c.pretrain(features=features, config_yaml=config_yaml,
@@ -91,7 +92,8 @@ def build_pipeline(gpu: bool = False, s3_secret: str = S3_SECRET, image: str | N
                                           registry_uri=registry_uri), "evaluate")
         configure(c.promote(report=evaluation.outputs["report"], candidate=grade.outputs["model"],
                             registry_uri=registry_uri, config_yaml=config_yaml,
-                            min_primary_lift=min_primary_lift), "promote")
+                            min_primary_lift=min_primary_lift, data_uri=data_uri,
+                            snapshot_date=snapshot_date), "promote")
         # Ablations get their own report: the promotion decision never waits for them.
         with dsl.If(run_ablations == True, name="ablations"):  # noqa: E712 (a pipeline condition)
             variants = {
@@ -122,7 +124,7 @@ def build_pipeline(gpu: bool = False, s3_secret: str = S3_SECRET, image: str | N
     ):
         """raw_logs_uri: Parquet logs to train on ('' = simulate); snapshot_date: the data's date
         (part of every cache key); config_yaml: the whole YAML config; the rest override its keys."""
-        downstream = {"config_yaml": config_yaml, "registry_uri": registry_uri,
+        downstream = {"snapshot_date": snapshot_date, "config_yaml": config_yaml, "registry_uri": registry_uri,
                       "pretrain_epochs": pretrain_epochs, "finetune_epochs": finetune_epochs,
                       "group_size": group_size, "kl_coef": kl_coef, "min_primary_lift": min_primary_lift,
                       "run_ablations": run_ablations}
@@ -131,10 +133,10 @@ def build_pipeline(gpu: bool = False, s3_secret: str = S3_SECRET, image: str | N
                                         list_size=list_size, snapshot_date=snapshot_date), "simulate")
             feats = configure(c.features(config_yaml=config_yaml, snapshot_date=snapshot_date,
                                          logs=logs.outputs["logs"]), "features")
-            train_evaluate_promote(features=feats.outputs["features"], **downstream)
+            train_evaluate_promote(features=feats.outputs["features"], data_uri="simulated", **downstream)
         with dsl.Else(name="given-logs"):
             feats = configure(c.features(config_yaml=config_yaml, snapshot_date=snapshot_date,
                                          logs_uri=raw_logs_uri), "features")
-            train_evaluate_promote(features=feats.outputs["features"], **downstream)
+            train_evaluate_promote(features=feats.outputs["features"], data_uri=raw_logs_uri, **downstream)
 
     return grade_mtf

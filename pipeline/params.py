@@ -90,7 +90,11 @@ def arguments_from_config(path: str | None) -> dict[str, Any]:
     for t in TUNABLES:
         if t.section not in sections:
             sections[t.section] = config.load_section(path, t.section)
-        args[t.name] = getattr(sections[t.section], t.key)
+        value = getattr(sections[t.section], t.key)
+        if value is None:
+            raise ConfigError(f"{path}: {t.section}.{t.key} is null, which a pipeline parameter cannot carry; "
+                              f"give a value")
+        args[t.name] = value
     return args
 
 

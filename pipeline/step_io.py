@@ -102,25 +102,27 @@ def report_markdown(report: dict[str, Any]) -> str:
 
 
 def blessing_verdict(blessing: dict[str, Any]) -> str:
-    """'promoted', 'not promoted' (or what the blessing says) in one word or two."""
+    """The promotion's outcome in words: promoted, not blessed, already in production, conflict..."""
+    if blessing.get("verdict"):
+        return str(blessing["verdict"])
     if "promoted" in blessing:
         return "promoted" if blessing["promoted"] else "not promoted"
-    if "blessed" in blessing:
-        return "blessed" if blessing["blessed"] else "not blessed"
-    return str(blessing.get("verdict", "unknown"))
+    return "blessed" if blessing.get("blessed") else "not blessed"
 
 
 def blessing_markdown(blessing: dict[str, Any]) -> str:
     """The promotion decision: verdict, candidate vs baseline, every check and the reasons."""
     lines = [f"### Promotion: **{blessing_verdict(blessing)}**", ""]
-    for key in ("candidate", "baseline", "version", "registry"):
+    for key in ("candidate", "baseline", "model_name", "version"):
         if key in blessing and not isinstance(blessing[key], (dict, list)):
             lines.append(f"- {key}: `{blessing[key]}`")
     checks = blessing.get("checks") or []
     if checks:
         lines += ["", "| check | value | threshold | passed |", "|---|---|---|---|"]
         for c in checks:
-            lines.append(f"| {c.get('name', '?')} | {c.get('value', 'n/a')} | {c.get('threshold', 'n/a')} | "
+            value = c.get("value")
+            shown = "missing" if value is None else f"{value:+.4f}" if isinstance(value, float) else str(value)
+            lines.append(f"| {c.get('name', '?')} | {shown} | {c.get('threshold', 'n/a')} | "
                          f"{'yes' if c.get('passed') else 'no'} |")
     reasons = blessing.get("reasons") or []
     if reasons:

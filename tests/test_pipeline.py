@@ -261,3 +261,16 @@ def test_step_failure_raises_with_the_status():
 
     with pytest.raises(step_io.StepFailed, match="exited with status 3"):
         step_io.run_step("simulate", main, ["--out", "x"])
+
+
+# ---------------------------------------------------------------------------------------------
+# local runner arguments
+# ---------------------------------------------------------------------------------------------
+
+def test_s3_store_without_endpoint_is_bad_input(tmp_path, monkeypatch, capsys):
+    import grade.cli
+    from pipeline import run_local
+
+    monkeypatch.delenv("S3_ENDPOINT_URL", raising=False)
+    rc = grade.cli.run(run_local.main, ["--out", str(tmp_path / "o"), "--store", "s3://bucket/x"])
+    assert rc == 2 and "S3_ENDPOINT_URL" in capsys.readouterr().err
