@@ -308,18 +308,22 @@ def policy_config(spec: dict[str, Any], cfg: PretrainConfig) -> PolicyConfig:
         init_mean=[float(v) for v in static_weights(spec)])
 
 
-@torch.no_grad()
-def fit_score_scale(policy: PolicyNet, features_uri: str, cfg: PretrainConfig, max_requests: int = 4096) -> float:
-    """The score scale (a power of 2**0.25 in [1/4, 64]) with the lowest loss for ``policy`` on train.
+#: candidate score scales of the initial fit: 2^(e/2) for e in -4..12, i.e. 1/4 .. 64
+SCALE_GRID = tuple(2.0 ** (e / 2) for e in range(-4, 13))
 
-    Measured on the first ``max_requests`` train requests (in file order: deterministic).
+
+@torch.no_grad()
+def fit_score_scale(policy: PolicyNet, features_uri: str, cfg: PretrainConfig, max_requests: int = 1024) -> float:
+    """The score scale of :data:`SCALE_GRID` with the lowest loss for ``policy`` on train.
+
+    Measured on the first ``max_requests`` train requests (in file order: deterministic); a
+    starting point only, the scale is then learned (``learn_score_scale``).
     """
     batch = next(dataset.iter_batches(features_uri, "train", max_requests, fields=_TRAIN_FIELDS))
     batch = with_signal(batch, cfg)
-    candidates = [2.0 ** (e / 4) for e in range(-8, 25)]
     losses = [multi_objective_loss(RankingModel(policy, s, learn_scale=False), batch, cfg)[0].item()
-              for s in candidates]
-    return candidates[min(range(len(candidates)), key=losses.__getitem__)]
+              for s in SCALE_GRID]
+    return SCALE_GRID[min(range(len(SCALE_GRID)), key=losses.__getitem__)]
 
 
 def _check(cfg: PretrainConfig, spec: dict[str, Any], features_uri: str) -> None:
