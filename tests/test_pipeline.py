@@ -274,3 +274,49 @@ def test_s3_store_without_endpoint_is_bad_input(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("S3_ENDPOINT_URL", raising=False)
     rc = grade.cli.run(run_local.main, ["--out", str(tmp_path / "o"), "--store", "s3://bucket/x"])
     assert rc == 2 and "S3_ENDPOINT_URL" in capsys.readouterr().err
+
+
+def _tiny_report(policies, **extra):
+    return {"n_requests": 10, "split": "test", "primary_flavour": "true", "primary_metric": "opm",
+            "exposure_depth": 10, "config": {"confidence": 0.95, "bootstrap_samples": 50},
+            "headroom_sentence": "", "policies": {p: {"true": {"opm": 1.0}} for p in policies},
+            "lift_vs_static": {}, **extra}
+
+
+def test_find_outputs_tells_the_main_report_from_the_ablations(tmp_path):
+    from pipeline.run_local import find_outputs
+
+    run = tmp_path / "grade-mtf-2026"
+    for task, policies in (("evaluate", ["static", "grade"]), ("evaluate-2", ["static", "grade_gaussian"])):
+        (run / task / "report").mkdir(parents=True)
+        (run / task / "report" / "report.json").write_text(json.dumps({"policies": dict.fromkeys(policies, {})}))
+    (run / "promote").mkdir()
+    (run / "promote" / "blessing").write_text("{}")
+    found = find_outputs(run)
+    assert found == {"report": run / "evaluate" / "report", "ablations": run / "evaluate-2" / "report",
+                     "blessing": run / "promote" / "blessing"}
+    with pytest.raises(RuntimeError, match="no evaluation report"):
+        find_outputs(tmp_path / "empty")
+
+
+def test_summary_shows_lifts_vs_the_incumbent_and_the_verdict():
+    from pipeline.run_local import summary
+
+    report = _tiny_report(["static", "grade", "incumbent"], lift_vs_incumbent={
+        "grade": {"true": {"opm": {"lift": 0.004, "ci_low": 0.001, "ci_high": 0.007}}}})
+    text = summary(report, {"verdict": "not blessed", "reasons": ["guardrail true/ctr: lift -0.013 below -0.005"]})
+    assert "grade vs incumbent: OPM +0.40% [+0.10, +0.70]" in text
+    assert "promotion: not blessed\n  - guardrail true/ctr: lift -0.013 below -0.005" in text
+
+
+def test_blessing_markdown_lists_checks():
+    md = step_io.blessing_markdown({"verdict": "promoted", "candidate": "grade", "baseline": "static",
+                                    "checks": [{"name": "true/opm lift ci_low", "value": 0.0123,
+                                                "threshold": "> 0.0", "passed": True},
+                                               {"name": "true/ctr", "value": None, "threshold": ">= -0.005",
+                                                "passed": False}],
+                                    "reasons": ["missing metric true/ctr"]})
+    assert md.startswith("### Promotion: **promoted**")
+    assert "| true/opm lift ci_low | +0.0123 | > 0.0 | yes |" in md
+    assert "| true/ctr | missing | >= -0.005 | no |" in md
+    assert "- missing metric true/ctr" in md

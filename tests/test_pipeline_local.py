@@ -80,11 +80,12 @@ def test_two_runs_on_s3_promote_then_compare_with_the_incumbent(s3_env, tmp_path
     assert now["previous_version"] == production["version"]
 
 
-def test_command_line_simulates_and_prints_the_summary(tmp_path, capsys):
-    from pipeline import run_local
+def test_command_line_simulates_runs_ablations_and_prints_the_summary(tmp_path, capsys):
+    from pipeline import params, run_local
 
     cfg = small_config(tmp_path)
-    rc = run_local.main(["--config", cfg, "--out", str(tmp_path / "out"), "--snapshot-date", "2026-01-02"])
+    rc = run_local.main(["--config", cfg, "--out", str(tmp_path / "out"), "--snapshot-date", "2026-01-02",
+                         "--ablations"])
     assert rc == 0
     out = capsys.readouterr().out
     tail = out[out.rindex("requests, "):]  # the summary after the tasks' own output
@@ -95,3 +96,10 @@ def test_command_line_simulates_and_prints_the_summary(tmp_path, capsys):
     run_dirs = list((tmp_path / "out" / "_work" / "pipeline-root").iterdir())
     assert len(run_dirs) == 1 and (run_dirs[0] / "simulate" / "logs").is_dir()
     assert (tmp_path / "out" / "_work" / "store" / "registry").is_dir()
+    # The ablations were fine-tuned with their own configs and evaluated in a separate report.
+    ablations = json.loads((tmp_path / "out" / "ablations" / "report.json").read_text())
+    assert set(params.ABLATIONS) | {"grade", "stage1"} <= set(ablations["policies"])
+    main_report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert not set(params.ABLATIONS) & set(main_report["policies"])
+    hashes = {ablations["models"][name]["content_hash"] for name in [*params.ABLATIONS, "grade"]}
+    assert len(hashes) == len(params.ABLATIONS) + 1, "each ablation trains a different model"
