@@ -1,0 +1,221 @@
+"""The S3 backend of :mod:`grade.store`, on the ``minio`` SDK (MinIO in production, any S3 API).
+
+Settings come from the environment only: ``S3_ENDPOINT_URL`` (e.g. ``http://127.0.0.1:9000``),
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and optionally ``AWS_REGION``; secret values are never
+printed or logged. Every operation is retried with exponential backoff and full jitter on connection
+errors, HTTP 5xx and throttling (``SlowDown``), up to ``GRADE_S3_MAX_ATTEMPTS`` attempts (default 5).
+
+Conditional writes (``If-None-Match: *``, ``If-Match: <etag>``) go through minio's request layer,
+because its public ``put_object`` turns extra headers into ``x-amz-meta-*`` metadata and would
+silently overwrite: the real headers are sent and HTTP 412 becomes ``PreconditionFailed``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+from urllib.parse import urlparse
+
+import urllib3
+from minio import Minio
+from minio.commonconfig import CopySource
+from minio.error import S3Error, ServerError
+
+from grade import store
+from grade.errors import InputError
+
+log = logging.getLogger("grade.s3")
+T = TypeVar("T")
+
+ENV_VARS = ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+#: S3 error codes worth another attempt (throttling and transient server trouble)
+RETRYABLE_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "RequestTimeTooSkewed",
+                   "OperationAborted", "ThrottlingException"}
+NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"}
+PART_SIZE = 16 * 1024 * 1024
+
+
+class S3ConfigError(InputError):
+    """S3 settings are missing or malformed (names the variables, never their values)."""
+
+
+class S3Backend:
+    def __init__(self, endpoint_url: str, access_key: str, secret_key: str, region: str | None = None,
+                 max_attempts: int = 5, base_delay: float = 0.2, max_delay: float = 5.0):
+        parsed = urlparse(endpoint_url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise S3ConfigError(f"S3_ENDPOINT_URL must look like http(s)://host:port, got scheme "
+                                f"'{parsed.scheme}' and host '{parsed.netloc}'")
+        self.endpoint_url = endpoint_url
+        self.secure = parsed.scheme == "https"
+        self.host = parsed.netloc
+        self.region = region
+        self.max_attempts = max(1, max_attempts)
+        self.base_delay, self.max_delay = base_delay, max_delay
+        self._access_key, self._secret_key = access_key, secret_key
+        # urllib3's own retries are off: the retry policy lives in one place (``_call``)
+        http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=5.0, read=120.0), retries=False,
+                                   maxsize=16)
+        self.client = Minio(self.host, access_key=access_key, secret_key=secret_key, secure=self.secure,
+                            region=region, http_client=http)
+
+    @classmethod
+    def from_env(cls) -> S3Backend:
+        missing = [v for v in ENV_VARS if not os.environ.get(v)]
+        if missing:
+            raise S3ConfigError(f"s3:// URIs need the environment variables {', '.join(missing)} "
+                                f"(S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; optional AWS_REGION)")
+        try:
+            attempts = int(os.environ.get("GRADE_S3_MAX_ATTEMPTS", "5"))
+        except ValueError:
+            raise S3ConfigError("GRADE_S3_MAX_ATTEMPTS must be an integer") from None
+        return cls(os.environ["S3_ENDPOINT_URL"], os.environ["AWS_ACCESS_KEY_ID"],
+                   os.environ["AWS_SECRET_ACCESS_KEY"], os.environ.get("AWS_REGION") or None, attempts)
+
+    def __repr__(self) -> str:  # never shows credentials
+        return f"S3Backend(endpoint={self.endpoint_url!r}, region={self.region!r})"
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    @staticmethod
+    def split(uri: str) -> tuple[str, str]:
+        rest = str(uri)[len("s3://"):]
+        bucket, _, key = rest.partition("/")
+        if not bucket:
+            raise InputError(f"{uri}: expected s3://bucket/key")
+        return bucket, key
+
+    def _retryable(self, e: Exception) -> bool:
+        if isinstance(e, ServerError):
+            return True
+        if isinstance(e, S3Error):
+            return e.code in RETRYABLE_CODES
+        return isinstance(e, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError, OSError))
+
+    def _call(self, what: str, uri: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` with bounded retries (exponential backoff, full jitter) on transient failures."""
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                return fn()
+            except S3Error as e:
+                if e.code in NOT_FOUND_CODES:
+                    raise store.NotFound(f"{uri}: not found ({e.code})") from None
+                if e.code == "PreconditionFailed" or getattr(e.response, "status", None) == 412:
+                    raise store.PreconditionFailed(f"{uri}: precondition failed (412)") from None
+                if not self._retryable(e) or attempt == self.max_attempts:
+                    raise store.StoreError(f"{what} {uri} failed: {e.code}: {e.message}") from None
+                err = f"{e.code}"
+            except (store.StoreError, InputError):
+                raise
+            except Exception as e:  # noqa: BLE001 - classified below
+                if not self._retryable(e) or attempt == self.max_attempts:
+                    raise store.StoreError(f"{what} {uri} failed after {attempt} attempt(s): "
+                                           f"{type(e).__name__}: {e}") from None
+                err = type(e).__name__
+            delay = random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+            log.warning("%s %s: %s (attempt %d/%d), retrying in %.2fs", what, uri, err, attempt,
+                        self.max_attempts, delay)
+            time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    # -- objects --------------------------------------------------------------------------------
+
+    def read_bytes(self, uri: str) -> bytes:
+        bucket, key = self.split(uri)
+
+        def get() -> bytes:
+            resp = self.client.get_object(bucket, key)
+            try:
+                return resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
+
+        return self._call("GET", uri, get)
+
+    def get_with_etag(self, uri: str) -> tuple[bytes, str]:
+        bucket, key = self.split(uri)
+
+        def get() -> tuple[bytes, str]:
+            resp = self.client.get_object(bucket, key)
+            try:
+                return resp.read(), resp.headers.get("etag", "").strip('"')
+            finally:
+                resp.close()
+                resp.release_conn()
+
+        return self._call("GET", uri, get)
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        bucket, key = self.split(uri)
+        self._call("PUT", uri, lambda: self.client.put_object(bucket, key, io.BytesIO(data), len(data)))
+
+    def put_conditional(self, uri: str, data: bytes, *, if_none_match: bool = False,
+                        if_match: str | None = None) -> str:
+        """PUT with the real conditional headers; returns the new ETag; 412 -> PreconditionFailed."""
+        bucket, key = self.split(uri)
+        headers = {"Content-Type": "application/octet-stream"}
+        if if_none_match:
+            headers["If-None-Match"] = "*"
+        if if_match is not None:
+            headers["If-Match"] = f'"{if_match.strip(chr(34))}"'
+        # minio's request layer: the public put_object would turn these into x-amz-meta-* metadata
+        result = self._call("PUT (conditional)", uri,
+                            lambda: self.client._put_object(bucket, key, data, headers=headers))
+        return result.etag
+
+    def upload_file(self, local_path: str, uri: str) -> None:
+        bucket, key = self.split(uri)
+        self._call("upload", uri, lambda: self.client.fput_object(bucket, key, local_path, part_size=PART_SIZE))
+
+    def download_file(self, uri: str, local_path: str) -> None:
+        bucket, key = self.split(uri)
+        os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
+        # fget_object streams into a temporary part file and renames it at the end
+        self._call("download", uri, lambda: self.client.fget_object(bucket, key, local_path))
+
+    def exists(self, uri: str) -> bool:
+        bucket, key = self.split(uri)
+        try:
+            self._call("HEAD", uri, lambda: self.client.stat_object(bucket, key))
+            return True
+        except store.NotFound:
+            return False
+
+    def list_prefix(self, uri: str) -> list[str]:
+        bucket, key = self.split(uri)
+        prefix = key.rstrip("/") + "/" if key else ""
+
+        def ls() -> list[str]:
+            return sorted(o.object_name[len(prefix):] for o in self.client.list_objects(bucket, prefix=prefix,
+                                                                                         recursive=True)
+                          if not o.is_dir)
+
+        try:
+            return self._call("LIST", uri, ls)
+        except store.NotFound:
+            return []
+
+    def delete(self, uri: str) -> None:
+        bucket, key = self.split(uri)
+        try:
+            self._call("DELETE", uri, lambda: self.client.remove_object(bucket, key))
+        except store.NotFound:
+            pass
+
+    def copy(self, src: str, dst: str) -> None:
+        sb, sk = self.split(src)
+        db, dk = self.split(dst)
+        self._call("COPY", f"{src} -> {dst}", lambda: self.client.copy_object(db, dk, CopySource(sb, sk)))
+
+    def arrow_fs(self):
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(access_key=self._access_key, secret_key=self._secret_key,
+                                 region=self.region or "us-east-1", endpoint_override=self.host,
+                                 scheme="https" if self.secure else "http")
