@@ -264,7 +264,7 @@ def test_incumbent_from_registry(evaluated, tmp_path, monkeypatch):
 
     features, model, _, _ = evaluated
     fake = types.ModuleType("grade.registry")
-    fake.production_model = lambda registry_uri, model_name: ("v0007", model) if model_name == "grade" else None
+    fake.production_model = lambda registry_uri, model_name: ("v0007", model) if model_name == "grade-mtf" else None
     monkeypatch.setitem(sys.modules, "grade.registry", fake)
     report = run_evaluation(features, {"grade": model}, str(tmp_path / "inc"), small_config(),
                             registry_uri=str(tmp_path / "registry"))
