@@ -55,16 +55,19 @@ NOT_CACHED = {"evaluate", "promote"}
 TRAINING = {"pretrain", "finetune"}
 
 
-def build_pipeline(gpu: bool = False, s3_secret: str = S3_SECRET, image: str | None = None):
+def build_pipeline(gpu: bool = False, s3_secret: str = S3_SECRET, image: str | None = None,
+                   retries: bool = True):
     """The pipeline function. ``gpu`` adds one NVIDIA GPU to each training step; ``image`` replaces
-    the components' image (default: ``pipeline.components.IMAGE``); ``s3_secret`` names the Secret."""
+    the components' image (default: ``pipeline.components.IMAGE``); ``s3_secret`` names the Secret;
+    ``retries=False`` drops the task retries (local runs: the local runner would wait out the
+    backoff, and the object store already retries transient errors itself)."""
     defaults = params.defaults()
 
     def configure(task, step: str, display_name: str | None = None):
         r = RESOURCES[step]
         task.set_cpu_request(r.cpu).set_cpu_limit(r.cpu_limit)
         task.set_memory_request(r.memory).set_memory_limit(r.memory_limit)
-        if step in RETRIED:
+        if retries and step in RETRIED:
             task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2.0,
                            backoff_max_duration="300s")
         task.set_caching_options(step not in NOT_CACHED)

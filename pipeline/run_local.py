@@ -3,8 +3,9 @@
     python -m pipeline.run_local [--config YAML] --out DIR [--workdir DIR] [--store URI]
                                  [--logs URI] [--registry URI]
 
-Every step runs as a subprocess in this Python environment (``SubprocessRunner(use_venv=False)``);
-artifacts land under WORKDIR/pipeline-root. The registry lives under --store: a local folder by
+Every step runs once as a subprocess in this Python environment (``SubprocessRunner(use_venv=False)``;
+no task retries: the object store retries transient errors itself); artifacts land under
+WORKDIR/pipeline-root. The registry lives under --store: a local folder by
 default (WORKDIR/store), or an ``s3://bucket/prefix`` when S3_ENDPOINT_URL and the AWS_* credentials
 are set. A second run evaluates the new candidate against the production model the first one
 promoted. At the end, report.json, report.html and blessing.json are copied to DIR and a summary
@@ -15,6 +16,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -75,7 +77,7 @@ def run_pipeline(arguments: dict[str, Any], pipeline_root: Path) -> Path:
         # The local runner ignores the image, Kubernetes settings and resources; it says so per task.
         warnings.simplefilter("ignore", RuntimeWarning)
         warnings.simplefilter("ignore", UserWarning)
-        build_pipeline()(**arguments)
+        build_pipeline(retries=False)(**arguments)
     runs = sorted(p for p in pipeline_root.iterdir() if p.name not in before and p.name.startswith(PIPELINE_NAME))
     if len(runs) != 1:
         raise RuntimeError(f"{pipeline_root}: expected one new run folder, found {[p.name for p in runs]}")
@@ -132,6 +134,8 @@ def run_local(config_path: str | None, out: str | Path, *, workdir: str | Path |
         _check_s3(uri, flag)
     snapshot_date = snapshot_date or dt.datetime.now(dt.timezone.utc).date().isoformat()
     if logs and not store.is_s3(logs):
+        if not Path(logs).exists():
+            raise InputError(f"--logs {logs}: no such file or folder")
         logs = str(Path(logs).absolute())
     if not store.is_s3(registry):
         registry = str(Path(registry).absolute())
@@ -160,9 +164,16 @@ def run_local(config_path: str | None, out: str | Path, *, workdir: str | Path |
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result = run_local(args.config, args.out, workdir=args.workdir, store_uri=args.store,
-                       registry=args.registry, logs=args.logs, snapshot_date=args.snapshot_date,
-                       ablations=args.ablations)
+    if args.config:
+        params.arguments_from_config(args.config)  # a bad config is bad input (exit 2) before any task runs
+    try:
+        result = run_local(args.config, args.out, workdir=args.workdir, store_uri=args.store,
+                           registry=args.registry, logs=args.logs, snapshot_date=args.snapshot_date,
+                           ablations=args.ablations)
+    except RuntimeError as e:
+        message = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # the local runner colours its messages
+        print(f"error: {message} (the failed task's log is above)", file=sys.stderr)
+        return 1
     out = result["out"].absolute()
     print()
     print(summary(result["report"], result["blessing"]))

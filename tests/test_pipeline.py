@@ -320,3 +320,23 @@ def test_blessing_markdown_lists_checks():
     assert "| true/opm lift ci_low | +0.0123 | > 0.0 | yes |" in md
     assert "| true/ctr | missing | >= -0.005 | no |" in md
     assert "- missing metric true/ctr" in md
+
+
+def test_missing_local_logs_are_bad_input(tmp_path, capsys):
+    import grade.cli
+    from pipeline import run_local
+
+    rc = grade.cli.run(run_local.main, ["--out", str(tmp_path / "o"), "--logs", str(tmp_path / "nothing")])
+    assert rc == 2 and "no such file or folder" in capsys.readouterr().err
+
+
+def test_a_failing_task_fails_the_run_with_its_name(tmp_path, capsys):
+    from pipeline import run_local
+
+    (tmp_path / "empty-logs").mkdir()
+    rc = run_local.main(["--out", str(tmp_path / "o"), "--logs", str(tmp_path / "empty-logs")])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert "Inner task failed: 'features" in captured.err and "\x1b[" not in captured.err
+    assert "empty input" in captured.out  # the task's own message, in its log
+    assert not (tmp_path / "o" / "report.json").exists()
