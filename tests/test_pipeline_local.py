@@ -73,7 +73,7 @@ def test_two_runs_on_s3_promote_then_compare_with_the_incumbent(s3_env, tmp_path
     assert "grade" in second["report"]["lift_vs_incumbent"]
     assert second["report"]["models"]["incumbent"]["version"] == production["version"]
     b2 = second["blessing"]
-    assert b2["baseline"] != "static" and production["version"] in str(b2["baseline"])
+    assert b2["baseline"] == "incumbent" and b2["incumbent_version"] == production["version"]
     assert b2["verdict"] == "promoted", b2["reasons"]
     now, _ = registry.production()
     assert now["version"] == b2["version"] != production["version"]
