@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 #: The most metrics one task logs (the KFP UI lists them all; keep it readable).
-MAX_METRICS = 60
+MAX_METRICS = 100
 
 
 class StepFailed(RuntimeError):
