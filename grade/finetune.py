@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "_checkpoints"
 LATEST = "latest.json"
-TRAIN_FIELDS = ["z", "pred", "mask", "num", "cat", "click", "order", "gmv"]
+TRAIN_FIELDS = ["z", "pred", "mask", "num", "cat", "click", "order", "gmv", "position"]
 TRUTH_FIELDS = ["true_ctr", "true_cvr", "price"]
 
 

@@ -41,6 +41,13 @@ class RewardConfig:
     """share of order NDCG in the posterior term"""
     post_gmv: float = 0.0
     """share of gmv NDCG (linear gain) in the posterior term"""
+    post_debias: bool = True
+    """weight logged labels by 1/theta(logged position): clicks were only possible where users looked,
+    so without it the posterior favours whatever the logging policy put on top"""
+    post_debias_eta: float = 1.0
+    """eta of the examination model theta_j = 1/(1+j)^eta used for the debiasing"""
+    post_debias_clip: float = 20.0
+    """largest inverse-propensity weight (bounds the variance from clicks at deep positions)"""
     v_click: float = 0.0
     """value of a click in the prior item value pctr*(v_click + pcvr*(v_order + v_gmv*pgmv))"""
     v_order: float = 1.0
@@ -105,6 +112,13 @@ def prior_item_value(pred: torch.Tensor, mask: torch.Tensor, objectives: list[st
     return value.masked_fill(~mask, 0.0)
 
 
+def examination_ips(batch: dict[str, torch.Tensor], cfg: RewardConfig) -> torch.Tensor:
+    """Inverse examination propensity 1/theta(logged position) per item [B, L], clipped; 0 at padding."""
+    pos = batch["position"].to(torch.float32)
+    ips = (pos + 1.0).pow(cfg.post_debias_eta).clamp(max=cfg.post_debias_clip)
+    return torch.where((pos >= 0) & batch["mask"], ips, torch.zeros_like(ips))
+
+
 def _ndcg_from_ranking(gains: torch.Tensor, idx: torch.Tensor, disc: torch.Tensor) -> torch.Tensor:
     """NDCG [B, G] of ranked indices ``idx`` [B, G, E] for per-item gains [B, L] (0 where no ideal)."""
     dcg = (gather_items(gains, idx) * disc).sum(-1)
@@ -152,11 +166,14 @@ def reward_terms(w: torch.Tensor, batch: dict[str, torch.Tensor], objectives: li
         mix = {"click": cfg.post_click, "order": cfg.post_order, "gmv": cfg.post_gmv}
         total = sum(mix.values())
         post = zeros
+        ips = examination_ips(batch, cfg).to(w.dtype) if cfg.post_debias and "position" in batch else None
         for label, share in mix.items():
             if share <= 0:
                 continue
             y = batch[label].masked_fill(~mask, 0.0).to(w.dtype)
             gains = y if label == "gmv" else torch.pow(2.0, y) - 1.0
+            if ips is not None:
+                gains = gains * ips
             post = post + (share / total) * _ndcg_from_ranking(gains, idx, disc)
         out["post"] = post
     if cfg.prior > 0:

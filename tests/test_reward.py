@@ -146,3 +146,21 @@ def test_gmv_unit_makes_the_gmv_value_scale_free():
     spec = {"objectives": ["ctr", "cvr", "gmv"], "pred_log_mean": [-2.0, -3.0, math.log(40.0)]}
     assert gmv_unit_of(spec) == pytest.approx(40.0)
     assert gmv_unit_of({"objectives": ["ctr"], "pred_log_mean": [0.0]}) == 1.0
+
+
+def test_posterior_debiasing_weights_labels_by_inverse_examination():
+    """Two clicks, logged at positions 0 and 3: debiased, the deep click counts (3+1)^1 = 4 times more."""
+    batch = tiny_batch()
+    batch["click"] = torch.tensor([[1.0, 1.0, 0.0]])
+    batch["position"] = torch.tensor([[0, 3, 1]])
+    group = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])   # top-1: item 0, then item 1
+    plain = RewardConfig(post=1.0, prior=0.0, format=0.0, post_click=1.0, post_order=0.0, post_debias=False)
+    debiased = RewardConfig(post=1.0, prior=0.0, format=0.0, post_click=1.0, post_order=0.0)
+    torch.testing.assert_close(reward_terms(group, batch, OBJECTIVES, plain, depth=1)["post"],
+                               torch.tensor([[1.0, 1.0]]))
+    # gains 1 and 4: item 0 on top gives 1/4 of the ideal, item 1 on top gives 4/4
+    torch.testing.assert_close(reward_terms(group, batch, OBJECTIVES, debiased, depth=1)["post"],
+                               torch.tensor([[0.25, 1.0]]))
+    clipped = RewardConfig(post=1.0, prior=0.0, format=0.0, post_click=1.0, post_order=0.0, post_debias_clip=2.0)
+    torch.testing.assert_close(reward_terms(group, batch, OBJECTIVES, clipped, depth=1)["post"],
+                               torch.tensor([[0.5, 1.0]]))
