@@ -257,24 +257,24 @@ def test_component_cli(evaluated, tmp_path, capsys):
     assert grade.cli.run(evaluate.main, ["--features", features, "--out", out, "--config", str(bad)]) == 2
 
 
-def test_incumbent_from_registry(evaluated, tmp_path, monkeypatch):
+def test_incumbent_from_registry(evaluated, tmp_path):
     """With a registry that has a production model, 'incumbent' is evaluated and lifts vs it are reported."""
-    import sys
-    import types
+    from grade.registry import Registry
 
     features, model, _, _ = evaluated
-    fake = types.ModuleType("grade.registry")
-    fake.production_model = lambda registry_uri, model_name: ("v0007", model) if model_name == "grade-mtf" else None
-    monkeypatch.setitem(sys.modules, "grade.registry", fake)
+    registry = str(tmp_path / "registry")
+    report = run_evaluation(features, {"grade": model}, str(tmp_path / "none"), small_config(),
+                            registry_uri=registry)
+    assert "incumbent" not in report["policies"] and "lift_vs_incumbent" not in report
+    reg = Registry(registry)
+    version, _ = reg.register(model)
+    reg.set_production(version, "test", expected_etag=None)
     report = run_evaluation(features, {"grade": model}, str(tmp_path / "inc"), small_config(),
-                            registry_uri=str(tmp_path / "registry"))
-    assert report["models"]["incumbent"]["version"] == "v0007"
+                            registry_uri=registry)
+    assert report["models"]["incumbent"]["version"] == version
+    assert report["models"]["incumbent"]["content_hash"] == report["models"]["grade"]["content_hash"]
     same = report["lift_vs_incumbent"]["grade"]["true"]["opm"]
     assert same == {"lift": 0.0, "ci_low": 0.0, "ci_high": 0.0}  # the same model: identical rankings
-    fake.production_model = lambda registry_uri, model_name: None
-    report = run_evaluation(features, {"grade": model}, str(tmp_path / "none"), small_config(),
-                            registry_uri=str(tmp_path / "registry"))
-    assert "incumbent" not in report["policies"] and "lift_vs_incumbent" not in report
 
 
 def test_publishes_to_s3(evaluated, s3_env):
