@@ -165,8 +165,11 @@ class S3Backend:
         if if_match is not None:
             headers["If-Match"] = f'"{if_match.strip(chr(34))}"'
         # minio's request layer: the public put_object would turn these into x-amz-meta-* metadata
-        result = self._call("PUT (conditional)", uri,
-                            lambda: self.client._put_object(bucket, key, data, headers=headers))
+        try:
+            result = self._call("PUT (conditional)", uri,
+                                lambda: self.client._put_object(bucket, key, data, headers=headers))
+        except store.NotFound:  # If-Match on an object that is gone: the expected version no longer exists
+            raise store.PreconditionFailed(f"{uri}: does not exist (If-Match)") from None
         return result.etag
 
     def upload_file(self, local_path: str, uri: str) -> None:

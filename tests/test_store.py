@@ -1,0 +1,229 @@
+"""The object store on both backends (local folder, S3 test server): objects, publish, CAS, retries."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from grade import store
+from tests.conftest import free_port, s3_environ, start_moto
+
+
+def test_bytes_json_exists_list_delete(store_root):
+    a = store.join(store_root, "x", "a.bin")
+    assert not store.exists(a)
+    store.write_bytes(a, b"\x00\x01hello")
+    assert store.exists(a) and store.read_bytes(a) == b"\x00\x01hello"
+    store.write_json(store.join(store_root, "x", "sub", "b.json"), {"k": [1, 2]})
+    assert store.read_json(store.join(store_root, "x", "sub", "b.json")) == {"k": [1, 2]}
+    assert store.list_prefix(store.join(store_root, "x")) == ["a.bin", "sub/b.json"]
+    assert store.list_prefix(store.join(store_root, "nothing-here")) == []
+    store.delete(a)
+    store.delete(a)  # deleting a missing object is fine
+    assert not store.exists(a)
+    with pytest.raises(store.NotFound):
+        store.read_bytes(a)
+    store.delete_prefix(store.join(store_root, "x"))
+    assert store.list_prefix(store.join(store_root, "x")) == []
+
+
+def test_files_copy_and_a_multipart_upload(store_root, tmp_path):
+    src = tmp_path / "big.bin"
+    data = os.urandom(12 * 1024 * 1024 + 17)  # > 5 MiB: several parts on S3
+    src.write_bytes(data)
+    uri = store.join(store_root, "files", "big.bin")
+    store.upload_file(src, uri)
+    store.copy(uri, store.join(store_root, "files", "copy.bin"))
+    out = tmp_path / "down" / "copy.bin"
+    store.download_file(store.join(store_root, "files", "copy.bin"), out)
+    assert out.read_bytes() == data
+    with pytest.raises(store.NotFound):
+        store.download_file(store.join(store_root, "files", "missing"), tmp_path / "m")
+
+
+def test_publish_open_and_content_hash(store_root, tmp_path):
+    uri = store.join(store_root, "out")
+    with store.publishing(uri, extra={"producer": "test"}) as staging:
+        (staging / "a.txt").write_text("alpha")
+        (staging / "d").mkdir()
+        (staging / "d" / "b.txt").write_text("beta")
+    manifest = store.read_manifest(uri)
+    assert sorted(manifest["files"]) == ["a.txt", "d/b.txt"] and manifest["producer"] == "test"
+    local = store.open_published(uri)
+    assert (local / "d" / "b.txt").read_text() == "beta"
+    # the content hash ignores where the folder is stored
+    other = tmp_path / "elsewhere"
+    with store.publishing(str(other)) as staging:
+        (staging / "a.txt").write_text("alpha")
+        (staging / "d").mkdir()
+        (staging / "d" / "b.txt").write_text("beta")
+    assert store.content_hash(uri) == store.content_hash(str(other))
+
+
+def test_failed_writer_publishes_nothing(store_root):
+    uri = store.join(store_root, "failed")
+    with pytest.raises(RuntimeError):
+        with store.publishing(uri) as staging:
+            (staging / "a.txt").write_text("alpha")
+            raise RuntimeError("boom")
+    assert not store.is_published(uri) and store.list_prefix(uri) == []
+    with pytest.raises(store.NotPublished):
+        store.open_published(uri)
+
+
+_KILLED_PUBLISHER = """
+import os, sys
+from pathlib import Path
+from grade import store
+real = store.write_json
+def die(uri, obj):
+    if uri.endswith(store.MANIFEST):
+        os._exit(9)  # killed between the files and the manifest
+    return real(uri, obj)
+store.write_json = die
+with store.publishing(sys.argv[1]) as staging:
+    for i in range(3):
+        (staging / f"part-{i}.bin").write_bytes(os.urandom(1000))
+"""
+
+
+def test_interrupted_publish_is_invisible_to_readers(store_root):
+    uri = store.join(store_root, "interrupted")
+    proc = subprocess.run([sys.executable, "-c", _KILLED_PUBLISHER, uri], env=dict(os.environ),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 9, proc.stderr
+    assert len(store.list_prefix(uri)) == 3, "the files were uploaded before the writer died"
+    assert not store.is_published(uri)
+    with pytest.raises(store.NotPublished):
+        store.open_published(uri)
+    # a re-run completes it
+    with store.publishing(uri) as staging:
+        (staging / "part-0.bin").write_bytes(b"x")
+    assert list(store.read_manifest(uri)["files"]) == ["part-0.bin"]
+
+
+def test_conditional_puts_conflict_with_412(store_root):
+    uri = store.join(store_root, "alias.json")
+    etag = store.put_if_absent(uri, b"v1")
+    with pytest.raises(store.PreconditionFailed):
+        store.put_if_absent(uri, b"v2")
+    data, current = store.get_with_etag(uri)
+    assert data == b"v1" and current == etag
+    new = store.put_if_match(uri, b"v2", current)
+    with pytest.raises(store.PreconditionFailed):
+        store.put_if_match(uri, b"v3", current)  # stale ETag: somebody moved it
+    assert store.get_with_etag(uri) == (b"v2", new)
+    with pytest.raises(store.PreconditionFailed):
+        store.put_if_match(store.join(store_root, "missing.json"), b"x", new)
+
+
+def test_racing_conditional_creates_exactly_one_wins(store_root):
+    uri = store.join(store_root, "race.json")
+    results: list[str] = []
+    barrier = threading.Barrier(4)
+
+    def attempt(i: int) -> None:
+        barrier.wait()
+        try:
+            store.put_if_absent(uri, f"writer {i}".encode())
+            results.append("won")
+        except store.PreconditionFailed:
+            results.append("lost")
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(results) == ["lost", "lost", "lost", "won"]
+
+
+def test_parquet_through_arrow_filesystem(store_root):
+    fs, path = store.arrow_filesystem(store.join(store_root, "t", "a.parquet"))
+    if not store.is_s3(store_root):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(pa.table({"x": [1, 2, 3]}), path, filesystem=fs)
+    assert pq.read_table(path, filesystem=fs)["x"].to_pylist() == [1, 2, 3]
+
+
+def test_missing_settings_name_the_variables_and_never_the_secret(monkeypatch, caplog):
+    from grade.s3 import S3Backend, S3ConfigError
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value-123")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key-id")
+    monkeypatch.delenv("S3_ENDPOINT_URL", raising=False)
+    store.reset_s3_client()
+    with pytest.raises(S3ConfigError) as e:
+        store.read_bytes("s3://bucket/key")
+    assert "S3_ENDPOINT_URL" in str(e.value) and "very-secret-value-123" not in str(e.value)
+    monkeypatch.setenv("S3_ENDPOINT_URL", "http://127.0.0.1:1")
+    backend = S3Backend.from_env()
+    assert "very-secret-value-123" not in repr(backend)
+    backend.max_attempts, backend.base_delay = 2, 0.01
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises(store.StoreError) as e:
+            backend.read_bytes("s3://bucket/key")
+    assert "very-secret-value-123" not in str(e.value) + caplog.text
+    assert "attempt 1/2" in caplog.text
+    store.reset_s3_client()
+
+
+def test_operation_succeeds_when_the_server_comes_back_within_the_retry_budget(monkeypatch):
+    """The S3 server is down when the call starts and back ~1 s later: the retries carry the call."""
+    port = free_port()
+    server = start_moto(port)
+    endpoint = f"http://127.0.0.1:{port}"
+    for k, v in s3_environ(endpoint).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("GRADE_S3_MAX_ATTEMPTS", "15")
+    store.reset_s3_client()
+    from minio import Minio
+
+    Minio(f"127.0.0.1:{port}", access_key="a", secret_key="b", secure=False).make_bucket("retry-bucket")
+    store.write_bytes("s3://retry-bucket/k", b"before")
+    server.terminate()
+    server.wait(10)
+    restarted: list = []
+
+    def restart() -> None:
+        time.sleep(1.0)
+        restarted.append(start_moto(port))  # moto keeps data in memory: the bucket is recreated below
+
+    t = threading.Thread(target=restart)
+    t.start()
+    try:
+        store.reset_s3_client()
+        backend = store._s3()
+        backend.base_delay, backend.max_delay = 0.25, 1.0
+        # a bucket listing first: fails while the server is down, succeeds once it is back
+        t0 = time.monotonic()
+        assert store.list_prefix("s3://retry-bucket/none") == []
+        assert time.monotonic() - t0 >= 0.5, "the call must have waited for the server"
+        t.join(30)
+        Minio(f"127.0.0.1:{port}", access_key="a", secret_key="b", secure=False).make_bucket("retry-bucket2")
+        store.write_bytes("s3://retry-bucket2/k", b"after")
+        assert store.read_bytes("s3://retry-bucket2/k") == b"after"
+    finally:
+        t.join(30)
+        for p in restarted:
+            p.terminate()
+        store.reset_s3_client()
+
+
+def test_manifest_lists_names_sizes_and_hashes(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a").write_bytes(b"abc")
+    m = store.build_manifest(d)
+    assert m["files"]["a"]["size"] == 3
+    assert m["files"]["a"]["sha256"] == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert json.loads(json.dumps(m)) == m
