@@ -1,0 +1,81 @@
+"""Object-store throughput: grade.store vs the raw minio client, upload and download, same run.
+
+Starts its own S3 test server (moto) on loopback unless S3_ENDPOINT_URL is set (e.g. a real MinIO).
+The target is grade.store >= 0.8x the raw client: the retry and atomic-publish plumbing must cost
+little on large objects.
+
+    python -m benchmarks.store [--mib 256] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from benchmarks._common import emit
+
+
+def _server():
+    if os.environ.get("S3_ENDPOINT_URL"):
+        return None
+    from tests.conftest import free_port, s3_environ, start_moto
+
+    port = free_port()
+    proc = start_moto(port)
+    os.environ.update(s3_environ(f"http://127.0.0.1:{port}"))
+    return proc
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mib", type=int, default=256, help="object size in MiB")
+    p.add_argument("--repeat", type=int, default=3, help="timed transfers of each kind (median reported)")
+    args = p.parse_args()
+    proc = _server()
+    try:
+        from grade import store
+
+        store.reset_s3_client()
+        backend = store._s3()
+        client = backend.client
+        bucket = f"bench-{uuid.uuid4().hex[:10]}"
+        client.make_bucket(bucket)
+        with tempfile.TemporaryDirectory() as d:
+            src = Path(d, "src.bin")
+            with open(src, "wb") as f:
+                for _ in range(args.mib):
+                    f.write(os.urandom(1 << 20))
+            size_mib = src.stat().st_size / (1 << 20)
+            timings: dict[str, list[float]] = {k: [] for k in ("store_up", "raw_up", "store_down", "raw_down")}
+            for i in range(args.repeat):
+                for kind, fn in (
+                    ("raw_up", lambda i=i: client.fput_object(bucket, f"raw/{i}", str(src), part_size=16 << 20)),
+                    ("store_up", lambda i=i: store.upload_file(src, f"s3://{bucket}/store/{i}")),
+                    ("raw_down", lambda i=i: client.fget_object(bucket, f"raw/{i}", str(Path(d, "raw.bin")))),
+                    ("store_down", lambda i=i: store.download_file(f"s3://{bucket}/store/{i}", Path(d, "st.bin"))),
+                ):
+                    t0 = time.perf_counter()
+                    fn()
+                    timings[kind].append(time.perf_counter() - t0)
+            assert Path(d, "st.bin").read_bytes()[:1 << 20] == src.read_bytes()[:1 << 20]
+        rate = {k: size_mib / statistics.median(v) for k, v in timings.items()}
+        emit("store", {
+            "object_mib": size_mib, "repeat": args.repeat,
+            "server": "moto (loopback)" if proc else os.environ["S3_ENDPOINT_URL"],
+            "upload_mib_s": {"grade_store": rate["store_up"], "raw_minio": rate["raw_up"],
+                             "ratio": rate["store_up"] / rate["raw_up"]},
+            "download_mib_s": {"grade_store": rate["store_down"], "raw_minio": rate["raw_down"],
+                               "ratio": rate["store_down"] / rate["raw_down"]},
+        })
+    finally:
+        if proc is not None:
+            proc.terminate()
+
+
+if __name__ == "__main__":
+    main()
