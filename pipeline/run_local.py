@@ -5,10 +5,14 @@
 
 Every step runs once as a subprocess in this Python environment (``SubprocessRunner(use_venv=False)``;
 no task retries: the object store retries transient errors itself); artifacts land under
-WORKDIR/pipeline-root. The registry lives under --store: a local folder by
-default (WORKDIR/store), or an ``s3://bucket/prefix`` when S3_ENDPOINT_URL and the AWS_* credentials
-are set. A second run evaluates the new candidate against the production model the first one
-promoted. At the end, report.json, report.html and blessing.json are copied to DIR and a summary
+WORKDIR/pipeline-root.
+
+Data and registry live under --store: a local folder (WORKDIR/store) by default, or on S3 when
+S3_ENDPOINT_URL is set (default s3://grade/run-local; the AWS_* credentials come from the
+environment). On a local store the pipeline simulates its logs itself; on S3 the simulated logs are
+written to STORE/logs/simulated-<config hash> first (once per simulator config) and the pipeline
+reads them from there, like production logs. --logs gives your own logs instead. A second run
+evaluates the new candidate against the production model the first one promoted. At the end, report.json, report.html and blessing.json are copied to DIR and a summary
 (lifts with CIs, promotion verdict) is printed with their paths.
 """
 
@@ -31,6 +35,8 @@ from pipeline import params
 from pipeline.grade_pipeline import PIPELINE_NAME
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+#: The store when S3_ENDPOINT_URL is set and --store is not given (the compose file creates the bucket).
+DEFAULT_S3_STORE = "s3://grade/run-local"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", metavar="DIR",
                    help="pipeline root (artifacts of every run) and the local store (default: DIR/_work)")
     p.add_argument("--store", metavar="URI",
-                   help="root of the registry: a local folder (default: WORKDIR/store) or s3://bucket/prefix "
-                        "(needs S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
+                   help="root of the registry (and, on S3, of the simulated logs): a local folder or "
+                        "s3://bucket/prefix (needs S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY); "
+                        f"default: {DEFAULT_S3_STORE} when S3_ENDPOINT_URL is set, else WORKDIR/store")
     p.add_argument("--registry", metavar="URI", help="model registry root (default: STORE/registry)")
     p.add_argument("--logs", default="", metavar="URI",
                    help="raw Parquet logs (folder or s3:// prefix) to train on instead of simulating")
@@ -57,6 +64,23 @@ def _check_s3(uri: str, flag: str) -> None:
     if store.is_s3(uri) and not os.environ.get("S3_ENDPOINT_URL"):
         raise InputError(f"{flag} {uri}: an s3:// URI needs S3_ENDPOINT_URL (and AWS_ACCESS_KEY_ID, "
                          "AWS_SECRET_ACCESS_KEY) in the environment")
+
+
+def simulated_logs(store_uri: str, config_path: str | None) -> str:
+    """Simulated logs under ``store_uri``, written once per simulator config (the simulator is
+    deterministic, so the config's hash names the data); returns their URI."""
+    import hashlib
+
+    from grade import config, simulator
+
+    cfg = config.load_section(config_path, "simulator")
+    digest = hashlib.sha256(json.dumps(config.to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    uri = store.join(store_uri, "logs", f"simulated-{digest}")
+    if store.is_published(uri):
+        grade.cli.log.info("run_local: simulated logs already in %s", uri)
+    else:
+        simulator.write_logs(cfg, uri)
+    return uri
 
 
 def run_pipeline(arguments: dict[str, Any], pipeline_root: Path) -> Path:
@@ -128,10 +152,13 @@ def run_local(config_path: str | None, out: str | Path, *, workdir: str | Path |
     """Run the pipeline locally; copy the report and blessing to ``out``; return what was found."""
     out = Path(out)
     workdir = Path(workdir) if workdir else out / "_work"
-    store_uri = store_uri or str((workdir / "store").absolute())
+    if not store_uri:
+        store_uri = DEFAULT_S3_STORE if os.environ.get("S3_ENDPOINT_URL") else str((workdir / "store").absolute())
     registry = registry or store.join(store_uri, "registry")
     for uri, flag in ((store_uri, "--store"), (registry, "--registry"), (logs, "--logs")):
         _check_s3(uri, flag)
+    if not logs and store.is_s3(store_uri):
+        logs = simulated_logs(store_uri, config_path)
     snapshot_date = snapshot_date or dt.datetime.now(dt.timezone.utc).date().isoformat()
     if logs and not store.is_s3(logs):
         if not Path(logs).exists():
@@ -158,8 +185,8 @@ def run_local(config_path: str | None, out: str | Path, *, workdir: str | Path |
         shutil.copyfile(_blessing_file(found["blessing"]), out / "blessing.json")
         blessing = json.loads((out / "blessing.json").read_text())
     report = json.loads((out / "report.json").read_text())
-    return {"run_dir": run_dir, "registry": registry, "report": report, "blessing": blessing,
-            "elapsed_s": elapsed, "out": out}
+    return {"run_dir": run_dir, "registry": registry, "logs": logs or "simulated in the pipeline",
+            "report": report, "blessing": blessing, "elapsed_s": elapsed, "out": out}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(summary(result["report"], result["blessing"]))
     print(f"pipeline finished in {result['elapsed_s']:.0f} s; artifacts: {result['run_dir']}")
+    print(f"logs: {result['logs']}")
     print(f"registry: {result['registry']}")
     print(f"report.json: {out / 'report.json'}")
     if result["blessing"] is not None:

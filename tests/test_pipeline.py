@@ -9,7 +9,7 @@ import yaml
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from grade import config
+from grade import config, store
 from grade.errors import ConfigError
 from pipeline import params, step_io
 
@@ -340,3 +340,21 @@ def test_a_failing_task_fails_the_run_with_its_name(tmp_path, capsys):
     assert "Inner task failed: 'features" in captured.err and "\x1b[" not in captured.err
     assert "empty input" in captured.out  # the task's own message, in its log
     assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_simulated_logs_on_s3_are_written_once_per_simulator_config(s3_env, tmp_path):
+    from pipeline.run_local import simulated_logs
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("simulator:\n  n_requests: 120\n  n_users: 50\n  n_items: 500\n  list_size: 8\n"
+                   "evaluate:\n  seed: 1\n")
+    uri = simulated_logs(f"{s3_env}/store", str(cfg))
+    assert uri.startswith(f"{s3_env}/store/logs/simulated-") and store.is_published(uri)
+    manifest = store.read_manifest(uri)
+    assert simulated_logs(f"{s3_env}/store", str(cfg)) == uri
+    assert store.read_manifest(uri) == manifest
+    # Other sections do not matter; another simulator key does.
+    cfg.write_text(cfg.read_text().replace("evaluate:\n  seed: 1", "evaluate:\n  seed: 2"))
+    assert simulated_logs(f"{s3_env}/store", str(cfg)) == uri
+    cfg.write_text(cfg.read_text().replace("n_requests: 120", "n_requests: 130"))
+    assert simulated_logs(f"{s3_env}/store", str(cfg)) != uri

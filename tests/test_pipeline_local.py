@@ -9,6 +9,8 @@ import json
 import pytest
 import yaml
 
+from grade import store
+
 pytestmark = pytest.mark.slow
 
 # A small scenario: enough requests for every split, few epochs, a small group, few resamples.
@@ -36,19 +38,20 @@ LENIENT_GATE = {"min_lift": -1.0, "guardrails": {"ctr": -1.0, "cvr": -1.0, "gpm"
 
 
 def test_two_runs_on_s3_promote_then_compare_with_the_incumbent(s3_env, tmp_path):
-    from components.simulate import main as simulate
     from grade.registry import Registry
     from pipeline import run_local
 
     cfg = small_config(tmp_path, promote=LENIENT_GATE)
-    logs = f"{s3_env}/logs/2026-01-01"
-    assert simulate(["--out", logs, "--config", cfg]) in (0, None)
     store_uri = f"{s3_env}/grade"
-    common = {"workdir": tmp_path / "work", "store_uri": store_uri, "logs": logs,
-              "snapshot_date": "2026-01-01"}
+    common = {"workdir": tmp_path / "work", "store_uri": store_uri, "snapshot_date": "2026-01-01"}
 
     first = run_local.run_local(cfg, tmp_path / "out1", **common)
     report, blessing = first["report"], first["blessing"]
+    # The simulated logs were written to S3 and the pipeline read them from there.
+    logs = first["logs"]
+    assert logs.startswith(f"{store_uri}/logs/simulated-") and store.is_published(logs)
+    run_tasks = {p.name for p in first["run_dir"].iterdir()}
+    assert "simulate" not in run_tasks and "features-2" in run_tasks
     assert first["registry"] == f"{store_uri}/registry"
     assert {"static", "stage1", "grade", "oracle"} <= set(report["policies"])
     assert "incumbent" not in report["policies"], "an empty registry has no incumbent"
@@ -69,6 +72,7 @@ def test_two_runs_on_s3_promote_then_compare_with_the_incumbent(s3_env, tmp_path
                         finetune={**SMALL["finetune"], "seed": 1})
     second = run_local.run_local(cfg2, tmp_path / "out2", **common)
     assert second["run_dir"] != first["run_dir"]
+    assert second["logs"] == logs, "the same simulator config reuses the logs on S3"
     assert "incumbent" in second["report"]["policies"]
     assert "grade" in second["report"]["lift_vs_incumbent"]
     assert second["report"]["models"]["incumbent"]["version"] == production["version"]
@@ -80,9 +84,10 @@ def test_two_runs_on_s3_promote_then_compare_with_the_incumbent(s3_env, tmp_path
     assert now["previous_version"] == production["version"]
 
 
-def test_command_line_simulates_runs_ablations_and_prints_the_summary(tmp_path, capsys):
+def test_command_line_simulates_runs_ablations_and_prints_the_summary(tmp_path, capsys, monkeypatch):
     from pipeline import params, run_local
 
+    monkeypatch.delenv("S3_ENDPOINT_URL", raising=False)  # a local store
     cfg = small_config(tmp_path)
     rc = run_local.main(["--config", cfg, "--out", str(tmp_path / "out"), "--snapshot-date", "2026-01-02",
                          "--ablations"])
