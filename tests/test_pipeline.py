@@ -358,3 +358,41 @@ def test_simulated_logs_on_s3_are_written_once_per_simulator_config(s3_env, tmp_
     assert simulated_logs(f"{s3_env}/store", str(cfg)) == uri
     cfg.write_text(cfg.read_text().replace("n_requests: 120", "n_requests: 130"))
     assert simulated_logs(f"{s3_env}/store", str(cfg)) != uri
+
+
+# ---------------------------------------------------------------------------------------------
+# the image and the compose file (no Docker engine here: checked as text)
+# ---------------------------------------------------------------------------------------------
+
+def test_dockerfile_builds_the_project_on_slim_python_with_cpu_torch_as_non_root():
+    import re
+
+    text = (ROOT / "containers" / "Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.M))
+    assert args["PYTHON_VERSION"] == "3.11" and "FROM python:${PYTHON_VERSION}-slim" in text
+    assert args["TORCH_INDEX"] == "https://download.pytorch.org/whl/cpu"
+    # The image's torch satisfies the project's torch range (else pip would fetch another build).
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    low, high = re.search(r'"torch>=([\d.]+),<([\d.]+)"', pyproject).groups()
+
+    def version(v):
+        return tuple(int(x) for x in v.split("."))
+
+    assert version(low) <= version(args["TORCH_VERSION"]) < version(high)
+    users = re.findall(r"^USER (\S+)$", text, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    for src in re.findall(r"^COPY (.+) \S+$", text, re.M):
+        for name in src.split():
+            assert (ROOT / name).exists(), name
+            assert f"!{name}" in ignored or f"!{name}/" in ignored, f"{name} is not sent to the build"
+
+
+def test_compose_starts_minio_and_creates_the_bucket():
+    compose = yaml.safe_load((ROOT / "containers" / "compose.yaml").read_text())
+    services = compose["services"]
+    assert services["minio"]["image"].startswith("minio/minio:")
+    assert "9000:9000" in services["minio"]["ports"]
+    init = services["create-bucket"]
+    assert init["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert "mc mb --ignore-existing" in " ".join(init["command"])
