@@ -1,13 +1,14 @@
 """Promotion gate and model registry operations.
 
     python -m components.promote --report URI --candidate URI --registry URI [--config YAML]
-                                 [--candidate-name grade] [--blessing PATH] [--data URI]
+                                 [--candidate-name grade] [--out URI] [--data URI]
     python -m components.promote status   --registry URI [--model-name grade-mtf]
     python -m components.promote history  --registry URI [--model-name grade-mtf]
-    python -m components.promote rollback --registry URI [--model-name grade-mtf] [--why TEXT]
+    python -m components.promote rollback --registry URI [--model-name grade-mtf] [--why TEXT] [--to VERSION]
 
 The gate compares the candidate with the production model (or with static weights for the first
-model) on the report's held-out requests and writes a blessing (JSON). When blessed, the candidate
+model) on the report's held-out requests and writes a blessing (JSON; to --out, by default
+blessing.json in the report's folder). When blessed, the candidate
 is registered and the ``production`` alias moves by compare-and-swap. Not blessed is a normal
 outcome (exit 0); bad input exits with status 2.
 """
@@ -33,7 +34,8 @@ def gate_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config; its `promote` section holds the thresholds")
     p.add_argument("--candidate-name", help="the candidate's name in the report (default: promote.candidate_name)")
     p.add_argument("--model-name", help="registry model name (default: promote.model_name, grade-mtf)")
-    p.add_argument("--blessing", help="where to write the blessing JSON (default: print only)")
+    p.add_argument("--out", "--blessing", dest="out", metavar="URI",
+                   help="where to write the blessing JSON (default: blessing.json in the report's folder)")
     p.add_argument("--data", help="data URI recorded in the version's lineage")
     return p
 
@@ -47,6 +49,8 @@ def admin_parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--model-name", default="grade-mtf", help="registry model name")
     if command == "rollback":
         p.add_argument("--why", default="manual rollback", help="reason recorded in the history")
+        p.add_argument("--to", metavar="VERSION",
+                       help="version to restore (default: the one that served before the current one)")
     return p
 
 
@@ -74,7 +78,7 @@ def admin(command: str, argv: list[str]) -> int:
                   f"{m['version']}  ({m['why']})")
     else:
         try:
-            rec = reg.rollback(args.why)
+            rec = reg.rollback(args.why, to=args.to)
         except ValueError as e:
             raise InputError(str(e)) from None
         print(f"{args.model_name}/production rolled back to {rec['version']} (was {rec['previous_version']})")
@@ -92,11 +96,10 @@ def main(argv: list[str] | None = None) -> int:
                                                        "model_name": args.model_name})
     cli.log.info("promote config: %s", json.dumps(config.to_dict(cfg), sort_keys=True))
     blessing = promotion.promote(args.report, args.candidate, args.registry, cfg, data_uri=args.data)
-    if args.blessing:
-        store.write_json(args.blessing, blessing)
+    out = args.out or store.join(promotion.report_folder(args.report), "blessing.json")
+    store.write_json(out, blessing)
     print(promotion.format_blessing(blessing))
-    if args.blessing:
-        print(f"blessing: {args.blessing}")
+    print(f"blessing: {out}")
     return 0
 
 

@@ -46,8 +46,13 @@ class PromoteConfig:
     min_lift: float | None = 0.0
     """the primary lift's CI lower bound must be above this (null: no threshold -> never blessed)"""
     guardrails: dict[str, float] = dataclasses.field(
-        default_factory=lambda: {"ctr": -0.005, "cvr": -0.01, "gpm": -0.01})
+        default_factory=lambda: {"ctr": -0.005, "cvr": -0.01, "gpm": -0.005})
     """metric -> lowest acceptable lift vs the baseline (e.g. ctr -0.005: CTR may drop at most 0.5%)"""
+
+
+def report_folder(uri: str) -> str:
+    """The report's folder, given the folder or its report.json."""
+    return uri.rsplit("/", 1)[0] if uri.endswith(".json") else uri
 
 
 def read_report(uri: str) -> dict[str, Any]:

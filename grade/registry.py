@@ -5,7 +5,7 @@ Layout under the registry root::
     <model_name>/versions/<version>/          immutable: policy weights + config, feature spec,
                                               TorchScript export, evaluation report, blessing,
                                               lineage.json; _MANIFEST.json written last
-    <model_name>/versions/<version>.claim     the version id, taken with a conditional create
+    <model_name>/versions/vNNNN.claim         the version number, taken with a conditional create
     <model_name>/aliases/production.json      {version, content_hash, when, why, previous_version}
     <model_name>/aliases/history/<seq>.json   every alias move, appended with conditional creates
 
@@ -80,14 +80,15 @@ class Registry:
         return None
 
     def _claim_version(self, content_hash: str) -> str:
-        """A fresh version id ``vNNNN-<hash8>``, claimed with a conditional create (never shared)."""
+        """A fresh version id ``vNNNN-<hash8>``; the sequence number is claimed with a conditional create,
+        so concurrent writers never share a number (and ids sort in registration order)."""
         claims = [n for n in store.list_prefix(self.versions_root) if n.endswith(".claim") and "/" not in n]
         seq = len(claims) + 1
         while True:
             version = f"v{seq:04d}-{content_hash[:8]}"
             try:
-                store.put_if_absent(store.join(self.versions_root, f"{version}.claim"),
-                                    json.dumps({"claimed": _now()}).encode())
+                store.put_if_absent(store.join(self.versions_root, f"v{seq:04d}.claim"),
+                                    json.dumps({"version": version, "claimed": _now()}).encode())
                 return version
             except store.PreconditionFailed:
                 seq += 1
@@ -175,12 +176,37 @@ class Registry:
         log.info("registry: %s/%s -> %s (%s)", self.model_name, ALIAS, version, why)
         return record
 
-    def rollback(self, why: str = "rollback") -> dict[str, Any]:
-        """Point the alias back at its previous version (recorded in the history)."""
+    def rollback_target(self) -> str | None:
+        """The version that served before the current one, undoing earlier rollbacks too.
+
+        Replays the history as a stack (a promotion pushes, a rollback pops), so rolling back twice
+        goes two promotions back rather than toggling between the last two versions.
+        """
         current = self.production()
-        if current is None or not current[0].get("previous_version"):
+        if current is None:
+            return None
+        stack: list[str] = []
+        for move in self.history():
+            if move.get("action") == "rollback":
+                if stack:
+                    stack.pop()
+                if not stack or stack[-1] != move["version"]:
+                    stack.append(move["version"])
+            else:
+                stack.append(move["version"])
+        if stack and stack[-1] == current[0]["version"]:
+            return stack[-2] if len(stack) > 1 else None
+        return current[0].get("previous_version")  # history incomplete: trust the alias record
+
+    def rollback(self, why: str = "rollback", to: str | None = None) -> dict[str, Any]:
+        """Point the alias back at the previous version (or ``to``); recorded in the history."""
+        current = self.production()
+        target = to or self.rollback_target()
+        if current is None or not target:
             raise ValueError(f"{self.model_name}: nothing to roll back to")
-        return self.set_production(current[0]["previous_version"], why, expected_etag=current[1], action="rollback")
+        if target == current[0]["version"]:
+            raise ValueError(f"{self.model_name}: {target} is already in production")
+        return self.set_production(target, why, expected_etag=current[1], action="rollback")
 
     def _append_history(self, record: dict[str, Any]) -> None:
         seq = len(store.list_prefix(self.history_root)) + 1

@@ -1,0 +1,228 @@
+"""Promotion gate on both backends: fail-closed blessing, incumbent replacement, races, rollback, CLI."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+import grade.registry as registry_mod
+from components import promote as promote_cli
+from grade import cli, store
+from grade.promotion import PromoteConfig, promote
+from grade.registry import Registry, production_model
+from tests.test_registry import killed_writer, model_folder
+
+
+def lift(v: float) -> dict:
+    return {"lift": v, "ci_low": v - 0.01, "ci_high": v + 0.01}
+
+
+def write_report(root: str, name: str, candidate_uri: str, opm: float, gpm: float = 0.01, ctr: float = 0.0,
+                 incumbent: tuple[str, float] | None = None, include_candidate: bool = True) -> str:
+    """A report.json of the evaluation's shape: the candidate's lifts vs static (and vs the incumbent)."""
+    metrics = {"opm": lift(opm), "gpm": lift(gpm), "ctr": lift(ctr), "cvr": lift(0.0)}
+    report = {"n_requests": 1000, "primary_metric": "opm", "has_ground_truth": True,
+              "policies": {"static": {"true": {}}}, "lift_vs_static": {}, "models": {}}
+    if include_candidate:
+        report["policies"]["grade"] = {"true": {}}
+        report["lift_vs_static"]["grade"] = {"true": metrics}
+        report["models"]["grade"] = {"uri": candidate_uri, "content_hash": store.content_hash(candidate_uri)}
+    if incumbent:
+        version, inc_opm = incumbent
+        report["models"]["incumbent"] = {"version": version}
+        report["lift_vs_incumbent"] = {"grade": {"true": {**metrics, "opm": lift(inc_opm)}}}
+    uri = store.join(root, "reports", name)
+    with store.publishing(uri) as staging:
+        (staging / "report.json").write_text(json.dumps(report))
+    return uri
+
+
+def test_first_promotion_vs_static_then_better_replaces_and_worse_does_not(store_root):
+    registry = store.join(store_root, "registry")
+    cfg = PromoteConfig()
+    a = model_folder(store_root, "a", 1)
+    b1 = promote(write_report(store_root, "r1", a, opm=0.05), a, registry, cfg)
+    assert b1["baseline"] == "static" and b1["blessed"] and b1["promoted"]
+    v1 = b1["version"]
+    assert production_model(registry)[0] == v1
+    # primary check: ci_low 0.04 > 0; guardrails: ctr -0.0 >= -0.005, cvr 0 >= -0.01, gpm 0.01 >= -0.005
+    assert [(c["name"], round(c["value"], 6), c["passed"]) for c in b1["checks"]] == [
+        ("true/opm lift CI low", 0.04, True), ("true/ctr lift", 0.0, True),
+        ("true/cvr lift", 0.0, True), ("true/gpm lift", 0.01, True)]
+
+    b = model_folder(store_root, "b", 2)
+    b2 = promote(write_report(store_root, "r2", b, opm=0.05, incumbent=(v1, 0.03)), b, registry, cfg)
+    assert b2["baseline"] == "incumbent" and b2["promoted"] and b2["incumbent_version"] == v1
+    v2 = b2["version"]
+    assert production_model(registry)[0] == v2 != v1
+
+    c = model_folder(store_root, "c", 3)
+    b3 = promote(write_report(store_root, "r3", c, opm=0.05, incumbent=(v2, -0.02)), c, registry, cfg)
+    assert not b3["blessed"] and not b3["promoted"] and b3["verdict"] == "not blessed"
+    assert any("lift CI low" in r for r in b3["reasons"])
+    assert production_model(registry)[0] == v2
+
+    # the promoted version holds exactly what was evaluated, with its blessing and lineage
+    reg = Registry(registry)
+    assert reg.lineage(v2)["content_hash"] == store.content_hash(b) == b2["candidate_content_hash"]
+    assert store.content_hash(reg.model_uri(v2)) == store.content_hash(b)
+    assert reg.lineage(v2)["parent_version"] == v1
+    assert store.read_json(store.join(reg.version_uri(v2), "blessing.json"))["baseline"] == "incumbent"
+    assert [m["version"] for m in reg.history()] == [v1, v2]
+    assert reg.versions() == [v1, v2]  # the rejected candidate was not registered
+
+
+def test_guardrail_missing_candidate_and_no_thresholds_fail_closed(store_root):
+    registry = store.join(store_root, "registry")
+    a = model_folder(store_root, "a", 1)
+    # CTR lift -0.006 is just below the -0.005 tolerance
+    b = promote(write_report(store_root, "r1", a, opm=0.05, ctr=-0.006), a, registry, PromoteConfig())
+    assert not b["blessed"] and any("guardrail true/ctr" in r for r in b["reasons"])
+    b = promote(write_report(store_root, "r2", a, opm=0.05, include_candidate=False), a, registry, PromoteConfig())
+    assert not b["blessed"] and any("no metrics for candidate" in r for r in b["reasons"])
+    b = promote(write_report(store_root, "r3", a, opm=0.05), a, registry, PromoteConfig(min_lift=None, guardrails={}))
+    assert not b["blessed"] and any("no thresholds" in r for r in b["reasons"])
+    b = promote(write_report(store_root, "r4", a, opm=0.05), a, registry, PromoteConfig(primary_metric="nope"))
+    assert not b["blessed"] and any("missing from the report" in r for r in b["reasons"])
+    assert production_model(registry) is None and Registry(registry).versions() == []
+
+
+def test_candidate_that_differs_from_the_evaluated_content_is_not_blessed(store_root):
+    registry = store.join(store_root, "registry")
+    a, other = model_folder(store_root, "a", 1), model_folder(store_root, "other", 9)
+    b = promote(write_report(store_root, "r1", a, opm=0.05), other, registry, PromoteConfig())
+    assert not b["blessed"] and any("not what the report evaluated" in r for r in b["reasons"])
+
+
+def test_report_without_the_current_incumbent_is_not_blessed(store_root):
+    registry = store.join(store_root, "registry")
+    a = model_folder(store_root, "a", 1)
+    v1 = promote(write_report(store_root, "r1", a, opm=0.05), a, registry, PromoteConfig())["version"]
+    b = model_folder(store_root, "b", 2)
+    stale = promote(write_report(store_root, "r2", b, opm=0.05, incumbent=("v0000-deadbeef", 0.05)), b, registry,
+                    PromoteConfig())
+    assert not stale["blessed"] and production_model(registry)[0] == v1
+    # no incumbent metrics at all (only vs static, which it beats): not blessed either
+    c = promote(write_report(store_root, "r3", b, opm=0.05), b, registry, PromoteConfig())
+    assert not c["blessed"] and c["baseline"] == "incumbent" and production_model(registry)[0] == v1
+
+
+def test_rerun_is_idempotent(store_root):
+    registry = store.join(store_root, "registry")
+    a = model_folder(store_root, "a", 1)
+    report = write_report(store_root, "r1", a, opm=0.05)
+    first = promote(report, a, registry, PromoteConfig())
+    again = promote(report, a, registry, PromoteConfig())
+    assert again["verdict"] == "already in production" and not again["promoted"]
+    reg = Registry(registry)
+    assert reg.versions() == [first["version"]] and len(reg.history()) == 1
+
+
+def test_racing_promotions_exactly_one_wins(store_root, monkeypatch):
+    registry = store.join(store_root, "registry")
+    cands = [model_folder(store_root, n, s) for n, s in (("a", 1), ("b", 2))]
+    reports = [write_report(store_root, f"r{i}", c, opm=0.05) for i, c in enumerate(cands)]
+    results: list = [None, None]
+    # both promotions read "no alias" and register before either moves the alias
+    barrier = threading.Barrier(2)
+    original = registry_mod.Registry.register
+
+    def register_then_wait(self, *a, **k):
+        out = original(self, *a, **k)
+        barrier.wait(timeout=30)
+        return out
+
+    monkeypatch.setattr(registry_mod.Registry, "register", register_then_wait)
+
+    def run(i):
+        results[i] = promote(reports[i], cands[i], registry, PromoteConfig())
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(r["verdict"] for r in results) == ["conflict", "promoted"]
+    winner = next(r for r in results if r["promoted"])
+    loser = next(r for r in results if not r["promoted"])
+    assert any("moved concurrently" in r for r in loser["reasons"])
+    reg = Registry(registry)
+    assert reg.production()[0]["version"] == winner["version"]
+    assert [m["version"] for m in reg.history()] == [winner["version"]]
+
+
+def test_killed_writer_then_promotion(store_root):
+    registry = store.join(store_root, "registry")
+    a = model_folder(store_root, "a", 1)
+    assert killed_writer(registry, a).returncode == 9
+    assert production_model(registry) is None
+    b = promote(write_report(store_root, "r1", a, opm=0.05), a, registry, PromoteConfig())
+    assert b["promoted"] and Registry(registry).versions() == [b["version"]]
+    assert production_model(registry)[0] == b["version"]
+
+
+def test_rollback_restores_the_previous_version(store_root, capsys):
+    registry = store.join(store_root, "registry")
+    a, b = model_folder(store_root, "a", 1), model_folder(store_root, "b", 2)
+    v1 = promote(write_report(store_root, "r1", a, opm=0.05), a, registry, PromoteConfig())["version"]
+    v2 = promote(write_report(store_root, "r2", b, opm=0.05, incumbent=(v1, 0.04)), b, registry,
+                 PromoteConfig())["version"]
+    assert cli.run(promote_cli.main, ["rollback", "--registry", registry]) == 0
+    assert production_model(registry)[0] == v1
+    hist = Registry(registry).history()
+    assert [(h["action"], h["version"]) for h in hist] == [("promote", v1), ("promote", v2), ("rollback", v1)]
+    # nothing before v1: bad input, exit 2, alias unchanged
+    assert cli.run(promote_cli.main, ["rollback", "--registry", registry]) == 2
+    assert production_model(registry)[0] == v1
+
+
+def test_cli_bad_input_exit_2_blessing_file_status_history(tmp_path, capsys):
+    registry = str(tmp_path / "registry")
+    a = model_folder(str(tmp_path), "a", 1)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert cli.run(promote_cli.main, ["--report", str(bad), "--candidate", a, "--registry", registry]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    assert cli.run(promote_cli.main, ["--report", str(tmp_path / "missing"), "--candidate", a,
+                                      "--registry", registry]) == 2
+    report = write_report(str(tmp_path), "r1", a, opm=0.05)
+    assert cli.run(promote_cli.main, ["--report", report, "--candidate", str(tmp_path / "nope"),
+                                      "--registry", registry]) == 2
+    assert production_model(registry) is None
+
+    # not blessed is exit 0; the blessing goes next to the report by default
+    assert cli.run(promote_cli.main, ["--report", report, "--candidate", a, "--registry", registry,
+                                      "--config", str(_yaml(tmp_path, "promote:\n  min_lift: 0.2\n"))]) == 0
+    out = capsys.readouterr().out
+    assert "NOT BLESSED" in out and "[FAIL] true/opm lift CI low" in out
+    assert store.read_json(store.join(report, "blessing.json"))["blessed"] is False
+    assert production_model(registry) is None
+
+    blessing = tmp_path / "blessing.json"
+    assert cli.run(promote_cli.main, ["--report", report, "--candidate", a, "--registry", registry,
+                                      "--out", str(blessing)]) == 0
+    assert json.loads(blessing.read_text())["promoted"] is True
+    assert cli.run(promote_cli.main, ["status", "--registry", registry]) == 0
+    assert cli.run(promote_cli.main, ["history", "--registry", registry]) == 0
+    out = capsys.readouterr().out
+    assert "PROMOTED" in out and f"blessing: {blessing}" in out
+    assert "grade-mtf/production -> v0001" in out and "None -> v0001" in out
+    assert Path(registry, "grade-mtf", "versions").is_dir()
+
+
+def _yaml(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "config.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["status", "--help"], ["rollback", "--help"]])
+def test_help_documents_the_options(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        promote_cli.main(argv)
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--registry" in out and ("--out" in out or "--model-name" in out)
