@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "_MANIFEST.json"
+#: suffixes of the local backend's own bookkeeping files (hidden temp files, CAS locks): never listed
+_LOCAL_SCRATCH_SUFFIXES = (".tmp", ".lock")
 
 
 class StoreError(Exception):
@@ -101,11 +103,7 @@ def upload_file(local_path: str | os.PathLike, uri: str) -> None:
     if is_s3(uri):
         _s3().upload_file(str(local_path), uri)
         return
-    dst = Path(uri)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(local_path, tmp)
-    os.replace(tmp, dst)
+    _copy_atomically(local_path, uri)
 
 
 def download_file(uri: str, local_path: str | os.PathLike) -> None:
@@ -115,8 +113,25 @@ def download_file(uri: str, local_path: str | os.PathLike) -> None:
         return
     if not Path(uri).is_file():
         raise NotFound(f"{uri}: not found")
-    Path(local_path).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(uri, local_path)
+    _copy_atomically(uri, local_path)
+
+
+def _copy_atomically(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy through a uniquely named hidden temp file + rename: concurrent writers never mix."""
+    d = Path(dst)
+    d.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d.parent, prefix=f".{d.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, d)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _is_local_scratch(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(_LOCAL_SCRATCH_SUFFIXES)
 
 
 def exists(uri: str) -> bool:
@@ -127,13 +142,17 @@ def exists(uri: str) -> bool:
 
 
 def list_prefix(uri: str) -> list[str]:
-    """Relative names (with '/' separators) of every object below the folder ``uri``, sorted."""
+    """Relative names (with '/' separators) of every object below the folder ``uri``, sorted.
+
+    Locally, in-flight temp files and compare-and-swap locks are not objects and are left out.
+    """
     if is_s3(uri):
         return _s3().list_prefix(uri)
     root = Path(uri)
     if not root.is_dir():
         return []
-    return sorted(str(p.relative_to(root)).replace(os.sep, "/") for p in root.rglob("*") if p.is_file())
+    return sorted(str(p.relative_to(root)).replace(os.sep, "/") for p in root.rglob("*")
+                  if p.is_file() and not _is_local_scratch(p))
 
 
 def delete(uri: str) -> None:
@@ -208,7 +227,9 @@ def put_if_match(uri: str, data: bytes, etag: str) -> str:
     import fcntl
 
     p = Path(uri)
-    lock_path = p.with_name(f".{p.name}.lock")
+    if not p.parent.is_dir():
+        raise PreconditionFailed(f"{uri}: does not exist")
+    lock_path = p.with_name(f".{p.name}.lock")  # next to the object: works on any shared filesystem
     with open(lock_path, "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # serialise local compare-and-swap between processes
         try:

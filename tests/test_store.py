@@ -124,6 +124,17 @@ def test_conditional_puts_conflict_with_412(store_root):
     assert store.get_with_etag(uri) == (b"v2", new)
     with pytest.raises(store.PreconditionFailed):
         store.put_if_match(store.join(store_root, "missing.json"), b"x", new)
+    with pytest.raises(store.PreconditionFailed):
+        store.put_if_match(store.join(store_root, "no-such-folder", "missing.json"), b"x", new)
+    # compare-and-swap leaves nothing else behind that a listing would show
+    assert store.list_prefix(store_root) == ["alias.json"]
+
+
+def test_listing_skips_a_local_writer_s_temp_file(tmp_path):
+    root = tmp_path / "store"
+    store.write_bytes(str(root / "a.json"), b"{}")
+    (root / ".b.json.k2j3.tmp").write_bytes(b"half-writ")  # a concurrent writer, not yet renamed
+    assert store.list_prefix(str(root)) == ["a.json"]
 
 
 def test_racing_conditional_creates_exactly_one_wins(store_root):
