@@ -38,6 +38,8 @@ RETRYABLE_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavai
                    "OperationAborted", "ThrottlingException"}
 NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"}
 PART_SIZE = 16 * 1024 * 1024
+#: OSErrors about the local side of a transfer (raised as they are, like the local backend does)
+LOCAL_FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 class S3ConfigError(InputError):
@@ -110,8 +112,8 @@ class S3Backend:
                 if not self._retryable(e) or attempt == self.max_attempts:
                     raise store.StoreError(f"{what} {uri} failed: {e.code}: {e.message}") from None
                 err = f"{e.code}"
-            except (store.StoreError, InputError):
-                raise
+            except (store.StoreError, InputError, *LOCAL_FILE_ERRORS):
+                raise  # a missing or unwritable local file is not the server's fault: no retry
             except Exception as e:  # noqa: BLE001 - classified below
                 if not self._retryable(e) or attempt == self.max_attempts:
                     raise store.StoreError(f"{what} {uri} failed after {attempt} attempt(s): "

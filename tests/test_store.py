@@ -50,6 +50,15 @@ def test_files_copy_and_a_multipart_upload(store_root, tmp_path):
         store.download_file(store.join(store_root, "files", "missing"), tmp_path / "m")
 
 
+def test_a_missing_local_file_fails_at_once_without_retries(store_root, tmp_path, caplog):
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises(FileNotFoundError):
+            store.upload_file(tmp_path / "not-there.bin", store.join(store_root, "x.bin"))
+    assert time.monotonic() - t0 < 1.0 and "retrying" not in caplog.text
+    assert not store.exists(store.join(store_root, "x.bin"))
+
+
 def test_publish_open_and_content_hash(store_root, tmp_path):
     uri = store.join(store_root, "out")
     with store.publishing(uri, extra={"producer": "test"}) as staging:
