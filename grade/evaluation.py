@@ -61,7 +61,7 @@ class EvaluateConfig:
     """train requests (with a positive label) the search scores on"""
     oracle_value: str = "orders"
     """what the oracle maximises per request (passed to grade.simulator.oracle_weights)"""
-    oracle_candidates: int = 256
+    oracle_candidates: int = 512
     """weight vectors the oracle tries per request"""
     frontier_steps: int = 12
     """grid resolution of the static-weights sweep over the simplex (trade-off frontier)"""
