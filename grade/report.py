@@ -155,7 +155,7 @@ def fig_frontier(report: dict[str, Any], colours: dict[str, Any]) -> str | None:
     plt = _mpl()
     flavour = fr["flavour"]
     x, y = np.array(fr["ctr"]), np.array(fr["gpm"])
-    fig, ax = plt.subplots(figsize=(7.5, 5.2))
+    fig, ax = plt.subplots(figsize=(9.5, 5.2))
     ax.scatter(x, y, s=12, color="0.7", label="global weight vectors (simplex grid)")
     front = _pareto(x, y)
     ax.plot(x[front], y[front], color="0.35", lw=1.2, label="static frontier")
@@ -169,7 +169,7 @@ def fig_frontier(report: dict[str, Any], colours: dict[str, Any]) -> str | None:
     ax.set_ylabel(f"{flavour} GPM (GMV per 1000 impressions)")
     ax.set_title("CTR-GPM trade-off: static weights vs learned policies")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _png(fig)
 
 
@@ -183,7 +183,8 @@ def fig_weights(name: str, w: torch.Tensor, seg: torch.Tensor, labels: dict[int,
     for j in range(k):
         data = [w[seg == s, j][:MAX_POINTS_PER_SEGMENT].numpy() for s in segment_ids]
         pos = np.arange(len(segment_ids)) + (j - (k - 1) / 2) * width
-        bp = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, showfliers=False)
+        bp = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, showfliers=False,
+                        medianprops={"color": "black"})
         for box in bp["boxes"]:
             box.set_facecolor(cmap(j))
         ax.plot([], [], color=cmap(j), lw=6, label=f"w_{objectives[j]}")
@@ -221,7 +222,11 @@ def fig_curves(name: str, series: dict[str, tuple[np.ndarray, np.ndarray]]) -> s
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
     for ax, (key, (x, y)) in zip(axes.flat, series.items(), strict=False):
-        ax.plot(x, y, lw=1.2)
+        ax.plot(x, y, lw=0.8, alpha=0.45, color="tab:blue")
+        if len(y) >= 10:  # a moving average shows the trend through per-step noise
+            win = max(3, len(y) // 20)
+            smooth = np.convolve(y, np.ones(win) / win, mode="valid")
+            ax.plot(x[win - 1:], smooth, lw=1.6, color="tab:blue")
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
