@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import urllib3
 from minio import Minio
 from minio.commonconfig import CopySource
-from minio.error import S3Error, ServerError
+from minio.error import InvalidResponseError, S3Error, ServerError
 
 from grade import store
 from grade.errors import InputError
@@ -36,6 +36,8 @@ ENV_VARS = ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 #: S3 error codes worth another attempt (throttling and transient server trouble)
 RETRYABLE_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "RequestTimeTooSkewed",
                    "OperationAborted", "ThrottlingException"}
+#: HTTP statuses worth another attempt whatever the body says (429 throttling, 5xx except 501)
+RETRYABLE_STATUS = {429, 500, 502, 503, 504}
 NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"}
 PART_SIZE = 16 * 1024 * 1024
 #: OSErrors about the local side of a transfer (raised as they are, like the local backend does)
@@ -92,11 +94,18 @@ class S3Backend:
             raise InputError(f"{uri}: expected s3://bucket/key")
         return bucket, key
 
-    def _retryable(self, e: Exception) -> bool:
-        if isinstance(e, ServerError):
-            return True
+    @staticmethod
+    def _retryable(e: Exception) -> bool:
+        """Transient: connection trouble, throttling, HTTP 5xx (also a proxy's non-XML 502/503 page).
+
+        Other 4xx answers (denied, bad request, not implemented) would fail the same way again.
+        """
         if isinstance(e, S3Error):
-            return e.code in RETRYABLE_CODES
+            return e.code in RETRYABLE_CODES or getattr(e.response, "status", None) in RETRYABLE_STATUS
+        if isinstance(e, ServerError):
+            return e.status_code in RETRYABLE_STATUS
+        if isinstance(e, InvalidResponseError):
+            return getattr(e, "_code", None) in RETRYABLE_STATUS
         return isinstance(e, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError, OSError))
 
     def _call(self, what: str, uri: str, fn: Callable[[], T]) -> T:

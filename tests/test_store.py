@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from grade import store
-from tests.conftest import free_port, s3_environ, start_moto
+from tests.conftest import free_port, s3_environ
 
 
 def test_bytes_json_exists_list_delete(store_root):
@@ -197,46 +199,145 @@ def test_missing_settings_name_the_variables_and_never_the_secret(monkeypatch, c
     store.reset_s3_client()
 
 
-def test_operation_succeeds_when_the_server_comes_back_within_the_retry_budget(monkeypatch):
-    """The S3 server is down when the call starts and back ~1 s later: the retries carry the call."""
+def test_operation_succeeds_when_the_server_comes_back_within_the_retry_budget(monkeypatch, caplog):
+    """The S3 server is down when the calls start and back ~1 s later: the retries carry them.
+
+    The server runs in this process, so its buckets and objects outlive the restart (as a real
+    MinIO's do): the read after the outage returns what was written before it.
+    """
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     port = free_port()
-    server = start_moto(port)
-    endpoint = f"http://127.0.0.1:{port}"
-    for k, v in s3_environ(endpoint).items():
+    servers = [ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)]
+    servers[0].start()
+    for k, v in s3_environ(f"http://127.0.0.1:{port}").items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setenv("GRADE_S3_MAX_ATTEMPTS", "15")
+    monkeypatch.setenv("GRADE_S3_MAX_ATTEMPTS", "12")
     store.reset_s3_client()
-    from minio import Minio
-
-    Minio(f"127.0.0.1:{port}", access_key="a", secret_key="b", secure=False).make_bucket("retry-bucket")
-    store.write_bytes("s3://retry-bucket/k", b"before")
-    server.terminate()
-    server.wait(10)
-    restarted: list = []
-
-    def restart() -> None:
-        time.sleep(1.0)
-        restarted.append(start_moto(port))  # moto keeps data in memory: the bucket is recreated below
-
-    t = threading.Thread(target=restart)
-    t.start()
     try:
-        store.reset_s3_client()
         backend = store._s3()
-        backend.base_delay, backend.max_delay = 0.25, 1.0
-        # a bucket listing first: fails while the server is down, succeeds once it is back
+        backend.base_delay, backend.max_delay = 0.1, 0.5
+        backend.client.make_bucket("retry-bucket")
+        store.write_bytes("s3://retry-bucket/k", b"before the outage")
+        servers[0].stop()
+        with pytest.raises(OSError):  # really down: nothing listens on the port
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+        def restart() -> None:
+            time.sleep(1.0)
+            servers.append(ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False))
+            servers[-1].start()
+
+        t = threading.Thread(target=restart)
+        t.start()
         t0 = time.monotonic()
-        assert store.list_prefix("s3://retry-bucket/none") == []
-        assert time.monotonic() - t0 >= 0.5, "the call must have waited for the server"
+        with caplog.at_level(logging.WARNING, logger="grade.s3"):
+            assert store.read_bytes("s3://retry-bucket/k") == b"before the outage"
+        assert time.monotonic() - t0 >= 0.9, "the read must have waited for the server"
+        assert "retrying" in caplog.text and "attempt 1/12" in caplog.text
         t.join(30)
-        Minio(f"127.0.0.1:{port}", access_key="a", secret_key="b", secure=False).make_bucket("retry-bucket2")
-        store.write_bytes("s3://retry-bucket2/k", b"after")
-        assert store.read_bytes("s3://retry-bucket2/k") == b"after"
+        store.write_bytes("s3://retry-bucket/k2", b"after")
+        assert store.list_prefix("s3://retry-bucket") == ["k", "k2"]
     finally:
-        t.join(30)
-        for p in restarted:
-            p.terminate()
+        for server in servers:
+            try:
+                server.stop()
+            except Exception:  # noqa: BLE001 - already stopped
+                pass
         store.reset_s3_client()
+
+
+class _ScriptedS3(http.server.BaseHTTPRequestHandler):
+    """An S3 endpoint that answers each path from a script: (status, content type, body), the last repeats."""
+
+    script: dict[str, list[tuple[int, str, bytes]]] = {}
+    seen: list[tuple[str, str, dict[str, str]]] = []
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        self.seen.append((self.command, self.path, dict(self.headers)))
+        steps = self.script[self.path]
+        status, ctype, body = steps.pop(0) if len(steps) > 1 else steps[0]
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("ETag", '"abc"')
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_PUT = do_HEAD = _answer
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def _s3_error(code: str) -> tuple[str, bytes]:
+    return "application/xml", f"<Error><Code>{code}</Code><Message>{code}</Message></Error>".encode()
+
+
+@pytest.fixture
+def scripted_s3(monkeypatch):
+    """(backend with 4 attempts, the script, the requests seen, the backoff delays slept)."""
+    from grade import s3
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ScriptedS3)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    _ScriptedS3.script, _ScriptedS3.seen = {}, []
+    slept: list[float] = []
+    monkeypatch.setattr(s3.time, "sleep", slept.append)
+    backend = s3.S3Backend(f"http://127.0.0.1:{server.server_address[1]}", "id", "secret", "us-east-1",
+                           max_attempts=4, base_delay=0.2, max_delay=0.5)
+    yield backend, _ScriptedS3.script, _ScriptedS3.seen, slept
+    server.shutdown()
+    server.server_close()
+
+
+def test_throttling_and_5xx_are_retried_with_bounded_backoff(scripted_s3, caplog):
+    backend, script, seen, slept = scripted_s3
+    script["/bkt/k"] = [(503, *_s3_error("SlowDown")), (502, "text/html", b"<html>bad gateway</html>"),
+                        (500, *_s3_error("InternalError")), (200, "application/octet-stream", b"payload")]
+    with caplog.at_level(logging.WARNING, logger="grade.s3"):
+        assert backend.read_bytes("s3://bkt/k") == b"payload"
+    assert len(seen) == 4 and caplog.text.count("retrying") == 3
+    # full jitter: attempt n sleeps uniformly in [0, min(cap, base * 2^(n-1))] = [0, .2], [0, .4], [0, .5]
+    assert len(slept) == 3 and all(0 <= d <= cap for d, cap in zip(slept, (0.2, 0.4, 0.5), strict=True))
+
+
+def test_retries_are_bounded_and_not_doubled_by_the_http_layer(scripted_s3):
+    backend, script, seen, slept = scripted_s3
+    script["/bkt/busy"] = [(503, *_s3_error("SlowDown"))]
+    with pytest.raises(store.StoreError, match="SlowDown"):
+        backend.read_bytes("s3://bkt/busy")
+    assert len(seen) == 4 and len(slept) == 3  # exactly max_attempts requests, one sleep between each
+
+
+@pytest.mark.parametrize("status, code, error", [
+    (403, "AccessDenied", store.StoreError), (400, "InvalidArgument", store.StoreError),
+    (404, "NoSuchKey", store.NotFound), (404, "NoSuchBucket", store.NotFound),
+])
+def test_client_errors_fail_at_once(scripted_s3, status, code, error):
+    backend, script, seen, slept = scripted_s3
+    script["/bkt/k"] = [(status, *_s3_error(code))]
+    with pytest.raises(error, match=code):
+        backend.read_bytes("s3://bkt/k")
+    assert len(seen) == 1 and slept == []
+
+
+def test_conditional_put_sends_the_real_headers(scripted_s3):
+    backend, script, seen, slept = scripted_s3
+    script["/bkt/alias.json"] = [(412, *_s3_error("PreconditionFailed")), (200, "application/xml", b"")]
+    with pytest.raises(store.PreconditionFailed):
+        backend.put_conditional("s3://bkt/alias.json", b"{}", if_none_match=True)
+    assert backend.put_conditional("s3://bkt/alias.json", b"{}", if_match="abc") == "abc"
+    (_, _, first), (_, _, second) = seen
+    headers = [{k.lower(): v for k, v in h.items()} for h in (first, second)]
+    assert headers[0]["if-none-match"] == "*" and "if-match" not in headers[0]
+    assert headers[1]["if-match"] == '"abc"' and "if-none-match" not in headers[1]
+    assert not any(k.startswith("x-amz-meta-") for h in headers for k in h)  # not turned into metadata
+    assert slept == []  # a lost compare-and-swap is an answer, not a transient failure
 
 
 def test_manifest_lists_names_sizes_and_hashes(tmp_path):
