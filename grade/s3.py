@@ -16,14 +16,17 @@ import io
 import logging
 import os
 import random
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlparse
 
 import urllib3
 from minio import Minio
 from minio.commonconfig import CopySource
+from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error, ServerError
 
 from grade import store
@@ -40,6 +43,9 @@ RETRYABLE_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavai
 RETRYABLE_STATUS = {429, 500, 502, 503, 504}
 NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"}
 PART_SIZE = 16 * 1024 * 1024
+STREAM_CHUNK = 1024 * 1024
+#: names per multi-object DELETE (the S3 API's limit)
+DELETE_BATCH = 1000
 #: OSErrors about the local side of a transfer (raised as they are, like the local backend does)
 LOCAL_FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
@@ -188,10 +194,34 @@ class S3Backend:
         self._call("upload", uri, lambda: self.client.fput_object(bucket, key, local_path, part_size=PART_SIZE))
 
     def download_file(self, uri: str, local_path: str) -> None:
+        """Stream into a uniquely named hidden temp file next to ``local_path``, then rename.
+
+        Unlike minio's ``fget_object`` (a fixed ``.part.minio`` name, remove-then-rename), concurrent
+        downloads to one path never mix, readers never see the path missing or half-written, and a
+        failed attempt leaves nothing behind.
+        """
         bucket, key = self.split(uri)
-        os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
-        # fget_object streams into a temporary part file and renames it at the end
-        self._call("download", uri, lambda: self.client.fget_object(bucket, key, local_path))
+        dst = Path(local_path)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+
+        def get() -> None:
+            fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+            resp = None
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    resp = self.client.get_object(bucket, key)
+                    for chunk in resp.stream(amt=STREAM_CHUNK):
+                        f.write(chunk)
+                os.replace(tmp, dst)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            finally:
+                if resp is not None:
+                    resp.close()
+                    resp.release_conn()
+
+        self._call("download", uri, get)
 
     def exists(self, uri: str) -> bool:
         bucket, key = self.split(uri)
@@ -221,6 +251,22 @@ class S3Backend:
             self._call("DELETE", uri, lambda: self.client.remove_object(bucket, key))
         except store.NotFound:
             pass
+
+    def delete_prefix(self, uri: str) -> None:
+        """Delete every object below the folder ``uri``: one multi-object DELETE per ``DELETE_BATCH`` names."""
+        bucket, key = self.split(uri)
+        prefix = key.rstrip("/") + "/" if key else ""
+        names = [prefix + rel for rel in self.list_prefix(uri)]
+        for start in range(0, len(names), DELETE_BATCH):
+            batch = [DeleteObject(n) for n in names[start:start + DELETE_BATCH]]
+
+            def remove(batch=batch) -> None:
+                errors = list(self.client.remove_objects(bucket, batch))  # lazy: consuming sends it
+                if errors:
+                    raise store.StoreError(f"DELETE below {uri}: {len(errors)} object(s) not deleted, "
+                                           f"first {errors[0].name}: {errors[0].code}")
+
+            self._call("DELETE (batch)", uri, remove)
 
     def copy(self, src: str, dst: str) -> None:
         sb, sk = self.split(src)

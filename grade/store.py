@@ -166,8 +166,7 @@ def delete(uri: str) -> None:
 def delete_prefix(uri: str) -> None:
     """Delete every object below the folder ``uri``."""
     if is_s3(uri):
-        for name in list_prefix(uri):
-            delete(join(uri, name))
+        _s3().delete_prefix(uri)
         return
     shutil.rmtree(uri, ignore_errors=True)
 

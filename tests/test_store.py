@@ -52,6 +52,47 @@ def test_files_copy_and_a_multipart_upload(store_root, tmp_path):
         store.download_file(store.join(store_root, "files", "missing"), tmp_path / "m")
 
 
+def test_delete_prefix_in_batches_keeps_siblings(store_root, monkeypatch):
+    from grade import s3
+
+    monkeypatch.setattr(s3, "DELETE_BATCH", 3)  # 7 objects: three multi-object DELETEs on S3
+    for i in range(7):
+        store.write_bytes(store.join(store_root, "x", f"d{i % 2}", f"{i}.bin"), b"%d" % i)
+    store.write_bytes(store.join(store_root, "x2", "keep.bin"), b"k")  # shares the prefix "x"
+    store.delete_prefix(store.join(store_root, "x"))
+    assert store.list_prefix(store.join(store_root, "x")) == []
+    assert store.list_prefix(store_root) == ["x2/keep.bin"]
+    store.delete_prefix(store.join(store_root, "x"))  # nothing left: not an error
+
+
+def test_concurrent_downloads_to_one_path_never_mix(store_root, tmp_path):
+    """Readers filling one cache path at once: the file is always whole, no temp file stays behind."""
+    blob = os.urandom(3 * 1024 * 1024 + 1)
+    store.write_bytes(store.join(store_root, "v.bin"), blob)
+    dst = tmp_path / "cache" / "v.bin"
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(3)
+
+    def fetch() -> None:
+        try:
+            for _ in range(4):
+                barrier.wait(30)
+                store.download_file(store.join(store_root, "v.bin"), dst)
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=fetch) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and dst.read_bytes() == blob
+    with pytest.raises(store.NotFound):
+        store.download_file(store.join(store_root, "missing.bin"), dst)
+    assert dst.read_bytes() == blob, "a failed download leaves the previous file alone"
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["v.bin"]
+
+
 def test_a_missing_local_file_fails_at_once_without_retries(store_root, tmp_path, caplog):
     t0 = time.monotonic()
     with caplog.at_level(logging.WARNING):
