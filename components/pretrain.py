@@ -6,6 +6,13 @@ Reads the feature tensors written by ``components.features``; publishes the mode
 (policy.safetensors, policy.json, feature_spec.json, config.json, metrics.json, train_log.jsonl)
 atomically. Re-running on the same --out resumes after the last completed epoch (checkpoints in
 <out>/_checkpoints/). Exit status 2 on bad input or config.
+
+Data-parallel on several processes (docs/distributed.md): launched by torchrun, e.g.
+
+    torchrun --standalone --nproc-per-node 2 -m components.pretrain --features URI --out URI --threads 1
+
+each rank streams its share of every global batch (--batch-size is the global batch); only rank 0
+writes; a re-run with the same number of processes resumes.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import argparse
 import sys
 
 import grade.cli
-from grade import config
+from grade import config, distributed
 from grade.pretrain import pretrain
 
 
@@ -31,9 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, metavar="S",
                    help="seed of the initialisation and the data order (overrides pretrain.seed)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
-                   help="requests per gradient step (overrides pretrain.batch_size)")
+                   help="requests per gradient step, over all processes (overrides pretrain.batch_size)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch intra-op threads (overrides pretrain.threads)")
+                   help="torch intra-op threads per process (overrides pretrain.threads)")
     return p.parse_args(argv)
 
 
@@ -42,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config.load_section(args.config, "pretrain", {
         "epochs": args.epochs, "seed": args.seed, "batch_size": args.batch_size, "threads": args.threads,
     })
-    pretrain(args.features, args.out, cfg)
+    with distributed.session() as ctx:
+        pretrain(args.features, args.out, cfg, rank=ctx.rank, world_size=ctx.world_size,
+                 all_reduce=distributed.GradientAverager() if ctx.distributed else None)
     return 0
 
 

@@ -55,7 +55,7 @@ class PretrainConfig:
     epochs: int = 8
     """maximum number of passes over the train split"""
     batch_size: int = 512
-    """requests per gradient step"""
+    """requests per gradient step (the global batch: each of W processes takes batch_size / W)"""
     lr: float = 3e-3
     """AdamW learning rate"""
     weight_decay: float = 1e-4
@@ -150,9 +150,13 @@ class RankingModel(nn.Module):
         return self.log_scale.exp() * fuse(batch["z"], mu, batch["mask"])
 
 
-def multi_objective_loss(model: PolicyNet | RankingModel, batch: dict[str, torch.Tensor], cfg: PretrainConfig
-                         ) -> tuple[torch.Tensor, dict[str, float]]:
-    """sum_o weight_o * LambdaLoss(scale * fuse(z, mu(x)), label_o) and the per-objective values."""
+def multi_objective_loss(model: PolicyNet | RankingModel, batch: dict[str, torch.Tensor], cfg: PretrainConfig,
+                         pair_counts: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """sum_o weight_o * LambdaLoss(scale * fuse(z, mu(x)), label_o) and the per-objective values.
+
+    Each term is a mean over the valid pairs of ``batch``; ``pair_counts`` (objective -> count)
+    replaces that count (data-parallel ranks divide their pair sums by the global batch's count).
+    """
     if isinstance(model, PolicyNet):
         model = RankingModel(model, 1.0, learn_scale=False)
     scores = model.scores(batch)
@@ -160,10 +164,31 @@ def multi_objective_loss(model: PolicyNet | RankingModel, batch: dict[str, torch
     parts = {}
     for name, labels in training_labels(batch, cfg).items():
         term = lambda_loss(scores, labels, batch["mask"], weighing_scheme=cfg.weighing_scheme, k=cfg.k,
-                           sigma=cfg.sigma, mu=cfg.mu, reduction="mean")
+                           sigma=cfg.sigma, mu=cfg.mu, reduction="mean" if pair_counts is None else "sum")
+        if pair_counts is not None:
+            term = term / max(pair_counts[name], 1.0)
         total = total + cfg.objective_weights[name] * term
         parts[name] = float(term.detach())
     return total, parts
+
+
+def valid_pair_counts(scores: torch.Tensor, batch: dict[str, torch.Tensor], cfg: PretrainConfig
+                      ) -> dict[str, float]:
+    """Per objective, the number of pairs LambdaLoss averages over in ``batch`` (given the scores' order).
+
+    RankNet with sigma = 0 costs exactly 1 per valid pair (y_i > y_j, both in the predicted top k),
+    so its sum is the count; ndcgLoss1 counts every pair of real items in the top k instead.
+    """
+    out = {}
+    for name, labels in training_labels(batch, cfg).items():
+        if cfg.weighing_scheme == "ndcgLoss1":
+            n_real = batch["mask"].sum(-1)
+            top = n_real if cfg.k is None else n_real.clamp_max(cfg.k)
+            out[name] = float((top.double() ** 2).sum())
+        else:
+            out[name] = float(lambda_loss(scores.double(), labels, batch["mask"], weighing_scheme="rankNet",
+                                          k=cfg.k, sigma=0.0, reduction="sum"))
+    return out
 
 
 def with_signal(batch: dict[str, torch.Tensor], cfg: PretrainConfig) -> dict[str, torch.Tensor]:
@@ -177,16 +202,33 @@ def with_signal(batch: dict[str, torch.Tensor], cfg: PretrainConfig) -> dict[str
 def train_step(model: RankingModel, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                cfg: PretrainConfig, all_reduce: Callable[[RankingModel], None] | None = None
                ) -> tuple[float, dict[str, float]]:
-    """One gradient step on ``batch``; ``all_reduce`` averages gradients across ranks when given."""
+    """One gradient step on ``batch``; ``all_reduce`` averages gradients across ranks when given.
+
+    With an ``all_reduce`` that also sums tensors over ranks (``grade.distributed.GradientAverager``),
+    each rank divides its pair-loss sums by the global batch's pair count / world size: the averaged
+    gradient is then the single-process gradient of the whole global batch (rank batches differ in
+    their numbers of valid pairs, so a plain average of per-rank means would not be).
+    """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss, parts = multi_objective_loss(model, batch, cfg)
+    pair_counts = None
+    world = getattr(all_reduce, "world_size", 1)
+    if world > 1 and hasattr(all_reduce, "sum"):
+        names = training_labels_names(cfg)
+        with torch.no_grad():
+            local = valid_pair_counts(model.scores(batch), batch, cfg)
+        totals = all_reduce.sum(torch.tensor([local[n] for n in names], dtype=torch.float64))
+        pair_counts = {n: float(t) / world for n, t in zip(names, totals.tolist(), strict=True)}
+    loss, parts = multi_objective_loss(model, batch, cfg, pair_counts)
     loss.backward()
     if all_reduce is not None:
         all_reduce(model)
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
+    if pair_counts is not None:  # the global batch's loss: the mean of the ranks' normalised parts
+        values = all_reduce.sum(torch.tensor([float(loss.detach()), *parts.values()], dtype=torch.float64)) / world
+        return float(values[0]), dict(zip(parts, values[1:].tolist(), strict=True))
     return float(loss.detach()), parts
 
 
@@ -326,7 +368,7 @@ def fit_score_scale(policy: PolicyNet, features_uri: str, cfg: PretrainConfig, m
     return SCALE_GRID[min(range(len(SCALE_GRID)), key=losses.__getitem__)]
 
 
-def _check(cfg: PretrainConfig, spec: dict[str, Any], features_uri: str) -> None:
+def _check(cfg: PretrainConfig, spec: dict[str, Any], features_uri: str, world_size: int = 1) -> None:
     unknown = sorted(set(cfg.objective_weights) - set(OBJECTIVES))
     if unknown:
         raise InputError(f"pretrain.objective_weights: unknown objective(s) {unknown}; expected {list(OBJECTIVES)}")
@@ -338,6 +380,9 @@ def _check(cfg: PretrainConfig, spec: dict[str, Any], features_uri: str) -> None
             raise InputError(f"pretrain.{name}: expected an integer >= 1, got {value}")
     if spec["splits"].get("train", {}).get("n_requests", 0) < 1:
         raise InputError(f"{features_uri}: the train split has no request")
+    if cfg.batch_size % world_size:
+        raise InputError(f"pretrain.batch_size: {cfg.batch_size} requests per step cannot be split evenly "
+                         f"over {world_size} processes; use a multiple of {world_size}")
 
 
 class _Rate:
@@ -371,7 +416,7 @@ def pretrain(features_uri: str, out_uri: str, cfg: PretrainConfig, *, rank: int 
     """
     features_uri, out_uri = str(features_uri), str(out_uri)
     spec = dataset.load_spec(features_uri)
-    _check(cfg, spec, features_uri)
+    _check(cfg, spec, features_uri, world_size)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     fingerprint = {"config": to_dict(cfg), "features": features_uri,
@@ -427,8 +472,10 @@ def pretrain(features_uri: str, out_uri: str, cfg: PretrainConfig, *, rank: int 
             break
         rate = _Rate(epoch, cfg.epochs, n_train, cfg.log_every_s)
         loss_sum, parts_sum, n_steps = 0.0, dict.fromkeys(training_labels_names(cfg), 0.0), 0
-        for batch in dataset.iter_batches(features_uri, "train", cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                          epoch=epoch, rank=rank, world_size=world_size, fields=_TRAIN_FIELDS):
+        # batch_size is the global batch: each rank takes its 1/world_size share of it
+        for batch in dataset.iter_batches(features_uri, "train", cfg.batch_size // world_size, shuffle=True,
+                                          seed=cfg.seed, epoch=epoch, rank=rank, world_size=world_size,
+                                          fields=_TRAIN_FIELDS):
             n_batch = int(batch["mask"].shape[0])
             loss, parts = train_step(model, optimizer, with_signal(batch, cfg), cfg, all_reduce)
             step += 1
