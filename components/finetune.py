@@ -6,6 +6,14 @@ The Stage 1 model folder (components.pretrain output) initialises the policy and
 reference. Writes a model folder like Stage 1's (policy.safetensors, policy.json, feature_spec.json,
 config.json, metrics.json with the validation curve, train_log.jsonl) atomically; checkpoints go to
 <out>/_checkpoints/ and a re-run on the same --out resumes from the last one.
+
+Data-parallel on several processes (docs/distributed.md): launched by torchrun, e.g.
+
+    torchrun --standalone --nproc-per-node 2 -m components.finetune --features URI --init URI --out URI
+
+each rank streams its share of every global batch (--batch-size is the global batch) and all ranks
+draw the same samples; only rank 0 validates and writes; a re-run with the same number of processes
+resumes.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import json
 import sys
 
 import grade.cli
-from grade import config
+from grade import config, distributed
 
 
 def _bool(text: str) -> bool:
@@ -48,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="learning rate (finetune.lr)")
     p.add_argument("--epochs", type=int, help="passes over the train split (finetune.epochs)")
     p.add_argument("--max-steps", type=int, help="stop after N steps, 0 = all epochs (finetune.max_steps)")
-    p.add_argument("--batch-size", type=int, help="requests per step (finetune.batch_size)")
+    p.add_argument("--batch-size", type=int, help="requests per step, over all processes (finetune.batch_size)")
     p.add_argument("--seed", type=int, help="finetune.seed")
     return p
 
@@ -82,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     from grade.finetune import finetune
 
     grade.cli.log.info("finetune config: %s", json.dumps(config.to_dict(cfg), sort_keys=True))
-    metrics = finetune(args.features, args.init, args.out, cfg)
+    with distributed.session() as ctx:
+        metrics = finetune(args.features, args.init, args.out, cfg, rank=ctx.rank, world_size=ctx.world_size)
+    if not ctx.is_main:
+        return 0
     summary = {"out": args.out, "steps": metrics["steps"], "requests_per_s": metrics["requests_per_s"],
                "lift_vs_stage1": {k: v for k, v in metrics["lift_vs_stage1"].items() if k.startswith("true/")}}
     print(json.dumps(summary, indent=2, sort_keys=True))

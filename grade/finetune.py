@@ -216,9 +216,13 @@ def finetune(features_uri: str, init_uri: str, out_uri: str, cfg: FinetuneConfig
 
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
 
-    valid = _load_valid(features_uri, spec, cfg)
+    if cfg.batch_size % world_size:
+        raise InputError(f"finetune.batch_size: {cfg.batch_size} requests per step cannot be split evenly over "
+                         f"{world_size} processes; use a multiple of {world_size}")
+    rank_batch = cfg.batch_size // world_size   # batch_size is the global batch
+    valid = _load_valid(features_uri, spec, cfg) if rank == 0 else None   # the curve is rank 0's
     n_train = dataset.count_requests(features_uri, "train", world_size)
-    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    steps_per_epoch = math.ceil(n_train / rank_batch)
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
@@ -244,7 +248,7 @@ def finetune(features_uri: str, init_uri: str, out_uri: str, cfg: FinetuneConfig
         if step >= total_steps:
             break
         skip = step - epoch * steps_per_epoch  # batches of this epoch done before a resume
-        batches = dataset.iter_batches(features_uri, "train", cfg.batch_size, shuffle=True, seed=cfg.seed,
+        batches = dataset.iter_batches(features_uri, "train", rank_batch, shuffle=True, seed=cfg.seed,
                                        epoch=epoch, rank=rank, world_size=world_size, fields=TRAIN_FIELDS)
         for i, batch in enumerate(batches):
             if i < skip:
@@ -256,10 +260,10 @@ def finetune(features_uri: str, init_uri: str, out_uri: str, cfg: FinetuneConfig
                               gmv_unit)
             step += 1
             n_batch = int(batch["mask"].shape[0])
-            n_requests_run += n_batch
+            n_requests_run += n_batch * world_size   # every rank's batch has the same size
             log_lines.append(json.dumps({"step": step, "epoch": epoch + 1, "requests": n_batch, **diag},
                                         sort_keys=True) + "\n")
-            progress.add(step, n_batch, diag)
+            progress.add(step, n_batch * world_size, diag)
             at_epoch_end = i + 1 == steps_per_epoch or step == total_steps
             if valid is not None and (step % cfg.eval_every == 0 or step == total_steps):
                 curve.append({"step": step, "epoch": epoch + 1, **validation_metrics(policy, valid, objectives, cfg, gmv_unit)})

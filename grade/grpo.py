@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 import torch.distributions as D
 
+from grade import distributed
 from grade.errors import InputError
 from grade.policy import PolicyNet
 from grade.reward import RewardConfig, reward_terms, weight_entropy
@@ -60,7 +61,7 @@ class FinetuneConfig:
     max_steps: int = 0
     """stop after this many steps (0 = run all epochs)"""
     batch_size: int = 256
-    """requests per step (per rank)"""
+    """requests per step (the global batch: each of W processes takes batch_size / W)"""
     update_epochs: int = 2
     """gradient updates on the same samples per step"""
     max_grad_norm: float = 1.0
@@ -165,15 +166,33 @@ class Rollout:
 def rollout(policy: PolicyNet, num: torch.Tensor, cat: torch.Tensor, cfg: FinetuneConfig, seed: int) -> Rollout:
     """Sample G actions per request from the current (old) policy; the global RNG is left untouched."""
     out = policy_output(policy, num, cat, cfg)
+    sampler, rows = out.dist, None
+    if distributed.active():
+        # Every rank draws the whole global batch's samples from the shared seed and keeps its own
+        # rows: 1 and W processes see the same samples.
+        sampler = global_distribution(out.dist)
+        rows = distributed.local_rows(sampler.batch_shape[0])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        actions = out.dist.sample((cfg.group_size,)).transpose(0, 1)  # [B, G, K]
+        actions = sampler.sample((cfg.group_size,)).transpose(0, 1)  # [B, G, K]
+    if rows is not None:
+        actions = actions[rows]
     if cfg.exploration == "dirichlet":
         # Tiny float32 samples sit near 1e-38 where log-densities explode; clamp and renormalise.
         actions = actions.clamp_min(cfg.sample_eps)
         actions = actions / actions.sum(-1, keepdim=True)
     log_prob_old = log_prob(out.dist, actions)
     return Rollout(actions, action_to_weights(actions, cfg), log_prob_old)
+
+
+def global_distribution(dist: D.Distribution) -> D.Distribution:
+    """The exploration distribution of the global batch, from every rank's rows (``gather_rows``)."""
+    if isinstance(dist, D.Dirichlet):
+        return D.Dirichlet(distributed.gather_rows(dist.concentration))
+    if isinstance(dist, D.Independent) and isinstance(dist.base_dist, D.Normal):
+        base = dist.base_dist
+        return D.Independent(D.Normal(distributed.gather_rows(base.loc), distributed.gather_rows(base.scale)), 1)
+    raise TypeError(f"no global form for {type(dist).__name__}")
 
 
 def log_prob(dist: D.Distribution, actions: torch.Tensor) -> torch.Tensor:
