@@ -147,7 +147,11 @@ class RankingModel(nn.Module):
 
     def scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         mu, _ = self.policy(batch["num"], batch["cat"])
-        return self.log_scale.exp() * fuse(batch["z"], mu, batch["mask"])
+        fused = fuse(batch["z"], mu, batch["mask"])
+        # fuse puts -inf at padding; 0 there keeps the scale's gradient finite (0 * inf = NaN) and
+        # changes nothing else: the loss ignores padded positions
+        fused = torch.where(batch["mask"], fused, torch.zeros_like(fused))
+        return self.log_scale.exp() * fused
 
 
 def multi_objective_loss(model: PolicyNet | RankingModel, batch: dict[str, torch.Tensor], cfg: PretrainConfig,
