@@ -4,7 +4,7 @@ Starts its own S3 test server (moto) on loopback unless S3_ENDPOINT_URL is set (
 The target is grade.store >= 0.8x the raw client: the retry and atomic-publish plumbing must cost
 little on large objects.
 
-    python -m benchmarks.store [--mib 256] [--repeat 3]
+    python -m benchmarks.store [--mib 256] [--repeat 6]
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _sha256(path: Path) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mib", type=int, default=256, help="object size in MiB")
-    p.add_argument("--repeat", type=int, default=3, help="timed transfers of each kind (median reported)")
+    p.add_argument("--repeat", type=int, default=6, help="timed transfers of each kind (median reported)")
     args = p.parse_args()
     proc = _server()
     try:
@@ -66,15 +66,24 @@ def main() -> None:
                     f.write(os.urandom(1 << 20))
             size_mib = src.stat().st_size / (1 << 20)
             timings: dict[str, list[float]] = {k: [] for k in ("store_up", "raw_up", "store_down", "raw_down")}
+            raw_dst, store_dst = Path(d, "raw.bin"), Path(d, "st.bin")
+            transfers = {  # one key per side, overwritten each round: the server's memory stays bounded
+                "raw_up": lambda: client.fput_object(bucket, "raw", str(src), part_size=16 << 20),
+                "store_up": lambda: store.upload_file(src, f"s3://{bucket}/store"),
+                "raw_down": lambda: client.fget_object(bucket, "raw", str(raw_dst)),
+                "store_down": lambda: store.download_file(f"s3://{bucket}/store", store_dst),
+            }
             for i in range(args.repeat):
-                for kind, fn in (
-                    ("raw_up", lambda i=i: client.fput_object(bucket, f"raw/{i}", str(src), part_size=16 << 20)),
-                    ("store_up", lambda i=i: store.upload_file(src, f"s3://{bucket}/store/{i}")),
-                    ("raw_down", lambda i=i: client.fget_object(bucket, f"raw/{i}", str(Path(d, "raw.bin")))),
-                    ("store_down", lambda i=i: store.download_file(f"s3://{bucket}/store/{i}", Path(d, "st.bin"))),
-                ):
+                # alternate who goes first: writeback of the previous 256 MiB otherwise penalises
+                # whichever side always runs second
+                order = ["raw_up", "store_up", "raw_down", "store_down"]
+                if i % 2:
+                    order = ["store_up", "raw_up", "store_down", "raw_down"]
+                for kind in order:
+                    if kind.endswith("down"):  # both sides write a new file, none replaces an old one
+                        (raw_dst if kind == "raw_down" else store_dst).unlink(missing_ok=True)
                     t0 = time.perf_counter()
-                    fn()
+                    transfers[kind]()
                     timings[kind].append(time.perf_counter() - t0)
             for got in ("st.bin", "raw.bin"):
                 assert _sha256(Path(d, got)) == _sha256(src), f"{got} differs from what was uploaded"
