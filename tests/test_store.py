@@ -132,35 +132,47 @@ def test_failed_writer_publishes_nothing(store_root):
         store.open_published(uri)
 
 
-_KILLED_PUBLISHER = """
-import os, sys
-from pathlib import Path
+_STALLED_PUBLISHER = """
+import sys, time
 from grade import store
 real = store.write_json
-def die(uri, obj):
+def stall(uri, obj):
     if uri.endswith(store.MANIFEST):
-        os._exit(9)  # killed between the files and the manifest
+        print("files uploaded", flush=True)  # the parent kills us here, before the manifest
+        time.sleep(120)
     return real(uri, obj)
-store.write_json = die
+store.write_json = stall
 with store.publishing(sys.argv[1]) as staging:
     for i in range(3):
-        (staging / f"part-{i}.bin").write_bytes(os.urandom(1000))
+        (staging / f"part-{i}.bin").write_bytes(bytes([i]) * 1000)
 """
 
 
 def test_interrupted_publish_is_invisible_to_readers(store_root):
+    """A writer killed (SIGKILL) between its files and its manifest: readers see no output."""
     uri = store.join(store_root, "interrupted")
-    proc = subprocess.run([sys.executable, "-c", _KILLED_PUBLISHER, uri], env=dict(os.environ),
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 9, proc.stderr
+    proc = subprocess.Popen([sys.executable, "-c", _STALLED_PUBLISHER, uri], env=dict(os.environ),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(60, proc.kill)  # a writer stuck elsewhere must not hang the suite
+    watchdog.start()
+    try:
+        assert proc.stdout.readline() == "files uploaded\n", proc.stderr.read()
+    finally:
+        watchdog.cancel()
+        proc.kill()
+        proc.wait(30)
+    assert proc.returncode == -9
     assert len(store.list_prefix(uri)) == 3, "the files were uploaded before the writer died"
     assert not store.is_published(uri)
     with pytest.raises(store.NotPublished):
+        store.read_manifest(uri)
+    with pytest.raises(store.NotPublished):
         store.open_published(uri)
-    # a re-run completes it
+    # a re-run completes it, and the manifest names only what this run wrote
     with store.publishing(uri) as staging:
         (staging / "part-0.bin").write_bytes(b"x")
     assert list(store.read_manifest(uri)["files"]) == ["part-0.bin"]
+    assert (store.open_published(uri) / "part-0.bin").read_bytes() == b"x"
 
 
 def test_conditional_puts_conflict_with_412(store_root):
