@@ -276,6 +276,9 @@ class S3Backend:
     def arrow_fs(self):
         import pyarrow.fs as pafs
 
+        # the AWS SDK under pyarrow retries throttling, 5xx and connection errors itself: the same budget
         return pafs.S3FileSystem(access_key=self._access_key, secret_key=self._secret_key,
                                  region=self.region or "us-east-1", endpoint_override=self.host,
-                                 scheme="https" if self.secure else "http")
+                                 scheme="https" if self.secure else "http", connect_timeout=5.0,
+                                 request_timeout=120.0,
+                                 retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=self.max_attempts))
