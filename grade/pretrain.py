@@ -474,7 +474,7 @@ def pretrain(features_uri: str, out_uri: str, cfg: PretrainConfig, *, rank: int 
     for epoch in range(start_epoch, cfg.epochs + 1):
         if stopped:
             break
-        rate = _Rate(epoch, cfg.epochs, n_train, cfg.log_every_s)
+        rate = _Rate(epoch, cfg.epochs, n_train * world_size, cfg.log_every_s)
         loss_sum, parts_sum, n_steps = 0.0, dict.fromkeys(training_labels_names(cfg), 0.0), 0
         # batch_size is the global batch: each rank takes its 1/world_size share of it
         for batch in dataset.iter_batches(features_uri, "train", cfg.batch_size // world_size, shuffle=True,
@@ -490,7 +490,7 @@ def pretrain(features_uri: str, out_uri: str, cfg: PretrainConfig, *, rank: int 
             log_lines.append(json.dumps({"epoch": epoch, "step": step, "pretrain.loss": loss,
                                          **{f"pretrain.loss.{k}": v for k, v in parts.items()},
                                          "pretrain.requests": n_batch}, sort_keys=True) + "\n")
-            rate.add(n_batch)
+            rate.add(n_batch * world_size)   # the job's rate: every rank takes the same share
         seconds = rate.seconds()
         ndcg = validation_ndcg(policy, valid, cfg.exposure_depth)
         score = ndcg[cfg.stopping_objective]
