@@ -1,7 +1,9 @@
 """Simulator throughput and memory: rows/s and peak RSS at two sizes, each in its own process.
 
 Peak memory must not grow with the number of requests (rows are generated and written in chunks),
-so the ratio of the two peaks should stay near 1 while the sizes differ 10x.
+so the ratio of the two peaks should stay near 1 while the sizes differ 10x. Reference, in the same
+process: a bare pyarrow write of one already generated chunk to zstd Parquet (median of 3), the floor
+for the output step; ``ratio_vs_bare_write`` = simulator rows/s / bare-write rows/s.
 
     python -m benchmarks.simulate [--small 50000] [--large 500000]
 """
@@ -17,15 +19,24 @@ import tempfile
 from benchmarks._common import emit
 
 _CHILD = """
-import json, resource, sys, time
-from grade.simulator import SimulatorConfig, write_logs
+import json, resource, statistics, sys, time
+import pyarrow.parquet as pq
+from grade.simulator import SimulatorConfig, generate, write_logs
 cfg = SimulatorConfig(n_requests=int(sys.argv[1]))
 t0 = time.perf_counter()
 summary = write_logs(cfg, sys.argv[2])
 dt = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # before the reference adds its chunk
+chunk = next(generate(cfg))
+times = []
+for _ in range(3):
+    t1 = time.perf_counter()
+    pq.write_table(chunk, sys.argv[2] + ".ref.parquet", compression="zstd")
+    times.append(time.perf_counter() - t1)
+bare = chunk.num_rows / statistics.median(times)
 print(json.dumps({"requests": cfg.n_requests, "rows": summary["rows"], "seconds": dt,
-                  "rows_per_s": summary["rows"] / dt,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "rows_per_s": summary["rows"] / dt, "peak_rss_mib": peak,
+                  "bare_write_rows_per_s": bare, "ratio_vs_bare_write": summary["rows"] / dt / bare}))
 """
 
 

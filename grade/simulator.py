@@ -38,7 +38,8 @@ Generative model (documented for users in docs/simulator.md):
   Bernoulli(true_cvr) after a click; ``gmv`` = price on an order.
 
 Ground truth (``true_ctr``, ``true_cvr``, ``price``, ``true_segment``) is written next to the logs for
-evaluation only. Rows are generated and written in chunks of requests, each chunk from its own
+evaluation only. No ``propensity`` column: the logging noise is a continuous draw on the weights, and
+a row's examination propensity is theta at its logged ``position``. Rows are generated and written in chunks of requests, each chunk from its own
 seeded generator: memory does not grow with ``n_requests`` and the same config + seed always gives
 the same tables.
 """

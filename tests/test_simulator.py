@@ -109,9 +109,25 @@ def test_cli_twice_gives_identical_tables(tmp_path):
 
 
 def test_chunking_does_not_change_the_world_and_scales_in_chunks():
-    cfg = small(n_requests=900, chunk_requests=300)
-    tables = list(simulator.generate(cfg))
+    """Chunks have the configured size; users and items keep their attributes whatever the chunking."""
+    tables = list(simulator.generate(small(n_requests=900, chunk_requests=300)))
     assert [t.num_rows for t in tables] == [300 * 50] * 3
+    one = next(simulator.generate(small(n_requests=900, chunk_requests=900)))
+    many = pa.concat_tables(tables)
+    assert one.num_rows == many.num_rows
+    assert np.array_equal(one["request_id"].to_numpy(), many["request_id"].to_numpy())
+
+    def attributes(t, key, cols):
+        k = t[key].to_numpy()
+        keys, first = np.unique(k, return_index=True)
+        return keys, np.stack([t[c].to_numpy()[first] for c in cols], 1)
+
+    for key, cols in (("item_id", ["price"]), ("user_id", ["true_segment", "u_purchase_power", "c_device"])):
+        ka, va = attributes(one, key, cols)
+        kb, vb = attributes(many, key, cols)
+        common, ia, ib = np.intersect1d(ka, kb, return_indices=True)
+        assert len(common) > 100
+        assert np.array_equal(va[ia], vb[ib]), key
 
 
 def test_bad_config_is_exit_2(tmp_path, capsys):
