@@ -181,13 +181,28 @@ class S3Backend:
             headers["If-None-Match"] = "*"
         if if_match is not None:
             headers["If-Match"] = f'"{if_match.strip(chr(34))}"'
-        # minio's request layer: the public put_object would turn these into x-amz-meta-* metadata
+        attempts = 0
+
+        def put():
+            nonlocal attempts
+            attempts += 1
+            # minio's request layer: the public put_object would turn these into x-amz-meta-* metadata
+            return self.client._put_object(bucket, key, data, headers=headers)
+
         try:
-            result = self._call("PUT (conditional)", uri,
-                                lambda: self.client._put_object(bucket, key, data, headers=headers))
+            return self._call("PUT (conditional)", uri, put).etag
         except store.NotFound:  # If-Match on an object that is gone: the expected version no longer exists
             raise store.PreconditionFailed(f"{uri}: does not exist (If-Match)") from None
-        return result.etag
+        except store.PreconditionFailed:
+            # An earlier attempt may have been applied before its answer was lost (a dropped
+            # connection, a 5xx from a proxy); its retry then conflicts with our own write.
+            # Holding exactly our bytes means that write won.
+            if attempts > 1:
+                current, etag = self.get_with_etag(uri)
+                if current == data:
+                    log.warning("PUT (conditional) %s: an earlier attempt was applied; not a conflict", uri)
+                    return etag
+            raise
 
     def upload_file(self, local_path: str, uri: str) -> None:
         bucket, key = self.split(uri)
