@@ -50,6 +50,10 @@ class FinetuneConfig:
     """epsilon of the clipped importance ratio"""
     log_ratio_clip: float = 10.0
     """|log rho| is clamped to this before exp (guards against exploding ratios)"""
+    advantage_norm: Literal["group", "batch"] = "batch"
+    """divide centred rewards by each group's std (group) or by one std over the batch (batch): per-group
+    scaling gives a request with one shallow logged order the same pull as one with a deep
+    (inverse-propensity up-weighted) order, which undoes the debiasing and drifts back to the logging policy"""
     adv_eps: float = 1e-4
     """added to the group std in the advantage denominator"""
     sample_eps: float = 1e-6
@@ -204,16 +208,28 @@ def log_prob(dist: D.Distribution, actions: torch.Tensor) -> torch.Tensor:
 # 2. Group-relative advantages
 # ------------------------------------------------------------------------------------------------
 
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4,
+                     scale: Literal["group", "batch"] = "group") -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages [B, G], zero-variance groups [B] bool) from rewards [B, G].
 
-    A = (R - mean) / (std + eps) with the Bessel-corrected std; a group whose rewards are all equal
-    carries no signal and gets exactly 0 (not (R - mean)/eps of rounding noise).
+    ``group``: A = (R - mean_g) / (std_g + eps) with the Bessel-corrected std of each group.
+    ``batch``: A = (R - mean_g) / (std + eps) with one std of the centred rewards over the whole
+    batch (over every process when data-parallel), so a request's advantages keep its reward scale.
+    Either way a group whose rewards are all equal carries no signal and gets exactly 0.
     """
     mean = rewards.mean(-1, keepdim=True)
-    std = rewards.std(-1, keepdim=True, unbiased=True) if rewards.shape[-1] > 1 else torch.zeros_like(mean)
+    centred = rewards - mean
+    if scale == "batch":
+        # float64 sums: the same std on one process and on several (float32 sums differ in the last bits)
+        sums = distributed.all_sum(torch.stack([centred.double().pow(2).sum(),
+                                                torch.tensor(float(centred.numel()), dtype=torch.float64)]))
+        std = (sums[0] / (sums[1] - 1).clamp_min(1)).sqrt().to(rewards.dtype)
+    elif rewards.shape[-1] > 1:
+        std = rewards.std(-1, keepdim=True, unbiased=True)
+    else:
+        std = torch.zeros_like(mean)
     constant = (rewards == rewards[..., :1]).all(-1)
-    adv = (rewards - mean) / (std + eps)
+    adv = centred / (std + eps)
     adv = torch.where(constant.unsqueeze(-1), torch.zeros_like(adv), adv)
     return adv, constant
 
@@ -272,8 +288,8 @@ def train_step(policy: PolicyNet, reference: PolicyNet, optimizer: torch.optim.O
     policy.train()
     roll = rollout(policy, num, cat, cfg, seed)
     with torch.no_grad():
-        terms = reward_terms(roll.weights, batch, objectives, cfg.reward, cfg.exposure_depth, gmv_unit)
-        adv, constant = group_advantages(terms["total"], cfg.adv_eps)
+        terms = reward_terms(roll.weights, batch, objectives, cfg.reward, cfg.exposure_depth, gmv_unit, sync=True)
+        adv, constant = group_advantages(terms["total"], cfg.adv_eps, cfg.advantage_norm)
         reference_out = policy_output(reference, num, cat, cfg)
 
     first_ratio_mean = float("nan")

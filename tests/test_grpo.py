@@ -78,6 +78,18 @@ def test_advantages_are_zero_mean_unit_std_per_group():
     torch.testing.assert_close(adv[live].std(-1), torch.ones(63), atol=1e-3, rtol=0)
 
 
+def test_batch_advantages_keep_each_request_reward_scale():
+    """Group scaling gives both requests the same advantages; batch scaling keeps the 10x larger spread."""
+    rewards = torch.tensor([[0.0, 1.0], [0.0, 10.0], [3.0, 3.0]])
+    group, _ = group_advantages(rewards, eps=0.0, scale="group")
+    torch.testing.assert_close(group[0], group[1])
+    batch, constant = group_advantages(rewards, eps=0.0, scale="batch")
+    # centred: (-0.5, 0.5), (-5, 5), (0, 0); one std over the 6 values: sqrt(2 * (0.25 + 25) / 5)
+    s = math.sqrt(2 * (0.25 + 25.0) / 5)
+    torch.testing.assert_close(batch, torch.tensor([[-0.5, 0.5], [-5.0, 5.0], [0.0, 0.0]]) / s)
+    assert constant.tolist() == [False, False, True]
+
+
 # ------------------------------------------------------------------------------------------------
 # Ratios and clipping
 # ------------------------------------------------------------------------------------------------

@@ -154,13 +154,34 @@ def test_posterior_debiasing_weights_labels_by_inverse_examination():
     batch["click"] = torch.tensor([[1.0, 1.0, 0.0]])
     batch["position"] = torch.tensor([[0, 3, 1]])
     group = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])   # top-1: item 0, then item 1
-    plain = RewardConfig(post=1.0, prior=0.0, format=0.0, post_click=1.0, post_order=0.0, post_debias=False)
-    debiased = RewardConfig(post=1.0, prior=0.0, format=0.0, post_click=1.0, post_order=0.0)
+    plain = RewardConfig(post=1.0, prior=0.0, format=0.0, post_click=1.0, post_order=0.0, post_gmv=0.0, post_debias=False)
+    debiased = RewardConfig(post=1.0, prior=0.0, format=0.0, post_click=1.0, post_order=0.0, post_gmv=0.0)
     torch.testing.assert_close(reward_terms(group, batch, OBJECTIVES, plain, depth=1)["post"],
                                torch.tensor([[1.0, 1.0]]))
     # gains 1 and 4: item 0 on top gives 1/4 of the ideal, item 1 on top gives 4/4
     torch.testing.assert_close(reward_terms(group, batch, OBJECTIVES, debiased, depth=1)["post"],
                                torch.tensor([[0.25, 1.0]]))
-    clipped = RewardConfig(post=1.0, prior=0.0, format=0.0, post_click=1.0, post_order=0.0, post_debias_clip=2.0)
+    clipped = RewardConfig(post=1.0, prior=0.0, format=0.0, post_click=1.0, post_order=0.0, post_gmv=0.0,
+                           post_debias_clip=2.0)
     torch.testing.assert_close(reward_terms(group, batch, OBJECTIVES, clipped, depth=1)["post"],
                                torch.tensor([[0.5, 1.0]]))
+
+
+def test_batch_normalisation_keeps_the_inverse_propensity_weight():
+    """Two requests with one order each, logged at positions 0 and 4 (inverse propensities 1 and 5).
+
+    Per-request NDCG scores both perfect rankings 1: the debiasing cancels. Divided by the batch's mean
+    ideal DCG (1 + 5) / 2 = 3 instead, the deep order counts 5 times the shallow one, as it should.
+    """
+    batch = {k: v.repeat(2, *([1] * (v.dim() - 1))) for k, v in tiny_batch().items()}
+    batch["order"] = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    batch["position"] = torch.tensor([[0, 1, 2], [4, 0, 1]])
+    group = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(2, 2, 3)  # item 0 on top, then not
+    kw = dict(post=1.0, prior=0.0, format=0.0, post_click=0.0, post_order=1.0, post_gmv=0.0)
+    per_request = reward_terms(group, batch, OBJECTIVES, RewardConfig(post_normalise="request", **kw), depth=1)
+    torch.testing.assert_close(per_request["post"], torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+    per_batch = reward_terms(group, batch, OBJECTIVES, RewardConfig(post_normalise="batch", **kw), depth=1)
+    torch.testing.assert_close(per_batch["post"], torch.tensor([[1 / 3, 0.0], [5 / 3, 0.0]]))
+    # A batch without any positive label gives 0, not NaN.
+    batch["order"] = torch.zeros(2, 3)
+    assert torch.equal(reward_terms(group, batch, OBJECTIVES, RewardConfig(**kw), depth=1)["post"], torch.zeros(2, 2))
