@@ -63,7 +63,7 @@ class RewardConfig:
     """value of a click in the prior item value pctr*(v_click + pcvr*(v_order + v_gmv*pgmv))"""
     v_order: float = 1.0
     """value of an order in the prior item value"""
-    v_gmv: float = 0.5
+    v_gmv: float = 1.0
     """value of an order per unit of pgmv / gmv_unit (gmv_unit: the train geometric mean of pgmv in a run)"""
     w_min: list[float] = dataclasses.field(default_factory=lambda: [0.05])
     """lower bound per objective (one value for all, or K values in the features' objective order)"""
