@@ -185,3 +185,28 @@ def test_batch_normalisation_keeps_the_inverse_propensity_weight():
     # A batch without any positive label gives 0, not NaN.
     batch["order"] = torch.zeros(2, 3)
     assert torch.equal(reward_terms(group, batch, OBJECTIVES, RewardConfig(**kw), depth=1)["post"], torch.zeros(2, 2))
+
+
+def test_batch_posterior_points_at_the_truly_better_weights_on_simulated_logs(tmp_path):
+    """Over a simplex grid of global weights, the batch-normalised posterior (orders, 1/theta weighted)
+    tracks the true OPM and its best vector is truly good; per-request NDCG prefers the logging policy's
+    neighbourhood (measured: 61 vs 71 true OPM, the grid's best 77, on 600 valid requests)."""
+    from grade import auction, dataset
+    from grade.features import FeaturesConfig, extract_features
+    from grade.simulator import SimulatorConfig, write_logs
+
+    write_logs(SimulatorConfig(n_requests=4000, seed=0), str(tmp_path / "logs"))
+    extract_features(str(tmp_path / "logs"), str(tmp_path / "f"), FeaturesConfig())
+    objectives = list(dataset.load_spec(str(tmp_path / "f"))["objectives"])
+    data = dataset.load_split(str(tmp_path / "f"), "valid")
+    grid = auction.simplex_grid(3, 10)
+    true_opm = auction.sweep_global_weights(data, objectives, grid)["opm"]
+    w = grid.expand(data["mask"].shape[0], -1, -1)
+    best, corr = {}, {}
+    for norm in ("request", "batch"):
+        cfg = RewardConfig(prior=0.0, format=0.0, post_click=0.0, post_gmv=0.0, post_normalise=norm)
+        post = reward_terms(w, data, objectives, cfg, depth=10)["post"].mean(0)
+        best[norm] = float(true_opm[post.argmax()])
+        corr[norm] = float(torch.corrcoef(torch.stack([post, true_opm]))[0, 1])
+    assert best["batch"] > best["request"] + 5.0
+    assert corr["batch"] > corr["request"] and corr["batch"] > 0.93
