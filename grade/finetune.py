@@ -222,7 +222,10 @@ def finetune(features_uri: str, init_uri: str, out_uri: str, cfg: FinetuneConfig
     rank_batch = cfg.batch_size // world_size   # batch_size is the global batch
     valid = _load_valid(features_uri, spec, cfg) if rank == 0 else None   # the curve is rank 0's
     n_train = dataset.count_requests(features_uri, "train", world_size)
-    steps_per_epoch = math.ceil(n_train / rank_batch)
+    # A short last batch would get as large a step as a full one (advantages are scaled to unit std)
+    # from a noisier estimate: drop it unless the split holds less than one batch.
+    drop_last = n_train >= rank_batch
+    steps_per_epoch = n_train // rank_batch if drop_last else 1
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
@@ -249,7 +252,8 @@ def finetune(features_uri: str, init_uri: str, out_uri: str, cfg: FinetuneConfig
             break
         skip = step - epoch * steps_per_epoch  # batches of this epoch done before a resume
         batches = dataset.iter_batches(features_uri, "train", rank_batch, shuffle=True, seed=cfg.seed,
-                                       epoch=epoch, rank=rank, world_size=world_size, fields=TRAIN_FIELDS)
+                                       epoch=epoch, rank=rank, world_size=world_size, fields=TRAIN_FIELDS,
+                                       drop_last=drop_last)
         for i, batch in enumerate(batches):
             if i < skip:
                 continue
