@@ -260,6 +260,9 @@ def finetune(features_uri: str, init_uri: str, out_uri: str, cfg: FinetuneConfig
             if step >= total_steps:
                 break
             batch["cat"] = clamp_categories(batch["cat"], policy)
+            if cfg.anneal_lr:   # a function of the step alone, so a resumed run gets the same rates
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.lr * (1.0 - step / total_steps)
             diag = train_step(policy, reference, optimizer, batch, objectives, cfg, step_seed(cfg.seed, step),
                               gmv_unit)
             step += 1

@@ -59,7 +59,10 @@ class FinetuneConfig:
     sample_eps: float = 1e-6
     """Dirichlet samples are clamped to >= this and renormalised"""
     lr: float = 3e-3
-    """Adam learning rate"""
+    """Adam learning rate (the first step's, when anneal_lr)"""
+    anneal_lr: bool = True
+    """decay the learning rate linearly to 0 over the run: the logged-feedback reward is noisy, and a
+    constant rate leaves the last steps (and so the served policy) jumping around the optimum"""
     epochs: int = 3
     """passes over the train split"""
     max_steps: int = 0
