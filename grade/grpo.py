@@ -5,8 +5,10 @@ One training step on a batch of requests:
 1. rollout: sample G weight vectors per request from the policy frozen at sampling time (pi_old):
    w ~ Dir(alpha_old(x)), clamped >= eps and renormalised; store log pi_old(w|x) now.
    Gaussian ablation: logistic-normal w = softmax(m(x) + sigma*eps), the action being the logits.
-2. rewards: composite reward (grade.reward) of each ranking; group-normalised advantages
-   A = (R - mean_g R) / (std_g R + eps), exactly 0 in groups whose rewards are all equal.
+2. rewards: composite reward (grade.reward) of each ranking; group-relative advantages
+   A = (R - mean_g R) / (std + eps), exactly 0 in groups whose rewards are all equal. The std is one
+   over the whole batch by default (``advantage_norm``), not each group's as in DESIGN section 7:
+   per-group scaling cancels the inverse-propensity weights of the logged labels (docs/finetune.md).
 3. several update epochs on the same samples: clipped surrogate on the ratio
    rho = exp(clamp(log pi_theta - log pi_old)) plus beta * KL(pi_theta || pi_ref) in closed form
    (Dirichlet-Dirichlet, or Gaussian-Gaussian on the logits), gradient clipping, optimiser step.
@@ -55,7 +57,7 @@ class FinetuneConfig:
     scaling gives a request with one shallow logged order the same pull as one with a deep
     (inverse-propensity up-weighted) order, which undoes the debiasing and drifts back to the logging policy"""
     adv_eps: float = 1e-4
-    """added to the group std in the advantage denominator"""
+    """added to the std in the advantage denominator"""
     sample_eps: float = 1e-6
     """Dirichlet samples are clamped to >= this and renormalised"""
     lr: float = 3e-3
