@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         models[name] = uri
     cfg = config.load_section(args.config, "evaluate", {"split": args.split, "seed": args.seed,
                                                          "bootstrap_samples": args.bootstrap_samples})
-    report = run_evaluation(args.features, models, args.out, cfg, registry_uri=args.registry)
+    # best_static searches the best global answer to the reward Stage 2 was trained on
+    reward = config.load_section(args.config, "finetune").reward
+    report = run_evaluation(args.features, models, args.out, cfg, registry_uri=args.registry, reward=reward)
     print(format_table(report))
     print(f"report: {store.join(args.out, 'report.html')}")
     return 0

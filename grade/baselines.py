@@ -4,9 +4,11 @@
   standardised space log p_k = s_k z_k + m_k, so the product order is w_k proportional to s_k.
 - ``best_static``: one global weight vector, searched on the TRAIN split by the cross-entropy method
   (CEM) over softmax logits. Train has no ground truth, so the objective is a replay metric on logged
-  labels: by default NDCG@E of logged orders (orders are what the primary metric OPM counts). The
-  search always evaluates the static weights too and returns the best vector seen, so its objective
-  value on train is never below static's.
+  labels: by default Stage 2's posterior reward (the same click/order/GMV mix, 1/theta-weighted and
+  normalised over all search requests at once), so best_static is the best *global* answer to the
+  question GRADE answers per request; or the per-request NDCG@E of one logged label (biased towards
+  the logging policy, see docs/finetune.md). The search always evaluates the static weights too and
+  returns the best vector seen, so its objective value on train is never below static's.
 - ``logged``: the order the logging policy displayed (rank by -position).
 - ``oracle``: per request, the weights that maximise the TRUE business value (simulated data only),
   from ``grade.simulator.oracle_weights``.
@@ -20,10 +22,11 @@ import logging
 import torch
 
 from grade.fusion import fuse, ndcg_at
+from grade.reward import RewardConfig, reward_terms
 
 log = logging.getLogger(__name__)
 
-SEARCH_OBJECTIVES = ("ndcg_order", "ndcg_click", "ndcg_gmv")
+SEARCH_OBJECTIVES = ("posterior", "ndcg_order", "ndcg_click", "ndcg_gmv")
 
 
 def static_weights(spec: dict) -> torch.Tensor:
@@ -66,30 +69,59 @@ def replay_objective(z: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, 
     return total / max(n, 1)
 
 
-def best_static(train: dict[str, torch.Tensor], spec: dict, depth: int = 10, objective: str = "ndcg_order",
+def posterior_objective(data: dict[str, torch.Tensor], objectives: list[str], weights: torch.Tensor,
+                        reward: RewardConfig, depth: int, chunk_elems: int = 4_000_000) -> torch.Tensor:
+    """Stage 2's posterior reward of each global weight vector ``weights`` [G, K], averaged over requests -> [G].
+
+    All requests form one batch (the normaliser is their mean ideal DCG); chunks run over the vectors.
+    """
+    cfg = dataclasses.replace(reward, post=1.0, prior=0.0, format=0.0)
+    n, length = data["mask"].shape
+    per_chunk = max(1, chunk_elems // max(1, n * length))
+    out = []
+    for start in range(0, weights.shape[0], per_chunk):
+        w = weights[start:start + per_chunk].to(data["z"].dtype)
+        post = reward_terms(w.unsqueeze(0).expand(n, -1, -1), data, objectives, cfg, depth)["post"]
+        out.append(post.mean(0, dtype=torch.float64))
+    return torch.cat(out)
+
+
+def best_static(train: dict[str, torch.Tensor], spec: dict, depth: int = 10, objective: str = "posterior",
                 iterations: int = 10, population: int = 32, elite_fraction: float = 0.25,
-                init_spread: float = 1.0, max_requests: int = 20000, seed: int = 0) -> SearchResult:
+                init_spread: float = 1.0, max_requests: int = 20000, seed: int = 0,
+                reward: RewardConfig | None = None) -> SearchResult:
     """Search one global weight vector on the train split with the cross-entropy method.
 
-    Only requests with at least one positive label carry signal for NDCG, so the search uses those
-    (at most ``max_requests``, drawn with ``seed``). Logits ~ N(mu, sigma), weights = softmax; mu starts
-    at log(static) and moves to the elite mean each iteration.
+    Only requests with at least one positive label carry signal, so the search uses those (at most
+    ``max_requests``, drawn with ``seed``). ``posterior`` scores with Stage 2's posterior reward
+    (``reward``: its label mix and debiasing; train needs ``position`` then), ``ndcg_*`` with the mean
+    per-request NDCG@E of one label. Logits ~ N(mu, sigma), weights = softmax; mu starts at log(static)
+    and moves to the elite mean each iteration.
     """
     if objective not in SEARCH_OBJECTIVES:
         raise ValueError(f"objective must be one of {SEARCH_OBJECTIVES}, got {objective!r}")
-    label_name = objective.removeprefix("ndcg_")
-    gain = "linear" if label_name == "gmv" else "exp2"
-    labels = train[label_name]
-    mask = train["mask"]
-    keep = torch.nonzero(((labels > 0) & mask).any(-1)).squeeze(-1)
+    reward = reward or RewardConfig()
+    if objective == "posterior":
+        mix = {"click": reward.post_click, "order": reward.post_order, "gmv": reward.post_gmv}
+        positive = torch.zeros_like(train["mask"])
+        for name, share in mix.items():
+            if share > 0:
+                positive |= train[name] > 0
+    else:
+        positive = train[objective.removeprefix("ndcg_")] > 0
+    keep = torch.nonzero((positive & train["mask"]).any(-1)).squeeze(-1)
     gen = torch.Generator().manual_seed(int(seed))
     if keep.numel() > max_requests:
         keep = keep[torch.randperm(keep.numel(), generator=gen)[:max_requests]].sort().values
-    z, mask, labels = train["z"][keep], mask[keep], labels[keep]
+    data = {k: v[keep] for k, v in train.items()}
     static = static_weights(spec)
 
     def score(w: torch.Tensor) -> torch.Tensor:
-        return replay_objective(z, mask, labels, w, depth, gain)
+        if objective == "posterior":
+            return posterior_objective(data, list(spec["objectives"]), w, reward, depth)
+        label = objective.removeprefix("ndcg_")
+        return replay_objective(data["z"], data["mask"], data[label], w, depth,
+                                "linear" if label == "gmv" else "exp2")
 
     static_value = float(score(static.unsqueeze(0))[0])
     best_w, best_v = static.clone(), static_value

@@ -22,6 +22,7 @@ import torch
 from grade import auction, baselines, store
 from grade.config import to_dict
 from grade.errors import InputError
+from grade.reward import RewardConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,9 @@ class EvaluateConfig:
     """breakdown feature: '' = true segment when present else the first categorical feature; or a c_* name"""
     max_segments: int = 8
     """largest number of segments in the breakdown (the most frequent values)"""
-    static_search_objective: str = "ndcg_order"
-    """best_static objective on train: ndcg_order, ndcg_click or ndcg_gmv (replay NDCG@E of logged labels)"""
+    static_search_objective: str = "posterior"
+    """best_static objective on train: posterior (Stage 2's posterior reward, the finetune.reward label mix)
+    or ndcg_order, ndcg_click, ndcg_gmv (per-request replay NDCG@E of one logged label)"""
     static_search_iterations: int = 10
     """cross-entropy-method iterations of the best_static search"""
     static_search_population: int = 32
@@ -193,8 +195,11 @@ def _content_hash(uri: str) -> str | None:
 # ------------------------------------------------------------------------------------------------
 
 def run_evaluation(features_uri: str, models: dict[str, str], out_uri: str, cfg: EvaluateConfig | None = None,
-                   registry_uri: str | None = None) -> dict[str, Any]:
+                   registry_uri: str | None = None, reward: RewardConfig | None = None) -> dict[str, Any]:
     """Evaluate the baselines, every named model and the incumbent; publish report.json/html, metrics.json.
+
+    ``reward``: Stage 2's reward config, whose posterior label mix the ``posterior`` best_static
+    search maximises (default: ``RewardConfig()``).
 
     Returns the report (the content of report.json).
     """
@@ -231,12 +236,12 @@ def run_evaluation(features_uri: str, models: dict[str, str], out_uri: str, cfg:
 
     search = None
     if cfg.static_search_iterations > 0 and "train" in spec.get("splits", {}):
-        train = dataset.load_split(features_uri, "train", fields=["z", "mask", "click", "order", "gmv"])
+        train = dataset.load_split(features_uri, "train", fields=["z", "mask", "click", "order", "gmv", "position"])
         search = baselines.best_static(
             train, spec, depth=depth, objective=cfg.static_search_objective,
             iterations=cfg.static_search_iterations, population=cfg.static_search_population,
             elite_fraction=cfg.static_search_elite_fraction, max_requests=cfg.static_search_max_requests,
-            seed=cfg.seed)
+            seed=cfg.seed, reward=reward)
         del train
         add("best_static", w=search.weights)
     if "position" in data:

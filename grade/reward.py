@@ -38,8 +38,9 @@ TERMS = ("post", "prior", "format")
 class RewardConfig:
     post: float = 1.0
     """lambda_post: coefficient of the posterior (logged-label NDCG@E) term; 0 switches it off"""
-    prior: float = 0.5
-    """lambda_prior: coefficient of the prior (MTL-predicted discounted value) term; 0 switches it off"""
+    prior: float = 0.1
+    """lambda_prior: coefficient of the prior (MTL-predicted discounted value) term; 0 switches it off.
+    Small by default: the MTL model is global, so its prior pulls every user towards the same weights"""
     format: float = 1.0
     """lambda_fmt: coefficient of the format (weight bounds + entropy floor) penalty; 0 switches it off"""
     post_click: float = 0.25
@@ -65,8 +66,10 @@ class RewardConfig:
     """value of an order in the prior item value"""
     v_gmv: float = 1.0
     """value of an order per unit of pgmv / gmv_unit (gmv_unit: the train geometric mean of pgmv in a run)"""
-    w_min: list[float] = dataclasses.field(default_factory=lambda: [0.05])
-    """lower bound per objective (one value for all, or K values in the features' objective order)"""
+    w_min: list[float] = dataclasses.field(default_factory=lambda: [0.0])
+    """lower bound per objective (one value for all, or K values in the features' objective order); 0 by
+    default because a zero weight can be right (bargain hunters: none on GMV); w_max and the entropy floor
+    already forbid degenerate weights"""
     w_max: list[float] = dataclasses.field(default_factory=lambda: [0.8])
     """upper bound per objective (one value for all, or K values)"""
     entropy_floor: float = 0.6

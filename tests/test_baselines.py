@@ -43,8 +43,8 @@ def _train(n: int = 800, seed: int = 0) -> dict[str, torch.Tensor]:
 def test_best_static_beats_static_on_its_train_objective_and_is_deterministic():
     spec = {"pred_log_std": [1.0, 1.0]}
     train = _train()
-    res = baselines.best_static(train, spec, depth=5, iterations=5, population=16, seed=3)
-    again = baselines.best_static(train, spec, depth=5, iterations=5, population=16, seed=3)
+    res = baselines.best_static(train, spec, depth=5, objective="ndcg_order", iterations=5, population=16, seed=3)
+    again = baselines.best_static(train, spec, depth=5, objective="ndcg_order", iterations=5, population=16, seed=3)
     assert torch.equal(res.weights, again.weights)
     assert res.objective >= res.static_objective
     assert res.objective > res.static_objective + 0.01  # (0.5, 0.5) is clearly improvable here
@@ -61,10 +61,43 @@ def test_best_static_beats_static_on_its_train_objective_and_is_deterministic():
 
 def test_best_static_with_no_iterations_is_static_and_bad_objective_is_refused():
     spec = {"pred_log_std": [1.0, 3.0]}
-    res = baselines.best_static(_train(200), spec, depth=5, iterations=0)
+    res = baselines.best_static(_train(200), spec, depth=5, objective="ndcg_order", iterations=0)
     assert res.weights.tolist() == pytest.approx([0.25, 0.75])
     with pytest.raises(ValueError):
         baselines.best_static(_train(50), spec, objective="revenue")
+
+
+def test_posterior_search_maximises_stage2_posterior_reward():
+    """The default objective: Stage 2's posterior (here orders only), over every request with a positive."""
+    from grade.reward import RewardConfig
+
+    spec = {"pred_log_std": [1.0, 1.0], "objectives": ["ctr", "cvr"]}
+    train = _train()
+    train["position"] = torch.arange(10).expand(800, 10).clone()
+    reward = RewardConfig(post_click=0.0, post_gmv=0.0)
+    res = baselines.best_static(train, spec, depth=5, iterations=5, population=16, seed=3, reward=reward)
+    assert res.objective > res.static_objective + 0.01 and res.weights[1] > res.weights[0]
+    with_order = (train["order"] > 0).any(-1)
+    assert res.n_requests == int(with_order.sum())
+    subset = {k: v[with_order] for k, v in train.items()}
+    direct = baselines.posterior_objective(subset, spec["objectives"], res.weights.unsqueeze(0), reward, 5)
+    assert direct.item() == pytest.approx(res.objective)
+
+
+def test_posterior_objective_by_hand():
+    """Two requests, one order each at logged positions 0 and 3 (weights 1 and 4), top-1 exposure.
+
+    Weights (1, 0) put the shallow order on top in request 0 only; (0, 1) the deep one in request 1 only.
+    The normaliser is the mean ideal DCG (1 + 4) / 2 = 2.5: the values are (1 / 2.5) / 2 and (4 / 2.5) / 2.
+    """
+    from grade.reward import RewardConfig
+
+    z = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]]])
+    data = {"z": z, "mask": torch.ones(2, 2, dtype=torch.bool), "order": torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
+            "click": torch.zeros(2, 2), "gmv": torch.zeros(2, 2), "position": torch.tensor([[0, 1], [1, 3]])}
+    reward = RewardConfig(post_click=0.0, post_gmv=0.0)
+    vals = baselines.posterior_objective(data, ["ctr", "cvr"], torch.tensor([[1.0, 0.0], [0.0, 1.0]]), reward, 1)
+    assert vals.tolist() == pytest.approx([0.2, 0.8])
 
 
 def test_replay_objective_by_hand():
