@@ -27,13 +27,22 @@ def setup_logging(level: str | None = None) -> None:
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run a component's ``main``; InputError -> one clear message on stderr and exit status 2."""
+    """Run a component's ``main`` and turn expected failures into one line on stderr and an exit status.
+
+    Bad input (InputError, a missing or unpublished input folder) -> 2; an object-store operation that
+    failed after its retries -> 1 (a retry of the task may succeed); anything else propagates.
+    """
+    from grade import store
+
     setup_logging()
     try:
         rc = main(argv)
-    except InputError as e:
+    except (InputError, store.NotFound, store.NotPublished) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except store.StoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -35,6 +35,20 @@ def test_a_program_error_is_not_reported_as_bad_input():
         cli.run(broken, [])
 
 
+def test_store_failures_are_one_line_bad_input_or_a_retryable_failure(tmp_path, capsys):
+    missing = str(tmp_path / "nowhere")
+    assert cli.run(lambda argv: store.read_bytes(missing), []) == 2          # not found: bad input
+    assert capsys.readouterr().err == f"error: {missing}: not found\n"
+    assert cli.run(lambda argv: store.read_manifest(missing), []) == 2       # not published: bad input
+    assert "no _MANIFEST.json" in capsys.readouterr().err
+
+    def exhausted(argv):
+        raise store.StoreError("PUT s3://b/k failed after 5 attempt(s): connection refused")
+
+    assert cli.run(exhausted, []) == 1                                        # transient: retry the task
+    assert capsys.readouterr().err == "error: PUT s3://b/k failed after 5 attempt(s): connection refused\n"
+
+
 def test_missing_s3_settings_exit_2_naming_the_variables(monkeypatch, capsys):
     for name in ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID"):
         monkeypatch.delenv(name, raising=False)
