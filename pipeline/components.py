@@ -57,15 +57,16 @@ def features(config_yaml: str, snapshot_date: str, features: Output[Dataset],
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def pretrain(features: Input[Dataset], config_yaml: str, pretrain_epochs: int,
-             model: Output[Model], metrics: Output[Metrics]):
-    """Stage 1: LambdaLoss pretraining of the policy mean."""
+             model: Output[Model], metrics: Output[Metrics], workers: int = 1):
+    """Stage 1: LambdaLoss pretraining of the policy mean (data-parallel on ``workers`` processes)."""
     from components.pretrain import main
     from grade import store
     from pipeline.params import write_step_config
-    from pipeline.step_io import log_metrics_file, run_step
+    from pipeline.step_io import log_metrics_file, run_training_step
 
     cfg = write_step_config(config_yaml, {"pretrain_epochs": pretrain_epochs})
-    run_step("pretrain", main, ["--features", features.path, "--out", model.path, "--config", cfg])
+    run_training_step("pretrain", main, ["--features", features.path, "--out", model.path, "--config", cfg],
+                      workers)
     log_metrics_file(metrics, store.join(model.path, "metrics.json"))
     model.metadata.update({"stage": "stage1", "content_hash": store.content_hash(model.path)})
 
@@ -73,17 +74,17 @@ def pretrain(features: Input[Dataset], config_yaml: str, pretrain_epochs: int,
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def finetune(features: Input[Dataset], init: Input[Model], config_yaml: str, finetune_epochs: int,
              group_size: int, kl_coef: float, model: Output[Model], metrics: Output[Metrics],
-             ablation: str = ""):
-    """Stage 2: GRPO with adaptive Dirichlet exploration (or one of the ablations)."""
+             ablation: str = "", workers: int = 1):
+    """Stage 2: GRPO with adaptive Dirichlet exploration (or one of the ablations), on ``workers`` processes."""
     from components.finetune import main
     from grade import store
     from pipeline.params import write_step_config
-    from pipeline.step_io import log_metrics_file, run_step
+    from pipeline.step_io import log_metrics_file, run_training_step
 
     cfg = write_step_config(config_yaml, {"finetune_epochs": finetune_epochs, "group_size": group_size,
                                           "kl_coef": kl_coef}, ablation=ablation)
-    run_step("finetune", main, ["--features", features.path, "--init", init.path, "--out", model.path,
-                                "--config", cfg])
+    run_training_step("finetune", main, ["--features", features.path, "--init", init.path, "--out", model.path,
+                                         "--config", cfg], workers)
     log_metrics_file(metrics, store.join(model.path, "metrics.json"))
     model.metadata.update({"stage": ablation or "grade", "content_hash": store.content_hash(model.path)})
 

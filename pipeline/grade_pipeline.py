@@ -84,11 +84,12 @@ def build_pipeline(gpu: bool = False, s3_secret: str = S3_SECRET, image: str | N
     def train_evaluate_promote(features: Input[Dataset], data_uri: str, snapshot_date: str,
                                config_yaml: str, registry_uri: str,
                                pretrain_epochs: int, finetune_epochs: int, group_size: int,
-                               kl_coef: float, min_primary_lift: float, run_ablations: bool):
+                               kl_coef: float, min_primary_lift: float, run_ablations: bool,
+                               pretrain_workers: int, finetune_workers: int):
         stage1 = configure(c.pretrain(features=features, config_yaml=config_yaml,
-                                      pretrain_epochs=pretrain_epochs), "pretrain")
+                                      pretrain_epochs=pretrain_epochs, workers=pretrain_workers), "pretrain")
         tuning = {"config_yaml": config_yaml, "finetune_epochs": finetune_epochs,
-                  "group_size": group_size, "kl_coef": kl_coef}
+                  "group_size": group_size, "kl_coef": kl_coef, "workers": finetune_workers}
         grade = configure(c.finetune(features=features, init=stage1.outputs["model"], **tuning), "finetune")
         evaluation = configure(c.evaluate(features=features, stage1=stage1.outputs["model"],
                                           grade=grade.outputs["model"], config_yaml=config_yaml,
@@ -124,13 +125,17 @@ def build_pipeline(gpu: bool = False, s3_secret: str = S3_SECRET, image: str | N
         kl_coef: float = float(defaults["kl_coef"]),
         min_primary_lift: float = float(defaults["min_primary_lift"]),
         run_ablations: bool = False,
+        pretrain_workers: int = 1,
+        finetune_workers: int = 1,
     ):
         """raw_logs_uri: Parquet logs to train on ('' = simulate); snapshot_date: the data's date
-        (part of every cache key); config_yaml: the whole YAML config; the rest override its keys."""
+        (part of every cache key); config_yaml: the whole YAML config; *_workers: data-parallel
+        processes of a training step (torchrun in its pod); the rest override the config's keys."""
         downstream = {"snapshot_date": snapshot_date, "config_yaml": config_yaml, "registry_uri": registry_uri,
                       "pretrain_epochs": pretrain_epochs, "finetune_epochs": finetune_epochs,
                       "group_size": group_size, "kl_coef": kl_coef, "min_primary_lift": min_primary_lift,
-                      "run_ablations": run_ablations}
+                      "run_ablations": run_ablations, "pretrain_workers": pretrain_workers,
+                      "finetune_workers": finetune_workers}
         with dsl.If(raw_logs_uri == "", name="simulated-logs"):
             logs = configure(c.simulate(config_yaml=config_yaml, n_requests=n_requests, seed=seed,
                                         list_size=list_size, snapshot_date=snapshot_date), "simulate")

@@ -99,10 +99,16 @@ def arguments_from_config(path: str | None) -> dict[str, Any]:
 
 
 def pipeline_arguments(config_path: str | None, *, logs: str = "", registry: str | None = None,
-                       snapshot_date: str = "", ablations: bool = False) -> dict[str, Any]:
-    """A run's parameters: the config (text + tunable values) and the data/registry locations."""
+                       snapshot_date: str = "", ablations: bool = False, pretrain_workers: int = 1,
+                       finetune_workers: int = 1) -> dict[str, Any]:
+    """A run's parameters: the config (text + tunable values), the data/registry locations and the
+    training steps' process counts."""
+    for flag, n in (("--pretrain-workers", pretrain_workers), ("--finetune-workers", finetune_workers)):
+        if int(n) < 1:
+            raise ConfigError(f"{flag}: expected a process count >= 1, got {n}")
     args = arguments_from_config(config_path)
-    args.update({"raw_logs_uri": logs, "snapshot_date": snapshot_date, "run_ablations": ablations})
+    args.update({"raw_logs_uri": logs, "snapshot_date": snapshot_date, "run_ablations": ablations,
+                 "pretrain_workers": int(pretrain_workers), "finetune_workers": int(finetune_workers)})
     if registry:
         args["registry_uri"] = registry
     return args

@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logs", default="", metavar="URI",
                    help="raw Parquet logs (folder or s3:// prefix) to train on instead of simulating")
     p.add_argument("--snapshot-date", metavar="YYYY-MM-DD", help="date of the data (default: today, UTC)")
+    p.add_argument("--pretrain-workers", type=int, default=1, metavar="N",
+                   help="data-parallel processes of the pretrain step (torchrun; default 1)")
+    p.add_argument("--finetune-workers", type=int, default=1, metavar="N",
+                   help="data-parallel processes of the finetune steps (default 1)")
     p.add_argument("--ablations", action="store_true",
                    help="also fine-tune and evaluate the ablations (copied to DIR/ablations/)")
     return p
@@ -148,7 +152,8 @@ def summary(report: dict[str, Any], blessing: dict[str, Any] | None) -> str:
 
 def run_local(config_path: str | None, out: str | Path, *, workdir: str | Path | None = None,
               store_uri: str | None = None, registry: str | None = None, logs: str = "",
-              snapshot_date: str | None = None, ablations: bool = False) -> dict[str, Any]:
+              snapshot_date: str | None = None, ablations: bool = False, pretrain_workers: int = 1,
+              finetune_workers: int = 1) -> dict[str, Any]:
     """Run the pipeline locally; copy the report and blessing to ``out``; return what was found."""
     out = Path(out)
     workdir = Path(workdir) if workdir else out / "_work"
@@ -167,7 +172,8 @@ def run_local(config_path: str | None, out: str | Path, *, workdir: str | Path |
     if not store.is_s3(registry):
         registry = str(Path(registry).absolute())
     arguments = params.pipeline_arguments(config_path, logs=logs, registry=registry,
-                                          snapshot_date=snapshot_date, ablations=ablations)
+                                          snapshot_date=snapshot_date, ablations=ablations,
+                                          pretrain_workers=pretrain_workers, finetune_workers=finetune_workers)
     start = time.monotonic()
     run_dir = run_pipeline(arguments, (workdir / "pipeline-root").absolute())
     elapsed = time.monotonic() - start
@@ -196,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_local(args.config, args.out, workdir=args.workdir, store_uri=args.store,
                            registry=args.registry, logs=args.logs, snapshot_date=args.snapshot_date,
-                           ablations=args.ablations)
+                           ablations=args.ablations, pretrain_workers=args.pretrain_workers,
+                           finetune_workers=args.finetune_workers)
     except RuntimeError as e:
         message = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # the local runner colours its messages
         print(f"error: {message} (the failed task's log is above)", file=sys.stderr)

@@ -30,6 +30,27 @@ def run_step(name: str, main: Callable[[list[str] | None], int | None], argv: li
         raise StepFailed(f"components.{name} {' '.join(argv)} exited with status {rc}")
 
 
+def run_training_step(name: str, main: Callable[[list[str] | None], int | None], argv: list[str],
+                      workers: int = 1) -> None:
+    """Run a training step in this process (``workers`` <= 1) or data-parallel on ``workers`` local
+    processes through torchrun (``python -m torch.distributed.run --standalone``, gloo on CPU, nccl on
+    GPU; one intra-op thread per process unless OMP_NUM_THREADS is set). Rank 0 writes the outputs."""
+    import os
+    import subprocess
+    import sys
+
+    if workers <= 1:
+        run_step(name, main, argv)
+        return
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(int(workers)),
+           "-m", f"components.{name}", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    rc = subprocess.run(cmd, env=env, check=False).returncode
+    if rc != 0:
+        raise StepFailed(f"torchrun --nproc-per-node {workers} components.{name} {' '.join(argv)} "
+                         f"exited with status {rc}")
+
+
 def metric_name(name: str) -> str:
     """A KFP-safe metric name: letters, digits, '-' and '_' only, at most 63 characters."""
     return re.sub(r"[^A-Za-z0-9_-]", "-", name)[:63]

@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registry", metavar="URI", help=f"model registry root (default: {DEFAULT_REGISTRY})")
     p.add_argument("--snapshot-date", metavar="YYYY-MM-DD",
                    help="date of the data, part of every cache key (default for --run: today, UTC)")
+    p.add_argument("--pretrain-workers", type=int, default=1, metavar="N",
+                   help="data-parallel processes of the pretrain step (torchrun in its pod; default 1)")
+    p.add_argument("--finetune-workers", type=int, default=1, metavar="N",
+                   help="data-parallel processes of the finetune steps (default 1)")
     p.add_argument("--ablations", action="store_true",
                    help="also fine-tune and evaluate the ablations (a separate report)")
     p.add_argument("--run-name", metavar="NAME", help="name of the run or recurring run")
@@ -163,7 +167,9 @@ def submit(args: argparse.Namespace, client: Any | None = None) -> dict[str, Any
     if snapshot and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", snapshot):
         raise InputError(f"--snapshot-date {snapshot!r}: expected YYYY-MM-DD")
     arguments = params.pipeline_arguments(args.config, logs=args.logs, registry=args.registry,
-                                   snapshot_date=snapshot, ablations=args.ablations)
+                                          snapshot_date=snapshot, ablations=args.ablations,
+                                          pretrain_workers=args.pretrain_workers,
+                                          finetune_workers=args.finetune_workers)
     with tempfile.TemporaryDirectory(prefix="grade-submit-") as tmp:
         package = Path(args.package) if args.package else None
         if package is None:

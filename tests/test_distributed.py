@@ -210,3 +210,28 @@ def test_torchrun_two_processes_match_one(features, tmp_path):
     assert log2[0]["requests"] == log1[0]["requests"] // 2
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (f1, f2))
     assert m2["final"]["replay/ndcg_order"] == pytest.approx(m1["final"]["replay/ndcg_order"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_pipeline_training_step_runs_in_process_or_on_two_processes(features, tmp_path):
+    """The KFP training components call this: workers 1 runs ``main`` here, 2 launches torchrun."""
+    from components.pretrain import main
+    from grade import store
+    from pipeline.step_io import StepFailed, run_training_step
+
+    argv = ["--features", str(features), "--epochs", "1", "--batch-size", "64", "--threads", "1"]
+    monkey_env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
+    try:
+        run_training_step("pretrain", main, [*argv, "--out", str(tmp_path / "one")], workers=1)
+        run_training_step("pretrain", main, [*argv, "--out", str(tmp_path / "two")], workers=2)
+        with pytest.raises(StepFailed, match="status"):
+            run_training_step("pretrain", main, ["--features", str(tmp_path / "none"), "--out",
+                                                 str(tmp_path / "bad")], workers=2)
+    finally:
+        os.environ.update(monkey_env)
+    for name in ("one", "two"):
+        assert store.is_published(str(tmp_path / name))
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["world_size"] == 2
+    assert _max_diff(load_file(tmp_path / "one" / "policy.safetensors"),
+                     load_file(tmp_path / "two" / "policy.safetensors")) < WEIGHT_TOLERANCE
+    assert not (tmp_path / "bad").exists()

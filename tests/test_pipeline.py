@@ -80,6 +80,19 @@ def test_parameters_cover_data_registry_sizes_hyperparameters_and_gate(docs):
         assert inputs[t.name]["defaultValue"] == defaults[t.name], t.name
     assert inputs["raw_logs_uri"]["defaultValue"] == ""
     assert inputs["run_ablations"]["defaultValue"] is False
+    assert inputs["pretrain_workers"]["defaultValue"] == inputs["finetune_workers"]["defaultValue"] == 1
+
+
+def test_worker_counts_reach_the_training_tasks_and_only_them(docs):
+    pipeline_doc, _ = docs
+    fed = {}
+    for _, task in _tasks(pipeline_doc):
+        workers = task.get("inputs", {}).get("parameters", {}).get("workers")
+        if workers is not None:
+            fed[task["taskInfo"]["name"]] = workers["componentInputParameter"].removeprefix("pipelinechannel--")
+    assert fed and set(fed) == {"pretrain", "finetune"} | {f"finetune {n}" for n in params.ABLATIONS}
+    assert fed["pretrain"] == "pretrain_workers"
+    assert {v for k, v in fed.items() if k != "pretrain"} == {"finetune_workers"}
 
 
 def test_simulate_only_runs_when_no_logs_are_given(docs):
