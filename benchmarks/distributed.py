@@ -31,13 +31,10 @@ import time
 from pathlib import Path
 
 import psutil
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from benchmarks._common import emit
-from benchmarks.pretrain import synthetic_logs
+from benchmarks.pretrain import synthetic_features
 from grade import dataset
-from grade.features import FeaturesConfig, extract_features
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1)}   # name -> (processes, threads per process)
@@ -85,12 +82,7 @@ def run(n_requests: int = 20000, list_size: int = 50, pretrain_epochs: int = 2, 
     load_before = os.getloadavg()
     runs: dict[str, dict[str, list]] = {"pretrain": {k: [] for k in LAYOUTS}, "finetune": {k: [] for k in LAYOUTS}}
     with tempfile.TemporaryDirectory(prefix="grade-bench-dist-") as tmp:
-        logs = Path(tmp, "logs")
-        logs.mkdir()
-        pq.write_table(pa.Table.from_pandas(synthetic_logs(n_requests, list_size), preserve_index=False),
-                       logs / "part-00000.parquet")
-        features = str(Path(tmp, "features"))
-        extract_features(str(logs), features, FeaturesConfig(shard_requests=4096))
+        features = synthetic_features(tmp, n_requests, list_size)
         n_train = dataset.count_requests(features, "train")
         config = Path(tmp, "config.yaml")
         # the same work on every layout: fixed epochs (no early stop), validation on 2,000 requests,

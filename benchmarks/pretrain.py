@@ -52,14 +52,20 @@ def synthetic_logs(n_requests: int, list_size: int, seed: int = 0) -> pd.DataFra
     })
 
 
+def synthetic_features(folder: str | Path, n_requests: int, list_size: int) -> str:
+    """Write :func:`synthetic_logs` under ``folder``/logs and extract them to ``folder``/features."""
+    logs = Path(folder, "logs")
+    logs.mkdir()
+    pq.write_table(pa.Table.from_pandas(synthetic_logs(n_requests, list_size), preserve_index=False),
+                   logs / "part-00000.parquet")
+    features = str(Path(folder, "features"))
+    extract_features(str(logs), features, FeaturesConfig(shard_requests=4096))
+    return features
+
+
 def run(n_requests: int = 20000, list_size: int = 50, epochs: int = 2) -> dict:
     with tempfile.TemporaryDirectory(prefix="grade-bench-pretrain-") as tmp:
-        logs = Path(tmp, "logs")
-        logs.mkdir()
-        pq.write_table(pa.Table.from_pandas(synthetic_logs(n_requests, list_size), preserve_index=False),
-                       logs / "part-00000.parquet")
-        features = str(Path(tmp, "features"))
-        extract_features(str(logs), features, FeaturesConfig(shard_requests=4096))
+        features = synthetic_features(tmp, n_requests, list_size)
         cfg = PretrainConfig(epochs=epochs, patience=epochs + 1)
 
         t0 = time.perf_counter()
