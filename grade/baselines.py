@@ -21,6 +21,7 @@ import logging
 
 import torch
 
+from grade.errors import InputError
 from grade.fusion import fuse, ndcg_at
 from grade.reward import RewardConfig, reward_terms
 
@@ -77,6 +78,8 @@ def posterior_objective(data: dict[str, torch.Tensor], objectives: list[str], we
     """
     cfg = dataclasses.replace(reward, post=1.0, prior=0.0, format=0.0)
     n, length = data["mask"].shape
+    if n == 0:
+        return torch.zeros(weights.shape[0], dtype=torch.float64)
     per_chunk = max(1, chunk_elems // max(1, n * length))
     out = []
     for start in range(0, weights.shape[0], per_chunk):
@@ -103,6 +106,9 @@ def best_static(train: dict[str, torch.Tensor], spec: dict, depth: int = 10, obj
     reward = reward or RewardConfig()
     if objective == "posterior":
         mix = {"click": reward.post_click, "order": reward.post_order, "gmv": reward.post_gmv}
+        if not any(share > 0 for share in mix.values()):
+            raise InputError("best_static: the posterior objective needs a positive finetune.reward.post_click, "
+                             "post_order or post_gmv (or set evaluate.static_search_objective to ndcg_order)")
         positive = torch.zeros_like(train["mask"])
         for name, share in mix.items():
             if share > 0:

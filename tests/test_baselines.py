@@ -65,6 +65,15 @@ def test_best_static_with_no_iterations_is_static_and_bad_objective_is_refused()
     assert res.weights.tolist() == pytest.approx([0.25, 0.75])
     with pytest.raises(ValueError):
         baselines.best_static(_train(50), spec, objective="revenue")
+    from grade.errors import InputError
+    from grade.reward import RewardConfig
+
+    with pytest.raises(InputError, match="post_click, post_order or post_gmv"):
+        baselines.best_static(_train(50), spec, reward=RewardConfig(post_click=0.0, post_order=0.0, post_gmv=0.0))
+    no_positive = {**_train(50), "order": torch.zeros(50, 10), "click": torch.zeros(50, 10),
+                   "gmv": torch.zeros(50, 10), "position": torch.zeros(50, 10, dtype=torch.long)}
+    res = baselines.best_static(no_positive, {**spec, "objectives": ["ctr", "cvr"]}, depth=5, iterations=2)
+    assert res.weights.tolist() == pytest.approx([0.25, 0.75]) and res.n_requests == 0 and res.objective == 0.0
 
 
 def test_posterior_search_maximises_stage2_posterior_reward():
