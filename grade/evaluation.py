@@ -55,6 +55,8 @@ class EvaluateConfig:
     or ndcg_order, ndcg_click, ndcg_gmv (per-request replay NDCG@E of one logged label)"""
     static_search_iterations: int = 10
     """cross-entropy-method iterations of the best_static search"""
+    paired_baselines: list[str] = dataclasses.field(default_factory=lambda: ["best_static", "stage1"])
+    """policies every other one is also compared with by paired bootstrap (report key lift_vs), when present"""
     static_search_population: int = 32
     """weight vectors sampled per CEM iteration"""
     static_search_elite_fraction: float = 0.25
@@ -275,6 +277,8 @@ def run_evaluation(features_uri: str, models: dict[str, str], out_uri: str, cfg:
         curves[name] = read_training_curves(uri)
 
     baseline_names = ["static"] + (["incumbent"] if "incumbent" in table.policies else [])
+    paired = [b for b in cfg.paired_baselines if b in table.policies and b not in baseline_names]
+    baseline_names += paired
     t = time.monotonic()
     overall = auction.compare(table, baseline_names, cfg.bootstrap_samples, cfg.confidence, cfg.seed)
     log.info("bootstrap: %d resamples of %d requests x %d columns in %.1fs", cfg.bootstrap_samples, n,
@@ -306,7 +310,9 @@ def run_evaluation(features_uri: str, models: dict[str, str], out_uri: str, cfg:
             "objective": cfg.static_search_objective, "value": search.objective,
             "static_value": search.static_objective, "n_requests": search.n_requests, "history": search.history},
         "headroom_captured": headroom,
-        "comparisons": comparisons(policies, primary_flavour, list(named)),
+        "lift_vs": {b: overall["lifts"][b] for b in paired},
+        "comparisons": comparisons(policies, primary_flavour, list(named),
+                                   {b: overall["lifts"][b] for b in paired}),
         "headroom_sentence": headroom_sentence(headroom, policies, primary_flavour, list(models)),
         "segments": {"feature": seg_name, "mean_weights": mean_w, "by_segment": segments},
         "frontier": frontier,
@@ -391,8 +397,10 @@ def headroom_shares(policies: dict[str, Any], flavour: str = "true") -> dict[str
     return {p: (v["true"]["opm"] - s) / (o - s) for p, v in policies.items() if p not in ("static", "oracle")}
 
 
-def comparisons(policies: dict[str, Any], flavour: str, models: list[str]) -> dict[str, Any]:
-    """Per named model: its OPM against every other policy's (beats_*) and whether the oracle bounds all."""
+def comparisons(policies: dict[str, Any], flavour: str, models: list[str],
+                lift_vs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per named model: its OPM against every other policy's (beats_*), with the paired lift and CI
+    (opm_lift_vs_*) for the baselines of ``lift_vs``; and whether the oracle bounds all."""
     out: dict[str, Any] = {}
     for m in models:
         mine = policies[m][flavour].get("opm")
@@ -400,6 +408,10 @@ def comparisons(policies: dict[str, Any], flavour: str, models: list[str]) -> di
             continue
         out[m] = {f"beats_{p}": bool(mine > v[flavour]["opm"]) for p, v in policies.items()
                   if p not in (m, "oracle") and v.get(flavour, {}).get("opm") is not None}
+        for b, lifts in (lift_vs or {}).items():
+            lift = lifts.get(m, {}).get(flavour, {}).get("opm")
+            if b != m and lift:
+                out[m][f"opm_lift_vs_{b}"] = lift
     if "oracle" in policies and flavour == "true":
         o = policies["oracle"]["true"]
         out["oracle_above_all"] = {metric: all(o[metric] >= v["true"][metric] for p, v in policies.items()
@@ -451,6 +463,13 @@ def kfp_metrics(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return {"metrics": out}
 
 
+def _verdict(comparison: dict[str, Any], other: str, higher: bool) -> str:
+    """'best_static higher (+1.90% [+0.80, +3.00])': the paired lift and CI when there is one."""
+    lift = comparison.get(f"opm_lift_vs_{other}")
+    ci = "" if not lift else f" ({100 * lift['lift']:+.2f}% [{100 * lift['ci_low']:+.2f}, {100 * lift['ci_high']:+.2f}])"
+    return f"{other} {'higher' if higher else 'NOT higher'}{ci}"
+
+
 def format_table(report: dict[str, Any]) -> str:
     """A readable terminal table: metrics of every policy and lifts vs static with CIs."""
     flavour = report["primary_flavour"]
@@ -480,7 +499,7 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append("oracle above every policy: " + ", ".join(f"{k.upper()} {'yes' if v else 'NO'}"
                                                                  for k, v in c.items()))
         else:
-            lines.append(f"{m} {flavour} OPM vs: " + ", ".join(f"{k.removeprefix('beats_')} {'higher' if v else 'NOT higher'}"
-                                                             for k, v in c.items()))
+            lines.append(f"{m} {flavour} OPM vs: " + ", ".join(_verdict(c, k.removeprefix("beats_"), v)
+                                                             for k, v in c.items() if k.startswith("beats_")))
     lines.append(report["headroom_sentence"])
     return "\n".join(lines)

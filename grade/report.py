@@ -280,6 +280,8 @@ def render_html(report: dict[str, Any], weights: dict[str, torch.Tensor] | None 
     ]
     if "lift_vs_incumbent" in report:
         parts.append(lifts_table(report["lift_vs_incumbent"], flavour, "incumbent (production)"))
+    for baseline, lifts in report.get("lift_vs", {}).items():
+        parts.append(lifts_table({p: v for p, v in lifts.items() if p != baseline}, flavour, baseline))
     parts += ["<h2>Metrics</h2>",
               "<p class='meta'>CTR = clicks/impressions, CVR = orders/clicks, OPM and GPM = orders and GMV per "
               "1000 impressions (expected values on the exposure); replay = NDCG@E against logged labels and "

@@ -134,6 +134,13 @@ def test_report_shape_and_outputs(evaluated):
     # The lift is the ratio of the two reported metrics.
     p = on_disk["policies"]
     assert lift["lift"] == pytest.approx(p["grade"]["true"]["opm"] / p["static"]["true"]["opm"] - 1)
+    # Paired lifts vs best_static too (stage1 is not among these models): the same ratio, its own CI.
+    assert set(on_disk["lift_vs"]) == {"best_static"}
+    vs_best = on_disk["lift_vs"]["best_static"]["grade"]["true"]["opm"]
+    assert vs_best["lift"] == pytest.approx(p["grade"]["true"]["opm"] / p["best_static"]["true"]["opm"] - 1)
+    assert vs_best["ci_low"] <= vs_best["lift"] <= vs_best["ci_high"]
+    assert on_disk["comparisons"]["grade"]["opm_lift_vs_best_static"] == vs_best
+    assert "best_static higher (" in format_table(on_disk) or "best_static NOT higher (" in format_table(on_disk)
     seg = on_disk["segments"]
     assert seg["feature"] == "segment" and set(seg["by_segment"]) == {"0", "1", "2"}
     assert sum(v["n_requests"] for v in seg["by_segment"].values()) == 500
@@ -294,5 +301,9 @@ def test_comparisons_by_hand():
                 "grade": {"true": {"opm": 12.0, "gpm": 120.0}}, "oracle": {"true": {"opm": 20.0, "gpm": 110.0}}}
     c = comparisons(policies, "true", ["grade"])
     assert c["grade"] == {"beats_static": True, "beats_best_static": True}
+    lift = {"lift": 0.09, "ci_low": 0.02, "ci_high": 0.15}
+    c = comparisons(policies, "true", ["grade"], {"best_static": {"grade": {"true": {"opm": lift}},
+                                                                  "best_static": {"true": {"opm": lift}}}})
+    assert c["grade"]["opm_lift_vs_best_static"] == lift and c["grade"]["beats_best_static"]
     assert c["oracle_above_all"] == {"opm": True, "gpm": False}
     assert headroom_shares(policies) == pytest.approx({"best_static": 0.1, "grade": 0.2})
