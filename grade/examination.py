@@ -169,19 +169,25 @@ def _log_likelihood(log_theta: torch.Tensor, logits: torch.Tensor, click: torch.
 
 
 def _fit(x: torch.Tensor, pos: torch.Tensor, click: torch.Tensor, curve: str, depth: int,
-         cfg: ExaminationConfig) -> tuple[torch.Tensor, float, float, bool]:
-    """One maximum-likelihood fit: (theta at positions 0..depth-1 [depth], eta, mean log-lik, converged).
+         cfg: ExaminationConfig, init: torch.Tensor | None = None
+         ) -> tuple[torch.Tensor, float, float, bool, torch.Tensor]:
+    """One maximum-likelihood fit: (theta at 0..depth-1 [depth], eta, mean log-lik, converged, f's params).
 
-    eta is the power-law exponent (NaN for the free curve).
-
-    ``curve`` "power": one exponent over every row; "free": log theta_j = -softplus(a_j) for 1 <= j < depth.
-    Deterministic: full batch, float64, zero initialisation (eta starts at 1).
+    ``curve`` "power": one exponent over every row (eta starts at 1); "free": log theta_j = -softplus(a_j)
+    for 1 <= j < depth (starting at theta_j = 1/(1+j)); eta is NaN for the free curve. ``init``: f's
+    weights and bias [F+1] to start from (the power fit's, for the free fit), else zeros and the
+    click-rate logit. f's params are returned as [F+1]. Deterministic: full batch, float64.
     """
-    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    rate = float(click.mean().clamp(1e-6, 1 - 1e-6))
-    b = torch.tensor(math.log(rate / (1 - rate)) + 1.0, dtype=torch.float64, requires_grad=True)
-    n_curve = 1 if curve == "power" else depth - 1
-    a = torch.full((n_curve,), 1.0 if curve == "power" else 0.5, dtype=torch.float64, requires_grad=True)
+    if init is None:
+        rate = float(click.mean().clamp(1e-6, 1 - 1e-6))
+        init = torch.cat([torch.zeros(x.shape[1], dtype=torch.float64),
+                          torch.tensor([math.log(rate / (1 - rate)) + 1.0], dtype=torch.float64)])
+    w = init[:-1].clone().requires_grad_(True)
+    b = init[-1].clone().requires_grad_(True)
+    if curve == "power":
+        a = torch.ones(1, dtype=torch.float64, requires_grad=True)
+    else:  # softplus^-1(log(1 + j)) gives theta_j = 1 / (1 + j)
+        a = torch.log(torch.expm1(torch.log1p(torch.arange(1, depth, dtype=torch.float64)))).requires_grad_(True)
 
     def log_theta() -> torch.Tensor:
         if curve == "power":
@@ -190,7 +196,7 @@ def _fit(x: torch.Tensor, pos: torch.Tensor, click: torch.Tensor, curve: str, de
         return table[pos]
 
     opt = torch.optim.LBFGS([w, b, a], max_iter=cfg.max_iter, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-9, tolerance_change=1e-12, history_size=20)
+                            tolerance_grad=1e-7, tolerance_change=1e-10, history_size=20)
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -208,7 +214,8 @@ def _fit(x: torch.Tensor, pos: torch.Tensor, click: torch.Tensor, curve: str, de
         else:
             eta = math.nan
             theta = torch.cat([torch.ones(1, dtype=torch.float64), torch.exp(-torch.nn.functional.softplus(a))])
-    return theta, eta, ll, grad_norm < 1e-5 or n_iter < cfg.max_iter
+    params = torch.cat([w.detach(), b.detach().reshape(1)])
+    return theta, eta, ll, grad_norm < 1e-5 or n_iter < cfg.max_iter, params
 
 
 def estimate_examination(batch: dict[str, torch.Tensor], cfg: ExaminationConfig | None = None
@@ -224,9 +231,10 @@ def estimate_examination(batch: dict[str, torch.Tensor], cfg: ExaminationConfig 
     n_clicks = int(click.sum())
     if n_clicks == 0 or len(torch.unique(pos)) < 2:
         raise InputError("examination: the logs need clicks and items at more than one position to estimate theta")
-    power, eta, ll_power, ok_power = _fit(x, pos, click, "power", cfg.depth, cfg)
+    power, eta, ll_power, ok_power, params = _fit(x, pos, click, "power", cfg.depth, cfg)
     shallow = pos < cfg.depth
-    free, _, ll_free, ok_free = _fit(x[shallow], pos[shallow], click[shallow], "free", cfg.depth, cfg)
+    free, _, ll_free, ok_free, _ = _fit(x[shallow], pos[shallow], click[shallow], "free", cfg.depth, cfg,
+                                        init=params)
     chosen = power if cfg.method == "power" else free
     return ExaminationEstimate(
         method=cfg.method, eta=eta, theta=chosen.tolist(), theta_power=power.tolist(),
