@@ -129,7 +129,8 @@ def click_features(pred: torch.Tensor, z: torch.Tensor, num: torch.Tensor, mask:
     """
     items = [z]
     real = pred[mask]
-    probs = [k for k in range(pred.shape[-1]) if len(real) and bool(((real[:, k] > 0) & (real[:, k] < 1)).all())]
+    in_unit = (real > 0) & (real < 1)
+    probs = [k for k in range(pred.shape[-1]) if len(real) and bool(in_unit[:, k].all())]
     if probs:
         log_rest = torch.log1p(-pred[..., probs].clamp(max=1 - 1e-6))
         m = log_rest[mask]
@@ -148,7 +149,8 @@ def _rows(batch: dict[str, torch.Tensor], cfg: ExaminationConfig) -> tuple[torch
         if name not in batch:
             raise InputError(f"examination: the feature tensors lack '{name}'")
     mask = batch["mask"].bool() & (batch["position"] >= 0)
-    x = click_features(batch["pred"].float(), batch["z"].float(), batch["num"].float(), mask, cfg.interactions)
+    x = click_features(batch["pred"].float(), batch["z"].float(), batch["num"].float(), mask,
+                       cfg.interactions)
     x, pos, click = x[mask], batch["position"][mask].long(), batch["click"][mask].double()
     bad = (click != 0) & (click != 1)
     if bool(bad.any()):
@@ -187,7 +189,8 @@ def _fit(x: torch.Tensor, pos: torch.Tensor, click: torch.Tensor, curve: str, de
     if curve == "power":
         a = torch.ones(1, dtype=torch.float64, requires_grad=True)
     else:  # softplus^-1(log(1 + j)) gives theta_j = 1 / (1 + j)
-        a = torch.log(torch.expm1(torch.log1p(torch.arange(1, depth, dtype=torch.float64)))).requires_grad_(True)
+        start = torch.log1p(torch.arange(1, depth, dtype=torch.float64))
+        a = torch.log(torch.expm1(start)).requires_grad_(True)
 
     def log_theta() -> torch.Tensor:
         if curve == "power":
@@ -208,12 +211,13 @@ def _fit(x: torch.Tensor, pos: torch.Tensor, click: torch.Tensor, curve: str, de
     with torch.no_grad():
         ll = float(_log_likelihood(log_theta(), x @ w + b, click))
         grad_norm = max(float(p.grad.abs().max()) for p in (w, b, a))
-        n_iter = opt.state[opt._params[0]].get("n_iter", 0)
+        n_iter = opt.state[w].get("n_iter", 0)  # LBFGS keeps its state on the first parameter
         if curve == "power":
             eta, theta = float(a[0]), power_curve(depth, float(a[0]))
         else:
             eta = math.nan
-            theta = torch.cat([torch.ones(1, dtype=torch.float64), torch.exp(-torch.nn.functional.softplus(a))])
+            free = torch.exp(-torch.nn.functional.softplus(a))
+            theta = torch.cat([torch.ones(1, dtype=torch.float64), free])
     params = torch.cat([w.detach(), b.detach().reshape(1)])
     return theta, eta, ll, grad_norm < 1e-5 or n_iter < cfg.max_iter, params
 
@@ -230,7 +234,8 @@ def estimate_examination(batch: dict[str, torch.Tensor], cfg: ExaminationConfig 
     x, pos, click = _rows(batch, cfg)
     n_clicks = int(click.sum())
     if n_clicks == 0 or len(torch.unique(pos)) < 2:
-        raise InputError("examination: the logs need clicks and items at more than one position to estimate theta")
+        raise InputError("examination: the logs need clicks and items at more than one position "
+                         "to estimate theta")
     power, eta, ll_power, ok_power, params = _fit(x, pos, click, "power", cfg.depth, cfg)
     shallow = pos < cfg.depth
     free, _, ll_free, ok_free, _ = _fit(x[shallow], pos[shallow], click[shallow], "free", cfg.depth, cfg,

@@ -27,7 +27,8 @@ def simulated_batch(cfg: SimulatorConfig) -> dict[str, torch.Tensor]:
     out = {name: torch.from_numpy(col(name).astype(np.float32)) for name in ROW_FIELDS}
     out["position"] = out["position"].long()
     out["mask"] = torch.ones(n, L, dtype=torch.bool)
-    out["pred"] = torch.from_numpy(np.stack([col(f"pred_{o}") for o in cfg.objectives], -1).astype(np.float32))
+    pred = np.stack([col(f"pred_{o}") for o in cfg.objectives], -1)
+    out["pred"] = torch.from_numpy(pred.astype(np.float32))
     logp = out["pred"].log()
     out["z"] = (logp - logp.mean((0, 1))) / logp.std((0, 1))
     num = torch.from_numpy(np.stack([col(c)[:, 0] for c in NUMERIC], -1).astype(np.float32))

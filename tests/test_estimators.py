@@ -15,7 +15,8 @@ LOGGED_THETA = torch.tensor([[1.0, 0.5, 1.0 / 3.0]])
 Y = torch.tensor([[1.0, 0.0, 1.0]])
 M = torch.tensor([[0.2, 0.4, 0.6]])
 THETA = torch.tensor([1.0, 0.5])
-# G = 2 rankings of depth 2: A shows items 2, 0 (item 2 promoted from the last position); B is the logged order.
+# G = 2 rankings of depth 2: A shows items 2, 0 (item 2 promoted from the last position);
+# B is the logged order.
 IDX = torch.tensor([[[2, 0], [0, 1]]])
 
 
@@ -116,7 +117,8 @@ def test_ips_is_unbiased_and_the_true_model_dm_is_exact_on_synthetic_logs():
     flat = lambda x: x.reshape(draws * b, *x.shape[2:])  # noqa: E731 - draws as more requests
     idx_r = flat(idx.expand(draws, -1, -1, -1))
     for label, expected in ((click, truth), (order, direct_method(ctr * cvr, idx, theta))):
-        est = ips(flat(label.double()), idx_r, theta, flat(lt)).value.reshape(draws, b, 2).sum(1)   # [draws, 2]
+        value = ips(flat(label.double()), idx_r, theta, flat(lt)).value
+        est = value.reshape(draws, b, 2).sum(1)                                  # [draws, 2]
         se = est.std(0) / math.sqrt(draws)
         gap = (est.mean(0) - expected.sum(0)).abs()
         assert bool((gap < 4 * se).all()), (est.mean(0), expected.sum(0), se)
