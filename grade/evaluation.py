@@ -23,6 +23,7 @@ from grade import auction, baselines, store
 from grade.config import to_dict
 from grade.errors import InputError
 from grade.reward import RewardConfig
+from grade.transform import FeatureTransform, clamp_unseen
 
 log = logging.getLogger(__name__)
 
@@ -153,12 +154,7 @@ def model_weights(uri: str, data: dict[str, torch.Tensor], spec: dict, batch_siz
     from grade.policy import load_policy
 
     policy = load_policy(uri)
-    k = data["z"].shape[-1]
-    if policy.cfg.n_objectives != k or policy.cfg.n_numeric != data["num"].shape[1] \
-            or len(policy.cfg.cat_sizes) != data["cat"].shape[1]:
-        raise InputError(f"{uri}: policy expects K={policy.cfg.n_objectives}, {policy.cfg.n_numeric} numeric and "
-                         f"{len(policy.cfg.cat_sizes)} categorical features; the features have K={k}, "
-                         f"{data['num'].shape[1]} numeric and {data['cat'].shape[1]} categorical")
+    FeatureTransform.from_spec(spec).check_policy(policy.cfg, uri)
     try:
         model_spec = store.read_json(store.join(uri, "feature_spec.json"))
         if list(model_spec.get("objectives", [])) != list(spec["objectives"]):
@@ -166,9 +162,7 @@ def model_weights(uri: str, data: dict[str, torch.Tensor], spec: dict, batch_siz
                              f"differ from the features' {spec['objectives']}")
     except store.NotFound:
         pass
-    cat = data["cat"].clamp(min=0)
-    sizes = torch.tensor(policy.cfg.cat_sizes)
-    cat = torch.where(cat < sizes, cat, torch.zeros_like(cat))  # unseen ids -> OOV 0
+    cat = clamp_unseen(data["cat"], policy.cfg.cat_sizes)
     with torch.inference_mode():
         out = [policy.mean_weights(data["num"][s:s + batch_size], cat[s:s + batch_size])
                for s in range(0, cat.shape[0], batch_size)]

@@ -34,6 +34,7 @@ from grade.errors import InputError
 from grade.grpo import FinetuneConfig, train_step
 from grade.policy import PolicyConfig, PolicyNet, load_policy, save_policy
 from grade.reward import gmv_unit_of, reward_terms, weight_entropy
+from grade.transform import FeatureTransform, clamp_unseen
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,7 @@ def build_policies(init_uri: str, cfg: FinetuneConfig, spec: dict[str, Any]) -> 
     """(trainable policy, frozen reference), both Stage 1's weights; fixed kappa applied to both when asked."""
     stage1 = load_policy(init_uri)
     pcfg = stage1.cfg
-    k, u, c = len(spec["objectives"]), len(spec["numeric"]), len(spec["categorical"])
-    if (pcfg.n_objectives, pcfg.n_numeric, len(pcfg.cat_sizes)) != (k, u, c):
-        raise InputError(f"{init_uri}: the Stage 1 policy expects K={pcfg.n_objectives}, {pcfg.n_numeric} numeric "
-                         f"and {len(pcfg.cat_sizes)} categorical features; the features have K={k}, {u} numeric "
-                         f"and {c} categorical")
+    FeatureTransform.from_spec(spec).check_policy(pcfg, f"{init_uri} (Stage 1)")
     if not cfg.adaptive_kappa:
         pcfg = dataclasses.replace(pcfg, fixed_kappa=float(cfg.fixed_kappa))
     state = stage1.state_dict()
@@ -66,12 +63,6 @@ def build_policies(init_uri: str, cfg: FinetuneConfig, spec: dict[str, Any]) -> 
     for p in reference.parameters():
         p.requires_grad_(False)
     return policy, reference
-
-
-def clamp_categories(cat: torch.Tensor, policy: PolicyNet) -> torch.Tensor:
-    """Categorical ids the policy's embeddings know; unseen ids become the OOV id 0."""
-    sizes = torch.tensor(policy.cfg.cat_sizes, dtype=cat.dtype)
-    return torch.where((cat >= 0) & (cat < sizes), cat, torch.zeros_like(cat))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -86,7 +77,7 @@ def validation_metrics(policy: PolicyNet, data: dict[str, torch.Tensor], objecti
     Also ``reward/*`` (the training reward of the mean weights) and ``policy/weight_entropy``.
     """
     policy.eval()
-    cat = clamp_categories(data["cat"], policy)
+    cat = clamp_unseen(data["cat"], policy.cfg.cat_sizes)
     w = torch.cat([policy.mean_weights(data["num"][s:s + chunk], cat[s:s + chunk])
                    for s in range(0, cat.shape[0], chunk)])
     return weights_metrics(w, data, objectives, cfg, gmv_unit, chunk)
@@ -259,7 +250,7 @@ def finetune(features_uri: str, init_uri: str, out_uri: str, cfg: FinetuneConfig
                 continue
             if step >= total_steps:
                 break
-            batch["cat"] = clamp_categories(batch["cat"], policy)
+            batch["cat"] = clamp_unseen(batch["cat"], policy.cfg.cat_sizes)
             if cfg.anneal_lr:   # a function of the step alone, so a resumed run gets the same rates
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.lr * (1.0 - step / total_steps)
