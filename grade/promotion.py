@@ -12,6 +12,8 @@ Checks (config section ``promote``):
 
 A missing metric, an unknown candidate, a candidate whose content differs from what was evaluated,
 a report that did not evaluate the current production model, or no thresholds at all: NOT blessed.
+A report field the gate reads that is missing or malformed is bad input (InputError, exit 2).
+The blessing is a :class:`grade.blessing.Blessing`.
 When blessed, the candidate is registered (idempotent) and the alias moves by compare-and-swap.
 """
 
