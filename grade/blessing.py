@@ -135,7 +135,9 @@ class Fields:
             raise InputError(f"{source}: expected a JSON object, got {type(doc).__name__}")
         self.doc, self.source = doc, source
 
-    def get(self, key: str, kind: type | tuple[type, ...], optional: bool = False, absent_ok: bool = False) -> Any:
+    def get(self, key: str, kind: type | tuple[type, ...], optional: bool = False,
+            absent_ok: bool = False) -> Any:
+        """The field's value; ``optional``: null is allowed; ``absent_ok``: a missing key gives None."""
         if key not in self.doc:
             if absent_ok:
                 return None
@@ -154,8 +156,8 @@ class Fields:
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {"str": "a string", "bool": "true/false", "int": "a number", "float": "a number", "dict": "an object",
-             "list": "a list"}
+    names = {"str": "a string", "bool": "true/false", "int": "a number", "float": "a number",
+             "dict": "an object", "list": "a list"}
     return " or ".join(dict.fromkeys(names.get(k.__name__, k.__name__) for k in kinds))
 
 

@@ -207,7 +207,8 @@ class PrimaryFlavour:
 
 
 #: The report's primary flavour is the first available one, in this order.
-PRIMARY_FLAVOURS = (PrimaryFlavour("true", auction.has_ground_truth), PrimaryFlavour("prior", lambda data: True))
+PRIMARY_FLAVOURS = (PrimaryFlavour("true", auction.has_ground_truth),
+                    PrimaryFlavour("prior", lambda data: True))
 
 
 def primary_flavour(data: dict[str, torch.Tensor]) -> str:
@@ -264,7 +265,8 @@ def _best_static(held: HeldOut) -> Ranking | None:
     cfg = held.cfg
     if cfg.static_search_iterations <= 0 or "train" not in held.spec.get("splits", {}):
         return None
-    train = dataset.load_split(held.features_uri, "train", fields=["z", "mask", "click", "order", "gmv", "position"])
+    train = dataset.load_split(held.features_uri, "train",
+                               fields=["z", "mask", "click", "order", "gmv", "position"])
     search = baselines.best_static(
         train, held.spec, depth=cfg.exposure_depth, objective=cfg.static_search_objective,
         iterations=cfg.static_search_iterations, population=cfg.static_search_population,
@@ -286,7 +288,8 @@ def _oracle(held: HeldOut) -> Ranking | None:
     try:
         t = time.monotonic()
         w = baselines.oracle_weights(held.data, depth=cfg.exposure_depth, eta=cfg.position_bias,
-                                     value=cfg.oracle_value, n_candidates=cfg.oracle_candidates, seed=cfg.seed)
+                                     value=cfg.oracle_value, n_candidates=cfg.oracle_candidates,
+                                     seed=cfg.seed)
         log.info("oracle weights in %.1fs", time.monotonic() - t)
         return Ranking(weights=w)
     except ImportError as e:
@@ -322,8 +325,8 @@ def check_model_names(models: dict[str, str]) -> None:
     reserved = [*BASELINES, "incumbent"]
     for name in models:
         if name in reserved or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_\-]*", name):
-            raise InputError(f"--model {name}=...: invalid or reserved model name; use letters, digits, _ or - "
-                             f"and none of {reserved}")
+            raise InputError(f"--model {name}=...: invalid or reserved model name; use letters, digits, "
+                             f"_ or - and none of {reserved}")
 
 
 def load_inputs(features_uri: str, cfg: EvaluateConfig, reward: RewardConfig | None) -> HeldOut:
@@ -347,7 +350,8 @@ def named_models(models: dict[str, str], registry_uri: str | None, cfg: Evaluate
     return named, info
 
 
-def compute_policies(held: HeldOut, models: dict[str, str], model_info: dict[str, dict[str, Any]]) -> PolicyRuns:
+def compute_policies(held: HeldOut, models: dict[str, str],
+                     model_info: dict[str, dict[str, Any]]) -> PolicyRuns:
     """Rank the held-out requests with every baseline and named model; their per-request sums."""
     cfg, data, n = held.cfg, held.data, held.n_requests
     runs = PolicyRuns(auction.SumsTable(auction.shared_sums(data, cfg.exposure_depth, cfg.position_bias)),
@@ -435,7 +439,8 @@ class Report:
         return out
 
 
-def compare_policies(table: auction.SumsTable, cfg: EvaluateConfig, n: int) -> tuple[dict[str, Any], list[str]]:
+def compare_policies(table: auction.SumsTable, cfg: EvaluateConfig,
+                     n: int) -> tuple[dict[str, Any], list[str]]:
     """auction.compare of every policy vs static, the incumbent and the paired baselines; the paired ones."""
     references = ["static"] + (["incumbent"] if "incumbent" in table.policies else [])
     paired = [b for b in cfg.paired_baselines if b in table.policies and b not in references]
@@ -451,7 +456,8 @@ def segment_mean_weights(runs: PolicyRuns, held: HeldOut) -> dict[str, dict[str,
     name, seg, labels = held.segment
     if not name:
         return {}
-    return {p: {lab: [float(x) for x in w[seg == sid].mean(0)] for sid, lab in _segment_values(seg, labels, held.cfg)}
+    values = _segment_values(seg, labels, held.cfg)
+    return {p: {lab: [float(x) for x in w[seg == sid].mean(0)] for sid, lab in values}
             for p, w in runs.weights.items()}
 
 
@@ -469,7 +475,8 @@ def build_report(held: HeldOut, runs: PolicyRuns, model_names: list[str], starte
     return Report(
         n_requests=held.n_requests, split=cfg.split, primary_metric="opm", primary_flavour=flavour,
         has_ground_truth=auction.has_ground_truth(held.data), objectives=held.objectives,
-        exposure_depth=cfg.exposure_depth, policies=policies, lift_vs_static=lifts["static"], models=runs.models,
+        exposure_depth=cfg.exposure_depth, policies=policies, lift_vs_static=lifts["static"],
+        models=runs.models,
         weights={b: [float(x) for x in r.weights] for b, r in runs.baselines.items()
                  if r.weights is not None and r.weights.dim() == 1},
         best_static_search=search.details if search else None,
@@ -479,7 +486,8 @@ def build_report(held: HeldOut, runs: PolicyRuns, model_names: list[str], starte
         segments={"feature": seg_name, "mean_weights": segment_mean_weights(runs, held),
                   "by_segment": segment_breakdown(runs.table, seg, seg_labels, cfg) if seg_name else {}},
         frontier=static_frontier(held.data, held.objectives, cfg, flavour),
-        config=to_dict(cfg), features={"uri": held.features_uri, "content_hash": _content_hash(held.features_uri)},
+        config=to_dict(cfg),
+        features={"uri": held.features_uri, "content_hash": _content_hash(held.features_uri)},
         lift_vs_incumbent=lifts.get("incumbent"),
         unavailable={b: r.unavailable for b, r in runs.baselines.items() if r.unavailable},
         elapsed_s=round(time.monotonic() - started, 2))

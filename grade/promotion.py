@@ -103,7 +103,7 @@ class GateEvidence:
         return cls(fields.get("has_ground_truth", bool), list(policies), models, lifts)
 
     def lift(self, baseline: str, policy: str, flavour: str, metric: str, key: str) -> float | None:
-        """``key`` (lift, ci_low, ci_high) of ``policy``'s lift vs ``baseline``; None when not in the report."""
+        """``key`` (lift, ci_low, ci_high) of ``policy``'s lift vs ``baseline``; None when not reported."""
         entry = self.lifts.get(baseline, {}).get(policy, {}).get(flavour, {}).get(metric)
         return None if entry is None else entry.get(key)
 
@@ -143,7 +143,8 @@ def decide(report: dict[str, Any], candidate_uri: str, registry: Registry, cfg: 
         return blessing
     if cfg.min_lift is None and not cfg.guardrails:
         reasons.append("no thresholds are configured")
-    checks = threshold_checks(evidence, blessing, cfg, guard_flavour=flavour if evidence.has_ground_truth else "prior")
+    guard_flavour = flavour if evidence.has_ground_truth else "prior"
+    checks = threshold_checks(evidence, blessing, cfg, guard_flavour)
     reasons += [reason for _, reason in checks if reason]
     blessing.checks = [check for check, _ in checks]
     blessing.blessed = not reasons and all(c.passed for c in blessing.checks) and bool(blessing.checks)

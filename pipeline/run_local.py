@@ -189,7 +189,8 @@ def run_local(config_path: str | None, out: str | Path, *, workdir: str | Path |
     blessing = None
     if "blessing" in found:
         shutil.copyfile(_blessing_file(found["blessing"]), out / "blessing.json")
-        blessing = Blessing.from_json(json.loads((out / "blessing.json").read_text()), str(out / "blessing.json"))
+        path = out / "blessing.json"
+        blessing = Blessing.from_json(json.loads(path.read_text()), str(path))
     report = json.loads((out / "report.json").read_text())
     return {"run_dir": run_dir, "registry": registry, "logs": logs or "simulated in the pipeline",
             "report": report, "blessing": blessing, "elapsed_s": elapsed, "out": out}

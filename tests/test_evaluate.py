@@ -311,8 +311,8 @@ def test_comparisons_by_hand():
 
 REPORT_KEYS = {"n_requests", "split", "primary_metric", "primary_flavour", "has_ground_truth", "objectives",
                "exposure_depth", "policies", "lift_vs_static", "models", "weights", "best_static_search",
-               "headroom_captured", "lift_vs", "comparisons", "headroom_sentence", "segments", "frontier", "config",
-               "features", "elapsed_s"}
+               "headroom_captured", "lift_vs", "comparisons", "headroom_sentence", "segments", "frontier",
+               "config", "features", "elapsed_s"}
 
 
 def test_the_stages_compose_to_report_json(evaluated, tmp_path):

@@ -242,7 +242,8 @@ def _corrupt(report: dict, path: list[str], value) -> None:
 
 @pytest.mark.parametrize("path, value", [
     (["has_ground_truth"], ...), (["has_ground_truth"], "yes"), (["models"], ...), (["models"], []),
-    (["models", "grade", "content_hash"], 42), (["lift_vs_static"], ...), (["lift_vs_static", "grade"], "high"),
+    (["models", "grade", "content_hash"], 42), (["lift_vs_static"], ...),
+    (["lift_vs_static", "grade"], "high"),
     (["lift_vs_static", "grade", "true", "opm", "ci_low"], "0.5"), (["policies"], ["grade"]),
 ])
 def test_missing_or_malformed_report_field_fails_closed(tmp_path, capsys, path, value):
@@ -264,9 +265,9 @@ def test_blessing_record_round_trip_and_validation(tmp_path):
     blessing = promote(write_report(str(tmp_path), "r1", a, opm=0.05), a, registry, PromoteConfig())
     doc = json.loads(json.dumps(blessing.to_json()))
     # the JSON shape readers of blessing.json rely on
-    assert set(doc) == {"candidate", "candidate_uri", "candidate_content_hash", "report", "registry", "model_name",
-                        "thresholds", "incumbent_version", "primary", "baseline", "blessed", "promoted", "verdict",
-                        "checks", "reasons", "version"}
+    assert set(doc) == {"candidate", "candidate_uri", "candidate_content_hash", "report", "registry",
+                        "model_name", "thresholds", "incumbent_version", "primary", "baseline", "blessed",
+                        "promoted", "verdict", "checks", "reasons", "version"}
     assert set(doc["thresholds"]) == {"min_lift", "guardrails"}
     assert set(doc["checks"][0]) == {"name", "value", "threshold", "passed"}
     assert Blessing.from_json(doc) == blessing
