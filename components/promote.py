@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.log.info("promote config: %s", json.dumps(config.to_dict(cfg), sort_keys=True))
     blessing = promotion.promote(args.report, args.candidate, args.registry, cfg, data_uri=args.data)
     out = args.out or store.join(promotion.report_folder(args.report), "blessing.json")
-    store.write_json(out, blessing)
+    store.write_json(out, blessing.to_json())
     print(promotion.format_blessing(blessing))
     print(f"blessing: {out}")
     return 0
