@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from grade import cli
+from grade import cli, config
 from grade.errors import InputError
 
 
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder or s3:// prefix for the scores")
     p.add_argument("--model", help="model folder or registry version (default: the registry's production model)")
     p.add_argument("--registry", help="registry root, used when --model is not given")
-    p.add_argument("--model-name", default="grade-mtf", help="registry model name (default grade-mtf)")
+    config.add_arguments(p, ("shared.model_name",), config_help="YAML config; its shared.model_name is the default")
     p.add_argument("--batch-rows", type=int, default=262_144, help="rows per record batch")
     return p
 
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from grade.registry import Registry
     from grade.scoring import score_requests
 
+    args.model_name = config.from_args(args)["shared"].model_name
     model = args.model
     if model is None:
         if not args.registry:
