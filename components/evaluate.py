@@ -1,7 +1,7 @@
 """Offline auction evaluation: every policy on the same held-out requests, report.json/html, KFP metrics.
 
     python -m components.evaluate --features URI --model NAME=URI [--model NAME=URI ...] --out URI
-                                  [--config YAML] [--registry URI]
+                                  [--config YAML] [--set SECTION.KEY=VALUE ...] [--registry URI]
 
 Prints a table of metrics and lifts vs static (with paired bootstrap CIs) and the report's path.
 """

@@ -1,6 +1,7 @@
 """Feature extraction step: raw search logs (Parquet) -> validated, time-split request tensors.
 
     python -m components.features --logs URI --out URI [--config YAML] [--on-bad-rows fail|skip]
+                                  [--set SECTION.KEY=VALUE ...]
 
 Exit status 2 on bad input (the message names the file, column, row and expectation); nothing is
 published then. Output format: docs/features.md.

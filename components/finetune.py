@@ -1,6 +1,7 @@
 """Stage 2: GRPO fine-tuning with adaptive Dirichlet exploration, a composite reward and a KL anchor.
 
     python -m components.finetune --features URI --init STAGE1_DIR --out URI [--config YAML]
+                                  [--set SECTION.KEY=VALUE ...]
 
 The Stage 1 model folder (components.pretrain output) initialises the policy and is the frozen KL
 reference. Writes a model folder like Stage 1's (policy.safetensors, policy.json, feature_spec.json,
@@ -25,10 +26,10 @@ import sys
 import grade.cli
 from grade import config, distributed
 
-
 #: config keys with a flag of their own (--group-size, --reward-post, ...); any other key: --set
 FLAGS = tuple(f"finetune.{key}" for key in (
-    "group_size", "exploration", "adaptive_kappa", "fixed_kappa", "reward.post", "reward.prior", "reward.format",
+    "group_size", "exploration", "adaptive_kappa", "fixed_kappa", "reward.post", "reward.prior",
+    "reward.format",
     "kl_coef", "clip", "lr", "epochs", "max_steps", "batch_size", "seed"))
 
 

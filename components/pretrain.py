@@ -1,6 +1,7 @@
 """Stage 1 step: LambdaLoss pretraining of the fusion policy's mean weights.
 
     python -m components.pretrain --features URI --out URI [--config YAML] [--epochs N] [--seed S]
+                                  [--set SECTION.KEY=VALUE ...]
 
 Reads the feature tensors written by ``components.features``; publishes the model folder
 (policy.safetensors, policy.json, feature_spec.json, config.json, metrics.json, train_log.jsonl)

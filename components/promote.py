@@ -1,6 +1,7 @@
 """Promotion gate and model registry operations.
 
     python -m components.promote --report URI --candidate URI --registry URI [--config YAML]
+                                 [--set SECTION.KEY=VALUE ...]
                                  [--candidate-name grade] [--out URI] [--data URI]
     python -m components.promote status   --registry URI [--model-name NAME]
     python -m components.promote history  --registry URI [--model-name NAME]
@@ -45,7 +46,8 @@ def admin_parser(command: str) -> argparse.ArgumentParser:
                                              "history": "print every alias move",
                                              "rollback": "point the alias back at its previous version"}[command])
     p.add_argument("--registry", required=True, help="registry root (local folder or s3://bucket/prefix)")
-    config.add_arguments(p, ("shared.model_name",), config_help="YAML config; its shared.model_name is the default")
+    config.add_arguments(p, ("shared.model_name",),
+                         config_help="YAML config; its shared.model_name is the default model name")
     if command == "rollback":
         p.add_argument("--why", default="manual rollback", help="reason recorded in the history")
         p.add_argument("--to", metavar="VERSION",

@@ -1,6 +1,7 @@
 """Write simulated marketplace search logs (with ground truth) to a folder or s3:// prefix.
 
     python -m components.simulate --out URI [--config YAML] [--requests N] [--seed S] [--report]
+                                  [--set SECTION.KEY=VALUE ...]
 
 Output: Parquet files ``day=YYYY-MM-DD/part-NNNNN.parquet`` in the log contract's columns plus the
 ground truth (true_ctr, true_cvr, price, true_segment), published atomically (``_MANIFEST.json`` last).
@@ -21,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m components.simulate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix for the logs")
-    config.add_arguments(p, ("simulator.n_requests", "simulator.seed"), renamed={"simulator.n_requests": "--requests"},
+    config.add_arguments(p, ("simulator.n_requests", "simulator.seed"),
+                         renamed={"simulator.n_requests": "--requests"},
                          config_help="YAML config; its `simulator` section is used (every key has a default)")
     p.add_argument("--report", action="store_true",
                    help="print the headroom of personalised fusion on the generated requests (true metrics)")

@@ -171,8 +171,9 @@ def _resolve_shared(data: dict[str, Any]) -> None:
                 given.append((name, _coerce(hints[key], values[field], name)))
         for name, value in given[1:]:
             if value != given[0][1]:
-                raise ConfigError(f"{name}: {value!r} disagrees with {given[0][0]}: {given[0][1]!r} (one shared "
-                                  f"value, shared.{key}; give it once)")
+                first, first_value = given[0]
+                raise ConfigError(f"{name}: {value!r} disagrees with {first}: {first_value!r} "
+                                  f"(one shared value, shared.{key}; give it once)")
         if not given:
             continue
         for name in names:
@@ -357,7 +358,7 @@ def field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
-    for node, following in zip(body, body[1:]):
+    for node, following in zip(body, body[1:], strict=False):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
                 and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)):
             docs[node.target.id] = " ".join(str(following.value.value).split())
@@ -413,7 +414,8 @@ def add_arguments(parser: argparse.ArgumentParser, keys: tuple[str, ...] = (),
     flags: dict[str, str] = {}
     for dotted in keys:
         field, tp, doc = _field(dotted)
-        name = (renamed or {}).get(dotted) or "--" + dotted.split(".", 1)[1].replace(".", "-").replace("_", "-")
+        default_name = "--" + dotted.split(".", 1)[1].replace(".", "-").replace("_", "-")
+        name = (renamed or {}).get(dotted) or default_name
         dest = "config_flag_" + name.lstrip("-").replace("-", "_")
         kwargs: dict[str, Any] = {"dest": dest, "help": f"{doc} ({dotted})", "type": parse_value}
         if tp is bool:

@@ -19,8 +19,7 @@ from typing import Any
 
 import torch
 
-from grade import auction, baselines, store
-from grade import config
+from grade import auction, baselines, config, store
 from grade.config import ranged, to_dict
 from grade.errors import InputError
 from grade.registry import DEFAULT_MODEL

@@ -71,8 +71,8 @@ class FeaturesConfig:
 
     def validate(self) -> None:
         if self.valid_fraction + self.test_fraction >= 1.0:
-            raise ConfigError(f"features: valid_fraction + test_fraction must be < 1 (train needs requests), got "
-                              f"{self.valid_fraction} + {self.test_fraction}")
+            raise ConfigError(f"features.valid_fraction + test_fraction: must be < 1 (train needs "
+                              f"requests), got {self.valid_fraction} + {self.test_fraction}")
 
 
 # --------------------------------------------------------------------------------------------

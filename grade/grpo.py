@@ -28,7 +28,6 @@ import torch.distributions as D
 
 from grade import distributed
 from grade.config import ranged
-from grade.errors import InputError
 from grade.policy import PolicyNet
 from grade.reward import RewardConfig, reward_terms, weight_entropy
 

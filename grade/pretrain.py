@@ -35,7 +35,7 @@ from torch import nn
 from grade import dataset, store
 from grade.baselines import static_weights
 from grade.config import check, ranged, to_dict
-from grade.errors import InputError
+from grade.errors import ConfigError, InputError
 from grade.fusion import fuse, ndcg_at
 from grade.lambdaloss import lambda_loss
 from grade.policy import PolicyConfig, PolicyNet, save_policy
@@ -110,12 +110,15 @@ class PretrainConfig:
     def validate(self) -> None:
         unknown = sorted(set(self.objective_weights) - set(OBJECTIVES))
         if unknown:
-            raise InputError(f"pretrain.objective_weights: unknown objective(s) {unknown}; expected {list(OBJECTIVES)}")
+            raise ConfigError(f"pretrain.objective_weights: unknown objective(s) {unknown}; "
+                              f"expected {list(OBJECTIVES)}")
         if not any(self.objective_weights.values()):
-            raise InputError(f"pretrain.objective_weights: expected at least one weight > 0, got {self.objective_weights}")
+            raise ConfigError(f"pretrain.objective_weights: expected at least one weight > 0, "
+                              f"got {self.objective_weights}")
         if not self.kappa_min <= self.kappa_init <= self.kappa_max or self.kappa_min == self.kappa_max:
-            raise InputError(f"pretrain: expected kappa_min < kappa_max and kappa_init between them, got kappa_min "
-                             f"{self.kappa_min}, kappa_init {self.kappa_init}, kappa_max {self.kappa_max}")
+            raise ConfigError(f"pretrain.kappa_min, kappa_init, kappa_max: expected kappa_min <= "
+                              f"kappa_init <= kappa_max and kappa_min < kappa_max, got {self.kappa_min}, "
+                              f"{self.kappa_init}, {self.kappa_max}")
 
 
 # ------------------------------------------------------------------------------------------------

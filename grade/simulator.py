@@ -60,8 +60,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from grade import store
-from grade import config
+from grade import config, store
 from grade.config import ranged
 from grade.errors import ConfigError
 from grade.fusion import examination, fuse, gather_items, top_e
