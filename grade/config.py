@@ -178,8 +178,9 @@ def _resolve_shared(data: dict[str, Any]) -> None:
             continue
         for name in names:
             section, field = name.split(".")
-            if isinstance(data.get(section, {}), dict):
-                data[section] = {**data.get(section, {}), field: given[0][1]}
+            values = data.get(section) or {}
+            if isinstance(values, dict):  # a non-mapping section is reported when it is built
+                data[section] = {**values, field: given[0][1]}
 
 
 # ------------------------------------------------------------------------------------------------

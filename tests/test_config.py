@@ -183,6 +183,7 @@ def test_library_entry_checks_configs_made_in_code(real_sections):
     ("pretrain:\n  exposure_depth: 5\n", 5),            # an old per-section key sets it everywhere
     ("finetune:\n  exposure_depth: 4\nevaluate:\n  exposure_depth: 4\n", 4),
     ("shared:\n  exposure_depth: 3\nsimulator:\n  exposure_depth: 3\n", 3),
+    ("pretrain:\n  exposure_depth: 2\nevaluate:\nsimulator: null\n", 2),   # empty sections get it too
 ])
 def test_exposure_depth_is_one_shared_value(real_sections, tmp_path, text, expected):
     sections = config.load(write(tmp_path, text))
