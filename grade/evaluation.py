@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
-from grade import auction, baselines, store
-from grade.config import to_dict
+from grade import auction, baselines, config, store
+from grade.config import ranged, to_dict
 from grade.errors import InputError
+from grade.registry import DEFAULT_MODEL
 from grade.reward import RewardConfig
 from grade.transform import FeatureTransform, clamp_unseen
 
@@ -35,61 +36,50 @@ MAIN_METRICS = ("ctr", "cvr", "opm", "gpm")
 class EvaluateConfig:
     split: str = "test"
     """held-out split every policy is evaluated on"""
-    max_requests: int = 0
+    max_requests: int = ranged(0, ">= 0")
     """evaluate only the first N held-out requests (0 = all)"""
-    exposure_depth: int = 10
+    exposure_depth: int = ranged(10, ">= 1")
     """E: items exposed per request (top-E of each ranking)"""
-    position_bias: float = 1.0
+    position_bias: float = ranged(1.0, ">= 0")
     """eta of the examination probability theta_j = 1/(1+j)^eta"""
-    bootstrap_samples: int = 1000
+    bootstrap_samples: int = ranged(1000, ">= 0")
     """paired bootstrap resamples of requests for the lift CIs"""
-    confidence: float = 0.95
+    confidence: float = ranged(0.95, "(0, 1)")
     """confidence level of the percentile intervals"""
-    seed: int = 0
+    seed: int = ranged(0, ">= 0")
     """seed of the bootstrap, the best_static search and the oracle"""
     segment_feature: str = ""
     """breakdown feature: '' = true segment when present else the first categorical feature; or a c_* name"""
-    max_segments: int = 8
+    max_segments: int = ranged(8, ">= 1")
     """largest number of segments in the breakdown (the most frequent values)"""
     static_search_objective: str = "posterior"
     """best_static objective on train: posterior (Stage 2's posterior reward, the finetune.reward label mix)
     or ndcg_order, ndcg_click, ndcg_gmv (per-request replay NDCG@E of one logged label)"""
-    static_search_iterations: int = 10
+    static_search_iterations: int = ranged(10, ">= 0")
     """cross-entropy-method iterations of the best_static search"""
     paired_baselines: list[str] = dataclasses.field(default_factory=lambda: ["best_static", "stage1"])
     """policies every other one is also compared with by paired bootstrap (report key lift_vs), when present"""
-    static_search_population: int = 32
+    static_search_population: int = ranged(32, ">= 1")
     """weight vectors sampled per CEM iteration"""
-    static_search_elite_fraction: float = 0.25
+    static_search_elite_fraction: float = ranged(0.25, "(0, 1]")
     """share of the population kept as the elite each iteration"""
-    static_search_max_requests: int = 20000
+    static_search_max_requests: int = ranged(20000, ">= 0")
     """train requests (with a positive label) the search scores on"""
     oracle_value: str = "orders"
     """what the oracle maximises per request (passed to grade.simulator.oracle_weights)"""
-    oracle_candidates: int = 512
+    oracle_candidates: int = ranged(512, ">= 1")
     """weight vectors the oracle tries per request"""
-    frontier_steps: int = 12
+    frontier_steps: int = ranged(12, ">= 1")
     """grid resolution of the static-weights sweep over the simplex (trade-off frontier)"""
-    registry_model_name: str = "grade-mtf"
-    """model name in the registry whose production alias is the incumbent"""
-    batch_size: int = 16384
+    registry_model_name: str = DEFAULT_MODEL
+    """model name in the registry whose production alias is the incumbent (an alias of shared.model_name)"""
+    batch_size: int = ranged(16384, ">= 1")
     """requests per chunk in ranking and policy inference"""
 
     def validate(self) -> None:
-        if not 0 < self.confidence < 1:
-            raise InputError(f"evaluate.confidence: expected a value in (0, 1), got {self.confidence}")
-        for name in ("exposure_depth", "static_search_population", "oracle_candidates", "frontier_steps",
-                     "batch_size", "max_segments"):
-            if getattr(self, name) < 1:
-                raise InputError(f"evaluate.{name}: expected a positive integer, got {getattr(self, name)}")
-        for name in ("bootstrap_samples", "max_requests", "static_search_iterations"):
-            if getattr(self, name) < 0:
-                raise InputError(f"evaluate.{name}: expected >= 0, got {getattr(self, name)}")
         if self.static_search_objective not in baselines.SEARCH_OBJECTIVES:
             raise InputError(f"evaluate.static_search_objective: expected one of {list(baselines.SEARCH_OBJECTIVES)},"
                              f" got {self.static_search_objective!r}")
-        if not 0 < self.static_search_elite_fraction <= 1:
-            raise InputError("evaluate.static_search_elite_fraction: expected a value in (0, 1]")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -514,8 +504,7 @@ def run_evaluation(features_uri: str, models: dict[str, str], out_uri: str, cfg:
 
     Returns the report (the content of report.json).
     """
-    cfg = cfg or EvaluateConfig()
-    cfg.validate()
+    cfg = config.check(cfg or EvaluateConfig())
     check_model_names(models)
     t0 = time.monotonic()
     held = load_inputs(features_uri, cfg, reward)

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from grade import config as config_mod
 from grade import store
+from grade.config import ranged
 from grade.errors import ConfigError, InputError
 from grade.transform import PRED_EPS, FeatureTransform, log_predictions
 
@@ -55,27 +56,23 @@ _MASK63 = np.uint64((1 << 63) - 1)
 
 @dataclasses.dataclass
 class FeaturesConfig:
-    valid_fraction: float = 0.15
+    valid_fraction: float = ranged(0.15, "[0, 1)")
     """share of requests (by event_time quantile) in the validation split, after train"""
-    test_fraction: float = 0.15
+    test_fraction: float = ranged(0.15, "[0, 1)")
     """share of requests (the latest ones by event_time) in the test split"""
-    shard_requests: int = 8192
+    shard_requests: int = ranged(8192, ">= 1")
     """requests per safetensors shard (the last shard of a split may hold fewer)"""
     on_bad_rows: Literal["fail", "skip"] = "fail"
     """fail: bad input exits with status 2; skip: bad requests go to quarantine.parquet"""
-    batch_rows: int = 262_144
+    batch_rows: int = ranged(262_144, ">= 1")
     """Parquet rows read per record batch (bounds memory together with shard_requests)"""
-    max_vocab: int = 100_000
+    max_vocab: int = ranged(100_000, ">= 1")
     """largest vocabulary per categorical feature (the most frequent train values are kept)"""
 
     def validate(self) -> None:
-        if not (0.0 <= self.valid_fraction < 1.0 and 0.0 <= self.test_fraction < 1.0):
-            raise ConfigError("features: valid_fraction and test_fraction must be in [0, 1)")
         if self.valid_fraction + self.test_fraction >= 1.0:
-            raise ConfigError("features: valid_fraction + test_fraction must be < 1 (train needs requests)")
-        for name in ("shard_requests", "batch_rows", "max_vocab"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"features.{name}: expected an integer >= 1, got {getattr(self, name)}")
+            raise ConfigError(f"features.valid_fraction + test_fraction: must be < 1 (train needs "
+                              f"requests), got {self.valid_fraction} + {self.test_fraction}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -786,7 +783,7 @@ def extract_features(logs_uri: str, out_uri: str, cfg: FeaturesConfig | None = N
     before anything is published.
     """
     cfg = cfg or FeaturesConfig()
-    cfg.validate()
+    config_mod.check(cfg)
     log.info("features config: %s", config_mod.to_dict(cfg))
     files, fs, paths, ls, total_rows = _open_inputs(logs_uri)
     log.info("%d log file(s), %d rows; objectives %s, %d numeric, %d categorical feature(s)",

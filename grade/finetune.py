@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from grade import auction, dataset, store
+from grade import auction, config, dataset, store
 from grade.config import to_dict
 from grade.errors import InputError
 from grade.grpo import FinetuneConfig, train_step
@@ -191,7 +191,7 @@ def finetune(features_uri: str, init_uri: str, out_uri: str, cfg: FinetuneConfig
     spec = dataset.load_spec(features_uri)
     objectives = list(spec["objectives"])
     gmv_unit = gmv_unit_of(spec)
-    cfg.validate(len(objectives))
+    config.check(cfg).validate(len(objectives))
     if spec["splits"].get("train", {}).get("n_requests", 0) < 1:
         raise InputError(f"{features_uri}: the train split has no request")
     if cfg.threads:

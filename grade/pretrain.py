@@ -34,8 +34,8 @@ from torch import nn
 
 from grade import dataset, store
 from grade.baselines import static_weights
-from grade.config import to_dict
-from grade.errors import InputError
+from grade.config import check, ranged, to_dict
+from grade.errors import ConfigError, InputError
 from grade.fusion import fuse, ndcg_at
 from grade.lambdaloss import lambda_loss
 from grade.policy import PolicyConfig, PolicyNet, save_policy
@@ -52,61 +52,73 @@ _TRAIN_FIELDS = ["z", "mask", "num", "cat", "click", "order", "gmv"]
 
 @dataclasses.dataclass
 class PretrainConfig:
-    epochs: int = 8
+    epochs: int = ranged(8, ">= 1")
     """maximum number of passes over the train split"""
-    batch_size: int = 512
+    batch_size: int = ranged(512, ">= 1")
     """requests per gradient step (the global batch: each of W processes takes batch_size / W)"""
-    lr: float = 3e-3
+    lr: float = ranged(3e-3, "> 0")
     """AdamW learning rate"""
-    weight_decay: float = 1e-4
+    weight_decay: float = ranged(1e-4, ">= 0")
     """AdamW decoupled weight decay"""
-    grad_clip: float = 1.0
+    grad_clip: float = ranged(1.0, ">= 0")
     """clip the global gradient norm to this value (0 = no clipping)"""
-    objective_weights: dict[str, float] = dataclasses.field(
-        default_factory=lambda: {"click": 1.0, "order": 2.0, "gmv": 1.0})
+    objective_weights: dict[str, float] = ranged({"click": 1.0, "order": 2.0, "gmv": 1.0}, ">= 0")
     """weight of each objective's LambdaLoss term (keys: click, order, gmv; 0 switches a term off)"""
     gmv_label: Literal["graded", "log1p"] = "graded"
     """gmv relevance label: graded = decimal digits of gmv (1..gmv_max_grade, 0 without order); log1p = log1p(gmv)"""
-    gmv_max_grade: int = 4
+    gmv_max_grade: int = ranged(4, ">= 1")
     """highest gmv grade (gmv >= 10^(max-1) gets it)"""
     weighing_scheme: Literal["ndcgLoss1", "ndcgLoss2", "ndcgLoss2PP", "lambdaRank", "rankNet"] = "ndcgLoss2PP"
     """LambdaLoss weighing scheme"""
-    k: int | None = None
+    k: int | None = ranged(None, ">= 1")
     """LambdaLoss truncation: only pairs within the predicted top-k count (None = whole list)"""
-    sigma: float = 1.0
+    sigma: float = ranged(1.0, "> 0")
     """LambdaLoss logistic scale of score differences"""
-    mu: float = 10.0
+    mu: float = ranged(10.0, ">= 0")
     """weight of the ndcgLoss2 term in ndcgLoss2PP"""
-    score_scale: float = 0.0
+    score_scale: float = ranged(0.0, ">= 0")
     """initial scale of the fused scores seen by the loss (0 = fitted on train for the initial weights)"""
     learn_score_scale: bool = True
     """learn the score scale jointly with the policy (it never changes a ranking)"""
-    exposure_depth: int = 10
+    exposure_depth: int = ranged(10, ">= 1")
     """E of the validation NDCG@E"""
     stopping_objective: Literal["click", "order", "gmv"] = "order"
     """early stopping and best-epoch selection watch this objective's validation NDCG@E"""
-    patience: int = 3
+    patience: int = ranged(3, ">= 1")
     """stop after this many epochs without an improvement of the watched NDCG@E"""
-    min_delta: float = 0.0
+    min_delta: float = ranged(0.0, ">= 0")
     """smallest increase of the watched NDCG@E that counts as an improvement"""
-    max_valid_requests: int = 0
+    max_valid_requests: int = ranged(0, ">= 0")
     """validate on the first N valid requests only (0 = all)"""
-    hidden: list[int] = dataclasses.field(default_factory=lambda: [64, 64])
+    hidden: list[int] = ranged([64, 64], ">= 1")
     """hidden layer widths of the policy MLP"""
-    emb_dim: int = 8
+    emb_dim: int = ranged(8, ">= 1")
     """embedding width per categorical feature"""
-    kappa_min: float = 10.0
+    kappa_min: float = ranged(10.0, "> 0")
     """lower bound of the Dirichlet concentration (used by Stage 2)"""
-    kappa_max: float = 400.0
+    kappa_max: float = ranged(400.0, "> 0")
     """upper bound of the Dirichlet concentration (used by Stage 2)"""
-    kappa_init: float = 50.0
+    kappa_init: float = ranged(50.0, "> 0")
     """initial concentration (used by Stage 2)"""
-    seed: int = 0
+    seed: int = ranged(0, ">= 0")
     """seed of the initialisation and the data order"""
-    threads: int = 2
+    threads: int = ranged(2, ">= 1")
     """torch intra-op threads (results depend on it: keep it fixed for reproducibility)"""
-    log_every_s: float = 10.0
+    log_every_s: float = ranged(10.0, "> 0")
     """seconds between progress lines within an epoch"""
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.objective_weights) - set(OBJECTIVES))
+        if unknown:
+            raise ConfigError(f"pretrain.objective_weights: unknown objective(s) {unknown}; "
+                              f"expected {list(OBJECTIVES)}")
+        if not any(self.objective_weights.values()):
+            raise ConfigError(f"pretrain.objective_weights: expected at least one weight > 0, "
+                              f"got {self.objective_weights}")
+        if not self.kappa_min <= self.kappa_init <= self.kappa_max or self.kappa_min == self.kappa_max:
+            raise ConfigError(f"pretrain.kappa_min, kappa_init, kappa_max: expected kappa_min <= "
+                              f"kappa_init <= kappa_max and kappa_min < kappa_max, got {self.kappa_min}, "
+                              f"{self.kappa_init}, {self.kappa_max}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -347,11 +359,12 @@ def load_checkpoint(out_uri: str) -> dict[str, Any] | None:
 
 def policy_config(spec: dict[str, Any], cfg: PretrainConfig) -> PolicyConfig:
     """The policy's shape from the feature spec, started at the static weights."""
+    # the architecture keys of the pretrain section are PolicyConfig's fields of the same name
+    shared = {f.name: copy.deepcopy(getattr(cfg, f.name)) for f in dataclasses.fields(PolicyConfig)
+              if f.name in {g.name for g in dataclasses.fields(cfg)}}
     return PolicyConfig(
         n_numeric=len(spec["numeric"]), cat_sizes=[int(c["size"]) for c in spec["categorical"]],
-        n_objectives=len(spec["objectives"]), hidden=list(cfg.hidden), emb_dim=cfg.emb_dim,
-        kappa_min=cfg.kappa_min, kappa_max=cfg.kappa_max, kappa_init=cfg.kappa_init,
-        init_mean=[float(v) for v in static_weights(spec)])
+        n_objectives=len(spec["objectives"]), init_mean=[float(v) for v in static_weights(spec)], **shared)
 
 
 #: candidate score scales of the initial fit: 2^(e/2) for e in -4..12, i.e. 1/4 .. 64
@@ -373,15 +386,7 @@ def fit_score_scale(policy: PolicyNet, features_uri: str, cfg: PretrainConfig, m
 
 
 def _check(cfg: PretrainConfig, spec: dict[str, Any], features_uri: str, world_size: int = 1) -> None:
-    unknown = sorted(set(cfg.objective_weights) - set(OBJECTIVES))
-    if unknown:
-        raise InputError(f"pretrain.objective_weights: unknown objective(s) {unknown}; expected {list(OBJECTIVES)}")
-    if any(w < 0 for w in cfg.objective_weights.values()) or not any(cfg.objective_weights.values()):
-        raise InputError("pretrain.objective_weights: expected weights >= 0, at least one > 0")
-    for name, value in (("epochs", cfg.epochs), ("batch_size", cfg.batch_size),
-                        ("exposure_depth", cfg.exposure_depth), ("threads", cfg.threads)):
-        if value < 1:
-            raise InputError(f"pretrain.{name}: expected an integer >= 1, got {value}")
+    check(cfg, "pretrain")
     if spec["splits"].get("train", {}).get("n_requests", 0) < 1:
         raise InputError(f"{features_uri}: the train split has no request")
     if cfg.batch_size % world_size:

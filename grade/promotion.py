@@ -26,6 +26,7 @@ from typing import Any
 
 from grade import store
 from grade.blessing import Blessing, Check, Fields, Thresholds
+from grade.config import ranged
 from grade.errors import InputError
 from grade.registry import DEFAULT_MODEL, AliasConflict, Registry
 
@@ -35,7 +36,7 @@ log = logging.getLogger("grade.promotion")
 @dataclasses.dataclass
 class PromoteConfig:
     model_name: str = DEFAULT_MODEL
-    """registry model name whose production alias is gated"""
+    """registry model name whose production alias is gated (an alias of shared.model_name)"""
     candidate_name: str = "grade"
     """the candidate's policy name in report.json"""
     primary_metric: str = "opm"
@@ -46,10 +47,9 @@ class PromoteConfig:
     """flavour used when the report has no ground truth"""
     fallback_metric: str = "ndcg_order"
     """primary metric used when the report has no ground truth"""
-    min_lift: float | None = 0.0
+    min_lift: float | None = ranged(0.0, ">= -1")
     """the primary lift's CI lower bound must be above this (null: no threshold -> never blessed)"""
-    guardrails: dict[str, float] = dataclasses.field(
-        default_factory=lambda: {"ctr": -0.005, "cvr": -0.01, "gpm": -0.005})
+    guardrails: dict[str, float] = ranged({"ctr": -0.005, "cvr": -0.01, "gpm": -0.005}, ">= -1")
     """metric -> lowest acceptable lift vs the baseline (e.g. ctr -0.005: CTR may drop at most 0.5%)"""
 
 

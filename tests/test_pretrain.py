@@ -221,9 +221,9 @@ def test_same_seed_same_weights_other_seed_differs(features, tmp_path):
 
 
 def test_early_stopping_keeps_the_best_epoch(features, tmp_path):
-    # lr = 0: nothing improves on the initial policy, so training stops after `patience` epochs and
-    # the output is the initial (static) policy of epoch 0
-    metrics = pretrain(features, str(tmp_path / "m"), small_cfg(epochs=10, lr=0.0, weight_decay=0.0, patience=2))
+    # min_delta = 1: no NDCG gain counts as an improvement on the initial policy, so training stops after
+    # `patience` epochs and the output is the initial (static) policy of epoch 0
+    metrics = pretrain(features, str(tmp_path / "m"), small_cfg(epochs=10, min_delta=1.0, patience=2))
     assert metrics["early_stopped"] and metrics["epochs_run"] == 2 and metrics["best_epoch"] == 0
     from grade.dataset import load_spec
     from grade.policy import PolicyNet
