@@ -10,7 +10,7 @@ loop; this module owns the machinery around them, so it exists once:
 - the run fingerprint (config, world size and each input's URI and content hash): a checkpoint is
   resumed only by the run that wrote it; another run's (or an older format's) is refused with a
   warning and training starts afresh;
-- :class:`Progress`: periodic log lines (stderr) with rate and ETA;
+- :class:`grade.progress.Progress` (re-exported here): periodic log lines (stderr) with rate and ETA;
 - :func:`publish_model`: the model folder (policy.safetensors, policy.json, feature_spec.json,
   config.json, metrics.json, train_log.jsonl), published atomically.
 
@@ -23,7 +23,6 @@ import dataclasses
 import json
 import logging
 import tempfile
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from torch import nn
 
 from grade import dataset, store
 from grade.errors import InputError
+from grade.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ CHECKPOINTS = "_checkpoints"
 LATEST = "latest.json"
 #: written into every checkpoint's state.json; a checkpoint without it is of an older format
 CHECKPOINT_FORMAT = "grade-checkpoint-v1"
+__all__ = ["Checkpoint", "Progress", "load_checkpoint", "publish_model", "restore", "run_config",
+           "run_fingerprint", "save_checkpoint", "state_tensors"]
 _EMPTY = "_empty"   # safetensors cannot hold zero tensors: a placeholder for an empty optimiser state
 
 
@@ -192,62 +194,6 @@ def restore(ckpt: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer
     model.load_state_dict(ckpt.tensors["model"])
     optimizer.load_state_dict(ckpt.optimizer)
     torch.set_rng_state(ckpt.rng)
-
-
-# ------------------------------------------------------------------------------------------------
-# Progress
-# ------------------------------------------------------------------------------------------------
-
-class Progress:
-    """Periodic progress lines (logging, i.e. stderr) with the rate and the ETA of a known amount of work.
-
-    ``add(units)`` counts work towards ``total`` (the ETA's unit); ``amount`` counts what the rate
-    is in when that differs (``finetune`` counts steps and reports requests/s). A line is logged
-    every ``every_s`` seconds and when the work is complete; ``detail()`` appends text to it.
-    """
-
-    def __init__(self, what: str, total: int, unit: str = "rows", *, rate_unit: str | None = None,
-                 every_s: float = 10.0, done: int = 0, logger: logging.Logger | None = None):
-        self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
-        self.rate_unit = rate_unit or unit
-        self.log = logger or log
-        self.done = done
-        self.start_done = done
-        self.amount = 0
-        self.start = self.last = time.monotonic()
-        self._logged_at = -1
-
-    def add(self, units: int = 1, amount: int | None = None, detail: Callable[[], str] | None = None) -> None:
-        self.done += units
-        self.amount += units if amount is None else amount
-        now = time.monotonic()
-        if now - self.last >= self.every_s or self.done == self.total:
-            self.last = now
-            self._line(now, detail)
-
-    def finish(self) -> float:
-        """Log the last line (unless it was just logged); the seconds since the start."""
-        now = time.monotonic()
-        if self._logged_at != self.done:
-            self._line(now, None)
-        return now - self.start
-
-    def seconds(self) -> float:
-        return time.monotonic() - self.start
-
-    def rate(self) -> float:
-        """``amount`` per second since the start."""
-        return self.amount / max(self.seconds(), 1e-9)
-
-    def _line(self, now: float, detail: Callable[[], str] | None) -> None:
-        elapsed = max(now - self.start, 1e-9)
-        rate = self.amount / elapsed
-        work = self.done - self.start_done
-        eta = (self.total - self.done) * elapsed / work if work > 0 else float("nan")
-        extra = f"; {detail()}" if detail is not None else ""
-        self.log.info("%s: %d/%d %s (%.0f %s/s, ETA %.0fs)%s", self.what, self.done, self.total, self.unit, rate,
-                      self.rate_unit, eta, extra)
-        self._logged_at = self.done
 
 
 # ------------------------------------------------------------------------------------------------
