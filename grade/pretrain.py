@@ -8,14 +8,12 @@ epoch's weights are the output.
 
 Fault tolerance: after every epoch a checkpoint (model, best model, optimizer and RNG state as
 safetensors; epoch, history and train log as JSON) is written to ``<out>/_checkpoints/`` by
-:mod:`grade.training`. Re-running on the same
-``--out`` with the same config and data continues after the last completed epoch and ends with the
-same weights as an uninterrupted run.
+:mod:`grade.training`. Re-running on the same ``--out`` with the same config and data continues
+after the last completed epoch and ends with the same weights as an uninterrupted run.
 
 Distributed training (one process per rank) plugs in through ``rank``/``world_size`` (the data
 iterator deals each rank its share) and the ``all_reduce`` hook of :func:`train_step` (a
-:class:`grade.distributed.GradientAverager`); only rank 0
-writes checkpoints and outputs.
+:class:`grade.distributed.GradientAverager`); only rank 0 writes checkpoints and outputs.
 """
 
 from __future__ import annotations
