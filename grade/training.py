@@ -119,13 +119,14 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) 
 def save_checkpoint(out_uri: str, counter: str, number: int, *, fingerprint: dict[str, Any],
                     tensors: dict[str, dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
                     state: dict[str, Any], log_lines: list[str]) -> None:
-    """Write ``_checkpoints/<counter>-NNNN/`` then ``_checkpoints/latest.json`` (the commit point).
+    """Write ``_checkpoints/<counter>-<number>/`` then ``_checkpoints/latest.json`` (the commit point).
 
     ``counter`` names what ``number`` counts (``epoch``, ``step``); ``tensors`` are named state
     dicts (one ``<name>.safetensors`` each). Keeps this checkpoint and the one before it.
     """
     from safetensors.torch import save_file
 
+    # the folder names of the layouts in use: epoch-NNNN (Stage 1), step-NNNNNN (Stage 2)
     tag = f"{counter}-{number:04d}" if counter == "epoch" else f"{counter}-{number:06d}"
     opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
     folder = store.join(out_uri, CHECKPOINTS, tag)
