@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +35,7 @@ from grade import config as config_mod
 from grade import store
 from grade.config import ranged
 from grade.errors import ConfigError, InputError
+from grade.progress import Progress
 from grade.transform import PRED_EPS, FeatureTransform, log_predictions
 
 log = logging.getLogger("grade.features")
@@ -413,36 +413,11 @@ class Scan:
     categorical: np.ndarray
 
 
-class _Rate:
-    """Rows processed, logged with rate and ETA every few seconds (stderr)."""
-
-    def __init__(self, what: str, total: int):
-        self.what, self.total, self.done = what, total, 0
-        self.start = self.last = time.monotonic()
-
-    def add(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self.last >= 5:
-            self._log(now)
-            self.last = now
-
-    def _log(self, now: float) -> None:
-        rate = self.done / max(now - self.start, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-        log.info("%s: %d/%d rows (%.0f rows/s, ETA %.0fs)", self.what, self.done, self.total, rate, eta)
-
-    def finish(self) -> float:
-        now = time.monotonic()
-        self._log(now)
-        return now - self.start
-
-
 def _scan(files: list[str], fs, paths: list[str], ls: LogSchema, cfg: FeaturesConfig,
           reasons: list[str], total_rows: int) -> Scan:
     columns = list(REQUIRED_COLUMNS) + ls.pred_columns + ls.numeric + ls.categorical
     parts: dict[str, list[np.ndarray]] = {f.name: [] for f in dataclasses.fields(Scan)}
-    rate = _Rate("scan", total_rows)
+    rate = Progress("scan", total_rows, "rows", every_s=5, logger=log)
     for fi, path in enumerate(paths):
         for b in aligned_batches(fs, path, fi, columns, cfg.batch_rows):
             starts, lengths = b.runs()
@@ -679,7 +654,7 @@ def _write(files, fs, paths, ls: LogSchema, cfg: FeaturesConfig, staging: Path, 
     quarantine = _Quarantine(staging / QUARANTINE_FILE) if len(bad_keys) else None
     columns = None if quarantine else ls.used_columns()
     transform = FeatureTransform.from_spec({"objectives": ls.objectives, **fitted})
-    rate = _Rate("write", total_rows)
+    rate = Progress("write", total_rows, "rows", every_s=5, logger=log)
     try:
         for fi, path in enumerate(paths):
             for b in aligned_batches(fs, path, fi, columns, cfg.batch_rows):

@@ -14,7 +14,8 @@ One training step on a batch of requests:
    (Dirichlet-Dirichlet, or Gaussian-Gaussian on the logits), gradient clipping, optimiser step.
 
 Every function takes plain tensors so that a data-parallel wrapper only has to split the batches
-(``rank``/``world_size`` in the data iterator) and average gradients (:func:`sync_gradients`).
+(``rank``/``world_size`` in the data iterator) and average gradients
+(:class:`grade.distributed.GradientAverager`, which :func:`train_step` applies after every backward pass).
 """
 
 from __future__ import annotations
@@ -129,16 +130,6 @@ def action_to_weights(action: torch.Tensor, cfg: FinetuneConfig) -> torch.Tensor
     if cfg.exploration == "gaussian":
         return torch.softmax(action, -1)
     return action
-
-
-def sync_gradients(policy: PolicyNet) -> None:
-    """Average gradients over ranks when running data-parallel (no-op in a single process)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        world = torch.distributed.get_world_size()
-        for p in policy.parameters():
-            if p.grad is not None:
-                torch.distributed.all_reduce(p.grad)
-                p.grad /= world
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,12 +258,15 @@ def grpo_loss(policy: PolicyNet, reference_out: PolicyOutput, num: torch.Tensor,
 
 def train_step(policy: PolicyNet, reference: PolicyNet, optimizer: torch.optim.Optimizer,
                batch: dict[str, torch.Tensor], objectives: list[str], cfg: FinetuneConfig,
-               seed: int, gmv_unit: float = 1.0) -> dict[str, float]:
+               seed: int, gmv_unit: float = 1.0,
+               averager: distributed.GradientAverager | None = None) -> dict[str, float]:
     """Rollout, rewards, advantages and ``update_epochs`` clipped updates on one batch.
 
     Returns the step's diagnostics under namespaced keys. ``seed`` fixes this step's samples;
-    ``gmv_unit`` scales pgmv in the prior (see :func:`grade.reward.gmv_unit_of`).
+    ``gmv_unit`` scales pgmv in the prior (see :func:`grade.reward.gmv_unit_of`); ``averager``
+    averages gradients over data-parallel ranks (default: one for the current process group).
     """
+    averager = averager or distributed.GradientAverager()
     num, cat = batch["num"], batch["cat"]
     policy.train()
     roll = rollout(policy, num, cat, cfg, seed)
@@ -286,7 +280,7 @@ def train_step(policy: PolicyNet, reference: PolicyNet, optimizer: torch.optim.O
         loss, stats = grpo_loss(policy, reference_out, num, cat, roll, adv, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        sync_gradients(policy)
+        averager(policy)
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         optimizer.step()
         if epoch == 0:

@@ -64,6 +64,7 @@ from grade import config, store
 from grade.config import ranged
 from grade.errors import ConfigError
 from grade.fusion import examination, fuse, gather_items, top_e
+from grade.progress import Progress
 
 log = logging.getLogger("grade.simulator")
 
@@ -321,7 +322,9 @@ def write_logs(cfg: SimulatorConfig, out_uri: str) -> dict[str, Any]:
     t0 = time.monotonic()
     rows = 0
     files = 0
-    n_chunks = -(-cfg.n_requests // cfg.chunk_requests)
+    # a line per chunk: chunks take seconds each
+    progress = Progress("simulate", -(-cfg.n_requests // cfg.chunk_requests), "chunks", rate_unit="rows",
+                        every_s=0.0, logger=log)
     with store.publishing(out_uri, extra={"producer": "grade.simulator",
                                           "config": dataclasses.asdict(cfg)}) as staging:
         for index, table in enumerate(generate(cfg)):
@@ -334,9 +337,7 @@ def write_logs(cfg: SimulatorConfig, out_uri: str) -> dict[str, Any]:
                                compression="zstd")
                 files += 1
             rows += table.num_rows
-            elapsed = time.monotonic() - t0
-            log.info("simulate: chunk %d/%d, %d rows (%.0f rows/s)", index + 1, n_chunks, rows,
-                     rows / max(elapsed, 1e-9))
+            progress.add(1, table.num_rows)
     elapsed = time.monotonic() - t0
     summary = {"out": out_uri, "requests": cfg.n_requests, "rows": rows, "files": files,
                "seconds": round(elapsed, 3), "rows_per_s": round(rows / max(elapsed, 1e-9))}
