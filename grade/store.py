@@ -44,6 +44,8 @@ from grade.store_local import LocalBackend
 MANIFEST = "_MANIFEST.json"
 #: folder inside a published folder holding a re-publish's new files whose names the old output still uses
 PENDING = "_pending"
+#: manifest key listing objects of a replaced output still to delete (only while a re-publish runs)
+RETIRED = "_retired"
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,13 +217,16 @@ def _object_name(rel: str, meta: dict[str, Any]) -> str:
     return meta.get("path", rel)
 
 
-def _objects_in_use(uri: str) -> dict[str, str]:
-    """Object name -> sha256 of every object the current manifest at ``uri`` refers to ({} if none)."""
+def _objects_in_use(manifest: dict[str, Any]) -> dict[str, str]:
+    """Object name -> sha256 of every object ``manifest`` refers to."""
+    return {_object_name(rel, meta): meta["sha256"] for rel, meta in manifest["files"].items()}
+
+
+def _current_manifest(uri: str) -> dict[str, Any]:
     try:
-        files = read_manifest(uri)["files"]
+        return read_manifest(uri)
     except NotPublished:
-        return {}
-    return {_object_name(rel, meta): meta["sha256"] for rel, meta in files.items()}
+        return {"files": {}}
 
 
 def publish_dir(local_dir: str | os.PathLike, uri: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -230,12 +235,14 @@ def publish_dir(local_dir: str | os.PathLike, uri: str, extra: dict[str, Any] | 
     A file whose name the current manifest uses for other bytes is uploaded beside it (under
     ``_pending/<id>/``) and the manifest switched to point there; only after that switch is it
     copied onto its own name and the manifest rewritten. Readers thus always see a whole output,
-    the old or the new one; a failure before the switch leaves the old output untouched (its
-    leftovers are removed by the next successful publish). Objects of the old output the new one
-    does not list are deleted after the switch. One writer per ``uri`` at a time.
+    the old or the new one; a failure before the switch leaves the old output untouched. Objects
+    of the old output the new one does not list are deleted after the switch (the switched manifest
+    names them under ``_retired`` until then, so a publish that dies first leaves them to the next
+    one). One writer per ``uri`` at a time.
     """
     manifest = build_manifest(local_dir, extra)
-    in_use = _objects_in_use(uri)
+    current = _current_manifest(uri)
+    in_use = _objects_in_use(current)
     token = uuid.uuid4().hex[:12]
     beside: dict[str, str] = {}  # name -> where its new bytes wait while the old output still uses the name
     for rel, meta in manifest["files"].items():
@@ -245,14 +252,16 @@ def publish_dir(local_dir: str | os.PathLike, uri: str, extra: dict[str, Any] | 
             beside[rel] = target
     switched = {rel: {**meta, "path": beside[rel]} if rel in beside else meta
                 for rel, meta in manifest["files"].items()}
-    write_json(join(uri, MANIFEST), {**manifest, "files": switched})  # the switch: readers see the new output
-    referenced = {_object_name(rel, meta) for rel, meta in switched.items()}
-    for name in sorted(set(in_use) - referenced - set(beside)):
+    referenced = set(_objects_in_use({"files": switched}))
+    retired = sorted((set(in_use) | set(current.get(RETIRED, []))) - referenced - set(beside))
+    # the switch: from here on readers see the new output
+    write_json(join(uri, MANIFEST), {**manifest, "files": switched, **({RETIRED: retired} if retired else {})})
+    for name in retired:
         delete(join(uri, name))
-    if beside:
-        for rel, target in beside.items():
-            copy(join(uri, target), join(uri, rel))
-        write_json(join(uri, MANIFEST), manifest)  # every file at its own name again
+    for rel, target in beside.items():
+        copy(join(uri, target), join(uri, rel))
+    if beside or retired:
+        write_json(join(uri, MANIFEST), manifest)  # every file at its own name, nothing left to delete
     delete_prefix(join(uri, PENDING))  # this publish's and any failed earlier one's
     return manifest
 
@@ -333,7 +342,10 @@ def _fetch_file(backend: StoreBackend, src: str, dst: Path, meta: dict[str, Any]
     """Download ``src`` to ``dst`` unless ``dst`` already holds the manifest's bytes; verify what arrives."""
     if dst.is_file() and dst.stat().st_size == meta["size"] and sha256_file(dst) == meta["sha256"]:
         return
-    digest = backend.download_file(src, str(dst))
+    try:
+        digest = backend.download_file(src, str(dst))
+    except NotFound:
+        raise IntegrityError(f"{src}: missing (the manifest lists it with {meta['size']} bytes)") from None
     if verify and digest != meta["sha256"]:
         dst.unlink(missing_ok=True)
         raise IntegrityError(f"{src}: content differs from the manifest (sha256 mismatch): "
