@@ -30,7 +30,7 @@ from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error, ServerError
 
 from grade.errors import InputError, NotFound, PreconditionFailed, S3ConfigError, StoreError
-from grade.store_backend import write_hashing
+from grade.store_backend import write_chunks
 
 log = logging.getLogger("grade.s3")
 T = TypeVar("T")
@@ -128,7 +128,7 @@ class S3Backend:
             except Exception as e:  # noqa: BLE001 - classified below
                 if not self._retryable(e) or attempt == self.max_attempts:
                     raise StoreError(f"{what} {uri} failed after {attempt} attempt(s): "
-                                           f"{type(e).__name__}: {e}") from None
+                                     f"{type(e).__name__}: {e}") from None
                 err = type(e).__name__
             delay = random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
             log.warning("%s %s: %s (attempt %d/%d), retrying in %.2fs", what, uri, err, attempt,
@@ -210,10 +210,12 @@ class S3Backend:
         bucket, key = self.split(uri)
         self._call("upload", uri, lambda: self.client.fput_object(bucket, key, local_path, part_size=PART_SIZE))
 
-    def download_file(self, uri: str, local_path: str) -> str:
-        """Stream into a uniquely named hidden temp file next to ``local_path``, then rename; its sha256.
+    def download_file(self, uri: str, local_path: str, digest: bool = False) -> str | None:
+        """Stream into a uniquely named hidden temp file next to ``local_path``, then rename.
 
-        The bytes are hashed as they arrive, so a verified download reads the file once. Unlike minio's ``fget_object`` (a fixed ``.part.minio`` name, remove-then-rename), concurrent
+        With ``digest`` the bytes are hashed as they arrive (their sha256 returned), so a verified
+        download reads the file once. Unlike
+        minio's ``fget_object`` (a fixed ``.part.minio`` name, remove-then-rename), concurrent
         downloads to one path never mix, readers never see the path missing or half-written, and a
         failed attempt leaves nothing behind.
         """
@@ -221,15 +223,15 @@ class S3Backend:
         dst = Path(local_path)
         dst.parent.mkdir(parents=True, exist_ok=True)
 
-        def get() -> str:
+        def get() -> str | None:
             fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
             resp = None
             try:
                 with os.fdopen(fd, "wb") as f:
                     resp = self.client.get_object(bucket, key)
-                    digest = write_hashing(resp.stream(amt=STREAM_CHUNK), f)
+                    sha256 = write_chunks(resp.stream(amt=STREAM_CHUNK), f, digest)
                 os.replace(tmp, dst)
-                return digest
+                return sha256
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise

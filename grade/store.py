@@ -230,7 +230,7 @@ def _current_manifest(uri: str) -> dict[str, Any]:
 
 
 def publish_dir(local_dir: str | os.PathLike, uri: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Publish every file of ``local_dir`` under ``uri``: files first, ``_MANIFEST.json`` last. Returns the manifest.
+    """Publish every file of ``local_dir`` under ``uri``: files first, ``_MANIFEST.json`` last; the manifest.
 
     A file whose name the current manifest uses for other bytes is uploaded beside it (under
     ``_pending/<id>/``) and the manifest switched to point there; only after that switch is it
@@ -238,9 +238,12 @@ def publish_dir(local_dir: str | os.PathLike, uri: str, extra: dict[str, Any] | 
     the old or the new one; a failure before the switch leaves the old output untouched. Objects
     of the old output the new one does not list are deleted after the switch (the switched manifest
     names them under ``_retired`` until then, so a publish that dies first leaves them to the next
-    one). One writer per ``uri`` at a time.
+    one). A reader opening a listed name directly (not through the manifest) sees the new bytes once
+    the publish has returned. One writer per ``uri`` at a time.
     """
     manifest = build_manifest(local_dir, extra)
+    if any(rel.startswith(PENDING + "/") for rel in manifest["files"]):
+        raise ValueError(f"{local_dir}: '{PENDING}/' is reserved for the store's own use while publishing")
     current = _current_manifest(uri)
     in_use = _objects_in_use(current)
     token = uuid.uuid4().hex[:12]
@@ -255,7 +258,8 @@ def publish_dir(local_dir: str | os.PathLike, uri: str, extra: dict[str, Any] | 
     referenced = set(_objects_in_use({"files": switched}))
     retired = sorted((set(in_use) | set(current.get(RETIRED, []))) - referenced - set(beside))
     # the switch: from here on readers see the new output
-    write_json(join(uri, MANIFEST), {**manifest, "files": switched, **({RETIRED: retired} if retired else {})})
+    to_delete = {RETIRED: retired} if retired else {}
+    write_json(join(uri, MANIFEST), {**manifest, "files": switched, **to_delete})
     for name in retired:
         delete(join(uri, name))
     for rel, target in beside.items():
@@ -332,10 +336,15 @@ def open_published(uri: str, cache_dir: str | os.PathLike | None = None, verify:
 def _check_file(where: str, path: Path, meta: dict[str, Any], verify: bool) -> None:
     """``IntegrityError`` unless ``path`` holds the manifest's bytes (size; sha256 when ``verify``)."""
     if not path.is_file() or path.stat().st_size != meta["size"]:
-        raise IntegrityError(f"{where}: missing or of the wrong size (the manifest says {meta['size']} bytes)")
+        raise IntegrityError(f"{where}: missing or of the wrong size "
+                             f"(the manifest says {meta['size']} bytes)")
     if verify and sha256_file(path) != meta["sha256"]:
-        raise IntegrityError(f"{where}: content differs from the manifest (sha256 mismatch): "
-                             f"changed after it was published; publish the output again")
+        raise _changed(where)
+
+
+def _changed(where: str) -> IntegrityError:
+    return IntegrityError(f"{where}: content differs from the manifest (sha256 mismatch): "
+                          f"changed after it was published; publish the output again")
 
 
 def _fetch_file(backend: StoreBackend, src: str, dst: Path, meta: dict[str, Any], verify: bool) -> None:
@@ -343,13 +352,12 @@ def _fetch_file(backend: StoreBackend, src: str, dst: Path, meta: dict[str, Any]
     if dst.is_file() and dst.stat().st_size == meta["size"] and sha256_file(dst) == meta["sha256"]:
         return
     try:
-        digest = backend.download_file(src, str(dst))
+        sha256 = backend.download_file(src, str(dst), digest=verify)
     except NotFound:
         raise IntegrityError(f"{src}: missing (the manifest lists it with {meta['size']} bytes)") from None
-    if verify and digest != meta["sha256"]:
+    if verify and sha256 != meta["sha256"]:
         dst.unlink(missing_ok=True)
-        raise IntegrityError(f"{src}: content differs from the manifest (sha256 mismatch): "
-                             f"changed after it was published; publish the output again")
+        raise _changed(src)
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,8 +34,8 @@ class StoreBackend(Protocol):
 
     def upload_file(self, local_path: str, uri: str) -> None: ...
 
-    def download_file(self, uri: str, local_path: str) -> str:
-        """Copy the object to a local file (atomically: temp file + rename); the sha256 of its bytes."""
+    def download_file(self, uri: str, local_path: str, digest: bool = False) -> str | None:
+        """Copy the object to a local file (temp file + rename); with ``digest`` the sha256 of its bytes."""
 
     def exists(self, uri: str) -> bool: ...
 
@@ -62,13 +62,17 @@ def file_chunks(f: BinaryIO) -> Iterator[bytes]:
     return iter(lambda: f.read(CHUNK), b"")
 
 
-def write_hashing(chunks: Iterable[bytes], dst: BinaryIO) -> str:
-    """Write ``chunks`` to ``dst``; the sha256 of the bytes written (a copy verified without a second read)."""
-    h = hashlib.sha256()
+def write_chunks(chunks: Iterable[bytes], dst: BinaryIO, digest: bool = False) -> str | None:
+    """Write ``chunks`` to ``dst``; with ``digest`` the sha256 of the bytes written (no second read).
+
+    Hashing is opt-in: on a fast link it costs as much CPU as the transfer itself.
+    """
+    h = hashlib.sha256() if digest else None
     for chunk in chunks:
-        h.update(chunk)
+        if h is not None:
+            h.update(chunk)
         dst.write(chunk)
-    return h.hexdigest()
+    return h.hexdigest() if h is not None else None
 
 
 def sha256_file(path: str | os.PathLike) -> str:
