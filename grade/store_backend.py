@@ -10,12 +10,13 @@ import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 #: bytes per read/write when streaming a file (and hashing it on the way)
 CHUNK = 1 << 20
 
 
+@runtime_checkable
 class StoreBackend(Protocol):
     """Single-object operations on the URIs of one scheme. Missing objects raise ``NotFound``."""
 

@@ -572,6 +572,17 @@ def test_publish_of_unchanged_content_keeps_files_in_place(store_root, monkeypat
     assert copies == [] and _read_output(uri) == V1
 
 
+def test_each_scheme_has_its_backend(store_root):
+    from grade.s3 import S3Backend
+    from grade.store_backend import StoreBackend
+    from grade.store_local import LocalBackend
+
+    backend = store.backend_for(store_root)
+    assert isinstance(backend, StoreBackend)
+    assert isinstance(backend, S3Backend if store_root.startswith("s3://") else LocalBackend)
+    assert (backend.local_path(store_root) is None) == store.is_s3(store_root)
+
+
 def test_no_module_of_grade_imports_in_a_cycle():
     """Every grade module imports alone (fresh grade.* modules each time); the import graph has no cycle."""
     import ast
