@@ -2,7 +2,9 @@
 
 Starts its own S3 test server (moto) on loopback unless S3_ENDPOINT_URL is set (e.g. a real MinIO).
 The target is grade.store >= 0.8x the raw client: the retry and atomic-publish plumbing must cost
-little on large objects.
+little on large objects. It also times ``open_published`` of a published folder of the same size
+(4 files): locally, checking sha256 vs checking sizes only; on S3, the verified fetch (hashed while
+downloading) vs the raw client downloading the same files.
 
     python -m benchmarks.store [--mib 256] [--repeat 6]
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -38,6 +41,48 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _split_into(src: Path, folder: Path, parts: int) -> None:
+    """Cut ``src`` into ``parts`` files of ``folder`` (a published output of the same total size)."""
+    folder.mkdir()
+    size = src.stat().st_size
+    with open(src, "rb") as f:
+        for i in range(parts):
+            Path(folder, f"part-{i}.bin").write_bytes(f.read(size // parts if i < parts - 1 else -1))
+
+
+def _open_published_timings(store, client, bucket: str, src: Path, d: Path, repeat: int) -> dict[str, float]:
+    """Median seconds of open_published on a folder as large as ``src``: the cost of checking sha256."""
+    folder = d / "folder"
+    _split_into(src, folder, 4)
+    local_uri, s3_uri = str(d / "published"), f"s3://{bucket}/published"
+    store.publish_dir(folder, local_uri)
+    store.publish_dir(folder, s3_uri)
+    names = sorted(store.read_manifest(s3_uri)["files"])
+
+    def fetch_raw() -> None:
+        for n in names:
+            client.fget_object(bucket, f"published/{n}", str(d / "raw-fetch" / n))
+
+    def fetch_verified() -> None:
+        store.open_published(s3_uri, cache_dir=d / "fetch")
+
+    runs = {"local_sizes_only": lambda: store.open_published(local_uri, verify=False),
+            "local_sha256": lambda: store.open_published(local_uri),
+            "s3_raw_minio": fetch_raw, "s3_verified": fetch_verified}
+    timings: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeat):
+        for kind, run in runs.items():
+            shutil.rmtree(d / "fetch", ignore_errors=True)  # every fetch downloads again
+            shutil.rmtree(d / "raw-fetch", ignore_errors=True)
+            t0 = time.perf_counter()
+            run()
+            timings[kind].append(time.perf_counter() - t0)
+    out = {k: statistics.median(v) for k, v in timings.items()}
+    out["s3_verified_vs_raw"] = out["s3_verified"] / out["s3_raw_minio"]
+    store.delete_prefix(s3_uri)
+    return out
 
 
 def main() -> None:
@@ -87,6 +132,9 @@ def main() -> None:
                     timings[kind].append(time.perf_counter() - t0)
             for got in ("st.bin", "raw.bin"):
                 assert _sha256(Path(d, got)) == _sha256(src), f"{got} differs from what was uploaded"
+            for key in ("raw", "store"):  # the server holds the objects in memory
+                client.remove_object(bucket, key)
+            verify = _open_published_timings(store, client, bucket, src, Path(d), args.repeat)
         rate = {k: size_mib / statistics.median(v) for k, v in timings.items()}
         emit("store", {
             "object_mib": size_mib, "repeat": args.repeat,
@@ -95,6 +143,7 @@ def main() -> None:
                              "ratio": rate["store_up"] / rate["raw_up"]},
             "download_mib_s": {"grade_store": rate["store_down"], "raw_minio": rate["raw_down"],
                                "ratio": rate["store_down"] / rate["raw_down"]},
+            "open_published_s": verify,
         })
     finally:
         if proc is not None:

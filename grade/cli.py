@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
-from grade.errors import InputError
+from grade.errors import InputError, IntegrityError, NotFound, NotPublished, StoreError
 
 T = TypeVar("T")
 log = logging.getLogger("grade")
@@ -28,18 +28,17 @@ def setup_logging(level: str | None = None) -> None:
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Run a component's ``main`` and turn expected failures into one line on stderr and an exit status.
 
-    Bad input (InputError, a missing or unpublished input folder) -> 2; an object-store operation that
-    failed after its retries -> 1 (a retry of the task may succeed); anything else propagates.
+    Bad input (InputError, a missing or unpublished input folder, a published file that differs from
+    its manifest) -> 2; an object-store operation that failed after its retries -> 1 (a retry of the
+    task may succeed); anything else propagates.
     """
-    from grade import store
-
     setup_logging()
     try:
         rc = main(argv)
-    except (InputError, store.NotFound, store.NotPublished) as e:
+    except (InputError, NotFound, NotPublished, IntegrityError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except store.StoreError as e:
+    except StoreError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

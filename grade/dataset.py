@@ -39,9 +39,7 @@ def _local_root(uri: str) -> Path:
         manifest = store.read_manifest(uri)
     except store.NotPublished as e:
         raise InputError(str(e)) from None
-    if not store.is_s3(uri):
-        return store.open_published(uri)
-    key = (uri, store.content_hash(manifest))
+    key = (uri, store.content_hash(manifest))  # verified once per process and content (local ones in place)
     if key not in _FETCHED:
         base = Path(os.environ.get("GRADE_CACHE_DIR") or Path(tempfile.gettempdir(), "grade-cache"))
         cache = base / hashlib.sha256("\t".join(key).encode()).hexdigest()[:16]

@@ -25,3 +25,27 @@ class InputError(Exception):
 
 class ConfigError(InputError):
     """An invalid YAML config: unknown section or key, wrong type."""
+
+
+class StoreError(Exception):
+    """An object-store operation failed (after retries)."""
+
+
+class NotFound(StoreError):
+    """The object or folder does not exist."""
+
+
+class NotPublished(StoreError):
+    """A folder has no manifest: its writer did not finish (or it was never a published output)."""
+
+
+class IntegrityError(StoreError):
+    """A published folder's file is missing or differs from its manifest (size or sha256): bad input."""
+
+
+class PreconditionFailed(StoreError):
+    """A conditional put lost: the object exists (If-None-Match) or changed (If-Match). HTTP 412."""
+
+
+class S3ConfigError(InputError):
+    """S3 settings are missing or malformed (names the variables, never their values)."""

@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import urllib3
@@ -29,8 +29,8 @@ from minio.commonconfig import CopySource
 from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error, ServerError
 
-from grade import store
-from grade.errors import InputError
+from grade.errors import InputError, NotFound, PreconditionFailed, S3ConfigError, StoreError
+from grade.store_backend import write_chunks
 
 log = logging.getLogger("grade.s3")
 T = TypeVar("T")
@@ -48,10 +48,6 @@ STREAM_CHUNK = 1024 * 1024
 DELETE_BATCH = 1000
 #: OSErrors about the local side of a transfer (raised as they are, like the local backend does)
 LOCAL_FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-
-
-class S3ConfigError(InputError):
-    """S3 settings are missing or malformed (names the variables, never their values)."""
 
 
 class S3Backend:
@@ -121,18 +117,18 @@ class S3Backend:
                 return fn()
             except S3Error as e:
                 if e.code in NOT_FOUND_CODES:
-                    raise store.NotFound(f"{uri}: not found ({e.code})") from None
+                    raise NotFound(f"{uri}: not found ({e.code})") from None
                 if e.code == "PreconditionFailed" or getattr(e.response, "status", None) == 412:
-                    raise store.PreconditionFailed(f"{uri}: precondition failed (412)") from None
+                    raise PreconditionFailed(f"{uri}: precondition failed (412)") from None
                 if not self._retryable(e) or attempt == self.max_attempts:
-                    raise store.StoreError(f"{what} {uri} failed: {e.code}: {e.message}") from None
+                    raise StoreError(f"{what} {uri} failed: {e.code}: {e.message}") from None
                 err = f"{e.code}"
-            except (store.StoreError, InputError, *LOCAL_FILE_ERRORS):
+            except (StoreError, InputError, *LOCAL_FILE_ERRORS):
                 raise  # a missing or unwritable local file is not the server's fault: no retry
             except Exception as e:  # noqa: BLE001 - classified below
                 if not self._retryable(e) or attempt == self.max_attempts:
-                    raise store.StoreError(f"{what} {uri} failed after {attempt} attempt(s): "
-                                           f"{type(e).__name__}: {e}") from None
+                    raise StoreError(f"{what} {uri} failed after {attempt} attempt(s): "
+                                     f"{type(e).__name__}: {e}") from None
                 err = type(e).__name__
             delay = random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
             log.warning("%s %s: %s (attempt %d/%d), retrying in %.2fs", what, uri, err, attempt,
@@ -191,9 +187,9 @@ class S3Backend:
 
         try:
             return self._call("PUT (conditional)", uri, put).etag
-        except store.NotFound:  # If-Match on an object that is gone: the expected version no longer exists
-            raise store.PreconditionFailed(f"{uri}: does not exist (If-Match)") from None
-        except store.PreconditionFailed:
+        except NotFound:  # If-Match on an object that is gone: the expected version no longer exists
+            raise PreconditionFailed(f"{uri}: does not exist (If-Match)") from None
+        except PreconditionFailed:
             # An earlier attempt may have been applied before its answer was lost (a dropped
             # connection, a 5xx from a proxy); its retry then conflicts with our own write.
             # Holding exactly our bytes means that write won.
@@ -204,14 +200,22 @@ class S3Backend:
                     return etag
             raise
 
+    def put_if_absent(self, uri: str, data: bytes) -> str:
+        return self.put_conditional(uri, data, if_none_match=True)
+
+    def put_if_match(self, uri: str, data: bytes, etag: str) -> str:
+        return self.put_conditional(uri, data, if_match=etag)
+
     def upload_file(self, local_path: str, uri: str) -> None:
         bucket, key = self.split(uri)
         self._call("upload", uri, lambda: self.client.fput_object(bucket, key, local_path, part_size=PART_SIZE))
 
-    def download_file(self, uri: str, local_path: str) -> None:
+    def download_file(self, uri: str, local_path: str, digest: bool = False) -> str | None:
         """Stream into a uniquely named hidden temp file next to ``local_path``, then rename.
 
-        Unlike minio's ``fget_object`` (a fixed ``.part.minio`` name, remove-then-rename), concurrent
+        With ``digest`` the bytes are hashed as they arrive (their sha256 returned), so a verified
+        download reads the file once. Unlike
+        minio's ``fget_object`` (a fixed ``.part.minio`` name, remove-then-rename), concurrent
         downloads to one path never mix, readers never see the path missing or half-written, and a
         failed attempt leaves nothing behind.
         """
@@ -219,15 +223,15 @@ class S3Backend:
         dst = Path(local_path)
         dst.parent.mkdir(parents=True, exist_ok=True)
 
-        def get() -> None:
+        def get() -> str | None:
             fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
             resp = None
             try:
                 with os.fdopen(fd, "wb") as f:
                     resp = self.client.get_object(bucket, key)
-                    for chunk in resp.stream(amt=STREAM_CHUNK):
-                        f.write(chunk)
+                    sha256 = write_chunks(resp.stream(amt=STREAM_CHUNK), f, digest)
                 os.replace(tmp, dst)
+                return sha256
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
@@ -236,14 +240,14 @@ class S3Backend:
                     resp.close()
                     resp.release_conn()
 
-        self._call("download", uri, get)
+        return self._call("download", uri, get)
 
     def exists(self, uri: str) -> bool:
         bucket, key = self.split(uri)
         try:
             self._call("HEAD", uri, lambda: self.client.stat_object(bucket, key))
             return True
-        except store.NotFound:
+        except NotFound:
             return False
 
     def list_prefix(self, uri: str) -> list[str]:
@@ -257,14 +261,14 @@ class S3Backend:
 
         try:
             return self._call("LIST", uri, ls)
-        except store.NotFound:
+        except NotFound:
             return []
 
     def delete(self, uri: str) -> None:
         bucket, key = self.split(uri)
         try:
             self._call("DELETE", uri, lambda: self.client.remove_object(bucket, key))
-        except store.NotFound:
+        except NotFound:
             pass
 
     def delete_prefix(self, uri: str) -> None:
@@ -278,7 +282,7 @@ class S3Backend:
             def remove(batch=batch) -> None:
                 errors = list(self.client.remove_objects(bucket, batch))  # lazy: consuming sends it
                 if errors:
-                    raise store.StoreError(f"DELETE below {uri}: {len(errors)} object(s) not deleted, "
+                    raise StoreError(f"DELETE below {uri}: {len(errors)} object(s) not deleted, "
                                            f"first {errors[0].name}: {errors[0].code}")
 
             self._call("DELETE (batch)", uri, remove)
@@ -287,6 +291,12 @@ class S3Backend:
         sb, sk = self.split(src)
         db, dk = self.split(dst)
         self._call("COPY", f"{src} -> {dst}", lambda: self.client.copy_object(db, dk, CopySource(sb, sk)))
+
+    def local_path(self, uri: str) -> Path | None:
+        return None  # objects live on the server: readers download them
+
+    def arrow_filesystem(self, uri: str) -> tuple[Any, str]:
+        return self.arrow_fs(), str(uri)[len("s3://"):]
 
     def arrow_fs(self):
         import pyarrow.fs as pafs

@@ -1,10 +1,17 @@
 """One object-store interface over local paths and ``s3://bucket/key`` URIs (MinIO in production).
 
-Local paths and S3 URIs are interchangeable everywhere a component takes a URI.
+Local paths and S3 URIs are interchangeable everywhere a component takes a URI: every function
+here picks the URI's backend (:func:`backend_for`, the one place a scheme is looked at) and
+dispatches to it; the backends (:mod:`grade.store_local`, :mod:`grade.s3`) implement
+:class:`grade.store_backend.StoreBackend`.
 
-Atomic publish: a multi-file output is written files first, then ``_MANIFEST.json`` (names, sizes,
-sha256) last. Readers (:func:`open_published`, :func:`read_manifest`) refuse a folder without its
-manifest, so a writer killed half-way leaves nothing visible.
+Published outputs: a multi-file output is written files first, then ``_MANIFEST.json`` (names,
+sizes, sha256) last. Readers (:func:`open_published`, :func:`read_manifest`) refuse a folder without
+its manifest, so a writer killed half-way leaves nothing visible, and :func:`open_published` checks
+every file it hands out against the manifest's sha256 (``IntegrityError`` otherwise). Re-publishing
+over a published output never overwrites a file the current manifest lists with other bytes: such
+files go beside the old ones (under ``_pending/``) until the new manifest is in place, so readers
+see the old output or the new one, whole, and a failed re-publish leaves the old one as it was.
 
 S3 settings come from the environment only: ``S3_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, optional ``AWS_REGION``. Secret values are never printed or logged.
@@ -17,45 +24,82 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from grade.errors import (  # noqa: F401 - re-exported: callers catch them as store.<Error>
+    IntegrityError,
+    NotFound,
+    NotPublished,
+    PreconditionFailed,
+    S3ConfigError,
+    StoreError,
+)
+from grade.store_backend import StoreBackend, sha256_file
+from grade.store_local import LocalBackend
+
 MANIFEST = "_MANIFEST.json"
-#: suffixes of the local backend's own bookkeeping files (hidden temp files, CAS locks): never listed
-_LOCAL_SCRATCH_SUFFIXES = (".tmp", ".lock")
+#: folder inside a published folder holding a re-publish's new files whose names the old output still uses
+PENDING = "_pending"
+#: manifest key listing objects of a replaced output still to delete (only while a re-publish runs)
+RETIRED = "_retired"
 
 
-class StoreError(Exception):
-    """An object-store operation failed (after retries)."""
+# --------------------------------------------------------------------------------------------
+# Backends by URI scheme
+# --------------------------------------------------------------------------------------------
+
+_LOCAL = LocalBackend()
+_S3_CLIENT = None
 
 
-class NotFound(StoreError):
-    """The object or folder does not exist."""
+def _s3():
+    """The S3 backend, built from the environment on first use (``S3ConfigError`` when unset)."""
+    global _S3_CLIENT
+    if _S3_CLIENT is None:
+        from grade.s3 import S3Backend  # imports minio: only when an s3:// URI is used
+
+        _S3_CLIENT = S3Backend.from_env()
+    return _S3_CLIENT
 
 
-class NotPublished(StoreError):
-    """A folder has no manifest: its writer did not finish (or it was never a published output)."""
+def reset_s3_client() -> None:
+    """Forget the cached S3 client (after the environment changed, e.g. in tests)."""
+    global _S3_CLIENT
+    _S3_CLIENT = None
 
 
-class PreconditionFailed(StoreError):
-    """A conditional put lost: the object exists (If-None-Match) or changed (If-Match). HTTP 412."""
+#: URI scheme -> the backend serving it; anything without a listed scheme is a local path
+_BACKENDS = {"s3": _s3}
+
+
+def _scheme(uri: str | os.PathLike) -> str:
+    head, sep, _ = str(uri).partition("://")
+    return head if sep else ""
+
+
+def backend_for(uri: str | os.PathLike) -> StoreBackend:
+    """The backend storing ``uri``, chosen by its scheme."""
+    factory = _BACKENDS.get(_scheme(uri))
+    return factory() if factory else _LOCAL
 
 
 def is_s3(uri: str | os.PathLike) -> bool:
-    return str(uri).startswith("s3://")
+    return _scheme(uri) == "s3"
 
 
 def join(uri: str | os.PathLike, *parts: str) -> str:
-    """Join path parts onto a local path or S3 URI."""
+    """Join path parts onto a local path or a URI."""
     base = str(uri)
-    if is_s3(base):
-        out = base.rstrip("/")
-        for p in parts:
-            out += "/" + str(p).strip("/")
-        return out
-    return str(Path(base, *parts))
+    if _scheme(base) not in _BACKENDS:
+        return str(Path(base, *parts))
+    out = base.rstrip("/")
+    for p in parts:
+        out += "/" + str(p).strip("/")
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,31 +107,12 @@ def join(uri: str | os.PathLike, *parts: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 def read_bytes(uri: str) -> bytes:
-    if is_s3(uri):
-        return _s3().read_bytes(uri)
-    try:
-        return Path(uri).read_bytes()
-    except FileNotFoundError:
-        raise NotFound(f"{uri}: not found") from None
+    return backend_for(uri).read_bytes(str(uri))
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write an object; local writes go through a temp file + rename (never half-written)."""
-    if is_s3(uri):
-        _s3().write_bytes(uri, data)
-        return
-    p = Path(uri)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write an object whole: readers see the old or the new bytes, never half of them."""
+    backend_for(uri).write_bytes(str(uri), data)
 
 
 def read_json(uri: str) -> Any:
@@ -100,45 +125,17 @@ def write_json(uri: str, obj: Any) -> None:
 
 def upload_file(local_path: str | os.PathLike, uri: str) -> None:
     """Copy a local file to ``uri`` (streaming multipart upload on S3)."""
-    if is_s3(uri):
-        _s3().upload_file(str(local_path), uri)
-        return
-    _copy_atomically(local_path, uri)
+    backend_for(uri).upload_file(str(local_path), str(uri))
 
 
 def download_file(uri: str, local_path: str | os.PathLike) -> None:
     """Copy ``uri`` to a local file (streaming on S3)."""
-    if is_s3(uri):
-        _s3().download_file(uri, str(local_path))
-        return
-    if not Path(uri).is_file():
-        raise NotFound(f"{uri}: not found")
-    _copy_atomically(uri, local_path)
-
-
-def _copy_atomically(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Copy through a uniquely named hidden temp file + rename: concurrent writers never mix."""
-    d = Path(dst)
-    d.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d.parent, prefix=f".{d.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, d)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _is_local_scratch(path: Path) -> bool:
-    return path.name.startswith(".") and path.name.endswith(_LOCAL_SCRATCH_SUFFIXES)
+    backend_for(uri).download_file(str(uri), str(local_path))
 
 
 def exists(uri: str) -> bool:
     """True when an object (file) exists at ``uri``."""
-    if is_s3(uri):
-        return _s3().exists(uri)
-    return Path(uri).is_file()
+    return backend_for(uri).exists(str(uri))
 
 
 def list_prefix(uri: str) -> list[str]:
@@ -146,41 +143,33 @@ def list_prefix(uri: str) -> list[str]:
 
     Locally, in-flight temp files and compare-and-swap locks are not objects and are left out.
     """
-    if is_s3(uri):
-        return _s3().list_prefix(uri)
-    root = Path(uri)
-    if not root.is_dir():
-        return []
-    return sorted(str(p.relative_to(root)).replace(os.sep, "/") for p in root.rglob("*")
-                  if p.is_file() and not _is_local_scratch(p))
+    return backend_for(uri).list_prefix(str(uri))
 
 
 def delete(uri: str) -> None:
     """Delete one object; deleting a missing object is not an error."""
-    if is_s3(uri):
-        _s3().delete(uri)
-        return
-    Path(uri).unlink(missing_ok=True)
+    backend_for(uri).delete(str(uri))
 
 
 def delete_prefix(uri: str) -> None:
     """Delete every object below the folder ``uri``."""
-    if is_s3(uri):
-        _s3().delete_prefix(uri)
-        return
-    shutil.rmtree(uri, ignore_errors=True)
+    backend_for(uri).delete_prefix(str(uri))
 
 
 def copy(src: str, dst: str) -> None:
     """Copy one object (server-side on S3 when both ends are S3)."""
-    if is_s3(src) and is_s3(dst):
-        _s3().copy(src, dst)
-    elif not is_s3(src) and not is_s3(dst):
-        upload_file(src, dst)
-    elif is_s3(dst):
-        upload_file(src, dst)
-    else:
-        download_file(src, dst)
+    src, dst = str(src), str(dst)
+    src_backend, dst_backend = backend_for(src), backend_for(dst)
+    if src_backend is dst_backend:
+        src_backend.copy(src, dst)
+    elif (src_path := src_backend.local_path(src)) is not None:
+        dst_backend.upload_file(str(src_path), dst)
+    elif (dst_path := dst_backend.local_path(dst)) is not None:
+        src_backend.download_file(src, str(dst_path))
+    else:  # two remote backends: through a local temp file
+        with tempfile.TemporaryDirectory(prefix="grade-copy-") as d:
+            src_backend.download_file(src, str(Path(d, "object")))
+            dst_backend.upload_file(str(Path(d, "object")), dst)
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,10 +178,7 @@ def copy(src: str, dst: str) -> None:
 
 def get_with_etag(uri: str) -> tuple[bytes, str]:
     """The object's bytes and its ETag (local: sha256 of the content)."""
-    if is_s3(uri):
-        return _s3().get_with_etag(uri)
-    data = read_bytes(uri)
-    return data, hashlib.sha256(data).hexdigest()
+    return backend_for(uri).get_with_etag(str(uri))
 
 
 def put_if_absent(uri: str, data: bytes) -> str:
@@ -200,20 +186,7 @@ def put_if_absent(uri: str, data: bytes) -> str:
 
     Raises :class:`PreconditionFailed` when it exists.
     """
-    if is_s3(uri):
-        return _s3().put_conditional(uri, data, if_none_match=True)
-    p = Path(uri)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    try:
-        os.link(tmp, p)  # atomic create-if-absent on POSIX
-    except FileExistsError:
-        raise PreconditionFailed(f"{uri}: already exists") from None
-    finally:
-        os.unlink(tmp)
-    return hashlib.sha256(data).hexdigest()
+    return backend_for(uri).put_if_absent(str(uri), data)
 
 
 def put_if_match(uri: str, data: bytes, etag: str) -> str:
@@ -221,37 +194,12 @@ def put_if_match(uri: str, data: bytes, etag: str) -> str:
 
     Raises :class:`PreconditionFailed` when it changed meanwhile (or is gone).
     """
-    if is_s3(uri):
-        return _s3().put_conditional(uri, data, if_match=etag)
-    import fcntl
-
-    p = Path(uri)
-    if not p.parent.is_dir():
-        raise PreconditionFailed(f"{uri}: does not exist")
-    lock_path = p.with_name(f".{p.name}.lock")  # next to the object: works on any shared filesystem
-    with open(lock_path, "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # serialise local compare-and-swap between processes
-        try:
-            current = hashlib.sha256(p.read_bytes()).hexdigest()
-        except FileNotFoundError:
-            raise PreconditionFailed(f"{uri}: does not exist") from None
-        if current != etag:
-            raise PreconditionFailed(f"{uri}: changed since it was read (ETag mismatch)")
-        write_bytes(uri, data)
-    return hashlib.sha256(data).hexdigest()
+    return backend_for(uri).put_if_match(str(uri), data, etag)
 
 
 # --------------------------------------------------------------------------------------------
 # Atomic publish of multi-file outputs
 # --------------------------------------------------------------------------------------------
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def build_manifest(local_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     root = Path(local_dir)
@@ -260,21 +208,65 @@ def build_manifest(local_dir: str | os.PathLike, extra: dict[str, Any] | None = 
         rel = str(p.relative_to(root)).replace(os.sep, "/")
         # only the folder's own manifest is left out: a nested published folder keeps its manifest
         if p.is_file() and rel != MANIFEST:
-            files[rel] = {"size": p.stat().st_size, "sha256": _sha256_file(p)}
+            files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
     return {"files": files, **(extra or {})}
 
 
-def publish_dir(local_dir: str | os.PathLike, uri: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Publish every file of ``local_dir`` under ``uri``: files first, ``_MANIFEST.json`` last.
+def _object_name(rel: str, meta: dict[str, Any]) -> str:
+    """Where a manifest's file is stored, relative to the folder: its own name unless it waits beside it."""
+    return meta.get("path", rel)
 
-    A previous manifest at ``uri`` is removed first, so readers never see a manifest that
-    disagrees with the files. Returns the manifest.
+
+def _objects_in_use(manifest: dict[str, Any]) -> dict[str, str]:
+    """Object name -> sha256 of every object ``manifest`` refers to."""
+    return {_object_name(rel, meta): meta["sha256"] for rel, meta in manifest["files"].items()}
+
+
+def _current_manifest(uri: str) -> dict[str, Any]:
+    try:
+        return read_manifest(uri)
+    except NotPublished:
+        return {"files": {}}
+
+
+def publish_dir(local_dir: str | os.PathLike, uri: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Publish every file of ``local_dir`` under ``uri``: files first, ``_MANIFEST.json`` last; the manifest.
+
+    A file whose name the current manifest uses for other bytes is uploaded beside it (under
+    ``_pending/<id>/``) and the manifest switched to point there; only after that switch is it
+    copied onto its own name and the manifest rewritten. Readers thus always see a whole output,
+    the old or the new one; a failure before the switch leaves the old output untouched. Objects
+    of the old output the new one does not list are deleted after the switch (the switched manifest
+    names them under ``_retired`` until then, so a publish that dies first leaves them to the next
+    one). A reader opening a listed name directly (not through the manifest) sees the new bytes once
+    the publish has returned. One writer per ``uri`` at a time.
     """
     manifest = build_manifest(local_dir, extra)
-    delete(join(uri, MANIFEST))
-    for rel in manifest["files"]:
-        upload_file(Path(local_dir, rel), join(uri, rel))
-    write_json(join(uri, MANIFEST), manifest)
+    if any(rel.startswith(PENDING + "/") for rel in manifest["files"]):
+        raise ValueError(f"{local_dir}: '{PENDING}/' is reserved for the store's own use while publishing")
+    current = _current_manifest(uri)
+    in_use = _objects_in_use(current)
+    token = uuid.uuid4().hex[:12]
+    beside: dict[str, str] = {}  # name -> where its new bytes wait while the old output still uses the name
+    for rel, meta in manifest["files"].items():
+        target = rel if in_use.get(rel, meta["sha256"]) == meta["sha256"] else f"{PENDING}/{token}/{rel}"
+        upload_file(Path(local_dir, rel), join(uri, target))
+        if target != rel:
+            beside[rel] = target
+    switched = {rel: {**meta, "path": beside[rel]} if rel in beside else meta
+                for rel, meta in manifest["files"].items()}
+    referenced = set(_objects_in_use({"files": switched}))
+    retired = sorted((set(in_use) | set(current.get(RETIRED, []))) - referenced - set(beside))
+    # the switch: from here on readers see the new output
+    to_delete = {RETIRED: retired} if retired else {}
+    write_json(join(uri, MANIFEST), {**manifest, "files": switched, **to_delete})
+    for name in retired:
+        delete(join(uri, name))
+    for rel, target in beside.items():
+        copy(join(uri, target), join(uri, rel))
+    if beside or retired:
+        write_json(join(uri, MANIFEST), manifest)  # every file at its own name, nothing left to delete
+    delete_prefix(join(uri, PENDING))  # this publish's and any failed earlier one's
     return manifest
 
 
@@ -282,7 +274,7 @@ def publish_dir(local_dir: str | os.PathLike, uri: str, extra: dict[str, Any] | 
 def publishing(uri: str, extra: dict[str, Any] | None = None) -> Iterator[Path]:
     """Yield a local staging folder; on normal exit its files are published to ``uri``.
 
-    On an exception nothing is published and the staging folder is removed.
+    On an exception nothing is published; the staging folder is removed in every case.
     """
     staging = Path(tempfile.mkdtemp(prefix="grade-publish-"))
     try:
@@ -315,27 +307,57 @@ def content_hash(uri_or_manifest: str | dict[str, Any]) -> str:
 
 
 def open_published(uri: str, cache_dir: str | os.PathLike | None = None, verify: bool = True) -> Path:
-    """A local folder holding the published output at ``uri`` (downloaded when on S3).
+    """A local folder holding the published output at ``uri``, every file checked against the manifest.
 
-    Only files named in the manifest are fetched; sizes (and sha256 when ``verify``) are checked.
+    A local folder is used in place; an S3 one is downloaded (to ``cache_dir``, else a new
+    ``grade-fetch-*`` temp folder, removed again if the fetch fails), only the files the manifest
+    names. Sizes are always checked, sha256 too when ``verify`` (hashed while downloading);
+    a file that differs raises :class:`IntegrityError`.
     """
+    uri = str(uri)
     manifest = read_manifest(uri)
-    if not is_s3(uri):
-        root = Path(uri)
+    backend = backend_for(uri)
+    root = backend.local_path(uri)
+    if root is not None and all("path" not in meta for meta in manifest["files"].values()):
         for rel, meta in manifest["files"].items():
-            p = root / rel
-            if not p.is_file() or p.stat().st_size != meta["size"]:
-                raise StoreError(f"{uri}: {rel} missing or of the wrong size (manifest says {meta['size']} bytes)")
+            _check_file(join(uri, rel), root / rel, meta, verify)
         return root
     local = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="grade-fetch-"))
-    for rel, meta in manifest["files"].items():
-        dst = local / rel
-        if dst.is_file() and dst.stat().st_size == meta["size"] and _sha256_file(dst) == meta["sha256"]:
-            continue
-        download_file(join(uri, rel), dst)
-        if verify and _sha256_file(dst) != meta["sha256"]:
-            raise StoreError(f"{join(uri, rel)}: sha256 does not match the manifest")
+    try:
+        for rel, meta in manifest["files"].items():
+            _fetch_file(backend, join(uri, _object_name(rel, meta)), local / rel, meta, verify)
+    except BaseException:
+        if not cache_dir:
+            shutil.rmtree(local, ignore_errors=True)
+        raise
     return local
+
+
+def _check_file(where: str, path: Path, meta: dict[str, Any], verify: bool) -> None:
+    """``IntegrityError`` unless ``path`` holds the manifest's bytes (size; sha256 when ``verify``)."""
+    if not path.is_file() or path.stat().st_size != meta["size"]:
+        raise IntegrityError(f"{where}: missing or of the wrong size "
+                             f"(the manifest says {meta['size']} bytes)")
+    if verify and sha256_file(path) != meta["sha256"]:
+        raise _changed(where)
+
+
+def _changed(where: str) -> IntegrityError:
+    return IntegrityError(f"{where}: content differs from the manifest (sha256 mismatch): "
+                          f"changed after it was published; publish the output again")
+
+
+def _fetch_file(backend: StoreBackend, src: str, dst: Path, meta: dict[str, Any], verify: bool) -> None:
+    """Download ``src`` to ``dst`` unless ``dst`` already holds the manifest's bytes; verify what arrives."""
+    if dst.is_file() and dst.stat().st_size == meta["size"] and sha256_file(dst) == meta["sha256"]:
+        return
+    try:
+        sha256 = backend.download_file(src, str(dst), digest=verify)
+    except NotFound:
+        raise IntegrityError(f"{src}: missing (the manifest lists it with {meta['size']} bytes)") from None
+    if verify and sha256 != meta["sha256"]:
+        dst.unlink(missing_ok=True)
+        raise _changed(src)
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,30 +366,4 @@ def open_published(uri: str, cache_dir: str | os.PathLike | None = None, verify:
 
 def arrow_filesystem(uri: str):
     """(pyarrow filesystem, path) for a local path or S3 URI."""
-    import pyarrow.fs as pafs
-
-    if is_s3(uri):
-        return _s3().arrow_fs(), str(uri)[len("s3://"):]
-    return pafs.LocalFileSystem(), str(Path(uri).absolute())
-
-
-# --------------------------------------------------------------------------------------------
-# S3 backend
-# --------------------------------------------------------------------------------------------
-
-_S3_CLIENT = None
-
-
-def _s3():
-    global _S3_CLIENT
-    if _S3_CLIENT is None:
-        from grade.s3 import S3Backend
-
-        _S3_CLIENT = S3Backend.from_env()
-    return _S3_CLIENT
-
-
-def reset_s3_client() -> None:
-    """Forget the cached S3 client (after the environment changed, e.g. in tests)."""
-    global _S3_CLIENT
-    _S3_CLIENT = None
+    return backend_for(uri).arrow_filesystem(str(uri))

@@ -427,3 +427,199 @@ def test_manifest_lists_names_sizes_and_hashes(tmp_path):
     assert m["files"]["a"]["size"] == 3
     assert m["files"]["a"]["sha256"] == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     assert json.loads(json.dumps(m)) == m
+
+
+# --------------------------------------------------------------------------------------------
+# Integrity on read, safe re-publish, no leaked temp folders, no import cycle
+# --------------------------------------------------------------------------------------------
+
+V1 = {"a.txt": b"alpha-1", "b.txt": b"beta", "d/c.txt": b"gamma-1"}
+V2 = {"a.txt": b"alpha-2", "b.txt": b"beta", "e.txt": b"epsilon"}  # a changed, b same, c gone, e new
+
+
+def _publish(uri: str, files: dict[str, bytes]) -> None:
+    with store.publishing(uri) as staging:
+        for rel, data in files.items():
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            (staging / rel).write_bytes(data)
+
+
+def _read_output(uri: str) -> dict[str, bytes]:
+    local = store.open_published(uri)
+    return {rel: (local / rel).read_bytes() for rel in store.read_manifest(uri)["files"]}
+
+
+def _temp_folders(prefix: str) -> list[str]:
+    import tempfile
+
+    return [p for p in os.listdir(tempfile.gettempdir()) if p.startswith(prefix)]
+
+
+def test_a_file_replaced_by_another_of_the_same_size_is_refused(store_root):
+    uri = store.join(store_root, "out")
+    _publish(uri, V1)
+    assert _read_output(uri) == V1
+    store.write_bytes(store.join(uri, "a.txt"), b"ALPHA-1")  # same size, other bytes
+    fetched = _temp_folders("grade-fetch-")
+    with pytest.raises(store.IntegrityError, match=r"a\.txt: content differs from the manifest"):
+        store.open_published(uri)
+    assert _temp_folders("grade-fetch-") == fetched, "a refused fetch leaves no temp folder behind"
+    store.delete(store.join(uri, "b.txt"))
+    store.write_bytes(store.join(uri, "a.txt"), b"alpha-1")
+    with pytest.raises(store.IntegrityError, match=r"b\.txt: missing"):
+        store.open_published(uri)
+
+
+def test_a_corrupt_published_input_exits_2_with_one_line(tmp_path, capsys):
+    from grade import cli
+
+    uri = str(tmp_path / "out")
+    _publish(uri, V1)
+    (tmp_path / "out" / "b.txt").write_bytes(b"BETA")
+    assert cli.run(lambda argv: store.open_published(uri), []) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "b.txt" in err[0] and "sha256" in err[0]
+
+
+def test_a_cached_download_is_checked_and_refetched(store_root, tmp_path):
+    uri = store.join(store_root, "out")
+    _publish(uri, V1)
+    cache = tmp_path / "cache"
+    if not store.is_s3(uri):
+        assert store.open_published(uri, cache_dir=cache) == tmp_path / "store" / "out"  # used in place
+        return
+    store.open_published(uri, cache_dir=cache)
+    (cache / "a.txt").write_bytes(b"ALPHA-1")  # the cached copy went bad: fetched again
+    assert (store.open_published(uri, cache_dir=cache) / "a.txt").read_bytes() == b"alpha-1"
+
+
+class _Injected(Exception):
+    pass
+
+
+def _fail_at(monkeypatch, name: str, nth: int) -> None:
+    """Make the ``nth`` call of ``store.<name>`` (as publish_dir makes it) raise ``_Injected``."""
+    real, calls = getattr(store, name), []
+
+    def failing(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == nth:
+            raise _Injected(f"{name} #{nth}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, name, failing)
+
+
+@pytest.mark.parametrize("step, nth", [("upload_file", 1), ("upload_file", 3), ("write_json", 1)])
+def test_a_failed_republish_before_the_switch_keeps_the_old_output(store_root, monkeypatch, step, nth):
+    uri = store.join(store_root, "out")
+    _publish(uri, V1)
+    with monkeypatch.context() as m:
+        _fail_at(m, step, nth)
+        with pytest.raises(_Injected):
+            _publish(uri, V2)
+    assert _read_output(uri) == V1
+    assert _temp_folders("grade-publish-") == [], "the staging folder is removed after a failure"
+    _publish(uri, V2)  # the next publish completes and clears the failed one's leftovers
+    assert _read_output(uri) == V2
+    assert store.list_prefix(uri) == sorted([*V2, store.MANIFEST])
+
+
+@pytest.mark.parametrize("step, nth", [("copy", 1), ("write_json", 2), ("delete_prefix", 1), ("delete", 1)])
+def test_a_republish_that_fails_after_the_switch_shows_the_new_output(store_root, monkeypatch, step, nth):
+    uri = store.join(store_root, "out")
+    _publish(uri, V1)
+    with monkeypatch.context() as m:
+        _fail_at(m, step, nth)
+        with pytest.raises(_Injected):
+            _publish(uri, V2)
+    assert _read_output(uri) == V2
+    _publish(uri, V2)
+    assert store.list_prefix(uri) == sorted([*V2, store.MANIFEST])
+
+
+def test_readers_see_the_old_or_the_new_output_whole_at_every_step_of_a_republish(store_root, monkeypatch):
+    uri = store.join(store_root, "out")
+    _publish(uri, V1)
+    seen = []
+
+    def reading_after(name: str) -> None:
+        real = getattr(store, name)
+
+        def step(*args, **kwargs):
+            out = real(*args, **kwargs)
+            seen.append(_read_output(uri))
+            return out
+
+        monkeypatch.setattr(store, name, step)
+
+    for name in ("upload_file", "write_json", "delete", "copy", "delete_prefix"):
+        reading_after(name)
+    _publish(uri, V2)
+    assert len(seen) >= 7 and all(s in (V1, V2) for s in seen), seen
+    assert seen[0] == V1 and seen[-1] == V2
+    files = store.read_manifest(uri)["files"]
+    assert sorted(files) == sorted(V2) and all("path" not in meta for meta in files.values())
+    assert store.list_prefix(uri) == sorted([*V2, store.MANIFEST]), "old and pending objects are gone"
+
+
+def test_publish_of_unchanged_content_keeps_files_in_place(store_root, monkeypatch):
+    uri = store.join(store_root, "out")
+    _publish(uri, V1)
+    copies = []
+    monkeypatch.setattr(store, "copy", lambda *a: copies.append(a))
+    _publish(uri, V1)
+    assert copies == [] and _read_output(uri) == V1
+
+
+def test_each_scheme_has_its_backend(store_root):
+    from grade.s3 import S3Backend
+    from grade.store_backend import StoreBackend
+    from grade.store_local import LocalBackend
+
+    backend = store.backend_for(store_root)
+    assert isinstance(backend, StoreBackend)
+    assert isinstance(backend, S3Backend if store_root.startswith("s3://") else LocalBackend)
+    assert (backend.local_path(store_root) is None) == store.is_s3(store_root)
+
+
+def test_no_module_of_grade_imports_in_a_cycle():
+    """Every grade module imports alone (fresh grade.* modules each time); the import graph has no cycle."""
+    import ast
+    from pathlib import Path
+
+    import grade
+
+    pkg = Path(grade.__file__).parent
+    modules = sorted(p.stem for p in pkg.glob("*.py") if p.stem != "__init__")
+    graph = {}
+    for name in modules:
+        deps = set()
+        for node in ast.walk(ast.parse((pkg / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "grade":
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("grade."):
+                deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("grade.")}
+        graph[name] = deps & set(modules) - {name}
+    state: dict[str, str] = {}
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = "open"
+        for dep in sorted(graph[name]):
+            assert state.get(dep) != "open", f"import cycle: {' -> '.join([*path, name, dep])}"
+            if dep not in state:
+                visit(dep, [*path, name])
+        state[name] = "done"
+
+    for name in modules:
+        if name not in state:
+            visit(name, [])
+    script = ("import importlib, sys\n"
+              f"for name in {modules!r}:\n"
+              "    for m in [m for m in sys.modules if m == 'grade' or m.startswith('grade.')]:\n"
+              "        del sys.modules[m]\n"
+              "    importlib.import_module('grade.' + name)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
