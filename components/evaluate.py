@@ -1,7 +1,7 @@
 """Offline auction evaluation: every policy on the same held-out requests, report.json/html, KFP metrics.
 
     python -m components.evaluate --features URI --model NAME=URI [--model NAME=URI ...] --out URI
-                                  [--config YAML] [--registry URI]
+                                  [--config YAML] [--set SECTION.KEY=VALUE ...] [--registry URI]
 
 Prints a table of metrics and lifts vs static (with paired bootstrap CIs) and the report's path.
 """
@@ -32,12 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a policy model folder to evaluate under NAME (repeatable), e.g. grade=s3://b/models/grade")
     p.add_argument("--out", required=True, metavar="URI",
                    help="output folder: report.json, report.html, metrics.json (KFP), config.json")
-    p.add_argument("--config", metavar="YAML", help="config file; its 'evaluate' section is used")
     p.add_argument("--registry", metavar="URI",
                    help="model registry root; its production model is evaluated as 'incumbent' when it exists")
-    p.add_argument("--split", help="held-out split to evaluate on (overrides evaluate.split)")
-    p.add_argument("--bootstrap-samples", type=int, help="paired bootstrap resamples (overrides the config)")
-    p.add_argument("--seed", type=int, help="seed (overrides evaluate.seed)")
+    config.add_arguments(p, ("evaluate.split", "evaluate.bootstrap_samples", "evaluate.seed"),
+                         config_help="config file; its 'evaluate' section and finetune.reward are used")
     return p
 
 
@@ -50,10 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         if name in models:
             raise InputError(f"--model {name}=...: the name is given twice")
         models[name] = uri
-    cfg = config.load_section(args.config, "evaluate", {"split": args.split, "seed": args.seed,
-                                                         "bootstrap_samples": args.bootstrap_samples})
+    sections = config.from_args(args)
+    cfg = sections["evaluate"]
     # best_static searches the best global answer to the reward Stage 2 was trained on
-    reward = config.load_section(args.config, "finetune").reward
+    reward = sections["finetune"].reward
     report = run_evaluation(args.features, models, args.out, cfg, registry_uri=args.registry, reward=reward)
     print(format_table(report))
     print(f"report: {store.join(args.out, 'report.html')}")

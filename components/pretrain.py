@@ -1,6 +1,7 @@
 """Stage 1 step: LambdaLoss pretraining of the fusion policy's mean weights.
 
     python -m components.pretrain --features URI --out URI [--config YAML] [--epochs N] [--seed S]
+                                  [--set SECTION.KEY=VALUE ...]
 
 Reads the feature tensors written by ``components.features``; publishes the model folder
 (policy.safetensors, policy.json, feature_spec.json, config.json, metrics.json, train_log.jsonl)
@@ -32,23 +33,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="published features folder or s3:// prefix (output of components.features)")
     p.add_argument("--out", required=True, metavar="URI",
                    help="model folder or s3:// prefix (published atomically; holds the resume checkpoints)")
-    p.add_argument("--config", metavar="YAML", help="config file; its 'pretrain' section is used")
-    p.add_argument("--epochs", type=int, default=None, metavar="N",
-                   help="maximum number of epochs (overrides pretrain.epochs)")
-    p.add_argument("--seed", type=int, default=None, metavar="S",
-                   help="seed of the initialisation and the data order (overrides pretrain.seed)")
-    p.add_argument("--batch-size", type=int, default=None, metavar="N",
-                   help="requests per gradient step, over all processes (overrides pretrain.batch_size)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch intra-op threads per process (overrides pretrain.threads)")
+    config.add_arguments(p, ("pretrain.epochs", "pretrain.seed", "pretrain.batch_size", "pretrain.threads"),
+                         config_help="config file; its 'pretrain' section is used")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = config.load_section(args.config, "pretrain", {
-        "epochs": args.epochs, "seed": args.seed, "batch_size": args.batch_size, "threads": args.threads,
-    })
+    cfg = config.from_args(args)["pretrain"]
     with distributed.session() as ctx:
         pretrain(args.features, args.out, cfg, rank=ctx.rank, world_size=ctx.world_size,
                  all_reduce=distributed.GradientAverager() if ctx.distributed else None)

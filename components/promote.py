@@ -1,10 +1,11 @@
 """Promotion gate and model registry operations.
 
     python -m components.promote --report URI --candidate URI --registry URI [--config YAML]
+                                 [--set SECTION.KEY=VALUE ...]
                                  [--candidate-name grade] [--out URI] [--data URI]
-    python -m components.promote status   --registry URI [--model-name grade-mtf]
-    python -m components.promote history  --registry URI [--model-name grade-mtf]
-    python -m components.promote rollback --registry URI [--model-name grade-mtf] [--why TEXT] [--to VERSION]
+    python -m components.promote status   --registry URI [--model-name NAME]
+    python -m components.promote history  --registry URI [--model-name NAME]
+    python -m components.promote rollback --registry URI [--model-name NAME] [--why TEXT] [--to VERSION]
 
 The gate compares the candidate with the production model (or with static weights for the first
 model) on the report's held-out requests and writes a blessing (JSON; to --out, by default
@@ -31,9 +32,8 @@ def gate_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", required=True, help="evaluation report folder (or its report.json)")
     p.add_argument("--candidate", required=True, help="the candidate model folder that the report evaluated")
     p.add_argument("--registry", required=True, help="registry root (local folder or s3://bucket/prefix)")
-    p.add_argument("--config", help="YAML config; its `promote` section holds the thresholds")
-    p.add_argument("--candidate-name", help="the candidate's name in the report (default: promote.candidate_name)")
-    p.add_argument("--model-name", help="registry model name (default: promote.model_name, grade-mtf)")
+    config.add_arguments(p, ("promote.candidate_name", "promote.model_name"),
+                         config_help="YAML config; its `promote` section holds the thresholds")
     p.add_argument("--out", "--blessing", dest="out", metavar="URI",
                    help="where to write the blessing JSON (default: blessing.json in the report's folder)")
     p.add_argument("--data", help="data URI recorded in the version's lineage")
@@ -46,7 +46,8 @@ def admin_parser(command: str) -> argparse.ArgumentParser:
                                              "history": "print every alias move",
                                              "rollback": "point the alias back at its previous version"}[command])
     p.add_argument("--registry", required=True, help="registry root (local folder or s3://bucket/prefix)")
-    p.add_argument("--model-name", default="grade-mtf", help="registry model name")
+    config.add_arguments(p, ("shared.model_name",),
+                         config_help="YAML config; its shared.model_name is the default model name")
     if command == "rollback":
         p.add_argument("--why", default="manual rollback", help="reason recorded in the history")
         p.add_argument("--to", metavar="VERSION",
@@ -58,6 +59,7 @@ def admin(command: str, argv: list[str]) -> int:
     from grade.registry import Registry
 
     args = admin_parser(command).parse_args(argv)
+    args.model_name = config.from_args(args)["shared"].model_name
     reg = Registry(args.registry, args.model_name)
     if command == "status":
         current = reg.production()
@@ -92,12 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     args = gate_parser().parse_args(argv)
     from grade import promotion
 
-    cfg = config.load_section(args.config, "promote", {"candidate_name": args.candidate_name,
-                                                       "model_name": args.model_name})
+    cfg = config.from_args(args)["promote"]
     cli.log.info("promote config: %s", json.dumps(config.to_dict(cfg), sort_keys=True))
     blessing = promotion.promote(args.report, args.candidate, args.registry, cfg, data_uri=args.data)
     out = args.out or store.join(promotion.report_folder(args.report), "blessing.json")
-    store.write_json(out, blessing)
+    store.write_json(out, blessing.to_json())
     print(promotion.format_blessing(blessing))
     print(f"blessing: {out}")
     return 0

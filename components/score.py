@@ -1,6 +1,7 @@
 """Score requests with a trained policy: personalised fusion weights, fused scores and ranks.
 
     python -m components.score --requests URI --out URI (--model URI | --registry URI [--model-name NAME])
+                              [--config YAML] [--set SECTION.KEY=VALUE ...]
 
 --requests: log-format Parquet (a file, a folder or an s3:// prefix) with request_id, the user/context
 features and pred_* columns of the model's feature spec. --model: a model folder or a registry
@@ -13,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from grade import cli
+from grade import cli, config
 from grade.errors import InputError
 
 
@@ -24,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder or s3:// prefix for the scores")
     p.add_argument("--model", help="model folder or registry version (default: the registry's production model)")
     p.add_argument("--registry", help="registry root, used when --model is not given")
-    p.add_argument("--model-name", default="grade-mtf", help="registry model name (default grade-mtf)")
+    config.add_arguments(p, ("shared.model_name",),
+                         config_help="YAML config; its shared.model_name is the default model name")
     p.add_argument("--batch-rows", type=int, default=262_144, help="rows per record batch")
     return p
 
@@ -34,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from grade.registry import Registry
     from grade.scoring import score_requests
 
+    args.model_name = config.from_args(args)["shared"].model_name
     model = args.model
     if model is None:
         if not args.registry:

@@ -1,6 +1,7 @@
 """Write simulated marketplace search logs (with ground truth) to a folder or s3:// prefix.
 
     python -m components.simulate --out URI [--config YAML] [--requests N] [--seed S] [--report]
+                                  [--set SECTION.KEY=VALUE ...]
 
 Output: Parquet files ``day=YYYY-MM-DD/part-NNNNN.parquet`` in the log contract's columns plus the
 ground truth (true_ctr, true_cvr, price, true_segment), published atomically (``_MANIFEST.json`` last).
@@ -15,16 +16,15 @@ import json
 import sys
 
 from grade import cli, config
-from grade.errors import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m components.simulate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix for the logs")
-    p.add_argument("--config", help="YAML config; its `simulator` section is used (every key has a default)")
-    p.add_argument("--requests", type=int, help="number of requests (overrides simulator.n_requests)")
-    p.add_argument("--seed", type=int, help="random seed (overrides simulator.seed)")
+    config.add_arguments(p, ("simulator.n_requests", "simulator.seed"),
+                         renamed={"simulator.n_requests": "--requests"},
+                         config_help="YAML config; its `simulator` section is used (every key has a default)")
     p.add_argument("--report", action="store_true",
                    help="print the headroom of personalised fusion on the generated requests (true metrics)")
     p.add_argument("--report-requests", type=int, default=20000,
@@ -36,10 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from grade import simulator
 
-    cfg = config.load_section(args.config, "simulator", {"n_requests": args.requests, "seed": args.seed})
-    cfg.validate()
-    if cfg.n_requests < 1:
-        raise ConfigError("--requests must be >= 1")
+    cfg = config.from_args(args)["simulator"]
     cli.log.info("simulator config: %s", json.dumps(config.to_dict(cfg), sort_keys=True))
     summary = simulator.write_logs(cfg, args.out)
     print(f"wrote {summary['rows']:,} rows ({summary['requests']:,} requests, {summary['files']} files) "

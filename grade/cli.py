@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
@@ -57,14 +56,9 @@ def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "",
     if sys.stderr.isatty():
         yield from tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
         return
-    start = last = time.monotonic()
-    n = 0
-    for n, item in enumerate(iterable, 1):
+    from grade.progress import Progress
+
+    bar = Progress(desc, total, unit, logger=log)
+    for item in iterable:
         yield item
-        now = time.monotonic()
-        if now - last >= 10 or (total and n == total):
-            rate = n / max(now - start, 1e-9)
-            eta = f", ETA {(total - n) / rate:.0f}s" if total else ""
-            log.info("%s: %d%s %s (%.1f %s/s%s)", desc, n, f"/{total}" if total else "", unit,
-                     rate, unit, eta)
-            last = now
+        bar.add(1)

@@ -14,19 +14,21 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from grade import auction, baselines, store
-from grade.config import to_dict
+from grade import auction, baselines, config, store
+from grade.config import ranged, to_dict
 from grade.errors import InputError
+from grade.registry import DEFAULT_MODEL
 from grade.reward import RewardConfig
+from grade.transform import FeatureTransform, clamp_unseen
 
 log = logging.getLogger(__name__)
 
-BASELINES = ("static", "best_static", "logged", "oracle")
 MAIN_METRICS = ("ctr", "cvr", "opm", "gpm")
 
 
@@ -34,61 +36,50 @@ MAIN_METRICS = ("ctr", "cvr", "opm", "gpm")
 class EvaluateConfig:
     split: str = "test"
     """held-out split every policy is evaluated on"""
-    max_requests: int = 0
+    max_requests: int = ranged(0, ">= 0")
     """evaluate only the first N held-out requests (0 = all)"""
-    exposure_depth: int = 10
+    exposure_depth: int = ranged(10, ">= 1")
     """E: items exposed per request (top-E of each ranking)"""
-    position_bias: float = 1.0
+    position_bias: float = ranged(1.0, ">= 0")
     """eta of the examination probability theta_j = 1/(1+j)^eta"""
-    bootstrap_samples: int = 1000
+    bootstrap_samples: int = ranged(1000, ">= 0")
     """paired bootstrap resamples of requests for the lift CIs"""
-    confidence: float = 0.95
+    confidence: float = ranged(0.95, "(0, 1)")
     """confidence level of the percentile intervals"""
-    seed: int = 0
+    seed: int = ranged(0, ">= 0")
     """seed of the bootstrap, the best_static search and the oracle"""
     segment_feature: str = ""
     """breakdown feature: '' = true segment when present else the first categorical feature; or a c_* name"""
-    max_segments: int = 8
+    max_segments: int = ranged(8, ">= 1")
     """largest number of segments in the breakdown (the most frequent values)"""
     static_search_objective: str = "posterior"
     """best_static objective on train: posterior (Stage 2's posterior reward, the finetune.reward label mix)
     or ndcg_order, ndcg_click, ndcg_gmv (per-request replay NDCG@E of one logged label)"""
-    static_search_iterations: int = 10
+    static_search_iterations: int = ranged(10, ">= 0")
     """cross-entropy-method iterations of the best_static search"""
     paired_baselines: list[str] = dataclasses.field(default_factory=lambda: ["best_static", "stage1"])
     """policies every other one is also compared with by paired bootstrap (report key lift_vs), when present"""
-    static_search_population: int = 32
+    static_search_population: int = ranged(32, ">= 1")
     """weight vectors sampled per CEM iteration"""
-    static_search_elite_fraction: float = 0.25
+    static_search_elite_fraction: float = ranged(0.25, "(0, 1]")
     """share of the population kept as the elite each iteration"""
-    static_search_max_requests: int = 20000
+    static_search_max_requests: int = ranged(20000, ">= 0")
     """train requests (with a positive label) the search scores on"""
     oracle_value: str = "orders"
     """what the oracle maximises per request (passed to grade.simulator.oracle_weights)"""
-    oracle_candidates: int = 512
+    oracle_candidates: int = ranged(512, ">= 1")
     """weight vectors the oracle tries per request"""
-    frontier_steps: int = 12
+    frontier_steps: int = ranged(12, ">= 1")
     """grid resolution of the static-weights sweep over the simplex (trade-off frontier)"""
-    registry_model_name: str = "grade-mtf"
-    """model name in the registry whose production alias is the incumbent"""
-    batch_size: int = 16384
+    registry_model_name: str = DEFAULT_MODEL
+    """model name in the registry whose production alias is the incumbent (an alias of shared.model_name)"""
+    batch_size: int = ranged(16384, ">= 1")
     """requests per chunk in ranking and policy inference"""
 
     def validate(self) -> None:
-        if not 0 < self.confidence < 1:
-            raise InputError(f"evaluate.confidence: expected a value in (0, 1), got {self.confidence}")
-        for name in ("exposure_depth", "static_search_population", "oracle_candidates", "frontier_steps",
-                     "batch_size", "max_segments"):
-            if getattr(self, name) < 1:
-                raise InputError(f"evaluate.{name}: expected a positive integer, got {getattr(self, name)}")
-        for name in ("bootstrap_samples", "max_requests", "static_search_iterations"):
-            if getattr(self, name) < 0:
-                raise InputError(f"evaluate.{name}: expected >= 0, got {getattr(self, name)}")
         if self.static_search_objective not in baselines.SEARCH_OBJECTIVES:
             raise InputError(f"evaluate.static_search_objective: expected one of {list(baselines.SEARCH_OBJECTIVES)},"
                              f" got {self.static_search_objective!r}")
-        if not 0 < self.static_search_elite_fraction <= 1:
-            raise InputError("evaluate.static_search_elite_fraction: expected a value in (0, 1]")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -153,12 +144,7 @@ def model_weights(uri: str, data: dict[str, torch.Tensor], spec: dict, batch_siz
     from grade.policy import load_policy
 
     policy = load_policy(uri)
-    k = data["z"].shape[-1]
-    if policy.cfg.n_objectives != k or policy.cfg.n_numeric != data["num"].shape[1] \
-            or len(policy.cfg.cat_sizes) != data["cat"].shape[1]:
-        raise InputError(f"{uri}: policy expects K={policy.cfg.n_objectives}, {policy.cfg.n_numeric} numeric and "
-                         f"{len(policy.cfg.cat_sizes)} categorical features; the features have K={k}, "
-                         f"{data['num'].shape[1]} numeric and {data['cat'].shape[1]} categorical")
+    FeatureTransform.from_spec(spec).check_policy(policy.cfg, uri)
     try:
         model_spec = store.read_json(store.join(uri, "feature_spec.json"))
         if list(model_spec.get("objectives", [])) != list(spec["objectives"]):
@@ -166,9 +152,7 @@ def model_weights(uri: str, data: dict[str, torch.Tensor], spec: dict, batch_siz
                              f"differ from the features' {spec['objectives']}")
     except store.NotFound:
         pass
-    cat = data["cat"].clamp(min=0)
-    sizes = torch.tensor(policy.cfg.cat_sizes)
-    cat = torch.where(cat < sizes, cat, torch.zeros_like(cat))  # unseen ids -> OOV 0
+    cat = clamp_unseen(data["cat"], policy.cfg.cat_sizes)
     with torch.inference_mode():
         out = [policy.mean_weights(data["num"][s:s + batch_size], cat[s:s + batch_size])
                for s in range(0, cat.shape[0], batch_size)]
@@ -193,8 +177,323 @@ def _content_hash(uri: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------
-# The run
+# Flavours and baselines: one entry each, so a new flavour or baseline is a local change
 # ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PrimaryFlavour:
+    """A metric flavour the report can be judged on (its metrics are grade.auction.METRICS[name])."""
+
+    name: str
+    """the flavour's key in report.json's policies/lifts"""
+    available: Callable[[dict[str, torch.Tensor]], bool]
+    """whether the held-out data supports it (e.g. simulator ground truth for 'true')"""
+
+
+#: The report's primary flavour is the first available one, in this order.
+PRIMARY_FLAVOURS = (PrimaryFlavour("true", auction.has_ground_truth),
+                    PrimaryFlavour("prior", lambda data: True))
+
+
+def primary_flavour(data: dict[str, torch.Tensor]) -> str:
+    return next(f.name for f in PRIMARY_FLAVOURS if f.available(data))
+
+
+@dataclasses.dataclass
+class HeldOut:
+    """The held-out requests and what every stage of the evaluation reads from them."""
+
+    features_uri: str
+    """the features folder"""
+    spec: dict[str, Any]
+    """its feature_spec.json"""
+    data: dict[str, torch.Tensor]
+    """the held-out split's tensors (first cfg.max_requests requests)"""
+    cfg: EvaluateConfig
+    """the evaluation config"""
+    reward: RewardConfig | None
+    """Stage 2's reward config (the posterior best_static search's label mix)"""
+    segment: tuple[str, torch.Tensor, dict[int, str]]
+    """breakdown feature name ('' = none), ids [N] and id -> label"""
+
+    @property
+    def objectives(self) -> list[str]:
+        return list(self.spec["objectives"])
+
+    @property
+    def n_requests(self) -> int:
+        return int(self.data["mask"].shape[0])
+
+
+@dataclasses.dataclass
+class Ranking:
+    """What ranks one policy's items: serving weights [K] or [N, K], or item scores [N, L]."""
+
+    weights: torch.Tensor | None = None
+    """global [K] or per-request [N, K] fusion weights"""
+    scores: torch.Tensor | None = None
+    """per-item scores [N, L] when the policy is not a weight vector (logged order)"""
+    details: dict[str, Any] | None = None
+    """what the report records about how the policy was built (the best_static search)"""
+    unavailable: str | None = None
+    """why the policy could not be run (report key '<name>_unavailable'); nothing is ranked"""
+
+
+def _static(held: HeldOut) -> Ranking:
+    return Ranking(weights=baselines.static_weights(held.spec))
+
+
+def _best_static(held: HeldOut) -> Ranking | None:
+    from grade import dataset
+
+    cfg = held.cfg
+    if cfg.static_search_iterations <= 0 or "train" not in held.spec.get("splits", {}):
+        return None
+    train = dataset.load_split(held.features_uri, "train",
+                               fields=["z", "mask", "click", "order", "gmv", "position"])
+    search = baselines.best_static(
+        train, held.spec, depth=cfg.exposure_depth, objective=cfg.static_search_objective,
+        iterations=cfg.static_search_iterations, population=cfg.static_search_population,
+        elite_fraction=cfg.static_search_elite_fraction, max_requests=cfg.static_search_max_requests,
+        seed=cfg.seed, reward=held.reward)
+    return Ranking(weights=search.weights, details={
+        "objective": cfg.static_search_objective, "value": search.objective,
+        "static_value": search.static_objective, "n_requests": search.n_requests, "history": search.history})
+
+
+def _logged(held: HeldOut) -> Ranking | None:
+    return Ranking(scores=baselines.logged_scores(held.data)) if "position" in held.data else None
+
+
+def _oracle(held: HeldOut) -> Ranking | None:
+    cfg = held.cfg
+    if not auction.has_ground_truth(held.data):
+        return None
+    try:
+        t = time.monotonic()
+        w = baselines.oracle_weights(held.data, depth=cfg.exposure_depth, eta=cfg.position_bias,
+                                     value=cfg.oracle_value, n_candidates=cfg.oracle_candidates,
+                                     seed=cfg.seed)
+        log.info("oracle weights in %.1fs", time.monotonic() - t)
+        return Ranking(weights=w)
+    except ImportError as e:
+        reason = f"grade.simulator.oracle_weights unavailable: {e}"
+        log.warning("no oracle: %s", reason)
+        return Ranking(unavailable=reason)
+
+
+#: Baseline policies in report order: name -> how it ranks the held-out requests (None = not applicable).
+BASELINES: dict[str, Callable[[HeldOut], Ranking | None]] = {
+    "static": _static, "best_static": _best_static, "logged": _logged, "oracle": _oracle}
+
+
+# ------------------------------------------------------------------------------------------------
+# The run: compute -> report -> render -> publish
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class PolicyRuns:
+    """Every policy's per-request sums and what the report and the HTML need besides them."""
+
+    table: auction.SumsTable
+    """per-request sums of every policy (columns) for the paired bootstrap"""
+    weights: dict[str, torch.Tensor]
+    """policy -> serving weights [N, K] (weight-vector policies only)"""
+    baselines: dict[str, Ranking]
+    """baseline -> its ranking (with details / why it is unavailable)"""
+    models: dict[str, dict[str, Any]]
+    """named model (and incumbent) -> uri, content_hash (and registry version)"""
+
+
+def check_model_names(models: dict[str, str]) -> None:
+    reserved = [*BASELINES, "incumbent"]
+    for name in models:
+        if name in reserved or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_\-]*", name):
+            raise InputError(f"--model {name}=...: invalid or reserved model name; use letters, digits, "
+                             f"_ or - and none of {reserved}")
+
+
+def load_inputs(features_uri: str, cfg: EvaluateConfig, reward: RewardConfig | None) -> HeldOut:
+    spec, data = load_held_out(features_uri, cfg)
+    return HeldOut(features_uri, spec, data, cfg, reward, segment_ids(spec, data, cfg.segment_feature))
+
+
+def named_models(models: dict[str, str], registry_uri: str | None, cfg: EvaluateConfig
+                 ) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """(name -> uri, name -> info) of the named models plus the registry's incumbent when there is one."""
+    named, versions = dict(models), {}
+    if registry_uri:
+        inc = incumbent_model(registry_uri, cfg.registry_model_name)
+        if inc is not None:
+            named["incumbent"] = inc[1]
+            versions["incumbent"] = {"version": inc[0]}
+        else:
+            log.info("registry %s has no production model '%s': no incumbent", registry_uri, cfg.registry_model_name)
+    info = {name: {**versions.get(name, {}), "uri": uri, "content_hash": _content_hash(uri)}
+            for name, uri in named.items()}
+    return named, info
+
+
+def compute_policies(held: HeldOut, models: dict[str, str],
+                     model_info: dict[str, dict[str, Any]]) -> PolicyRuns:
+    """Rank the held-out requests with every baseline and named model; their per-request sums."""
+    cfg, data, n = held.cfg, held.data, held.n_requests
+    runs = PolicyRuns(auction.SumsTable(auction.shared_sums(data, cfg.exposure_depth, cfg.position_bias)),
+                      {}, {}, model_info)
+
+    def add(name: str, ranking: Ranking) -> None:
+        t = time.monotonic()
+        runs.table.add_policy(name, auction.policy_sums(
+            data, held.objectives, weights=ranking.weights, scores=ranking.scores, depth=cfg.exposure_depth,
+            eta=cfg.position_bias, chunk=cfg.batch_size))
+        log.info("policy %s ranked in %.1fs (%.0f requests/s)", name, time.monotonic() - t,
+                 n / max(time.monotonic() - t, 1e-9))
+        w = ranking.weights
+        if w is not None:
+            runs.weights[name] = w.expand(n, -1) if w.dim() == 1 else w
+
+    for name, make in BASELINES.items():
+        ranking = make(held)
+        if ranking is not None:
+            runs.baselines[name] = ranking
+            if ranking.unavailable is None:
+                add(name, ranking)
+    for name, uri in models.items():
+        add(name, Ranking(weights=model_weights(uri, data, held.spec, cfg.batch_size)))
+    return runs
+
+
+@dataclasses.dataclass
+class Report:
+    """The evaluation's result; ``to_json()`` is report.json (see docs/evaluation.md for every key)."""
+
+    n_requests: int
+    """held-out requests evaluated"""
+    split: str
+    """the held-out split"""
+    primary_metric: str
+    """the metric the promotion gate judges by default"""
+    primary_flavour: str
+    """the flavour the verdicts, tables and KFP metrics use (first available of PRIMARY_FLAVOURS)"""
+    has_ground_truth: bool
+    """whether the data has simulator ground truth (true flavour, oracle)"""
+    objectives: list[str]
+    """the fused objectives, in weight order"""
+    exposure_depth: int
+    """E: items exposed per request"""
+    policies: dict[str, Any]
+    """policy -> flavour -> metric -> value"""
+    lift_vs_static: dict[str, Any]
+    """policy -> flavour -> metric -> {lift, ci_low, ci_high} relative to static"""
+    models: dict[str, dict[str, Any]]
+    """named model (and incumbent) -> uri, content_hash (and version)"""
+    weights: dict[str, list[float]]
+    """global weight vector of each baseline that has one (static, best_static)"""
+    best_static_search: dict[str, Any] | None
+    """the best_static search (objective, value, static_value, n_requests, history), or None"""
+    headroom_captured: dict[str, float]
+    """policy -> share of the oracle's true-OPM headroom over static"""
+    lift_vs: dict[str, Any]
+    """paired baseline (evaluate.paired_baselines) -> lifts of every other policy"""
+    comparisons: dict[str, Any]
+    """per named model: beats_* and opm_lift_vs_*; oracle_above_all"""
+    headroom_sentence: str
+    """the headroom share in words"""
+    segments: dict[str, Any]
+    """feature, mean_weights (policy -> segment -> [K]) and by_segment breakdown"""
+    frontier: dict[str, Any]
+    """the static-weights trade-off frontier ({} when not computable)"""
+    config: dict[str, Any]
+    """the evaluate config"""
+    features: dict[str, Any]
+    """uri and content_hash of the features"""
+    elapsed_s: float | None
+    """wall time from loading to the finished report"""
+    lift_vs_incumbent: dict[str, Any] | None = None
+    """lifts relative to the registry's production model (key absent without one)"""
+    unavailable: dict[str, str] = dataclasses.field(default_factory=dict)
+    """baseline -> why it could not be run (keys '<name>_unavailable')"""
+
+    def to_json(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in ("lift_vs_incumbent", "unavailable")}
+        if self.lift_vs_incumbent is not None:
+            out["lift_vs_incumbent"] = self.lift_vs_incumbent
+        out.update({f"{name}_unavailable": why for name, why in self.unavailable.items()})
+        return out
+
+
+def compare_policies(table: auction.SumsTable, cfg: EvaluateConfig,
+                     n: int) -> tuple[dict[str, Any], list[str]]:
+    """auction.compare of every policy vs static, the incumbent and the paired baselines; the paired ones."""
+    references = ["static"] + (["incumbent"] if "incumbent" in table.policies else [])
+    paired = [b for b in cfg.paired_baselines if b in table.policies and b not in references]
+    t = time.monotonic()
+    overall = auction.compare(table, references + paired, cfg.bootstrap_samples, cfg.confidence, cfg.seed)
+    log.info("bootstrap: %d resamples of %d requests x %d columns in %.1fs", cfg.bootstrap_samples, n,
+             len(table.columns), time.monotonic() - t)
+    return overall, paired
+
+
+def segment_mean_weights(runs: PolicyRuns, held: HeldOut) -> dict[str, dict[str, list[float]]]:
+    """policy -> segment label -> mean serving weights [K] over the segment's requests."""
+    name, seg, labels = held.segment
+    if not name:
+        return {}
+    values = _segment_values(seg, labels, held.cfg)
+    return {p: {lab: [float(x) for x in w[seg == sid].mean(0)] for sid, lab in values}
+            for p, w in runs.weights.items()}
+
+
+def build_report(held: HeldOut, runs: PolicyRuns, model_names: list[str], started: float) -> Report:
+    """Bootstrap, segments, frontier and verdicts of the computed policies; ``started``: time.monotonic() at
+    the start (for elapsed_s)."""
+    cfg = held.cfg
+    overall, paired = compare_policies(runs.table, cfg, held.n_requests)
+    seg_name, seg, seg_labels = held.segment
+    flavour = primary_flavour(held.data)
+    policies, lifts = overall["policies"], overall["lifts"]
+    headroom = headroom_shares(policies, flavour)
+    lift_vs = {b: lifts[b] for b in paired}
+    search = runs.baselines.get("best_static")
+    return Report(
+        n_requests=held.n_requests, split=cfg.split, primary_metric="opm", primary_flavour=flavour,
+        has_ground_truth=auction.has_ground_truth(held.data), objectives=held.objectives,
+        exposure_depth=cfg.exposure_depth, policies=policies, lift_vs_static=lifts["static"],
+        models=runs.models,
+        weights={b: [float(x) for x in r.weights] for b, r in runs.baselines.items()
+                 if r.weights is not None and r.weights.dim() == 1},
+        best_static_search=search.details if search else None,
+        headroom_captured=headroom, lift_vs=lift_vs,
+        comparisons=comparisons(policies, flavour, list(runs.models), lift_vs),
+        headroom_sentence=headroom_sentence(headroom, policies, flavour, model_names),
+        segments={"feature": seg_name, "mean_weights": segment_mean_weights(runs, held),
+                  "by_segment": segment_breakdown(runs.table, seg, seg_labels, cfg) if seg_name else {}},
+        frontier=static_frontier(held.data, held.objectives, cfg, flavour),
+        config=to_dict(cfg),
+        features={"uri": held.features_uri, "content_hash": _content_hash(held.features_uri)},
+        lift_vs_incumbent=lifts.get("incumbent"),
+        unavailable={b: r.unavailable for b, r in runs.baselines.items() if r.unavailable},
+        elapsed_s=round(time.monotonic() - started, 2))
+
+
+def render(report: Report, runs: PolicyRuns, held: HeldOut) -> str:
+    """report.html (grade.report.render_html) with the weights, segments and training curves."""
+    from grade.report import render_html
+
+    curves = {name: read_training_curves(info["uri"]) for name, info in report.models.items()}
+    return render_html(report.to_json(), weights=runs.weights, segments=held.segment, curves=curves)
+
+
+def publish(report: Report, out_uri: str, html: str) -> None:
+    """report.json, report.html, KFP metrics.json and config.json, published atomically to ``out_uri``."""
+    doc = report.to_json()
+    with store.publishing(out_uri) as staging:
+        _write_json(staging / "report.json", doc)
+        (staging / "report.html").write_text(html, encoding="utf-8")
+        _write_json(staging / "metrics.json", kfp_metrics(doc))
+        _write_json(staging / "config.json", report.config)
+
 
 def run_evaluation(features_uri: str, models: dict[str, str], out_uri: str, cfg: EvaluateConfig | None = None,
                    registry_uri: str | None = None, reward: RewardConfig | None = None) -> dict[str, Any]:
@@ -205,137 +504,18 @@ def run_evaluation(features_uri: str, models: dict[str, str], out_uri: str, cfg:
 
     Returns the report (the content of report.json).
     """
-    cfg = cfg or EvaluateConfig()
-    cfg.validate()
-    for name in models:
-        if name in (*BASELINES, "incumbent") or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_\-]*", name):
-            raise InputError(f"--model {name}=...: invalid or reserved model name; use letters, digits, _ or - "
-                             f"and none of {[*BASELINES, 'incumbent']}")
+    cfg = config.check(cfg or EvaluateConfig())
+    check_model_names(models)
     t0 = time.monotonic()
-    spec, data = load_held_out(features_uri, cfg)
-    objectives = list(spec["objectives"])
-    n = int(data["mask"].shape[0])
-    truth = auction.has_ground_truth(data)
-    depth, eta = cfg.exposure_depth, cfg.position_bias
-    log.info("evaluating on %d %s requests (ground truth: %s)", n, cfg.split, truth)
-
-    table = auction.SumsTable(auction.shared_sums(data, depth, eta))
-    weights: dict[str, torch.Tensor] = {}
-
-    def add(name: str, *, w: torch.Tensor | None = None, scores: torch.Tensor | None = None) -> None:
-        t = time.monotonic()
-        table.add_policy(name, auction.policy_sums(data, objectives, weights=w, scores=scores, depth=depth,
-                                                   eta=eta, chunk=cfg.batch_size))
-        log.info("policy %s ranked in %.1fs (%.0f requests/s)", name, time.monotonic() - t,
-                 n / max(time.monotonic() - t, 1e-9))
-        if w is not None:
-            weights[name] = w.expand(n, -1) if w.dim() == 1 else w
-
-    static_w = baselines.static_weights(spec)
-    add("static", w=static_w)
-
-    from grade import dataset
-
-    search = None
-    if cfg.static_search_iterations > 0 and "train" in spec.get("splits", {}):
-        train = dataset.load_split(features_uri, "train", fields=["z", "mask", "click", "order", "gmv", "position"])
-        search = baselines.best_static(
-            train, spec, depth=depth, objective=cfg.static_search_objective,
-            iterations=cfg.static_search_iterations, population=cfg.static_search_population,
-            elite_fraction=cfg.static_search_elite_fraction, max_requests=cfg.static_search_max_requests,
-            seed=cfg.seed, reward=reward)
-        del train
-        add("best_static", w=search.weights)
-    if "position" in data:
-        add("logged", scores=baselines.logged_scores(data))
-    oracle_error = None
-    if truth:
-        try:
-            t = time.monotonic()
-            ow = baselines.oracle_weights(data, depth=depth, eta=eta, value=cfg.oracle_value,
-                                          n_candidates=cfg.oracle_candidates, seed=cfg.seed)
-            log.info("oracle weights in %.1fs", time.monotonic() - t)
-            add("oracle", w=ow)
-        except ImportError as e:
-            oracle_error = f"grade.simulator.oracle_weights unavailable: {e}"
-            log.warning("no oracle: %s", oracle_error)
-
-    model_info: dict[str, dict[str, Any]] = {}
-    curves: dict[str, dict[str, Any]] = {}
-    named = dict(models)
-    if registry_uri:
-        inc = incumbent_model(registry_uri, cfg.registry_model_name)
-        if inc is not None:
-            named["incumbent"] = inc[1]
-            model_info["incumbent"] = {"version": inc[0]}
-        else:
-            log.info("registry %s has no production model '%s': no incumbent", registry_uri, cfg.registry_model_name)
-    for name, uri in named.items():
-        w = model_weights(uri, data, spec, cfg.batch_size)
-        add(name, w=w)
-        model_info.setdefault(name, {}).update({"uri": uri, "content_hash": _content_hash(uri)})
-        curves[name] = read_training_curves(uri)
-
-    baseline_names = ["static"] + (["incumbent"] if "incumbent" in table.policies else [])
-    paired = [b for b in cfg.paired_baselines if b in table.policies and b not in baseline_names]
-    baseline_names += paired
-    t = time.monotonic()
-    overall = auction.compare(table, baseline_names, cfg.bootstrap_samples, cfg.confidence, cfg.seed)
-    log.info("bootstrap: %d resamples of %d requests x %d columns in %.1fs", cfg.bootstrap_samples, n,
-             len(table.columns), time.monotonic() - t)
-
-    seg_name, seg, seg_labels = segment_ids(spec, data, cfg.segment_feature)
-    segments = segment_breakdown(table, seg, seg_labels, cfg) if seg_name else {}
-    primary_flavour = "true" if truth else "prior"
-    mean_w = {p: {lab: [float(x) for x in w[seg == sid].mean(0)] for sid, lab in _segment_values(seg, seg_labels, cfg)}
-              for p, w in weights.items()} if seg_name else {}
-
-    frontier = static_frontier(data, objectives, cfg, primary_flavour)
-    policies = overall["policies"]
-    headroom = headroom_shares(policies, primary_flavour)
-    report: dict[str, Any] = {
-        "n_requests": n,
-        "split": cfg.split,
-        "primary_metric": "opm",
-        "primary_flavour": primary_flavour,
-        "has_ground_truth": truth,
-        "objectives": objectives,
-        "exposure_depth": depth,
-        "policies": policies,
-        "lift_vs_static": overall["lifts"]["static"],
-        "models": model_info,
-        "weights": {"static": [float(x) for x in static_w],
-                    **({"best_static": [float(x) for x in search.weights]} if search else {})},
-        "best_static_search": None if search is None else {
-            "objective": cfg.static_search_objective, "value": search.objective,
-            "static_value": search.static_objective, "n_requests": search.n_requests, "history": search.history},
-        "headroom_captured": headroom,
-        "lift_vs": {b: overall["lifts"][b] for b in paired},
-        "comparisons": comparisons(policies, primary_flavour, list(named),
-                                   {b: overall["lifts"][b] for b in paired}),
-        "headroom_sentence": headroom_sentence(headroom, policies, primary_flavour, list(models)),
-        "segments": {"feature": seg_name, "mean_weights": mean_w, "by_segment": segments},
-        "frontier": frontier,
-        "config": to_dict(cfg),
-        "features": {"uri": features_uri, "content_hash": _content_hash(features_uri)},
-        "elapsed_s": None,
-    }
-    if "incumbent" in overall["lifts"]:
-        report["lift_vs_incumbent"] = overall["lifts"]["incumbent"]
-    if oracle_error:
-        report["oracle_unavailable"] = oracle_error
-    report["elapsed_s"] = round(time.monotonic() - t0, 2)
-
-    from grade.report import render_html
-
-    html = render_html(report, weights=weights, segments=(seg_name, seg, seg_labels), curves=curves)
-    with store.publishing(out_uri) as staging:
-        _write_json(staging / "report.json", report)
-        (staging / "report.html").write_text(html, encoding="utf-8")
-        _write_json(staging / "metrics.json", kfp_metrics(report))
-        _write_json(staging / "config.json", to_dict(cfg))
+    held = load_inputs(features_uri, cfg, reward)
+    log.info("evaluating on %d %s requests (ground truth: %s)", held.n_requests, cfg.split,
+             auction.has_ground_truth(held.data))
+    named, info = named_models(models, registry_uri, cfg)
+    runs = compute_policies(held, named, info)
+    report = build_report(held, runs, list(models), t0)
+    publish(report, out_uri, render(report, runs, held))
     log.info("evaluation published to %s in %.1fs", out_uri, time.monotonic() - t0)
-    return report
+    return report.to_json()
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -6,7 +6,8 @@ plus a few numbers per request, never by the number of rows):
 1. **scan**: check the schema of every file and every row (vectorised per batch), and keep per
    request only its id, time, length and sums (log-prediction sums, first-row user features).
    From those: the time boundaries of the train/valid/test split and the standardisation
-   statistics and vocabularies, all fitted on the train requests only.
+   statistics and vocabularies, all fitted on the train requests only; they define the
+   :class:`grade.transform.FeatureTransform` that turns raw values into model inputs.
 2. **write**: read the batches again and scatter each request into a fixed-size shard buffer of its
    split; a full buffer becomes ``<split>/part-NNNNN.safetensors``. Bad requests (``skip`` mode)
    go to ``quarantine.parquet`` with a reason.
@@ -21,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +33,10 @@ import pyarrow.parquet as pq
 
 from grade import config as config_mod
 from grade import store
+from grade.config import ranged
 from grade.errors import ConfigError, InputError
+from grade.progress import Progress
+from grade.transform import PRED_EPS, FeatureTransform, log_predictions
 
 log = logging.getLogger("grade.features")
 
@@ -41,8 +44,6 @@ SPEC_FILE = "feature_spec.json"
 QUARANTINE_FILE = "quarantine.parquet"
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
-#: floor under predictions before the log (the contract's epsilon)
-PRED_EPS = 1e-12
 #: the canonical order of the last axis of ``z`` / ``pred``; other objectives follow, sorted
 KNOWN_OBJECTIVES = ("ctr", "cvr", "gmv", "rel")
 #: per-item ground-truth columns carried into valid/test only
@@ -55,27 +56,23 @@ _MASK63 = np.uint64((1 << 63) - 1)
 
 @dataclasses.dataclass
 class FeaturesConfig:
-    valid_fraction: float = 0.15
+    valid_fraction: float = ranged(0.15, "[0, 1)")
     """share of requests (by event_time quantile) in the validation split, after train"""
-    test_fraction: float = 0.15
+    test_fraction: float = ranged(0.15, "[0, 1)")
     """share of requests (the latest ones by event_time) in the test split"""
-    shard_requests: int = 8192
+    shard_requests: int = ranged(8192, ">= 1")
     """requests per safetensors shard (the last shard of a split may hold fewer)"""
     on_bad_rows: Literal["fail", "skip"] = "fail"
     """fail: bad input exits with status 2; skip: bad requests go to quarantine.parquet"""
-    batch_rows: int = 262_144
+    batch_rows: int = ranged(262_144, ">= 1")
     """Parquet rows read per record batch (bounds memory together with shard_requests)"""
-    max_vocab: int = 100_000
+    max_vocab: int = ranged(100_000, ">= 1")
     """largest vocabulary per categorical feature (the most frequent train values are kept)"""
 
     def validate(self) -> None:
-        if not (0.0 <= self.valid_fraction < 1.0 and 0.0 <= self.test_fraction < 1.0):
-            raise ConfigError("features: valid_fraction and test_fraction must be in [0, 1)")
         if self.valid_fraction + self.test_fraction >= 1.0:
-            raise ConfigError("features: valid_fraction + test_fraction must be < 1 (train needs requests)")
-        for name in ("shard_requests", "batch_rows", "max_vocab"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"features.{name}: expected an integer >= 1, got {getattr(self, name)}")
+            raise ConfigError(f"features.valid_fraction + test_fraction: must be < 1 (train needs "
+                              f"requests), got {self.valid_fraction} + {self.test_fraction}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,8 +276,13 @@ class Batch:
         return starts, np.diff(np.append(starts, n))
 
 
-def _aligned_batches(fs, path: str, file_index: int, columns: list[str] | None,
-                     batch_rows: int) -> Iterator[Batch]:
+def aligned_batches(fs, path: str, file_index: int, columns: list[str] | None,
+                    batch_rows: int) -> Iterator[Batch]:
+    """Whole-request batches of about ``batch_rows`` rows of one Parquet file (``columns``: all when None).
+
+    ``fs``/``path`` as from :func:`grade.store.arrow_filesystem`; a request cut by a record batch
+    boundary is carried over to the next batch.
+    """
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f)
         carry: pa.Table | None = None
@@ -411,38 +413,13 @@ class Scan:
     categorical: np.ndarray
 
 
-class _Rate:
-    """Rows processed, logged with rate and ETA every few seconds (stderr)."""
-
-    def __init__(self, what: str, total: int):
-        self.what, self.total, self.done = what, total, 0
-        self.start = self.last = time.monotonic()
-
-    def add(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self.last >= 5:
-            self._log(now)
-            self.last = now
-
-    def _log(self, now: float) -> None:
-        rate = self.done / max(now - self.start, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-        log.info("%s: %d/%d rows (%.0f rows/s, ETA %.0fs)", self.what, self.done, self.total, rate, eta)
-
-    def finish(self) -> float:
-        now = time.monotonic()
-        self._log(now)
-        return now - self.start
-
-
 def _scan(files: list[str], fs, paths: list[str], ls: LogSchema, cfg: FeaturesConfig,
           reasons: list[str], total_rows: int) -> Scan:
     columns = list(REQUIRED_COLUMNS) + ls.pred_columns + ls.numeric + ls.categorical
     parts: dict[str, list[np.ndarray]] = {f.name: [] for f in dataclasses.fields(Scan)}
-    rate = _Rate("scan", total_rows)
+    rate = Progress("scan", total_rows, "rows", every_s=5, logger=log)
     for fi, path in enumerate(paths):
-        for b in _aligned_batches(fs, path, fi, columns, cfg.batch_rows):
+        for b in aligned_batches(fs, path, fi, columns, cfg.batch_rows):
             starts, lengths = b.runs()
             cols, rules = _check_rows(b, ls, starts, lengths)
             reason = np.zeros(len(starts), dtype=np.int16)
@@ -461,8 +438,7 @@ def _scan(files: list[str], fs, paths: list[str], ls: LogSchema, cfg: FeaturesCo
                     flagged = np.zeros(len(starts), dtype=bool)
                     flagged[run_of_row[r.bad]] = True
                     reason[flagged & (reason == 0)] = reasons.index(text) + 1
-            logp = np.log(np.maximum(np.stack([cols[c] for c in ls.pred_columns], axis=1), PRED_EPS),
-                          dtype=np.float64)
+            logp = log_predictions(np.stack([cols[c] for c in ls.pred_columns], axis=1), np.float64)
             parts["key"].append(b.keys[starts])
             parts["file"].append(np.full(len(starts), fi, dtype=np.int32))
             parts["row"].append(b.row0 + starts)
@@ -557,23 +533,6 @@ def _fit(scan: Scan, train: np.ndarray, ls: LogSchema, cfg: FeaturesConfig) -> d
         "categorical": [{"name": n, "vocab": [int(v) for v in voc], "size": len(voc) + 1}
                         for n, voc in zip(ls.categorical, vocabs, strict=True)],
     }
-
-
-def standardise(pred: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
-    """z = (log max(p, eps) - m_k) / s_k with the spec's train statistics; pred [..., K]."""
-    m = np.asarray(spec["pred_log_mean"], dtype=np.float32)
-    s = np.asarray(spec["pred_log_std"], dtype=np.float32)
-    return ((np.log(np.maximum(pred, np.float32(PRED_EPS))) - m) / s).astype(np.float32)
-
-
-def encode_categorical(values: np.ndarray, vocab: np.ndarray) -> np.ndarray:
-    """ids 1..n for values in the (sorted) vocabulary, 0 for anything else."""
-    vocab = np.asarray(vocab, dtype=np.int64)
-    if not len(vocab):
-        return np.zeros(values.shape, dtype=np.int64)
-    idx = np.searchsorted(vocab, values)
-    idx_c = np.minimum(idx, len(vocab) - 1)
-    return np.where(vocab[idx_c] == values, idx_c + 1, 0).astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -694,15 +653,11 @@ def _write(files, fs, paths, ls: LogSchema, cfg: FeaturesConfig, staging: Path, 
                for s in SPLITS}
     quarantine = _Quarantine(staging / QUARANTINE_FILE) if len(bad_keys) else None
     columns = None if quarantine else ls.used_columns()
-    m = np.asarray(fitted["pred_log_mean"], dtype=np.float32)
-    s = np.asarray(fitted["pred_log_std"], dtype=np.float32)
-    num_mean = np.asarray([f["mean"] for f in fitted["numeric"]], dtype=np.float32)
-    num_std = np.asarray([f["std"] for f in fitted["numeric"]], dtype=np.float32)
-    vocabs = [np.asarray(f["vocab"], dtype=np.int64) for f in fitted["categorical"]]
-    rate = _Rate("write", total_rows)
+    transform = FeatureTransform.from_spec({"objectives": ls.objectives, **fitted})
+    rate = Progress("write", total_rows, "rows", every_s=5, logger=log)
     try:
         for fi, path in enumerate(paths):
-            for b in _aligned_batches(fs, path, fi, columns, cfg.batch_rows):
+            for b in aligned_batches(fs, path, fi, columns, cfg.batch_rows):
                 starts, lengths = b.runs()
                 t = b.table
                 run_keys = b.keys[starts]
@@ -724,7 +679,7 @@ def _write(files, fs, paths, ls: LogSchema, cfg: FeaturesConfig, staging: Path, 
                 if not len(starts) or not t.num_rows:
                     rate.add(b.table.num_rows)
                     continue
-                _emit(t, starts, lengths, run_keys, ls, writers, boundaries, m, s, num_mean, num_std, vocabs)
+                _emit(t, starts, lengths, run_keys, ls, writers, boundaries, transform)
                 rate.add(b.table.num_rows)
         for w in writers.values():
             w.flush()
@@ -736,28 +691,26 @@ def _write(files, fs, paths, ls: LogSchema, cfg: FeaturesConfig, staging: Path, 
     return writers, quarantine
 
 
-def _emit(t: pa.Table, starts, lengths, run_keys, ls: LogSchema, writers, boundaries, m, s,
-          num_mean, num_std, vocabs) -> None:
+def _emit(t: pa.Table, starts, lengths, run_keys, ls: LogSchema, writers, boundaries,
+          transform: FeatureTransform) -> None:
     """Tensors of the good requests of one batch, handed to their split's writer."""
     def col(name, dtype):
         return _column(t, name, dtype)[0]
 
     times = col("event_time", np.int64)[starts]
     split_of = np.searchsorted(boundaries, times, side="right")
-    pred = np.stack([col(p, np.float32) for p in ls.pred_columns], axis=1)
+    pred = transform.stack_predictions({p: col(p, np.float32) for p in ls.pred_columns})
     rows = {"pred": pred,
-            "z": ((np.log(np.maximum(pred, np.float32(PRED_EPS))) - m) / s).astype(np.float32),
+            "z": transform.z(pred),
             "mask": np.ones(len(pred), dtype=np.bool_),
             "click": col("click", np.float32), "order": col("order", np.float32),
             "gmv": col("gmv", np.float32), "position": col("position", np.int64)}
     for name in ls.truth_rows:
         rows[name] = col(name, np.float32)
-    req = {"event_time": times, "request_id": run_keys,
-           "num": ((np.stack([col(n, np.float32)[starts] for n in ls.numeric], axis=1) - num_mean) / num_std
-                   ).astype(np.float32) if ls.numeric else np.zeros((len(starts), 0), np.float32),
-           "cat": np.stack([encode_categorical(col(n, np.int64)[starts], v)
-                            for n, v in zip(ls.categorical, vocabs, strict=True)], axis=1)
-           if ls.categorical else np.zeros((len(starts), 0), np.int64)}
+    values = {n: col(n, np.float32)[starts] for n in ls.numeric}
+    values.update({n: col(n, np.int64)[starts] for n in ls.categorical})
+    num, cat = transform.request_features(values, len(starts))
+    req = {"event_time": times, "request_id": run_keys, "num": num, "cat": cat}
     if ls.has_segment:
         req["segment"] = col(TRUTH_SEGMENT_COLUMN, np.int64)[starts]
     for si, split in enumerate(SPLITS):
@@ -805,7 +758,7 @@ def extract_features(logs_uri: str, out_uri: str, cfg: FeaturesConfig | None = N
     before anything is published.
     """
     cfg = cfg or FeaturesConfig()
-    cfg.validate()
+    config_mod.check(cfg)
     log.info("features config: %s", config_mod.to_dict(cfg))
     files, fs, paths, ls, total_rows = _open_inputs(logs_uri)
     log.info("%d log file(s), %d rows; objectives %s, %d numeric, %d categorical feature(s)",

@@ -14,7 +14,8 @@ One training step on a batch of requests:
    (Dirichlet-Dirichlet, or Gaussian-Gaussian on the logits), gradient clipping, optimiser step.
 
 Every function takes plain tensors so that a data-parallel wrapper only has to split the batches
-(``rank``/``world_size`` in the data iterator) and average gradients (:func:`sync_gradients`).
+(``rank``/``world_size`` in the data iterator) and average gradients
+(:class:`grade.distributed.GradientAverager`, which :func:`train_step` applies after every backward pass).
 """
 
 from __future__ import annotations
@@ -27,88 +28,72 @@ import torch
 import torch.distributions as D
 
 from grade import distributed
-from grade.errors import InputError
+from grade.config import ranged
 from grade.policy import PolicyNet
 from grade.reward import RewardConfig, reward_terms, weight_entropy
 
 
 @dataclasses.dataclass
 class FinetuneConfig:
-    group_size: int = 16
+    group_size: int = ranged(16, ">= 2")
     """G: weight vectors sampled per request"""
     exploration: Literal["dirichlet", "gaussian"] = "dirichlet"
     """dirichlet (GRADE) or gaussian (logistic-normal ablation: softmax(logits + sigma*eps))"""
     adaptive_kappa: bool = True
     """learn the Dirichlet concentration per request; false = fixed_kappa for every request (ablation)"""
-    fixed_kappa: float = 50.0
+    fixed_kappa: float = ranged(50.0, "> 0")
     """the concentration used when adaptive_kappa is false"""
-    gaussian_sigma: float = 0.3
+    gaussian_sigma: float = ranged(0.3, "> 0")
     """std of the logit noise of the gaussian exploration"""
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     """composite reward: coefficients post/prior/format, label and value mix, weight bounds, entropy floor"""
-    kl_coef: float = 0.005
+    kl_coef: float = ranged(0.005, ">= 0")
     """beta: weight of KL(pi_theta || pi_stage1) in the loss (a light anchor: 0.02 cost ~2 true OPM on the demo)"""
-    clip: float = 0.2
+    clip: float = ranged(0.2, "(0, 1)")
     """epsilon of the clipped importance ratio"""
-    log_ratio_clip: float = 10.0
+    log_ratio_clip: float = ranged(10.0, "> 0")
     """|log rho| is clamped to this before exp (guards against exploding ratios)"""
     advantage_norm: Literal["group", "batch"] = "batch"
     """divide centred rewards by each group's std (group) or by one std over the batch (batch): per-group
     scaling gives a request with one shallow logged order the same pull as one with a deep
     (inverse-propensity up-weighted) order, which undoes the debiasing and drifts back to the logging policy"""
-    adv_eps: float = 1e-4
+    adv_eps: float = ranged(1e-4, "> 0")
     """added to the std in the advantage denominator"""
-    sample_eps: float = 1e-6
+    sample_eps: float = ranged(1e-6, "(0, 0.01)")
     """Dirichlet samples are clamped to >= this and renormalised"""
-    lr: float = 3e-3
+    lr: float = ranged(3e-3, "> 0")
     """Adam learning rate (the first step's, when anneal_lr)"""
     anneal_lr: bool = True
     """decay the learning rate linearly to 0 over the run: the logged-feedback reward is noisy, and a
     constant rate leaves the last steps (and so the served policy) jumping around the optimum"""
-    epochs: int = 3
+    epochs: int = ranged(3, ">= 0")
     """passes over the train split"""
-    max_steps: int = 0
+    max_steps: int = ranged(0, ">= 0")
     """stop after this many steps (0 = run all epochs)"""
-    batch_size: int = 256
+    batch_size: int = ranged(256, ">= 1")
     """requests per step (the global batch: each of W processes takes batch_size / W)"""
-    update_epochs: int = 2
+    update_epochs: int = ranged(2, ">= 1")
     """gradient updates on the same samples per step"""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = ranged(1.0, "> 0")
     """gradient clipping (global L2 norm)"""
-    exposure_depth: int = 10
+    exposure_depth: int = ranged(10, ">= 1")
     """E: items exposed per request (reward depth and validation depth)"""
-    position_bias: float = 1.0
+    position_bias: float = ranged(1.0, ">= 0")
     """eta of the validation metrics' examination theta_j = 1/(1+j)^eta"""
-    eval_every: int = 25
+    eval_every: int = ranged(25, ">= 1")
     """steps between validation points (also evaluated at step 0 and at the end)"""
-    eval_max_requests: int = 20000
+    eval_max_requests: int = ranged(20000, ">= 0")
     """validation requests used for the curve (the first N of the valid split)"""
-    checkpoint_every: int = 50
+    checkpoint_every: int = ranged(50, ">= 1")
     """steps between checkpoints (also one at every epoch end)"""
-    seed: int = 0
+    seed: int = ranged(0, ">= 0")
     """seed of the data order and of every step's sampling"""
-    threads: int = 0
+    threads: int = ranged(0, ">= 0")
     """torch intra-op threads (0 = torch's default)"""
 
     def validate(self, n_objectives: int | None = None) -> None:
-        for name in ("group_size", "batch_size", "update_epochs", "exposure_depth", "eval_every",
-                     "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise InputError(f"finetune.{name}: expected a positive integer, got {getattr(self, name)}")
-        if self.group_size < 2:
-            raise InputError("finetune.group_size: expected >= 2 (advantages are relative within a group)")
-        for name in ("epochs", "max_steps", "eval_max_requests", "threads"):
-            if getattr(self, name) < 0:
-                raise InputError(f"finetune.{name}: expected >= 0, got {getattr(self, name)}")
-        for name in ("fixed_kappa", "gaussian_sigma", "lr", "log_ratio_clip", "adv_eps", "max_grad_norm"):
-            if getattr(self, name) <= 0:
-                raise InputError(f"finetune.{name}: expected > 0, got {getattr(self, name)}")
-        if self.kl_coef < 0:
-            raise InputError(f"finetune.kl_coef: expected >= 0, got {self.kl_coef}")
-        if not 0 < self.clip < 1:
-            raise InputError(f"finetune.clip: expected a value in (0, 1), got {self.clip}")
-        if not 0 < self.sample_eps < 0.01:
-            raise InputError(f"finetune.sample_eps: expected a value in (0, 0.01), got {self.sample_eps}")
+        """Checks beyond each field's range (grade.config.check runs those first); with the features'
+        number of objectives K, also that the reward's weight bounds fit K."""
         self.reward.validate(n_objectives)
 
 
@@ -145,16 +130,6 @@ def action_to_weights(action: torch.Tensor, cfg: FinetuneConfig) -> torch.Tensor
     if cfg.exploration == "gaussian":
         return torch.softmax(action, -1)
     return action
-
-
-def sync_gradients(policy: PolicyNet) -> None:
-    """Average gradients over ranks when running data-parallel (no-op in a single process)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        world = torch.distributed.get_world_size()
-        for p in policy.parameters():
-            if p.grad is not None:
-                torch.distributed.all_reduce(p.grad)
-                p.grad /= world
 
 
 # ------------------------------------------------------------------------------------------------
@@ -283,12 +258,15 @@ def grpo_loss(policy: PolicyNet, reference_out: PolicyOutput, num: torch.Tensor,
 
 def train_step(policy: PolicyNet, reference: PolicyNet, optimizer: torch.optim.Optimizer,
                batch: dict[str, torch.Tensor], objectives: list[str], cfg: FinetuneConfig,
-               seed: int, gmv_unit: float = 1.0) -> dict[str, float]:
+               seed: int, gmv_unit: float = 1.0,
+               averager: distributed.GradientAverager | None = None) -> dict[str, float]:
     """Rollout, rewards, advantages and ``update_epochs`` clipped updates on one batch.
 
     Returns the step's diagnostics under namespaced keys. ``seed`` fixes this step's samples;
-    ``gmv_unit`` scales pgmv in the prior (see :func:`grade.reward.gmv_unit_of`).
+    ``gmv_unit`` scales pgmv in the prior (see :func:`grade.reward.gmv_unit_of`); ``averager``
+    averages gradients over data-parallel ranks (default: one for the current process group).
     """
+    averager = averager or distributed.GradientAverager()
     num, cat = batch["num"], batch["cat"]
     policy.train()
     roll = rollout(policy, num, cat, cfg, seed)
@@ -302,7 +280,7 @@ def train_step(policy: PolicyNet, reference: PolicyNet, optimizer: torch.optim.O
         loss, stats = grpo_loss(policy, reference_out, num, cat, roll, adv, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        sync_gradients(policy)
+        averager(policy)
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         optimizer.step()
         if epoch == 0:

@@ -6,14 +6,14 @@ click, order and gmv (gmv as a graded label). AdamW; validation NDCG@E per objec
 and for the static weights after every epoch; early stopping on one objective's NDCG@E, the best
 epoch's weights are the output.
 
-Fault tolerance: after every epoch a checkpoint (model, best model, optimizer state as safetensors;
-epoch, history and RNG state as JSON) is written to ``<out>/_checkpoints/``. Re-running on the same
-``--out`` with the same config and data continues after the last completed epoch and ends with the
-same weights as an uninterrupted run.
+Fault tolerance: after every epoch a checkpoint (model, best model, optimizer and RNG state as
+safetensors; epoch, history and train log as JSON) is written to ``<out>/_checkpoints/`` by
+:mod:`grade.training`. Re-running on the same ``--out`` with the same config and data continues
+after the last completed epoch and ends with the same weights as an uninterrupted run.
 
 Distributed training (one process per rank) plugs in through ``rank``/``world_size`` (the data
-iterator deals each rank its share) and the ``all_reduce`` hook of :func:`train_step`; only rank 0
-writes checkpoints and outputs.
+iterator deals each rank its share) and the ``all_reduce`` hook of :func:`train_step` (a
+:class:`grade.distributed.GradientAverager`); only rank 0 writes checkpoints and outputs.
 """
 
 from __future__ import annotations
@@ -23,90 +23,97 @@ import dataclasses
 import json
 import logging
 import math
-import tempfile
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from grade import dataset, store
+from grade import dataset, store, training
 from grade.baselines import static_weights
-from grade.config import to_dict
-from grade.errors import InputError
+from grade.config import check, ranged, to_dict
+from grade.errors import ConfigError, InputError
 from grade.fusion import fuse, ndcg_at
 from grade.lambdaloss import lambda_loss
-from grade.policy import PolicyConfig, PolicyNet, save_policy
+from grade.policy import PolicyConfig, PolicyNet
 
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("click", "order", "gmv")
 #: NDCG gain per label, as in the offline evaluation's replay metrics (gmv is a value, not a grade).
 VALID_GAINS = {"click": "exp2", "order": "exp2", "gmv": "linear"}
-CHECKPOINTS = "_checkpoints"
-LATEST = "latest.json"
 _TRAIN_FIELDS = ["z", "mask", "num", "cat", "click", "order", "gmv"]
 
 
 @dataclasses.dataclass
 class PretrainConfig:
-    epochs: int = 8
+    epochs: int = ranged(8, ">= 1")
     """maximum number of passes over the train split"""
-    batch_size: int = 512
+    batch_size: int = ranged(512, ">= 1")
     """requests per gradient step (the global batch: each of W processes takes batch_size / W)"""
-    lr: float = 3e-3
+    lr: float = ranged(3e-3, "> 0")
     """AdamW learning rate"""
-    weight_decay: float = 1e-4
+    weight_decay: float = ranged(1e-4, ">= 0")
     """AdamW decoupled weight decay"""
-    grad_clip: float = 1.0
+    grad_clip: float = ranged(1.0, ">= 0")
     """clip the global gradient norm to this value (0 = no clipping)"""
-    objective_weights: dict[str, float] = dataclasses.field(
-        default_factory=lambda: {"click": 1.0, "order": 2.0, "gmv": 1.0})
+    objective_weights: dict[str, float] = ranged({"click": 1.0, "order": 2.0, "gmv": 1.0}, ">= 0")
     """weight of each objective's LambdaLoss term (keys: click, order, gmv; 0 switches a term off)"""
     gmv_label: Literal["graded", "log1p"] = "graded"
     """gmv relevance label: graded = decimal digits of gmv (1..gmv_max_grade, 0 without order); log1p = log1p(gmv)"""
-    gmv_max_grade: int = 4
+    gmv_max_grade: int = ranged(4, ">= 1")
     """highest gmv grade (gmv >= 10^(max-1) gets it)"""
     weighing_scheme: Literal["ndcgLoss1", "ndcgLoss2", "ndcgLoss2PP", "lambdaRank", "rankNet"] = "ndcgLoss2PP"
     """LambdaLoss weighing scheme"""
-    k: int | None = None
+    k: int | None = ranged(None, ">= 1")
     """LambdaLoss truncation: only pairs within the predicted top-k count (None = whole list)"""
-    sigma: float = 1.0
+    sigma: float = ranged(1.0, "> 0")
     """LambdaLoss logistic scale of score differences"""
-    mu: float = 10.0
+    mu: float = ranged(10.0, ">= 0")
     """weight of the ndcgLoss2 term in ndcgLoss2PP"""
-    score_scale: float = 0.0
+    score_scale: float = ranged(0.0, ">= 0")
     """initial scale of the fused scores seen by the loss (0 = fitted on train for the initial weights)"""
     learn_score_scale: bool = True
     """learn the score scale jointly with the policy (it never changes a ranking)"""
-    exposure_depth: int = 10
+    exposure_depth: int = ranged(10, ">= 1")
     """E of the validation NDCG@E"""
     stopping_objective: Literal["click", "order", "gmv"] = "order"
     """early stopping and best-epoch selection watch this objective's validation NDCG@E"""
-    patience: int = 3
+    patience: int = ranged(3, ">= 1")
     """stop after this many epochs without an improvement of the watched NDCG@E"""
-    min_delta: float = 0.0
+    min_delta: float = ranged(0.0, ">= 0")
     """smallest increase of the watched NDCG@E that counts as an improvement"""
-    max_valid_requests: int = 0
+    max_valid_requests: int = ranged(0, ">= 0")
     """validate on the first N valid requests only (0 = all)"""
-    hidden: list[int] = dataclasses.field(default_factory=lambda: [64, 64])
+    hidden: list[int] = ranged([64, 64], ">= 1")
     """hidden layer widths of the policy MLP"""
-    emb_dim: int = 8
+    emb_dim: int = ranged(8, ">= 1")
     """embedding width per categorical feature"""
-    kappa_min: float = 10.0
+    kappa_min: float = ranged(10.0, "> 0")
     """lower bound of the Dirichlet concentration (used by Stage 2)"""
-    kappa_max: float = 400.0
+    kappa_max: float = ranged(400.0, "> 0")
     """upper bound of the Dirichlet concentration (used by Stage 2)"""
-    kappa_init: float = 50.0
+    kappa_init: float = ranged(50.0, "> 0")
     """initial concentration (used by Stage 2)"""
-    seed: int = 0
+    seed: int = ranged(0, ">= 0")
     """seed of the initialisation and the data order"""
-    threads: int = 2
+    threads: int = ranged(2, ">= 1")
     """torch intra-op threads (results depend on it: keep it fixed for reproducibility)"""
-    log_every_s: float = 10.0
+    log_every_s: float = ranged(10.0, "> 0")
     """seconds between progress lines within an epoch"""
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.objective_weights) - set(OBJECTIVES))
+        if unknown:
+            raise ConfigError(f"pretrain.objective_weights: unknown objective(s) {unknown}; "
+                              f"expected {list(OBJECTIVES)}")
+        if not any(self.objective_weights.values()):
+            raise ConfigError(f"pretrain.objective_weights: expected at least one weight > 0, "
+                              f"got {self.objective_weights}")
+        if not self.kappa_min <= self.kappa_init <= self.kappa_max or self.kappa_min == self.kappa_max:
+            raise ConfigError(f"pretrain.kappa_min, kappa_init, kappa_max: expected kappa_min <= "
+                              f"kappa_init <= kappa_max and kappa_min < kappa_max, got {self.kappa_min}, "
+                              f"{self.kappa_init}, {self.kappa_max}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -269,89 +276,17 @@ def validation_ndcg(weights: torch.Tensor | PolicyNet, data: dict[str, torch.Ten
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoints (safetensors + JSON, never pickle)
-# ------------------------------------------------------------------------------------------------
-
-def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors, scalars = {}, {}
-    for idx, per_param in state["state"].items():
-        for name, value in per_param.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{idx}.{name}"] = value.detach().contiguous().clone()
-            else:
-                scalars[f"{idx}.{name}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = value
-    for key, value in meta["scalars"].items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-
-
-def save_checkpoint(out_uri: str, epoch: int, model: RankingModel, best_state: dict[str, torch.Tensor],
-                    optimizer: torch.optim.Optimizer, state: dict[str, Any], log_lines: list[str]) -> None:
-    """Write ``_checkpoints/epoch-NNNN/`` then ``_checkpoints/latest.json`` (the commit point)."""
-    from safetensors.torch import save_file
-
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-    folder = store.join(out_uri, CHECKPOINTS, f"epoch-{epoch:04d}")
-    with tempfile.TemporaryDirectory(prefix="grade-ckpt-") as tmp:
-        save_file(_state_tensors(model), str(Path(tmp, "model.safetensors")))
-        save_file(best_state, str(Path(tmp, "best.safetensors")))
-        save_file(opt_tensors or {"_empty": torch.zeros(0)}, str(Path(tmp, "optimizer.safetensors")))
-        rng = {"torch_rng": torch.get_rng_state()}
-        save_file(rng, str(Path(tmp, "rng.safetensors")))
-        Path(tmp, "state.json").write_text(json.dumps({**state, "optimizer": opt_meta}, indent=1))
-        Path(tmp, "train_log.jsonl").write_text("".join(log_lines))
-        for name in sorted(p.name for p in Path(tmp).iterdir()):
-            store.upload_file(Path(tmp, name), store.join(folder, name))
-    store.write_json(store.join(out_uri, CHECKPOINTS, LATEST), {"epoch": epoch, "folder": f"epoch-{epoch:04d}"})
-    if epoch >= 3:  # keep the last two: the previous one is a fallback while the next is written
-        store.delete_prefix(store.join(out_uri, CHECKPOINTS, f"epoch-{epoch - 2:04d}"))
-
-
-def load_checkpoint(out_uri: str) -> dict[str, Any] | None:
-    """The last completed checkpoint under ``out_uri`` (None when there is none)."""
-    from safetensors.torch import load as load_safetensors
-
-    latest_uri = store.join(out_uri, CHECKPOINTS, LATEST)
-    if not store.exists(latest_uri):
-        return None
-    folder = store.join(out_uri, CHECKPOINTS, store.read_json(latest_uri)["folder"])
-
-    def tensors(name: str) -> dict[str, torch.Tensor]:
-        return load_safetensors(store.read_bytes(store.join(folder, name)))
-
-    state = store.read_json(store.join(folder, "state.json"))
-    opt = tensors("optimizer.safetensors")
-    opt.pop("_empty", None)
-    return {"state": state, "model": tensors("model.safetensors"), "best": tensors("best.safetensors"),
-            "optimizer": _unflatten_optimizer(opt, state["optimizer"]),
-            "rng": tensors("rng.safetensors")["torch_rng"],
-            "log_lines": store.read_bytes(store.join(folder, "train_log.jsonl")).decode().splitlines(True)}
-
-
-# ------------------------------------------------------------------------------------------------
 # The whole run
 # ------------------------------------------------------------------------------------------------
 
 def policy_config(spec: dict[str, Any], cfg: PretrainConfig) -> PolicyConfig:
     """The policy's shape from the feature spec, started at the static weights."""
+    # the architecture keys of the pretrain section are PolicyConfig's fields of the same name
+    shared = {f.name: copy.deepcopy(getattr(cfg, f.name)) for f in dataclasses.fields(PolicyConfig)
+              if f.name in {g.name for g in dataclasses.fields(cfg)}}
     return PolicyConfig(
         n_numeric=len(spec["numeric"]), cat_sizes=[int(c["size"]) for c in spec["categorical"]],
-        n_objectives=len(spec["objectives"]), hidden=list(cfg.hidden), emb_dim=cfg.emb_dim,
-        kappa_min=cfg.kappa_min, kappa_max=cfg.kappa_max, kappa_init=cfg.kappa_init,
-        init_mean=[float(v) for v in static_weights(spec)])
+        n_objectives=len(spec["objectives"]), init_mean=[float(v) for v in static_weights(spec)], **shared)
 
 
 #: candidate score scales of the initial fit: 2^(e/2) for e in -4..12, i.e. 1/4 .. 64
@@ -373,15 +308,7 @@ def fit_score_scale(policy: PolicyNet, features_uri: str, cfg: PretrainConfig, m
 
 
 def _check(cfg: PretrainConfig, spec: dict[str, Any], features_uri: str, world_size: int = 1) -> None:
-    unknown = sorted(set(cfg.objective_weights) - set(OBJECTIVES))
-    if unknown:
-        raise InputError(f"pretrain.objective_weights: unknown objective(s) {unknown}; expected {list(OBJECTIVES)}")
-    if any(w < 0 for w in cfg.objective_weights.values()) or not any(cfg.objective_weights.values()):
-        raise InputError("pretrain.objective_weights: expected weights >= 0, at least one > 0")
-    for name, value in (("epochs", cfg.epochs), ("batch_size", cfg.batch_size),
-                        ("exposure_depth", cfg.exposure_depth), ("threads", cfg.threads)):
-        if value < 1:
-            raise InputError(f"pretrain.{name}: expected an integer >= 1, got {value}")
+    check(cfg, "pretrain")
     if spec["splits"].get("train", {}).get("n_requests", 0) < 1:
         raise InputError(f"{features_uri}: the train split has no request")
     if cfg.batch_size % world_size:
@@ -389,25 +316,41 @@ def _check(cfg: PretrainConfig, spec: dict[str, Any], features_uri: str, world_s
                          f"over {world_size} processes; use a multiple of {world_size}")
 
 
-class _Rate:
-    """Periodic progress lines with requests/s and the ETA of the epoch."""
+@dataclasses.dataclass
+class _Run:
+    """What a pretraining run works with, fixed once it has started."""
 
-    def __init__(self, epoch: int, epochs: int, total: int, every_s: float):
-        self.epoch, self.epochs, self.total, self.every_s = epoch, epochs, total, every_s
-        self.start = self.last = time.monotonic()
-        self.done = 0
+    features_uri: str
+    cfg: PretrainConfig
+    spec: dict[str, Any]
+    fingerprint: dict[str, Any]
+    model: RankingModel
+    optimizer: torch.optim.Optimizer
+    valid: dict[str, torch.Tensor]
+    static_ndcg: dict[str, float]
+    n_train: int
+    initial_scale: float
+    """the score scale the run started from (fitted or configured)"""
+    rank: int
+    world_size: int
+    all_reduce: Callable[[RankingModel], None] | None
 
-    def add(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self.last >= self.every_s:
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            log.info("pretrain epoch %d/%d: %d/%d requests (%.0f requests/s, ETA %.0fs)", self.epoch,
-                     self.epochs, self.done, self.total, rate, (self.total - self.done) / max(rate, 1e-9))
 
-    def seconds(self) -> float:
-        return time.monotonic() - self.start
+@dataclasses.dataclass
+class _Progress:
+    """What a checkpoint saves after an epoch and a resume restores."""
+
+    epoch: int
+    history: list[dict[str, Any]]
+    best: dict[str, Any]
+    best_state: dict[str, torch.Tensor]
+    bad_epochs: int = 0
+    stopped: bool = False
+    log_lines: list[str] = dataclasses.field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "history": self.history, "best": self.best, "bad_epochs": self.bad_epochs,
+                "stopped": self.stopped}
 
 
 def pretrain(features_uri: str, out_uri: str, cfg: PretrainConfig, *, rank: int = 0, world_size: int = 1,
@@ -416,20 +359,41 @@ def pretrain(features_uri: str, out_uri: str, cfg: PretrainConfig, *, rank: int 
     """Train the policy mean on ``features_uri`` and publish the model folder at ``out_uri``.
 
     Resumes from ``<out>/_checkpoints/`` when a checkpoint of the same config and data exists.
+    ``all_reduce`` averages gradients over ranks (a :class:`grade.distributed.GradientAverager`).
     ``on_epoch_end(epoch)`` is called after each epoch's checkpoint is written. Returns metrics.json.
     """
-    features_uri, out_uri = str(features_uri), str(out_uri)
+    out_uri = str(out_uri)
+    run, ckpt = _start(str(features_uri), out_uri, cfg, rank, world_size, all_reduce)
+    state = _resume(run, ckpt, out_uri) if ckpt is not None else _first_state(run)
+    step = len(state.log_lines)
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        if state.stopped:
+            break
+        step = _train_epoch(run, state, epoch, step)
+        if rank == 0:
+            training.save_checkpoint(out_uri, "epoch", epoch, fingerprint=run.fingerprint,
+                                     tensors={"model": training.state_tensors(run.model), "best": state.best_state},
+                                     optimizer=run.optimizer, state=state.to_json(), log_lines=state.log_lines)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
+    run.model.load_state_dict(state.best_state)
+    metrics = _metrics(run, state)
+    if rank == 0:
+        config = training.run_config("pretrain", run.fingerprint, cfg.seed, run.model.policy.cfg)
+        training.publish_model(out_uri, run.model.policy, run.spec, config, metrics, state.log_lines)
+        log.info("pretrain: published %s (best epoch %d)", out_uri, metrics["best_epoch"])
+    return metrics
+
+
+def _start(features_uri: str, out_uri: str, cfg: PretrainConfig, rank: int, world_size: int,
+           all_reduce: Callable[[RankingModel], None] | None) -> tuple[_Run, training.Checkpoint | None]:
+    """Check the inputs, seed, build model and optimiser, load validation data; the checkpoint to resume."""
     spec = dataset.load_spec(features_uri)
     _check(cfg, spec, features_uri, world_size)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    fingerprint = {"config": to_dict(cfg), "features": features_uri,
-                   "features_content_hash": store.content_hash(features_uri), "world_size": world_size}
-
-    ckpt = load_checkpoint(out_uri)
-    if ckpt is not None and ckpt["state"]["fingerprint"] != json.loads(json.dumps(fingerprint)):
-        log.warning("%s: checkpoint from a different config or data set; starting afresh", out_uri)
-        ckpt = None
+    fingerprint = training.run_fingerprint(to_dict(cfg), {"features": features_uri}, world_size)
+    ckpt = training.load_checkpoint(out_uri, fingerprint)
 
     policy = PolicyNet(policy_config(spec, cfg))
     if ckpt is not None or cfg.score_scale > 0:
@@ -441,113 +405,100 @@ def pretrain(features_uri: str, out_uri: str, cfg: PretrainConfig, *, rank: int 
     optimizer = torch.optim.AdamW([{"params": list(policy.parameters())},
                                    {"params": [model.log_scale], "weight_decay": 0.0}],
                                   lr=cfg.lr, weight_decay=cfg.weight_decay)
-    static = static_weights(spec)
     valid = dataset.load_split(features_uri, "valid", fields=_TRAIN_FIELDS)
     if cfg.max_valid_requests > 0:
         valid = {k: v[: cfg.max_valid_requests] for k, v in valid.items()}
-    n_valid = int(valid["mask"].shape[0])
-    static_ndcg = validation_ndcg(static, valid, cfg.exposure_depth)
+    static_ndcg = validation_ndcg(static_weights(spec), valid, cfg.exposure_depth)
     n_train = dataset.count_requests(features_uri, "train", world_size)
+    run = _Run(features_uri, cfg, spec, fingerprint, model, optimizer, valid, static_ndcg, n_train, scale, rank,
+               world_size, all_reduce)
+    return run, ckpt
 
-    start_epoch, log_lines, history = 1, [], []
-    best = {"epoch": 0, "score": -math.inf}
-    bad_epochs, stopped = 0, False
-    if ckpt is not None:
-        st = ckpt["state"]
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
-        best_state = ckpt["best"]
-        start_epoch, history, best = st["epoch"] + 1, st["history"], st["best"]
-        bad_epochs, stopped, log_lines = st["bad_epochs"], st["stopped"], ckpt["log_lines"]
-        log.info("pretrain: resuming after epoch %d from %s", st["epoch"], store.join(out_uri, CHECKPOINTS))
+
+def _first_state(run: _Run) -> _Progress:
+    """Epoch 0 is the initial policy (= the static weights): pretraining must beat it to be kept."""
+    ndcg0 = validation_ndcg(run.model.policy, run.valid, run.cfg.exposure_depth)
+    history = [{"epoch": 0, "train_loss": None, "train_loss_by_objective": None,
+                "valid_ndcg": {"policy": ndcg0, "static": run.static_ndcg}, "requests_per_s": None,
+                "score_scale": run.initial_scale}]
+    return _Progress(epoch=0, history=history, best={"epoch": 0, "score": ndcg0[run.cfg.stopping_objective]},
+                     best_state=training.state_tensors(run.model))
+
+
+def _resume(run: _Run, ckpt: training.Checkpoint, out_uri: str) -> _Progress:
+    training.restore(ckpt, run.model, run.optimizer)
+    st = ckpt.state
+    log.info("pretrain: resuming after epoch %d from %s", st["epoch"], store.join(out_uri, training.CHECKPOINTS))
+    return _Progress(epoch=st["epoch"], history=st["history"], best=st["best"], best_state=ckpt.tensors["best"],
+                     bad_epochs=st["bad_epochs"], stopped=st["stopped"], log_lines=ckpt.log_lines)
+
+
+def _train_epoch(run: _Run, state: _Progress, epoch: int, step: int) -> int:
+    """One pass over the train split, validation, best epoch and early stopping; the last step's number."""
+    cfg, world = run.cfg, run.world_size
+    progress = training.Progress(f"pretrain epoch {epoch}/{cfg.epochs}", run.n_train * world, "requests",
+                                 every_s=cfg.log_every_s, logger=log)
+    loss_sum, parts_sum, n_steps = 0.0, dict.fromkeys(training_labels_names(cfg), 0.0), 0
+    # batch_size is the global batch: each rank takes its 1/world_size share of it
+    for batch in dataset.iter_batches(run.features_uri, "train", cfg.batch_size // world, shuffle=True,
+                                      seed=cfg.seed, epoch=epoch, rank=run.rank, world_size=world,
+                                      fields=_TRAIN_FIELDS):
+        n_batch = int(batch["mask"].shape[0])
+        loss, parts = train_step(run.model, run.optimizer, with_signal(batch, cfg), cfg, run.all_reduce)
+        step += 1
+        n_steps += 1
+        loss_sum += loss
+        for name, v in parts.items():
+            parts_sum[name] += v
+        state.log_lines.append(json.dumps({"epoch": epoch, "step": step, "pretrain.loss": loss,
+                                           **{f"pretrain.loss.{k}": v for k, v in parts.items()},
+                                           "pretrain.requests": n_batch}, sort_keys=True) + "\n")
+        progress.add(n_batch * world)   # the job's rate: every rank takes the same share
+    seconds = progress.seconds()
+    _end_epoch(run, state, epoch, {
+        "epoch": epoch, "train_loss": loss_sum / max(n_steps, 1),
+        "train_loss_by_objective": {k: v / max(n_steps, 1) for k, v in parts_sum.items()},
+        "requests_per_s": progress.done / max(seconds, 1e-9), "seconds": seconds})
+    return step
+
+
+def _end_epoch(run: _Run, state: _Progress, epoch: int, entry: dict[str, Any]) -> None:
+    """Validate, update the best epoch and the early-stopping count, append the epoch to the history."""
+    cfg = run.cfg
+    ndcg = validation_ndcg(run.model.policy, run.valid, cfg.exposure_depth)
+    score = ndcg[cfg.stopping_objective]
+    if score > state.best["score"] + cfg.min_delta:
+        state.best = {"epoch": epoch, "score": score}
+        state.best_state = training.state_tensors(run.model)
+        state.bad_epochs = 0
     else:
-        # Epoch 0 is the initial policy (= the static weights): pretraining must beat it to be kept.
-        best_state = _state_tensors(model)
-        ndcg0 = validation_ndcg(policy, valid, cfg.exposure_depth)
-        history.append({"epoch": 0, "train_loss": None, "train_loss_by_objective": None,
-                        "valid_ndcg": {"policy": ndcg0, "static": static_ndcg}, "requests_per_s": None,
-                        "score_scale": scale})
-        best = {"epoch": 0, "score": ndcg0[cfg.stopping_objective]}
+        state.bad_epochs += 1
+    state.stopped = state.bad_epochs >= cfg.patience
+    state.epoch = epoch
+    seconds = entry.pop("seconds")
+    state.history.append({**entry, "valid_ndcg": {"policy": ndcg, "static": run.static_ndcg}, "seconds": seconds,
+                          "score_scale": float(run.model.log_scale.detach().exp())})
+    log.info("pretrain epoch %d/%d: loss %.4f, valid NDCG@%d %s policy %.4f vs static %.4f (best epoch %d); "
+             "%.0f requests/s, ETA %.0fs%s", epoch, cfg.epochs, entry["train_loss"], cfg.exposure_depth,
+             cfg.stopping_objective, score, run.static_ndcg[cfg.stopping_objective], state.best["epoch"],
+             entry["requests_per_s"], 0.0 if state.stopped else seconds * (cfg.epochs - epoch),
+             ", early stop" if state.stopped else "")
 
-    step = sum(1 for _ in log_lines)
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        if stopped:
-            break
-        rate = _Rate(epoch, cfg.epochs, n_train * world_size, cfg.log_every_s)
-        loss_sum, parts_sum, n_steps = 0.0, dict.fromkeys(training_labels_names(cfg), 0.0), 0
-        # batch_size is the global batch: each rank takes its 1/world_size share of it
-        for batch in dataset.iter_batches(features_uri, "train", cfg.batch_size // world_size, shuffle=True,
-                                          seed=cfg.seed, epoch=epoch, rank=rank, world_size=world_size,
-                                          fields=_TRAIN_FIELDS):
-            n_batch = int(batch["mask"].shape[0])
-            loss, parts = train_step(model, optimizer, with_signal(batch, cfg), cfg, all_reduce)
-            step += 1
-            n_steps += 1
-            loss_sum += loss
-            for name, v in parts.items():
-                parts_sum[name] += v
-            log_lines.append(json.dumps({"epoch": epoch, "step": step, "pretrain.loss": loss,
-                                         **{f"pretrain.loss.{k}": v for k, v in parts.items()},
-                                         "pretrain.requests": n_batch}, sort_keys=True) + "\n")
-            rate.add(n_batch * world_size)   # the job's rate: every rank takes the same share
-        seconds = rate.seconds()
-        ndcg = validation_ndcg(policy, valid, cfg.exposure_depth)
-        score = ndcg[cfg.stopping_objective]
-        if score > best["score"] + cfg.min_delta:
-            best = {"epoch": epoch, "score": score}
-            best_state = _state_tensors(model)
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
-        stopped = bad_epochs >= cfg.patience
-        history.append({
-            "epoch": epoch, "train_loss": loss_sum / max(n_steps, 1),
-            "train_loss_by_objective": {k: v / max(n_steps, 1) for k, v in parts_sum.items()},
-            "valid_ndcg": {"policy": ndcg, "static": static_ndcg},
-            "requests_per_s": rate.done / max(seconds, 1e-9), "seconds": seconds,
-            "score_scale": float(model.log_scale.detach().exp())})
-        log.info("pretrain epoch %d/%d: loss %.4f, valid NDCG@%d %s policy %.4f vs static %.4f (best epoch %d); "
-                 "%.0f requests/s, ETA %.0fs%s", epoch, cfg.epochs, history[-1]["train_loss"], cfg.exposure_depth,
-                 cfg.stopping_objective, score, static_ndcg[cfg.stopping_objective], best["epoch"],
-                 history[-1]["requests_per_s"], 0.0 if stopped else seconds * (cfg.epochs - epoch),
-                 ", early stop" if stopped else "")
-        if rank == 0:
-            save_checkpoint(out_uri, epoch, model, best_state, optimizer,
-                            {"epoch": epoch, "history": history, "best": best, "bad_epochs": bad_epochs,
-                             "stopped": stopped, "fingerprint": fingerprint}, log_lines)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch)
 
-    model.load_state_dict(best_state)
-    best_entry = next(h for h in history if h["epoch"] == best["epoch"])
-    trained = [h for h in history if h["epoch"] > 0]
-    metrics = {
+def _metrics(run: _Run, state: _Progress) -> dict[str, Any]:
+    """metrics.json of the run (the model holds the best epoch's weights)."""
+    cfg = run.cfg
+    best_entry = next(h for h in state.history if h["epoch"] == state.best["epoch"])
+    trained = [h for h in state.history if h["epoch"] > 0]
+    return {
         "stage": "pretrain", "exposure_depth": cfg.exposure_depth, "stopping_objective": cfg.stopping_objective,
-        "best_epoch": best["epoch"], "epochs_run": len(trained), "early_stopped": stopped,
-        "best": best_entry["valid_ndcg"], "epochs": history, "score_scale": float(model.log_scale.detach().exp()),
-        "n_train_requests": n_train, "n_valid_requests": n_valid,
+        "best_epoch": state.best["epoch"], "epochs_run": len(trained), "early_stopped": state.stopped,
+        "best": best_entry["valid_ndcg"], "epochs": state.history,
+        "score_scale": float(run.model.log_scale.detach().exp()), "n_train_requests": run.n_train,
+        "n_valid_requests": int(run.valid["mask"].shape[0]),
         "requests_per_s": (sum(h["requests_per_s"] for h in trained) / len(trained)) if trained else None,
     }
-    if rank == 0:
-        _publish(out_uri, policy, spec, cfg, fingerprint, metrics, log_lines)
-    return metrics
 
 
 def training_labels_names(cfg: PretrainConfig) -> list[str]:
     return [name for name, w in cfg.objective_weights.items() if w != 0]
-
-
-def _publish(out_uri: str, model: PolicyNet, spec: dict[str, Any], cfg: PretrainConfig,
-             fingerprint: dict[str, Any], metrics: dict[str, Any], log_lines: list[str]) -> None:
-    with store.publishing(out_uri) as staging:
-        save_policy(model, staging)
-        (staging / dataset.SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
-        (staging / "config.json").write_text(json.dumps(
-            {"pretrain": to_dict(cfg), "features": fingerprint["features"],
-             "features_content_hash": fingerprint["features_content_hash"], "seed": cfg.seed,
-             "world_size": fingerprint["world_size"], "policy": dataclasses.asdict(copy.deepcopy(model.cfg))},
-            indent=2, sort_keys=True) + "\n")
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        (staging / "train_log.jsonl").write_text("".join(log_lines))
-    log.info("pretrain: published %s (best epoch %d)", out_uri, metrics["best_epoch"])

@@ -12,6 +12,8 @@ Checks (config section ``promote``):
 
 A missing metric, an unknown candidate, a candidate whose content differs from what was evaluated,
 a report that did not evaluate the current production model, or no thresholds at all: NOT blessed.
+A report field the gate reads that is missing or malformed is bad input (InputError, exit 2).
+The blessing is a :class:`grade.blessing.Blessing`.
 When blessed, the candidate is registered (idempotent) and the alias moves by compare-and-swap.
 """
 
@@ -23,6 +25,8 @@ import logging
 from typing import Any
 
 from grade import store
+from grade.blessing import Blessing, Check, Fields, Thresholds
+from grade.config import ranged
 from grade.errors import InputError
 from grade.registry import DEFAULT_MODEL, AliasConflict, Registry
 
@@ -32,7 +36,7 @@ log = logging.getLogger("grade.promotion")
 @dataclasses.dataclass
 class PromoteConfig:
     model_name: str = DEFAULT_MODEL
-    """registry model name whose production alias is gated"""
+    """registry model name whose production alias is gated (an alias of shared.model_name)"""
     candidate_name: str = "grade"
     """the candidate's policy name in report.json"""
     primary_metric: str = "opm"
@@ -43,10 +47,9 @@ class PromoteConfig:
     """flavour used when the report has no ground truth"""
     fallback_metric: str = "ndcg_order"
     """primary metric used when the report has no ground truth"""
-    min_lift: float | None = 0.0
+    min_lift: float | None = ranged(0.0, ">= -1")
     """the primary lift's CI lower bound must be above this (null: no threshold -> never blessed)"""
-    guardrails: dict[str, float] = dataclasses.field(
-        default_factory=lambda: {"ctr": -0.005, "cvr": -0.01, "gpm": -0.005})
+    guardrails: dict[str, float] = ranged({"ctr": -0.005, "cvr": -0.01, "gpm": -0.005}, ">= -1")
     """metric -> lowest acceptable lift vs the baseline (e.g. ctr -0.005: CTR may drop at most 0.5%)"""
 
 
@@ -69,115 +72,157 @@ def read_report(uri: str) -> dict[str, Any]:
     return report
 
 
-def _lift(lifts: dict, flavour: str, metric: str) -> dict | None:
-    entry = ((lifts or {}).get(flavour) or {}).get(metric)
-    return entry if isinstance(entry, dict) else None
+@dataclasses.dataclass
+class GateEvidence:
+    """What the gate reads from report.json, type-checked: a missing or malformed field -> InputError."""
+
+    has_ground_truth: bool
+    """whether the report's data had ground truth (true flavour) or not (fallback flavour)"""
+    policies: list[str]
+    """the evaluated policies"""
+    models: dict[str, dict[str, Any]]
+    """policy -> {uri, content_hash, version} of the evaluated model folders"""
+    lifts: dict[str, dict[str, Any]]
+    """baseline ('static', 'incumbent') -> policy -> flavour -> metric -> {lift, ci_low, ci_high}"""
+
+    @classmethod
+    def from_report(cls, report: dict[str, Any], source: str = "report.json") -> GateEvidence:
+        fields = Fields(report, source)
+        policies = fields.get("policies", dict)
+        models = fields.get("models", dict)
+        for name, info in models.items():
+            model = Fields(info, f"{source}: models.{name}")
+            model.get("content_hash", str, optional=True, absent_ok=True)
+            model.get("version", str, optional=True, absent_ok=True)
+        lifts = {"static": fields.get("lift_vs_static", dict)}
+        incumbent = fields.get("lift_vs_incumbent", dict, absent_ok=True)
+        if incumbent is not None:
+            lifts["incumbent"] = incumbent
+        for baseline, table in lifts.items():
+            _check_lifts(table, f"{source}: lift_vs_{baseline}")
+        return cls(fields.get("has_ground_truth", bool), list(policies), models, lifts)
+
+    def lift(self, baseline: str, policy: str, flavour: str, metric: str, key: str) -> float | None:
+        """``key`` (lift, ci_low, ci_high) of ``policy``'s lift vs ``baseline``; None when not reported."""
+        entry = self.lifts.get(baseline, {}).get(policy, {}).get(flavour, {}).get(metric)
+        return None if entry is None else entry.get(key)
+
+
+def _check_lifts(table: dict[str, Any], where: str) -> None:
+    """policy -> flavour -> metric -> {lift, ci_low, ci_high: number or null}, or InputError."""
+    for policy, flavours in table.items():
+        for flavour, metrics in Fields(flavours, f"{where}.{policy}").doc.items():
+            for metric, entry in Fields(metrics, f"{where}.{policy}.{flavour}").doc.items():
+                lift = Fields(entry, f"{where}.{policy}.{flavour}.{metric}")
+                for key in ("lift", "ci_low", "ci_high"):
+                    lift.get(key, (int, float), optional=True)
 
 
 def decide(report: dict[str, Any], candidate_uri: str, registry: Registry, cfg: PromoteConfig,
-           report_uri: str | None = None) -> dict[str, Any]:
+           report_uri: str | None = None) -> Blessing:
     """The blessing (not yet acted upon): verdict, baseline, checks and reasons."""
+    evidence = GateEvidence.from_report(report, report_uri or "report.json")
     name = cfg.candidate_name
-    reasons: list[str] = []
-    checks: list[dict[str, Any]] = []
     try:
         candidate_hash = store.content_hash(candidate_uri)
     except store.NotPublished as e:
         raise InputError(f"--candidate {candidate_uri}: {e}") from None
     current = registry.production()
-    blessing: dict[str, Any] = {
-        "candidate": name, "candidate_uri": candidate_uri, "candidate_content_hash": candidate_hash,
-        "report": report_uri, "registry": registry.root, "model_name": registry.model_name,
-        "thresholds": {"min_lift": cfg.min_lift, "guardrails": cfg.guardrails},
-        "incumbent_version": current[0]["version"] if current else None,
-    }
-    has_truth = bool(report.get("has_ground_truth", True))
-    flavour, metric = (cfg.primary_flavour, cfg.primary_metric) if has_truth else (cfg.fallback_flavour,
-                                                                                    cfg.fallback_metric)
-    blessing["primary"] = f"{flavour}/{metric}"
-
-    if name not in report.get("policies", {}):
-        reasons.append(f"the report has no metrics for candidate '{name}'")
-    evaluated = (report.get("models") or {}).get(name, {}).get("content_hash")
-    if evaluated != candidate_hash:
-        reasons.append(f"the candidate's content ({candidate_hash[:12]}) is not what the report evaluated "
-                       f"({(evaluated or 'none')[:12]})")
-    if current is not None:
-        blessing["baseline"] = "incumbent"
-        lifts = (report.get("lift_vs_incumbent") or {}).get(name)
-        inc_version = ((report.get("models") or {}).get("incumbent") or {}).get("version")
-        if inc_version != current[0]["version"]:
-            reasons.append(f"the report evaluated incumbent version {inc_version}, but production is "
-                           f"{current[0]['version']}: re-evaluate against the current production model")
-        if current[0].get("content_hash") == candidate_hash:
-            blessing.update(blessed=True, promoted=False, verdict="already in production", checks=[],
-                            reasons=[f"version {current[0]['version']} already serves this content"])
-            return blessing
-    else:
-        blessing["baseline"] = "static"
-        lifts = (report.get("lift_vs_static") or {}).get(name)
-
+    flavour, metric = (cfg.primary_flavour, cfg.primary_metric) if evidence.has_ground_truth else (
+        cfg.fallback_flavour, cfg.fallback_metric)
+    blessing = Blessing(
+        candidate=name, candidate_uri=candidate_uri, candidate_content_hash=candidate_hash, report=report_uri,
+        registry=registry.root, model_name=registry.model_name,
+        thresholds=Thresholds(cfg.min_lift, dict(cfg.guardrails)),
+        incumbent_version=current[0]["version"] if current else None, primary=f"{flavour}/{metric}",
+        baseline="incumbent" if current is not None else "static")
+    reasons = evidence_reasons(evidence, name, candidate_hash, current)
+    if current is not None and current[0].get("content_hash") == candidate_hash:
+        blessing.blessed, blessing.verdict = True, "already in production"
+        blessing.reasons = [f"version {current[0]['version']} already serves this content"]
+        return blessing
     if cfg.min_lift is None and not cfg.guardrails:
         reasons.append("no thresholds are configured")
-    if cfg.min_lift is not None:
-        entry = _lift(lifts, flavour, metric)
-        value = entry.get("ci_low") if entry else None
-        passed = value is not None and value > cfg.min_lift
-        checks.append({"name": f"{flavour}/{metric} lift CI low", "value": value, "threshold": f"> {cfg.min_lift}",
-                       "passed": passed})
-        if not passed:
-            reasons.append(f"{flavour}/{metric} lift CI low {value} is not above {cfg.min_lift}" if value is not None
-                           else f"{flavour}/{metric} lift vs {blessing['baseline']} is missing from the report")
-    guard_flavour = flavour if has_truth else "prior"
-    for m, tol in sorted(cfg.guardrails.items()):
-        entry = _lift(lifts, guard_flavour, m)
-        value = entry.get("lift") if entry else None
-        passed = value is not None and value >= tol
-        checks.append({"name": f"{guard_flavour}/{m} lift", "value": value, "threshold": f">= {tol}",
-                       "passed": passed})
-        if not passed:
-            reasons.append(f"guardrail {guard_flavour}/{m}: lift {value} below {tol}" if value is not None
-                           else f"guardrail {guard_flavour}/{m}: lift missing from the report")
-    blessed = not reasons and all(c["passed"] for c in checks) and bool(checks)
-    blessing.update(blessed=blessed, promoted=False, verdict="blessed" if blessed else "not blessed",
-                    checks=checks, reasons=reasons or ["every check passed"])
+    guard_flavour = flavour if evidence.has_ground_truth else "prior"
+    checks = threshold_checks(evidence, blessing, cfg, guard_flavour)
+    reasons += [reason for _, reason in checks if reason]
+    blessing.checks = [check for check, _ in checks]
+    blessing.blessed = not reasons and all(c.passed for c in blessing.checks) and bool(blessing.checks)
+    blessing.verdict = "blessed" if blessing.blessed else "not blessed"
+    blessing.reasons = reasons or ["every check passed"]
     return blessing
 
 
+def evidence_reasons(evidence: GateEvidence, name: str, candidate_hash: str,
+                     current: tuple[dict[str, Any], str] | None) -> list[str]:
+    """Why the report cannot judge this candidate: not evaluated, other content, stale incumbent."""
+    reasons = []
+    if name not in evidence.policies:
+        reasons.append(f"the report has no metrics for candidate '{name}'")
+    evaluated = evidence.models.get(name, {}).get("content_hash")
+    if evaluated != candidate_hash:
+        reasons.append(f"the candidate's content ({candidate_hash[:12]}) is not what the report evaluated "
+                       f"({(evaluated or 'none')[:12]})")
+    inc_version = evidence.models.get("incumbent", {}).get("version")
+    if current is not None and inc_version != current[0]["version"]:
+        reasons.append(f"the report evaluated incumbent version {inc_version}, but production is "
+                       f"{current[0]['version']}: re-evaluate against the current production model")
+    return reasons
+
+
+def threshold_checks(evidence: GateEvidence, blessing: Blessing, cfg: PromoteConfig,
+                     guard_flavour: str) -> list[tuple[Check, str | None]]:
+    """The primary and guardrail checks, each with the reason it failed (None when passed)."""
+    out: list[tuple[Check, str | None]] = []
+    name, baseline = blessing.candidate, blessing.baseline
+    if cfg.min_lift is not None:
+        primary = blessing.primary
+        value = evidence.lift(baseline, name, *primary.split("/", 1), "ci_low")
+        passed = value is not None and value > cfg.min_lift
+        out.append((Check(f"{primary} lift CI low", value, f"> {cfg.min_lift}", passed), None if passed else
+                    f"{primary} lift CI low {value} is not above {cfg.min_lift}" if value is not None
+                    else f"{primary} lift vs {baseline} is missing from the report"))
+    for m, tol in sorted(cfg.guardrails.items()):
+        value = evidence.lift(baseline, name, guard_flavour, m, "lift")
+        passed = value is not None and value >= tol
+        out.append((Check(f"{guard_flavour}/{m} lift", value, f">= {tol}", passed), None if passed else
+                    f"guardrail {guard_flavour}/{m}: lift {value} below {tol}" if value is not None
+                    else f"guardrail {guard_flavour}/{m}: lift missing from the report"))
+    return out
+
+
 def promote(report_uri: str, candidate_uri: str, registry_uri: str, cfg: PromoteConfig,
-            data_uri: str | None = None) -> dict[str, Any]:
+            data_uri: str | None = None) -> Blessing:
     """Gate, then register and move the alias when blessed. Returns the blessing (with the outcome)."""
     report = read_report(report_uri)
     registry = Registry(registry_uri, cfg.model_name)
     # read the alias (and its ETag) before deciding: the move is a compare-and-swap against it
     current = registry.production()
     blessing = decide(report, candidate_uri, registry, cfg, report_uri)
-    if not blessing["blessed"] or blessing["verdict"] == "already in production":
+    if not blessing.blessed or blessing.verdict == "already in production":
         return blessing
-    blessing_bytes = (json.dumps(blessing, indent=2, sort_keys=True) + "\n").encode()
+    blessing_bytes = (json.dumps(blessing.to_json(), indent=2, sort_keys=True) + "\n").encode()
     version, created = registry.register(candidate_uri, report_uri=report_uri, data_uri=data_uri,
                                          parent=current[0]["version"] if current else None,
                                          extra_files={"blessing.json": blessing_bytes})
-    blessing["version"] = version
+    blessing.version = version
     try:
-        registry.set_production(version, f"blessed vs {blessing['baseline']}: " + "; ".join(
-            f"{c['name']}={c['value']:.4f}" for c in blessing["checks"] if c["value"] is not None),
+        registry.set_production(version, f"blessed vs {blessing.baseline}: " + "; ".join(
+            f"{c.name}={c.value:.4f}" for c in blessing.checks if c.value is not None),
             expected_etag=current[1] if current else None)
-        blessing["promoted"] = True
-        blessing["verdict"] = "promoted"
+        blessing.promoted, blessing.verdict = True, "promoted"
     except AliasConflict as e:
-        blessing["promoted"] = False
-        blessing["verdict"] = "conflict"
-        blessing["reasons"] = [*blessing["reasons"], str(e)]
+        blessing.promoted, blessing.verdict = False, "conflict"
+        blessing.reasons = [*blessing.reasons, str(e)]
     return blessing
 
 
-def format_blessing(b: dict[str, Any]) -> str:
-    lines = [f"candidate '{b['candidate']}' vs {b.get('baseline', '?')}: {b['verdict'].upper()}"]
-    for c in b.get("checks", []):
-        v = "missing" if c["value"] is None else f"{c['value']:+.4f}"
-        lines.append(f"  [{'pass' if c['passed'] else 'FAIL'}] {c['name']:<28} {v:>10}  (needs {c['threshold']})")
-    lines += [f"  - {r}" for r in b.get("reasons", [])]
-    if b.get("version"):
-        lines.append(f"  registered as {b['model_name']}/{b['version']}")
+def format_blessing(b: Blessing) -> str:
+    lines = [f"candidate '{b.candidate}' vs {b.baseline}: {b.verdict.upper()}"]
+    for c in b.checks:
+        v = "missing" if c.value is None else f"{c.value:+.4f}"
+        lines.append(f"  [{'pass' if c.passed else 'FAIL'}] {c.name:<28} {v:>10}  (needs {c.threshold})")
+    lines += [f"  - {r}" for r in b.reasons]
+    if b.version:
+        lines.append(f"  registered as {b.model_name}/{b.version}")
     return "\n".join(lines)

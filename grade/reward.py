@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 
 from grade import distributed
+from grade.config import ranged
 from grade.errors import InputError
 from grade.fusion import dcg_discounts, fuse, gather_items, top_e
 
@@ -36,50 +37,48 @@ TERMS = ("post", "prior", "format")
 
 @dataclasses.dataclass
 class RewardConfig:
-    post: float = 1.0
+    post: float = ranged(1.0, ">= 0")
     """lambda_post: coefficient of the posterior (logged-label NDCG@E) term; 0 switches it off"""
-    prior: float = 0.1
+    prior: float = ranged(0.1, ">= 0")
     """lambda_prior: coefficient of the prior (MTL-predicted discounted value) term; 0 switches it off.
     Small by default: the MTL model is global, so its prior pulls every user towards the same weights"""
-    format: float = 1.0
+    format: float = ranged(1.0, ">= 0")
     """lambda_fmt: coefficient of the format (weight bounds + entropy floor) penalty; 0 switches it off"""
-    post_click: float = 0.25
+    post_click: float = ranged(0.25, ">= 0")
     """share of click NDCG in the posterior term"""
-    post_order: float = 1.0
+    post_order: float = ranged(1.0, ">= 0")
     """share of order NDCG in the posterior term"""
-    post_gmv: float = 1.0
+    post_gmv: float = ranged(1.0, ">= 0")
     """share of gmv NDCG (linear gain) in the posterior term (0 leaves GMV to the prior alone, which trades it away for orders)"""
     post_debias: bool = True
     """weight logged labels by 1/theta(logged position): clicks were only possible where users looked,
     so without it the posterior favours whatever the logging policy put on top"""
-    post_debias_eta: float = 1.0
+    post_debias_eta: float = ranged(1.0, ">= 0")
     """eta of the examination model theta_j = 1/(1+j)^eta used for the debiasing"""
-    post_debias_clip: float = 20.0
+    post_debias_clip: float = ranged(20.0, "> 0")
     """largest inverse-propensity weight (bounds the variance from clicks at deep positions)"""
     post_normalise: Literal["request", "batch"] = "batch"
     """divide each request's DCG by its own ideal DCG (request: NDCG) or by the batch's mean ideal DCG
     (batch): NDCG cancels the inverse-propensity weight of a request's single positive, so it drifts
     back to the logging policy; the batch form keeps it and estimates the new ranking's true value"""
-    v_click: float = 0.0
+    v_click: float = ranged(0.0, ">= 0")
     """value of a click in the prior item value pctr*(v_click + pcvr*(v_order + v_gmv*pgmv))"""
-    v_order: float = 1.0
+    v_order: float = ranged(1.0, ">= 0")
     """value of an order in the prior item value"""
-    v_gmv: float = 1.0
+    v_gmv: float = ranged(1.0, ">= 0")
     """value of an order per unit of pgmv / gmv_unit (gmv_unit: the train geometric mean of pgmv in a run)"""
-    w_min: list[float] = dataclasses.field(default_factory=lambda: [0.0])
+    w_min: list[float] = ranged([0.0], "[0, 1]")
     """lower bound per objective (one value for all, or K values in the features' objective order); 0 by
     default because a zero weight can be right (bargain hunters: none on GMV); w_max and the entropy floor
     already forbid degenerate weights"""
-    w_max: list[float] = dataclasses.field(default_factory=lambda: [0.8])
+    w_max: list[float] = ranged([0.8], "[0, 1]")
     """upper bound per objective (one value for all, or K values)"""
-    entropy_floor: float = 0.6
+    entropy_floor: float = ranged(0.6, ">= 0")
     """minimum Shannon entropy (nats) of a weight vector; ln K is the uniform maximum"""
 
     def validate(self, n_objectives: int | None = None) -> None:
-        for name in ("post", "prior", "format", "post_click", "post_order", "post_gmv", "v_click",
-                     "v_order", "v_gmv", "entropy_floor"):
-            if getattr(self, name) < 0:
-                raise InputError(f"finetune.reward.{name}: expected >= 0, got {getattr(self, name)}")
+        """Checks beyond each field's range (grade.config.check runs those first); with the features'
+        number of objectives K, also that the weight bounds fit K."""
         if self.post > 0 and self.post_click + self.post_order + self.post_gmv <= 0:
             raise InputError("finetune.reward: post > 0 needs a positive post_click, post_order or post_gmv")
         if self.prior > 0 and self.v_click + self.v_order + self.v_gmv <= 0:

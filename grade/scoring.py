@@ -2,7 +2,8 @@
 
 For each request the serving policy (the TorchScript export when present) maps the request's
 user/context features to weights w [K]; each candidate's score is S_i = sum_k w_k z_ik with z the
-standardised log-predictions of the model's feature spec. Work is row-wise and vectorised: the
+standardised log-predictions. Raw values become model inputs through the model's
+:class:`grade.transform.FeatureTransform`, the one feature extraction wrote the training shards with. Work is row-wise and vectorised: the
 request's weights are broadcast to its rows and ranks come from one sort per record batch; lists are
 never padded. Input files are streamed in request-aligned record batches.
 """
@@ -21,7 +22,8 @@ import torch
 
 from grade import store
 from grade.errors import InputError
-from grade.features import _aligned_batches, encode_categorical, list_log_files, standardise
+from grade.features import aligned_batches, list_log_files
+from grade.transform import FeatureTransform
 
 log = logging.getLogger("grade.scoring")
 
@@ -38,6 +40,7 @@ class ServingModel:
             self.spec = store.read_json(store.join(root, "feature_spec.json"))
         except store.NotFound:
             raise InputError(f"{uri}: not a model folder (no feature_spec.json)") from None
+        self.transform = FeatureTransform.from_spec(self.spec)
         from grade.policy import TORCHSCRIPT_FILE, load_policy, load_torchscript
 
         ts = store.join(uri, TORCHSCRIPT_FILE)
@@ -55,37 +58,28 @@ class ServingModel:
         return (out[0] if isinstance(out, tuple) else out).numpy()
 
 
-def _request_features(t: pa.Table, starts: np.ndarray, spec: dict[str, Any], where: str):
-    num_cols = [c["name"] for c in spec["numeric"]]
-    cat_cols = [c["name"] for c in spec["categorical"]]
-    missing = [c for c in num_cols + cat_cols + [f"pred_{o}" for o in spec["objectives"]] + ["request_id"]
-               if c not in t.column_names]
-    if missing:
-        raise InputError(f"{where}: missing column(s) {missing} required by the model's feature spec")
-    num = np.zeros((len(starts), len(num_cols)), dtype=np.float32)
-    for j, c in enumerate(spec["numeric"]):
-        x = t[c["name"]].to_numpy(zero_copy_only=False)[starts].astype(np.float32)
-        num[:, j] = (x - c["mean"]) / (c["std"] or 1.0)
-    cat = np.zeros((len(starts), len(cat_cols)), dtype=np.int64)
-    for j, c in enumerate(spec["categorical"]):
-        cat[:, j] = encode_categorical(t[c["name"]].to_numpy(zero_copy_only=False)[starts].astype(np.int64),
-                                       np.asarray(c["vocab"]))
-    return num, cat
+def _columns(t: pa.Table, names: list[str], rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Numpy values of the named columns (at ``rows`` when given)."""
+    out = {c: t[c].to_numpy(zero_copy_only=False) for c in names}
+    return out if rows is None else {c: v[rows] for c, v in out.items()}
 
 
 def score_batch(model: ServingModel, t: pa.Table, keys: np.ndarray, where: str) -> pa.Table:
     """Scores and 0-based ranks for one request-aligned table of rows."""
-    spec = model.spec
+    transform = model.transform
+    missing = transform.missing(t.column_names) + ([] if "request_id" in t.column_names else ["request_id"])
+    if missing:
+        raise InputError(f"{where}: missing column(s) {missing} required by the model's feature spec")
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
     run = np.cumsum(np.r_[False, keys[1:] != keys[:-1]])              # request index of every row
-    num, cat = _request_features(t, starts, spec, where)
+    num, cat = transform.request_features(_columns(t, [*transform.numeric, *transform.categorical], starts),
+                                          len(starts))
     w = model.weights(num, cat)                                          # [R, K]
-    pred = np.stack([t[f"pred_{o}"].to_numpy(zero_copy_only=False).astype(np.float32)
-                     for o in spec["objectives"]], axis=-1)
+    pred = transform.stack_predictions(_columns(t, transform.pred_columns))
     if not np.all(np.isfinite(pred)) or np.any(pred <= 0):
         row = int(np.flatnonzero(~(np.isfinite(pred) & (pred > 0)).all(-1))[0])
         raise InputError(f"{where}: row {row}: predictions must be finite and > 0")
-    z = standardise(pred, spec)
+    z = transform.z(pred)
     score = (w[run] * z).sum(-1).astype(np.float32)
     order = np.lexsort((np.arange(len(score)), -score, run))            # by request, best first, stable
     rank = np.empty(len(score), dtype=np.int32)
@@ -94,7 +88,7 @@ def score_batch(model: ServingModel, t: pa.Table, keys: np.ndarray, where: str) 
     if "item_id" in t.column_names:
         cols = {"request_id": t["request_id"], "item_id": t["item_id"], "score": pa.array(score),
                 "rank": pa.array(rank)}
-    for k, o in enumerate(spec["objectives"]):
+    for k, o in enumerate(transform.objectives):
         cols[f"w_{o}"] = pa.array(w[run, k].astype(np.float32))
     return pa.table(cols)
 
@@ -112,7 +106,7 @@ def score_requests(model_uri: str, requests_uri: str, out_uri: str, batch_rows: 
             fs, path = store.arrow_filesystem(uri)
             writer = None
             try:
-                for b in _aligned_batches(fs, path, i, None, batch_rows):
+                for b in aligned_batches(fs, path, i, None, batch_rows):
                     out = score_batch(model, b.table, b.keys, uri)
                     if writer is None:
                         writer = pq.ParquetWriter(staging / f"part-{i:05d}.parquet", out.schema, compression="zstd")

@@ -60,9 +60,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from grade import store
+from grade import config, store
+from grade.config import ranged
 from grade.errors import ConfigError
 from grade.fusion import examination, fuse, gather_items, top_e
+from grade.progress import Progress
 
 log = logging.getLogger("grade.simulator")
 
@@ -88,53 +90,53 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 @dataclasses.dataclass
 class SimulatorConfig:
-    seed: int = 0
+    seed: int = ranged(0, ">= 0")
     """random seed: the same config and seed always give the same logs"""
-    n_requests: int = 20000
+    n_requests: int = ranged(20000, ">= 1")
     """number of search requests"""
-    n_users: int = 5000
+    n_users: int = ranged(5000, ">= 1")
     """number of distinct users"""
-    list_size: int = 50
+    list_size: int = ranged(50, ">= 1")
     """candidates per request (L)"""
     objectives: list[str] = dataclasses.field(default_factory=lambda: ["ctr", "cvr", "gmv"])
     """MTL predictions written as pred_<objective>; from ctr, cvr, gmv, rel"""
-    n_items: int = 20000
+    n_items: int = ranged(20000, ">= 1")
     """catalogue size"""
-    n_categories: int = 20
+    n_categories: int = ranged(20, ">= 2")
     """number of item categories"""
-    price_sigma: float = 0.35
+    price_sigma: float = ranged(0.35, ">= 0")
     """std of an item's log-price around its category's mean"""
-    category_price_sigma: float = 0.3
+    category_price_sigma: float = ranged(0.3, ">= 0")
     """std of the categories' mean log-prices"""
-    appeal_sigma: float = 0.6
+    appeal_sigma: float = ranged(0.6, ">= 0")
     """std of the items' click appeal (logit)"""
-    in_category_share: float = 0.7
+    in_category_share: float = ranged(0.7, "[0, 1]")
     """share of a request's candidates from its query category"""
-    n_days: int = 14
+    n_days: int = ranged(14, ">= 1")
     """days the requests are spread over (one Parquet partition per day)"""
     start_date: str = "2026-01-01"
     """first day of the logs (UTC)"""
-    segment_mix: list[float] = dataclasses.field(default_factory=lambda: [0.35, 0.25, 0.25, 0.15])
+    segment_mix: list[float] = ranged([0.35, 0.25, 0.25, 0.15], ">= 0")
     """share of users per segment: browser, buyer, bargain_hunter, premium"""
-    feature_noise: float = 0.7
+    feature_noise: float = ranged(0.7, ">= 0")
     """std of the noise on the numeric user features (higher = segments harder to identify)"""
-    mtl_noise_ctr: float = 0.25
+    mtl_noise_ctr: float = ranged(0.25, ">= 0")
     """std of the MTL pCTR logit noise"""
-    mtl_noise_cvr: float = 0.3
+    mtl_noise_cvr: float = ranged(0.3, ">= 0")
     """std of the MTL pCVR logit noise"""
-    mtl_price_awareness: float = 0.1
+    mtl_price_awareness: float = ranged(0.1, "[0, 1]")
     """share of each segment's deviation from the average price sensitivity the MTL model captures"""
-    mtl_cvr_price_bias: float = 0.4
+    mtl_cvr_price_bias: float = ranged(0.4, "(-inf, inf)")
     """upward pCVR logit bias per unit of log-price above the category mean"""
-    mtl_gmv_noise: float = 0.1
+    mtl_gmv_noise: float = ranged(0.1, ">= 0")
     """std of the log-noise of pred_gmv around the price"""
-    logging_concentration: float = 30.0
+    logging_concentration: float = ranged(30.0, "> 0")
     """Dirichlet concentration of the logging policy's per-request weight noise"""
-    position_bias: float = 1.0
+    position_bias: float = ranged(1.0, ">= 0")
     """eta of the examination model theta_j = 1 / (1 + j)^eta"""
-    exposure_depth: int = 10
+    exposure_depth: int = ranged(10, ">= 1")
     """E: positions that count as exposed in the headroom report and the oracle"""
-    chunk_requests: int = 10000
+    chunk_requests: int = ranged(10000, ">= 1")
     """requests generated and written per chunk (bounds memory)"""
 
     def validate(self) -> None:
@@ -143,18 +145,12 @@ class SimulatorConfig:
             raise ConfigError(f"simulator.objectives: expected a non-empty list from {list(OBJECTIVES)}, got {self.objectives}")
         if len(set(self.objectives)) != len(self.objectives):
             raise ConfigError(f"simulator.objectives: duplicates in {self.objectives}")
-        if len(self.segment_mix) != len(SEGMENTS) or min(self.segment_mix) < 0 or sum(self.segment_mix) <= 0:
+        if len(self.segment_mix) != len(SEGMENTS) or sum(self.segment_mix) <= 0:
             raise ConfigError(f"simulator.segment_mix: expected {len(SEGMENTS)} non-negative shares, got {self.segment_mix}")
-        for name in ("n_requests", "n_users", "list_size", "n_items", "n_categories", "n_days", "chunk_requests",
-                     "exposure_depth"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"simulator.{name}: expected an integer >= 1, got {getattr(self, name)}")
         per_cat = self.n_items // self.n_categories
-        if self.list_size > per_cat or self.n_categories < 2:
+        if self.list_size > per_cat:
             raise ConfigError(f"simulator: list_size {self.list_size} needs at least that many items per category "
-                              f"(n_items / n_categories = {per_cat}) and n_categories >= 2")
-        if not 0 <= self.in_category_share <= 1:
-            raise ConfigError(f"simulator.in_category_share: expected a value in [0, 1], got {self.in_category_share}")
+                              f"(n_items / n_categories = {per_cat})")
         try:
             dt.date.fromisoformat(self.start_date)
         except ValueError:
@@ -315,7 +311,7 @@ def _chunk(cfg: SimulatorConfig, world: World, index: int, start: int, n: int) -
 
 def generate(cfg: SimulatorConfig) -> Iterator[pa.Table]:
     """The logs as a sequence of tables, one per chunk of ``cfg.chunk_requests`` requests, in time order."""
-    cfg.validate()
+    config.check(cfg)
     world = make_world(cfg)
     for index, start in enumerate(range(0, cfg.n_requests, cfg.chunk_requests)):
         yield _chunk(cfg, world, index, start, min(cfg.chunk_requests, cfg.n_requests - start))
@@ -326,7 +322,9 @@ def write_logs(cfg: SimulatorConfig, out_uri: str) -> dict[str, Any]:
     t0 = time.monotonic()
     rows = 0
     files = 0
-    n_chunks = -(-cfg.n_requests // cfg.chunk_requests)
+    # a line per chunk: chunks take seconds each
+    progress = Progress("simulate", -(-cfg.n_requests // cfg.chunk_requests), "chunks", rate_unit="rows",
+                        every_s=0.0, logger=log)
     with store.publishing(out_uri, extra={"producer": "grade.simulator",
                                           "config": dataclasses.asdict(cfg)}) as staging:
         for index, table in enumerate(generate(cfg)):
@@ -339,9 +337,7 @@ def write_logs(cfg: SimulatorConfig, out_uri: str) -> dict[str, Any]:
                                compression="zstd")
                 files += 1
             rows += table.num_rows
-            elapsed = time.monotonic() - t0
-            log.info("simulate: chunk %d/%d, %d rows (%.0f rows/s)", index + 1, n_chunks, rows,
-                     rows / max(elapsed, 1e-9))
+            progress.add(1, table.num_rows)
     elapsed = time.monotonic() - t0
     summary = {"out": out_uri, "requests": cfg.n_requests, "rows": rows, "files": files,
                "seconds": round(elapsed, 3), "rows_per_s": round(rows / max(elapsed, 1e-9))}

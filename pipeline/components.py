@@ -131,15 +131,16 @@ def promote(report: Input[Artifact], candidate: Input[Model], registry_uri: str,
     """Gate the candidate against the production model; register it and move the alias when blessed."""
     from components.promote import main
     from grade import store
+    from grade.blessing import Blessing
     from pipeline.params import write_step_config
-    from pipeline.step_io import blessing_markdown, blessing_verdict, run_step
+    from pipeline.step_io import blessing_markdown, run_step
 
     cfg = write_step_config(config_yaml, {"min_primary_lift": min_primary_lift})
     run_step("promote", main, ["--report", report.path, "--candidate", candidate.path,
                                "--registry", registry_uri, "--candidate-name", "grade",
                                "--blessing", blessing.path, "--config", cfg,
                                "--data", f"{data_uri}@{snapshot_date}" if snapshot_date else data_uri])
-    result = store.read_json(blessing.path)
+    result = Blessing.from_json(store.read_json(blessing.path), blessing.path)
     with open(summary.path, "w") as f:
         f.write(blessing_markdown(result))
-    blessing.metadata.update({"verdict": blessing_verdict(result)})
+    blessing.metadata.update({"verdict": result.verdict})

@@ -30,6 +30,7 @@ from typing import Any
 
 import grade.cli
 from grade import store
+from grade.blessing import Blessing
 from grade.errors import InputError
 from pipeline import params
 from pipeline.grade_pipeline import PIPELINE_NAME
@@ -132,10 +133,9 @@ def _blessing_file(path: Path) -> Path:
     return path / "blessing.json" if path.is_dir() else path
 
 
-def summary(report: dict[str, Any], blessing: dict[str, Any] | None) -> str:
+def summary(report: dict[str, Any], blessing: Blessing | None) -> str:
     """The evaluation table (metrics, lifts vs static with CIs), lifts vs the incumbent, the verdict."""
     from grade.evaluation import format_table
-    from pipeline.step_io import blessing_verdict
 
     lines = [format_table(report)]
     vs_incumbent = report.get("lift_vs_incumbent", {}).get("grade", {})
@@ -145,8 +145,8 @@ def summary(report: dict[str, Any], blessing: dict[str, Any] | None) -> str:
                  for m, v in vs_incumbent[flavour].items() if isinstance(v, dict) and "lift" in v]
         lines.append("grade vs incumbent: " + ", ".join(cells))
     if blessing is not None:
-        lines.append(f"promotion: {blessing_verdict(blessing)}")
-        lines += [f"  - {r}" for r in blessing.get("reasons", [])]
+        lines.append(f"promotion: {blessing.verdict}")
+        lines += [f"  - {r}" for r in blessing.reasons]
     return "\n".join(lines)
 
 
@@ -189,7 +189,8 @@ def run_local(config_path: str | None, out: str | Path, *, workdir: str | Path |
     blessing = None
     if "blessing" in found:
         shutil.copyfile(_blessing_file(found["blessing"]), out / "blessing.json")
-        blessing = json.loads((out / "blessing.json").read_text())
+        path = out / "blessing.json"
+        blessing = Blessing.from_json(json.loads(path.read_text()), str(path))
     report = json.loads((out / "report.json").read_text())
     return {"run_dir": run_dir, "registry": registry, "logs": logs or "simulated in the pipeline",
             "report": report, "blessing": blessing, "elapsed_s": elapsed, "out": out}

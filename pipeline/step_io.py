@@ -11,7 +11,10 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from grade.blessing import Blessing
 
 #: The most metrics one task logs (the KFP UI lists them all; keep it readable).
 MAX_METRICS = 100
@@ -122,30 +125,17 @@ def report_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def blessing_verdict(blessing: dict[str, Any]) -> str:
-    """The promotion's outcome in words: promoted, not blessed, already in production, conflict..."""
-    if blessing.get("verdict"):
-        return str(blessing["verdict"])
-    if "promoted" in blessing:
-        return "promoted" if blessing["promoted"] else "not promoted"
-    return "blessed" if blessing.get("blessed") else "not blessed"
-
-
-def blessing_markdown(blessing: dict[str, Any]) -> str:
+def blessing_markdown(blessing: Blessing) -> str:
     """The promotion decision: verdict, candidate vs baseline, every check and the reasons."""
-    lines = [f"### Promotion: **{blessing_verdict(blessing)}**", ""]
+    lines = [f"### Promotion: **{blessing.verdict}**", ""]
     for key in ("candidate", "baseline", "model_name", "version"):
-        if key in blessing and not isinstance(blessing[key], (dict, list)):
-            lines.append(f"- {key}: `{blessing[key]}`")
-    checks = blessing.get("checks") or []
-    if checks:
+        if getattr(blessing, key) is not None:
+            lines.append(f"- {key}: `{getattr(blessing, key)}`")
+    if blessing.checks:
         lines += ["", "| check | value | threshold | passed |", "|---|---|---|---|"]
-        for c in checks:
-            value = c.get("value")
-            shown = "missing" if value is None else f"{value:+.4f}" if isinstance(value, float) else str(value)
-            lines.append(f"| {c.get('name', '?')} | {shown} | {c.get('threshold', 'n/a')} | "
-                         f"{'yes' if c.get('passed') else 'no'} |")
-    reasons = blessing.get("reasons") or []
-    if reasons:
-        lines += ["", "Reasons:", *[f"- {r}" for r in reasons]]
+        for c in blessing.checks:
+            shown = "missing" if c.value is None else f"{c.value:+.4f}"
+            lines.append(f"| {c.name} | {shown} | {c.threshold} | {'yes' if c.passed else 'no'} |")
+    if blessing.reasons:
+        lines += ["", "Reasons:", *[f"- {r}" for r in blessing.reasons]]
     return "\n".join(lines) + "\n"

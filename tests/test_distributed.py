@@ -54,6 +54,26 @@ def test_single_process_helpers_are_identities():
     assert torch.equal(model.weight.grad, before)
 
 
+def test_gradient_averager_counts_a_missing_gradient_as_zero_in_one_collective(monkeypatch):
+    """The one averager of both stages: the other rank's gradients arrive through a stand-in all-reduce."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    model[0](torch.ones(1, 2)).sum().backward()   # the second layer gets no gradient on this rank
+    mine = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    other = [torch.full_like(p, 3.0) for p in model.parameters()]
+    calls = []
+
+    def fake_all_reduce(flat, op=None):
+        calls.append(flat.numel())
+        flat += torch.cat([o.reshape(-1) for o in other])
+
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed.dist, "all_reduce", fake_all_reduce)
+    distributed.GradientAverager(world=2)(model)
+    assert calls == [sum(p.numel() for p in model.parameters())]
+    for p, m, o in zip(model.parameters(), mine, other, strict=True):
+        assert torch.equal(p.grad, (m + o) / 2)
+
+
 def test_local_rows_interleave_like_the_round_robin_deal():
     # a global batch of 7 over 3 ranks: rank r holds rows r, r+3, ...
     assert distributed.local_rows(7, 0, 3).tolist() == [0, 3, 6]

@@ -307,3 +307,52 @@ def test_comparisons_by_hand():
     assert c["grade"]["opm_lift_vs_best_static"] == lift and c["grade"]["beats_best_static"]
     assert c["oracle_above_all"] == {"opm": True, "gpm": False}
     assert headroom_shares(policies) == pytest.approx({"best_static": 0.1, "grade": 0.2})
+
+
+REPORT_KEYS = {"n_requests", "split", "primary_metric", "primary_flavour", "has_ground_truth", "objectives",
+               "exposure_depth", "policies", "lift_vs_static", "models", "weights", "best_static_search",
+               "headroom_captured", "lift_vs", "comparisons", "headroom_sentence", "segments", "frontier",
+               "config", "features", "elapsed_s"}
+
+
+def test_the_stages_compose_to_report_json(evaluated, tmp_path):
+    """load -> compute_policies -> build_report gives report.json (the same keys, the same values)."""
+    import time
+
+    from grade import evaluation
+
+    features, model, out, report = evaluated
+    on_disk = store.read_json(store.join(out, "report.json"))
+    assert set(on_disk) == REPORT_KEYS and on_disk == json.loads(json.dumps(evaluation._finite(report)))
+    cfg = small_config()
+    held = evaluation.load_inputs(features, cfg, None)
+    named, info = evaluation.named_models({"grade": model}, None, cfg)
+    staged = evaluation.build_report(held, evaluation.compute_policies(held, named, info), ["grade"],
+                                     time.monotonic())
+    staged.elapsed_s = report["elapsed_s"]
+    assert staged.to_json() == report
+    evaluation.publish(staged, str(tmp_path / "again"), "<html>")
+    assert store.read_json(store.join(str(tmp_path / "again"), "report.json")) == on_disk
+
+
+def test_a_baseline_or_primary_flavour_is_one_registry_entry(evaluated, tmp_path, monkeypatch):
+    """Adding a baseline to BASELINES puts it in every table; an unavailable one is reported, not ranked;
+    the primary flavour is the first available entry of PRIMARY_FLAVOURS."""
+    from grade import evaluation
+
+    features, _, _, _ = evaluated
+    uniform = torch.full((len(OBJECTIVES),), 1.0 / len(OBJECTIVES))
+    monkeypatch.setattr(evaluation, "BASELINES", {
+        **evaluation.BASELINES, "uniform": lambda held: evaluation.Ranking(weights=uniform),
+        "broken": lambda held: evaluation.Ranking(unavailable="needs data this run does not have")})
+    monkeypatch.setattr(evaluation, "PRIMARY_FLAVOURS", (
+        evaluation.PrimaryFlavour("never", lambda data: False), *evaluation.PRIMARY_FLAVOURS[::-1]))
+    report = run_evaluation(features, {}, str(tmp_path / "out"),
+                            small_config(static_search_iterations=0, bootstrap_samples=20))
+    assert "uniform" in report["policies"] and "broken" not in report["policies"]
+    assert report["weights"]["uniform"] == pytest.approx(uniform.tolist())
+    assert set(report["lift_vs_static"]["uniform"]["prior"]) >= {"ctr", "opm"}
+    assert report["broken_unavailable"] == "needs data this run does not have"
+    assert report["primary_flavour"] == "prior"  # 'never' is not available; 'prior' now comes before 'true'
+    with pytest.raises(InputError, match="reserved"):
+        run_evaluation(features, {"uniform": "x"}, str(tmp_path / "o2"), small_config())

@@ -18,12 +18,12 @@ from grade import store
 from grade.errors import InputError
 from grade.features import (
     FeaturesConfig,
-    encode_categorical,
     extract_features,
     hash_strings,
     objective_order,
     split_boundaries,
 )
+from grade.transform import encode_categorical
 
 T0 = pd.Timestamp("2026-03-01")
 

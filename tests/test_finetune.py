@@ -139,6 +139,27 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(features, stag
     finetune(features, stage1, resumed, small_cfg())
     assert same(weights_of(out), weights_of(resumed))
     assert Path(out, "train_log.jsonl").read_text() == Path(resumed, "train_log.jsonl").read_text()
+    # the last two checkpoints are kept, as safetensors + JSON (no pickle)
+    steps = json.loads(Path(out, "metrics.json").read_text())["steps"]
+    folders = sorted(p.name for p in Path(resumed, "_checkpoints").iterdir() if p.is_dir())
+    assert len(folders) == 2 and folders[-1] == f"step-{steps:06d}"
+    assert {p.suffix for p in Path(resumed, "_checkpoints", folders[-1]).iterdir()} == {".safetensors", ".json",
+                                                                                       ".jsonl"}
+
+
+def test_checkpoint_of_the_old_torch_save_format_is_refused(features, stage1, tmp_path, caplog):
+    out = tmp_path / "old"
+    folder = out / "_checkpoints" / "step-000002"
+    folder.mkdir(parents=True)
+    (folder / "state.pt").write_bytes(b"a pickle, never read")
+    (folder / "state.json").write_text(json.dumps({"step": 2, "curve": [], "fingerprint": {}}))
+    (out / "_checkpoints" / "latest.json").write_text(json.dumps({"step": 2, "folder": "step-000002"}))
+    with caplog.at_level("WARNING", logger="grade.training"):
+        metrics = finetune(features, stage1, str(out), small_cfg(max_steps=3))
+    assert "old format" in caplog.text and metrics["steps"] == 3
+    fresh = str(tmp_path / "fresh")
+    finetune(features, stage1, fresh, small_cfg(max_steps=3))
+    assert same(weights_of(str(out)), weights_of(fresh))
 
 
 def test_checkpoint_of_another_config_is_not_resumed(features, stage1, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributions as D
 
+from grade import config
 from grade.errors import InputError
 from grade.grpo import (
     FinetuneConfig,
@@ -274,4 +275,4 @@ def test_rollout_is_seeded_and_leaves_the_global_rng_alone():
 ])
 def test_invalid_config(kw, match):
     with pytest.raises(InputError, match=match):
-        FinetuneConfig(**kw).validate(3)
+        config.check(FinetuneConfig(**kw)).validate(3)

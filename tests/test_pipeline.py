@@ -317,18 +317,28 @@ def test_summary_shows_lifts_vs_the_incumbent_and_the_verdict():
 
     report = _tiny_report(["static", "grade", "incumbent"], lift_vs_incumbent={
         "grade": {"true": {"opm": {"lift": 0.004, "ci_low": 0.001, "ci_high": 0.007}}}})
-    text = summary(report, {"verdict": "not blessed", "reasons": ["guardrail true/ctr: lift -0.013 below -0.005"]})
+    text = summary(report, _blessing(verdict="not blessed",
+                                     reasons=["guardrail true/ctr: lift -0.013 below -0.005"]))
     assert "grade vs incumbent: OPM +0.40% [+0.10, +0.70]" in text
     assert "promotion: not blessed\n  - guardrail true/ctr: lift -0.013 below -0.005" in text
 
 
+def _blessing(**fields):
+    """A blessing as blessing.json holds it (read back through the typed record)."""
+    from grade.blessing import Blessing
+
+    doc = {"candidate": "grade", "candidate_uri": "/m", "candidate_content_hash": "ab" * 32, "report": "/r",
+           "registry": "/reg", "model_name": "grade-mtf", "thresholds": {"min_lift": 0.0, "guardrails": {}},
+           "incumbent_version": None, "primary": "true/opm", "baseline": "static", "verdict": "not blessed",
+           "blessed": False, "promoted": False, "checks": [], "reasons": [], **fields}
+    return Blessing.from_json(doc)
+
+
 def test_blessing_markdown_lists_checks():
-    md = step_io.blessing_markdown({"verdict": "promoted", "candidate": "grade", "baseline": "static",
-                                    "checks": [{"name": "true/opm lift ci_low", "value": 0.0123,
-                                                "threshold": "> 0.0", "passed": True},
-                                               {"name": "true/ctr", "value": None, "threshold": ">= -0.005",
-                                                "passed": False}],
-                                    "reasons": ["missing metric true/ctr"]})
+    checks = [{"name": "true/opm lift ci_low", "value": 0.0123, "threshold": "> 0.0", "passed": True},
+              {"name": "true/ctr", "value": None, "threshold": ">= -0.005", "passed": False}]
+    md = step_io.blessing_markdown(_blessing(verdict="promoted", blessed=True, promoted=True, checks=checks,
+                                             reasons=["missing metric true/ctr"]))
     assert md.startswith("### Promotion: **promoted**")
     assert "| true/opm lift ci_low | +0.0123 | > 0.0 | yes |" in md
     assert "| true/ctr | missing | >= -0.005 | no |" in md

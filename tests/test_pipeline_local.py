@@ -59,10 +59,10 @@ def test_two_runs_on_s3_promote_then_compare_with_the_incumbent(s3_env, tmp_path
         assert (tmp_path / "out1" / name).is_file(), name
     assert json.loads((tmp_path / "out1" / "report.json").read_text()) == report
     assert "<html" in (tmp_path / "out1" / "report.html").read_text().lower()
-    assert blessing["baseline"] == "static" and blessing["verdict"] == "promoted"
+    assert blessing.baseline == "static" and blessing.verdict == "promoted"
     registry = Registry(first["registry"], "grade-mtf")
     production, _ = registry.production()
-    assert production["version"] == blessing["version"]
+    assert production["version"] == blessing.version
     assert registry.lineage(production["version"])["data_uri"] == f"{logs}@2026-01-01"
     # The registry lives on S3, not in the work folder.
     assert not (tmp_path / "work" / "store").exists()
@@ -77,10 +77,10 @@ def test_two_runs_on_s3_promote_then_compare_with_the_incumbent(s3_env, tmp_path
     assert "grade" in second["report"]["lift_vs_incumbent"]
     assert second["report"]["models"]["incumbent"]["version"] == production["version"]
     b2 = second["blessing"]
-    assert b2["baseline"] == "incumbent" and b2["incumbent_version"] == production["version"]
-    assert b2["verdict"] == "promoted", b2["reasons"]
+    assert b2.baseline == "incumbent" and b2.incumbent_version == production["version"]
+    assert b2.verdict == "promoted", b2.reasons
     now, _ = registry.production()
-    assert now["version"] == b2["version"] != production["version"]
+    assert now["version"] == b2.version != production["version"]
     assert now["previous_version"] == production["version"]
 
 

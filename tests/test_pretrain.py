@@ -26,12 +26,12 @@ from grade.policy import load_policy
 from grade.pretrain import (
     PretrainConfig,
     gmv_grades,
-    load_checkpoint,
     multi_objective_loss,
     policy_config,
     pretrain,
     with_signal,
 )
+from grade.training import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_FILES = {"policy.safetensors", "policy.json", "feature_spec.json", "config.json", "metrics.json",
@@ -221,9 +221,9 @@ def test_same_seed_same_weights_other_seed_differs(features, tmp_path):
 
 
 def test_early_stopping_keeps_the_best_epoch(features, tmp_path):
-    # lr = 0: nothing improves on the initial policy, so training stops after `patience` epochs and
-    # the output is the initial (static) policy of epoch 0
-    metrics = pretrain(features, str(tmp_path / "m"), small_cfg(epochs=10, lr=0.0, weight_decay=0.0, patience=2))
+    # min_delta = 1: no NDCG gain counts as an improvement on the initial policy, so training stops after
+    # `patience` epochs and the output is the initial (static) policy of epoch 0
+    metrics = pretrain(features, str(tmp_path / "m"), small_cfg(epochs=10, min_delta=1.0, patience=2))
     assert metrics["early_stopped"] and metrics["epochs_run"] == 2 and metrics["best_epoch"] == 0
     from grade.dataset import load_spec
     from grade.policy import PolicyNet
@@ -253,7 +253,7 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(features, tmp_
     with pytest.raises(Crash):
         pretrain(features, out, cfg, on_epoch_end=crash_after_first)
     assert not store.is_published(out)
-    assert load_checkpoint(out)["state"]["epoch"] == 1
+    assert load_checkpoint(out).state["epoch"] == 1
 
     seen = []
     resumed = pretrain(features, out, cfg, on_epoch_end=seen.append)
@@ -299,7 +299,7 @@ def test_killed_process_resumes_from_its_checkpoint(features, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert not store.is_published(str(out))
-    assert load_checkpoint(str(out))["state"]["epoch"] == 1
+    assert load_checkpoint(str(out)).state["epoch"] == 1
 
     argv = ["--features", features, "--out", str(out), "--config", str(yaml_path)]
     assert grade.cli.run(pretrain_cli.main, argv) == 0

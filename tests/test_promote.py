@@ -11,6 +11,8 @@ import pytest
 import grade.registry as registry_mod
 from components import promote as promote_cli
 from grade import cli, store
+from grade.blessing import Blessing
+from grade.errors import InputError
 from grade.promotion import PromoteConfig, promote
 from grade.registry import Registry, production_model
 from tests.test_registry import killed_writer, model_folder
@@ -45,29 +47,29 @@ def test_first_promotion_vs_static_then_better_replaces_and_worse_does_not(store
     cfg = PromoteConfig()
     a = model_folder(store_root, "a", 1)
     b1 = promote(write_report(store_root, "r1", a, opm=0.05), a, registry, cfg)
-    assert b1["baseline"] == "static" and b1["blessed"] and b1["promoted"]
-    v1 = b1["version"]
+    assert b1.baseline == "static" and b1.blessed and b1.promoted
+    v1 = b1.version
     assert production_model(registry)[0] == v1
     # primary check: ci_low 0.04 > 0; guardrails: ctr -0.0 >= -0.005, cvr 0 >= -0.01, gpm 0.01 >= -0.005
-    assert [(c["name"], round(c["value"], 6), c["passed"]) for c in b1["checks"]] == [
+    assert [(c.name, round(c.value, 6), c.passed) for c in b1.checks] == [
         ("true/opm lift CI low", 0.04, True), ("true/ctr lift", 0.0, True),
         ("true/cvr lift", 0.0, True), ("true/gpm lift", 0.01, True)]
 
     b = model_folder(store_root, "b", 2)
     b2 = promote(write_report(store_root, "r2", b, opm=0.05, incumbent=(v1, 0.03)), b, registry, cfg)
-    assert b2["baseline"] == "incumbent" and b2["promoted"] and b2["incumbent_version"] == v1
-    v2 = b2["version"]
+    assert b2.baseline == "incumbent" and b2.promoted and b2.incumbent_version == v1
+    v2 = b2.version
     assert production_model(registry)[0] == v2 != v1
 
     c = model_folder(store_root, "c", 3)
     b3 = promote(write_report(store_root, "r3", c, opm=0.05, incumbent=(v2, -0.02)), c, registry, cfg)
-    assert not b3["blessed"] and not b3["promoted"] and b3["verdict"] == "not blessed"
-    assert any("lift CI low" in r for r in b3["reasons"])
+    assert not b3.blessed and not b3.promoted and b3.verdict == "not blessed"
+    assert any("lift CI low" in r for r in b3.reasons)
     assert production_model(registry)[0] == v2
 
     # the promoted version holds exactly what was evaluated, with its blessing and lineage
     reg = Registry(registry)
-    assert reg.lineage(v2)["content_hash"] == store.content_hash(b) == b2["candidate_content_hash"]
+    assert reg.lineage(v2)["content_hash"] == store.content_hash(b) == b2.candidate_content_hash
     assert store.content_hash(reg.model_uri(v2)) == store.content_hash(b)
     assert reg.lineage(v2)["parent_version"] == v1
     assert store.read_json(store.join(reg.version_uri(v2), "blessing.json"))["baseline"] == "incumbent"
@@ -80,13 +82,13 @@ def test_guardrail_missing_candidate_and_no_thresholds_fail_closed(store_root):
     a = model_folder(store_root, "a", 1)
     # CTR lift -0.006 is just below the -0.005 tolerance
     b = promote(write_report(store_root, "r1", a, opm=0.05, ctr=-0.006), a, registry, PromoteConfig())
-    assert not b["blessed"] and any("guardrail true/ctr" in r for r in b["reasons"])
+    assert not b.blessed and any("guardrail true/ctr" in r for r in b.reasons)
     b = promote(write_report(store_root, "r2", a, opm=0.05, include_candidate=False), a, registry, PromoteConfig())
-    assert not b["blessed"] and any("no metrics for candidate" in r for r in b["reasons"])
+    assert not b.blessed and any("no metrics for candidate" in r for r in b.reasons)
     b = promote(write_report(store_root, "r3", a, opm=0.05), a, registry, PromoteConfig(min_lift=None, guardrails={}))
-    assert not b["blessed"] and any("no thresholds" in r for r in b["reasons"])
+    assert not b.blessed and any("no thresholds" in r for r in b.reasons)
     b = promote(write_report(store_root, "r4", a, opm=0.05), a, registry, PromoteConfig(primary_metric="nope"))
-    assert not b["blessed"] and any("missing from the report" in r for r in b["reasons"])
+    assert not b.blessed and any("missing from the report" in r for r in b.reasons)
     assert production_model(registry) is None and Registry(registry).versions() == []
 
 
@@ -94,20 +96,20 @@ def test_candidate_that_differs_from_the_evaluated_content_is_not_blessed(store_
     registry = store.join(store_root, "registry")
     a, other = model_folder(store_root, "a", 1), model_folder(store_root, "other", 9)
     b = promote(write_report(store_root, "r1", a, opm=0.05), other, registry, PromoteConfig())
-    assert not b["blessed"] and any("not what the report evaluated" in r for r in b["reasons"])
+    assert not b.blessed and any("not what the report evaluated" in r for r in b.reasons)
 
 
 def test_report_without_the_current_incumbent_is_not_blessed(store_root):
     registry = store.join(store_root, "registry")
     a = model_folder(store_root, "a", 1)
-    v1 = promote(write_report(store_root, "r1", a, opm=0.05), a, registry, PromoteConfig())["version"]
+    v1 = promote(write_report(store_root, "r1", a, opm=0.05), a, registry, PromoteConfig()).version
     b = model_folder(store_root, "b", 2)
     stale = promote(write_report(store_root, "r2", b, opm=0.05, incumbent=("v0000-deadbeef", 0.05)), b, registry,
                     PromoteConfig())
-    assert not stale["blessed"] and production_model(registry)[0] == v1
+    assert not stale.blessed and production_model(registry)[0] == v1
     # no incumbent metrics at all (only vs static, which it beats): not blessed either
     c = promote(write_report(store_root, "r3", b, opm=0.05), b, registry, PromoteConfig())
-    assert not c["blessed"] and c["baseline"] == "incumbent" and production_model(registry)[0] == v1
+    assert not c.blessed and c.baseline == "incumbent" and production_model(registry)[0] == v1
 
 
 def test_rerun_is_idempotent(store_root):
@@ -116,9 +118,9 @@ def test_rerun_is_idempotent(store_root):
     report = write_report(store_root, "r1", a, opm=0.05)
     first = promote(report, a, registry, PromoteConfig())
     again = promote(report, a, registry, PromoteConfig())
-    assert again["verdict"] == "already in production" and not again["promoted"]
+    assert again.verdict == "already in production" and not again.promoted
     reg = Registry(registry)
-    assert reg.versions() == [first["version"]] and len(reg.history()) == 1
+    assert reg.versions() == [first.version] and len(reg.history()) == 1
 
 
 def test_racing_promotions_exactly_one_wins(store_root, monkeypatch):
@@ -145,13 +147,13 @@ def test_racing_promotions_exactly_one_wins(store_root, monkeypatch):
         t.start()
     for t in threads:
         t.join(60)
-    assert sorted(r["verdict"] for r in results) == ["conflict", "promoted"]
-    winner = next(r for r in results if r["promoted"])
-    loser = next(r for r in results if not r["promoted"])
-    assert any("moved concurrently" in r for r in loser["reasons"])
+    assert sorted(r.verdict for r in results) == ["conflict", "promoted"]
+    winner = next(r for r in results if r.promoted)
+    loser = next(r for r in results if not r.promoted)
+    assert any("moved concurrently" in r for r in loser.reasons)
     reg = Registry(registry)
-    assert reg.production()[0]["version"] == winner["version"]
-    assert [m["version"] for m in reg.history()] == [winner["version"]]
+    assert reg.production()[0]["version"] == winner.version
+    assert [m["version"] for m in reg.history()] == [winner.version]
 
 
 def test_killed_writer_then_promotion(store_root):
@@ -160,16 +162,16 @@ def test_killed_writer_then_promotion(store_root):
     assert killed_writer(registry, a).returncode == 9
     assert production_model(registry) is None
     b = promote(write_report(store_root, "r1", a, opm=0.05), a, registry, PromoteConfig())
-    assert b["promoted"] and Registry(registry).versions() == [b["version"]]
-    assert production_model(registry)[0] == b["version"]
+    assert b.promoted and Registry(registry).versions() == [b.version]
+    assert production_model(registry)[0] == b.version
 
 
 def test_rollback_restores_the_previous_version(store_root, capsys):
     registry = store.join(store_root, "registry")
     a, b = model_folder(store_root, "a", 1), model_folder(store_root, "b", 2)
-    v1 = promote(write_report(store_root, "r1", a, opm=0.05), a, registry, PromoteConfig())["version"]
+    v1 = promote(write_report(store_root, "r1", a, opm=0.05), a, registry, PromoteConfig()).version
     v2 = promote(write_report(store_root, "r2", b, opm=0.05, incumbent=(v1, 0.04)), b, registry,
-                 PromoteConfig())["version"]
+                 PromoteConfig()).version
     assert cli.run(promote_cli.main, ["rollback", "--registry", registry]) == 0
     assert production_model(registry)[0] == v1
     hist = Registry(registry).history()
@@ -226,3 +228,54 @@ def test_help_documents_the_options(argv, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--registry" in out and ("--out" in out or "--model-name" in out)
+
+
+def _corrupt(report: dict, path: list[str], value) -> None:
+    """Set (or with value ... delete) the field at ``path`` of a report document."""
+    for key in path[:-1]:
+        report = report[key]
+    if value is ...:
+        del report[path[-1]]
+    else:
+        report[path[-1]] = value
+
+
+@pytest.mark.parametrize("path, value", [
+    (["has_ground_truth"], ...), (["has_ground_truth"], "yes"), (["models"], ...), (["models"], []),
+    (["models", "grade", "content_hash"], 42), (["lift_vs_static"], ...),
+    (["lift_vs_static", "grade"], "high"),
+    (["lift_vs_static", "grade", "true", "opm", "ci_low"], "0.5"), (["policies"], ["grade"]),
+])
+def test_missing_or_malformed_report_field_fails_closed(tmp_path, capsys, path, value):
+    """A report field the gate reads that is missing or of the wrong type: exit 2 naming it, nothing moves."""
+    registry = str(tmp_path / "registry")
+    a = model_folder(str(tmp_path), "a", 1)
+    uri = write_report(str(tmp_path), "r1", a, opm=0.05)
+    report = json.loads(Path(uri, "report.json").read_text())
+    _corrupt(report, path, value)
+    Path(uri, "report.json").write_text(json.dumps(report))
+    assert cli.run(promote_cli.main, ["--report", uri, "--candidate", a, "--registry", registry]) == 2
+    assert path[-1] in capsys.readouterr().err
+    assert production_model(registry) is None and Registry(registry).versions() == []
+
+
+def test_blessing_record_round_trip_and_validation(tmp_path):
+    registry = str(tmp_path / "registry")
+    a = model_folder(str(tmp_path), "a", 1)
+    blessing = promote(write_report(str(tmp_path), "r1", a, opm=0.05), a, registry, PromoteConfig())
+    doc = json.loads(json.dumps(blessing.to_json()))
+    # the JSON shape readers of blessing.json rely on
+    assert set(doc) == {"candidate", "candidate_uri", "candidate_content_hash", "report", "registry",
+                        "model_name", "thresholds", "incumbent_version", "primary", "baseline", "blessed",
+                        "promoted", "verdict", "checks", "reasons", "version"}
+    assert set(doc["thresholds"]) == {"min_lift", "guardrails"}
+    assert set(doc["checks"][0]) == {"name", "value", "threshold", "passed"}
+    assert Blessing.from_json(doc) == blessing
+    stored = Registry(registry).version_uri(blessing.version)
+    assert Blessing.from_json(store.read_json(store.join(stored, "blessing.json"))).verdict == "blessed"
+    for field, value in [("verdict", ...), ("verdict", "maybe"), ("blessed", "true"), ("checks", {}),
+                         ("promoted", False), ("baseline", "oracle"), ("thresholds", {"min_lift": 0.0})]:
+        bad = json.loads(json.dumps(doc))
+        _corrupt(bad, [field], value)
+        with pytest.raises(InputError, match=r"blessing\.json: .*"):
+            Blessing.from_json(bad, "blessing.json")

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from grade import config
 from grade.errors import InputError
 from grade.reward import RewardConfig, format_penalty, prior_item_value, reward_terms, weight_entropy
 
@@ -129,7 +130,7 @@ def test_switched_off_terms_are_zero_and_weights_must_be_grouped():
 ])
 def test_invalid_reward_config(kw, match):
     with pytest.raises(InputError, match=match):
-        RewardConfig(**kw).validate(3)
+        config.check(RewardConfig(**kw)).validate(3)
 
 
 def test_gmv_unit_makes_the_gmv_value_scale_free():

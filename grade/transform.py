@@ -1,0 +1,190 @@
+"""The feature transform: raw log values -> model inputs, the same for training and serving.
+
+One object, built from the feature spec (:meth:`FeatureTransform.from_spec`), holds the train
+statistics and vocabularies and applies them:
+
+- item level: the MTL predictions p [..., K] become z = (log max(p, eps) - m_k) / s_k;
+- request level: each numeric ``u_*`` value x becomes (x - mean) / std, each categorical ``c_*``
+  value its vocabulary id 1..n (0 = out of vocabulary);
+- against a policy: the shape check (K, numeric and categorical counts) and the clamp of ids
+  the policy's embeddings do not know to the OOV id 0.
+
+Feature extraction writes the shards with it, batch scoring applies it to raw rows, and a
+request-level caller (e.g. an online model server) passes plain column -> values mappings to
+:meth:`FeatureTransform.request_features`; :meth:`FeatureTransform.inputs` lists the columns the
+transform needs, from the spec alone. Everything here is a pure function of its arguments: numpy
+in and out, except :func:`clamp_unseen`, which keeps the array type it is given (numpy or torch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from grade.errors import InputError
+
+if TYPE_CHECKING:  # the policy module needs torch; the transform itself does not
+    from grade.policy import PolicyConfig
+
+#: floor under predictions before the log (the contract's epsilon)
+PRED_EPS = 1e-12
+
+
+@dataclasses.dataclass(frozen=True)
+class InputColumn:
+    """One raw column the transform reads."""
+
+    name: str
+    """column name in the logs / the request (``pred_<objective>``, ``u_*``, ``c_*``)"""
+    dtype: str
+    """numpy dtype name the values are converted to (``float32`` or ``int64``)"""
+    level: Literal["item", "request"]
+    """item: one value per candidate row; request: one value per request"""
+
+
+def log_predictions(pred: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+    """log max(p, eps) of predictions ``pred`` [...] (float32), computed in ``dtype``."""
+    return np.log(np.maximum(pred, np.float32(PRED_EPS)), dtype=dtype)
+
+
+def encode_categorical(values: np.ndarray, vocab: np.ndarray) -> np.ndarray:
+    """ids 1..n for values in the (sorted) vocabulary, 0 for anything else; same shape as ``values``."""
+    vocab = np.asarray(vocab, dtype=np.int64)
+    if not len(vocab):
+        return np.zeros(values.shape, dtype=np.int64)
+    idx = np.searchsorted(vocab, values)
+    idx_c = np.minimum(idx, len(vocab) - 1)
+    return np.where(vocab[idx_c] == values, idx_c + 1, 0).astype(np.int64)
+
+
+def clamp_unseen(cat, sizes: Sequence[int]):
+    """Categorical ids [B, C] a policy's embeddings know (0 <= id < sizes[j]); others become the OOV id 0.
+
+    ``cat`` is a numpy array or a torch tensor (int64); the result has the same type, device and shape.
+    Ids from a different feature build (a larger vocabulary) must not index past an embedding table.
+    """
+    if isinstance(cat, np.ndarray):
+        limit = np.asarray(sizes, dtype=cat.dtype)
+    else:
+        import torch
+
+        limit = torch.tensor(sizes, dtype=cat.dtype, device=cat.device)
+    return cat * ((cat >= 0) & (cat < limit))
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureTransform:
+    """The fitted transform of one feature spec (train statistics, vocabularies)."""
+
+    objectives: tuple[str, ...]
+    """fused objectives, in the order of the last axis of z (K)"""
+    pred_log_mean: np.ndarray
+    """m_k [K] float32: train mean of log max(p_k, eps)"""
+    pred_log_std: np.ndarray
+    """s_k [K] float32: train std of log max(p_k, eps) (1 for a constant signal)"""
+    numeric: tuple[str, ...]
+    """numeric request feature columns (U), the order of the ``num`` columns"""
+    num_mean: np.ndarray
+    """[U] float32 train means of the numeric features"""
+    num_std: np.ndarray
+    """[U] float32 train stds of the numeric features (1 for a constant feature)"""
+    categorical: tuple[str, ...]
+    """categorical request feature columns (C), the order of the ``cat`` columns"""
+    vocabs: tuple[np.ndarray, ...]
+    """sorted int64 vocabulary of each categorical feature; value vocab[i] has id i + 1"""
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> FeatureTransform:
+        """The transform of a feature spec (``feature_spec.json`` or the fitted part of it + objectives)."""
+        def f32(values) -> np.ndarray:
+            return np.asarray(values, dtype=np.float32).reshape(-1)
+
+        return cls(objectives=tuple(spec["objectives"]),
+                   pred_log_mean=f32(spec["pred_log_mean"]), pred_log_std=f32(spec["pred_log_std"]),
+                   numeric=tuple(c["name"] for c in spec["numeric"]),
+                   num_mean=f32([c["mean"] for c in spec["numeric"]]),
+                   num_std=f32([c["std"] or 1.0 for c in spec["numeric"]]),
+                   categorical=tuple(c["name"] for c in spec["categorical"]),
+                   vocabs=tuple(np.asarray(c["vocab"], dtype=np.int64) for c in spec["categorical"]))
+
+    # -- what goes in ---------------------------------------------------------------------------
+
+    @property
+    def pred_columns(self) -> list[str]:
+        return [f"pred_{o}" for o in self.objectives]
+
+    @property
+    def cat_sizes(self) -> list[int]:
+        """Embedding size of each categorical feature: the vocabulary plus the OOV id 0."""
+        return [len(v) + 1 for v in self.vocabs]
+
+    def inputs(self) -> list[InputColumn]:
+        """Every raw column the transform reads: predictions (item level), then u_* and c_* (request level)."""
+        return ([InputColumn(c, "float32", "item") for c in self.pred_columns]
+                + [InputColumn(c, "float32", "request") for c in self.numeric]
+                + [InputColumn(c, "int64", "request") for c in self.categorical])
+
+    def missing(self, names: Sequence[str]) -> list[str]:
+        """The input columns absent from ``names``, in :meth:`inputs` order."""
+        have = set(names)
+        return [c.name for c in self.inputs() if c.name not in have]
+
+    # -- the transform --------------------------------------------------------------------------
+
+    def z(self, pred: np.ndarray) -> np.ndarray:
+        """Standardised log-predictions z [..., K] float32 of predictions ``pred`` [..., K] float32."""
+        return ((log_predictions(pred) - self.pred_log_mean) / self.pred_log_std).astype(np.float32)
+
+    def stack_predictions(self, values: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Predictions [N, K] float32 from item-level columns ``pred_<objective>`` of N values each."""
+        return np.stack([np.asarray(values[c], dtype=np.float32) for c in self.pred_columns], axis=-1)
+
+    def num(self, values: Mapping[str, np.ndarray], n: int) -> np.ndarray:
+        """Standardised numeric features [n, U] float32 from request-level columns ``u_*`` of n values each."""
+        if not self.numeric:
+            return np.zeros((n, 0), np.float32)
+        x = np.stack([np.asarray(values[c], dtype=np.float32) for c in self.numeric], axis=1)
+        return ((x - self.num_mean) / self.num_std).astype(np.float32)
+
+    def cat(self, values: Mapping[str, np.ndarray], n: int) -> np.ndarray:
+        """Vocabulary ids [n, C] int64 (0 = OOV) from request-level columns ``c_*`` of n values each."""
+        if not self.categorical:
+            return np.zeros((n, 0), np.int64)
+        return np.stack([encode_categorical(np.asarray(values[c], dtype=np.int64), vocab)
+                         for c, vocab in zip(self.categorical, self.vocabs, strict=True)], axis=1)
+
+    def request_features(self, values: Mapping[str, Any], n_requests: int | None = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """(num [B, U] float32, cat [B, C] int64) of B requests from columns ``u_*`` / ``c_*`` of B values.
+
+        ``values`` maps each request-level column of :meth:`inputs` to B values (list or array);
+        other keys are ignored. B is ``n_requests``, or the length of the columns when None (needed
+        only for a spec without request features). A missing column or a length other than B raises
+        InputError.
+        """
+        names = list(self.numeric) + list(self.categorical)
+        missing = [c for c in names if c not in values]
+        if missing:
+            raise InputError(f"missing request feature(s) {missing} required by the feature spec")
+        if n_requests is None:
+            if not names:
+                raise InputError("n_requests is required: the feature spec has no request features")
+            n_requests = len(values[names[0]])
+        for c in names:
+            if len(values[c]) != n_requests:
+                raise InputError(f"request feature '{c}': expected {n_requests} values (one per request), "
+                                 f"got {len(values[c])}")
+        return self.num(values, n_requests), self.cat(values, n_requests)
+
+    # -- against a policy -----------------------------------------------------------------------
+
+    def check_policy(self, policy_cfg: PolicyConfig, where: str) -> None:
+        """InputError unless a policy's shapes (K objectives, U numeric, C categorical) match this spec's."""
+        got = (policy_cfg.n_objectives, policy_cfg.n_numeric, len(policy_cfg.cat_sizes))
+        k, u, c = len(self.objectives), len(self.numeric), len(self.categorical)
+        if got != (k, u, c):
+            raise InputError(f"{where}: the policy expects K={got[0]}, {got[1]} numeric and {got[2]} categorical "
+                             f"features; the features have K={k}, {u} numeric and {c} categorical")

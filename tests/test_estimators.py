@@ -1,0 +1,129 @@
+"""Counterfactual estimators: every function by hand on one or two tiny requests, then unbiasedness."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from grade.estimators import business_value, direct_method, ips, ratio_weights, shrunk_dr, snips, switch
+from grade.fusion import examination
+
+# One request, 3 candidates logged at positions 0, 1, 2 (theta = 1, 1/2, 1/3 with eta = 1).
+LOGGED_THETA = torch.tensor([[1.0, 0.5, 1.0 / 3.0]])
+Y = torch.tensor([[1.0, 0.0, 1.0]])
+M = torch.tensor([[0.2, 0.4, 0.6]])
+THETA = torch.tensor([1.0, 0.5])
+# G = 2 rankings of depth 2: A shows items 2, 0 (item 2 promoted from the last position);
+# B is the logged order.
+IDX = torch.tensor([[[2, 0], [0, 1]]])
+
+
+def test_ratio_weights_and_ips_by_hand():
+    w, logged, share = ratio_weights(IDX, THETA, LOGGED_THETA)
+    torch.testing.assert_close(w, torch.tensor([[[3.0, 0.5], [1.0, 1.0]]]))
+    assert bool(logged.all()) and float(share) == 0.0
+    # A: 3 * 1 + 0.5 * 1; B: 1 * 1 + 1 * 0
+    torch.testing.assert_close(ips(Y, IDX, THETA, LOGGED_THETA).value, torch.tensor([[3.5, 1.0]]))
+
+
+def test_ips_clips_weights_and_reports_the_clipped_share():
+    est = ips(Y, IDX, THETA, LOGGED_THETA, max_weight=2.0)
+    torch.testing.assert_close(est.value, torch.tensor([[2.5, 1.0]]))
+    assert float(est.clipped_share) == pytest.approx(0.25)  # one of four logged slots
+
+
+def test_unlogged_items_get_no_weight():
+    lt = torch.tensor([[1.0, 0.5, 0.0]])  # item 2 is padding
+    est = ips(Y, IDX, THETA, lt)
+    torch.testing.assert_close(est.value, torch.tensor([[0.5, 1.0]]))
+
+
+def test_snips_normalises_each_slot_by_the_batch_mean_weight():
+    # request 2: the same candidates logged at positions 2, 0, 1
+    lt = torch.cat([LOGGED_THETA, torch.tensor([[1.0 / 3.0, 1.0, 0.5]])])
+    y = torch.cat([Y, torch.tensor([[1.0, 1.0, 0.0]])])
+    idx = torch.tensor([[[2, 0]], [[2, 0]]])
+    # weights: request 1 (3, 0.5), request 2 (2, 1.5); slot means 2.5 and 1
+    torch.testing.assert_close(ips(y, idx, THETA, lt).value, torch.tensor([[3.5], [1.5]]))
+    torch.testing.assert_close(snips(y, idx, THETA, lt).value, torch.tensor([[3 / 2.5 + 0.5], [1.5]]))
+
+
+def test_snips_equals_ips_for_the_logged_ranking_and_pools_groups_on_request():
+    logged_order = IDX[:, 1:]
+    torch.testing.assert_close(snips(Y, logged_order, THETA, LOGGED_THETA).value,
+                               ips(Y, logged_order, THETA, LOGGED_THETA).value)
+    # pooled over A and B: slot means (3 + 1) / 2 = 2 and (0.5 + 1) / 2 = 0.75
+    pooled = snips(Y, IDX, THETA, LOGGED_THETA, over="batch_and_group").value
+    torch.testing.assert_close(pooled, torch.tensor([[3 / 2 + 0.5 / 0.75, 1 / 2]]))
+
+
+def test_direct_method_by_hand():
+    # A: 1 * 0.6 + 0.5 * 0.2; B: 1 * 0.2 + 0.5 * 0.4
+    torch.testing.assert_close(direct_method(M, IDX, THETA), torch.tensor([[0.7, 0.4]]))
+
+
+def test_switch_uses_the_model_for_items_logged_below_tau():
+    # A: item 2 was logged at theta 1/3 < 0.5 -> DM 1 * 0.6; item 0 -> IPS 0.5 * 1. B: IPS throughout.
+    torch.testing.assert_close(switch(Y, M, IDX, THETA, LOGGED_THETA, tau=0.5).value,
+                               torch.tensor([[1.1, 1.0]]))
+    torch.testing.assert_close(switch(Y, M, IDX, THETA, LOGGED_THETA, tau=0.0).value,
+                               ips(Y, IDX, THETA, LOGGED_THETA).value)
+    torch.testing.assert_close(switch(Y, M, IDX, THETA, LOGGED_THETA, tau=1.1).value,
+                               direct_method(M, IDX, THETA))
+
+
+def test_shrunk_dr_by_hand():
+    est = shrunk_dr(Y, M, IDX, THETA, LOGGED_THETA, lam=1.0)
+    # A: w 3 -> 0.3, residual 1 - 0.6/3 = 0.8: 0.6 + 0.24; w 0.5 -> 0.4, residual 0.8: 0.1 + 0.32
+    # B: w 1 -> 0.5, residual 0.8: 0.2 + 0.4; w 1 -> 0.5, residual 0 - 0.5 * 0.4: 0.2 - 0.1
+    torch.testing.assert_close(est.value, torch.tensor([[1.26, 0.7]]))
+    assert float(est.clipped_share) == 1.0
+
+
+def test_doubly_robust_collapses_to_ips_whatever_the_model():
+    g = torch.Generator().manual_seed(0)
+    for m in (M, torch.rand(1, 3, generator=g), torch.zeros(1, 3)):
+        torch.testing.assert_close(shrunk_dr(Y, m, IDX, THETA, LOGGED_THETA, lam=math.inf).value,
+                                   ips(Y, IDX, THETA, LOGGED_THETA).value)
+
+
+def test_business_value_combines_the_label_estimates():
+    v = business_value(torch.tensor([2.0]), torch.tensor([0.5]), torch.tensor([30.0]),
+                       v_click=0.1, v_order=1.0, v_gmv=2.0, mean_order_value=60.0)
+    torch.testing.assert_close(v, torch.tensor([0.2 + 0.5 + 1.0]))
+    with pytest.raises(ValueError, match="mean_order_value"):
+        business_value(v, v, v, v_click=0, v_order=1, v_gmv=0, mean_order_value=0.0)
+
+
+def test_ips_is_unbiased_and_the_true_model_dm_is_exact_on_synthetic_logs():
+    """Random logging orders, clicks ~ Bernoulli(theta_p ctr), orders ~ Bernoulli(cvr) after a click."""
+    g = torch.Generator().manual_seed(7)
+    draws, b, n, e = 4000, 8, 6, 4
+    ctr = 0.05 + 0.45 * torch.rand(b, n, generator=g, dtype=torch.float64)
+    cvr = 0.1 + 0.3 * torch.rand(b, n, generator=g, dtype=torch.float64)
+    theta_all = examination(n, 1.0, dtype=torch.float64)
+    theta = theta_all[:e]
+    best = torch.sort(ctr, -1, descending=True).indices[:, :e]
+    worst = torch.sort(ctr, -1).indices[:, :e]
+    idx = torch.stack([best, worst], 1)                                          # [b, 2, e]
+    truth = direct_method(ctr, idx, theta)                                       # exact by definition
+    torch.testing.assert_close(truth, (theta * gather(ctr, idx)).sum(-1))
+    position = torch.argsort(torch.rand(draws, b, n, generator=g), -1)           # a random order per draw
+    lt = theta_all[position]
+    click = torch.rand(draws, b, n, generator=g, dtype=torch.float64) < lt * ctr
+    order = click & (torch.rand(draws, b, n, generator=g, dtype=torch.float64) < cvr)
+    flat = lambda x: x.reshape(draws * b, *x.shape[2:])  # noqa: E731 - draws as more requests
+    idx_r = flat(idx.expand(draws, -1, -1, -1))
+    for label, expected in ((click, truth), (order, direct_method(ctr * cvr, idx, theta))):
+        value = ips(flat(label.double()), idx_r, theta, flat(lt)).value
+        est = value.reshape(draws, b, 2).sum(1)                                  # [draws, 2]
+        se = est.std(0) / math.sqrt(draws)
+        gap = (est.mean(0) - expected.sum(0)).abs()
+        assert bool((gap < 4 * se).all()), (est.mean(0), expected.sum(0), se)
+        assert bool((se < 0.05 * expected.sum(0)).all())  # the test has the power to see a 20% bias
+
+
+def gather(x, idx):
+    return torch.gather(x.unsqueeze(1).expand(-1, idx.shape[1], -1), 2, idx)
