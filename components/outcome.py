@@ -26,13 +26,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--features", required=True, metavar="URI",
                    help="published features folder or s3:// prefix (output of components.features)")
     p.add_argument("--out", required=True, metavar="URI", help="value-model folder or s3:// prefix")
-    p.add_argument("--config", metavar="YAML", help="config file; its 'outcome' section is used")
+    config.add_arguments(p, ("outcome.fixed_eta", "outcome.model.epochs", "outcome.model.seed"),
+                         config_help="config file; its 'outcome' section is used")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = config.load_section(args.config, "outcome")
+    cfg = config.from_args(args)["outcome"]
     metrics = build_value_model(args.features, args.out, cfg)
     exam = metrics["examination"]
     print(f"examination: {exam['method']} eta {exam['eta']:.3f} from {exam['n_clicks']} clicks")

@@ -16,6 +16,7 @@ import dataclasses
 
 import torch
 
+from grade.config import ranged
 from grade.errors import InputError
 
 #: the report's metric for a declaration of one kind of value
@@ -24,17 +25,14 @@ _SINGLE_METRIC = {"clicks": "ctr", "orders": "opm", "gmv": "gpm"}
 
 @dataclasses.dataclass
 class BusinessConfig:
-    clicks: float = 0.0
+    clicks: float = ranged(0.0, ">= 0")
     """value of a click"""
-    orders: float = 1.0
+    orders: float = ranged(1.0, ">= 0")
     """value of an order"""
-    gmv: float = 0.0
+    gmv: float = ranged(0.0, ">= 0")
     """value of one train mean order value of GMV"""
 
     def validate(self) -> None:
-        for name in ("clicks", "orders", "gmv"):
-            if getattr(self, name) < 0:
-                raise InputError(f"business.{name}: expected >= 0, got {getattr(self, name)}")
         if self.clicks + self.orders + self.gmv <= 0:
             raise InputError("business: declare a positive value for clicks, orders or gmv")
 

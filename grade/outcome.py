@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from grade.config import ranged
 from grade.examination import ExaminationEstimate
 from grade.progress import Progress
 
@@ -44,19 +45,19 @@ _OFFSET_EPS = 1e-6
 
 @dataclasses.dataclass
 class OutcomeConfig:
-    hidden: list[int] = dataclasses.field(default_factory=lambda: [64, 64])
+    hidden: list[int] = ranged([64, 64], ">= 1")
     """hidden layer widths of the correction MLP"""
-    emb_dim: int = 8
+    emb_dim: int = ranged(8, ">= 1")
     """embedding width per categorical feature"""
-    epochs: int = 3
+    epochs: int = ranged(3, ">= 1")
     """passes over the train split"""
-    batch_size: int = 256
+    batch_size: int = ranged(256, ">= 1")
     """requests per step"""
-    lr: float = 3e-3
+    lr: float = ranged(3e-3, "> 0")
     """Adam learning rate"""
-    value_loss_weight: float = 0.1
+    value_loss_weight: float = ranged(0.1, ">= 0")
     """weight of the order-value (log-normal) loss next to the click and order likelihoods"""
-    seed: int = 0
+    seed: int = ranged(0, ">= 0")
     """seed of the initialisation and the data order"""
 
 
@@ -107,7 +108,7 @@ class OutcomeNet(nn.Module):
     def offsets(self, pred: torch.Tensor) -> torch.Tensor:
         """The MTL model's own logits (log for the value) [B, L, 3]; 0 for a missing objective."""
         parts = []
-        for head, i in zip(HEADS, self.offset_index):
+        for head, i in zip(HEADS, self.offset_index, strict=True):
             if i < 0:
                 parts.append(torch.zeros_like(pred[..., 0]))
             elif head == "value":

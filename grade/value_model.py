@@ -19,16 +19,24 @@ import dataclasses
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from grade import dataset, store
+from grade import config as config_mod
+from grade import dataset, store, training
 from grade.business import BusinessConfig
+from grade.config import ranged
 from grade.examination import ExaminationConfig, ExaminationEstimate, estimate_examination
-from grade.outcome import (OutcomeConfig, OutcomeNet, calibration, fit_outcome, load_outcome_from,
-                           mean_order_value, save_outcome)
+from grade.outcome import (
+    OutcomeConfig,
+    OutcomeNet,
+    calibration,
+    fit_outcome,
+    load_outcome_from,
+    mean_order_value,
+    save_outcome,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +47,11 @@ FILES = ("examination.json", "outcome.json", "outcome.safetensors", "value.json"
 class ValueModelConfig:
     examination: ExaminationConfig = dataclasses.field(default_factory=ExaminationConfig)
     """how theta is estimated from the logs (position-based click likelihood)"""
-    fixed_eta: float = 0.0
+    fixed_eta: float = ranged(0.0, ">= 0")
     """> 0: assume theta_j = (1+j)^-fixed_eta instead of estimating it (logs without position noise)"""
     model: OutcomeConfig = dataclasses.field(default_factory=OutcomeConfig)
     """the outcome model and its training"""
-    calibration_max_requests: int = 20000
+    calibration_max_requests: int = ranged(20000, ">= 1")
     """valid requests used for the calibration report"""
 
 
@@ -103,6 +111,7 @@ def calibration_report(model: OutcomeNet, exam: ExaminationEstimate, valid: dict
 
 def build_value_model(features_uri: str, out_uri: str, cfg: ValueModelConfig) -> dict[str, Any]:
     """Estimate theta, fit the outcome model on train, report calibration on valid, publish; the metrics."""
+    config_mod.check(cfg, "outcome")
     t0 = time.monotonic()
     spec = dataset.load_spec(features_uri)
     train = dataset.load_split(features_uri, "train")
@@ -118,14 +127,10 @@ def build_value_model(features_uri: str, out_uri: str, cfg: ValueModelConfig) ->
     metrics["elapsed_s"] = round(time.monotonic() - t0, 2)
     config = {"features": features_uri, "features_content_hash": store.content_hash(features_uri),
               "outcome": dataclasses.asdict(cfg)}
-    with store.publishing(out_uri) as staging:
-        save_outcome(model, staging)
-        _write(staging / "examination.json", exam.to_json())
-        _write(staging / "value.json", {"order_value_unit": unit})
-        _write(staging / "calibration.json", metrics.get("calibration", {}))
-        _write(staging / "config.json", config)
-        _write(staging / "metrics.json", metrics)
-        (staging / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    training.publish_model(out_uri, model, spec, config, metrics,
+                           [json.dumps(r, sort_keys=True) + "\n" for r in history], save=save_outcome,
+                           extra={"examination.json": exam.to_json(), "value.json": {"order_value_unit": unit},
+                                  "calibration.json": metrics.get("calibration", {})})
     return metrics
 
 
@@ -137,7 +142,3 @@ def load_value_model(uri: str) -> ValueModel:
     exam = ExaminationEstimate(**{k: v for k, v in exam_json.items() if k in fields})
     unit = float(json.loads((folder / "value.json").read_text())["order_value_unit"])
     return ValueModel(examination=exam, outcome=load_outcome_from(folder), order_value_unit=unit)
-
-
-def _write(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
