@@ -42,6 +42,8 @@ SECTIONS: dict[str, str] = {
     "finetune": "grade.grpo:FinetuneConfig",
     "evaluate": "grade.evaluation:EvaluateConfig",
     "promote": "grade.promotion:PromoteConfig",
+    "outcome": "grade.value_model:ValueModelConfig",
+    "business": "grade.business:BusinessConfig",
 }
 
 

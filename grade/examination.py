@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import torch
 
+from grade.config import ranged
 from grade.errors import InputError
 
 METHODS = ("power", "free")
@@ -41,27 +42,22 @@ METHODS = ("power", "free")
 class ExaminationConfig:
     method: Literal["power", "free"] = "power"
     """curve reported as ``theta`` (both are always fitted): power law (1+j)^-eta or free per position"""
-    depth: int = 20
+    depth: int = ranged(20, ">= 2")
     """D: positions of the reported curve and of the free fit (items logged at >= D leave the free fit)"""
     interactions: bool = True
     """add the products of item terms and user features to f (user-dependent click models)"""
-    max_rows: int = 2_000_000
+    max_rows: int = ranged(2_000_000, ">= 1")
     """largest number of logged items used; a seeded subsample above it (bounds time and memory)"""
-    max_iter: int = 200
+    max_iter: int = ranged(200, ">= 1")
     """LBFGS iterations per fit"""
-    l2: float = 1e-4
+    l2: float = ranged(1e-4, ">= 0")
     """L2 penalty on f's weights (per item, relative to the mean log-likelihood)"""
-    seed: int = 0
+    seed: int = ranged(0, ">= 0")
     """seed of the subsample: the same logs, config and seed give the same estimate"""
 
     def validate(self) -> None:
         if self.method not in METHODS:
             raise InputError(f"examination.method: expected one of {list(METHODS)}, got {self.method!r}")
-        for name in ("depth", "max_rows", "max_iter"):
-            if getattr(self, name) < 1:
-                raise InputError(f"examination.{name}: expected an integer >= 1, got {getattr(self, name)}")
-        if self.l2 < 0:
-            raise InputError(f"examination.l2: expected >= 0, got {self.l2}")
 
 
 @dataclasses.dataclass

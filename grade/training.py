@@ -209,11 +209,13 @@ def run_config(section: str, fingerprint: dict[str, Any], seed: int, model_confi
 
 def publish_model(out_uri: str, model: nn.Module, spec: dict[str, Any], config: dict[str, Any],
                   metrics: dict[str, Any], log_lines: list[str],
-                  save: Callable[[nn.Module, Path], None] | None = None) -> None:
+                  save: Callable[[nn.Module, Path], None] | None = None,
+                  extra: dict[str, Any] | None = None) -> None:
     """Publish the model folder at ``out_uri`` atomically (all files or none).
 
     Files: the model's weights and config (``save``, by default :func:`grade.policy.save_policy`:
-    policy.safetensors, policy.json), feature_spec.json, config.json, metrics.json, train_log.jsonl.
+    policy.safetensors, policy.json), feature_spec.json, config.json, metrics.json, train_log.jsonl,
+    and one JSON file per ``extra`` entry (file name -> object).
     """
     from grade.policy import save_policy
 
@@ -223,3 +225,5 @@ def publish_model(out_uri: str, model: nn.Module, spec: dict[str, Any], config: 
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         (staging / "train_log.jsonl").write_text("".join(log_lines))
+        for name, obj in (extra or {}).items():
+            (staging / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,144 @@
+"""The value model: everything that says what a ranking of a logged request is worth, in one folder.
+
+``python -m components.outcome --features URI --out URI`` fits it on the train split and publishes
+
+- ``examination.json``: the examination curve theta (estimated from the logs, or an assumed power law);
+- ``outcome.safetensors`` + ``outcome.json``: the outcome model (:mod:`grade.outcome`);
+- ``value.json``: the unit of GMV in the declared business value (the train mean order value);
+- ``calibration.json``: the outcome model's calibration on the valid split next to the raw MTL
+  predictions' (click and order probabilities at the logged positions);
+- ``config.json``, ``metrics.json``, ``train_log.jsonl``.
+
+Fine-tuning's reward, best_static's search and the evaluation's ``estimated`` flavour all read it, so
+they agree on theta and on what one unit of value is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from typing import Any
+
+import torch
+
+from grade import config as config_mod
+from grade import dataset, store, training
+from grade.business import BusinessConfig
+from grade.config import ranged
+from grade.examination import ExaminationConfig, ExaminationEstimate, estimate_examination
+from grade.outcome import (
+    OutcomeConfig,
+    OutcomeNet,
+    calibration,
+    fit_outcome,
+    load_outcome_from,
+    mean_order_value,
+    save_outcome,
+)
+
+log = logging.getLogger(__name__)
+
+FILES = ("examination.json", "outcome.json", "outcome.safetensors", "value.json")
+
+
+@dataclasses.dataclass
+class ValueModelConfig:
+    examination: ExaminationConfig = dataclasses.field(default_factory=ExaminationConfig)
+    """how theta is estimated from the logs (position-based click likelihood)"""
+    fixed_eta: float = ranged(0.0, ">= 0")
+    """> 0: assume theta_j = (1+j)^-fixed_eta instead of estimating it (logs without position noise)"""
+    model: OutcomeConfig = dataclasses.field(default_factory=OutcomeConfig)
+    """the outcome model and its training"""
+    calibration_max_requests: int = ranged(20000, ">= 1")
+    """valid requests used for the calibration report"""
+
+
+@dataclasses.dataclass
+class ValueModel:
+    """A loaded value model: theta, the outcome model, the GMV unit."""
+
+    examination: ExaminationEstimate
+    outcome: OutcomeNet
+    order_value_unit: float
+    """the train mean order value: GMV in the declared value is counted in this unit"""
+
+    @torch.no_grad()
+    def item_outcomes(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{"ctr", "cvr", "value"} per item [B, L] (see :class:`grade.outcome.OutcomeNet`)."""
+        return self.outcome.item_outcomes(batch)
+
+    @torch.no_grad()
+    def item_value(self, batch: dict[str, torch.Tensor], business: BusinessConfig) -> torch.Tensor:
+        """The declared value of an examined item [B, L]: v_c ctr + v_o ctr cvr + v_g ctr cvr value / unit."""
+        o = self.item_outcomes(batch)
+        return business.item_value(o["ctr"], o["ctr"] * o["cvr"], o["ctr"] * o["cvr"] * o["value"],
+                                   self.order_value_unit)
+
+
+def examination_of(train: dict[str, torch.Tensor], cfg: ValueModelConfig) -> ExaminationEstimate:
+    """theta: assumed (``fixed_eta`` > 0) or estimated from the train split's clicks."""
+    if cfg.fixed_eta > 0:
+        return ExaminationEstimate.fixed(cfg.fixed_eta, cfg.examination.depth)
+    est = estimate_examination(train, cfg.examination)
+    log.info("examination: eta %.3f from %d clicks (%s fit; free theta_1..3 %s)", est.eta, est.n_clicks,
+             est.method, [round(t, 3) for t in est.theta_free[1:4]])
+    return est
+
+
+def calibration_report(model: OutcomeNet, exam: ExaminationEstimate, valid: dict[str, torch.Tensor],
+                       objectives: list[str]) -> dict[str, Any]:
+    """Click and order calibration at the logged positions: the outcome model next to the raw MTL model."""
+    mask = valid["mask"]
+    theta = exam.theta_at(valid["position"])
+    with torch.no_grad():
+        o = model.item_outcomes(valid)
+    out: dict[str, Any] = {"n_requests": int(mask.shape[0]), "n_items": int(mask.sum())}
+    obj = {str(n).removeprefix("pred_"): i for i, n in enumerate(objectives)}
+    mtl = {}
+    if "ctr" in obj:
+        mtl["click"] = valid["pred"][..., obj["ctr"]]
+        if "cvr" in obj:
+            mtl["order"] = mtl["click"] * valid["pred"][..., obj["cvr"]]
+    ours = {"click": o["ctr"], "order": o["ctr"] * o["cvr"]}
+    for label, probs in ours.items():
+        out[label] = {"outcome": calibration((theta * probs)[mask], valid[label][mask])}
+        if label in mtl:
+            out[label]["mtl"] = calibration((theta * mtl[label].clamp(0, 1))[mask], valid[label][mask])
+    return out
+
+
+def build_value_model(features_uri: str, out_uri: str, cfg: ValueModelConfig) -> dict[str, Any]:
+    """Estimate theta, fit the outcome model on train, report calibration on valid, publish; the metrics."""
+    config_mod.check(cfg, "outcome")
+    t0 = time.monotonic()
+    spec = dataset.load_spec(features_uri)
+    train = dataset.load_split(features_uri, "train")
+    exam = examination_of(train, cfg)
+    model, history = fit_outcome(train, spec, exam, cfg.model)
+    unit = mean_order_value(train["gmv"], train["order"], train["mask"])
+    metrics: dict[str, Any] = {"examination": exam.to_json(), "order_value_unit": unit,
+                               "n_train_requests": int(train["mask"].shape[0]), "history": history}
+    if spec["splits"].get("valid", {}).get("n_requests", 0) > 0:
+        valid = dataset.load_split(features_uri, "valid")
+        valid = {k: v[: cfg.calibration_max_requests] for k, v in valid.items()}
+        metrics["calibration"] = calibration_report(model, exam, valid, spec["objectives"])
+    metrics["elapsed_s"] = round(time.monotonic() - t0, 2)
+    config = {"features": features_uri, "features_content_hash": store.content_hash(features_uri),
+              "outcome": dataclasses.asdict(cfg)}
+    training.publish_model(out_uri, model, spec, config, metrics,
+                           [json.dumps(r, sort_keys=True) + "\n" for r in history], save=save_outcome,
+                           extra={"examination.json": exam.to_json(), "value.json": {"order_value_unit": unit},
+                                  "calibration.json": metrics.get("calibration", {})})
+    return metrics
+
+
+def load_value_model(uri: str) -> ValueModel:
+    """The value model published at ``uri`` (verified against its manifest; never unpickled)."""
+    folder = store.open_published(uri)
+    exam_json = json.loads((folder / "examination.json").read_text())
+    fields = {f.name for f in dataclasses.fields(ExaminationEstimate)}
+    exam = ExaminationEstimate(**{k: v for k, v in exam_json.items() if k in fields})
+    unit = float(json.loads((folder / "value.json").read_text())["order_value_unit"])
+    return ValueModel(examination=exam, outcome=load_outcome_from(folder), order_value_unit=unit)
