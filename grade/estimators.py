@@ -145,3 +145,32 @@ def business_value(clicks: torch.Tensor, orders: torch.Tensor, gmv: torch.Tensor
     if mean_order_value <= 0:
         raise ValueError(f"mean_order_value must be > 0, got {mean_order_value}")
     return v_click * clicks + v_order * orders + (v_gmv / mean_order_value) * gmv
+
+
+#: the estimators a reward or a judge can name (config values)
+ESTIMATORS = ("ips", "snips", "dm", "switch", "shrunk")
+
+
+def ranking_value(name: str, idx: torch.Tensor, theta: torch.Tensor, logged_theta: torch.Tensor,
+                  y: torch.Tensor, m: torch.Tensor | None, *, max_weight: float = math.inf, tau: float = 0.1,
+                  lam: float = 1.0) -> Estimate:
+    """The value [B, G] of rankings idx [B, G, E] by the estimator ``name`` (one of :data:`ESTIMATORS`).
+
+    y [B, L]: the logged label of the declared value (e.g. v_click click + v_order order + ...);
+    m [B, L]: the outcome model's value of an examined item, needed by dm, switch and shrunk;
+    theta [E], logged_theta [B, L] as in the other estimators. Every estimator is linear in the label,
+    so the value of a mix of labels is the estimate of the mixed label.
+    """
+    if name in ("dm", "switch", "shrunk") and m is None:
+        raise ValueError(f"estimator {name!r} needs the outcome model's item values m")
+    if name == "ips":
+        return ips(y, idx, theta, logged_theta, max_weight)
+    if name == "snips":
+        return snips(y, idx, theta, logged_theta, max_weight, over="batch_and_group")
+    if name == "dm":
+        return Estimate(direct_method(m, idx, theta), theta.new_zeros(()))
+    if name == "switch":
+        return switch(y, m, idx, theta, logged_theta, tau, max_weight)
+    if name == "shrunk":
+        return shrunk_dr(y, m, idx, theta, logged_theta, lam)
+    raise ValueError(f"unknown estimator {name!r}; expected one of {list(ESTIMATORS)}")
