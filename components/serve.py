@@ -1,0 +1,166 @@
+"""Serve the registry's production policy online: per-request fusion weights over HTTP (KServe).
+
+    python -m components.serve --registry URI [--model-name NAME] [--port N] [--watch-seconds S]
+                               [--unknown-categories reject|oov]
+
+A KServe ModelServer (Open Inference Protocol v2 and v1) with one model, NAME (default grade-mtf):
+the TorchScript policy the registry's `production` alias names, loaded only when its files match the
+registry's content hash. The alias is checked every --watch-seconds; a newly promoted version is
+loaded and verified beside the served one and then swapped in, so no request fails or mixes versions.
+
+  POST /v2/models/NAME/infer   inputs: the user/context features (one value per request), optionally
+                               pred_<objective> [N, L] for L candidates; outputs: weights [N, K]
+                               (rows on the simplex), with candidates scores [N, L] and ranking [N, L]
+                               (best first); model_version names the version that answered
+  GET  /v2/models/NAME         every input and output with its datatype and shape
+  POST /v1/models/NAME:predict {"instances": [{feature: value, ...}, ...]}
+  GET  /v2/health/live, /v2/health/ready, /v2/models/NAME/ready; GET /metrics (Prometheus)
+
+Bad requests (missing/extra/unknown inputs, wrong shapes, NaN, unknown categories, empty or too large
+batches, bodies that are not JSON or over the size limit) get a 4xx naming the field.
+Needs the `serve` extra (pip install 'grade-mtf[serve]'). S3 settings come from the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from grade import cli, serving
+
+#: Largest request body accepted (bytes): about 4,000 requests with 100 candidates as JSON.
+MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m components.serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--registry", required=True, metavar="URI", help="registry root (folder or s3:// prefix)")
+    p.add_argument("--model-name", default="grade-mtf", metavar="NAME", help="registry model name (and URL name)")
+    p.add_argument("--port", type=int, default=8080, metavar="N", help="HTTP port (default 8080)")
+    p.add_argument("--watch-seconds", type=float, default=2.0, metavar="S",
+                   help="how often the production alias is checked (default 2)")
+    p.add_argument("--unknown-categories", choices=["reject", "oov"], default="reject",
+                   help="reject: a category id the model never saw is a bad request (default); oov: "
+                        "serve it as training does with rare ids (the out-of-vocabulary bucket)")
+    p.add_argument("--wait-seconds", type=float, default=60.0, metavar="S",
+                   help="how long to wait for a verified production model at start (default 60)")
+    return p
+
+
+def make_model(holder: serving.PolicyHolder, name: str, strict_categories: bool = True):
+    """The KServe model over ``holder`` (imports kserve: the `serve` extra)."""
+    import kserve
+    from kserve.errors import InvalidInput
+    from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+
+    class GradeModel(kserve.Model):
+        def load(self) -> bool:
+            self.ready = holder.current is not None
+            return self.ready
+
+        def get_input_types(self) -> list[dict[str, Any]]:
+            return [{k: v for k, v in i.items() if k != "optional"}
+                    for i in serving.input_metadata(holder.current.spec)]
+
+        def get_output_types(self) -> list[dict[str, Any]]:
+            return [{k: v for k, v in o.items() if k != "optional"}
+                    for o in serving.output_metadata(holder.current.spec)]
+
+        async def predict(self, payload: Any, headers: dict[str, str] | None = None, response_headers=None):
+            policy = holder.current  # one version serves the whole request
+            try:
+                if isinstance(payload, InferRequest):
+                    inputs = _v2_inputs(payload)
+                    result = serving.predict(policy, inputs, strict_categories)
+                    outputs = [_output(n, result[n]) for n in ("weights", "scores", "ranking") if n in result]
+                    return InferResponse(response_id=payload.id or "", model_name=self.name,
+                                         model_version=policy.version, infer_outputs=outputs,
+                                         parameters={"model_version": policy.version})
+                result = serving.predict(policy, _v1_inputs(payload), strict_categories)
+            except serving.BadRequest as e:
+                raise InvalidInput(str(e)) from None
+            rows = [{n: result[n][i].tolist() for n in ("weights", "scores", "ranking") if n in result}
+                    for i in range(len(result["weights"]))]
+            return {"predictions": rows, "model_version": policy.version}
+
+    def _output(name: str, array) -> InferOutput:
+        datatype = "INT64" if array.dtype.kind == "i" else "FP32"
+        out = InferOutput(name=name, shape=list(array.shape), datatype=datatype)
+        out.set_data_from_numpy(array, binary_data=False)
+        return out
+
+    def _v2_inputs(request: InferRequest) -> dict[str, Any]:
+        inputs: dict[str, Any] = {}
+        for i in request.inputs:
+            if i.name in inputs:
+                raise serving.BadRequest(f"input '{i.name}' given twice")
+            try:
+                inputs[i.name] = i.as_numpy()
+            except Exception as e:  # data that does not fit its declared datatype/shape
+                raise serving.BadRequest(f"input '{i.name}': {e}") from None
+        return inputs
+
+    def _v1_inputs(payload: Any) -> dict[str, Any]:
+        instances = payload.get("instances") if isinstance(payload, dict) else None
+        if not isinstance(instances, list) or not all(isinstance(r, dict) for r in instances):
+            raise serving.BadRequest("'instances': expected a list of {feature: value} objects")
+        names = sorted({k for r in instances for k in r})
+        for j, r in enumerate(instances):
+            if set(r) != set(names):
+                raise serving.BadRequest(f"'instances', row {j}: expected the inputs {names}, got {sorted(r)}")
+        return {n: [r[n] for r in instances] for n in names}
+
+    return GradeModel(name)
+
+
+def body_limit(app, max_bytes: int = MAX_BODY_BYTES):
+    """Answer 413 for request bodies over ``max_bytes`` before they are read whole, and 400 (naming
+    the body) for a body that is not JSON, instead of the framework's 500s."""
+    import json
+
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    @app.middleware("http")
+    async def limit(request: Request, call_next):
+        if request.method == "POST":
+            declared = request.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                return JSONResponse({"error": f"body: {declared} bytes, at most {max_bytes}"}, status_code=413)
+            body = b""
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_bytes:
+                    return JSONResponse({"error": f"body: over {max_bytes} bytes"}, status_code=413)
+            try:
+                json.loads(body or b"null")
+            except ValueError as e:
+                return JSONResponse({"error": f"body: not JSON ({e})"}, status_code=400)
+            request._body = body  # starlette reads the cached body downstream
+        return await call_next(request)
+
+
+def serve(args: argparse.Namespace) -> None:
+    import kserve
+    from kserve import model_server
+
+    holder = serving.PolicyHolder(args.registry, args.model_name)
+    policy = serving.wait_for_version(holder, args.wait_seconds)
+    cli.log.info("serving %s/%s from %s on port %d", args.model_name, policy.version, args.registry, args.port)
+    holder.watch(args.watch_seconds)
+    model = make_model(holder, args.model_name, args.unknown_categories == "reject")
+    model.load()
+    body_limit(model_server.app)
+    kserve.ModelServer(http_port=args.port, enable_grpc=False, workers=1).start([model])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    serve(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
