@@ -1,7 +1,7 @@
 """Serve the registry's production policy online: per-request fusion weights over HTTP (KServe).
 
     python -m components.serve --registry URI [--model-name NAME] [--port N] [--watch-seconds S]
-                               [--unknown-categories reject|oov]
+                               [--unknown-categories reject|oov] [--version VERSION]
 
 A KServe ModelServer (Open Inference Protocol v2 and v1) with one model, NAME (default grade-mtf):
 the TorchScript policy the registry's `production` alias names, loaded only when its files match the
@@ -28,6 +28,7 @@ import sys
 from typing import Any
 
 from grade import cli, serving
+from grade.errors import InputError
 
 #: Largest request body accepted (bytes): about 4,000 requests with 100 candidates as JSON.
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unknown-categories", choices=["reject", "oov"], default="reject",
                    help="reject: a category id the model never saw is a bad request (default); oov: "
                         "serve it as training does with rare ids (the out-of-vocabulary bucket)")
+    p.add_argument("--version", metavar="VERSION",
+                   help="serve this registered version instead of following the production alias (a canary "
+                        "of a newly blessed version; see containers/inferenceservice.yaml)")
     p.add_argument("--wait-seconds", type=float, default=60.0, metavar="S",
                    help="how long to wait for a verified production model at start (default 60)")
     return p
@@ -146,10 +150,14 @@ def serve(args: argparse.Namespace) -> None:
     import kserve
     from kserve import model_server
 
-    holder = serving.PolicyHolder(args.registry, args.model_name)
-    policy = serving.wait_for_version(holder, args.wait_seconds)
+    holder = serving.PolicyHolder(args.registry, args.model_name, pinned=args.version)
+    try:
+        policy = serving.wait_for_version(holder, args.wait_seconds)
+    except serving.IntegrityError as e:
+        raise InputError(str(e)) from None
     cli.log.info("serving %s/%s from %s on port %d", args.model_name, policy.version, args.registry, args.port)
-    holder.watch(args.watch_seconds)
+    if not args.version:
+        holder.watch(args.watch_seconds)
     model = make_model(holder, args.model_name, args.unknown_categories == "reject")
     model.load()
     body_limit(model_server.app)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from grade import store
+from grade.errors import InputError
 from grade.registry import Registry
 
 log = logging.getLogger("grade.serving")
@@ -106,8 +107,10 @@ class PolicyHolder:
     fails verification is logged and skipped, and the previous one keeps serving.
     """
 
-    def __init__(self, registry_uri: str, model_name: str):
+    def __init__(self, registry_uri: str, model_name: str, pinned: str | None = None):
         self.registry = Registry(registry_uri, model_name)
+        self.pinned = pinned
+        """a version to serve instead of the alias's (a canary), verified against its lineage's hash"""
         self.current: ServedPolicy | None = None
         self.swaps = 0
         self.rejected: set[tuple[str, str]] = set()
@@ -115,10 +118,16 @@ class PolicyHolder:
 
     def refresh(self) -> bool:
         """Load the alias's version if it is not the served one; True when a swap happened."""
-        alias = self.registry.production()
-        if alias is None:
-            return False
-        record = alias[0]
+        if self.pinned:
+            if self.pinned not in self.registry.versions():
+                raise IntegrityError(f"{self.registry.model_name}: no published version {self.pinned}")
+            record = {"version": self.pinned,
+                      "content_hash": self.registry.lineage(self.pinned).get("content_hash")}
+        else:
+            alias = self.registry.production()
+            if alias is None:
+                return False
+            record = alias[0]
         key = (record["version"], str(record.get("content_hash")))
         if self.current is not None and (self.current.version, self.current.content_hash) == key:
             return False
@@ -275,12 +284,14 @@ def predict(policy: ServedPolicy, inputs: dict[str, Any], strict_categories: boo
 
 
 def wait_for_version(holder: PolicyHolder, timeout_s: float = 30.0) -> ServedPolicy:
-    """The first served version, polling the alias until one verifies (RuntimeError after the timeout)."""
+    """The first served version, polling the alias until one verifies (:class:`InputError` after the
+    timeout: no model to serve is a missing input)."""
     deadline = time.monotonic() + timeout_s
     while True:
         holder.refresh()
         if holder.current is not None:
             return holder.current
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{holder.registry.alias_uri}: no verified production model within {timeout_s:.0f} s")
+            what = holder.pinned or holder.registry.alias_uri
+            raise InputError(f"{what}: no verified model to serve within {timeout_s:.0f} s (see the log above)")
         time.sleep(1.0)

@@ -7,9 +7,6 @@ The server runs as a real process (``python -m components.serve``) on a loopback
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -19,74 +16,25 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
-import torch
 
+from benchmarks.serve import MODEL, demo_registry, promote, start_server
 from components import score as score_cli
-from grade import cli, serving, store
-from grade.features import FeaturesConfig, extract_features
-from grade.policy import PolicyConfig, PolicyNet, save_policy
-from grade.registry import Registry
-from grade.simulator import SimulatorConfig, write_logs
+from grade import cli, serving
 from tests.conftest import free_port
 
 pytest.importorskip("kserve", reason="the `serve` extra (kserve) is not installed")
 
-MODEL = "grade-mtf"
-
-
-def trained_model(root, feats, spec, seed: int) -> str:
-    """A published model folder with random, personalised weights."""
-    torch.manual_seed(seed)
-    net = PolicyNet(PolicyConfig(n_numeric=len(spec["numeric"]), cat_sizes=[c["size"] for c in spec["categorical"]],
-                                 n_objectives=len(spec["objectives"])))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    uri = str(root / f"model-{seed}")
-    with store.publishing(uri) as staging:
-        save_policy(net, staging)
-        (staging / "feature_spec.json").write_bytes(store.read_bytes(store.join(feats, "feature_spec.json")))
-    return uri
-
-
-def promote(registry: Registry, model_uri: str) -> str:
-    version, _ = registry.register(model_uri)
-    current = registry.production()
-    registry.set_production(version, "test", expected_etag=current[1] if current else None)
-    return version
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    logs, feats = str(root / "logs"), str(root / "feats")
-    write_logs(SimulatorConfig(n_requests=200, n_users=80, n_items=1500, n_days=2, list_size=20), logs)
-    spec = extract_features(logs, feats, FeaturesConfig())
-    registry = Registry(str(root / "registry"), MODEL)
-    models = [trained_model(root, feats, spec, seed) for seed in (1, 2, 3)]
-    first = promote(registry, models[0])
-    return {"root": root, "logs": logs, "spec": spec, "registry": registry, "models": models, "first": first}
+    return demo_registry(tmp_path_factory.mktemp("serve"), n_versions=3)
 
 
 @pytest.fixture(scope="module")
 def server(world):
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-m", "components.serve", "--registry", world["registry"].root,
-                             "--port", str(port), "--watch-seconds", "0.2"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/v2/models/{MODEL}/ready", timeout=2):
-                break
-        except (urllib.error.URLError, ConnectionError):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"the server did not start:\n{proc.stdout.read()}")
-            time.sleep(0.3)
-    yield url
+    proc = start_server(world["registry"].root, port)
+    yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=30)
 
