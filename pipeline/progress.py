@@ -10,6 +10,8 @@ logging handler and its ``print`` calls look ``sys.stdout`` up when they write, 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import re
 import sys
 import time
@@ -66,16 +68,37 @@ def tail(path: str | Path, n: int = 40) -> str:
     return "\n".join(_ANSI.sub("", line) for line in lines)
 
 
+class _RunnerRecords(logging.Filter):
+    """Diverts the runner's own log records (module paths under kfp/) from a handler to the log file."""
+
+    def __init__(self, log: TextIO):
+        super().__init__()
+        self.log = log
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if f"{os.sep}kfp{os.sep}" in record.pathname:
+            self.log.write(f"{record.levelname} {record.getMessage()}\n")
+            return False
+        return True
+
+
 @contextlib.contextmanager
 def quiet_runner_output(log_path: str | Path) -> Iterator[ProgressFilter]:
-    """Within the block, stdout goes to ``log_path`` and only step progress lines reach the terminal."""
+    """Within the block, stdout (and the runner's log records) go to ``log_path``; only step progress
+    lines reach the terminal."""
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     terminal = sys.stdout
     with open(log_path, "a", encoding="utf-8") as log:
         stream = ProgressFilter(log, terminal)
+        diverted = _RunnerRecords(log)
+        handlers = list(logging.getLogger().handlers)
+        for handler in handlers:
+            handler.addFilter(diverted)
         sys.stdout = stream  # type: ignore[assignment]
         try:
             yield stream
         finally:
             sys.stdout = terminal
+            for handler in handlers:
+                handler.removeFilter(diverted)
