@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also fine-tune and evaluate the ablations (copied to DIR/ablations/)")
     p.add_argument("--runner", choices=RUNNERS, default="subprocess",
                    help="subprocess: every step in this Python environment (default); docker: every step "
-                        "in a container of --image")
+                        "in a container of --image (needs a Docker daemon and the Python docker package)")
     p.add_argument("--image", metavar="TAG", help=f"image of --runner docker (default: {default_image()})")
     p.add_argument("--window-days", type=int, default=7, metavar="N",
                    help="with a --logs pattern containing {date}: days up to the schedule date (default 7)")
