@@ -58,6 +58,10 @@ def make_model(holder: serving.PolicyHolder, name: str, strict_categories: bool 
     import kserve
     from kserve.errors import InvalidInput
     from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+    from prometheus_client import Counter
+
+    # On the server's /metrics beside KServe's latency histograms: answers per version and outcome.
+    answers = Counter("grade_serve_requests", "infer calls by served version and outcome", ["version", "outcome"])
 
     class GradeModel(kserve.Model):
         def load(self) -> bool:
@@ -74,19 +78,20 @@ def make_model(holder: serving.PolicyHolder, name: str, strict_categories: bool 
 
         async def predict(self, payload: Any, headers: dict[str, str] | None = None, response_headers=None):
             policy = holder.current  # one version serves the whole request
+            v2 = isinstance(payload, InferRequest)
             try:
-                if isinstance(payload, InferRequest):
-                    inputs = _v2_inputs(payload)
-                    result = serving.predict(policy, inputs, strict_categories)
-                    outputs = [_output(n, result[n]) for n in ("weights", "scores", "ranking") if n in result]
-                    return InferResponse(response_id=payload.id or "", model_name=self.name,
-                                         model_version=policy.version, infer_outputs=outputs,
-                                         parameters={"model_version": policy.version})
-                result = serving.predict(policy, _v1_inputs(payload), strict_categories)
+                result = serving.predict(policy, _v2_inputs(payload) if v2 else _v1_inputs(payload),
+                                         strict_categories)
             except serving.BadRequest as e:
+                answers.labels(policy.version, "bad_request").inc()
                 raise InvalidInput(str(e)) from None
-            rows = [{n: result[n][i].tolist() for n in ("weights", "scores", "ranking") if n in result}
-                    for i in range(len(result["weights"]))]
+            answers.labels(policy.version, "ok").inc()
+            names = [n for n in ("weights", "scores", "ranking") if n in result]
+            if v2:
+                return InferResponse(response_id=payload.id or "", model_name=self.name,
+                                     model_version=policy.version, infer_outputs=[_output(n, result[n]) for n in names],
+                                     parameters={"model_version": policy.version})
+            rows = [{n: result[n][i].tolist() for n in names} for i in range(len(result["weights"]))]
             return {"predictions": rows, "model_version": policy.version}
 
     def _output(name: str, array) -> InferOutput:

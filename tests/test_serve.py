@@ -105,8 +105,10 @@ def test_metadata_lists_every_input_and_the_weights_output(server, world):
         assert names[c["name"]] == ("INT64", [-1])
     assert {o["name"] for o in meta["outputs"]} >= {"weights"}
     assert call(server, "/v2/health/live")[0] == 200 and call(server, "/v2/health/ready")[0] == 200
+    assert call(server, f"/v2/models/{MODEL}/infer", v2_body(log_requests(world["logs"], spec, 1), spec))[0] == 200
     with urllib.request.urlopen(f"{server}/metrics", timeout=10) as r:
-        assert b"request_predict_seconds" in r.read() or r.status == 200
+        metrics = r.read().decode()
+    assert f'grade_serve_requests_total{{outcome="ok",version="{world["first"]}"}}' in metrics
 
 
 def test_served_weights_equal_batch_scoring_and_rank_the_candidates(server, world, tmp_path):
