@@ -47,7 +47,8 @@ def demo_registry(root: Path, n_versions: int = 3, n_requests: int = 200) -> dic
     models = []
     for seed in range(1, n_versions + 1):
         torch.manual_seed(seed)
-        net = PolicyNet(PolicyConfig(n_numeric=len(spec["numeric"]), cat_sizes=[c["size"] for c in spec["categorical"]],
+        net = PolicyNet(PolicyConfig(n_numeric=len(spec["numeric"]),
+                                     cat_sizes=[c["size"] for c in spec["categorical"]],
                                      n_objectives=len(spec["objectives"])))
         with torch.no_grad():
             for p in net.parameters():
@@ -55,7 +56,8 @@ def demo_registry(root: Path, n_versions: int = 3, n_requests: int = 200) -> dic
         uri = str(root / f"model-{seed}")
         with store.publishing(uri) as staging:
             save_policy(net, staging)
-            (staging / "feature_spec.json").write_bytes(store.read_bytes(store.join(feats, "feature_spec.json")))
+            spec_file = store.join(feats, "feature_spec.json")
+            (staging / "feature_spec.json").write_bytes(store.read_bytes(spec_file))
         models.append(uri)
     registry = Registry(str(root / "registry"), MODEL)
     first = promote(registry, models[0])

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m components.serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--registry", required=True, metavar="URI", help="registry root (folder or s3:// prefix)")
-    p.add_argument("--model-name", default="grade-mtf", metavar="NAME", help="registry model name (and URL name)")
+    p.add_argument("--model-name", default="grade-mtf", metavar="NAME",
+                   help="registry model name (and URL name)")
     p.add_argument("--port", type=int, default=8080, metavar="N", help="HTTP port (default 8080)")
     p.add_argument("--watch-seconds", type=float, default=2.0, metavar="S",
                    help="how often the production alias is checked (default 2)")
@@ -61,7 +62,8 @@ def make_model(holder: serving.PolicyHolder, name: str, strict_categories: bool 
     from prometheus_client import Counter
 
     # On the server's /metrics beside KServe's latency histograms: answers per version and outcome.
-    answers = Counter("grade_serve_requests", "infer calls by served version and outcome", ["version", "outcome"])
+    answers = Counter("grade_serve_requests", "infer calls by served version and outcome",
+                      ["version", "outcome"])
 
     class GradeModel(kserve.Model):
         def load(self) -> bool:
@@ -89,7 +91,8 @@ def make_model(holder: serving.PolicyHolder, name: str, strict_categories: bool 
             names = [n for n in ("weights", "scores", "ranking") if n in result]
             if v2:
                 return InferResponse(response_id=payload.id or "", model_name=self.name,
-                                     model_version=policy.version, infer_outputs=[_output(n, result[n]) for n in names],
+                                     model_version=policy.version,
+                                     infer_outputs=[_output(n, result[n]) for n in names],
                                      parameters={"model_version": policy.version})
             rows = [{n: result[n][i].tolist() for n in names} for i in range(len(result["weights"]))]
             return {"predictions": rows, "model_version": policy.version}
@@ -118,7 +121,8 @@ def make_model(holder: serving.PolicyHolder, name: str, strict_categories: bool 
         names = sorted({k for r in instances for k in r})
         for j, r in enumerate(instances):
             if set(r) != set(names):
-                raise serving.BadRequest(f"'instances', row {j}: expected the inputs {names}, got {sorted(r)}")
+                raise serving.BadRequest(f"'instances', row {j}: expected the inputs {names}, "
+                                         f"got {sorted(r)}")
         return {n: [r[n] for r in instances] for n in names}
 
     return GradeModel(name)
@@ -137,7 +141,8 @@ def body_limit(app, max_bytes: int = MAX_BODY_BYTES):
         if request.method == "POST":
             declared = request.headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-                return JSONResponse({"error": f"body: {declared} bytes, at most {max_bytes}"}, status_code=413)
+                return JSONResponse({"error": f"body: {declared} bytes, at most {max_bytes}"},
+                                    status_code=413)
             body = b""
             async for chunk in request.stream():
                 body += chunk
@@ -160,7 +165,8 @@ def serve(args: argparse.Namespace) -> None:
         policy = serving.wait_for_version(holder, args.wait_seconds)
     except serving.IntegrityError as e:
         raise InputError(str(e)) from None
-    cli.log.info("serving %s/%s from %s on port %d", args.model_name, policy.version, args.registry, args.port)
+    cli.log.info("serving %s/%s from %s on port %d", args.model_name, policy.version, args.registry,
+                 args.port)
     if not args.version:
         holder.watch(args.watch_seconds)
     model = make_model(holder, args.model_name, args.unknown_categories == "reject")

@@ -801,7 +801,8 @@ def _open_inputs(logs_uri: str | list[str]) -> tuple[list[str], Any, list[str], 
     return files, fs, paths, ls, total
 
 
-def extract_features(logs_uri: str | list[str], out_uri: str, cfg: FeaturesConfig | None = None) -> dict[str, Any]:
+def extract_features(logs_uri: str | list[str], out_uri: str,
+                     cfg: FeaturesConfig | None = None) -> dict[str, Any]:
     """Validate the logs at ``logs_uri`` and publish feature tensors + spec at ``out_uri``.
 
     Returns the feature spec. Raises :class:`InputError` on bad input (``on_bad_rows="fail"``),

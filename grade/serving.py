@@ -214,7 +214,8 @@ def validate(inputs: dict[str, Any], spec: dict[str, Any], strict_categories: bo
     preds = [f"pred_{o}" for o in spec["objectives"]]
     extra = sorted(set(inputs) - set(numeric) - set(categorical) - set(preds))
     if extra:
-        raise BadRequest(f"unknown input(s) {extra}; expected {numeric + list(categorical)} and optionally {preds}")
+        raise BadRequest(f"unknown input(s) {extra}; expected {numeric + list(categorical)} "
+                         f"and optionally {preds}")
     missing = [n for n in numeric + list(categorical) if n not in inputs]
     if missing:
         raise BadRequest(f"missing input(s) {missing}")
@@ -240,7 +241,8 @@ def validate(inputs: dict[str, Any], spec: dict[str, Any], strict_categories: bo
     if not given:
         return columns, None
     if len(given) != len(preds):
-        raise BadRequest(f"missing input(s) {sorted(set(preds) - set(given))}: candidates need every prediction")
+        raise BadRequest(f"missing input(s) {sorted(set(preds) - set(given))}: "
+                         "candidates need every prediction")
     pred = np.stack([_as_array(p, inputs[p], np.float32, 2) for p in preds], axis=-1)    # [N, L, K]
     if pred.shape[0] != n:
         raise BadRequest(f"input '{preds[0]}': {pred.shape[0]} row(s), but the batch has {n} request(s)")
@@ -293,5 +295,6 @@ def wait_for_version(holder: PolicyHolder, timeout_s: float = 30.0) -> ServedPol
             return holder.current
         if time.monotonic() > deadline:
             what = holder.pinned or holder.registry.alias_uri
-            raise InputError(f"{what}: no verified model to serve within {timeout_s:.0f} s (see the log above)")
+            raise InputError(f"{what}: no verified model to serve within {timeout_s:.0f} s "
+                             "(see the log above)")
         time.sleep(1.0)

@@ -67,7 +67,8 @@ def parse_time(value: str, what: str = "schedule time") -> dt.datetime:
     try:
         t = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
     except ValueError:
-        raise InputError(f"{what} '{value}': expected an ISO 8601 time such as 2026-01-14T02:00:00Z") from None
+        raise InputError(f"{what} '{value}': expected an ISO 8601 time such as "
+                         "2026-01-14T02:00:00Z") from None
     return t.replace(tzinfo=dt.timezone.utc) if t.tzinfo is None else t.astimezone(dt.timezone.utc)
 
 
@@ -91,8 +92,8 @@ def resolve(pattern: str, when: dt.datetime, window_days: int) -> Window:
     from grade.features import list_log_files
 
     if not is_partitioned(pattern):
-        raise InputError(f"raw_logs_uri '{pattern}': a data window needs a partition pattern with {DATE_FIELD}, "
-                         "e.g. s3://grade/logs/dt={date}")
+        raise InputError(f"raw_logs_uri '{pattern}': a data window needs a partition pattern with "
+                         f"{DATE_FIELD}, e.g. s3://grade/logs/dt={{date}}")
     if int(window_days) < 1:
         raise InputError(f"window_days: expected a number of days >= 1, got {window_days}")
     end = when.astimezone(dt.timezone.utc).date()

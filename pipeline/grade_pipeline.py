@@ -154,9 +154,9 @@ def build_pipeline(gpu: bool = False, s3_secret: str = S3_SECRET, image: str | N
             train_evaluate_promote(features=feats.outputs["features"], data_uri="simulated", **downstream)
         with dsl.Else(name="given-logs"):
             # The window (never cached) resolves the dates; its partitions are the features' cache key.
-            span = configure(c.window(logs_uri=raw_logs_uri, window_days=window_days, schedule_time=schedule_time,
-                                      backend_schedule_time=schedule_placeholder),
-                             "window")
+            span = configure(c.window(logs_uri=raw_logs_uri, window_days=window_days,
+                                      schedule_time=schedule_time,
+                                      backend_schedule_time=schedule_placeholder), "window")
             feats = configure(c.features(config_yaml=config_yaml, snapshot_date=snapshot_date,
                                          logs_uris=span.outputs["partitions"],
                                          data_uri=span.outputs["description"]), "features")

@@ -144,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logs", default="", metavar="URI",
                    help="raw Parquet logs, e.g. s3://grade/logs/2026-01-01 (default: simulate)")
     p.add_argument("--window-days", type=int, default=7, metavar="N",
-                   help="with a --logs pattern containing {date} (e.g. s3://grade/logs/dt={date}): train on the "
-                        "N days up to each run's schedule date (default 7)")
+                   help="with a --logs pattern containing {date} (e.g. s3://grade/logs/dt={date}): "
+                        "train on the N days up to each run's schedule date (default 7)")
     p.add_argument("--registry", metavar="URI", help=f"model registry root (default: {DEFAULT_REGISTRY})")
     p.add_argument("--snapshot-date", metavar="YYYY-MM-DD",
                    help="date of the data, part of every cache key (default for --run: today, UTC)")

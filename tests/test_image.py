@@ -33,7 +33,8 @@ def test_every_component_imports_and_answers_help_in_the_image():
     # One container for all: a container start costs about a second.
     script = ("import subprocess, sys\n"
               f"for name in {COMPONENTS!r}:\n"
-              "    r = subprocess.run([sys.executable, '-m', f'components.{name}', '--help'], capture_output=True)\n"
+              "    r = subprocess.run([sys.executable, '-m', f'components.{name}', '--help'],\n"
+              "                       capture_output=True)\n"
               "    print(name, r.returncode, flush=True)\n")
     result = in_image("python", "-c", script, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -18,7 +18,8 @@ def test_the_terminal_gets_one_line_per_step_start_and_end_and_the_log_gets_ever
         print("    features: 2000 requests, 40000 rows")
         sys.stdout.write("12:00:01.000 - INFO - Task ")  # a line written in pieces
         sys.stdout.write(f"{CYAN}'features'{RESET} finished with status {GREEN}SUCCESS{RESET}\n")
-        print(f"12:00:01.001 - INFO - Task {CYAN}'features'{RESET} outputs:\n    features: Dataset( name='f' )")
+        print(f"12:00:01.001 - INFO - Task {CYAN}'features'{RESET} outputs:")
+        print("    features: Dataset( name='f' )")
     shown = terminal.getvalue().splitlines()
     assert shown[0] == "  step features ..."
     assert shown[1].startswith("  step features: success (") and len(shown) == 2
@@ -39,7 +40,8 @@ def test_the_runners_log_records_go_to_the_log_file_not_the_terminal(tmp_path, m
     monkeypatch.setattr(sys, "stdout", io.StringIO())
     try:
         with quiet_runner_output(tmp_path / "run.log"):
-            record = logging.LogRecord("root", logging.INFO, kfp_module.__file__, 1, "Skipping task x", None, None)
+            record = logging.LogRecord("root", logging.INFO, kfp_module.__file__, 1, "Skipping task x",
+                                       None, None)
             root.handle(record)
             logging.getLogger("grade.test").warning("a project message")
     finally:

@@ -71,7 +71,8 @@ def oversized_post(url: str, path: str, size: int):
 
 def log_requests(logs: str, spec: dict, n: int) -> dict[str, np.ndarray]:
     """The first ``n`` requests of the logs: raw feature columns [n] and pred_* [n, L]."""
-    t = ds.dataset(logs, format="parquet").to_table().sort_by([("request_id", "ascending"), ("item_id", "ascending")])
+    t = ds.dataset(logs, format="parquet").to_table()
+    t = t.sort_by([("request_id", "ascending"), ("item_id", "ascending")])
     rid = t["request_id"].to_numpy()
     firsts = np.flatnonzero(np.r_[True, rid[1:] != rid[:-1]])[:n]
     out = {c["name"]: t[c["name"]].to_numpy()[firsts].tolist() for c in spec["numeric"] + spec["categorical"]}
@@ -105,7 +106,8 @@ def test_metadata_lists_every_input_and_the_weights_output(server, world):
         assert names[c["name"]] == ("INT64", [-1])
     assert {o["name"] for o in meta["outputs"]} >= {"weights"}
     assert call(server, "/v2/health/live")[0] == 200 and call(server, "/v2/health/ready")[0] == 200
-    assert call(server, f"/v2/models/{MODEL}/infer", v2_body(log_requests(world["logs"], spec, 1), spec))[0] == 200
+    one = v2_body(log_requests(world["logs"], spec, 1), spec)
+    assert call(server, f"/v2/models/{MODEL}/infer", one)[0] == 200
     with urllib.request.urlopen(f"{server}/metrics", timeout=10) as r:
         metrics = r.read().decode()
     assert f'grade_serve_requests_total{{outcome="ok",version="{world["first"]}"}}' in metrics
@@ -131,7 +133,7 @@ def test_served_weights_equal_batch_scoring_and_rank_the_candidates(server, worl
         expected = rows[[f"w_{o}" for o in spec["objectives"]]].to_numpy()[0]
         assert np.allclose(w[i], expected, atol=1e-6)
         # the ranking orders the candidates by fused score, best first, as batch scoring ranks them
-        assert np.allclose(np.sort(out["scores"][i])[::-1], np.sort(rows["score"].to_numpy())[::-1], atol=1e-4)
+        assert np.allclose(np.sort(out["scores"][i]), np.sort(rows["score"].to_numpy()), atol=1e-4)
         assert (np.diff(out["scores"][i][out["ranking"][i]]) <= 1e-6).all()
     # v1 answers the same weights and names the version too
     v1 = {"instances": [{c["name"]: columns[c["name"]][i] for c in spec["numeric"] + spec["categorical"]}

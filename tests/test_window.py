@@ -84,10 +84,12 @@ def test_an_empty_window_or_a_bad_window_is_bad_input(days, tmp_path, capsys):
 
 def test_the_compiled_window_step_is_never_cached_and_feeds_the_features_cache_key():
     spec = next(yaml.safe_load_all((ROOT / "pipeline.yaml").read_text()))
-    tasks = {name: t for c in spec["components"].values() if "dag" in c for name, t in c["dag"]["tasks"].items()}
+    tasks = {name: t for c in spec["components"].values() if "dag" in c
+             for name, t in c["dag"]["tasks"].items()}
     assert not tasks["window"].get("cachingOptions", {}).get("enableCache")
     params = tasks["window"]["inputs"]["parameters"]
-    assert params["backend_schedule_time"]["runtimeValue"]["constant"] == "{{$.pipeline_job_schedule_time_utc}}"
+    placeholder = params["backend_schedule_time"]["runtimeValue"]["constant"]
+    assert placeholder == "{{$.pipeline_job_schedule_time_utc}}"
     features = tasks["features-2"]
     assert features["cachingOptions"]["enableCache"]
     produced = features["inputs"]["parameters"]["logs_uris"]["taskOutputParameter"]
@@ -103,7 +105,8 @@ def test_run_local_trains_on_the_window_of_its_schedule_time(days, tmp_path):
     logs, pattern = days
     cfg = small_config(tmp_path, promote=LENIENT_GATE)
     result = run_local.run_local(cfg, tmp_path / "out", logs=pattern, window_days=3,
-                                 schedule_time="2026-01-05T02:00:00Z", snapshot_date="2026-01-05", verbose=False)
+                                 schedule_time="2026-01-05T02:00:00Z", snapshot_date="2026-01-05",
+                                 verbose=False)
     assert result["logs"].endswith("[2026-01-03..2026-01-05: 2 of 3 days, missing 2026-01-05]")
     spec = store.read_json(str(next(result["run_dir"].glob("features*/features")) / "feature_spec.json"))
     assert spec["input"]["files"] == len(list_log_files([f"{logs}/day=2026-01-03", f"{logs}/day=2026-01-04"]))
