@@ -72,13 +72,15 @@ def promote(registry, model_uri: str) -> str:
     return version
 
 
-def start_server(registry_root: str, port: int, watch_seconds: float = 0.2,
+def start_server(registry_root: str, port: int, log_file: Path, watch_seconds: float = 0.2,
                  timeout_s: float = 90) -> subprocess.Popen:
-    """``python -m components.serve`` on loopback ``port``, returned once its model answers ready."""
+    """``python -m components.serve`` on loopback ``port`` (its output in ``log_file``: a pipe nobody
+    reads would stall it), returned once its model answers ready."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-m", "components.serve", "--registry", registry_root,
-                             "--port", str(port), "--watch-seconds", str(watch_seconds)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "components.serve", "--registry", registry_root,
+                                 "--port", str(port), "--watch-seconds", str(watch_seconds)], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -86,9 +88,19 @@ def start_server(registry_root: str, port: int, watch_seconds: float = 0.2,
                 return proc
         except (urllib.error.URLError, ConnectionError):
             if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"the server did not start:\n{proc.stdout.read()}") from None
+                stop_server(proc)
+                raise RuntimeError(f"the server did not start:\n{Path(log_file).read_text()}") from None
             time.sleep(0.3)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM (the server drains its connections), then SIGKILL after 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def v2_body(spec: dict[str, Any], batch: int, seed: int = 0) -> bytes:
@@ -151,8 +163,11 @@ def load_phase(port: int, body: bytes, clients: int, seconds: float, moves: list
 
 
 def in_process(registry, spec: dict[str, Any], body: bytes, calls: int = 500) -> dict[str, float]:
-    """Median latency (ms) of the TorchScript call alone and of the whole predict() on the same batch."""
+    """Median latency (ms) of the TorchScript call alone and of the whole predict() on the same batch,
+    with one torch thread like the server."""
     from grade import serving
+
+    torch.set_num_threads(1)
 
     policy = serving.load_verified(registry, registry.production()[0])
     inputs = {i["name"]: i["data"] for i in json.loads(body)["inputs"]}
@@ -180,7 +195,7 @@ def run(seconds: float = 10.0, clients: int = 16) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="grade-bench-serve-") as tmp:
         world = demo_registry(Path(tmp), n_versions=5)
         port = free_port()
-        server = start_server(world["registry"].root, port)
+        server = start_server(world["registry"].root, port, Path(tmp) / "server.log")
         try:
             results: dict[str, Any] = {}
             pending = list(world["models"][1:])
@@ -196,8 +211,7 @@ def run(seconds: float = 10.0, clients: int = 16) -> dict[str, Any]:
             results["alias_moves"] = 4
             results["versions_served_last"] = world["registry"].production()[0]["version"]
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            stop_server(server)
     return {"clients": clients, "seconds_per_phase": seconds, **results}
 
 

@@ -1,7 +1,7 @@
 """Serve the registry's production policy online: per-request fusion weights over HTTP (KServe).
 
     python -m components.serve --registry URI [--model-name NAME] [--port N] [--watch-seconds S]
-                               [--unknown-categories reject|oov] [--version VERSION]
+                               [--unknown-categories reject|oov] [--version VERSION] [--threads N]
 
 A KServe ModelServer (Open Inference Protocol v2 and v1) with one model, NAME (default grade-mtf):
 the TorchScript policy the registry's `production` alias names, loaded only when its files match the
@@ -24,6 +24,7 @@ Needs the `serve` extra (pip install 'grade-mtf[serve]'). S3 settings come from 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Any
 
@@ -49,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", metavar="VERSION",
                    help="serve this registered version instead of following the production alias (a canary "
                         "of a newly blessed version; see containers/inferenceservice.yaml)")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="torch intra-op threads (default 1: a small policy per call gains nothing from more, "
+                        "and idle worker threads add wake-up latency; scale with replicas instead)")
+    p.add_argument("--access-log", action="store_true",
+                   help="log every request (off by default: a log line per call costs latency; "
+                        "/metrics counts them)")
     p.add_argument("--wait-seconds", type=float, default=60.0, metavar="S",
                    help="how long to wait for a verified production model at start (default 60)")
     return p
@@ -160,6 +167,9 @@ def serve(args: argparse.Namespace) -> None:
     import kserve
     from kserve import model_server
 
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
     holder = serving.PolicyHolder(args.registry, args.model_name, pinned=args.version)
     try:
         policy = serving.wait_for_version(holder, args.wait_seconds)
@@ -172,7 +182,11 @@ def serve(args: argparse.Namespace) -> None:
     model = make_model(holder, args.model_name, args.unknown_categories == "reject")
     model.load()
     body_limit(model_server.app)
-    kserve.ModelServer(http_port=args.port, enable_grpc=False, workers=1).start([model])
+    server = kserve.ModelServer(http_port=args.port, enable_grpc=False, workers=1,
+                                enable_latency_logging=args.access_log)
+    if not args.access_log:
+        logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    server.start([model])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-from benchmarks.serve import MODEL, demo_registry, promote, start_server
+from benchmarks.serve import MODEL, demo_registry, promote, start_server, stop_server
 from components import score as score_cli
 from grade import cli, serving
 from tests.conftest import free_port
@@ -31,12 +31,11 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(world):
+def server(world, tmp_path_factory):
     port = free_port()
-    proc = start_server(world["registry"].root, port)
+    proc = start_server(world["registry"].root, port, tmp_path_factory.mktemp("server") / "server.log")
     yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=30)
+    stop_server(proc)
 
 
 def call(url: str, path: str, body: bytes | dict | None = None, headers: dict | None = None):
