@@ -120,11 +120,11 @@ def simulated_logs(store_uri: str, config_path: str | None) -> str:
 S3_ENV = ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION")
 
 
-def docker_runner(image: str, shared: list[Path]):
+def docker_runner(image: str, shared: list[Path], pipeline_root: Path):
     """KFP's DockerRunner for ``image``: the local folders in ``shared`` (the store, the logs) mounted at
-    their own paths (the runner mounts the pipeline root itself), the host's network (an S3 endpoint
+    their own paths (the runner mounts ``pipeline_root`` itself), the host's network (an S3 endpoint
     on loopback), the S3 settings from this environment, and this user's uid unless it is root (then
-    the image's non-root user, and the folders are opened to it)."""
+    the image's non-root user, and the folders it writes to are opened to it)."""
     import docker
     from docker.types import Mount
     from kfp import local
@@ -141,7 +141,7 @@ def docker_runner(image: str, shared: list[Path]):
     if os.getuid() != 0:
         args["user"] = f"{os.getuid()}:{os.getgid()}"
     else:
-        for folder in shared:
+        for folder in (pipeline_root, *shared):
             folder.chmod(0o777)
     return local.DockerRunner(**args)
 
@@ -163,8 +163,7 @@ def run_pipeline(arguments: dict[str, Any], pipeline_root: Path, *, runner: str 
     pipeline_root.mkdir(parents=True, exist_ok=True)
     if runner == "docker":
         image = image or default_image()
-        shared = [pipeline_root, *(shared or [])]
-        kfp_runner = docker_runner(image, shared)
+        kfp_runner = docker_runner(image, shared or [], pipeline_root)
     else:
         # Task subprocesses import this project from its source tree, installed or not.
         path = os.environ.get("PYTHONPATH", "")
