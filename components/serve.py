@@ -24,6 +24,7 @@ Needs the `serve` extra (pip install 'grade-mtf[serve]'). S3 settings come from 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from typing import Any
@@ -135,39 +136,59 @@ def make_model(holder: serving.PolicyHolder, name: str, strict_categories: bool 
     return GradeModel(name)
 
 
-def body_limit(app, max_bytes: int = MAX_BODY_BYTES):
-    """Answer 413 for request bodies over ``max_bytes`` before they are read whole, and 400 (naming
-    the body) for a body that is not JSON, instead of the framework's 500s."""
-    import json
+class BodyLimit:
+    """ASGI middleware: 413 for request bodies over ``max_bytes`` (from the declared length, or while
+    reading), and 400 naming the body for one that is not JSON, instead of the framework's 500s. The
+    body is read once and handed on unchanged."""
 
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse
+    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES):
+        self.app = app
+        self.max_bytes = max_bytes
 
-    @app.middleware("http")
-    async def limit(request: Request, call_next):
-        if request.method == "POST":
-            declared = request.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-                return JSONResponse({"error": f"body: {declared} bytes, at most {max_bytes}"},
-                                    status_code=413)
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > max_bytes:
-                    return JSONResponse({"error": f"body: over {max_bytes} bytes"}, status_code=413)
-            try:
-                json.loads(body or b"null")
-            except ValueError as e:
-                return JSONResponse({"error": f"body: not JSON ({e})"}, status_code=400)
-            request._body = body  # starlette reads the cached body downstream
-        return await call_next(request)
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._error(413, f"body: {int(declared)} bytes, at most {self.max_bytes}", scope,
+                                     receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return await self.app(scope, receive, send)  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                return await self._error(413, f"body: over {self.max_bytes} bytes", scope, receive, send)
+        body = b"".join(chunks)
+        try:
+            json.loads(body or b"null")
+        except ValueError as e:
+            return await self._error(400, f"body: not JSON ({e})", scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _error(status: int, message: str, scope, receive, send):
+        from starlette.responses import JSONResponse
+
+        await JSONResponse({"error": message}, status_code=status)(scope, receive, send)
 
 
 def serve(args: argparse.Namespace) -> None:
     import kserve
-    from kserve import model_server
-
     import torch
+    from kserve import model_server
 
     torch.set_num_threads(max(1, args.threads))
     holder = serving.PolicyHolder(args.registry, args.model_name, pinned=args.version)
@@ -181,7 +202,7 @@ def serve(args: argparse.Namespace) -> None:
         holder.watch(args.watch_seconds)
     model = make_model(holder, args.model_name, args.unknown_categories == "reject")
     model.load()
-    body_limit(model_server.app)
+    model_server.app.add_middleware(BodyLimit)
     server = kserve.ModelServer(http_port=args.port, enable_grpc=False, workers=1,
                                 enable_latency_logging=args.access_log)
     if not args.access_log:
