@@ -32,6 +32,7 @@ import torch
 from grade import store
 from grade.errors import InputError
 from grade.registry import Registry
+from grade.transform import FeatureTransform
 
 log = logging.getLogger("grade.serving")
 
@@ -254,32 +255,24 @@ def validate(inputs: dict[str, Any], spec: dict[str, Any], strict_categories: bo
 
 
 def model_inputs(columns: dict[str, np.ndarray], spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Raw feature columns [N] -> (num [N, U] float32, cat [N, C] int64), by the batch-scoring transform
-    (grade.scoring, the same code as training). It reads log-format tables: the batch becomes one, with
-    a row per request; its column checks also want request_id and pred_* columns, unused here."""
-    import pyarrow as pa
-
-    from grade.scoring import _request_features
-
-    n = len(next(iter(columns.values())))
-    table = pa.table({**columns, "request_id": np.arange(n),
-                      **{f"pred_{o}": np.ones(n, np.float32) for o in spec["objectives"]}})
-    return _request_features(table, np.arange(n), spec, "request")
+    """Raw request feature columns [N] -> (num [N, U] float32, cat [N, C] int64), by the feature
+    transform that built the training tensors (grade.transform: the same code, so no skew)."""
+    n = len(next(iter(columns.values()))) if columns else 0
+    return FeatureTransform.from_spec(spec).request_features(columns, n)
 
 
 @torch.inference_mode()
 def predict(policy: ServedPolicy, inputs: dict[str, Any], strict_categories: bool = True) -> dict[str, Any]:
     """The served answer for one batch: ``weights`` [N, K], with candidates ``scores`` [N, L] (fused,
     S = sum_k w_k z_k) and ``ranking`` [N, L] (candidate indices, best first), and the version."""
-    from grade.features import standardise
-
     columns, pred = validate(inputs, policy.spec, strict_categories)
     num, cat = model_inputs(columns, policy.spec)
     out = policy.fn(torch.from_numpy(num), torch.from_numpy(cat))
     weights = (out[0] if isinstance(out, tuple) else out).numpy().astype(np.float32)
     result: dict[str, Any] = {"weights": weights, "model_version": policy.version}
     if pred is not None:
-        scores = (standardise(pred, policy.spec) * weights[:, None, :]).sum(-1).astype(np.float32)
+        z = FeatureTransform.from_spec(policy.spec).z(pred)
+        scores = (z * weights[:, None, :]).sum(-1).astype(np.float32)
         result["scores"] = scores
         result["ranking"] = np.argsort(-scores, axis=1, kind="stable").astype(np.int64)
     return result
