@@ -41,19 +41,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", required=True, metavar="URI",
                    help="Stage 1 model folder (components.pretrain output): initial policy and KL reference")
     p.add_argument("--out", required=True, metavar="URI", help="output model folder, local path or s3://")
+    p.add_argument("--outcome", metavar="URI",
+                   help="value model (components.outcome output) for the posterior's estimator; without it "
+                        "one is fitted on --features with the config's 'outcome' section")
     config.add_arguments(p, FLAGS, config_help="config file; its 'finetune' section is used")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = config.from_args(args)["finetune"]
+    sections = config.from_args(args)
+    cfg = sections["finetune"]
 
     from grade.finetune import finetune
 
     grade.cli.log.info("finetune config: %s", json.dumps(config.to_dict(cfg), sort_keys=True))
     with distributed.session() as ctx:
-        metrics = finetune(args.features, args.init, args.out, cfg, rank=ctx.rank, world_size=ctx.world_size)
+        metrics = finetune(args.features, args.init, args.out, cfg, rank=ctx.rank, world_size=ctx.world_size,
+                           business=sections["business"], outcome_uri=args.outcome, outcome_cfg=sections["outcome"])
     if not ctx.is_main:
         return 0
     summary = {"out": args.out, "steps": metrics["steps"], "requests_per_s": metrics["requests_per_s"],

@@ -27,12 +27,14 @@ from typing import Any
 import torch
 
 from grade import auction, config, dataset, distributed, store, training
+from grade.business import BusinessConfig
 from grade.config import to_dict
 from grade.errors import InputError
 from grade.grpo import FinetuneConfig, train_step
 from grade.policy import PolicyConfig, PolicyNet, load_policy
 from grade.reward import gmv_unit_of, reward_terms, weight_entropy
 from grade.transform import FeatureTransform, clamp_unseen
+from grade.value_model import ValueModel, ValueModelConfig, fit_value_model, load_value_model, value_fields
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,8 @@ def build_policies(init_uri: str, cfg: FinetuneConfig, spec: dict[str, Any]) -> 
 
 @torch.no_grad()
 def validation_metrics(policy: PolicyNet, data: dict[str, torch.Tensor], objectives: list[str],
-                       cfg: FinetuneConfig, gmv_unit: float = 1.0, chunk: int = 8192) -> dict[str, float]:
+                       cfg: FinetuneConfig, gmv_unit: float = 1.0, chunk: int = 8192,
+                       theta: torch.Tensor | None = None) -> dict[str, float]:
     """Metrics of the policy mean on held-out requests, keyed ``true/opm``, ``prior/gpm``, ``replay/ndcg_order``...
 
     Also ``reward/*`` (the training reward of the mean weights) and ``policy/weight_entropy``.
@@ -76,11 +79,11 @@ def validation_metrics(policy: PolicyNet, data: dict[str, torch.Tensor], objecti
     cat = clamp_unseen(data["cat"], policy.cfg.cat_sizes)
     w = torch.cat([policy.mean_weights(data["num"][s:s + chunk], cat[s:s + chunk])
                    for s in range(0, cat.shape[0], chunk)])
-    return weights_metrics(w, data, objectives, cfg, gmv_unit, chunk)
+    return weights_metrics(w, data, objectives, cfg, gmv_unit, chunk, theta)
 
 
 def weights_metrics(w: torch.Tensor, data: dict[str, torch.Tensor], objectives: list[str], cfg: FinetuneConfig,
-                    gmv_unit: float = 1.0, chunk: int = 8192) -> dict[str, float]:
+                    gmv_unit: float = 1.0, chunk: int = 8192, theta: torch.Tensor | None = None) -> dict[str, float]:
     """The validation metrics of given weights ([K] global or [N, K] per request)."""
     n = data["mask"].shape[0]
     if w.dim() == 1:
@@ -97,7 +100,8 @@ def weights_metrics(w: torch.Tensor, data: dict[str, torch.Tensor], objectives: 
     for s in range(0, n, chunk):
         sl = slice(s, min(s + chunk, n))
         batch = {k: v[sl] for k, v in data.items()}
-        terms = reward_terms(w[sl].unsqueeze(1), batch, objectives, cfg.reward, cfg.exposure_depth, gmv_unit)
+        terms = reward_terms(w[sl].unsqueeze(1), batch, objectives, cfg.reward, cfg.exposure_depth, gmv_unit,
+                             theta=theta)
         for k in parts:
             parts[k] += float(terms[k].sum())
     out.update({f"reward/{k}": v / max(n, 1) for k, v in parts.items()})
@@ -142,6 +146,10 @@ class _Run:
     rank: int
     world_size: int
     averager: distributed.GradientAverager
+    business: BusinessConfig
+    """the declared value the posterior estimates"""
+    value: ValueModel | None
+    """theta-hat and the outcome model, when the posterior estimator needs them"""
 
 
 @dataclasses.dataclass
@@ -154,15 +162,21 @@ class _State:
 
 
 def finetune(features_uri: str, init_uri: str, out_uri: str, cfg: FinetuneConfig, *, rank: int = 0,
-             world_size: int = 1, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+             world_size: int = 1, on_step: Callable[[int], None] | None = None,
+             business: BusinessConfig | None = None, outcome_uri: str | None = None,
+             outcome_cfg: ValueModelConfig | None = None) -> dict[str, Any]:
     """Fine-tune the Stage 1 policy at ``init_uri`` with GRPO and publish the model folder at ``out_uri``.
+
+    The posterior estimates the declared ``business`` value with the value model published at
+    ``outcome_uri`` (components.outcome), or one fitted here with ``outcome_cfg`` when none is given.
 
     Resumes from ``<out>/_checkpoints/`` when a checkpoint of the same config, init model and data
     exists. Gradients are averaged over the ranks of the current process group (if any).
     ``on_step(step)`` is called after every step (tests use it to interrupt a run). Returns metrics.json.
     """
     out_uri = str(out_uri)
-    run = _start(str(features_uri), str(init_uri), cfg, rank, world_size)
+    run = _start(str(features_uri), str(init_uri), cfg, rank, world_size,
+                 business or BusinessConfig(), outcome_uri, outcome_cfg or ValueModelConfig())
     state = _State()
     ckpt = training.load_checkpoint(out_uri, run.fingerprint)
     if ckpt is not None:
@@ -189,7 +203,8 @@ def finetune(features_uri: str, init_uri: str, out_uri: str, cfg: FinetuneConfig
     return metrics
 
 
-def _start(features_uri: str, init_uri: str, cfg: FinetuneConfig, rank: int, world_size: int) -> _Run:
+def _start(features_uri: str, init_uri: str, cfg: FinetuneConfig, rank: int, world_size: int,
+           business: BusinessConfig, outcome_uri: str | None, outcome_cfg: ValueModelConfig) -> _Run:
     """Check the inputs, build the policies and optimiser, count the steps, load the validation data."""
     spec = dataset.load_spec(features_uri)
     objectives = list(spec["objectives"])
@@ -199,13 +214,17 @@ def _start(features_uri: str, init_uri: str, cfg: FinetuneConfig, rank: int, wor
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     policy, reference = build_policies(init_uri, cfg, spec)
-    fingerprint = training.run_fingerprint(to_dict(cfg), {"features": features_uri, "init": init_uri}, world_size)
+    config.check(business, "business")
+    inputs = {"features": features_uri, "init": init_uri, **({"outcome": outcome_uri} if outcome_uri else {})}
+    settings = {**to_dict(cfg), "business": to_dict(business)} if cfg.reward.needs_value_model else to_dict(cfg)
+    fingerprint = training.run_fingerprint(settings, inputs, world_size)
+    value = _value_model(features_uri, cfg, outcome_uri, outcome_cfg)
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     if cfg.batch_size % world_size:
         raise InputError(f"finetune.batch_size: {cfg.batch_size} requests per step cannot be split evenly over "
                          f"{world_size} processes; use a multiple of {world_size}")
     rank_batch = cfg.batch_size // world_size   # batch_size is the global batch
-    valid = _load_valid(features_uri, spec, cfg) if rank == 0 else None   # the curve is rank 0's
+    valid = _load_valid(features_uri, spec, cfg, value, business) if rank == 0 else None   # rank 0's curve
     n_train = dataset.count_requests(features_uri, "train", world_size)
     # A short last batch would get as large a step as a full one (advantages are scaled to unit std)
     # from a noisier estimate: drop it unless the split holds less than one batch.
@@ -216,7 +235,30 @@ def _start(features_uri: str, init_uri: str, cfg: FinetuneConfig, rank: int, wor
         total_steps = min(total_steps, cfg.max_steps)
     return _Run(features_uri, cfg, spec, objectives, gmv_unit_of(spec), fingerprint, policy, reference, optimizer,
                 valid, n_train, rank_batch, drop_last, steps_per_epoch, total_steps, rank, world_size,
-                distributed.GradientAverager())
+                distributed.GradientAverager(), business, value)
+
+
+def _value_model(features_uri: str, cfg: FinetuneConfig, outcome_uri: str | None,
+                 outcome_cfg: ValueModelConfig) -> ValueModel | None:
+    """The value model the posterior needs: the one at ``outcome_uri``, or one fitted on the features."""
+    if not cfg.reward.needs_value_model:
+        return None
+    if outcome_uri:
+        return load_value_model(outcome_uri)
+    log.info("finetune: no --outcome given: fitting the value model on %s", features_uri)
+    return fit_value_model(features_uri, outcome_cfg)[0]
+
+
+def _theta(run: _Run) -> torch.Tensor | None:
+    return None if run.value is None else run.value.theta(run.cfg.exposure_depth)
+
+
+def _with_value_fields(batch: dict[str, torch.Tensor], value: ValueModel | None, business: BusinessConfig,
+                       cfg: FinetuneConfig) -> dict[str, torch.Tensor]:
+    if value is None:
+        return batch
+    needs_model = cfg.reward.post_estimator in ("dm", "switch", "shrunk")
+    return {**batch, **value_fields(batch, value, business, with_model=needs_model)}
 
 
 def _train_epoch(run: _Run, state: _State, epoch: int, progress: training.Progress, out_uri: str,
@@ -255,8 +297,9 @@ def _step(run: _Run, state: _State, epoch: int, batch: dict[str, torch.Tensor]) 
     if cfg.anneal_lr:   # a function of the step alone, so a resumed run gets the same rates
         for group in run.optimizer.param_groups:
             group["lr"] = cfg.lr * (1.0 - state.step / run.total_steps)
+    batch = _with_value_fields(batch, run.value, run.business, cfg)
     diag = train_step(run.policy, run.reference, run.optimizer, batch, run.objectives, cfg,
-                      step_seed(cfg.seed, state.step), run.gmv_unit, run.averager)
+                      step_seed(cfg.seed, state.step), run.gmv_unit, run.averager, _theta(run))
     state.step += 1
     state.log_lines.append(json.dumps({"step": state.step, "epoch": epoch + 1, "requests": int(batch["mask"].shape[0]),
                                        **diag}, sort_keys=True) + "\n")
@@ -273,7 +316,7 @@ def _validate(run: _Run, policy: PolicyNet) -> dict[str, float] | None:
     """The validation metrics of ``policy`` (None without validation data on this rank)."""
     if run.valid is None:
         return None
-    return validation_metrics(policy, run.valid, run.objectives, run.cfg, run.gmv_unit)
+    return validation_metrics(policy, run.valid, run.objectives, run.cfg, run.gmv_unit, theta=_theta(run))
 
 
 def _metrics(run: _Run, state: _State, stage1: dict[str, float] | None, progress: training.Progress
@@ -292,7 +335,8 @@ def _metrics(run: _Run, state: _State, stage1: dict[str, float] | None, progress
         "entropy_floor": cfg.reward.entropy_floor,
     }
 
-def _load_valid(features_uri: str, spec: dict[str, Any], cfg: FinetuneConfig) -> dict[str, torch.Tensor] | None:
+def _load_valid(features_uri: str, spec: dict[str, Any], cfg: FinetuneConfig, value: ValueModel | None,
+                business: BusinessConfig) -> dict[str, torch.Tensor] | None:
     if spec["splits"].get("valid", {}).get("n_requests", 0) < 1:
         log.warning("%s: no valid split; the run has no validation curve", features_uri)
         return None
@@ -300,7 +344,7 @@ def _load_valid(features_uri: str, spec: dict[str, Any], cfg: FinetuneConfig) ->
     data = dataset.load_split(features_uri, "valid", fields=TRAIN_FIELDS + truth)
     if cfg.eval_max_requests and data["mask"].shape[0] > cfg.eval_max_requests:
         data = {k: v[: cfg.eval_max_requests] for k, v in data.items()}
-    return data
+    return _with_value_fields(data, value, business, cfg)
 
 
 def _lifts(final: dict[str, float] | None, base: dict[str, float] | None) -> dict[str, float]:

@@ -259,19 +259,22 @@ def grpo_loss(policy: PolicyNet, reference_out: PolicyOutput, num: torch.Tensor,
 def train_step(policy: PolicyNet, reference: PolicyNet, optimizer: torch.optim.Optimizer,
                batch: dict[str, torch.Tensor], objectives: list[str], cfg: FinetuneConfig,
                seed: int, gmv_unit: float = 1.0,
-               averager: distributed.GradientAverager | None = None) -> dict[str, float]:
+               averager: distributed.GradientAverager | None = None,
+               theta: torch.Tensor | None = None) -> dict[str, float]:
     """Rollout, rewards, advantages and ``update_epochs`` clipped updates on one batch.
 
     Returns the step's diagnostics under namespaced keys. ``seed`` fixes this step's samples;
     ``gmv_unit`` scales pgmv in the prior (see :func:`grade.reward.gmv_unit_of`); ``averager``
-    averages gradients over data-parallel ranks (default: one for the current process group).
+    averages gradients over data-parallel ranks (default: one for the current process group);
+    ``theta``: the estimated examination curve the posterior estimators need (grade.reward.reward_terms).
     """
     averager = averager or distributed.GradientAverager()
     num, cat = batch["num"], batch["cat"]
     policy.train()
     roll = rollout(policy, num, cat, cfg, seed)
     with torch.no_grad():
-        terms = reward_terms(roll.weights, batch, objectives, cfg.reward, cfg.exposure_depth, gmv_unit, sync=True)
+        terms = reward_terms(roll.weights, batch, objectives, cfg.reward, cfg.exposure_depth, gmv_unit, sync=True,
+                             theta=theta)
         adv, constant = group_advantages(terms["total"], cfg.adv_eps, cfg.advantage_norm)
         reference_out = policy_output(reference, num, cat, cfg)
 

@@ -27,7 +27,7 @@ from typing import Literal
 
 import torch
 
-from grade import distributed
+from grade import distributed, estimators
 from grade.config import ranged
 from grade.errors import InputError
 from grade.fusion import dcg_discounts, fuse, gather_items, top_e
@@ -44,12 +44,23 @@ class RewardConfig:
     Small by default: the MTL model is global, so its prior pulls every user towards the same weights"""
     format: float = ranged(1.0, ">= 0")
     """lambda_fmt: coefficient of the format (weight bounds + entropy floor) penalty; 0 switches it off"""
+    post_estimator: Literal["dm", "ips", "switch", "shrunk", "snips", "dcg_ips"] = "dm"
+    """estimator of the declared business value (section ``business``) of each ranking, from
+    grade.estimators with the value model's theta: dm (outcome model; the default, chosen by the
+    estimator check in docs/estimators.md), ips, switch, shrunk, snips; dcg_ips is the earlier form
+    (DCG-discounted, 1/theta-weighted mix of the post_click/post_order/post_gmv labels)"""
+    post_max_weight: float = ranged(20.0, "> 0")
+    """largest importance weight theta_j / theta_p(i) of the ips, switch and snips estimators"""
+    post_switch_tau: float = ranged(0.1, "[0, 1]")
+    """switch: IPS for items logged where theta >= tau, the outcome model below"""
+    post_shrink_lambda: float = ranged(1.0, "> 0")
+    """shrunk: lambda of the shrunk importance weights lambda w / (w^2 + lambda)"""
     post_click: float = ranged(0.25, ">= 0")
-    """share of click NDCG in the posterior term"""
+    """share of click NDCG in the posterior term (dcg_ips only)"""
     post_order: float = ranged(1.0, ">= 0")
-    """share of order NDCG in the posterior term"""
+    """share of order NDCG in the posterior term (dcg_ips only)"""
     post_gmv: float = ranged(1.0, ">= 0")
-    """share of gmv NDCG (linear gain) in the posterior term (0 leaves GMV to the prior alone, which trades it away for orders)"""
+    """share of gmv NDCG (linear gain) in the posterior term (dcg_ips only)"""
     post_debias: bool = True
     """weight logged labels by 1/theta(logged position): clicks were only possible where users looked,
     so without it the posterior favours whatever the logging policy put on top"""
@@ -79,7 +90,8 @@ class RewardConfig:
     def validate(self, n_objectives: int | None = None) -> None:
         """Checks beyond each field's range (grade.config.check runs those first); with the features'
         number of objectives K, also that the weight bounds fit K."""
-        if self.post > 0 and self.post_click + self.post_order + self.post_gmv <= 0:
+        if self.post > 0 and self.post_estimator == "dcg_ips" and \
+                self.post_click + self.post_order + self.post_gmv <= 0:
             raise InputError("finetune.reward: post > 0 needs a positive post_click, post_order or post_gmv")
         if self.prior > 0 and self.v_click + self.v_order + self.v_gmv <= 0:
             raise InputError("finetune.reward: prior > 0 needs a positive v_click, v_order or v_gmv")
@@ -100,6 +112,12 @@ class RewardConfig:
                 raise InputError(f"finetune.reward.{name}: expected 1 or {k} values (one per objective), got {len(v)}")
             out.append(torch.tensor(v, dtype=torch.float32))
         return out[0], out[1]
+
+
+    @property
+    def needs_value_model(self) -> bool:
+        """Whether the posterior needs the value model (theta-hat, and the outcome model for dm/switch/shrunk)."""
+        return self.post > 0 and self.post_estimator != "dcg_ips"
 
 
 def _objective_index(objectives: list[str]) -> dict[str, int]:
@@ -144,12 +162,41 @@ def _ndcg_from_ranking(gains: torch.Tensor, idx: torch.Tensor, disc: torch.Tenso
     ideal = torch.sort(gains, dim=-1, descending=True).values[..., : idx.shape[-1]]
     idcg = (ideal * disc).sum(-1, keepdim=True)
     if normalise == "batch":
-        # float64 sums: the same normaliser on one process and on several
-        sums = torch.stack([idcg.double().sum(), torch.tensor(float(idcg.shape[0]), dtype=torch.float64)])
-        sums = distributed.all_sum(sums) if sync else sums
-        mean_idcg = (sums[0] / sums[1].clamp_min(1)).to(dcg.dtype)
+        mean_idcg = batch_mean(idcg, sync).to(dcg.dtype)
         return dcg / mean_idcg if mean_idcg > 0 else torch.zeros_like(dcg)
     return torch.where(idcg > 0, dcg / idcg.clamp_min(1e-12), torch.zeros_like(dcg))
+
+
+def batch_mean(x: torch.Tensor, sync: bool = False) -> torch.Tensor:
+    """Mean over the rows of ``x`` [B, ...] (of the global batch over every process when ``sync``), 0-dim.
+
+    float64 sums, so that one process and several get the same normaliser.
+    """
+    sums = torch.stack([x.double().sum(), torch.tensor(float(x.shape[0]), dtype=torch.float64)])
+    sums = distributed.all_sum(sums) if sync else sums
+    return sums[0] / sums[1].clamp_min(1)
+
+
+def estimated_value(idx: torch.Tensor, batch: dict[str, torch.Tensor], theta: torch.Tensor, cfg: RewardConfig,
+                    sync: bool = False) -> torch.Tensor:
+    """The posterior [B, G]: the declared value of rankings idx [B, G, E] by ``cfg.post_estimator``,
+    over the batch's mean value of the ideal ranking (so that it is about 1 and comparable with the prior).
+
+    batch: ``label_value`` [B, L] (the logged label of the declared value), ``logged_theta`` [B, L] and,
+    for dm/switch/shrunk, ``model_value`` [B, L] (see :func:`grade.value_model.value_fields`);
+    theta [E]: the estimated examination of the new positions.
+    """
+    model_value = batch.get("model_value")
+    est = estimators.ranking_value(cfg.post_estimator, idx, theta, batch["logged_theta"], batch["label_value"],
+                                   model_value, max_weight=cfg.post_max_weight, tau=cfg.post_switch_tau,
+                                   lam=cfg.post_shrink_lambda).value
+    # the ideal ranking's value by the model, or by the (clipped) inverse-propensity labels without one
+    gains = model_value if model_value is not None else \
+        batch["label_value"] * torch.where(batch["logged_theta"] > 0, 1.0 / batch["logged_theta"].clamp_min(
+            1.0 / cfg.post_max_weight), torch.zeros_like(batch["logged_theta"]))
+    ideal = torch.sort(gains.to(theta.dtype), dim=-1, descending=True).values[..., : idx.shape[-1]]
+    norm = batch_mean((ideal * theta).sum(-1), sync).to(est.dtype)
+    return est / norm if norm > 0 else torch.zeros_like(est)
 
 
 def gmv_unit_of(spec: dict) -> float:
@@ -174,11 +221,14 @@ def format_penalty(w: torch.Tensor, cfg: RewardConfig) -> torch.Tensor:
 
 
 def reward_terms(w: torch.Tensor, batch: dict[str, torch.Tensor], objectives: list[str], cfg: RewardConfig,
-                 depth: int, gmv_unit: float = 1.0, sync: bool = False) -> dict[str, torch.Tensor]:
+                 depth: int, gmv_unit: float = 1.0, sync: bool = False,
+                 theta: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Reward terms [B, G] for weight groups ``w`` [B, G, K] on ``batch`` (z, pred, mask, click, order, gmv).
 
     ``sync``: the batch is one process's share of a data-parallel batch and every process calls this
     together (training steps): batch-level normalisers are then summed over the processes.
+    ``theta`` [>= E]: the estimated examination curve, needed by every posterior estimator but dcg_ips
+    (with the value fields of :func:`estimated_value` in ``batch``).
 
     Returns {"post", "prior", "format", "total"}; a term whose coefficient is 0 is all zeros (not computed).
     """
@@ -190,7 +240,11 @@ def reward_terms(w: torch.Tensor, batch: dict[str, torch.Tensor], objectives: li
     if cfg.post > 0 or cfg.prior > 0:
         idx = top_e(fuse(batch["z"], w, mask), depth)
         disc = dcg_discounts(idx.shape[-1], device=w.device, dtype=w.dtype)
-    if cfg.post > 0:
+    if cfg.needs_value_model:
+        if theta is None:
+            raise ValueError(f"the {cfg.post_estimator} posterior needs the examination curve theta")
+        out["post"] = estimated_value(idx, batch, theta[: idx.shape[-1]].to(w.dtype), cfg, sync)
+    elif cfg.post > 0:
         mix = {"click": cfg.post_click, "order": cfg.post_order, "gmv": cfg.post_gmv}
         total = sum(mix.values())
         post = zeros

@@ -64,6 +64,10 @@ class ValueModel:
     order_value_unit: float
     """the train mean order value: GMV in the declared value is counted in this unit"""
 
+    def theta(self, depth: int) -> torch.Tensor:
+        """theta-hat of the positions 0..depth-1 [depth] float32."""
+        return self.examination.theta_at(torch.arange(depth))
+
     @torch.no_grad()
     def item_outcomes(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """{"ctr", "cvr", "value"} per item [B, L] (see :class:`grade.outcome.OutcomeNet`)."""
@@ -75,6 +79,19 @@ class ValueModel:
         o = self.item_outcomes(batch)
         return business.item_value(o["ctr"], o["ctr"] * o["cvr"], o["ctr"] * o["cvr"] * o["value"],
                                    self.order_value_unit)
+
+
+def value_fields(batch: dict[str, torch.Tensor], vm: ValueModel, business: BusinessConfig,
+                 with_model: bool = True) -> dict[str, torch.Tensor]:
+    """What the estimators need per item [B, L] beyond a feature batch: ``logged_theta`` (theta-hat at the
+    logged position), ``label_value`` (the declared value of the logged feedback) and, ``with_model``,
+    ``model_value`` (the outcome model's declared value of the examined item)."""
+    out = {"logged_theta": vm.examination.theta_at(batch["position"]).masked_fill(~batch["mask"], 0.0),
+           "label_value": business.item_value(batch["click"], batch["order"], batch["gmv"],
+                                              vm.order_value_unit).masked_fill(~batch["mask"], 0.0)}
+    if with_model:
+        out["model_value"] = vm.item_value(batch, business)
+    return out
 
 
 def examination_of(train: dict[str, torch.Tensor], cfg: ValueModelConfig) -> ExaminationEstimate:
@@ -109,8 +126,8 @@ def calibration_report(model: OutcomeNet, exam: ExaminationEstimate, valid: dict
     return out
 
 
-def build_value_model(features_uri: str, out_uri: str, cfg: ValueModelConfig) -> dict[str, Any]:
-    """Estimate theta, fit the outcome model on train, report calibration on valid, publish; the metrics."""
+def fit_value_model(features_uri: str, cfg: ValueModelConfig) -> tuple[ValueModel, dict[str, Any]]:
+    """Estimate theta and fit the outcome model on the train split; calibration on valid. (model, metrics)"""
     config_mod.check(cfg, "outcome")
     t0 = time.monotonic()
     spec = dataset.load_spec(features_uri)
@@ -120,16 +137,25 @@ def build_value_model(features_uri: str, out_uri: str, cfg: ValueModelConfig) ->
     unit = mean_order_value(train["gmv"], train["order"], train["mask"])
     metrics: dict[str, Any] = {"examination": exam.to_json(), "order_value_unit": unit,
                                "n_train_requests": int(train["mask"].shape[0]), "history": history}
+    del train
     if spec["splits"].get("valid", {}).get("n_requests", 0) > 0:
         valid = dataset.load_split(features_uri, "valid")
         valid = {k: v[: cfg.calibration_max_requests] for k, v in valid.items()}
         metrics["calibration"] = calibration_report(model, exam, valid, spec["objectives"])
     metrics["elapsed_s"] = round(time.monotonic() - t0, 2)
+    return ValueModel(examination=exam, outcome=model, order_value_unit=unit), metrics
+
+
+def build_value_model(features_uri: str, out_uri: str, cfg: ValueModelConfig) -> dict[str, Any]:
+    """:func:`fit_value_model`, then publish the value-model folder at ``out_uri``; the metrics."""
+    vm, metrics = fit_value_model(features_uri, cfg)
+    spec = dataset.load_spec(features_uri)
     config = {"features": features_uri, "features_content_hash": store.content_hash(features_uri),
               "outcome": dataclasses.asdict(cfg)}
-    training.publish_model(out_uri, model, spec, config, metrics,
-                           [json.dumps(r, sort_keys=True) + "\n" for r in history], save=save_outcome,
-                           extra={"examination.json": exam.to_json(), "value.json": {"order_value_unit": unit},
+    training.publish_model(out_uri, vm.outcome, spec, config, metrics,
+                           [json.dumps(r, sort_keys=True) + "\n" for r in metrics["history"]], save=save_outcome,
+                           extra={"examination.json": metrics["examination"],
+                                  "value.json": {"order_value_unit": vm.order_value_unit},
                                   "calibration.json": metrics.get("calibration", {})})
     return metrics
 

@@ -69,7 +69,7 @@ def test_best_static_with_no_iterations_is_static_and_bad_objective_is_refused()
     from grade.reward import RewardConfig
 
     with pytest.raises(InputError, match="post_click, post_order or post_gmv"):
-        baselines.best_static(_train(50), spec, reward=RewardConfig(post_click=0.0, post_order=0.0, post_gmv=0.0))
+        baselines.best_static(_train(50), spec, reward=RewardConfig(post_estimator="dcg_ips", post_click=0.0, post_order=0.0, post_gmv=0.0))
     no_positive = {**_train(50), "order": torch.zeros(50, 10), "click": torch.zeros(50, 10),
                    "gmv": torch.zeros(50, 10), "position": torch.zeros(50, 10, dtype=torch.long)}
     res = baselines.best_static(no_positive, {**spec, "objectives": ["ctr", "cvr"]}, depth=5, iterations=2)
@@ -83,7 +83,7 @@ def test_posterior_search_maximises_stage2_posterior_reward():
     spec = {"pred_log_std": [1.0, 1.0], "objectives": ["ctr", "cvr"]}
     train = _train()
     train["position"] = torch.arange(10).expand(800, 10).clone()
-    reward = RewardConfig(post_click=0.0, post_gmv=0.0)
+    reward = RewardConfig(post_estimator="dcg_ips", post_click=0.0, post_gmv=0.0)
     res = baselines.best_static(train, spec, depth=5, iterations=5, population=16, seed=3, reward=reward)
     assert res.objective > res.static_objective + 0.01 and res.weights[1] > res.weights[0]
     with_order = (train["order"] > 0).any(-1)
@@ -104,7 +104,7 @@ def test_posterior_objective_by_hand():
     z = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]]])
     data = {"z": z, "mask": torch.ones(2, 2, dtype=torch.bool), "order": torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
             "click": torch.zeros(2, 2), "gmv": torch.zeros(2, 2), "position": torch.tensor([[0, 1], [1, 3]])}
-    reward = RewardConfig(post_click=0.0, post_gmv=0.0)
+    reward = RewardConfig(post_estimator="dcg_ips", post_click=0.0, post_gmv=0.0)
     vals = baselines.posterior_objective(data, ["ctr", "cvr"], torch.tensor([[1.0, 0.0], [0.0, 1.0]]), reward, 1)
     assert vals.tolist() == pytest.approx([0.2, 0.8])
 

@@ -112,7 +112,7 @@ def test_ratio_is_exactly_one_on_the_first_update_epoch(exploration):
 def test_train_step_reports_ratio_one_first_then_moves():
     policy, batch = make_policy(), make_batch()
     reference = clone(policy)
-    cfg = FinetuneConfig(update_epochs=3, lr=1e-2)
+    cfg = FinetuneConfig(update_epochs=3, lr=1e-2, reward=RewardConfig(post_estimator="dcg_ips"))
     diag = train_step(policy, reference, torch.optim.Adam(policy.parameters(), lr=cfg.lr), batch, OBJECTIVES,
                       cfg, seed=0)
     assert diag["grpo/ratio_first_epoch"] == 1.0
@@ -238,7 +238,7 @@ def test_extreme_inputs_stay_finite(exploration):
     batch["order"].zero_()  # all-zero labels
     batch["z"][8:] *= 1e4
     # No format term: with constant ranking rewards a group then has nothing to tell apart.
-    cfg = FinetuneConfig(exploration=exploration, update_epochs=3, lr=0.1, reward=RewardConfig(format=0.0))
+    cfg = FinetuneConfig(exploration=exploration, update_epochs=3, lr=0.1, reward=RewardConfig(post_estimator="dcg_ips", format=0.0))
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     ref = clone(policy)
     for step in range(3):
