@@ -144,7 +144,7 @@ def test_retries_caching_and_step_components(docs):
         comp = task["componentRef"]["name"].removeprefix("comp-")
         step = comp.rsplit("-", 1)[0] if comp[-1].isdigit() else comp
         seen.setdefault(step, []).append(task)
-    for step in ("simulate", "features", "pretrain", "finetune", "evaluate", "promote"):
+    for step in ("simulate", "features", "outcome", "pretrain", "finetune", "evaluate", "promote"):
         assert step in seen, step
         for task in seen[step]:
             retried = "retryPolicy" in task
@@ -158,6 +158,26 @@ def test_retries_caching_and_step_components(docs):
     assert len(seen["train-evaluate-promote"]) == 2
 
 
+def test_every_finetune_and_evaluate_reads_the_one_value_model(docs):
+    pipeline_doc, _ = docs
+    readers = {}
+    for _, task in _tasks(pipeline_doc):
+        comp = task["componentRef"]["name"].removeprefix("comp-")
+        if comp.rstrip("-0123456789") == "outcome":
+            assert task["inputs"]["artifacts"]["features"]["componentInputArtifact"] == "features"
+        if comp.rstrip("-0123456789") in {"finetune", "evaluate"}:
+            source = task["inputs"]["artifacts"]["outcome"]
+            readers[task["taskInfo"]["name"]] = (
+                source["taskOutputArtifact"] if "taskOutputArtifact" in source
+                else source["componentInputArtifact"])
+    # Directly from the outcome task, or (inside the ablations' condition) its output passed down.
+    via_task = {"producerTask": "outcome", "outputArtifactKey": "value_model"}
+    assert set(readers) == {"finetune", "evaluate", "evaluate ablations",
+                            *(f"finetune {a}" for a in params.ABLATIONS)}
+    assert all(r in (via_task, "pipelinechannel--outcome-value_model") for r in readers.values()), readers
+    assert readers["finetune"] == readers["evaluate"] == via_task
+
+
 def test_evaluate_and_promote_outputs_are_typed(docs):
     pipeline_doc, _ = docs
     comps = pipeline_doc["components"]
@@ -167,6 +187,7 @@ def test_evaluate_and_promote_outputs_are_typed(docs):
 
     assert outputs("comp-simulate") == {"logs": "system.Dataset"}
     assert outputs("comp-features") == {"features": "system.Dataset"}
+    assert outputs("comp-outcome") == {"value_model": "system.Model", "metrics": "system.Metrics"}
     assert outputs("comp-pretrain") == {"model": "system.Model", "metrics": "system.Metrics"}
     assert outputs("comp-finetune") == {"model": "system.Model", "metrics": "system.Metrics"}
     assert outputs("comp-evaluate") == {"report": "system.Artifact", "report_html": "system.HTML",
