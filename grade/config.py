@@ -225,7 +225,8 @@ def load_yaml(path: str | Path | None) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, "
+                          f"got {type(data).__name__}")
     for name in data:
         if name not in SECTIONS:
             raise ConfigError(f"{path}: unknown config section '{name}'; expected one of {sorted(SECTIONS)}")

@@ -102,7 +102,8 @@ def init(backend: str | None = None, timeout_s: float = 1800.0) -> Context:
     log.info("distributed: rank %d of %d (local rank %d), backend %s, master %s:%s", ctx.rank, ctx.world_size,
              ctx.local_rank, backend, os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?"))
     if ctx.rank != 0:  # the other ranks repeat rank 0's progress lines: keep only their warnings
-        logging.getLogger("grade").setLevel(max(logging.getLogger("grade").getEffectiveLevel(), logging.WARNING))
+        grade_log = logging.getLogger("grade")
+        grade_log.setLevel(max(grade_log.getEffectiveLevel(), logging.WARNING))
     return dataclasses.replace(ctx, backend=backend)
 
 

@@ -64,7 +64,8 @@ def gather_items(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"indices must be [B, E] or [B, G, E], got shape {tuple(idx.shape)}")
 
 
-def dcg_discounts(e: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dcg_discounts(e: int, device: torch.device | None = None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """DCG discounts d_j = 1 / log2(j + 2) for 0-based positions j < e: [e]."""
     return 1.0 / torch.log2(torch.arange(e, device=device, dtype=dtype) + 2.0)
 

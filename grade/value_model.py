@@ -129,7 +129,8 @@ def build_value_model(features_uri: str, out_uri: str, cfg: ValueModelConfig) ->
               "outcome": dataclasses.asdict(cfg)}
     training.publish_model(out_uri, model, spec, config, metrics,
                            [json.dumps(r, sort_keys=True) + "\n" for r in history], save=save_outcome,
-                           extra={"examination.json": exam.to_json(), "value.json": {"order_value_unit": unit},
+                           extra={"examination.json": exam.to_json(),
+                                  "value.json": {"order_value_unit": unit},
                                   "calibration.json": metrics.get("calibration", {})})
     return metrics
 

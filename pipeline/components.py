@@ -91,7 +91,8 @@ def pretrain(features: Input[Dataset], config_yaml: str, pretrain_epochs: int,
 def finetune(features: Input[Dataset], init: Input[Model], outcome: Input[Model], config_yaml: str,
              finetune_epochs: int, group_size: int, kl_coef: float, model: Output[Model],
              metrics: Output[Metrics], ablation: str = "", workers: int = 1):
-    """Stage 2: GRPO with adaptive Dirichlet exploration (or one of the ablations), on ``workers`` processes."""
+    """Stage 2: GRPO with adaptive Dirichlet exploration (or one of the ablations), on ``workers``
+    processes."""
     from components.finetune import main
     from grade import store
     from pipeline.params import write_step_config

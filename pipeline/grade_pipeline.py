@@ -141,11 +141,11 @@ def build_pipeline(gpu: bool = False, s3_secret: str = S3_SECRET, image: str | N
         """raw_logs_uri: Parquet logs to train on ('' = simulate); snapshot_date: the data's date
         (part of every cache key); config_yaml: the whole YAML config; *_workers: data-parallel
         processes of a training step (torchrun in its pod); the rest override the config's keys."""
-        downstream = {"snapshot_date": snapshot_date, "config_yaml": config_yaml, "registry_uri": registry_uri,
-                      "pretrain_epochs": pretrain_epochs, "finetune_epochs": finetune_epochs,
-                      "group_size": group_size, "kl_coef": kl_coef, "min_primary_lift": min_primary_lift,
-                      "run_ablations": run_ablations, "pretrain_workers": pretrain_workers,
-                      "finetune_workers": finetune_workers}
+        downstream = {"snapshot_date": snapshot_date, "config_yaml": config_yaml,
+                      "registry_uri": registry_uri, "pretrain_epochs": pretrain_epochs,
+                      "finetune_epochs": finetune_epochs, "group_size": group_size, "kl_coef": kl_coef,
+                      "min_primary_lift": min_primary_lift, "run_ablations": run_ablations,
+                      "pretrain_workers": pretrain_workers, "finetune_workers": finetune_workers}
         with dsl.If(raw_logs_uri == "", name="simulated-logs"):
             logs = configure(c.simulate(config_yaml=config_yaml, n_requests=n_requests, seed=seed,
                                         list_size=list_size, snapshot_date=snapshot_date), "simulate")

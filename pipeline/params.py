@@ -92,8 +92,8 @@ def arguments_from_config(path: str | None) -> dict[str, Any]:
             sections[t.section] = config.load_section(path, t.section)
         value = getattr(sections[t.section], t.key)
         if value is None:
-            raise ConfigError(f"{path}: {t.section}.{t.key} is null, which a pipeline parameter cannot carry; "
-                              f"give a value")
+            raise ConfigError(f"{path}: {t.section}.{t.key} is null, which a pipeline parameter cannot "
+                              f"carry; give a value")
         args[t.name] = value
     return args
 
