@@ -62,7 +62,8 @@ def test_gather_items_all_shapes():
     assert gather_items(xk, idx)[..., 1].tolist() == [[-12.0, -10.0], [-21.0, -22.0]]
     gidx = torch.tensor([[[0, 1], [2, 1]], [[2, 2], [0, 0]]])      # [B, G, E]
     assert gather_items(x, gidx).tolist() == [[[10.0, 11.0], [12.0, 11.0]], [[22.0, 22.0], [20.0, 20.0]]]
-    assert gather_items(xk, gidx)[..., 1].tolist() == [[[-10.0, -11.0], [-12.0, -11.0]], [[-22.0, -22.0], [-20.0, -20.0]]]
+    assert gather_items(xk, gidx)[..., 1].tolist() == [[[-10.0, -11.0], [-12.0, -11.0]],
+                                                       [[-22.0, -22.0], [-20.0, -20.0]]]
     with pytest.raises(ValueError):
         gather_items(x, torch.zeros(2, dtype=torch.long))
 

@@ -135,7 +135,8 @@ def test_outcome_step_publishes_the_value_model_through_the_local_runner(tmp_pat
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        outcome_only(features_uri=str(tmp_path / "features"), config_yaml="outcome:\n  model:\n    epochs: 1\n")
+        outcome_only(features_uri=str(tmp_path / "features"),
+                     config_yaml="outcome:\n  model:\n    epochs: 1\n")
     (run,) = (tmp_path / "root").iterdir()
     vm = load_value_model(str(run / "outcome" / "value_model"))
     executor_output = json.loads((run / "outcome" / "executor_output.json").read_text())
