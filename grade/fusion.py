@@ -39,12 +39,6 @@ def top_e(scores: torch.Tensor, e: int) -> torch.Tensor:
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :e]
 
 
-def ranks(scores: torch.Tensor) -> torch.Tensor:
-    """0-based rank of every item (0 = best) along the last axis; same tie rule as :func:`top_e`."""
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    return torch.argsort(order, dim=-1)
-
-
 def gather_items(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Per-item values ``x`` [B, L] (or [B, L, K]) at ranked indices ``idx`` [B, E] or [B, G, E].
 

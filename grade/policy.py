@@ -115,9 +115,6 @@ class PolicyNet(nn.Module):
         mu, kappa = self(num, cat)
         return kappa.unsqueeze(-1) * mu + self.alpha_floor
 
-    def distribution(self, num: torch.Tensor, cat: torch.Tensor) -> torch.distributions.Dirichlet:
-        return torch.distributions.Dirichlet(self.alpha(num, cat))
-
     @torch.no_grad()
     def mean_weights(self, num: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
         """Serving weights [B, K]: the policy mean mu (deterministic per request)."""

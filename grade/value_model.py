@@ -40,9 +40,6 @@ from grade.outcome import (
 
 log = logging.getLogger(__name__)
 
-FILES = ("examination.json", "outcome.json", "outcome.safetensors", "value.json")
-
-
 @dataclasses.dataclass
 class ValueModelConfig:
     examination: ExaminationConfig = dataclasses.field(default_factory=ExaminationConfig)

@@ -47,7 +47,7 @@ TUNABLES: tuple[Tunable, ...] = (
 )
 
 
-#: The ablations the evaluation can compare with (DESIGN §9): fine-tuning config changes per name.
+#: The ablations the evaluation can compare with (docs/finetune.md): fine-tuning config changes per name.
 ABLATIONS: dict[str, dict[str, Any]] = {
     "grade_gaussian": {"finetune": {"exploration": "gaussian"}},
     "grade_fixed_kappa": {"finetune": {"adaptive_kappa": False}},
