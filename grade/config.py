@@ -29,9 +29,11 @@ from typing import Any, TypeVar
 import yaml
 
 from grade.errors import ConfigError
-from grade.registry import DEFAULT_MODEL
 
 T = TypeVar("T")
+
+#: The registry's model name unless a config names another (grade.registry's default too).
+DEFAULT_MODEL = "grade-mtf"
 
 #: section name -> "module:Class" of its dataclass (imported lazily: sections stay independent).
 SECTIONS: dict[str, str] = {

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from grade import __version__, store
+from grade.config import DEFAULT_MODEL
 
 log = logging.getLogger("grade.registry")
 
-DEFAULT_MODEL = "grade-mtf"
 ALIAS = "production"
 LINEAGE_FILE = "lineage.json"
 
