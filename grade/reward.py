@@ -49,7 +49,8 @@ class RewardConfig:
     post_order: float = ranged(1.0, ">= 0")
     """share of order NDCG in the posterior term"""
     post_gmv: float = ranged(1.0, ">= 0")
-    """share of gmv NDCG (linear gain) in the posterior term (0 leaves GMV to the prior alone, which trades it away for orders)"""
+    """share of gmv NDCG (linear gain) in the posterior term (0 leaves GMV to the prior alone, which
+    trades it away for orders)"""
     post_debias: bool = True
     """weight logged labels by 1/theta(logged position): clicks were only possible where users looked,
     so without it the posterior favours whatever the logging policy put on top"""
@@ -87,7 +88,8 @@ class RewardConfig:
             lo, hi = self.bounds(n_objectives)
             if bool((lo > hi).any()) or float(lo.sum()) > 1 or float(hi.sum()) < 1:
                 raise InputError(f"finetune.reward: bounds w_min={self.w_min}, w_max={self.w_max} admit no "
-                                 "weight vector on the simplex (need w_min <= w_max, sum w_min <= 1 <= sum w_max)")
+                                 "weight vector on the simplex "
+                                 "(need w_min <= w_max, sum w_min <= 1 <= sum w_max)")
 
     def bounds(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(w_min [K], w_max [K]): one value broadcast to every objective, or one per objective."""
@@ -97,7 +99,8 @@ class RewardConfig:
             if len(v) == 1:
                 v = v * k
             if len(v) != k:
-                raise InputError(f"finetune.reward.{name}: expected 1 or {k} values (one per objective), got {len(v)}")
+                raise InputError(f"finetune.reward.{name}: expected 1 or {k} values (one per objective), "
+                                 f"got {len(v)}")
             out.append(torch.tensor(v, dtype=torch.float32))
         return out[0], out[1]
 
@@ -108,7 +111,8 @@ def _objective_index(objectives: list[str]) -> dict[str, int]:
 
 def prior_item_value(pred: torch.Tensor, mask: torch.Tensor, objectives: list[str], cfg: RewardConfig,
                      gmv_unit: float = 1.0) -> torch.Tensor:
-    """MTL-predicted value of every item [B, L]: pctr*(v_click + pcvr*(v_order + v_gmv*pgmv/gmv_unit)); 0 at padding.
+    """MTL-predicted value of every item [B, L]: pctr*(v_click + pcvr*(v_order + v_gmv*pgmv/gmv_unit));
+    0 at padding.
 
     ``gmv_unit`` makes v_gmv scale-free (an order of a typical value is worth v_order + v_gmv).
     Objectives missing from the features drop out (no cvr: value = v_click*pctr; no gmv: no v_gmv term).

@@ -69,7 +69,8 @@ def test_prior_without_gmv_or_cvr_objectives():
     mask = torch.tensor([[True, False]])
     # No gmv objective: value = pctr * (1 + pcvr * 2); padding is 0.
     torch.testing.assert_close(prior_item_value(pred, mask, ["ctr", "cvr"], cfg), torch.tensor([[0.2, 0.0]]))
-    torch.testing.assert_close(prior_item_value(pred[..., :1], mask, ["ctr"], cfg), torch.tensor([[0.1, 0.0]]))
+    torch.testing.assert_close(prior_item_value(pred[..., :1], mask, ["ctr"], cfg),
+                               torch.tensor([[0.1, 0.0]]))
     with pytest.raises(InputError, match="ctr"):
         prior_item_value(pred, mask, ["cvr", "gmv"], cfg)
 
@@ -89,7 +90,8 @@ def test_per_objective_bounds_and_total_combination():
                        entropy_floor=0.0)
     terms = reward_terms(GROUP, tiny_batch(), OBJECTIVES, cfg, depth=2)
     torch.testing.assert_close(terms["format"], torch.tensor([[-0.2, 0.0]]))
-    torch.testing.assert_close(terms["total"], 2.0 * terms["post"] + 0.5 * terms["prior"] + 3.0 * terms["format"])
+    torch.testing.assert_close(terms["total"],
+                               2.0 * terms["post"] + 0.5 * terms["prior"] + 3.0 * terms["format"])
 
 
 def test_padding_one_item_lists_and_zero_labels_give_finite_rewards():
@@ -155,7 +157,8 @@ def test_posterior_debiasing_weights_labels_by_inverse_examination():
     batch["click"] = torch.tensor([[1.0, 1.0, 0.0]])
     batch["position"] = torch.tensor([[0, 3, 1]])
     group = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])   # top-1: item 0, then item 1
-    plain = RewardConfig(post=1.0, prior=0.0, format=0.0, post_click=1.0, post_order=0.0, post_gmv=0.0, post_debias=False)
+    plain = RewardConfig(post=1.0, prior=0.0, format=0.0, post_click=1.0, post_order=0.0, post_gmv=0.0,
+                         post_debias=False)
     debiased = RewardConfig(post=1.0, prior=0.0, format=0.0, post_click=1.0, post_order=0.0, post_gmv=0.0)
     torch.testing.assert_close(reward_terms(group, batch, OBJECTIVES, plain, depth=1)["post"],
                                torch.tensor([[1.0, 1.0]]))
@@ -179,13 +182,15 @@ def test_batch_normalisation_keeps_the_inverse_propensity_weight():
     batch["position"] = torch.tensor([[0, 1, 2], [4, 0, 1]])
     group = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(2, 2, 3)  # item 0 on top, then not
     kw = dict(post=1.0, prior=0.0, format=0.0, post_click=0.0, post_order=1.0, post_gmv=0.0)
-    per_request = reward_terms(group, batch, OBJECTIVES, RewardConfig(post_normalise="request", **kw), depth=1)
+    per_request = reward_terms(group, batch, OBJECTIVES, RewardConfig(post_normalise="request", **kw),
+                               depth=1)
     torch.testing.assert_close(per_request["post"], torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
     per_batch = reward_terms(group, batch, OBJECTIVES, RewardConfig(post_normalise="batch", **kw), depth=1)
     torch.testing.assert_close(per_batch["post"], torch.tensor([[1 / 3, 0.0], [5 / 3, 0.0]]))
     # A batch without any positive label gives 0, not NaN.
     batch["order"] = torch.zeros(2, 3)
-    assert torch.equal(reward_terms(group, batch, OBJECTIVES, RewardConfig(**kw), depth=1)["post"], torch.zeros(2, 2))
+    assert torch.equal(reward_terms(group, batch, OBJECTIVES, RewardConfig(**kw), depth=1)["post"],
+                       torch.zeros(2, 2))
 
 
 def test_batch_posterior_points_at_the_truly_better_weights_on_simulated_logs(tmp_path):
