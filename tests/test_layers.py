@@ -5,7 +5,7 @@ The order (docs/architecture.md, "Layers"), lowest first:
 - core: errors, config, command line, progress, the store and its backends, distributed helpers;
 - fusion: how weights and predictions become a ranking. Below data because the simulator ranks its
   logs with it;
-- data: simulator, features, the feature transform, the tensor dataset;
+- data: simulator, features, the rolling data window, the feature transform, the tensor dataset;
 - model: the policy, its loss, the training runtime (it publishes a policy folder with the data's
   feature spec) and the registry of published policies (the evaluation reads the incumbent from it);
 - value: what a ranking is worth (examination, estimators, outcome and value model, declared
@@ -27,7 +27,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "core": ("errors", "config", "cli", "progress", "store", "store_backend", "store_local", "s3",
              "distributed"),
     "fusion": ("fusion",),
-    "data": ("simulator", "features", "transform", "dataset"),
+    "data": ("simulator", "features", "window", "transform", "dataset"),
     "model": ("policy", "lambdaloss", "training", "registry"),
     "value": ("examination", "estimators", "outcome", "value_model", "business", "auction", "reward",
               "baselines"),
