@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "distributed": ("benchmarks.distributed", [], ["--requests", "6000"]),
     "auction": ("benchmarks.auction", [], ["--requests", "50000"]),
     "inference": ("benchmarks.inference", [], ["--calls", "500"]),
+    "serve": ("benchmarks.serve", [], ["--seconds", "5"]),
 }
 
 

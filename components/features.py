@@ -20,9 +20,10 @@ from grade.features import extract_features
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m components.features", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--logs", required=True, metavar="URI",
+    p.add_argument("--logs", required=True, metavar="URI", nargs="+",
                    help="folder or s3:// prefix of Parquet logs (its _MANIFEST.json files when present, "
-                        "else every *.parquet below it), or one .parquet file")
+                        "else every *.parquet below it), or one .parquet file; several: read together "
+                        "(a data window's partitions)")
     p.add_argument("--out", required=True, metavar="URI",
                    help="output folder or s3:// prefix (published atomically: _MANIFEST.json last)")
     config.add_arguments(p, ("features.on_bad_rows", "features.valid_fraction", "features.test_fraction",
@@ -34,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = config.from_args(args)["features"]
-    extract_features(args.logs, args.out, cfg)
+    extract_features(args.logs[0] if len(args.logs) == 1 else args.logs, args.out, cfg)
     return 0
 
 

@@ -79,9 +79,12 @@ class FeaturesConfig:
 # Input discovery and schema
 # --------------------------------------------------------------------------------------------
 
-def list_log_files(logs_uri: str) -> list[str]:
+def list_log_files(logs_uri: str | list[str]) -> list[str]:
     """The Parquet file URIs of a log folder: the manifest's files when there is one, else every
-    ``*.parquet`` below the prefix (hidden ``.``/``_`` names skipped), sorted."""
+    ``*.parquet`` below the prefix (hidden ``.``/``_`` names skipped), sorted. A list of folders
+    (a data window's partitions) gives their files in the list's order."""
+    if isinstance(logs_uri, list):
+        return [f for uri in logs_uri for f in list_log_files(uri)]
     logs_uri = str(logs_uri)
     if logs_uri.endswith(".parquet") and store.exists(logs_uri):
         return [logs_uri]
@@ -731,7 +734,7 @@ def _emit(t: pa.Table, starts, lengths, run_keys, ls: LogSchema, writers, bounda
 # The step
 # --------------------------------------------------------------------------------------------
 
-def _open_inputs(logs_uri: str) -> tuple[list[str], Any, list[str], LogSchema, int]:
+def _open_inputs(logs_uri: str | list[str]) -> tuple[list[str], Any, list[str], LogSchema, int]:
     files = list_log_files(logs_uri)
     if not files:
         raise InputError("empty input: no *.parquet files found", file=str(logs_uri))
@@ -752,7 +755,8 @@ def _open_inputs(logs_uri: str) -> tuple[list[str], Any, list[str], LogSchema, i
     return files, fs, paths, ls, total
 
 
-def extract_features(logs_uri: str, out_uri: str, cfg: FeaturesConfig | None = None) -> dict[str, Any]:
+def extract_features(logs_uri: str | list[str], out_uri: str,
+                     cfg: FeaturesConfig | None = None) -> dict[str, Any]:
     """Validate the logs at ``logs_uri`` and publish feature tensors + spec at ``out_uri``.
 
     Returns the feature spec. Raises :class:`InputError` on bad input (``on_bad_rows="fail"``),

@@ -11,6 +11,7 @@ The image already holds kfp, so ``install_kfp_package=False`` (no pip install wh
 
 # No `from __future__ import annotations`: KFP reads the artifact annotations as real types.
 import os
+from typing import NamedTuple
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
@@ -34,22 +35,47 @@ def simulate(config_yaml: str, n_requests: int, seed: int, list_size: int, snaps
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
+def window(logs_uri: str, window_days: int, schedule_time: str,
+           backend_schedule_time: str) -> NamedTuple("Window", [("partitions", str), ("description", str)]):
+    """The run's data window: the partitions of a ``{date}`` pattern for the ``window_days`` days up to
+    the schedule time (``schedule_time`` when given, else the backend's); a plain URI passes through."""
+    import json
+    import tempfile
+
+    from components.window import main
+    from grade import window
+    from pipeline.step_io import run_step
+
+    if not window.is_partitioned(logs_uri):
+        return json.dumps([logs_uri]), logs_uri
+    with tempfile.TemporaryDirectory(prefix="grade-window-") as tmp:
+        out = f"{tmp}/window.json"
+        run_step("window", main, ["--logs", logs_uri, "--window-days", str(window_days),
+                                  "--schedule-time", schedule_time or backend_schedule_time, "--out", out])
+        resolved = json.loads(open(out).read())
+    return json.dumps(resolved["present"]), resolved["describe"]
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
 def features(config_yaml: str, snapshot_date: str, features: Output[Dataset],
-             logs: Input[Dataset] | None = None, logs_uri: str = ""):
-    """Validated, time-split request tensors from the logs artifact or from a given URI."""
+             logs: Input[Dataset] | None = None, logs_uris: str = "", data_uri: str = ""):
+    """Validated, time-split request tensors from the logs artifact or from given URIs (a JSON list:
+    a data window's partitions, part of the cache key); ``data_uri`` describes them in the metadata."""
+    import json
+
     from components.features import main
     from grade import store
     from pipeline.params import write_step_config
     from pipeline.step_io import run_step
 
-    source = logs.path if logs is not None else logs_uri
-    if not source:
-        raise ValueError("features: neither a logs artifact nor a logs URI was given")
+    sources = [logs.path] if logs is not None else json.loads(logs_uris or "[]")
+    if not sources:
+        raise ValueError("features: neither a logs artifact nor logs URIs were given")
     cfg = write_step_config(config_yaml)
-    run_step("features", main, ["--logs", source, "--out", features.path, "--config", cfg])
+    run_step("features", main, ["--logs", *sources, "--out", features.path, "--config", cfg])
     spec = store.read_json(store.join(features.path, "feature_spec.json"))
     features.metadata.update({
-        "snapshot_date": snapshot_date, "logs": logs_uri or "simulated",
+        "snapshot_date": snapshot_date, "logs": data_uri or "simulated",
         "content_hash": store.content_hash(features.path),
         **{f"{split}_requests": info.get("n_requests") for split, info in spec.get("splits", {}).items()},
     })

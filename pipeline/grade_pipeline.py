@@ -53,20 +53,25 @@ RESOURCES = {
     "finetune": Resources("2", "4Gi", "4", "8Gi"),
     "evaluate": Resources("2", "4Gi", "4", "8Gi"),
     "promote": Resources("500m", "1Gi", "1", "2Gi"),
+    "window": Resources("100m", "256Mi", "500m", "512Mi"),
 }
 #: Steps that mostly move data: a transient store or network error is retried.
-RETRIED = {"simulate", "features", "evaluate", "promote"}
-#: Steps whose result depends on the registry's current production model: never served from cache.
-NOT_CACHED = {"evaluate", "promote"}
+RETRIED = {"simulate", "features", "evaluate", "promote", "window"}
+#: Steps whose result depends on the registry's current production model, or on the time and on which
+#: partitions have landed (the window): never served from cache.
+NOT_CACHED = {"evaluate", "promote", "window"}
 TRAINING = {"pretrain", "finetune"}
 
 
 def build_pipeline(gpu: bool = False, s3_secret: str = S3_SECRET, image: str | None = None,
-                   retries: bool = True):
+                   retries: bool = True, backend_schedule_time: bool = True):
     """The pipeline function. ``gpu`` adds one NVIDIA GPU to each training step; ``image`` replaces
     the components' image (default: ``pipeline.components.IMAGE``); ``s3_secret`` names the Secret;
     ``retries=False`` drops the task retries (local runs: the local runner would wait out the
-    backoff, and the object store already retries transient errors itself)."""
+    backoff, and the object store already retries transient errors itself);
+    ``backend_schedule_time=False`` leaves out the schedule time placeholder (KFP's local runner
+    fails on it; the window step then uses the current time unless ``schedule_time`` is given)."""
+    schedule_placeholder = dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER if backend_schedule_time else ""
     defaults = params.defaults()
 
     def configure(task, step: str, display_name: str | None = None):
@@ -137,10 +142,15 @@ def build_pipeline(gpu: bool = False, s3_secret: str = S3_SECRET, image: str | N
         run_ablations: bool = False,
         pretrain_workers: int = 1,
         finetune_workers: int = 1,
+        window_days: int = 7,
+        schedule_time: str = "",
     ):
-        """raw_logs_uri: Parquet logs to train on ('' = simulate); snapshot_date: the data's date
-        (part of every cache key); config_yaml: the whole YAML config; *_workers: data-parallel
-        processes of a training step (torchrun in its pod); the rest override the config's keys."""
+        """raw_logs_uri: Parquet logs to train on ('' = simulate), or a daily partition pattern with a
+        {date} field (e.g. s3://grade/logs/dt={date}): then the window_days days up to the schedule
+        time (schedule_time when given, else the run's schedule time from the backend); snapshot_date:
+        the data's date (part of every cache key); config_yaml: the whole YAML config; *_workers:
+        data-parallel processes of a training step (torchrun in its pod); the rest override the
+        config's keys."""
         downstream = {"snapshot_date": snapshot_date, "config_yaml": config_yaml,
                       "registry_uri": registry_uri, "pretrain_epochs": pretrain_epochs,
                       "finetune_epochs": finetune_epochs, "group_size": group_size, "kl_coef": kl_coef,
@@ -153,8 +163,14 @@ def build_pipeline(gpu: bool = False, s3_secret: str = S3_SECRET, image: str | N
                                          logs=logs.outputs["logs"]), "features")
             train_evaluate_promote(features=feats.outputs["features"], data_uri="simulated", **downstream)
         with dsl.Else(name="given-logs"):
+            # The window (never cached) resolves the dates; its partitions are the features' cache key.
+            span = configure(c.window(logs_uri=raw_logs_uri, window_days=window_days,
+                                      schedule_time=schedule_time,
+                                      backend_schedule_time=schedule_placeholder), "window")
             feats = configure(c.features(config_yaml=config_yaml, snapshot_date=snapshot_date,
-                                         logs_uri=raw_logs_uri), "features")
-            train_evaluate_promote(features=feats.outputs["features"], data_uri=raw_logs_uri, **downstream)
+                                         logs_uris=span.outputs["partitions"],
+                                         data_uri=span.outputs["description"]), "features")
+            train_evaluate_promote(features=feats.outputs["features"], data_uri=span.outputs["description"],
+                                   **downstream)
 
     return grade_mtf

@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", metavar="NS", help="Kubernetes namespace (multi-user deployments)")
     p.add_argument("--logs", default="", metavar="URI",
                    help="raw Parquet logs, e.g. s3://grade/logs/2026-01-01 (default: simulate)")
+    p.add_argument("--window-days", type=int, default=7, metavar="N",
+                   help="with a --logs pattern containing {date} (e.g. s3://grade/logs/dt={date}): "
+                        "train on the N days up to each run's schedule date (default 7)")
     p.add_argument("--registry", metavar="URI", help=f"model registry root (default: {DEFAULT_REGISTRY})")
     p.add_argument("--snapshot-date", metavar="YYYY-MM-DD",
                    help="date of the data, part of every cache key (default for --run: today, UTC)")
@@ -177,6 +180,9 @@ def submit(args: argparse.Namespace, client: Any | None = None) -> dict[str, Any
                                           snapshot_date=snapshot, ablations=args.ablations,
                                           pretrain_workers=args.pretrain_workers,
                                           finetune_workers=args.finetune_workers)
+    if args.window_days < 1:
+        raise InputError(f"--window-days {args.window_days}: expected a number of days >= 1")
+    arguments["window_days"] = args.window_days
     with tempfile.TemporaryDirectory(prefix="grade-submit-") as tmp:
         package = Path(args.package) if args.package else None
         if package is None:
@@ -204,14 +210,18 @@ def submit(args: argparse.Namespace, client: Any | None = None) -> dict[str, Any
         result["run_id"] = run.run_id
     else:
         # KFP v2 does not expand [[ScheduledTime]] in recurring-run parameters
-        # (kubeflow/pipelines#12494): the snapshot date cannot key the cache per run, so scheduled
-        # retraining runs without the cache and always reads the newest data.
+        # (kubeflow/pipelines#12494): with a fixed prefix the snapshot date cannot key the cache per
+        # run, so such retraining runs without the cache. With a {date} pattern the window step
+        # resolves the run's schedule time inside the pipeline and its partitions key the cache.
+        from grade.window import is_partitioned
+
         recurring = client.create_recurring_run(
             experiment_id=experiment.experiment_id,
             job_name=args.run_name or f"{args.pipeline_name}-retrain",
             description=f"scheduled retraining: {args.schedule}",
             cron_expression=args.schedule, max_concurrency=1, no_catchup=True, params=arguments,
-            pipeline_id=pipeline_id, version_id=version_id, enabled=True, enable_caching=False)
+            pipeline_id=pipeline_id, version_id=version_id, enabled=True,
+            enable_caching=is_partitioned(args.logs) and not args.no_cache)
         result["recurring_run_id"] = recurring.recurring_run_id
     return result
 

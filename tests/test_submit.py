@@ -202,6 +202,15 @@ def test_schedule_creates_a_recurring_run_without_overlap_or_catchup(fake_kfp, p
     assert client.called("run_pipeline") == []
 
 
+def test_a_scheduled_window_of_partitions_runs_with_the_cache(fake_kfp, package):
+    argv = ["--host", "http://kfp:8080", "--package", str(package), "--schedule", "0 0 3 * * *",
+            "--logs", "s3://grade/logs/dt={date}", "--window-days", "14"]
+    assert submit.main(argv) == 0
+    (rr,) = fake_kfp.instances[0].called("create_recurring_run")
+    assert rr["enable_caching"] is True
+    assert rr["params"]["raw_logs_uri"] == "s3://grade/logs/dt={date}" and rr["params"]["window_days"] == 14
+
+
 def test_bad_cron_exits_2_before_contacting_the_server(fake_kfp, package, capsys):
     import grade.cli
 
