@@ -26,7 +26,8 @@ def synthetic_requests(n: int, length: int = 50, k: int = 3, seed: int = 0) -> d
     return {
         "z": torch.randn(n, length, k, generator=g), "mask": mask,
         "pred": torch.rand(n, length, k, generator=g) + 0.01,
-        "true_ctr": torch.rand(n, length, generator=g) * 0.1, "true_cvr": torch.rand(n, length, generator=g) * 0.1,
+        "true_ctr": torch.rand(n, length, generator=g) * 0.1,
+        "true_cvr": torch.rand(n, length, generator=g) * 0.1,
         "price": torch.rand(n, length, generator=g) * 100,
         "click": (torch.rand(n, length, generator=g) < 0.05).float(),
         "order": (torch.rand(n, length, generator=g) < 0.01).float(),
@@ -42,7 +43,8 @@ def run(requests: int = 100_000, resamples: int = 1000, policies: int = 8, depth
     weights = [torch.softmax(torch.randn(3, generator=g), 0) for _ in range(policies)]
 
     sums_t = timeit(lambda: auction.policy_sums(data, objectives, weights=weights[0], depth=depth), repeat=3)
-    rank_t = timeit(lambda: top_e(fuse(data["z"], weights[0].expand(requests, -1), data["mask"]), depth), repeat=3)
+    rank_t = timeit(lambda: top_e(fuse(data["z"], weights[0].expand(requests, -1), data["mask"]), depth),
+                    repeat=3)
 
     table = auction.SumsTable(auction.shared_sums(data, depth, 1.0))
     for i, w in enumerate(weights):

@@ -80,7 +80,8 @@ def _median_runs(runs: list[dict[str, float]]) -> dict[str, float]:
 def run(n_requests: int = 20000, list_size: int = 50, pretrain_epochs: int = 2, finetune_epochs: int = 1,
         repeat: int = 3) -> dict:
     load_before = os.getloadavg()
-    runs: dict[str, dict[str, list]] = {"pretrain": {k: [] for k in LAYOUTS}, "finetune": {k: [] for k in LAYOUTS}}
+    runs: dict[str, dict[str, list]] = {"pretrain": {k: [] for k in LAYOUTS},
+                                        "finetune": {k: [] for k in LAYOUTS}}
     with tempfile.TemporaryDirectory(prefix="grade-bench-dist-") as tmp:
         features = synthetic_features(tmp, n_requests, list_size)
         n_train = dataset.count_requests(features, "train")
@@ -88,7 +89,8 @@ def run(n_requests: int = 20000, list_size: int = 50, pretrain_epochs: int = 2, 
         # the same work on every layout: fixed epochs (no early stop), validation on 2,000 requests,
         # finetune's curve at the end only
         config.write_text(json.dumps({
-            "pretrain": {"epochs": pretrain_epochs, "patience": pretrain_epochs + 1, "max_valid_requests": 2000},
+            "pretrain": {"epochs": pretrain_epochs, "patience": pretrain_epochs + 1,
+                         "max_valid_requests": 2000},
             "finetune": {"epochs": finetune_epochs, "eval_every": 10**6, "eval_max_requests": 2000,
                          "checkpoint_every": 10**6}}))
         init = str(Path(tmp, "pretrain-1x1-0"))

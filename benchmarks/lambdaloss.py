@@ -2,7 +2,7 @@
 
 References in the same process: the forward pass alone, and allRank's algorithm (sort, gather,
 [B, L, L] pair weights, clamped log2 sigmoid) written out here as it is in allRank 1.4.3
-(ENGINEERING_NOTES.md measured 48 ms for it on this machine).
+(benchmarks/README.md records both times on the development machine).
 
     python -m benchmarks.lambdaloss [--batch 512] [--list 50] [--repeat 30]
 """

@@ -110,7 +110,8 @@ def main() -> None:
                 for _ in range(args.mib):
                     f.write(os.urandom(1 << 20))
             size_mib = src.stat().st_size / (1 << 20)
-            timings: dict[str, list[float]] = {k: [] for k in ("store_up", "raw_up", "store_down", "raw_down")}
+            timings: dict[str, list[float]] = {
+                k: [] for k in ("store_up", "raw_up", "store_down", "raw_down")}
             raw_dst, store_dst = Path(d, "raw.bin"), Path(d, "st.bin")
             transfers = {  # one key per side, overwritten each round: the server's memory stays bounded
                 "raw_up": lambda: client.fput_object(bucket, "raw", str(src), part_size=16 << 20),

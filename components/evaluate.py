@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="URI",
                    help="output folder: report.json, report.html, metrics.json (KFP), config.json")
     p.add_argument("--registry", metavar="URI",
-                   help="model registry root; its production model is evaluated as 'incumbent' when it exists")
+                   help="model registry root; its production model is evaluated as 'incumbent' "
+                        "when it exists")
     config.add_arguments(p, ("evaluate.split", "evaluate.bootstrap_samples", "evaluate.seed"),
                          config_help="config file; its 'evaluate' section and finetune.reward are used")
     return p

@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     if not ctx.is_main:
         return 0
     summary = {"out": args.out, "steps": metrics["steps"], "requests_per_s": metrics["requests_per_s"],
-               "lift_vs_stage1": {k: v for k, v in metrics["lift_vs_stage1"].items() if k.startswith("true/")}}
+               "lift_vs_stage1": {k: v for k, v in metrics["lift_vs_stage1"].items()
+                                  if k.startswith("true/")}}
     print(json.dumps(summary, indent=2, sort_keys=True))
     return 0
 

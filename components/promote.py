@@ -44,7 +44,8 @@ def admin_parser(command: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m components.promote {command}",
                                 description={"status": "show the production alias",
                                              "history": "print every alias move",
-                                             "rollback": "point the alias back at its previous version"}[command])
+                                             "rollback": "point the alias back at its previous version"
+                                             }[command])
     p.add_argument("--registry", required=True, help="registry root (local folder or s3://bucket/prefix)")
     config.add_arguments(p, ("shared.model_name",),
                          config_help="YAML config; its shared.model_name is the default model name")

@@ -21,9 +21,11 @@ from grade.errors import InputError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m components.score", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--requests", required=True, help="log-format Parquet file, folder or s3:// prefix to score")
+    p.add_argument("--requests", required=True,
+                   help="log-format Parquet file, folder or s3:// prefix to score")
     p.add_argument("--out", required=True, help="output folder or s3:// prefix for the scores")
-    p.add_argument("--model", help="model folder or registry version (default: the registry's production model)")
+    p.add_argument("--model",
+                   help="model folder or registry version (default: the registry's production model)")
     p.add_argument("--registry", help="registry root, used when --model is not given")
     config.add_arguments(p, ("shared.model_name",),
                          config_help="YAML config; its shared.model_name is the default model name")
@@ -48,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         model = reg.version_uri(current[0]["version"])
         cli.log.info("scoring with %s/production = %s", args.model_name, current[0]["version"])
     summary = score_requests(model, args.requests, args.out, args.batch_rows)
-    print(f"scored {summary['requests']:,} requests ({summary['rows']:,} rows) with the {summary['model_kind']} "
-          f"policy in {summary['seconds']:.1f} s ({summary['rows_per_s']:,.0f} rows/s) -> {summary['out']}")
+    print(f"scored {summary['requests']:,} requests ({summary['rows']:,} rows) with the "
+          f"{summary['model_kind']} policy in {summary['seconds']:.1f} s "
+          f"({summary['rows_per_s']:,.0f} rows/s) -> {summary['out']}")
     return 0
 
 

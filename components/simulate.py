@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             if n >= args.report_requests:
                 break
         table = pa.concat_tables(tables).slice(0, min(n, args.report_requests) * cfg.list_size)
-        rep = simulator.headroom_report(table, cfg.objectives, list_size=cfg.list_size, depth=cfg.exposure_depth,
-                                        eta=cfg.position_bias, seed=cfg.seed)
+        rep = simulator.headroom_report(table, cfg.objectives, list_size=cfg.list_size,
+                                        depth=cfg.exposure_depth, eta=cfg.position_bias, seed=cfg.seed)
         print(simulator.format_headroom(rep))
     return 0
 

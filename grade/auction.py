@@ -89,7 +89,8 @@ def exposure_sums(idx: torch.Tensor, mask: torch.Tensor, theta: torch.Tensor, ct
     return out
 
 
-def auc_per_request(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def auc_per_request(scores: torch.Tensor, labels: torch.Tensor,
+                    mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(AUC [B], valid [B]) of ``scores`` against binary ``labels`` over the real items of each request.
 
     AUC = P(a positive ranks above a negative); ties are broken by item index like :func:`top_e`.
@@ -207,8 +208,9 @@ class SumsTable:
         col = col.to(torch.float64).contiguous()
         fingerprint = (col.sum().item(), (col * col).sum().item())
         for i, other in enumerate(self.columns):
-            if other.shape == col.shape and (other.sum().item(), (other * other).sum().item()) == fingerprint \
-                    and torch.equal(other, col):
+            if (other.shape == col.shape
+                    and (other.sum().item(), (other * other).sum().item()) == fingerprint
+                    and torch.equal(other, col)):
                 return i
         self.columns.append(col)
         return len(self.columns) - 1
@@ -261,7 +263,8 @@ def metric_values(table: SumsTable, totals: torch.Tensor) -> dict[str, dict[str,
     return out
 
 
-def bootstrap_totals(matrix: torch.Tensor, n_resamples: int, seed: int, chunk: int | None = None) -> torch.Tensor:
+def bootstrap_totals(matrix: torch.Tensor, n_resamples: int, seed: int,
+                     chunk: int | None = None) -> torch.Tensor:
     """Column totals of ``n_resamples`` multinomial resamples of the rows of ``matrix`` [N, Q] -> [R, Q].
 
     Each resample draws N row indices with replacement; the counts matrix [r, N] of a chunk of
@@ -330,7 +333,8 @@ def compare(table: SumsTable, baselines: Iterable[str], n_resamples: int = 1000,
     return {
         "n_requests": int(matrix.shape[0]),
         "policies": metric_values(table, totals),
-        "lifts": {b: lift_values(table, totals, boot, b, confidence) for b in baselines if b in table.policies},
+        "lifts": {b: lift_values(table, totals, boot, b, confidence)
+                  for b in baselines if b in table.policies},
     }
 
 

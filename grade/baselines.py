@@ -66,13 +66,15 @@ def replay_objective(z: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, 
     for start in range(0, n, chunk):
         sl = slice(start, min(start + chunk, n))
         w = weights.to(z.dtype).unsqueeze(0).expand(z[sl].shape[0], g, -1)
-        total += ndcg_at(fuse(z[sl], w, mask[sl]), labels[sl], mask[sl], depth, gain=gain).sum(0, dtype=torch.float64)
+        total += ndcg_at(fuse(z[sl], w, mask[sl]), labels[sl], mask[sl], depth,
+                         gain=gain).sum(0, dtype=torch.float64)
     return total / max(n, 1)
 
 
 def posterior_objective(data: dict[str, torch.Tensor], objectives: list[str], weights: torch.Tensor,
                         reward: RewardConfig, depth: int, chunk_elems: int = 4_000_000) -> torch.Tensor:
-    """Stage 2's posterior reward of each global weight vector ``weights`` [G, K], averaged over requests -> [G].
+    """Stage 2's posterior reward of each global weight vector ``weights`` [G, K], averaged over
+    requests -> [G].
 
     All requests form one batch (the normaliser is their mean ideal DCG); chunks run over the vectors.
     """
@@ -107,8 +109,9 @@ def best_static(train: dict[str, torch.Tensor], spec: dict, depth: int = 10, obj
     if objective == "posterior":
         mix = {"click": reward.post_click, "order": reward.post_order, "gmv": reward.post_gmv}
         if not any(share > 0 for share in mix.values()):
-            raise InputError("best_static: the posterior objective needs a positive finetune.reward.post_click, "
-                             "post_order or post_gmv (or set evaluate.static_search_objective to ndcg_order)")
+            raise InputError("best_static: the posterior objective needs a positive "
+                             "finetune.reward.post_click, post_order or post_gmv "
+                             "(or set evaluate.static_search_objective to ndcg_order)")
         positive = torch.zeros_like(train["mask"])
         for name, share in mix.items():
             if share > 0:

@@ -29,9 +29,11 @@ from typing import Any, TypeVar
 import yaml
 
 from grade.errors import ConfigError
-from grade.registry import DEFAULT_MODEL
 
 T = TypeVar("T")
+
+#: The registry's model name unless a config names another (grade.registry's default too).
+DEFAULT_MODEL = "grade-mtf"
 
 #: section name -> "module:Class" of its dataclass (imported lazily: sections stay independent).
 SECTIONS: dict[str, str] = {
@@ -225,7 +227,8 @@ def load_yaml(path: str | Path | None) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, "
+                          f"got {type(data).__name__}")
     for name in data:
         if name not in SECTIONS:
             raise ConfigError(f"{path}: unknown config section '{name}'; expected one of {sorted(SECTIONS)}")

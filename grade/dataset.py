@@ -88,7 +88,8 @@ def _read_shard(path: Path, fields: list[str] | None, where: str) -> dict[str, n
 
 
 def _split_fields(spec: dict[str, Any], split: str, fields: list[str] | None) -> list[str]:
-    base = ["z", "pred", "mask", "num", "cat", "click", "order", "gmv", "position", "event_time", "request_id"]
+    base = ["z", "pred", "mask", "num", "cat", "click", "order", "gmv", "position", "event_time",
+            "request_id"]
     truth = [] if split == "train" else list(spec.get("ground_truth", []))
     return base + truth if fields is None else list(fields)
 

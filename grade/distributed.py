@@ -23,16 +23,14 @@ import dataclasses
 import datetime
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +100,8 @@ def init(backend: str | None = None, timeout_s: float = 1800.0) -> Context:
     log.info("distributed: rank %d of %d (local rank %d), backend %s, master %s:%s", ctx.rank, ctx.world_size,
              ctx.local_rank, backend, os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?"))
     if ctx.rank != 0:  # the other ranks repeat rank 0's progress lines: keep only their warnings
-        logging.getLogger("grade").setLevel(max(logging.getLogger("grade").getEffectiveLevel(), logging.WARNING))
+        grade_log = logging.getLogger("grade")
+        grade_log.setLevel(max(grade_log.getEffectiveLevel(), logging.WARNING))
     return dataclasses.replace(ctx, backend=backend)
 
 
@@ -153,13 +152,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def main_first(fn: Callable[[], T]) -> T | None:
-    """Run ``fn`` on rank 0 only, then wait until it is done on every rank; rank 0 gets its result."""
-    result = fn() if is_main() else None
-    barrier()
-    return result
-
-
 def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     """The element-wise sum of ``tensor`` over ranks (a new tensor; the input itself in one process)."""
     if not active():
@@ -195,15 +187,6 @@ def local_rows(n_global: int, rank_: int | None = None, world: int | None = None
     r = rank() if rank_ is None else rank_
     w = world_size() if world is None else world
     return torch.arange(r, n_global, w)
-
-
-def broadcast_parameters(model: nn.Module, src: int = 0) -> None:
-    """Copy rank ``src``'s parameters and buffers to every rank (a guard against diverged starts)."""
-    if not active():
-        return
-    with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
-            dist.broadcast(t.data, src=src)
 
 
 class GradientAverager:

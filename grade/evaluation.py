@@ -58,7 +58,8 @@ class EvaluateConfig:
     static_search_iterations: int = ranged(10, ">= 0")
     """cross-entropy-method iterations of the best_static search"""
     paired_baselines: list[str] = dataclasses.field(default_factory=lambda: ["best_static", "stage1"])
-    """policies every other one is also compared with by paired bootstrap (report key lift_vs), when present"""
+    """policies every other one is also compared with by paired bootstrap (report key lift_vs), when
+    present"""
     static_search_population: int = ranged(32, ">= 1")
     """weight vectors sampled per CEM iteration"""
     static_search_elite_fraction: float = ranged(0.25, "(0, 1]")
@@ -78,8 +79,8 @@ class EvaluateConfig:
 
     def validate(self) -> None:
         if self.static_search_objective not in baselines.SEARCH_OBJECTIVES:
-            raise InputError(f"evaluate.static_search_objective: expected one of {list(baselines.SEARCH_OBJECTIVES)},"
-                             f" got {self.static_search_objective!r}")
+            raise InputError(f"evaluate.static_search_objective: expected one of "
+                             f"{list(baselines.SEARCH_OBJECTIVES)}, got {self.static_search_objective!r}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -102,7 +103,8 @@ def load_held_out(features_uri: str, cfg: EvaluateConfig) -> tuple[dict, dict[st
     return spec, data
 
 
-def segment_ids(spec: dict, data: dict[str, torch.Tensor], feature: str) -> tuple[str, torch.Tensor, dict[int, str]]:
+def segment_ids(spec: dict, data: dict[str, torch.Tensor],
+                feature: str) -> tuple[str, torch.Tensor, dict[int, str]]:
     """(feature name, ids [N], id -> label) of the breakdown feature."""
     cats = spec.get("categorical", [])
     if not feature:
@@ -113,7 +115,8 @@ def segment_ids(spec: dict, data: dict[str, torch.Tensor], feature: str) -> tupl
         feature = cats[0]["name"]
     if feature == "segment":
         if "segment" not in data:
-            raise InputError("evaluate.segment_feature: 'segment' asked for but the features have no true segment")
+            raise InputError("evaluate.segment_feature: 'segment' asked for but the features have no true "
+                             "segment")
         return "segment", data["segment"].long(), {}
     names = [c["name"] for c in cats]
     for j, c in enumerate(cats):
@@ -121,7 +124,8 @@ def segment_ids(spec: dict, data: dict[str, torch.Tensor], feature: str) -> tupl
             labels = {i + 1: str(v) for i, v in enumerate(c.get("vocab", []))}
             labels[0] = "(other)"
             return c["name"], data["cat"][:, j].long(), labels
-    raise InputError(f"evaluate.segment_feature: unknown feature {feature!r}; expected 'segment' or one of {names}")
+    raise InputError(f"evaluate.segment_feature: unknown feature {feature!r}; expected 'segment' or one "
+                     f"of {names}")
 
 
 def read_training_curves(uri: str) -> dict[str, Any]:
@@ -148,8 +152,8 @@ def model_weights(uri: str, data: dict[str, torch.Tensor], spec: dict, batch_siz
     try:
         model_spec = store.read_json(store.join(uri, "feature_spec.json"))
         if list(model_spec.get("objectives", [])) != list(spec["objectives"]):
-            raise InputError(f"{store.join(uri, 'feature_spec.json')}: objectives {model_spec.get('objectives')} "
-                             f"differ from the features' {spec['objectives']}")
+            raise InputError(f"{store.join(uri, 'feature_spec.json')}: objectives "
+                             f"{model_spec.get('objectives')} differ from the features' {spec['objectives']}")
     except store.NotFound:
         pass
     cat = clamp_unseen(data["cat"], policy.cfg.cat_sizes)
@@ -328,7 +332,8 @@ def named_models(models: dict[str, str], registry_uri: str | None, cfg: Evaluate
             named["incumbent"] = inc[1]
             versions["incumbent"] = {"version": inc[0]}
         else:
-            log.info("registry %s has no production model '%s': no incumbent", registry_uri, cfg.registry_model_name)
+            log.info("registry %s has no production model '%s': no incumbent", registry_uri,
+                     cfg.registry_model_name)
     info = {name: {**versions.get(name, {}), "uri": uri, "content_hash": _content_hash(uri)}
             for name, uri in named.items()}
     return named, info
@@ -536,7 +541,8 @@ def _finite(obj: Any) -> Any:
 def _segment_values(seg: torch.Tensor, labels: dict[int, str], cfg: EvaluateConfig) -> list[tuple[int, str]]:
     """The ``max_segments`` most frequent segment ids (ties by id), with display labels, in id order."""
     ids, counts = torch.unique(seg, return_counts=True)
-    order = sorted(zip(ids.tolist(), counts.tolist(), strict=True), key=lambda t: (-t[1], t[0]))[: cfg.max_segments]
+    order = sorted(zip(ids.tolist(), counts.tolist(), strict=True),
+                   key=lambda t: (-t[1], t[0]))[: cfg.max_segments]
     return [(i, labels.get(i, str(i))) for i, _ in sorted(order)]
 
 
@@ -599,18 +605,20 @@ def comparisons(policies: dict[str, Any], flavour: str, models: list[str],
     return out
 
 
-def headroom_sentence(headroom: dict[str, float], policies: dict[str, Any], flavour: str, models: list[str]) -> str:
+def headroom_sentence(headroom: dict[str, float], policies: dict[str, Any], flavour: str,
+                      models: list[str]) -> str:
     if not headroom:
         if flavour != "true":
             return "No ground truth on this data, so no oracle: the headroom share is not available."
-        return "No oracle result (the oracle is unavailable or not above static): the headroom share is not available."
+        return ("No oracle result (the oracle is unavailable or not above static): the headroom share is "
+                "not available.")
     s, o = policies["static"]["true"]["opm"], policies["oracle"]["true"]["opm"]
     focus = "grade" if "grade" in headroom else (models[-1] if models and models[-1] in headroom else None)
     parts = []
     if focus:
-        parts.append(f"{focus} captures {100 * headroom[focus]:.1f}% of the oracle's true-OPM headroom over static "
-                     f"(static {s:.3f}, {focus} {policies[focus]['true']['opm']:.3f}, oracle {o:.3f} orders per "
-                     f"1000 impressions).")
+        parts.append(f"{focus} captures {100 * headroom[focus]:.1f}% of the oracle's true-OPM headroom "
+                     f"over static (static {s:.3f}, {focus} {policies[focus]['true']['opm']:.3f}, "
+                     f"oracle {o:.3f} orders per 1000 impressions).")
     others = ", ".join(f"{p} {100 * v:.1f}%" for p, v in headroom.items() if p != focus)
     if others:
         parts.append(f"Other policies: {others}.")
@@ -646,7 +654,8 @@ def kfp_metrics(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 def _verdict(comparison: dict[str, Any], other: str, higher: bool) -> str:
     """'best_static higher (+1.90% [+0.80, +3.00])': the paired lift and CI when there is one."""
     lift = comparison.get(f"opm_lift_vs_{other}")
-    ci = "" if not lift else f" ({100 * lift['lift']:+.2f}% [{100 * lift['ci_low']:+.2f}, {100 * lift['ci_high']:+.2f}])"
+    ci = "" if not lift else (f" ({100 * lift['lift']:+.2f}% "
+                              f"[{100 * lift['ci_low']:+.2f}, {100 * lift['ci_high']:+.2f}])")
     return f"{other} {'higher' if higher else 'NOT higher'}{ci}"
 
 
@@ -657,8 +666,9 @@ def format_table(report: dict[str, Any]) -> str:
     metrics = [m for m in MAIN_METRICS if any(m in v.get(flavour, {}) for v in report["policies"].values())]
     head = f"{'policy':<16}" + "".join(f"{m.upper():>10}" for m in metrics) + \
         "".join(f"  {m.upper() + ' lift vs static [CI]':<31}" for m in ("opm", "gpm", "ctr") if m in metrics)
-    lines = [f"{report['n_requests']} {report['split']} requests, {flavour} metrics, top-{report['exposure_depth']} "
-             f"exposure, {report['config']['confidence']:.0%} paired bootstrap CIs "
+    lines = [f"{report['n_requests']} {report['split']} requests, {flavour} metrics, "
+             f"top-{report['exposure_depth']} exposure, "
+             f"{report['config']['confidence']:.0%} paired bootstrap CIs "
              f"({report['config']['bootstrap_samples']} resamples)", head, "-" * len(head)]
 
     def fmt(v: float | None) -> str:

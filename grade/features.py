@@ -183,7 +183,8 @@ def read_log_schema(file_uri: str, schema: pa.Schema, expected: LogSchema | None
             raise InputError(f"column set differs between files ({where}); every file needs the same "
                              "pred_/u_/c_/ground-truth columns", file=file_uri, column=col)
         if found.request_id_is_string != expected.request_id_is_string:
-            raise InputError("request_id type differs from the first file", file=file_uri, column="request_id")
+            raise InputError("request_id type differs from the first file", file=file_uri,
+                             column="request_id")
     return found
 
 

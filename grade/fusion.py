@@ -39,12 +39,6 @@ def top_e(scores: torch.Tensor, e: int) -> torch.Tensor:
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :e]
 
 
-def ranks(scores: torch.Tensor) -> torch.Tensor:
-    """0-based rank of every item (0 = best) along the last axis; same tie rule as :func:`top_e`."""
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    return torch.argsort(order, dim=-1)
-
-
 def gather_items(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Per-item values ``x`` [B, L] (or [B, L, K]) at ranked indices ``idx`` [B, E] or [B, G, E].
 
@@ -64,7 +58,8 @@ def gather_items(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"indices must be [B, E] or [B, G, E], got shape {tuple(idx.shape)}")
 
 
-def dcg_discounts(e: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dcg_discounts(e: int, device: torch.device | None = None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """DCG discounts d_j = 1 / log2(j + 2) for 0-based positions j < e: [e]."""
     return 1.0 / torch.log2(torch.arange(e, device=device, dtype=dtype) + 2.0)
 

@@ -58,7 +58,8 @@ def lambda_loss(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor |
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     if scores.dim() != 2 or labels.shape != scores.shape:
-        raise ValueError(f"scores and labels must both be [B, L], got {tuple(scores.shape)} and {tuple(labels.shape)}")
+        raise ValueError(f"scores and labels must both be [B, L], got {tuple(scores.shape)} "
+                         f"and {tuple(labels.shape)}")
     dtype = scores.dtype if scores.is_floating_point() else torch.float32
     labels = labels.to(dtype)
     if mask is None:
@@ -95,7 +96,8 @@ def lambda_loss(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor |
     valid = valid & (top_k[:, None] & top_k[None, :])
 
     weights = _pair_weights(weighing_scheme, gain, discount, mu)
-    diffs = torch.where(valid, s[:, :, None] - s[:, None, :], torch.zeros((), dtype=dtype, device=scores.device))
+    diffs = torch.where(valid, s[:, :, None] - s[:, None, :],
+                        torch.zeros((), dtype=dtype, device=scores.device))
     log2_p = F.logsigmoid(sigma * diffs) / math.log(2.0)
     losses = torch.where(valid, -weights * log2_p, torch.zeros((), dtype=dtype, device=scores.device))
     total = losses.sum()
@@ -131,7 +133,8 @@ def _ndcg2_delta(discount: torch.Tensor) -> torch.Tensor:
     idx = torch.arange(n, device=discount.device)
     gap = (idx[:, None] - idx[None, :]).abs()                     # |i - j| in 0..L-1
     # D extended by one position so that D_(|i-j|+1) exists for |i-j| = L-1.
-    d_ext = torch.log2(2.0 + torch.arange(n + 1, device=discount.device, dtype=discount.dtype))  # D_1..D_(L+1)
+    # D_1..D_(L+1)
+    d_ext = torch.log2(2.0 + torch.arange(n + 1, device=discount.device, dtype=discount.dtype))
     inv = 1.0 / d_ext
     near = inv[(gap - 1).clamp_min(0)]                            # 1/D_|i-j|
     far = inv[gap]                                                # 1/D_(|i-j|+1)

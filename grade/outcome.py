@@ -153,7 +153,8 @@ def outcome_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], theta_log
     nll_order = nn.functional.binary_cross_entropy_with_logits(
         logits[..., 1][clicked], batch["order"][clicked]) if clicked.any() else zero
     ordered = mask & (batch["order"] > 0) & (batch["gmv"] > 0)
-    nll_value = ((logits[..., 2][ordered] - batch["gmv"][ordered].log()) ** 2).mean() if ordered.any() else zero
+    nll_value = (((logits[..., 2][ordered] - batch["gmv"][ordered].log()) ** 2).mean()
+                 if ordered.any() else zero)
     total = nll_click + nll_order + value_weight * nll_value
     return {"click": nll_click, "order": nll_order, "value": nll_value, "total": total}
 
@@ -201,7 +202,8 @@ def load_outcome_from(folder: str | Path) -> OutcomeNet:
 
 
 def mean_order_value(gmv: torch.Tensor, order: torch.Tensor, mask: torch.Tensor) -> float:
-    """The mean logged value of an order (the unit of GMV in the declared business value); 1 without orders."""
+    """The mean logged value of an order (the unit of GMV in the declared business value); 1 without
+    orders."""
     ordered = mask & (order > 0)
     if not bool(ordered.any()):
         return 1.0

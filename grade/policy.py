@@ -106,16 +106,14 @@ class PolicyNet(nn.Module):
         if self.fixed_kappa > 0:
             kappa = torch.full_like(mu[:, 0], self.fixed_kappa)
         else:
-            kappa = self.kappa_min + (self.kappa_max - self.kappa_min) * torch.sigmoid(self.kappa_head(h)[:, 0])
+            kappa = (self.kappa_min
+                     + (self.kappa_max - self.kappa_min) * torch.sigmoid(self.kappa_head(h)[:, 0]))
         return mu, kappa
 
     def alpha(self, num: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
         """Dirichlet concentration parameters [B, K], every entry >= alpha_floor."""
         mu, kappa = self(num, cat)
         return kappa.unsqueeze(-1) * mu + self.alpha_floor
-
-    def distribution(self, num: torch.Tensor, cat: torch.Tensor) -> torch.distributions.Dirichlet:
-        return torch.distributions.Dirichlet(self.alpha(num, cat))
 
     @torch.no_grad()
     def mean_weights(self, num: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
@@ -147,7 +145,8 @@ def save_policy(model: PolicyNet, folder: str | Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "grade-policy-v1"})
-    (folder / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2, sort_keys=True) + "\n")
+    (folder / CONFIG_FILE).write_text(
+        json.dumps(dataclasses.asdict(model.cfg), indent=2, sort_keys=True) + "\n")
 
 
 def load_policy(uri: str | Path) -> PolicyNet:
@@ -161,7 +160,8 @@ def load_policy(uri: str | Path) -> PolicyNet:
         cfg_dict = json.loads(store.read_bytes(store.join(uri, CONFIG_FILE)))
         state = load_safetensors(store.read_bytes(store.join(uri, WEIGHTS_FILE)))
     except store.NotFound as e:
-        raise InputError(f"{uri}: not a policy folder ({e}); expected {WEIGHTS_FILE} and {CONFIG_FILE}") from None
+        raise InputError(f"{uri}: not a policy folder ({e}); expected {WEIGHTS_FILE} and "
+                         f"{CONFIG_FILE}") from None
     try:
         cfg = PolicyConfig(**cfg_dict)
     except TypeError as e:

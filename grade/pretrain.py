@@ -60,7 +60,8 @@ class PretrainConfig:
     objective_weights: dict[str, float] = ranged({"click": 1.0, "order": 2.0, "gmv": 1.0}, ">= 0")
     """weight of each objective's LambdaLoss term (keys: click, order, gmv; 0 switches a term off)"""
     gmv_label: Literal["graded", "log1p"] = "graded"
-    """gmv relevance label: graded = decimal digits of gmv (1..gmv_max_grade, 0 without order); log1p = log1p(gmv)"""
+    """gmv relevance label: graded = decimal digits of gmv (1..gmv_max_grade, 0 without order);
+    log1p = log1p(gmv)"""
     gmv_max_grade: int = ranged(4, ">= 1")
     """highest gmv grade (gmv >= 10^(max-1) gets it)"""
     weighing_scheme: Literal["ndcgLoss1", "ndcgLoss2", "ndcgLoss2PP", "lambdaRank", "rankNet"] = "ndcgLoss2PP"
@@ -162,7 +163,8 @@ class RankingModel(nn.Module):
 
 
 def multi_objective_loss(model: PolicyNet | RankingModel, batch: dict[str, torch.Tensor], cfg: PretrainConfig,
-                         pair_counts: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                         pair_counts: dict[str, float] | None = None
+                         ) -> tuple[torch.Tensor, dict[str, float]]:
     """sum_o weight_o * LambdaLoss(scale * fuse(z, mu(x)), label_o) and the per-objective values.
 
     Each term is a mean over the valid pairs of ``batch``; ``pair_counts`` (objective -> count)
@@ -238,7 +240,8 @@ def train_step(model: RankingModel, optimizer: torch.optim.Optimizer, batch: dic
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
     if pair_counts is not None:  # the global batch's loss: the mean of the ranks' normalised parts
-        values = all_reduce.sum(torch.tensor([float(loss.detach()), *parts.values()], dtype=torch.float64)) / world
+        local_sums = torch.tensor([float(loss.detach()), *parts.values()], dtype=torch.float64)
+        values = all_reduce.sum(local_sums) / world
         return float(values[0]), dict(zip(parts, values[1:].tolist(), strict=True))
     return float(loss.detach()), parts
 
@@ -294,7 +297,8 @@ SCALE_GRID = tuple(2.0 ** (e / 2) for e in range(-4, 13))
 
 
 @torch.no_grad()
-def fit_score_scale(policy: PolicyNet, features_uri: str, cfg: PretrainConfig, max_requests: int = 1024) -> float:
+def fit_score_scale(policy: PolicyNet, features_uri: str, cfg: PretrainConfig,
+                    max_requests: int = 1024) -> float:
     """The score scale of :data:`SCALE_GRID` with the lowest loss for ``policy`` on train.
 
     Measured on the first ``max_requests`` train requests (in file order: deterministic); a
@@ -349,8 +353,8 @@ class _Progress:
     log_lines: list[str] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "history": self.history, "best": self.best, "bad_epochs": self.bad_epochs,
-                "stopped": self.stopped}
+        return {"epoch": self.epoch, "history": self.history, "best": self.best,
+                "bad_epochs": self.bad_epochs, "stopped": self.stopped}
 
 
 def pretrain(features_uri: str, out_uri: str, cfg: PretrainConfig, *, rank: int = 0, world_size: int = 1,
@@ -372,8 +376,10 @@ def pretrain(features_uri: str, out_uri: str, cfg: PretrainConfig, *, rank: int 
         step = _train_epoch(run, state, epoch, step)
         if rank == 0:
             training.save_checkpoint(out_uri, "epoch", epoch, fingerprint=run.fingerprint,
-                                     tensors={"model": training.state_tensors(run.model), "best": state.best_state},
-                                     optimizer=run.optimizer, state=state.to_json(), log_lines=state.log_lines)
+                                     tensors={"model": training.state_tensors(run.model),
+                                              "best": state.best_state},
+                                     optimizer=run.optimizer, state=state.to_json(),
+                                     log_lines=state.log_lines)
         if on_epoch_end is not None:
             on_epoch_end(epoch)
     run.model.load_state_dict(state.best_state)
@@ -410,8 +416,8 @@ def _start(features_uri: str, out_uri: str, cfg: PretrainConfig, rank: int, worl
         valid = {k: v[: cfg.max_valid_requests] for k, v in valid.items()}
     static_ndcg = validation_ndcg(static_weights(spec), valid, cfg.exposure_depth)
     n_train = dataset.count_requests(features_uri, "train", world_size)
-    run = _Run(features_uri, cfg, spec, fingerprint, model, optimizer, valid, static_ndcg, n_train, scale, rank,
-               world_size, all_reduce)
+    run = _Run(features_uri, cfg, spec, fingerprint, model, optimizer, valid, static_ndcg, n_train, scale,
+               rank, world_size, all_reduce)
     return run, ckpt
 
 
@@ -428,9 +434,11 @@ def _first_state(run: _Run) -> _Progress:
 def _resume(run: _Run, ckpt: training.Checkpoint, out_uri: str) -> _Progress:
     training.restore(ckpt, run.model, run.optimizer)
     st = ckpt.state
-    log.info("pretrain: resuming after epoch %d from %s", st["epoch"], store.join(out_uri, training.CHECKPOINTS))
-    return _Progress(epoch=st["epoch"], history=st["history"], best=st["best"], best_state=ckpt.tensors["best"],
-                     bad_epochs=st["bad_epochs"], stopped=st["stopped"], log_lines=ckpt.log_lines)
+    log.info("pretrain: resuming after epoch %d from %s", st["epoch"],
+             store.join(out_uri, training.CHECKPOINTS))
+    return _Progress(epoch=st["epoch"], history=st["history"], best=st["best"],
+                     best_state=ckpt.tensors["best"], bad_epochs=st["bad_epochs"], stopped=st["stopped"],
+                     log_lines=ckpt.log_lines)
 
 
 def _train_epoch(run: _Run, state: _Progress, epoch: int, step: int) -> int:
@@ -476,8 +484,8 @@ def _end_epoch(run: _Run, state: _Progress, epoch: int, entry: dict[str, Any]) -
     state.stopped = state.bad_epochs >= cfg.patience
     state.epoch = epoch
     seconds = entry.pop("seconds")
-    state.history.append({**entry, "valid_ndcg": {"policy": ndcg, "static": run.static_ndcg}, "seconds": seconds,
-                          "score_scale": float(run.model.log_scale.detach().exp())})
+    state.history.append({**entry, "valid_ndcg": {"policy": ndcg, "static": run.static_ndcg},
+                          "seconds": seconds, "score_scale": float(run.model.log_scale.detach().exp())})
     log.info("pretrain epoch %d/%d: loss %.4f, valid NDCG@%d %s policy %.4f vs static %.4f (best epoch %d); "
              "%.0f requests/s, ETA %.0fs%s", epoch, cfg.epochs, entry["train_loss"], cfg.exposure_depth,
              cfg.stopping_objective, score, run.static_ndcg[cfg.stopping_objective], state.best["epoch"],
@@ -491,7 +499,8 @@ def _metrics(run: _Run, state: _Progress) -> dict[str, Any]:
     best_entry = next(h for h in state.history if h["epoch"] == state.best["epoch"])
     trained = [h for h in state.history if h["epoch"] > 0]
     return {
-        "stage": "pretrain", "exposure_depth": cfg.exposure_depth, "stopping_objective": cfg.stopping_objective,
+        "stage": "pretrain", "exposure_depth": cfg.exposure_depth,
+        "stopping_objective": cfg.stopping_objective,
         "best_epoch": state.best["epoch"], "epochs_run": len(trained), "early_stopped": state.stopped,
         "best": best_entry["valid_ndcg"], "epochs": state.history,
         "score_scale": float(run.model.log_scale.detach().exp()), "n_train_requests": run.n_train,

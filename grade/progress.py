@@ -63,9 +63,10 @@ class Progress:
         work = self.done - self.start_done
         extra = f"; {detail()}" if detail is not None else ""
         if self.total is None:
-            self.log.info("%s: %d %s (%.1f %s/s)%s", self.what, self.done, self.unit, rate, self.rate_unit, extra)
+            self.log.info("%s: %d %s (%.1f %s/s)%s", self.what, self.done, self.unit, rate, self.rate_unit,
+                          extra)
         else:
             eta = (self.total - self.done) * elapsed / work if work > 0 else float("nan")
-            self.log.info("%s: %d/%d %s (%.0f %s/s, ETA %.0fs)%s", self.what, self.done, self.total, self.unit,
-                          rate, self.rate_unit, eta, extra)
+            self.log.info("%s: %d/%d %s (%.0f %s/s, ETA %.0fs)%s", self.what, self.done, self.total,
+                          self.unit, rate, self.rate_unit, eta, extra)
         self._logged_at = self.done

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from grade import __version__, store
+from grade.config import DEFAULT_MODEL
 
 log = logging.getLogger("grade.registry")
 
-DEFAULT_MODEL = "grade-mtf"
 ALIAS = "production"
 LINEAGE_FILE = "lineage.json"
 
@@ -68,7 +68,8 @@ class Registry:
     def versions(self) -> list[str]:
         """Published versions (a manifest exists), oldest first."""
         names = store.list_prefix(self.versions_root)
-        return sorted(n.split("/")[0] for n in names if n.count("/") == 1 and n.endswith("/" + store.MANIFEST))
+        return sorted(n.split("/")[0] for n in names
+                      if n.count("/") == 1 and n.endswith("/" + store.MANIFEST))
 
     def lineage(self, version: str) -> dict[str, Any]:
         return store.read_json(store.join(self.version_uri(version), LINEAGE_FILE))
@@ -115,7 +116,8 @@ class Registry:
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 dst.write_bytes((Path(local) / rel).read_bytes())
             # the model's own manifest travels along: the copy is a published folder with the same hash
-            (staging / "model" / store.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            (staging / "model" / store.MANIFEST).write_text(
+                json.dumps(manifest, indent=2, sort_keys=True) + "\n")
             try:
                 from grade.policy import TORCHSCRIPT_FILE, export_torchscript, load_policy
 
@@ -219,7 +221,8 @@ class Registry:
                 seq += 1
 
     def history(self) -> list[dict[str, Any]]:
-        return [store.read_json(store.join(self.history_root, n)) for n in store.list_prefix(self.history_root)]
+        return [store.read_json(store.join(self.history_root, n))
+                for n in store.list_prefix(self.history_root)]
 
 
 def production_model(registry_uri: str, model_name: str = DEFAULT_MODEL) -> tuple[str, str] | None:

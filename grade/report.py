@@ -75,17 +75,19 @@ def metrics_table(report: dict[str, Any]) -> str:
     for name, p in policies.items():
         cells = "".join(f"<td>{_fmt(p.get(f, {}).get(m))}</td>" for f, m in cols)
         rows.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
-    return (f'<table class="metrics"><thead><tr><th rowspan="2">policy</th>{head1}</tr><tr>{head2}</tr></thead>'
-            f"<tbody>{''.join(rows)}</tbody></table>")
+    return (f'<table class="metrics"><thead><tr><th rowspan="2">policy</th>{head1}</tr>'
+            f"<tr>{head2}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
 def lifts_table(lifts: dict[str, Any], flavour: str, reference: str) -> str:
     metrics = ["ctr", "cvr", "opm", "gpm"]
-    rows = [f"<tr><th>{html.escape(p)}</th>" + "".join(f"<td>{_pct(v.get(flavour, {}).get(m))}</td>" for m in metrics)
+    rows = [f"<tr><th>{html.escape(p)}</th>"
+            + "".join(f"<td>{_pct(v.get(flavour, {}).get(m))}</td>" for m in metrics)
             + "</tr>" for p, v in lifts.items()]
     head = "".join(f"<th>{m.upper()}</th>" for m in metrics)
-    return (f'<table class="lifts"><caption>{flavour} lifts vs {html.escape(reference)}, relative, with paired '
-            f"bootstrap CIs</caption><thead><tr><th>policy</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+    return (f'<table class="lifts"><caption>{flavour} lifts vs {html.escape(reference)}, relative, '
+            f"with paired bootstrap CIs</caption><thead><tr><th>policy</th>{head}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>")
 
 
 def segments_table(report: dict[str, Any]) -> str:
@@ -99,9 +101,10 @@ def segments_table(report: dict[str, Any]) -> str:
     rows = []
     for label, v in by.items():
         static_opm = v["policies"].get("static", {}).get(flavour, {}).get("opm")
-        cells = "".join(f"<td>{_pct(v['lift_vs_static'].get(p, {}).get(flavour, {}).get('opm'))}</td>" for p in pols)
-        rows.append(f"<tr><th>{html.escape(str(label))}</th><td>{v['n_requests']}</td><td>{_fmt(static_opm, 3)}</td>"
-                    f"{cells}</tr>")
+        cells = "".join(f"<td>{_pct(v['lift_vs_static'].get(p, {}).get(flavour, {}).get('opm'))}</td>"
+                        for p in pols)
+        rows.append(f"<tr><th>{html.escape(str(label))}</th><td>{v['n_requests']}</td>"
+                    f"<td>{_fmt(static_opm, 3)}</td>{cells}</tr>")
     return (f'<table class="lifts"><caption>{flavour} OPM by {html.escape(seg.get("feature", ""))}</caption>'
             f"<thead><tr><th>segment</th><th>requests</th><th>static OPM</th>{head}</tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>")
@@ -117,8 +120,8 @@ def fig_lifts(lifts: dict[str, Any], flavour: str, colours: dict[str, Any]) -> s
     metrics = [m for m in ("ctr", "cvr", "opm", "gpm") if any(m in lifts[p][flavour] for p in names)]
     if not names or not metrics:
         return None
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 0.45 * len(names) + 1.4), sharey=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 0.45 * len(names) + 1.4),
+                             sharey=True, squeeze=False)
     y = np.arange(len(names))
     for ax, m in zip(axes[0], metrics, strict=True):
         vals = [lifts[p][flavour].get(m) for p in names]
@@ -198,12 +201,14 @@ def fig_weights(name: str, w: torch.Tensor, seg: torch.Tensor, labels: dict[int,
     return _png(fig)
 
 
-def curve_series(log_rows: list[dict[str, Any]], max_series: int = 6) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def curve_series(log_rows: list[dict[str, Any]],
+                 max_series: int = 6) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Numeric series of a train_log.jsonl worth plotting (losses, rewards, KL, ...): key -> (x, y)."""
     keys: dict[str, None] = {}
     for row in log_rows:
         for key, v in row.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and any(h in key.lower() for h in CURVE_HINTS):
+            plottable = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if plottable and any(h in key.lower() for h in CURVE_HINTS):
                 keys.setdefault(key, None)
     out = {}
     for key in list(keys)[:max_series]:
@@ -242,8 +247,8 @@ def fig_curves(name: str, series: dict[str, tuple[np.ndarray, np.ndarray]]) -> s
 # ------------------------------------------------------------------------------------------------
 
 CSS = """
-body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:24px auto;max-width:1180px;color:#222;
- padding:0 16px;line-height:1.45}
+body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:24px auto;max-width:1180px;
+ color:#222;padding:0 16px;line-height:1.45}
 h1{font-size:1.6em;margin-bottom:0.2em}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:1.8em}
 table{border-collapse:collapse;margin:12px 0;font-size:0.88em}th,td{border:1px solid #ddd;padding:4px 8px;
  text-align:right}thead th{background:#f3f5f8}tbody th{text-align:left;background:#fafafa}
@@ -283,16 +288,17 @@ def render_html(report: dict[str, Any], weights: dict[str, torch.Tensor] | None 
     for baseline, lifts in report.get("lift_vs", {}).items():
         parts.append(lifts_table({p: v for p, v in lifts.items() if p != baseline}, flavour, baseline))
     parts += ["<h2>Metrics</h2>",
-              "<p class='meta'>CTR = clicks/impressions, CVR = orders/clicks, OPM and GPM = orders and GMV per "
-              "1000 impressions (expected values on the exposure); replay = NDCG@E against logged labels and "
-              "GAUC of clicks. Flavours: " + "; ".join(FLAVOUR_TITLES.values()) + ".</p>",
+              "<p class='meta'>CTR = clicks/impressions, CVR = orders/clicks, OPM and GPM = orders and GMV "
+              "per 1000 impressions (expected values on the exposure); replay = NDCG@E against logged labels "
+              "and GAUC of clicks. Flavours: " + "; ".join(FLAVOUR_TITLES.values()) + ".</p>",
               metrics_table(report), "<h2>Lifts vs static</h2>"]
     b64 = fig_lifts(report["lift_vs_static"], flavour, colours)
     if b64:
         parts.append(_img(b64, "lift bars with confidence intervals"))
     parts.append("<h2>Trade-off frontier</h2>")
     b64 = fig_frontier(report, colours)
-    parts.append(_img(b64, "CTR-GPM trade-off frontier") if b64 else "<p>Not available (needs ctr, cvr and gmv).</p>")
+    parts.append(_img(b64, "CTR-GPM trade-off frontier") if b64
+                 else "<p>Not available (needs ctr, cvr and gmv).</p>")
 
     parts.append("<h2>Learned weights per segment</h2>")
     if weights and segments and segments[0]:
@@ -320,12 +326,14 @@ def render_html(report: dict[str, Any], weights: dict[str, torch.Tensor] | None 
             drawn += 1
         if c.get("metrics"):
             parts.append(f"<details><summary>{esc(name)} metrics.json</summary><pre>"
-                         f"{esc(json.dumps(c['metrics'], indent=1, sort_keys=True, default=str)[:6000])}</pre></details>")
+                         f"{esc(json.dumps(c['metrics'], indent=1, sort_keys=True, default=str)[:6000])}"
+                         "</pre></details>")
     if not drawn:
         parts.append("<p>No training logs in the model folders.</p>")
 
+    provenance = {"models": report["models"], "features": report.get("features"), "config": report["config"]}
     parts += ["<h2>Models and configuration</h2>",
-              f"<pre>{esc(json.dumps({'models': report['models'], 'features': report.get('features'), 'config': report['config']}, indent=1, sort_keys=True, default=str))}</pre>",
+              f"<pre>{esc(json.dumps(provenance, indent=1, sort_keys=True, default=str))}</pre>",
               "</body></html>"]
     return "\n".join(parts)
 

@@ -37,8 +37,8 @@ T = TypeVar("T")
 
 ENV_VARS = ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 #: S3 error codes worth another attempt (throttling and transient server trouble)
-RETRYABLE_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "RequestTimeTooSkewed",
-                   "OperationAborted", "ThrottlingException"}
+RETRYABLE_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable",
+                   "RequestTimeTooSkewed", "OperationAborted", "ThrottlingException"}
 #: HTTP statuses worth another attempt whatever the body says (429 throttling, 5xx except 501)
 RETRYABLE_STATUS = {429, 500, 502, 503, 504}
 NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"}
@@ -75,7 +75,8 @@ class S3Backend:
         missing = [v for v in ENV_VARS if not os.environ.get(v)]
         if missing:
             raise S3ConfigError(f"s3:// URIs need the environment variables {', '.join(missing)} "
-                                f"(S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; optional AWS_REGION)")
+                                f"(S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; "
+                                f"optional AWS_REGION)")
         try:
             attempts = int(os.environ.get("GRADE_S3_MAX_ATTEMPTS", "5"))
         except ValueError:
@@ -208,7 +209,8 @@ class S3Backend:
 
     def upload_file(self, local_path: str, uri: str) -> None:
         bucket, key = self.split(uri)
-        self._call("upload", uri, lambda: self.client.fput_object(bucket, key, local_path, part_size=PART_SIZE))
+        self._call("upload", uri,
+                   lambda: self.client.fput_object(bucket, key, local_path, part_size=PART_SIZE))
 
     def download_file(self, uri: str, local_path: str, digest: bool = False) -> str | None:
         """Stream into a uniquely named hidden temp file next to ``local_path``, then rename.
@@ -272,7 +274,8 @@ class S3Backend:
             pass
 
     def delete_prefix(self, uri: str) -> None:
-        """Delete every object below the folder ``uri``: one multi-object DELETE per ``DELETE_BATCH`` names."""
+        """Delete every object below the folder ``uri``: one multi-object DELETE per ``DELETE_BATCH``
+        names."""
         bucket, key = self.split(uri)
         prefix = key.rstrip("/") + "/" if key else ""
         names = [prefix + rel for rel in self.list_prefix(uri)]

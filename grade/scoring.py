@@ -3,9 +3,9 @@
 For each request the serving policy (the TorchScript export when present) maps the request's
 user/context features to weights w [K]; each candidate's score is S_i = sum_k w_k z_ik with z the
 standardised log-predictions. Raw values become model inputs through the model's
-:class:`grade.transform.FeatureTransform`, the one feature extraction wrote the training shards with. Work is row-wise and vectorised: the
-request's weights are broadcast to its rows and ranks come from one sort per record batch; lists are
-never padded. Input files are streamed in request-aligned record batches.
+:class:`grade.transform.FeatureTransform`, the one feature extraction wrote the training shards with.
+Work is row-wise and vectorised: the request's weights are broadcast to its rows and ranks come from
+one sort per record batch; lists are never padded. Input files are streamed in request-aligned record batches.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ def score_batch(model: ServingModel, t: pa.Table, keys: np.ndarray, where: str) 
     return pa.table(cols)
 
 
-def score_requests(model_uri: str, requests_uri: str, out_uri: str, batch_rows: int = 262_144) -> dict[str, Any]:
+def score_requests(model_uri: str, requests_uri: str, out_uri: str,
+                   batch_rows: int = 262_144) -> dict[str, Any]:
     """Score every request of ``requests_uri`` (log-format Parquet) and publish the scores to ``out_uri``."""
     model = ServingModel(model_uri)
     files = list_log_files(requests_uri)
@@ -109,14 +110,16 @@ def score_requests(model_uri: str, requests_uri: str, out_uri: str, batch_rows: 
                 for b in aligned_batches(fs, path, i, None, batch_rows):
                     out = score_batch(model, b.table, b.keys, uri)
                     if writer is None:
-                        writer = pq.ParquetWriter(staging / f"part-{i:05d}.parquet", out.schema, compression="zstd")
+                        writer = pq.ParquetWriter(staging / f"part-{i:05d}.parquet", out.schema,
+                                                  compression="zstd")
                     writer.write_table(out)
                     rows += out.num_rows
                     requests += int(np.count_nonzero(np.r_[True, b.keys[1:] != b.keys[:-1]]))
             finally:
                 if writer is not None:
                     writer.close()
-            log.info("score: %s (%d rows so far, %.0f rows/s)", uri, rows, rows / max(time.monotonic() - t0, 1e-9))
+            log.info("score: %s (%d rows so far, %.0f rows/s)", uri, rows,
+                     rows / max(time.monotonic() - t0, 1e-9))
     seconds = time.monotonic() - t0
     return {"out": out_uri, "rows": rows, "requests": requests, "seconds": seconds, "model_kind": model.kind,
             "rows_per_s": rows / max(seconds, 1e-9)}

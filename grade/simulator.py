@@ -39,9 +39,9 @@ Generative model (documented for users in docs/simulator.md):
 
 Ground truth (``true_ctr``, ``true_cvr``, ``price``, ``true_segment``) is written next to the logs for
 evaluation only. No ``propensity`` column: the logging noise is a continuous draw on the weights, and
-a row's examination propensity is theta at its logged ``position``. Rows are generated and written in chunks of requests, each chunk from its own
-seeded generator: memory does not grow with ``n_requests`` and the same config + seed always gives
-the same tables.
+a row's examination propensity is theta at its logged ``position``. Rows are generated and written in
+chunks of requests, each chunk from its own seeded generator: memory does not grow with
+``n_requests`` and the same config + seed always gives the same tables.
 """
 
 from __future__ import annotations
@@ -142,15 +142,17 @@ class SimulatorConfig:
     def validate(self) -> None:
         bad = [o for o in self.objectives if o not in OBJECTIVES]
         if bad or not self.objectives:
-            raise ConfigError(f"simulator.objectives: expected a non-empty list from {list(OBJECTIVES)}, got {self.objectives}")
+            raise ConfigError(f"simulator.objectives: expected a non-empty list from {list(OBJECTIVES)}, "
+                              f"got {self.objectives}")
         if len(set(self.objectives)) != len(self.objectives):
             raise ConfigError(f"simulator.objectives: duplicates in {self.objectives}")
         if len(self.segment_mix) != len(SEGMENTS) or sum(self.segment_mix) <= 0:
-            raise ConfigError(f"simulator.segment_mix: expected {len(SEGMENTS)} non-negative shares, got {self.segment_mix}")
+            raise ConfigError(f"simulator.segment_mix: expected {len(SEGMENTS)} non-negative shares, "
+                              f"got {self.segment_mix}")
         per_cat = self.n_items // self.n_categories
         if self.list_size > per_cat:
-            raise ConfigError(f"simulator: list_size {self.list_size} needs at least that many items per category "
-                              f"(n_items / n_categories = {per_cat})")
+            raise ConfigError(f"simulator: list_size {self.list_size} needs at least that many items per "
+                              f"category (n_items / n_categories = {per_cat})")
         try:
             dt.date.fromisoformat(self.start_date)
         except ValueError:
@@ -181,7 +183,7 @@ def make_world(cfg: SimulatorConfig) -> World:
     per_cat = cfg.n_items // cfg.n_categories
     n_items = per_cat * cfg.n_categories
     category = np.repeat(np.arange(cfg.n_categories), per_cat)
-    cat_mean = rng.normal(3.5, cfg.category_price_sigma, cfg.n_categories)               # log-price level per category
+    cat_mean = rng.normal(3.5, cfg.category_price_sigma, cfg.n_categories)  # log-price level per category
     rel_price = rng.normal(0.0, cfg.price_sigma, n_items)
     log_price = cat_mean[category] + rel_price
     quality = rng.normal(0.0, 1.0, n_items) + 0.3 * rel_price        # pricier items are a bit better
@@ -199,7 +201,8 @@ def make_world(cfg: SimulatorConfig) -> World:
     device = (u[:, None] > np.cumsum(device_p[seg], axis=1)).sum(1)
     region = rng.integers(0, 8, cfg.n_users)
     fav = rng.integers(0, cfg.n_categories, (cfg.n_users, 3))
-    return World(category, log_price, rel_price, quality, appeal, category_items, seg, user_num, device, region, fav)
+    return World(category, log_price, rel_price, quality, appeal, category_items, seg, user_num, device,
+                 region, fav)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -318,7 +321,8 @@ def generate(cfg: SimulatorConfig) -> Iterator[pa.Table]:
 
 
 def write_logs(cfg: SimulatorConfig, out_uri: str) -> dict[str, Any]:
-    """Generate the logs and publish them atomically as ``day=YYYY-MM-DD/part-NNNNN.parquet`` under ``out_uri``."""
+    """Generate the logs and publish them atomically as ``day=YYYY-MM-DD/part-NNNNN.parquet`` under
+    ``out_uri``."""
     t0 = time.monotonic()
     rows = 0
     files = 0
@@ -384,7 +388,8 @@ def _grid(k: int, steps: int) -> torch.Tensor:
 def _value_weights(value) -> tuple[float, float, float]:
     if isinstance(value, str):
         if value not in VALUE_PRESETS:
-            raise ValueError(f"value must be one of {sorted(VALUE_PRESETS)} or (v_click, v_order, v_gmv), got {value!r}")
+            raise ValueError(f"value must be one of {sorted(VALUE_PRESETS)} or (v_click, v_order, v_gmv), "
+                             f"got {value!r}")
         return VALUE_PRESETS[value]
     v = tuple(float(x) for x in value)
     if len(v) != 3:
@@ -439,14 +444,16 @@ def oracle_weights(signals: torch.Tensor, true_ctr: torch.Tensor, true_cvr: torc
     return cand[best], val.gather(1, best[:, None])[:, 0]
 
 
-def _metrics(clicks: torch.Tensor, orders: torch.Tensor, gmv: torch.Tensor, impressions: float) -> dict[str, float]:
+def _metrics(clicks: torch.Tensor, orders: torch.Tensor, gmv: torch.Tensor,
+             impressions: float) -> dict[str, float]:
     c, o, g = float(clicks.sum()), float(orders.sum()), float(gmv.sum())
     return {"ctr": c / impressions, "cvr": o / max(c, 1e-12), "opm": 1000 * o / impressions,
             "gpm": 1000 * g / impressions}
 
 
-def headroom_report(table: pa.Table, objectives: list[str], *, list_size: int, depth: int = 10, eta: float = 1.0,
-                    value="orders", n_candidates: int = 512, seed: int = 0) -> dict[str, Any]:
+def headroom_report(table: pa.Table, objectives: list[str], *, list_size: int, depth: int = 10,
+                    eta: float = 1.0, value="orders", n_candidates: int = 512,
+                    seed: int = 0) -> dict[str, Any]:
     """True CTR/CVR/OPM/GPM of static, the best global vector, per-segment best vectors and the oracle.
 
     ``table``: simulated logs (rows of a request contiguous, ``list_size`` rows per request). Signals are
@@ -473,7 +480,8 @@ def headroom_report(table: pa.Table, objectives: list[str], *, list_size: int, d
     rows = torch.arange(n)
 
     def pick(choice: torch.Tensor) -> dict[str, float]:
-        return _metrics(o["clicks"][rows, choice], o["orders"][rows, choice], o["gmv"][rows, choice], impressions)
+        return _metrics(o["clicks"][rows, choice], o["orders"][rows, choice], o["gmv"][rows, choice],
+                        impressions)
 
     best_global = int(val.mean(0).argmax())
     seg_choice = torch.zeros(n, dtype=torch.long)
@@ -495,18 +503,22 @@ def headroom_report(table: pa.Table, objectives: list[str], *, list_size: int, d
     return {"n_requests": n, "objectives": list(objectives), "value": list(_value_weights(value)),
             "policies": policies, "lift_vs_static": lifts,
             "oracle_opm_vs_best_global": policies["oracle"]["opm"] / policies["best_global"]["opm"] - 1,
-            "segment_best_opm_vs_best_global": policies["segment_best"]["opm"] / policies["best_global"]["opm"] - 1,
-            "weights": {"best_global": [round(x, 4) for x in cand[best_global].tolist()], "segment_best": seg_weights}}
+            "segment_best_opm_vs_best_global":
+                policies["segment_best"]["opm"] / policies["best_global"]["opm"] - 1,
+            "weights": {"best_global": [round(x, 4) for x in cand[best_global].tolist()],
+                        "segment_best": seg_weights}}
 
 
 def format_headroom(rep: dict[str, Any]) -> str:
     lines = [f"Headroom on {rep['n_requests']} simulated requests (true metrics, top-E exposure):",
-             f"{'policy':<14}{'CTR':>9}{'CVR':>9}{'OPM':>9}{'GPM':>10}{'OPM lift':>10}{'GPM lift':>10}{'CTR lift':>10}"]
+             f"{'policy':<14}{'CTR':>9}{'CVR':>9}{'OPM':>9}{'GPM':>10}"
+             f"{'OPM lift':>10}{'GPM lift':>10}{'CTR lift':>10}"]
     for name, m in rep["policies"].items():
         lift = rep["lift_vs_static"][name]
         lines.append(f"{name:<14}{m['ctr']:>9.4f}{m['cvr']:>9.4f}{m['opm']:>9.3f}{m['gpm']:>10.1f}"
                      f"{lift['opm']:>+10.2%}{lift['gpm']:>+10.2%}{lift['ctr']:>+10.2%}")
     lines.append(f"oracle vs best global OPM: {rep['oracle_opm_vs_best_global']:+.2%}; "
                  f"segment-best vs best global OPM: {rep['segment_best_opm_vs_best_global']:+.2%}")
-    lines.append(f"best global weights {rep['weights']['best_global']}; per segment {rep['weights']['segment_best']}")
+    lines.append(f"best global weights {rep['weights']['best_global']}; "
+                 f"per segment {rep['weights']['segment_best']}")
     return "\n".join(lines)

@@ -229,7 +229,8 @@ def _current_manifest(uri: str) -> dict[str, Any]:
         return {"files": {}}
 
 
-def publish_dir(local_dir: str | os.PathLike, uri: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def publish_dir(local_dir: str | os.PathLike, uri: str,
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Publish every file of ``local_dir`` under ``uri``: files first, ``_MANIFEST.json`` last; the manifest.
 
     A file whose name the current manifest uses for other bytes is uploaded beside it (under

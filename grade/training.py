@@ -172,12 +172,12 @@ def load_checkpoint(out_uri: str, fingerprint: dict[str, Any] | None = None) -> 
     folder = store.join(out_uri, CHECKPOINTS, store.read_json(latest_uri)["folder"])
     state = store.read_json(store.join(folder, "state.json"))
     if state.get("format") != CHECKPOINT_FORMAT:
-        log.warning("%s: checkpoint in an old format (expected %s; torch.save checkpoints are no longer read); "
-                    "starting afresh", folder, CHECKPOINT_FORMAT)
+        log.warning("%s: checkpoint in an old format (expected %s; torch.save checkpoints are no longer "
+                    "read); starting afresh", folder, CHECKPOINT_FORMAT)
         return None
     if fingerprint is not None and state["fingerprint"] != fingerprint:
-        log.warning("%s: checkpoint of another run (config, world size or input data differ); starting afresh",
-                    out_uri)
+        log.warning("%s: checkpoint of another run (config, world size or input data differ); "
+                    "starting afresh", out_uri)
         return None
 
     def tensors(name: str) -> dict[str, torch.Tensor]:
@@ -187,7 +187,8 @@ def load_checkpoint(out_uri: str, fingerprint: dict[str, Any] | None = None) -> 
     opt.pop(_EMPTY, None)
     return Checkpoint(state=state, tensors={name: tensors(name) for name in state["tensors"]},
                       optimizer=unflatten_optimizer(opt, state["optimizer"]), rng=tensors("rng")["torch_rng"],
-                      log_lines=store.read_bytes(store.join(folder, "train_log.jsonl")).decode().splitlines(True))
+                      log_lines=store.read_bytes(store.join(folder, "train_log.jsonl")).decode()
+                      .splitlines(True))
 
 
 def restore(ckpt: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -202,9 +203,11 @@ def restore(ckpt: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer
 # ------------------------------------------------------------------------------------------------
 
 def run_config(section: str, fingerprint: dict[str, Any], seed: int, model_config: Any) -> dict[str, Any]:
-    """config.json of a model folder: the trainer's config under ``section``, inputs, seed, world size, model."""
+    """config.json of a model folder: the trainer's config under ``section``, inputs, seed, world size,
+    model."""
     inputs = {k: v for k, v in fingerprint.items() if k != "config"}
-    return {section: fingerprint["config"], **inputs, "seed": seed, "policy": dataclasses.asdict(model_config)}
+    return {section: fingerprint["config"], **inputs, "seed": seed,
+            "policy": dataclasses.asdict(model_config)}
 
 
 def publish_model(out_uri: str, model: nn.Module, spec: dict[str, Any], config: dict[str, Any],

@@ -122,7 +122,8 @@ class FeatureTransform:
         return [len(v) + 1 for v in self.vocabs]
 
     def inputs(self) -> list[InputColumn]:
-        """Every raw column the transform reads: predictions (item level), then u_* and c_* (request level)."""
+        """Every raw column the transform reads: predictions (item level), then u_* and c_* (request
+        level)."""
         return ([InputColumn(c, "float32", "item") for c in self.pred_columns]
                 + [InputColumn(c, "float32", "request") for c in self.numeric]
                 + [InputColumn(c, "int64", "request") for c in self.categorical])
@@ -143,7 +144,8 @@ class FeatureTransform:
         return np.stack([np.asarray(values[c], dtype=np.float32) for c in self.pred_columns], axis=-1)
 
     def num(self, values: Mapping[str, np.ndarray], n: int) -> np.ndarray:
-        """Standardised numeric features [n, U] float32 from request-level columns ``u_*`` of n values each."""
+        """Standardised numeric features [n, U] float32 from request-level columns ``u_*`` of n values
+        each."""
         if not self.numeric:
             return np.zeros((n, 0), np.float32)
         x = np.stack([np.asarray(values[c], dtype=np.float32) for c in self.numeric], axis=1)
@@ -186,5 +188,6 @@ class FeatureTransform:
         got = (policy_cfg.n_objectives, policy_cfg.n_numeric, len(policy_cfg.cat_sizes))
         k, u, c = len(self.objectives), len(self.numeric), len(self.categorical)
         if got != (k, u, c):
-            raise InputError(f"{where}: the policy expects K={got[0]}, {got[1]} numeric and {got[2]} categorical "
-                             f"features; the features have K={k}, {u} numeric and {c} categorical")
+            raise InputError(f"{where}: the policy expects K={got[0]}, {got[1]} numeric and {got[2]} "
+                             f"categorical features; the features have K={k}, {u} numeric and {c} "
+                             f"categorical")

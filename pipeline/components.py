@@ -82,6 +82,22 @@ def features(config_yaml: str, snapshot_date: str, features: Output[Dataset],
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
+def outcome(features: Input[Dataset], config_yaml: str, value_model: Output[Model], metrics: Output[Metrics]):
+    """Value model: the examination curve estimated from the logs and the outcome model on train."""
+    from components.outcome import main
+    from grade import store
+    from pipeline.params import write_step_config
+    from pipeline.step_io import log_metrics_file, run_step
+
+    run_step("outcome", main, ["--features", features.path, "--out", value_model.path,
+                               "--config", write_step_config(config_yaml)])
+    log_metrics_file(metrics, store.join(value_model.path, "metrics.json"))
+    exam = store.read_json(store.join(value_model.path, "examination.json"))
+    value_model.metadata.update({"examination": exam.get("method"), "eta": exam.get("eta"),
+                                 "content_hash": store.content_hash(value_model.path)})
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
 def pretrain(features: Input[Dataset], config_yaml: str, pretrain_epochs: int,
              model: Output[Model], metrics: Output[Metrics], workers: int = 1):
     """Stage 1: LambdaLoss pretraining of the policy mean (data-parallel on ``workers`` processes)."""
@@ -98,10 +114,11 @@ def pretrain(features: Input[Dataset], config_yaml: str, pretrain_epochs: int,
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def finetune(features: Input[Dataset], init: Input[Model], config_yaml: str, finetune_epochs: int,
-             group_size: int, kl_coef: float, model: Output[Model], metrics: Output[Metrics],
-             ablation: str = "", workers: int = 1):
-    """Stage 2: GRPO with adaptive Dirichlet exploration (or one of the ablations), on ``workers`` processes."""
+def finetune(features: Input[Dataset], init: Input[Model], outcome: Input[Model], config_yaml: str,
+             finetune_epochs: int, group_size: int, kl_coef: float, model: Output[Model],
+             metrics: Output[Metrics], ablation: str = "", workers: int = 1):
+    """Stage 2: GRPO with adaptive Dirichlet exploration (or one of the ablations), on ``workers``
+    processes."""
     from components.finetune import main
     from grade import store
     from pipeline.params import write_step_config
@@ -109,15 +126,16 @@ def finetune(features: Input[Dataset], init: Input[Model], config_yaml: str, fin
 
     cfg = write_step_config(config_yaml, {"finetune_epochs": finetune_epochs, "group_size": group_size,
                                           "kl_coef": kl_coef}, ablation=ablation)
-    run_training_step("finetune", main, ["--features", features.path, "--init", init.path, "--out", model.path,
-                                         "--config", cfg], workers)
+    run_training_step("finetune", main, ["--features", features.path, "--init", init.path,
+                                         "--outcome", outcome.path, "--out", model.path, "--config", cfg],
+                      workers)
     log_metrics_file(metrics, store.join(model.path, "metrics.json"))
     model.metadata.update({"stage": ablation or "grade", "content_hash": store.content_hash(model.path)})
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def evaluate(features: Input[Dataset], stage1: Input[Model], grade: Input[Model], config_yaml: str,
-             registry_uri: str, report: Output[Artifact], report_html: Output[HTML],
+def evaluate(features: Input[Dataset], stage1: Input[Model], grade: Input[Model], outcome: Input[Model],
+             config_yaml: str, registry_uri: str, report: Output[Artifact], report_html: Output[HTML],
              metrics: Output[Metrics], summary: Output[Markdown],
              grade_gaussian: Input[Model] | None = None,
              grade_fixed_kappa: Input[Model] | None = None,
@@ -134,7 +152,8 @@ def evaluate(features: Input[Dataset], stage1: Input[Model], grade: Input[Model]
     models = {"stage1": stage1, "grade": grade, "grade_gaussian": grade_gaussian,
               "grade_fixed_kappa": grade_fixed_kappa, "grade_posterior_only": grade_posterior_only,
               "grade_prior_only": grade_prior_only}
-    argv = ["--features", features.path, "--out", report.path, "--config", write_step_config(config_yaml)]
+    argv = ["--features", features.path, "--outcome", outcome.path, "--out", report.path,
+            "--config", write_step_config(config_yaml)]
     for name, artifact in models.items():
         if artifact is not None:
             argv += ["--model", f"{name}={artifact.path}"]

@@ -1,4 +1,9 @@
-"""The ``grade-mtf`` pipeline: [simulate] -> features -> pretrain -> finetune -> evaluate -> promote.
+"""The ``grade-mtf`` pipeline: [simulate] -> features -> outcome -> pretrain -> finetune -> evaluate
+-> promote.
+
+The outcome step fits the value model (examination curve, outcome model) once per features; the
+fine-tunings' reward and every evaluation read that one model (``--outcome``), so they agree on
+what a ranking is worth.
 
 When ``raw_logs_uri`` is empty the logs are simulated, otherwise read from that URI (a folder or
 ``s3://`` prefix of Parquet). Both branches run the same sub-pipeline ``train-evaluate-promote``
@@ -43,6 +48,7 @@ class Resources:
 RESOURCES = {
     "simulate": Resources("1", "2Gi", "2", "4Gi"),
     "features": Resources("1", "4Gi", "2", "8Gi"),
+    "outcome": Resources("1", "4Gi", "2", "8Gi"),
     "pretrain": Resources("2", "4Gi", "4", "8Gi"),
     "finetune": Resources("2", "4Gi", "4", "8Gi"),
     "evaluate": Resources("2", "4Gi", "4", "8Gi"),
@@ -85,20 +91,23 @@ def build_pipeline(gpu: bool = False, s3_secret: str = S3_SECRET, image: str | N
         return task
 
     @dsl.pipeline(name="train-evaluate-promote",
-                  description="Stage 1, Stage 2, offline auction against the incumbent, promotion gate")
+                  description="Value model, Stage 1, Stage 2, offline auction against the incumbent, "
+                              "promotion gate")
     def train_evaluate_promote(features: Input[Dataset], data_uri: str, snapshot_date: str,
                                config_yaml: str, registry_uri: str,
                                pretrain_epochs: int, finetune_epochs: int, group_size: int,
                                kl_coef: float, min_primary_lift: float, run_ablations: bool,
                                pretrain_workers: int, finetune_workers: int):
+        value_model = configure(c.outcome(features=features, config_yaml=config_yaml), "outcome")
+        outcome = value_model.outputs["value_model"]
         stage1 = configure(c.pretrain(features=features, config_yaml=config_yaml,
                                       pretrain_epochs=pretrain_epochs, workers=pretrain_workers), "pretrain")
-        tuning = {"config_yaml": config_yaml, "finetune_epochs": finetune_epochs,
+        tuning = {"config_yaml": config_yaml, "finetune_epochs": finetune_epochs, "outcome": outcome,
                   "group_size": group_size, "kl_coef": kl_coef, "workers": finetune_workers}
         grade = configure(c.finetune(features=features, init=stage1.outputs["model"], **tuning), "finetune")
         evaluation = configure(c.evaluate(features=features, stage1=stage1.outputs["model"],
-                                          grade=grade.outputs["model"], config_yaml=config_yaml,
-                                          registry_uri=registry_uri), "evaluate")
+                                          grade=grade.outputs["model"], outcome=outcome,
+                                          config_yaml=config_yaml, registry_uri=registry_uri), "evaluate")
         configure(c.promote(report=evaluation.outputs["report"], candidate=grade.outputs["model"],
                             registry_uri=registry_uri, config_yaml=config_yaml,
                             min_primary_lift=min_primary_lift, data_uri=data_uri,
@@ -111,7 +120,8 @@ def build_pipeline(gpu: bool = False, s3_secret: str = S3_SECRET, image: str | N
                 for name in params.ABLATIONS
             }
             configure(c.evaluate(features=features, stage1=stage1.outputs["model"],
-                                 grade=grade.outputs["model"], config_yaml=config_yaml, registry_uri="",
+                                 grade=grade.outputs["model"], outcome=outcome, config_yaml=config_yaml,
+                                 registry_uri="",
                                  **{name: t.outputs["model"] for name, t in variants.items()}),
                       "evaluate", "evaluate ablations")
 
@@ -141,11 +151,11 @@ def build_pipeline(gpu: bool = False, s3_secret: str = S3_SECRET, image: str | N
         the data's date (part of every cache key); config_yaml: the whole YAML config; *_workers:
         data-parallel processes of a training step (torchrun in its pod); the rest override the
         config's keys."""
-        downstream = {"snapshot_date": snapshot_date, "config_yaml": config_yaml, "registry_uri": registry_uri,
-                      "pretrain_epochs": pretrain_epochs, "finetune_epochs": finetune_epochs,
-                      "group_size": group_size, "kl_coef": kl_coef, "min_primary_lift": min_primary_lift,
-                      "run_ablations": run_ablations, "pretrain_workers": pretrain_workers,
-                      "finetune_workers": finetune_workers}
+        downstream = {"snapshot_date": snapshot_date, "config_yaml": config_yaml,
+                      "registry_uri": registry_uri, "pretrain_epochs": pretrain_epochs,
+                      "finetune_epochs": finetune_epochs, "group_size": group_size, "kl_coef": kl_coef,
+                      "min_primary_lift": min_primary_lift, "run_ablations": run_ablations,
+                      "pretrain_workers": pretrain_workers, "finetune_workers": finetune_workers}
         with dsl.If(raw_logs_uri == "", name="simulated-logs"):
             logs = configure(c.simulate(config_yaml=config_yaml, n_requests=n_requests, seed=seed,
                                         list_size=list_size, snapshot_date=snapshot_date), "simulate")

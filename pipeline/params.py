@@ -47,7 +47,7 @@ TUNABLES: tuple[Tunable, ...] = (
 )
 
 
-#: The ablations the evaluation can compare with (DESIGN §9): fine-tuning config changes per name.
+#: The ablations the evaluation can compare with (docs/finetune.md): fine-tuning config changes per name.
 ABLATIONS: dict[str, dict[str, Any]] = {
     "grade_gaussian": {"finetune": {"exploration": "gaussian"}},
     "grade_fixed_kappa": {"finetune": {"adaptive_kappa": False}},
@@ -92,8 +92,8 @@ def arguments_from_config(path: str | None) -> dict[str, Any]:
             sections[t.section] = config.load_section(path, t.section)
         value = getattr(sections[t.section], t.key)
         if value is None:
-            raise ConfigError(f"{path}: {t.section}.{t.key} is null, which a pipeline parameter cannot carry; "
-                              f"give a value")
+            raise ConfigError(f"{path}: {t.section}.{t.key} is null, which a pipeline parameter cannot "
+                              f"carry; give a value")
         args[t.name] = value
     return args
 

@@ -20,8 +20,9 @@ S3_ENDPOINT_URL is set (default s3://grade/run-local; the AWS_* credentials come
 environment). On a local store the pipeline simulates its logs itself; on S3 the simulated logs are
 written to STORE/logs/simulated-<config hash> first (once per simulator config) and the pipeline
 reads them from there, like production logs. --logs gives your own logs instead. A second run
-evaluates the new candidate against the production model the first one promoted. At the end, report.json, report.html and blessing.json are copied to DIR and a summary
-(lifts with CIs, promotion verdict) is printed with their paths.
+evaluates the new candidate against the production model the first one promoted. At the end,
+report.json, report.html and blessing.json are copied to DIR and a summary (lifts with CIs,
+promotion verdict) is printed with their paths.
 """
 
 import argparse
@@ -51,14 +52,16 @@ DEFAULT_S3_STORE = "s3://grade/run-local"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline.run_local", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", metavar="YAML", help="config file passed to every step (default: all defaults)")
+    p.add_argument("--config", metavar="YAML",
+                   help="config file passed to every step (default: all defaults)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="where report.json, report.html and blessing.json are copied at the end")
     p.add_argument("--workdir", metavar="DIR",
                    help="pipeline root (artifacts of every run) and the local store (default: DIR/_work)")
     p.add_argument("--store", metavar="URI",
                    help="root of the registry (and, on S3, of the simulated logs): a local folder or "
-                        "s3://bucket/prefix (needs S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY); "
+                        "s3://bucket/prefix (needs S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
+                        "AWS_SECRET_ACCESS_KEY); "
                         f"default: {DEFAULT_S3_STORE} when S3_ENDPOINT_URL is set, else WORKDIR/store")
     p.add_argument("--registry", metavar="URI", help="model registry root (default: STORE/registry)")
     p.add_argument("--logs", default="", metavar="URI",
@@ -180,7 +183,8 @@ def run_pipeline(arguments: dict[str, Any], pipeline_root: Path, *, runner: str 
         warnings.simplefilter("ignore", UserWarning)
         build_pipeline(retries=False, image=image if runner == "docker" else None,
                        backend_schedule_time=False)(**arguments)
-    runs = sorted(p for p in pipeline_root.iterdir() if p.name not in before and p.name.startswith(PIPELINE_NAME))
+    runs = sorted(p for p in pipeline_root.iterdir()
+                  if p.name not in before and p.name.startswith(PIPELINE_NAME))
     if len(runs) != 1:
         raise RuntimeError(f"{pipeline_root}: expected one new run folder, found {[p.name for p in runs]}")
     return runs[0]
@@ -244,7 +248,8 @@ def run_local(config_path: str | None, out: str | Path, *, workdir: str | Path |
     out = Path(out)
     workdir = Path(workdir) if workdir else out / "_work"
     if not store_uri:
-        store_uri = DEFAULT_S3_STORE if os.environ.get("S3_ENDPOINT_URL") else str((workdir / "store").absolute())
+        store_uri = (DEFAULT_S3_STORE if os.environ.get("S3_ENDPOINT_URL")
+                     else str((workdir / "store").absolute()))
     registry = registry or store.join(store_uri, "registry")
     for uri, flag in ((store_uri, "--store"), (registry, "--registry"), (logs, "--logs")):
         _check_s3(uri, flag)
@@ -265,7 +270,8 @@ def run_local(config_path: str | None, out: str | Path, *, workdir: str | Path |
         Path(registry).mkdir(parents=True, exist_ok=True)
     arguments = params.pipeline_arguments(config_path, logs=logs, registry=registry,
                                           snapshot_date=snapshot_date, ablations=ablations,
-                                          pretrain_workers=pretrain_workers, finetune_workers=finetune_workers)
+                                          pretrain_workers=pretrain_workers,
+                                          finetune_workers=finetune_workers)
     arguments.update({"window_days": int(window_days), "schedule_time": schedule_time})
     # A {date} pattern's partitions live in the folder above the pattern's first field.
     logs_root = str(Path(logs.split("{date}")[0]).parent) if "{date}" in logs else logs

@@ -45,8 +45,8 @@ def run_training_step(name: str, main: Callable[[list[str] | None], int | None],
     if workers <= 1:
         run_step(name, main, argv)
         return
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(int(workers)),
-           "-m", f"components.{name}", *argv]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc-per-node", str(int(workers)), "-m", f"components.{name}", *argv]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     rc = subprocess.run(cmd, env=env, check=False).returncode
     if rc != 0:

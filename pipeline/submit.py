@@ -93,7 +93,8 @@ def upload(client: Any, package: Path, pipeline_name: str, description: str = ""
     if pipeline_id is None:
         pipeline = client.upload_pipeline(str(package), pipeline_name=pipeline_name, description=description)
         pipeline_id = pipeline.pipeline_id
-        newest = client.list_pipeline_versions(pipeline_id=pipeline_id, page_size=1, sort_by="created_at desc")
+        newest = client.list_pipeline_versions(pipeline_id=pipeline_id, page_size=1,
+                                               sort_by="created_at desc")
         version_id = newest.pipeline_versions[0].pipeline_version_id
         grade.cli.log.info("uploaded pipeline %s (%s), version %s", pipeline_name, pipeline_id, version_id)
         return pipeline_id, version_id
@@ -129,17 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group()
     what.add_argument("--run", action="store_true", help="start one run after uploading")
     what.add_argument("--schedule", metavar="CRON",
-                      help="create a recurring run with this 6-field cron (seconds first), e.g. '0 0 3 * * *'")
-    p.add_argument("--config", metavar="YAML", help="config file passed to every step (and its tunable values)")
+                      help="create a recurring run with this 6-field cron (seconds first), "
+                           "e.g. '0 0 3 * * *'")
+    p.add_argument("--config", metavar="YAML",
+                   help="config file passed to every step (and its tunable values)")
     p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, metavar="NAME",
-                   help=f"experiment the run belongs to; created when missing (default: {DEFAULT_EXPERIMENT})")
+                   help=f"experiment the run belongs to; created when missing "
+                        f"(default: {DEFAULT_EXPERIMENT})")
     p.add_argument("--pipeline-name", default=PIPELINE_NAME, metavar="NAME",
                    help=f"name of the uploaded pipeline (default: {PIPELINE_NAME})")
     p.add_argument("--package", metavar="FILE",
-                   help="compiled pipeline spec to upload (default: compile now, with --image/--gpu/--s3-secret)")
+                   help="compiled pipeline spec to upload "
+                        "(default: compile now, with --image/--gpu/--s3-secret)")
     p.add_argument("--image", metavar="IMAGE", help="component image when compiling (see pipeline.compile)")
     p.add_argument("--gpu", action="store_true", help="compile with one GPU per training step")
-    p.add_argument("--s3-secret", metavar="NAME", help="Kubernetes Secret with the S3 endpoint and credentials")
+    p.add_argument("--s3-secret", metavar="NAME",
+                   help="Kubernetes Secret with the S3 endpoint and credentials")
     p.add_argument("--namespace", metavar="NS", help="Kubernetes namespace (multi-user deployments)")
     p.add_argument("--logs", default="", metavar="URI",
                    help="raw Parquet logs, e.g. s3://grade/logs/2026-01-01 (default: simulate)")
@@ -166,7 +172,8 @@ def submit(args: argparse.Namespace, client: Any | None = None) -> dict[str, Any
         validate_cron(args.schedule)
     if args.config and not Path(args.config).is_file():
         raise InputError(f"{args.config}: config file not found")
-    snapshot = args.snapshot_date or ("" if args.schedule else dt.datetime.now(dt.timezone.utc).date().isoformat())
+    today = dt.datetime.now(dt.timezone.utc).date().isoformat()
+    snapshot = args.snapshot_date or ("" if args.schedule else today)
     if snapshot and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", snapshot):
         raise InputError(f"--snapshot-date {snapshot!r}: expected YYYY-MM-DD")
     arguments = params.pipeline_arguments(args.config, logs=args.logs, registry=args.registry,

@@ -44,7 +44,8 @@ def test_true_and_prior_sums_by_hand():
 
     table = auction.SumsTable(shared)
     table.add_policy("a", s)
-    table.add_policy("b", auction.policy_sums(data, ["ctr", "cvr"], weights=torch.tensor([0.0, 1.0]), depth=2))
+    table.add_policy("b", auction.policy_sums(data, ["ctr", "cvr"], weights=torch.tensor([0.0, 1.0]),
+                                              depth=2))
     values = auction.metric_values(table, table.matrix().sum(0))
     a, b = values["a"]["true"], values["b"]["true"]
     assert a["ctr"] == pytest.approx(0.2 / 1.5)
@@ -116,7 +117,8 @@ def _random_requests(n: int, seed: int) -> dict[str, torch.Tensor]:
     return {
         "z": torch.randn(n, length, k, generator=g), "mask": mask,
         "pred": torch.rand(n, length, k, generator=g) + 0.01,
-        "true_ctr": torch.rand(n, length, generator=g) * 0.2, "true_cvr": torch.rand(n, length, generator=g) * 0.1,
+        "true_ctr": torch.rand(n, length, generator=g) * 0.2,
+        "true_cvr": torch.rand(n, length, generator=g) * 0.1,
         "price": torch.rand(n, length, generator=g) * 100,
         "click": (torch.rand(n, length, generator=g) < 0.2).float() * mask,
         "order": (torch.rand(n, length, generator=g) < 0.05).float() * mask,
@@ -132,7 +134,8 @@ def test_identical_policies_have_zero_lift_and_a_ci_containing_zero():
     table.add_policy("static", auction.policy_sums(data, objectives, weights=w, depth=5))
     # Same ranking from a differently scaled, per-request weight tensor.
     table.add_policy("twin", auction.policy_sums(data, objectives, weights=(3 * w).expand(400, 3), depth=5))
-    table.add_policy("other", auction.policy_sums(data, objectives, weights=torch.tensor([0.8, 0.1, 0.1]), depth=5))
+    table.add_policy("other", auction.policy_sums(data, objectives, weights=torch.tensor([0.8, 0.1, 0.1]),
+                                                  depth=5))
     res = auction.compare(table, ["static"], n_resamples=300, seed=1)
     for flavour in ("true", "prior", "replay"):
         for metric, v in res["lifts"]["static"]["twin"][flavour].items():
@@ -146,13 +149,15 @@ def test_identical_policies_have_zero_lift_and_a_ci_containing_zero():
 def test_segment_rows_restrict_the_comparison():
     data = _random_requests(300, 2)
     table = auction.SumsTable(auction.shared_sums(data, 5, 1.0))
-    table.add_policy("static", auction.policy_sums(data, ["ctr", "cvr", "gmv"], weights=torch.ones(3) / 3, depth=5))
+    table.add_policy("static", auction.policy_sums(data, ["ctr", "cvr", "gmv"], weights=torch.ones(3) / 3,
+                                                   depth=5))
     rows = torch.arange(300) < 100
     res = auction.compare(table, ["static"], n_resamples=50, rows=rows)
     assert res["n_requests"] == 100
     sub = auction.policy_sums({k: v[:100] for k, v in data.items()}, ["ctr", "cvr", "gmv"],
                               weights=torch.ones(3) / 3, depth=5)
-    expected = sub["true.clicks"].sum() / auction.shared_sums({"mask": data["mask"][:100]}, 5, 1.0)["impressions"].sum()
+    impressions = auction.shared_sums({"mask": data["mask"][:100]}, 5, 1.0)["impressions"]
+    expected = sub["true.clicks"].sum() / impressions.sum()
     assert res["policies"]["static"]["true"]["ctr"] == pytest.approx(expected.item())
 
 

@@ -49,7 +49,8 @@ def test_empty_file_and_no_file_give_defaults(tmp_path):
 
 
 def test_values_nested_and_overrides(tmp_path):
-    path = write(tmp_path, "demo:\n  n: 5\n  flag: true\n  inner:\n    a: 2\n    names: [p, q]\n  maybe: 0.5\n")
+    path = write(tmp_path, "demo:\n  n: 5\n  flag: true\n  inner:\n    a: 2\n    names: [p, q]\n"
+                           "  maybe: 0.5\n")
     cfg = config.load_section(path, "demo", {"n": 9, "mode": None})
     assert cfg.n == 9 and cfg.flag is True and cfg.mode == "fast"
     assert cfg.inner == Inner(a=2.0, names=["p", "q"]) and isinstance(cfg.inner.a, float)

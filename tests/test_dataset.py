@@ -63,7 +63,8 @@ def test_iter_batches_in_order_equals_load_split(features):
     assert [len(b["request_id"]) for b in batches] == [10] * 7 + [3]
     for name in whole:
         assert torch.equal(torch.cat([b[name] for b in batches]), whole[name])
-    assert [len(b["request_id"]) for b in dataset.iter_batches(features, "train", 10, drop_last=True)] == [10] * 7
+    batches = dataset.iter_batches(features, "train", 10, drop_last=True)
+    assert [len(b["request_id"]) for b in batches] == [10] * 7
 
 
 @pytest.mark.parametrize("shuffle", [False, True])

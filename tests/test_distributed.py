@@ -46,7 +46,6 @@ def test_single_process_helpers_are_identities():
     assert distributed.gather_rows(t) is t
     assert distributed.all_sum(t) is t
     assert distributed.local_rows(5).tolist() == [0, 1, 2, 3, 4]
-    assert distributed.main_first(lambda: 7) == 7
     model = torch.nn.Linear(2, 1)
     model(t).sum().backward()
     before = model.weight.grad.clone()
@@ -107,7 +106,8 @@ def test_valid_pair_counts_by_hand():
     # order: request 0 has 2 positives over 1 negative = 2 pairs; request 1: none
     assert valid_pair_counts(scores, batch, cfg) == {"click": 3.0, "order": 2.0}
     # truncation at k=2 keeps the predicted top 2 only: request 0 items 0,1 (1 pair), request 1 items 1,0 (1)
-    assert valid_pair_counts(scores, batch, PretrainConfig(objective_weights={"click": 1.0}, k=2)) == {"click": 2.0}
+    assert valid_pair_counts(scores, batch,
+                             PretrainConfig(objective_weights={"click": 1.0}, k=2)) == {"click": 2.0}
     # ndcgLoss1 counts every pair of real items (with itself): 3^2 + 2^2
     one = PretrainConfig(objective_weights={"click": 1.0}, weighing_scheme="ndcgLoss1")
     assert valid_pair_counts(scores, batch, one) == {"click": 13.0}
@@ -201,7 +201,8 @@ def test_torchrun_two_processes_match_one(features, tmp_path):
     for e1, e2 in zip(m1["epochs"][1:], m2["epochs"][1:], strict=True):
         assert e2["train_loss"] == pytest.approx(e1["train_loss"], rel=1e-4)   # the global batch's loss
     # only rank 0 wrote: one checkpoint set, one published folder, no stray staging folders
-    assert sorted(p.name for p in (two / "_checkpoints").iterdir()) == ["epoch-0001", "epoch-0002", "latest.json"]
+    assert sorted(p.name for p in (two / "_checkpoints").iterdir()) == ["epoch-0001", "epoch-0002",
+                                                                        "latest.json"]
 
     # resume in distributed mode: both ranks continue from the epoch-1 checkpoint to the same weights
     resumed = tmp_path / "pre2r"
@@ -223,7 +224,8 @@ def test_torchrun_two_processes_match_one(features, tmp_path):
     stage1 = load_file(one / "policy.safetensors")
     assert _max_diff(p1, stage1) > 100 * WEIGHT_TOLERANCE
     assert _max_diff(p1, p2) < WEIGHT_TOLERANCE
-    log1, log2 = ([json.loads(line) for line in (d / "train_log.jsonl").read_text().splitlines()] for d in (f1, f2))
+    log1, log2 = ([json.loads(line) for line in (d / "train_log.jsonl").read_text().splitlines()]
+                  for d in (f1, f2))
     assert len(log1) == len(log2) == 8   # 2 epochs x floor(280 train requests / 64)
     # the first step's gradient is computed from the same samples on the same weights
     assert log2[0]["grad/norm"] == pytest.approx(log1[0]["grad/norm"], rel=1e-5)

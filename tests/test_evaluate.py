@@ -1,4 +1,5 @@
-"""End to end evaluation on a small synthetic features folder built by the contract in docs/architecture.md."""
+"""End to end evaluation on a small synthetic features folder built by the contract in
+docs/architecture.md."""
 
 from __future__ import annotations
 
@@ -31,8 +32,10 @@ def _requests(n: int, length: int, gen: torch.Generator, truth: bool) -> dict[st
     true_ctr = torch.sigmoid(-2.5 + 0.8 * quality - sensitivity * (price.log() - 3.0))
     true_cvr = torch.sigmoid(-2.0 + 0.5 * quality - 1.5 * sensitivity * (price.log() - 3.0))
     # The MTL model misses the per-segment price sensitivity (global average 0.6).
-    pred_ctr = torch.sigmoid(-2.5 + 0.8 * quality - 0.6 * (price.log() - 3.0) + 0.2 * torch.randn(n, length, generator=gen))
-    pred_cvr = torch.sigmoid(-2.0 + 0.5 * quality - 0.9 * (price.log() - 3.0) + 0.2 * torch.randn(n, length, generator=gen))
+    pred_ctr = torch.sigmoid(-2.5 + 0.8 * quality - 0.6 * (price.log() - 3.0)
+                             + 0.2 * torch.randn(n, length, generator=gen))
+    pred_cvr = torch.sigmoid(-2.0 + 0.5 * quality - 0.9 * (price.log() - 3.0)
+                             + 0.2 * torch.randn(n, length, generator=gen))
     pred = torch.stack([pred_ctr, pred_cvr, price], -1) * mask.unsqueeze(-1)
     # Logged order: static ranking (product of predictions) with noise; clicks under position bias.
     logged_score = (pred.clamp_min(1e-12).log().sum(-1) + 0.5 * torch.randn(n, length, generator=gen))
@@ -45,7 +48,8 @@ def _requests(n: int, length: int, gen: torch.Generator, truth: bool) -> dict[st
     out = {
         "pred": pred.float(), "mask": mask, "click": click, "order": buy, "gmv": buy * price * mask,
         "position": position.long(),
-        "num": torch.stack([sensitivity[:, 0] + 0.1 * torch.randn(n, generator=gen), torch.randn(n, generator=gen)], -1),
+        "num": torch.stack([sensitivity[:, 0] + 0.1 * torch.randn(n, generator=gen),
+                            torch.randn(n, generator=gen)], -1),
         "cat": torch.stack([segment + 1, torch.randint(0, 3, (n,), generator=gen)], -1).long(),
         "event_time": torch.arange(n, dtype=torch.int64), "request_id": torch.arange(n, dtype=torch.int64),
     }
@@ -66,7 +70,8 @@ def make_features(root: Path, n_train: int = 600, n_test: int = 500, length: int
     logp = train["pred"].clamp_min(1e-12).log()[train["mask"]]
     m, s = logp.mean(0), logp.std(0)
     spec = {"objectives": OBJECTIVES, "pred_log_mean": m.tolist(), "pred_log_std": s.tolist(),
-            "numeric": [{"name": "u_sensitivity", "mean": 0.0, "std": 1.0}, {"name": "u_noise", "mean": 0.0, "std": 1.0}],
+            "numeric": [{"name": "u_sensitivity", "mean": 0.0, "std": 1.0},
+                        {"name": "u_noise", "mean": 0.0, "std": 1.0}],
             "categorical": [{"name": "c_segment_hint", "vocab": [10, 20, 30], "size": 4},
                             {"name": "c_device", "vocab": [0, 1], "size": 3}],
             "list_size": length, "splits": {},
@@ -75,7 +80,8 @@ def make_features(root: Path, n_train: int = 600, n_test: int = 500, length: int
         for name, t in splits.items():
             t["z"] = (((t["pred"].clamp_min(1e-12).log() - m) / s) * t["mask"].unsqueeze(-1)).float()
             (staging / name).mkdir()
-            save_file({k: v.contiguous() for k, v in t.items()}, str(staging / name / "part-00000.safetensors"))
+            save_file({k: v.contiguous() for k, v in t.items()},
+                      str(staging / name / "part-00000.safetensors"))
             spec["splits"][name] = {"n_requests": int(t["mask"].shape[0]), "n_rows": int(t["mask"].sum()),
                                     "shards": [f"{name}/part-00000.safetensors"],
                                     "shard_requests": [int(t["mask"].shape[0])], "time_min": 0, "time_max": 1}
@@ -140,7 +146,8 @@ def test_report_shape_and_outputs(evaluated):
     assert vs_best["lift"] == pytest.approx(p["grade"]["true"]["opm"] / p["best_static"]["true"]["opm"] - 1)
     assert vs_best["ci_low"] <= vs_best["lift"] <= vs_best["ci_high"]
     assert on_disk["comparisons"]["grade"]["opm_lift_vs_best_static"] == vs_best
-    assert "best_static higher (" in format_table(on_disk) or "best_static NOT higher (" in format_table(on_disk)
+    table = format_table(on_disk)
+    assert "best_static higher (" in table or "best_static NOT higher (" in table
     seg = on_disk["segments"]
     assert seg["feature"] == "segment" and set(seg["by_segment"]) == {"0", "1", "2"}
     assert sum(v["n_requests"] for v in seg["by_segment"].values()) == 500
@@ -152,7 +159,8 @@ def test_report_shape_and_outputs(evaluated):
 def test_kfp_metrics_format(evaluated):
     _, _, out, report = evaluated
     metrics = store.read_json(store.join(out, "metrics.json"))["metrics"]
-    assert metrics and all(set(m) == {"name", "numberValue", "format"} and m["format"] == "RAW" for m in metrics)
+    assert metrics and all(set(m) == {"name", "numberValue", "format"} and m["format"] == "RAW"
+                           for m in metrics)
     by = {m["name"]: m["numberValue"] for m in metrics}
     assert by["grade-lift-opm"] == pytest.approx(report["lift_vs_static"]["grade"]["true"]["opm"]["lift"])
     assert by["static-true-ctr"] == pytest.approx(report["policies"]["static"]["true"]["ctr"])
@@ -240,7 +248,8 @@ def test_bad_inputs_raise_input_errors(tmp_path, evaluated):
     with pytest.raises(InputError, match="split"):
         run_evaluation(features, {}, str(tmp_path / "o3"), small_config(split="nope"))
     with pytest.raises(InputError, match="not a policy folder"):
-        run_evaluation(features, {"m": str(tmp_path)}, str(tmp_path / "o4"), small_config(static_search_iterations=0))
+        run_evaluation(features, {"m": str(tmp_path)}, str(tmp_path / "o4"),
+                       small_config(static_search_iterations=0))
     assert not store.is_published(str(tmp_path / "o4"))
 
 
@@ -249,8 +258,8 @@ def test_component_cli(evaluated, tmp_path, capsys):
 
     features, model, _, _ = evaluated
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("evaluate:\n  bootstrap_samples: 50\n  static_search_iterations: 1\n  static_search_population: 4\n"
-                   "  oracle_candidates: 8\n  frontier_steps: 3\n")
+    cfg.write_text("evaluate:\n  bootstrap_samples: 50\n  static_search_iterations: 1\n"
+                   "  static_search_population: 4\n  oracle_candidates: 8\n  frontier_steps: 3\n")
     out = str(tmp_path / "cli")
     assert evaluate.main(["--features", features, "--model", f"grade={model}", "--out", out,
                           "--config", str(cfg)]) == 0
@@ -297,8 +306,10 @@ def test_publishes_to_s3(evaluated, s3_env):
 def test_comparisons_by_hand():
     from grade.evaluation import comparisons, headroom_shares
 
-    policies = {"static": {"true": {"opm": 10.0, "gpm": 100.0}}, "best_static": {"true": {"opm": 11.0, "gpm": 90.0}},
-                "grade": {"true": {"opm": 12.0, "gpm": 120.0}}, "oracle": {"true": {"opm": 20.0, "gpm": 110.0}}}
+    policies = {"static": {"true": {"opm": 10.0, "gpm": 100.0}},
+                "best_static": {"true": {"opm": 11.0, "gpm": 90.0}},
+                "grade": {"true": {"opm": 12.0, "gpm": 120.0}},
+                "oracle": {"true": {"opm": 20.0, "gpm": 110.0}}}
     c = comparisons(policies, "true", ["grade"])
     assert c["grade"] == {"beats_static": True, "beats_best_static": True}
     lift = {"lift": 0.09, "ci_low": 0.02, "ci_high": 0.15}

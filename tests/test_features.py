@@ -168,7 +168,8 @@ def test_time_split_keeps_requests_whole_and_train_in_the_past(tmp_path):
     spec = extract_features(str(logs), str(out), FeaturesConfig(shard_requests=8))
     parts = {s: shards(out, s) for s in ("train", "valid", "test")}
     ids = {s: set(p["request_id"].tolist()) for s, p in parts.items()}
-    assert not (ids["train"] & ids["valid"]) and not (ids["train"] & ids["test"]) and not (ids["valid"] & ids["test"])
+    assert not (ids["train"] & ids["valid"]) and not (ids["train"] & ids["test"])
+    assert not (ids["valid"] & ids["test"])
     assert ids["train"] | ids["valid"] | ids["test"] == set(df.request_id.unique().tolist())
     t = {s: p["event_time"] for s, p in parts.items()}
     assert t["train"].max() < t["valid"].min() <= t["valid"].max() < t["test"].min()
@@ -229,7 +230,8 @@ def test_hash_strings_matches_the_formula_on_sliced_and_empty_strings():
     got = hash_strings(arr)
     assert got.tolist() == [_reference_hash(s) for s in ["a", "abc", "ünïcode", "x" * 100, "a"]]
     assert hash_strings(pa.array([""])).tolist() == [_reference_hash("")]
-    assert hash_strings(pa.chunked_array([["ab"], ["cd"]])).tolist() == [_reference_hash("ab"), _reference_hash("cd")]
+    assert hash_strings(pa.chunked_array([["ab"], ["cd"]])).tolist() == [_reference_hash("ab"),
+                                                                         _reference_hash("cd")]
 
 
 def test_objective_order_and_oov_encoding():

@@ -19,9 +19,9 @@ from grade.policy import PolicyConfig, PolicyNet, load_policy, save_policy
 from grade.reward import RewardConfig
 from tests.test_evaluate import make_features
 
-DIAGNOSTICS = ("reward/total", "reward/post", "reward/prior", "reward/format", "adv/std", "loss/policy", "loss/kl",
-               "grpo/clip_frac", "grpo/ratio_mean", "policy/entropy", "policy/kappa_mean", "policy/kappa_min",
-               "policy/kappa_max", "grpo/zero_var_groups", "grad/norm")
+DIAGNOSTICS = ("reward/total", "reward/post", "reward/prior", "reward/format", "adv/std", "loss/policy",
+               "loss/kl", "grpo/clip_frac", "grpo/ratio_mean", "policy/entropy", "policy/kappa_mean",
+               "policy/kappa_min", "policy/kappa_max", "grpo/zero_var_groups", "grad/norm")
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,8 @@ def test_publishes_a_model_folder_like_stage1(trained, features):
     assert store.exists(store.join(out, "_checkpoints", "latest.json"))
     cfg = json.loads(Path(out, "config.json").read_text())
     assert cfg["finetune"]["group_size"] == 8 and cfg["finetune"]["reward"]["post"] == 1.0
-    assert json.loads(Path(out, "metrics.json").read_text())["steps"] == metrics["steps"] == 18  # 2 x floor(1200/128): the short last batch is dropped
+    # 2 x floor(1200/128): the short last batch is dropped
+    assert json.loads(Path(out, "metrics.json").read_text())["steps"] == metrics["steps"] == 18
     model = load_policy(out)
     assert model.cfg.n_objectives == 3
 
@@ -94,7 +95,8 @@ def test_validation_curve_with_true_prior_and_replay_metrics(trained):
     steps = [p["step"] for p in metrics["curve"]]
     assert steps == [0, 5, 10, 15, 18]
     for p in metrics["curve"]:
-        for key in ("true/opm", "true/gpm", "true/ctr", "prior/gpm", "replay/ndcg_order", "policy/weight_entropy"):
+        for key in ("true/opm", "true/gpm", "true/ctr", "prior/gpm", "replay/ndcg_order",
+                    "policy/weight_entropy"):
             assert math.isfinite(p[key])
     # Step 0 is Stage 1 itself; the lifts compare the final policy with it.
     assert metrics["curve"][0]["true/opm"] == metrics["stage1"]["true/opm"]
@@ -103,7 +105,8 @@ def test_validation_curve_with_true_prior_and_replay_metrics(trained):
 
 
 def test_finetuning_raises_the_training_reward_of_the_mean_weights(trained):
-    """On data where the best weights differ by segment, the policy mean earns more reward than Stage 1 on valid."""
+    """On data where the best weights differ by segment, the policy mean earns more reward than Stage 1
+    on valid."""
     _, metrics = trained
     first, last = metrics["curve"][0], metrics["curve"][-1]
     assert last["reward/total"] > first["reward/total"]
@@ -143,8 +146,8 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(features, stag
     steps = json.loads(Path(out, "metrics.json").read_text())["steps"]
     folders = sorted(p.name for p in Path(resumed, "_checkpoints").iterdir() if p.is_dir())
     assert len(folders) == 2 and folders[-1] == f"step-{steps:06d}"
-    assert {p.suffix for p in Path(resumed, "_checkpoints", folders[-1]).iterdir()} == {".safetensors", ".json",
-                                                                                       ".jsonl"}
+    suffixes = {p.suffix for p in Path(resumed, "_checkpoints", folders[-1]).iterdir()}
+    assert suffixes == {".safetensors", ".json", ".jsonl"}
 
 
 def test_checkpoint_of_the_old_torch_save_format_is_refused(features, stage1, tmp_path, caplog):
@@ -166,7 +169,8 @@ def test_checkpoint_of_another_config_is_not_resumed(features, stage1, tmp_path)
     out = str(tmp_path / "m")
     finetune(features, stage1, out, small_cfg(max_steps=4))
     metrics = finetune(features, stage1, out, small_cfg(max_steps=4, lr=1e-3))
-    assert metrics["steps"] == 4 and json.loads(Path(out, "config.json").read_text())["finetune"]["lr"] == 1e-3
+    assert metrics["steps"] == 4
+    assert json.loads(Path(out, "config.json").read_text())["finetune"]["lr"] == 1e-3
 
 
 @pytest.mark.parametrize("kw", [{"adaptive_kappa": False, "fixed_kappa": 80.0}, {"exploration": "gaussian"}])
@@ -214,8 +218,8 @@ def test_cli_overrides_nested_reward_keys_and_bad_input_exits_2(features, stage1
     cfg_file.write_text("finetune:\n  reward:\n    prior: 0.5\n    entropy_floor: 0.4\n  batch_size: 256\n")
     out = str(tmp_path / "m")
     rc = grade.cli.run(finetune_cli.main, ["--features", features, "--init", stage1, "--out", out,
-                                           "--config", str(cfg_file), "--reward-post", "0", "--max-steps", "2",
-                                           "--group-size", "4"])
+                                           "--config", str(cfg_file), "--reward-post", "0",
+                                           "--max-steps", "2", "--group-size", "4"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 2 and "true/opm" in summary["lift_vs_stage1"]
@@ -228,7 +232,8 @@ def test_cli_overrides_nested_reward_keys_and_bad_input_exits_2(features, stage1
     assert grade.cli.run(finetune_cli.main, ["--features", features, "--init", stage1, "--out", out,
                                              "--config", str(bad)]) == 2
     assert "lambda_post" in capsys.readouterr().err
-    assert grade.cli.run(finetune_cli.main, ["--features", features, "--init", str(tmp_path), "--out", out]) == 2
+    assert grade.cli.run(finetune_cli.main,
+                         ["--features", features, "--init", str(tmp_path), "--out", out]) == 2
     assert grade.cli.run(finetune_cli.main, ["--features", features, "--init", stage1, "--out", out,
                                              "--clip", "2"]) == 2
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from grade.fusion import dcg_discounts, examination, fuse, gather_items, ndcg_at, ranks, top_e
+from grade.fusion import dcg_discounts, examination, fuse, gather_items, ndcg_at, top_e
 
 
 def test_fuse_by_hand_with_padding():
@@ -48,10 +48,6 @@ def test_top_e_ties_by_lower_index_and_padding_last():
     s = torch.tensor([[1.0, 3.0, 3.0, float("-inf"), 2.0, 3.0]])
     assert top_e(s, 4).tolist() == [[1, 2, 5, 4]]
     assert top_e(s, 100).tolist() == [[1, 2, 5, 4, 0, 3]]       # e > L is clipped to L
-    assert ranks(s).tolist() == [[4, 0, 1, 5, 3, 2]]
-    # ranks inverts the top-E order
-    order = top_e(s, 6)
-    assert torch.equal(torch.gather(ranks(s), 1, order), torch.arange(6).unsqueeze(0))
 
 
 def test_gather_items_all_shapes():
@@ -62,7 +58,8 @@ def test_gather_items_all_shapes():
     assert gather_items(xk, idx)[..., 1].tolist() == [[-12.0, -10.0], [-21.0, -22.0]]
     gidx = torch.tensor([[[0, 1], [2, 1]], [[2, 2], [0, 0]]])      # [B, G, E]
     assert gather_items(x, gidx).tolist() == [[[10.0, 11.0], [12.0, 11.0]], [[22.0, 22.0], [20.0, 20.0]]]
-    assert gather_items(xk, gidx)[..., 1].tolist() == [[[-10.0, -11.0], [-12.0, -11.0]], [[-22.0, -22.0], [-20.0, -20.0]]]
+    assert gather_items(xk, gidx)[..., 1].tolist() == [[[-10.0, -11.0], [-12.0, -11.0]],
+                                                       [[-22.0, -22.0], [-20.0, -20.0]]]
     with pytest.raises(ValueError):
         gather_items(x, torch.zeros(2, dtype=torch.long))
 

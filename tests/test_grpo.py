@@ -40,8 +40,9 @@ def make_batch(b: int = 32, length: int = 10, seed: int = 0) -> dict[str, torch.
     gen = torch.Generator().manual_seed(seed)
     mask = torch.arange(length).unsqueeze(0) < torch.randint(2, length + 1, (b, 1), generator=gen)
     pred = torch.rand(b, length, 3, generator=gen) * torch.tensor([0.3, 0.3, 50.0]) + 1e-3
-    return {"z": torch.randn(b, length, 3, generator=gen) * mask.unsqueeze(-1), "pred": pred * mask.unsqueeze(-1),
-            "mask": mask, "num": torch.randn(b, 3, generator=gen), "cat": torch.randint(0, 4, (b, 1), generator=gen),
+    return {"z": torch.randn(b, length, 3, generator=gen) * mask.unsqueeze(-1),
+            "pred": pred * mask.unsqueeze(-1), "mask": mask, "num": torch.randn(b, 3, generator=gen),
+            "cat": torch.randint(0, 4, (b, 1), generator=gen),
             "click": (torch.rand(b, length, generator=gen) < 0.3).float() * mask,
             "order": (torch.rand(b, length, generator=gen) < 0.1).float() * mask,
             "gmv": torch.zeros(b, length)}
@@ -207,11 +208,13 @@ def policy_output_of(dist):
 def _grads(policy: PolicyNet, cfg: FinetuneConfig) -> dict[str, float]:
     batch = make_batch()
     roll = rollout(policy, batch["num"], batch["cat"], cfg, seed=0)
-    ref = policy_output(clone(make_policy(seed=5), fixed_kappa=policy.cfg.fixed_kappa), batch["num"], batch["cat"], cfg)
+    ref = policy_output(clone(make_policy(seed=5), fixed_kappa=policy.cfg.fixed_kappa), batch["num"],
+                        batch["cat"], cfg)
     adv = torch.randn(roll.log_prob_old.shape, generator=torch.Generator().manual_seed(0))
     loss, _ = grpo_loss(policy, ref, batch["num"], batch["cat"], roll, adv, cfg)
     loss.backward()
-    return {name: 0.0 if p.grad is None else float(p.grad.abs().sum()) for name, p in policy.named_parameters()}
+    return {name: 0.0 if p.grad is None else float(p.grad.abs().sum())
+            for name, p in policy.named_parameters()}
 
 
 def test_gradients_reach_both_the_mu_and_kappa_heads():

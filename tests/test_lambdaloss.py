@@ -16,7 +16,9 @@ INV_D = [1.0, 1 / math.log2(3), 0.5]           # 1/D_r for ranks 1, 2, 3 (D_r = 
 
 
 def reference_batch():
-    """The batch of ENGINEERING_NOTES.md ("LambdaLoss reference"); padding as label -1."""
+    """allRank 1.4.3's reference batch: seed 0, labels randint(0, 3, (4, 10)) with the tails of rows
+    1 and 3 padded (label -1), scores randn(4, 10). The expected values below are allRank's
+    ``lambdaLoss(..., reduction="sum")`` on it."""
     torch.manual_seed(0)
     y_true = torch.randint(0, 3, (4, 10)).float()
     y_true[1, 7:] = -1
@@ -81,14 +83,18 @@ def test_three_items_lambdarank_and_ndcgloss2_by_hand():
     delta1, delta2 = INV_D[0] - INV_D[1], INV_D[1] - INV_D[2]            # delta for |i-j| = 1, 2
     ndcg2 = (delta1 * 3 / m * LOG2_1P_EXP_P1 + delta1 * 2 / m * LOG2_1P_EXP_M1
              + delta2 * 1 / m * LOG2_1P_EXP_P2)
-    assert lambda_loss(s, y, weighing_scheme="lambdaRank", reduction="sum").item() == pytest.approx(lambda_rank, rel=1e-6)
-    assert lambda_loss(s, y, weighing_scheme="ndcgLoss2", reduction="sum").item() == pytest.approx(ndcg2, rel=1e-6)
+    assert lambda_loss(s, y, weighing_scheme="lambdaRank", reduction="sum").item() == pytest.approx(
+        lambda_rank, rel=1e-6)
+    assert lambda_loss(s, y, weighing_scheme="ndcgLoss2", reduction="sum").item() == pytest.approx(
+        ndcg2, rel=1e-6)
     assert lambda_loss(s, y, weighing_scheme="ndcgLoss2PP", mu=3.0, reduction="sum").item() == pytest.approx(
         3.0 * ndcg2 + lambda_rank, rel=1e-6)
     rank_net = LOG2_1P_EXP_P1 + LOG2_1P_EXP_M1 + LOG2_1P_EXP_P2
-    assert lambda_loss(s, y, weighing_scheme="rankNet", reduction="sum").item() == pytest.approx(rank_net, rel=1e-6)
+    assert lambda_loss(s, y, weighing_scheme="rankNet", reduction="sum").item() == pytest.approx(
+        rank_net, rel=1e-6)
     # mean over the 3 valid pairs
-    assert lambda_loss(s, y, weighing_scheme="rankNet", reduction="mean").item() == pytest.approx(rank_net / 3, rel=1e-6)
+    assert lambda_loss(s, y, weighing_scheme="rankNet", reduction="mean").item() == pytest.approx(
+        rank_net / 3, rel=1e-6)
 
 
 def test_three_items_ndcgloss1_by_hand():
@@ -120,7 +126,8 @@ def test_k_truncation_by_hand():
     assert lambda_loss(s, y, weighing_scheme="lambdaRank", k=1, reduction="sum").item() == 0.0
     assert lambda_loss(s, y, weighing_scheme="lambdaRank", k=1, reduction="mean").item() == 0.0
     # k >= L is no truncation
-    assert lambda_loss(s, y, k=50, reduction="sum").item() == pytest.approx(lambda_loss(s, y, reduction="sum").item())
+    assert lambda_loss(s, y, k=50, reduction="sum").item() == pytest.approx(
+        lambda_loss(s, y, reduction="sum").item())
 
 
 def test_truncation_uses_the_predicted_ranks_not_the_positions():
@@ -156,12 +163,16 @@ def test_padding_gives_the_unpadded_loss(scheme, k):
     order = torch.randperm(s.shape[1] + n_pad, generator=g)
     ps = torch.cat([s, pad_s.expand(s.shape[0], n_pad)], 1)[:, order]
     py = torch.cat([y, torch.full((s.shape[0], n_pad), 3.0)], 1)[:, order]
-    pm = torch.cat([torch.ones_like(s, dtype=torch.bool), torch.zeros(s.shape[0], n_pad, dtype=torch.bool)], 1)[:, order]
-    assert lambda_loss(ps, py, pm, scheme, k=k, reduction="sum").item() == pytest.approx(base_sum.item(), rel=1e-5)
-    assert lambda_loss(ps, py, pm, scheme, k=k, reduction="mean").item() == pytest.approx(base_mean.item(), rel=1e-5)
+    pm = torch.cat([torch.ones_like(s, dtype=torch.bool),
+                    torch.zeros(s.shape[0], n_pad, dtype=torch.bool)], 1)[:, order]
+    assert lambda_loss(ps, py, pm, scheme, k=k, reduction="sum").item() == pytest.approx(
+        base_sum.item(), rel=1e-5)
+    assert lambda_loss(ps, py, pm, scheme, k=k, reduction="mean").item() == pytest.approx(
+        base_mean.item(), rel=1e-5)
     # allRank's way: mask=None, label -1 at padding
     ay = torch.where(pm, py, torch.tensor(-1.0))
-    assert lambda_loss(ps, ay, None, scheme, k=k, reduction="sum").item() == pytest.approx(base_sum.item(), rel=1e-5)
+    assert lambda_loss(ps, ay, None, scheme, k=k, reduction="sum").item() == pytest.approx(
+        base_sum.item(), rel=1e-5)
 
 
 def test_padding_gets_exactly_zero_gradient_and_real_items_finite():
@@ -226,8 +237,10 @@ def test_mean_is_over_the_valid_pairs_of_the_whole_batch():
 def test_batch_sum_equals_the_sum_over_lists():
     s, y = random_lists(seed=11, b=5, length=9)
     for scheme in WEIGHING_SCHEMES:
-        per_list = sum(lambda_loss(s[i:i + 1], y[i:i + 1], weighing_scheme=scheme, reduction="sum") for i in range(5))
-        assert lambda_loss(s, y, weighing_scheme=scheme, reduction="sum").item() == pytest.approx(per_list.item(), rel=1e-5)
+        per_list = sum(lambda_loss(s[i:i + 1], y[i:i + 1], weighing_scheme=scheme, reduction="sum")
+                       for i in range(5))
+        assert lambda_loss(s, y, weighing_scheme=scheme, reduction="sum").item() == pytest.approx(
+            per_list.item(), rel=1e-5)
 
 
 def test_integer_labels_are_accepted():
@@ -244,7 +257,8 @@ def test_better_ranking_has_lower_loss():
     y = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
     good, bad = torch.tensor([[4.0, 3.0, 2.0, 1.0]]), torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     for scheme in WEIGHING_SCHEMES:
-        assert lambda_loss(good, y, weighing_scheme=scheme) < lambda_loss(bad, y, weighing_scheme=scheme), scheme
+        assert (lambda_loss(good, y, weighing_scheme=scheme)
+                < lambda_loss(bad, y, weighing_scheme=scheme)), scheme
 
 
 def test_bad_arguments_raise():

@@ -14,8 +14,15 @@ from grade import config
 from grade.business import BusinessConfig
 from grade.errors import ConfigError
 from grade.examination import ExaminationEstimate
-from grade.outcome import (OutcomeConfig, OutcomeNet, OutcomeSpec, calibration, fit_outcome, mean_order_value,
-                           outcome_loss)
+from grade.outcome import (
+    OutcomeConfig,
+    OutcomeNet,
+    OutcomeSpec,
+    calibration,
+    fit_outcome,
+    mean_order_value,
+    outcome_loss,
+)
 from grade.simulator import SimulatorConfig
 from tests.sim_tensors import simulated_batch
 
@@ -42,7 +49,8 @@ def test_a_fresh_model_predicts_exactly_the_mtl_predictions():
 
 
 def test_a_missing_objective_starts_from_even_odds():
-    net = OutcomeNet(OutcomeSpec(objectives=["ctr", "rel"], n_numeric=2, cat_sizes=[3], hidden=[8], emb_dim=2))
+    net = OutcomeNet(OutcomeSpec(objectives=["ctr", "rel"], n_numeric=2, cat_sizes=[3], hidden=[8],
+                                 emb_dim=2))
     batch = _tiny_batch()
     batch["pred"], batch["z"] = batch["pred"][..., :2], batch["z"][..., :2]
     out = net.item_outcomes(batch)
@@ -129,8 +137,9 @@ def test_component_publishes_a_value_model_that_loads(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("outcome:\n  model:\n    epochs: 1\n  examination:\n    max_iter: 30\n")
     out = tmp_path / "value"
-    proc = subprocess.run([sys.executable, "-m", "components.outcome", "--features", str(tmp_path / "features"),
-                           "--out", str(out), "--config", str(cfg)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "components.outcome",
+                           "--features", str(tmp_path / "features"), "--out", str(out), "--config", str(cfg)],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "examination: power eta" in proc.stdout and f"value model: {out}" in proc.stdout
     for name in ("examination.json", "outcome.safetensors", "outcome.json", "value.json", "calibration.json"):

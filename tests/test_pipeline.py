@@ -89,7 +89,8 @@ def test_worker_counts_reach_the_training_tasks_and_only_them(docs):
     for _, task in _tasks(pipeline_doc):
         workers = task.get("inputs", {}).get("parameters", {}).get("workers")
         if workers is not None:
-            fed[task["taskInfo"]["name"]] = workers["componentInputParameter"].removeprefix("pipelinechannel--")
+            fed[task["taskInfo"]["name"]] = workers["componentInputParameter"].removeprefix(
+                "pipelinechannel--")
     assert fed and set(fed) == {"pretrain", "finetune"} | {f"finetune {n}" for n in params.ABLATIONS}
     assert fed["pretrain"] == "pretrain_workers"
     assert {v for k, v in fed.items() if k != "pretrain"} == {"finetune_workers"}
@@ -144,7 +145,7 @@ def test_retries_caching_and_step_components(docs):
         comp = task["componentRef"]["name"].removeprefix("comp-")
         step = comp.rsplit("-", 1)[0] if comp[-1].isdigit() else comp
         seen.setdefault(step, []).append(task)
-    for step in ("simulate", "features", "pretrain", "finetune", "evaluate", "promote"):
+    for step in ("simulate", "features", "outcome", "pretrain", "finetune", "evaluate", "promote"):
         assert step in seen, step
         for task in seen[step]:
             retried = "retryPolicy" in task
@@ -158,15 +159,37 @@ def test_retries_caching_and_step_components(docs):
     assert len(seen["train-evaluate-promote"]) == 2
 
 
+def test_every_finetune_and_evaluate_reads_the_one_value_model(docs):
+    pipeline_doc, _ = docs
+    readers = {}
+    for _, task in _tasks(pipeline_doc):
+        comp = task["componentRef"]["name"].removeprefix("comp-")
+        if comp.rstrip("-0123456789") == "outcome":
+            assert task["inputs"]["artifacts"]["features"]["componentInputArtifact"] == "features"
+        if comp.rstrip("-0123456789") in {"finetune", "evaluate"}:
+            source = task["inputs"]["artifacts"]["outcome"]
+            readers[task["taskInfo"]["name"]] = (
+                source["taskOutputArtifact"] if "taskOutputArtifact" in source
+                else source["componentInputArtifact"])
+    # Directly from the outcome task, or (inside the ablations' condition) its output passed down.
+    via_task = {"producerTask": "outcome", "outputArtifactKey": "value_model"}
+    assert set(readers) == {"finetune", "evaluate", "evaluate ablations",
+                            *(f"finetune {a}" for a in params.ABLATIONS)}
+    assert all(r in (via_task, "pipelinechannel--outcome-value_model") for r in readers.values()), readers
+    assert readers["finetune"] == readers["evaluate"] == via_task
+
+
 def test_evaluate_and_promote_outputs_are_typed(docs):
     pipeline_doc, _ = docs
     comps = pipeline_doc["components"]
 
     def outputs(comp):
-        return {k: v["artifactType"]["schemaTitle"] for k, v in comps[comp]["outputDefinitions"]["artifacts"].items()}
+        return {k: v["artifactType"]["schemaTitle"]
+                for k, v in comps[comp]["outputDefinitions"]["artifacts"].items()}
 
     assert outputs("comp-simulate") == {"logs": "system.Dataset"}
     assert outputs("comp-features") == {"features": "system.Dataset"}
+    assert outputs("comp-outcome") == {"value_model": "system.Model", "metrics": "system.Metrics"}
     assert outputs("comp-pretrain") == {"model": "system.Model", "metrics": "system.Metrics"}
     assert outputs("comp-finetune") == {"model": "system.Model", "metrics": "system.Metrics"}
     assert outputs("comp-evaluate") == {"report": "system.Artifact", "report_html": "system.HTML",
@@ -208,7 +231,8 @@ def test_step_config_file_is_what_the_step_loads(tmp_path):
 
 def test_every_ablation_is_a_valid_finetune_config(tmp_path):
     for name in params.ABLATIONS:
-        config.load_section(params.write_step_config("", {}, ablation=name, directory=str(tmp_path)), "finetune")
+        config.load_section(params.write_step_config("", {}, ablation=name, directory=str(tmp_path)),
+                            "finetune")
 
 
 def test_tunable_defaults_are_the_config_defaults():
@@ -262,7 +286,8 @@ def test_missing_metrics_file_logs_nothing(tmp_path):
 
 def test_report_markdown_lists_lifts_with_intervals():
     report = {"n_requests": 300, "primary_flavour": "true", "primary_metric": "opm",
-              "lift_vs_static": {"grade": {"true": {"opm": {"lift": 0.021, "ci_low": 0.015, "ci_high": 0.027}}}}}
+              "lift_vs_static": {"grade": {"true": {"opm": {"lift": 0.021, "ci_low": 0.015,
+                                                            "ci_high": 0.027}}}}}
     md = step_io.report_markdown(report)
     assert "300 held-out requests" in md
     assert "| grade | +2.10% [+1.50%, +2.70%] | n/a | n/a | n/a |" in md
@@ -302,7 +327,8 @@ def test_find_outputs_tells_the_main_report_from_the_ablations(tmp_path):
     run = tmp_path / "grade-mtf-2026"
     for task, policies in (("evaluate", ["static", "grade"]), ("evaluate-2", ["static", "grade_gaussian"])):
         (run / task / "report").mkdir(parents=True)
-        (run / task / "report" / "report.json").write_text(json.dumps({"policies": dict.fromkeys(policies, {})}))
+        (run / task / "report" / "report.json").write_text(
+            json.dumps({"policies": dict.fromkeys(policies, {})}))
     (run / "promote").mkdir()
     (run / "promote" / "blessing").write_text("{}")
     found = find_outputs(run)

@@ -108,3 +108,40 @@ def test_command_line_simulates_runs_ablations_and_prints_the_summary(tmp_path, 
     assert not set(params.ABLATIONS) & set(main_report["policies"])
     hashes = {ablations["models"][name]["content_hash"] for name in [*params.ABLATIONS, "grade"]}
     assert len(hashes) == len(params.ABLATIONS) + 1, "each ablation trains a different model"
+
+
+def test_outcome_step_publishes_the_value_model_through_the_local_runner(tmp_path):
+    """The outcome task alone, fed a features folder through an importer: its artifact is a value model
+    that loads, its metadata names theta's estimate and its metrics reach KFP."""
+    import warnings
+
+    from kfp import dsl, local
+    from kfp.dsl import Dataset
+
+    from grade.features import FeaturesConfig, extract_features
+    from grade.simulator import SimulatorConfig, write_logs
+    from grade.value_model import load_value_model
+    from pipeline import components as c
+
+    write_logs(SimulatorConfig(seed=1, n_requests=1500, n_users=400, list_size=20), str(tmp_path / "logs"))
+    extract_features(str(tmp_path / "logs"), str(tmp_path / "features"), FeaturesConfig())
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"),
+               raise_on_error=True)
+
+    @dsl.pipeline(name="outcome-only")
+    def outcome_only(features_uri: str, config_yaml: str):
+        feats = dsl.importer(artifact_uri=features_uri, artifact_class=Dataset, reimport=False)
+        c.outcome(features=feats.output, config_yaml=config_yaml)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outcome_only(features_uri=str(tmp_path / "features"),
+                     config_yaml="outcome:\n  model:\n    epochs: 1\n")
+    (run,) = (tmp_path / "root").iterdir()
+    vm = load_value_model(str(run / "outcome" / "value_model"))
+    executor_output = json.loads((run / "outcome" / "executor_output.json").read_text())
+    artifacts = executor_output["artifacts"]
+    meta = artifacts["value_model"]["artifacts"][0]["metadata"]
+    assert meta["examination"] == "power" and meta["eta"] == pytest.approx(vm.examination.eta, abs=1e-6)
+    assert len(meta["content_hash"]) == 64
+    assert artifacts["metrics"]["artifacts"][0]["metadata"]["examination-eta"] == meta["eta"]

@@ -68,7 +68,7 @@ def test_alpha_floor_keeps_dirichlet_safe():
     assert (alpha >= 0.2).all()
     mu, kappa = model(*inputs())
     assert torch.allclose(alpha, kappa[:, None] * mu + 0.2)
-    dist = model.distribution(*inputs())
+    dist = torch.distributions.Dirichlet(model.alpha(*inputs()))
     torch.manual_seed(1)
     w = dist.sample((64,))
     assert torch.allclose(w.sum(-1), torch.ones(64, 32), atol=1e-5) and (w >= 0).all()

@@ -121,7 +121,8 @@ def test_policy_starts_at_the_static_weights(features):
 
     spec = load_spec(features)
     pcfg = policy_config(spec, small_cfg())
-    assert pcfg.n_numeric == 1 and pcfg.cat_sizes == [spec["categorical"][0]["size"]] and pcfg.n_objectives == 3
+    assert pcfg.n_numeric == 1 and pcfg.cat_sizes == [spec["categorical"][0]["size"]]
+    assert pcfg.n_objectives == 3
     s = torch.tensor(spec["pred_log_std"])
     data = load_split(features, "valid", fields=["num", "cat"])
     mu = PolicyNet(pcfg).mean_weights(data["num"], data["cat"])
@@ -135,10 +136,12 @@ def test_loss_terms_follow_the_objective_weights(features):
     batch = load_split(features, "train", fields=["z", "mask", "num", "cat", "click", "order", "gmv"])
     batch = {k: v[:64] for k, v in batch.items()}
     model = PolicyNet(policy_config(load_spec(features), small_cfg()))
-    total, parts = multi_objective_loss(model, batch, small_cfg(objective_weights={"click": 1.0, "order": 2.0, "gmv": 0.5}))
+    total, parts = multi_objective_loss(model, batch,
+                                        small_cfg(objective_weights={"click": 1.0, "order": 2.0, "gmv": 0.5}))
     assert set(parts) == {"click", "order", "gmv"}
     assert total.item() == pytest.approx(parts["click"] + 2 * parts["order"] + 0.5 * parts["gmv"], rel=1e-6)
-    _, only_order = multi_objective_loss(model, batch, small_cfg(objective_weights={"click": 0.0, "order": 1.0}))
+    _, only_order = multi_objective_loss(model, batch,
+                                         small_cfg(objective_weights={"click": 0.0, "order": 1.0}))
     assert set(only_order) == {"order"} and only_order["order"] == pytest.approx(parts["order"], rel=1e-6)
     kept = with_signal(batch, small_cfg())
     has_label = ((batch["click"] > 0) | (batch["order"] > 0) | (batch["gmv"] > 0)).any(-1)
@@ -165,7 +168,8 @@ def test_publishes_the_model_folder(trained, features):
     config = json.loads(Path(out, "config.json").read_text())
     assert config["features"] == features and config["seed"] == 0 and config["pretrain"]["epochs"] == 4
     assert config["features_content_hash"] == store.content_hash(features)
-    assert json.loads(Path(out, "feature_spec.json").read_text()) == json.loads(Path(features, "feature_spec.json").read_text())
+    assert json.loads(Path(out, "feature_spec.json").read_text()) == json.loads(
+        Path(features, "feature_spec.json").read_text())
     log_lines = [json.loads(line) for line in Path(out, "train_log.jsonl").read_text().splitlines()]
     n_train = metrics["n_train_requests"]
     assert len(log_lines) == 4 * -(-n_train // 128)
@@ -180,7 +184,8 @@ def test_metrics_per_epoch_for_policy_and_static(trained):
     first = metrics["epochs"][0]
     # epoch 0 is the initial policy, which is the static weights
     for obj in ("click", "order", "gmv"):
-        assert first["valid_ndcg"]["policy"][obj] == pytest.approx(first["valid_ndcg"]["static"][obj], abs=1e-6)
+        assert first["valid_ndcg"]["policy"][obj] == pytest.approx(first["valid_ndcg"]["static"][obj],
+                                                                   abs=1e-6)
     for h in metrics["epochs"][1:]:
         assert h["train_loss"] > 0 and set(h["train_loss_by_objective"]) == {"click", "order", "gmv"}
         assert set(h["valid_ndcg"]["policy"]) == set(h["valid_ndcg"]["static"]) == {"click", "order", "gmv"}
@@ -308,7 +313,8 @@ def test_killed_process_resumes_from_its_checkpoint(features, tmp_path):
                                              "--config", str(yaml_path)]) == 0
     assert same_weights(weights_of(str(out)), weights_of(str(reference)))
     metrics = json.loads(Path(out, "metrics.json").read_text())
-    assert without_timings(metrics) == without_timings(json.loads(Path(reference, "metrics.json").read_text()))
+    assert without_timings(metrics) == without_timings(
+        json.loads(Path(reference, "metrics.json").read_text()))
 
 
 def test_runs_and_resumes_on_s3(features, s3_env):
@@ -347,7 +353,8 @@ def test_cli_overrides_and_bad_input_exit_2(features, tmp_path, capsys):
     assert grade.cli.run(pretrain_cli.main, ["--features", features, "--out", str(out), "--epochs", "1",
                                              "--seed", "3", "--batch-size", "256"]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["seed"] == 3 and config["pretrain"]["epochs"] == 1 and config["pretrain"]["batch_size"] == 256
+    assert config["seed"] == 3 and config["pretrain"]["epochs"] == 1
+    assert config["pretrain"]["batch_size"] == 256
 
     bad_key = tmp_path / "bad.yaml"
     bad_key.write_text("pretrain:\n  epoch: 3\n")

@@ -83,11 +83,14 @@ def test_guardrail_missing_candidate_and_no_thresholds_fail_closed(store_root):
     # CTR lift -0.006 is just below the -0.005 tolerance
     b = promote(write_report(store_root, "r1", a, opm=0.05, ctr=-0.006), a, registry, PromoteConfig())
     assert not b.blessed and any("guardrail true/ctr" in r for r in b.reasons)
-    b = promote(write_report(store_root, "r2", a, opm=0.05, include_candidate=False), a, registry, PromoteConfig())
+    b = promote(write_report(store_root, "r2", a, opm=0.05, include_candidate=False), a, registry,
+                PromoteConfig())
     assert not b.blessed and any("no metrics for candidate" in r for r in b.reasons)
-    b = promote(write_report(store_root, "r3", a, opm=0.05), a, registry, PromoteConfig(min_lift=None, guardrails={}))
+    b = promote(write_report(store_root, "r3", a, opm=0.05), a, registry,
+                PromoteConfig(min_lift=None, guardrails={}))
     assert not b.blessed and any("no thresholds" in r for r in b.reasons)
-    b = promote(write_report(store_root, "r4", a, opm=0.05), a, registry, PromoteConfig(primary_metric="nope"))
+    b = promote(write_report(store_root, "r4", a, opm=0.05), a, registry,
+                PromoteConfig(primary_metric="nope"))
     assert not b.blessed and any("missing from the report" in r for r in b.reasons)
     assert production_model(registry) is None and Registry(registry).versions() == []
 
@@ -104,8 +107,8 @@ def test_report_without_the_current_incumbent_is_not_blessed(store_root):
     a = model_folder(store_root, "a", 1)
     v1 = promote(write_report(store_root, "r1", a, opm=0.05), a, registry, PromoteConfig()).version
     b = model_folder(store_root, "b", 2)
-    stale = promote(write_report(store_root, "r2", b, opm=0.05, incumbent=("v0000-deadbeef", 0.05)), b, registry,
-                    PromoteConfig())
+    stale = promote(write_report(store_root, "r2", b, opm=0.05, incumbent=("v0000-deadbeef", 0.05)), b,
+                    registry, PromoteConfig())
     assert not stale.blessed and production_model(registry)[0] == v1
     # no incumbent metrics at all (only vs static, which it beats): not blessed either
     c = promote(write_report(store_root, "r3", b, opm=0.05), b, registry, PromoteConfig())

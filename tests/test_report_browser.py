@@ -18,7 +18,8 @@ CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/ch
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(CHROMIUM is None, reason="chromium binary not installed (apt-get install chromium; .ci/run does)"),
+    pytest.mark.skipif(CHROMIUM is None,
+                       reason="chromium binary not installed (apt-get install chromium; .ci/run does)"),
 ]
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -71,8 +72,8 @@ def test_report_loads_without_console_errors_and_shows_every_section(report_html
     dom = res.stdout
     assert not console_errors(res.stderr), console_errors(res.stderr)
     assert "<h1>GRADE-MTF offline evaluation</h1>" in dom
-    for heading in ("Summary", "Metrics", "Lifts vs static", "Trade-off frontier", "Learned weights per segment",
-                    "Training curves"):
+    for heading in ("Summary", "Metrics", "Lifts vs static", "Trade-off frontier",
+                    "Learned weights per segment", "Training curves"):
         assert f"<h2>{heading}</h2>" in dom, heading
     images = re.findall(r'<img [^>]*src="data:image/png;base64,', dom)
     assert len(images) >= 4

@@ -82,7 +82,8 @@ def test_mtl_errors_are_systematic_by_segment(table):
 
 def test_features_identify_segments_only_partly(table):
     seg = table["true_segment"].to_numpy()[::50]
-    x = np.stack([table[c].to_numpy()[::50] for c in ("u_purchase_power", "u_price_affinity", "u_activity")], 1)
+    x = np.stack([table[c].to_numpy()[::50]
+                  for c in ("u_purchase_power", "u_price_affinity", "u_activity")], 1)
     centres = np.stack([x[seg == s].mean(0) for s in range(4)])
     guess = np.argmin(((x[:, None, :] - centres[None]) ** 2).sum(-1), axis=1)
     accuracy = (guess == seg).mean()

@@ -376,12 +376,14 @@ def test_retries_are_bounded_and_not_doubled_by_the_http_layer(scripted_s3):
 def test_a_conditional_put_whose_first_attempt_was_applied_is_not_a_conflict(scripted_s3):
     """The first answer is lost (502) though the write happened; the retry gets 412 from our own write."""
     backend, script, seen, slept = scripted_s3
-    script["/bkt/claim"] = [(502, "text/html", b"<html>bad gateway</html>"), (412, *_s3_error("PreconditionFailed")),
+    script["/bkt/claim"] = [(502, "text/html", b"<html>bad gateway</html>"),
+                            (412, *_s3_error("PreconditionFailed")),
                             (200, "application/octet-stream", b"ours")]
     assert backend.put_conditional("s3://bkt/claim", b"ours", if_none_match=True) == "abc"
     assert [m for m, _, _ in seen] == ["PUT", "PUT", "GET"]
     # somebody else's bytes there: a real conflict
-    script["/bkt/other"] = [(502, "text/html", b"<html>bad gateway</html>"), (412, *_s3_error("PreconditionFailed")),
+    script["/bkt/other"] = [(502, "text/html", b"<html>bad gateway</html>"),
+                            (412, *_s3_error("PreconditionFailed")),
                             (200, "application/octet-stream", b"theirs")]
     with pytest.raises(store.PreconditionFailed):
         backend.put_conditional("s3://bkt/other", b"ours", if_none_match=True)

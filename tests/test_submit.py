@@ -50,7 +50,8 @@ class FakeClient:
     def upload_pipeline_version(self, pipeline_package_path, pipeline_version_name, pipeline_id=None,
                                 pipeline_name=None, description=None):
         self.calls.append(("upload_pipeline_version", {"path": pipeline_package_path,
-                                                       "name": pipeline_version_name, "pipeline_id": pipeline_id}))
+                                                       "name": pipeline_version_name,
+                                                       "pipeline_id": pipeline_id}))
         vid = f"{pipeline_id}-v{len(self.versions[pipeline_id]) + 1}"
         self.versions[pipeline_id].append((pipeline_version_name, vid))
         return SimpleNamespace(pipeline_version_id=vid)

@@ -1,4 +1,5 @@
-"""The training runtime: checkpoints (safetensors + JSON, keep two, refusals), fingerprint, progress, publish."""
+"""The training runtime: checkpoints (safetensors + JSON, keep two, refusals), fingerprint, progress,
+publish."""
 
 from __future__ import annotations
 
@@ -92,7 +93,8 @@ def test_refuses_an_old_format_checkpoint_with_a_clear_message(tmp_path, caplog)
     folder.mkdir(parents=True)
     (folder / "state.pt").write_bytes(b"not read")
     (folder / "state.json").write_text(json.dumps({"step": 4, "curve": [], "fingerprint": {}}))
-    (tmp_path / training.CHECKPOINTS / "latest.json").write_text(json.dumps({"step": 4, "folder": "step-000004"}))
+    (tmp_path / training.CHECKPOINTS / "latest.json").write_text(
+        json.dumps({"step": 4, "folder": "step-000004"}))
     with caplog.at_level(logging.WARNING, logger="grade.training"):
         assert training.load_checkpoint(str(tmp_path), {}) is None
     assert "old format" in caplog.text
@@ -118,7 +120,8 @@ def test_progress_lines_have_rate_eta_and_detail(caplog):
         p.add(1, 100, detail=lambda: "reward 0.5")   # complete: always logged
         p.finish()                                    # just logged: not repeated
     lines = caplog.text.strip().splitlines()
-    assert len(lines) == 1 and "finetune: 4/4 steps (" in lines[0] and "requests/s, ETA 0s); reward 0.5" in lines[0]
+    assert len(lines) == 1 and "finetune: 4/4 steps (" in lines[0]
+    assert "requests/s, ETA 0s); reward 0.5" in lines[0]
     assert p.amount == 200 and p.done == 4
 
 
@@ -130,8 +133,9 @@ def test_publish_writes_the_model_folder(tmp_path):
     config = training.run_config("pretrain", fp, 3, policy.cfg)
     out = str(tmp_path / "model")
     training.publish_model(out, policy, {"objectives": ["a"]}, config, {"stage": "x"}, ["{}\n"])
-    assert set(store.read_manifest(out)["files"]) == {"policy.safetensors", "policy.json", "feature_spec.json",
-                                                      "config.json", "metrics.json", "train_log.jsonl"}
+    assert set(store.read_manifest(out)["files"]) == {"policy.safetensors", "policy.json",
+                                                      "feature_spec.json", "config.json", "metrics.json",
+                                                      "train_log.jsonl"}
     written = json.loads(Path(out, "config.json").read_text())
     assert written["pretrain"] == {"seed": 3} and written["features_content_hash"] == "h"
     assert written["policy"]["hidden"] == [4] and written["seed"] == 3

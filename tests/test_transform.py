@@ -1,4 +1,5 @@
-"""The feature transform: hand-computed values, OOV and clamp, and training == serving on the same requests."""
+"""The feature transform: hand-computed values, OOV and clamp, and training == serving on the same
+requests."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from grade.transform import PRED_EPS, FeatureTransform, InputColumn, clamp_unsee
 
 SPEC = {"objectives": ["ctr", "gmv"], "pred_log_mean": [math.log(0.1), 2.0], "pred_log_std": [2.0, 0.5],
         "numeric": [{"name": "u_a", "mean": 1.0, "std": 2.0}, {"name": "u_b", "mean": -1.0, "std": 0.0}],
-        "categorical": [{"name": "c_x", "vocab": [3, 7, 11], "size": 4}, {"name": "c_y", "vocab": [], "size": 1}]}
+        "categorical": [{"name": "c_x", "vocab": [3, 7, 11], "size": 4},
+                        {"name": "c_y", "vocab": [], "size": 1}]}
 
 
 def test_z_scores_by_hand():
@@ -61,7 +63,8 @@ def test_request_features_checks_columns_and_lengths():
 
 def test_inputs_listed_from_the_spec_alone():
     t = FeatureTransform.from_spec(SPEC)
-    assert t.inputs() == [InputColumn("pred_ctr", "float32", "item"), InputColumn("pred_gmv", "float32", "item"),
+    assert t.inputs() == [InputColumn("pred_ctr", "float32", "item"),
+                          InputColumn("pred_gmv", "float32", "item"),
                           InputColumn("u_a", "float32", "request"), InputColumn("u_b", "float32", "request"),
                           InputColumn("c_x", "int64", "request"), InputColumn("c_y", "int64", "request")]
     assert t.missing(["pred_ctr", "u_a", "c_x", "c_y"]) == ["pred_gmv", "u_b"]
@@ -92,7 +95,8 @@ def test_training_and_serving_give_identical_tensors(tmp_path):
     scored (serving path) give the same inputs, weights and fused scores, bit for bit."""
     logs, feats, model = str(tmp_path / "logs"), str(tmp_path / "feats"), str(tmp_path / "model")
     write_logs(SimulatorConfig(n_requests=400, n_users=80, n_items=3000, n_days=2, seed=5), logs)
-    spec = extract_features(logs, feats, FeaturesConfig(max_vocab=3, shard_requests=64))   # small vocab: OOV ids
+    # small vocab: OOV ids
+    spec = extract_features(logs, feats, FeaturesConfig(max_vocab=3, shard_requests=64))
     transform = FeatureTransform.from_spec(spec)
     torch.manual_seed(11)
     net = PolicyNet(PolicyConfig(n_numeric=len(spec["numeric"]), cat_sizes=transform.cat_sizes,
