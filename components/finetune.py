@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     grade.cli.log.info("finetune config: %s", json.dumps(config.to_dict(cfg), sort_keys=True))
     with distributed.session() as ctx:
         metrics = finetune(args.features, args.init, args.out, cfg, rank=ctx.rank, world_size=ctx.world_size,
-                           business=sections["business"], outcome_uri=args.outcome, outcome_cfg=sections["outcome"])
+                           business=sections["business"], outcome_uri=args.outcome,
+                           outcome_cfg=sections["outcome"])
     if not ctx.is_main:
         return 0
     summary = {"out": args.out, "steps": metrics["steps"], "requests_per_s": metrics["requests_per_s"],

@@ -47,7 +47,8 @@ TRUTH_FIELDS = ["true_ctr", "true_cvr", "price"]
 # ------------------------------------------------------------------------------------------------
 
 def build_policies(init_uri: str, cfg: FinetuneConfig, spec: dict[str, Any]) -> tuple[PolicyNet, PolicyNet]:
-    """(trainable policy, frozen reference), both Stage 1's weights; fixed kappa applied to both when asked."""
+    """(trainable policy, frozen reference), both Stage 1's weights; fixed kappa applied to both when
+    asked."""
     stage1 = load_policy(init_uri)
     pcfg = stage1.cfg
     FeatureTransform.from_spec(spec).check_policy(pcfg, f"{init_uri} (Stage 1)")
@@ -71,7 +72,8 @@ def build_policies(init_uri: str, cfg: FinetuneConfig, spec: dict[str, Any]) -> 
 def validation_metrics(policy: PolicyNet, data: dict[str, torch.Tensor], objectives: list[str],
                        cfg: FinetuneConfig, gmv_unit: float = 1.0, chunk: int = 8192,
                        theta: torch.Tensor | None = None) -> dict[str, float]:
-    """Metrics of the policy mean on held-out requests, keyed ``true/opm``, ``prior/gpm``, ``replay/ndcg_order``...
+    """Metrics of the policy mean on held-out requests, keyed ``true/opm``, ``prior/gpm``,
+    ``replay/ndcg_order``...
 
     Also ``reward/*`` (the training reward of the mean weights) and ``policy/weight_entropy``.
     """
@@ -82,8 +84,9 @@ def validation_metrics(policy: PolicyNet, data: dict[str, torch.Tensor], objecti
     return weights_metrics(w, data, objectives, cfg, gmv_unit, chunk, theta)
 
 
-def weights_metrics(w: torch.Tensor, data: dict[str, torch.Tensor], objectives: list[str], cfg: FinetuneConfig,
-                    gmv_unit: float = 1.0, chunk: int = 8192, theta: torch.Tensor | None = None) -> dict[str, float]:
+def weights_metrics(w: torch.Tensor, data: dict[str, torch.Tensor], objectives: list[str],
+                    cfg: FinetuneConfig, gmv_unit: float = 1.0, chunk: int = 8192,
+                    theta: torch.Tensor | None = None) -> dict[str, float]:
     """The validation metrics of given weights ([K] global or [N, K] per request)."""
     n = data["mask"].shape[0]
     if w.dim() == 1:
@@ -216,13 +219,14 @@ def _start(features_uri: str, init_uri: str, cfg: FinetuneConfig, rank: int, wor
     policy, reference = build_policies(init_uri, cfg, spec)
     config.check(business, "business")
     inputs = {"features": features_uri, "init": init_uri, **({"outcome": outcome_uri} if outcome_uri else {})}
-    settings = {**to_dict(cfg), "business": to_dict(business)} if cfg.reward.needs_value_model else to_dict(cfg)
+    settings = ({**to_dict(cfg), "business": to_dict(business)} if cfg.reward.needs_value_model
+                else to_dict(cfg))
     fingerprint = training.run_fingerprint(settings, inputs, world_size)
     value = _value_model(features_uri, cfg, outcome_uri, outcome_cfg)
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     if cfg.batch_size % world_size:
-        raise InputError(f"finetune.batch_size: {cfg.batch_size} requests per step cannot be split evenly over "
-                         f"{world_size} processes; use a multiple of {world_size}")
+        raise InputError(f"finetune.batch_size: {cfg.batch_size} requests per step cannot be split "
+                         f"evenly over {world_size} processes; use a multiple of {world_size}")
     rank_batch = cfg.batch_size // world_size   # batch_size is the global batch
     valid = _load_valid(features_uri, spec, cfg, value, business) if rank == 0 else None   # rank 0's curve
     n_train = dataset.count_requests(features_uri, "train", world_size)
@@ -233,9 +237,9 @@ def _start(features_uri: str, init_uri: str, cfg: FinetuneConfig, rank: int, wor
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    return _Run(features_uri, cfg, spec, objectives, gmv_unit_of(spec), fingerprint, policy, reference, optimizer,
-                valid, n_train, rank_batch, drop_last, steps_per_epoch, total_steps, rank, world_size,
-                distributed.GradientAverager(), business, value)
+    return _Run(features_uri, cfg, spec, objectives, gmv_unit_of(spec), fingerprint, policy, reference,
+                optimizer, valid, n_train, rank_batch, drop_last, steps_per_epoch, total_steps, rank,
+                world_size, distributed.GradientAverager(), business, value)
 
 
 def _value_model(features_uri: str, cfg: FinetuneConfig, outcome_uri: str | None,
@@ -284,7 +288,8 @@ def _train_epoch(run: _Run, state: _State, epoch: int, progress: training.Progre
         if run.rank == 0 and (step % cfg.checkpoint_every == 0 or i + 1 == run.steps_per_epoch
                               or step == run.total_steps):
             training.save_checkpoint(out_uri, "step", step, fingerprint=run.fingerprint,
-                                     tensors={"model": training.state_tensors(run.policy)}, optimizer=run.optimizer,
+                                     tensors={"model": training.state_tensors(run.policy)},
+                                     optimizer=run.optimizer,
                                      state={"step": step, "curve": state.curve}, log_lines=state.log_lines)
         if on_step is not None:
             on_step(step)
@@ -301,14 +306,16 @@ def _step(run: _Run, state: _State, epoch: int, batch: dict[str, torch.Tensor]) 
     diag = train_step(run.policy, run.reference, run.optimizer, batch, run.objectives, cfg,
                       step_seed(cfg.seed, state.step), run.gmv_unit, run.averager, _theta(run))
     state.step += 1
-    state.log_lines.append(json.dumps({"step": state.step, "epoch": epoch + 1, "requests": int(batch["mask"].shape[0]),
-                                       **diag}, sort_keys=True) + "\n")
+    state.log_lines.append(json.dumps({"step": state.step, "epoch": epoch + 1,
+                                       "requests": int(batch["mask"].shape[0]), **diag},
+                                      sort_keys=True) + "\n")
     return diag
 
 
 def _describe(diag: dict[str, float]) -> str:
-    return (f"reward {diag['reward/total']:.4f} (post {diag['reward/post']:.4f}, prior {diag['reward/prior']:.4f}, "
-            f"format {diag['reward/format']:.4f}), kl {diag['loss/kl']:.4f}, kappa {diag['policy/kappa_mean']:.1f}, "
+    return (f"reward {diag['reward/total']:.4f} (post {diag['reward/post']:.4f}, "
+            f"prior {diag['reward/prior']:.4f}, format {diag['reward/format']:.4f}), "
+            f"kl {diag['loss/kl']:.4f}, kappa {diag['policy/kappa_mean']:.1f}, "
             f"clip {diag['grpo/clip_frac']:.3f}")
 
 
@@ -331,7 +338,8 @@ def _metrics(run: _Run, state: _State, stage1: dict[str, float] | None, progress
         "position_bias": cfg.position_bias, "n_train_requests": run.n_train,
         "n_valid_requests": 0 if run.valid is None else int(run.valid["mask"].shape[0]),
         "stage1": stage1, "final": final, "curve": state.curve, "lift_vs_stage1": _lifts(final, stage1),
-        "seconds": seconds, "requests_per_s": progress.amount / seconds if seconds > 0 and progress.amount else None,
+        "seconds": seconds,
+        "requests_per_s": progress.amount / seconds if seconds > 0 and progress.amount else None,
         "entropy_floor": cfg.reward.entropy_floor,
     }
 
@@ -357,4 +365,5 @@ def _lifts(final: dict[str, float] | None, base: dict[str, float] | None) -> dic
 def _log_curve(point: dict[str, float], first: dict[str, float]) -> None:
     keys = [k for k in ("true/opm", "true/gpm", "true/ctr", "prior/gpm", "replay/ndcg_order") if k in point]
     text = ", ".join(f"{k} {point[k]:.4g} ({point[k] / first[k] - 1:+.2%})" for k in keys if first.get(k))
-    log.info("finetune valid @ step %d: %s; weight entropy %.3f", point["step"], text, point["policy/weight_entropy"])
+    log.info("finetune valid @ step %d: %s; weight entropy %.3f", point["step"], text,
+             point["policy/weight_entropy"])

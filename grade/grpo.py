@@ -48,7 +48,8 @@ class FinetuneConfig:
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     """composite reward: coefficients post/prior/format, label and value mix, weight bounds, entropy floor"""
     kl_coef: float = ranged(0.005, ">= 0")
-    """beta: weight of KL(pi_theta || pi_stage1) in the loss (a light anchor: 0.02 cost ~2 true OPM on the demo)"""
+    """beta: weight of KL(pi_theta || pi_stage1) in the loss (a light anchor: 0.02 cost ~2 true OPM on
+    the demo)"""
     clip: float = ranged(0.2, "(0, 1)")
     """epsilon of the clipped importance ratio"""
     log_ratio_clip: float = ranged(10.0, "> 0")
@@ -56,7 +57,8 @@ class FinetuneConfig:
     advantage_norm: Literal["group", "batch"] = "batch"
     """divide centred rewards by each group's std (group) or by one std over the batch (batch): per-group
     scaling gives a request with one shallow logged order the same pull as one with a deep
-    (inverse-propensity up-weighted) order, which undoes the debiasing and drifts back to the logging policy"""
+    (inverse-propensity up-weighted) order, which undoes the debiasing and drifts back to the logging
+    policy"""
     adv_eps: float = ranged(1e-4, "> 0")
     """added to the std in the advantage denominator"""
     sample_eps: float = ranged(1e-6, "(0, 0.01)")
@@ -113,7 +115,8 @@ class PolicyOutput:
     """[B, K] mean weights (the serving weights)"""
 
 
-def policy_output(policy: PolicyNet, num: torch.Tensor, cat: torch.Tensor, cfg: FinetuneConfig) -> PolicyOutput:
+def policy_output(policy: PolicyNet, num: torch.Tensor, cat: torch.Tensor,
+                  cfg: FinetuneConfig) -> PolicyOutput:
     if cfg.exploration == "gaussian":
         logits = policy.logits(num, cat)
         logits = logits - logits.mean(-1, keepdim=True)  # softmax ignores a shift: remove that direction
@@ -147,7 +150,8 @@ class Rollout:
 
 
 @torch.no_grad()
-def rollout(policy: PolicyNet, num: torch.Tensor, cat: torch.Tensor, cfg: FinetuneConfig, seed: int) -> Rollout:
+def rollout(policy: PolicyNet, num: torch.Tensor, cat: torch.Tensor, cfg: FinetuneConfig,
+            seed: int) -> Rollout:
     """Sample G actions per request from the current (old) policy; the global RNG is left untouched."""
     out = policy_output(policy, num, cat, cfg)
     sampler, rows = out.dist, None
@@ -175,7 +179,8 @@ def global_distribution(dist: D.Distribution) -> D.Distribution:
         return D.Dirichlet(distributed.gather_rows(dist.concentration))
     if isinstance(dist, D.Independent) and isinstance(dist.base_dist, D.Normal):
         base = dist.base_dist
-        return D.Independent(D.Normal(distributed.gather_rows(base.loc), distributed.gather_rows(base.scale)), 1)
+        return D.Independent(D.Normal(distributed.gather_rows(base.loc),
+                                      distributed.gather_rows(base.scale)), 1)
     raise TypeError(f"no global form for {type(dist).__name__}")
 
 
@@ -241,7 +246,8 @@ def clipped_surrogate(new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, ad
 
 
 def grpo_loss(policy: PolicyNet, reference_out: PolicyOutput, num: torch.Tensor, cat: torch.Tensor,
-              roll: Rollout, adv: torch.Tensor, cfg: FinetuneConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              roll: Rollout, adv: torch.Tensor,
+              cfg: FinetuneConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss and its parts for one update epoch."""
     out = policy_output(policy, num, cat, cfg)
     new_lp = log_prob(out.dist, roll.actions)
@@ -273,8 +279,8 @@ def train_step(policy: PolicyNet, reference: PolicyNet, optimizer: torch.optim.O
     policy.train()
     roll = rollout(policy, num, cat, cfg, seed)
     with torch.no_grad():
-        terms = reward_terms(roll.weights, batch, objectives, cfg.reward, cfg.exposure_depth, gmv_unit, sync=True,
-                             theta=theta)
+        terms = reward_terms(roll.weights, batch, objectives, cfg.reward, cfg.exposure_depth, gmv_unit,
+                             sync=True, theta=theta)
         adv, constant = group_advantages(terms["total"], cfg.adv_eps, cfg.advantage_norm)
         reference_out = policy_output(reference, num, cat, cfg)
 

@@ -99,7 +99,8 @@ class RewardConfig:
             lo, hi = self.bounds(n_objectives)
             if bool((lo > hi).any()) or float(lo.sum()) > 1 or float(hi.sum()) < 1:
                 raise InputError(f"finetune.reward: bounds w_min={self.w_min}, w_max={self.w_max} admit no "
-                                 "weight vector on the simplex (need w_min <= w_max, sum w_min <= 1 <= sum w_max)")
+                                 "weight vector on the simplex "
+                                 "(need w_min <= w_max, sum w_min <= 1 <= sum w_max)")
 
     def bounds(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(w_min [K], w_max [K]): one value broadcast to every objective, or one per objective."""
@@ -109,14 +110,16 @@ class RewardConfig:
             if len(v) == 1:
                 v = v * k
             if len(v) != k:
-                raise InputError(f"finetune.reward.{name}: expected 1 or {k} values (one per objective), got {len(v)}")
+                raise InputError(f"finetune.reward.{name}: expected 1 or {k} values (one per objective), "
+                                 f"got {len(v)}")
             out.append(torch.tensor(v, dtype=torch.float32))
         return out[0], out[1]
 
 
     @property
     def needs_value_model(self) -> bool:
-        """Whether the posterior needs the value model (theta-hat, and the outcome model for dm/switch/shrunk)."""
+        """Whether the posterior needs the value model (theta-hat, and the outcome model for
+        dm/switch/shrunk)."""
         return self.post > 0 and self.post_estimator != "dcg_ips"
 
 
@@ -126,7 +129,8 @@ def _objective_index(objectives: list[str]) -> dict[str, int]:
 
 def prior_item_value(pred: torch.Tensor, mask: torch.Tensor, objectives: list[str], cfg: RewardConfig,
                      gmv_unit: float = 1.0) -> torch.Tensor:
-    """MTL-predicted value of every item [B, L]: pctr*(v_click + pcvr*(v_order + v_gmv*pgmv/gmv_unit)); 0 at padding.
+    """MTL-predicted value of every item [B, L]: pctr*(v_click + pcvr*(v_order + v_gmv*pgmv/gmv_unit));
+    0 at padding.
 
     ``gmv_unit`` makes v_gmv scale-free (an order of a typical value is worth v_order + v_gmv).
     Objectives missing from the features drop out (no cvr: value = v_click*pctr; no gmv: no v_gmv term).
@@ -187,9 +191,9 @@ def estimated_value(idx: torch.Tensor, batch: dict[str, torch.Tensor], theta: to
     theta [E]: the estimated examination of the new positions.
     """
     model_value = batch.get("model_value")
-    est = estimators.ranking_value(cfg.post_estimator, idx, theta, batch["logged_theta"], batch["label_value"],
-                                   model_value, max_weight=cfg.post_max_weight, tau=cfg.post_switch_tau,
-                                   lam=cfg.post_shrink_lambda).value
+    est = estimators.ranking_value(cfg.post_estimator, idx, theta, batch["logged_theta"],
+                                   batch["label_value"], model_value, max_weight=cfg.post_max_weight,
+                                   tau=cfg.post_switch_tau, lam=cfg.post_shrink_lambda).value
     # the ideal ranking's value by the model, or by the (clipped) inverse-propensity labels without one
     gains = model_value if model_value is not None else \
         batch["label_value"] * torch.where(batch["logged_theta"] > 0, 1.0 / batch["logged_theta"].clamp_min(

@@ -153,7 +153,8 @@ def build_value_model(features_uri: str, out_uri: str, cfg: ValueModelConfig) ->
     config = {"features": features_uri, "features_content_hash": store.content_hash(features_uri),
               "outcome": dataclasses.asdict(cfg)}
     training.publish_model(out_uri, vm.outcome, spec, config, metrics,
-                           [json.dumps(r, sort_keys=True) + "\n" for r in metrics["history"]], save=save_outcome,
+                           [json.dumps(r, sort_keys=True) + "\n" for r in metrics["history"]],
+                           save=save_outcome,
                            extra={"examination.json": metrics["examination"],
                                   "value.json": {"order_value_unit": vm.order_value_unit},
                                   "calibration.json": metrics.get("calibration", {})})

@@ -241,7 +241,8 @@ def test_extreme_inputs_stay_finite(exploration):
     batch["order"].zero_()  # all-zero labels
     batch["z"][8:] *= 1e4
     # No format term: with constant ranking rewards a group then has nothing to tell apart.
-    cfg = FinetuneConfig(exploration=exploration, update_epochs=3, lr=0.1, reward=RewardConfig(post_estimator="dcg_ips", format=0.0))
+    cfg = FinetuneConfig(exploration=exploration, update_epochs=3, lr=0.1,
+                         reward=RewardConfig(post_estimator="dcg_ips", format=0.0))
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     ref = clone(policy)
     for step in range(3):

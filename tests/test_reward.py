@@ -31,7 +31,8 @@ GROUP = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])  # [B=1, G=2, K=3]
 
 
 def test_posterior_is_the_label_mix_of_ndcg_by_hand():
-    cfg = RewardConfig(post_estimator="dcg_ips", post=1.0, prior=0.0, format=0.0, post_click=1.0, post_order=3.0, post_gmv=0.0)
+    cfg = RewardConfig(post_estimator="dcg_ips", post=1.0, prior=0.0, format=0.0, post_click=1.0,
+                       post_order=3.0, post_gmv=0.0)
     terms = reward_terms(GROUP, tiny_batch(), OBJECTIVES, cfg, depth=2)
     # w1 shows items 0, 2: no click in the top 2 (NDCG 0), the order on top (NDCG 1) -> 3/4.
     # w2 shows items 1, 2: the click on top (1), the ordered item 0 not shown (0) -> 1/4.
@@ -43,7 +44,8 @@ def test_posterior_is_the_label_mix_of_ndcg_by_hand():
 def test_posterior_gmv_uses_linear_gain():
     batch = tiny_batch()
     batch["gmv"] = torch.tensor([[30.0, 10.0, 0.0]])
-    cfg = RewardConfig(post_estimator="dcg_ips", post=1.0, prior=0.0, format=0.0, post_click=0.0, post_order=0.0, post_gmv=1.0)
+    cfg = RewardConfig(post_estimator="dcg_ips", post=1.0, prior=0.0, format=0.0, post_click=0.0,
+                       post_order=0.0, post_gmv=1.0)
     terms = reward_terms(GROUP, batch, OBJECTIVES, cfg, depth=2)
     ideal = 30.0 + 10.0 / math.log2(3)
     # w1: items 0, 2 -> 30; w2: items 1, 2 -> 10.
@@ -51,7 +53,8 @@ def test_posterior_gmv_uses_linear_gain():
 
 
 def test_prior_is_discounted_value_over_the_ideal_by_hand():
-    cfg = RewardConfig(post_estimator="dcg_ips", post=0.0, prior=1.0, format=0.0, v_click=1.0, v_order=2.0, v_gmv=0.5)
+    cfg = RewardConfig(post_estimator="dcg_ips", post=0.0, prior=1.0, format=0.0, v_click=1.0, v_order=2.0,
+                       v_gmv=0.5)
     batch = tiny_batch()
     # value = pctr * (1 + pcvr * (2 + 0.5 * pgmv)): 0.45, 0.44, 0.8
     torch.testing.assert_close(prior_item_value(batch["pred"], batch["mask"], OBJECTIVES, cfg),
@@ -69,7 +72,8 @@ def test_prior_without_gmv_or_cvr_objectives():
     mask = torch.tensor([[True, False]])
     # No gmv objective: value = pctr * (1 + pcvr * 2); padding is 0.
     torch.testing.assert_close(prior_item_value(pred, mask, ["ctr", "cvr"], cfg), torch.tensor([[0.2, 0.0]]))
-    torch.testing.assert_close(prior_item_value(pred[..., :1], mask, ["ctr"], cfg), torch.tensor([[0.1, 0.0]]))
+    torch.testing.assert_close(prior_item_value(pred[..., :1], mask, ["ctr"], cfg),
+                               torch.tensor([[0.1, 0.0]]))
     with pytest.raises(InputError, match="ctr"):
         prior_item_value(pred, mask, ["cvr", "gmv"], cfg)
 
@@ -85,11 +89,12 @@ def test_format_penalty_by_hand():
 
 
 def test_per_objective_bounds_and_total_combination():
-    cfg = RewardConfig(post_estimator="dcg_ips", post=2.0, prior=0.5, format=3.0, w_min=[0.0, 0.2, 0.0], w_max=[1.0, 1.0, 0.1],
-                       entropy_floor=0.0)
+    cfg = RewardConfig(post_estimator="dcg_ips", post=2.0, prior=0.5, format=3.0, w_min=[0.0, 0.2, 0.0],
+                       w_max=[1.0, 1.0, 0.1], entropy_floor=0.0)
     terms = reward_terms(GROUP, tiny_batch(), OBJECTIVES, cfg, depth=2)
     torch.testing.assert_close(terms["format"], torch.tensor([[-0.2, 0.0]]))
-    torch.testing.assert_close(terms["total"], 2.0 * terms["post"] + 0.5 * terms["prior"] + 3.0 * terms["format"])
+    torch.testing.assert_close(terms["total"],
+                               2.0 * terms["post"] + 0.5 * terms["prior"] + 3.0 * terms["format"])
 
 
 def test_padding_one_item_lists_and_zero_labels_give_finite_rewards():
@@ -108,7 +113,8 @@ def test_padding_one_item_lists_and_zero_labels_give_finite_rewards():
     torch.testing.assert_close(terms["prior"][:2], torch.ones(2, g))
     # Padding never enters the ranking even when its z would win.
     batch["z"][0, 1:] = 100.0
-    torch.testing.assert_close(reward_terms(w, batch, OBJECTIVES, RewardConfig(post_estimator="dcg_ips", ), depth=10)["prior"][0],
+    torch.testing.assert_close(reward_terms(w, batch, OBJECTIVES, RewardConfig(post_estimator="dcg_ips", ),
+                                            depth=10)["prior"][0],
                                torch.ones(g))
 
 
@@ -155,15 +161,17 @@ def test_posterior_debiasing_weights_labels_by_inverse_examination():
     batch["click"] = torch.tensor([[1.0, 1.0, 0.0]])
     batch["position"] = torch.tensor([[0, 3, 1]])
     group = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])   # top-1: item 0, then item 1
-    plain = RewardConfig(post_estimator="dcg_ips", post=1.0, prior=0.0, format=0.0, post_click=1.0, post_order=0.0, post_gmv=0.0, post_debias=False)
-    debiased = RewardConfig(post_estimator="dcg_ips", post=1.0, prior=0.0, format=0.0, post_click=1.0, post_order=0.0, post_gmv=0.0)
+    plain = RewardConfig(post_estimator="dcg_ips", post=1.0, prior=0.0, format=0.0, post_click=1.0,
+                         post_order=0.0, post_gmv=0.0, post_debias=False)
+    debiased = RewardConfig(post_estimator="dcg_ips", post=1.0, prior=0.0, format=0.0, post_click=1.0,
+                            post_order=0.0, post_gmv=0.0)
     torch.testing.assert_close(reward_terms(group, batch, OBJECTIVES, plain, depth=1)["post"],
                                torch.tensor([[1.0, 1.0]]))
     # gains 1 and 4: item 0 on top gives 1/4 of the ideal, item 1 on top gives 4/4
     torch.testing.assert_close(reward_terms(group, batch, OBJECTIVES, debiased, depth=1)["post"],
                                torch.tensor([[0.25, 1.0]]))
-    clipped = RewardConfig(post_estimator="dcg_ips", post=1.0, prior=0.0, format=0.0, post_click=1.0, post_order=0.0, post_gmv=0.0,
-                           post_debias_clip=2.0)
+    clipped = RewardConfig(post_estimator="dcg_ips", post=1.0, prior=0.0, format=0.0, post_click=1.0,
+                           post_order=0.0, post_gmv=0.0, post_debias_clip=2.0)
     torch.testing.assert_close(reward_terms(group, batch, OBJECTIVES, clipped, depth=1)["post"],
                                torch.tensor([[0.5, 1.0]]))
 
@@ -179,13 +187,17 @@ def test_batch_normalisation_keeps_the_inverse_propensity_weight():
     batch["position"] = torch.tensor([[0, 1, 2], [4, 0, 1]])
     group = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(2, 2, 3)  # item 0 on top, then not
     kw = dict(post=1.0, prior=0.0, format=0.0, post_click=0.0, post_order=1.0, post_gmv=0.0)
-    per_request = reward_terms(group, batch, OBJECTIVES, RewardConfig(post_estimator="dcg_ips", post_normalise="request", **kw), depth=1)
+    per_request = reward_terms(group, batch, OBJECTIVES,
+                               RewardConfig(post_estimator="dcg_ips", post_normalise="request", **kw),
+                               depth=1)
     torch.testing.assert_close(per_request["post"], torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
-    per_batch = reward_terms(group, batch, OBJECTIVES, RewardConfig(post_estimator="dcg_ips", post_normalise="batch", **kw), depth=1)
+    per_batch = reward_terms(group, batch, OBJECTIVES,
+                             RewardConfig(post_estimator="dcg_ips", post_normalise="batch", **kw), depth=1)
     torch.testing.assert_close(per_batch["post"], torch.tensor([[1 / 3, 0.0], [5 / 3, 0.0]]))
     # A batch without any positive label gives 0, not NaN.
     batch["order"] = torch.zeros(2, 3)
-    assert torch.equal(reward_terms(group, batch, OBJECTIVES, RewardConfig(post_estimator="dcg_ips", **kw), depth=1)["post"], torch.zeros(2, 2))
+    assert torch.equal(reward_terms(group, batch, OBJECTIVES, RewardConfig(post_estimator="dcg_ips", **kw),
+                                    depth=1)["post"], torch.zeros(2, 2))
 
 
 def test_batch_posterior_points_at_the_truly_better_weights_on_simulated_logs(tmp_path):
@@ -205,7 +217,8 @@ def test_batch_posterior_points_at_the_truly_better_weights_on_simulated_logs(tm
     w = grid.expand(data["mask"].shape[0], -1, -1)
     best, corr = {}, {}
     for norm in ("request", "batch"):
-        cfg = RewardConfig(post_estimator="dcg_ips", prior=0.0, format=0.0, post_click=0.0, post_gmv=0.0, post_normalise=norm)
+        cfg = RewardConfig(post_estimator="dcg_ips", prior=0.0, format=0.0, post_click=0.0, post_gmv=0.0,
+                           post_normalise=norm)
         post = reward_terms(w, data, objectives, cfg, depth=10)["post"].mean(0)
         best[norm] = float(true_opm[post.argmax()])
         corr[norm] = float(torch.corrcoef(torch.stack([post, true_opm]))[0, 1])
