@@ -78,7 +78,7 @@ def posterior_objective(data: dict[str, torch.Tensor], objectives: list[str], we
 
     All requests form one batch (the normaliser is their mean ideal DCG); chunks run over the vectors.
     """
-    cfg = dataclasses.replace(reward, post=1.0, prior=0.0, format=0.0)
+    cfg = dataclasses.replace(reward, post=1.0, prior=0.0, format=0.0, post_estimator="dcg_ips")
     n, length = data["mask"].shape
     if n == 0:
         return torch.zeros(weights.shape[0], dtype=torch.float64)
