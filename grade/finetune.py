@@ -162,6 +162,9 @@ class _State:
     step: int = 0
     curve: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     log_lines: list[str] = dataclasses.field(default_factory=list)
+    kappa_integral: float = 0.0
+    """the integral part of the kappa target's multiplier (grade.grpo.train_step), carried from step
+    to step"""
 
 
 def finetune(features_uri: str, init_uri: str, out_uri: str, cfg: FinetuneConfig, *, rank: int = 0,
@@ -184,7 +187,8 @@ def finetune(features_uri: str, init_uri: str, out_uri: str, cfg: FinetuneConfig
     ckpt = training.load_checkpoint(out_uri, run.fingerprint)
     if ckpt is not None:
         training.restore(ckpt, run.policy, run.optimizer)
-        state = _State(ckpt.state["step"], ckpt.state["curve"], ckpt.log_lines)
+        state = _State(ckpt.state["step"], ckpt.state["curve"], ckpt.log_lines,
+                       float(ckpt.state.get("kappa_integral", 0.0)))
         log.info("finetune: resuming after step %d/%d from %s", state.step, run.total_steps,
                  store.join(out_uri, training.CHECKPOINTS))
     stage1 = _validate(run, run.reference)
@@ -290,7 +294,9 @@ def _train_epoch(run: _Run, state: _State, epoch: int, progress: training.Progre
             training.save_checkpoint(out_uri, "step", step, fingerprint=run.fingerprint,
                                      tensors={"model": training.state_tensors(run.policy)},
                                      optimizer=run.optimizer,
-                                     state={"step": step, "curve": state.curve}, log_lines=state.log_lines)
+                                     state={"step": step, "curve": state.curve,
+                                            "kappa_integral": state.kappa_integral},
+                                     log_lines=state.log_lines)
         if on_step is not None:
             on_step(step)
 
@@ -304,7 +310,9 @@ def _step(run: _Run, state: _State, epoch: int, batch: dict[str, torch.Tensor]) 
             group["lr"] = cfg.lr * (1.0 - state.step / run.total_steps)
     batch = _with_value_fields(batch, run.value, run.business, cfg)
     diag = train_step(run.policy, run.reference, run.optimizer, batch, run.objectives, cfg,
-                      step_seed(cfg.seed, state.step), run.gmv_unit, run.averager, _theta(run))
+                      step_seed(cfg.seed, state.step), run.gmv_unit, run.averager, _theta(run),
+                      state.kappa_integral)
+    state.kappa_integral = diag["kappa/integral"]
     state.step += 1
     state.log_lines.append(json.dumps({"step": state.step, "epoch": epoch + 1,
                                        "requests": int(batch["mask"].shape[0]), **diag},

@@ -11,7 +11,9 @@ One training step on a batch of requests:
    per-group scaling cancels the inverse-propensity weights of the logged labels (docs/finetune.md).
 3. several update epochs on the same samples: clipped surrogate on the ratio
    rho = exp(clamp(log pi_theta - log pi_old)) plus beta * KL(pi_theta || pi_ref) in closed form
-   (Dirichlet-Dirichlet, or Gaussian-Gaussian on the logits), gradient clipping, optimiser step.
+   (Dirichlet-Dirichlet, or Gaussian-Gaussian on the logits), plus lambda * mean log kappa (adaptive
+   kappa with a target), gradient clipping, optimiser step.
+   lambda comes from a PI controller on gap = (mean log kappa at sampling) - log kappa_target.
 
 Every function takes plain tensors so that a data-parallel wrapper only has to split the batches
 (``rank``/``world_size`` in the data iterator) and average gradients
@@ -43,6 +45,13 @@ class FinetuneConfig:
     """learn the Dirichlet concentration per request; false = fixed_kappa for every request (ablation)"""
     fixed_kappa: float = ranged(50.0, "> 0")
     """the concentration used when adaptive_kappa is false"""
+    kappa_target: float = ranged(50.0, ">= 0")
+    """adaptive kappa: a Lagrange multiplier holds the batch's geometric-mean kappa here, so the surrogate
+    only decides which requests get more or less of it (docs/finetune.md); 0 = unconstrained (earlier form)"""
+    kappa_dual_kp: float = ranged(5.0, ">= 0")
+    """proportional gain: lambda = integral + kappa_dual_kp * (mean log kappa - log kappa_target) now"""
+    kappa_dual_lr: float = ranged(0.2, "> 0")
+    """integral gain: the integral grows by this per step per nat of mean log kappa above the target"""
     gaussian_sigma: float = ranged(0.3, "> 0")
     """std of the logit noise of the gaussian exploration"""
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
@@ -113,6 +122,8 @@ class PolicyOutput:
     """[B] concentration (dirichlet); for gaussian the equivalent 1/sigma^2 is not meaningful: kappa head"""
     mean: torch.Tensor
     """[B, K] mean weights (the serving weights)"""
+    kappa_logit: torch.Tensor | None = None
+    """[B] the kappa head's output before its sigmoid (dirichlet only)"""
 
 
 def policy_output(policy: PolicyNet, num: torch.Tensor, cat: torch.Tensor,
@@ -123,9 +134,9 @@ def policy_output(policy: PolicyNet, num: torch.Tensor, cat: torch.Tensor,
         mu = torch.softmax(logits, -1)
         dist = D.Independent(D.Normal(logits, torch.full_like(logits, cfg.gaussian_sigma)), 1)
         return PolicyOutput(dist, torch.zeros_like(mu[:, 0]), mu)
-    mu, kappa = policy(num, cat)
+    mu, kappa, kappa_logit = policy.heads(policy.hidden(num, cat))
     alpha = kappa.unsqueeze(-1) * mu + policy.alpha_floor
-    return PolicyOutput(D.Dirichlet(alpha), kappa, mu)
+    return PolicyOutput(D.Dirichlet(alpha), kappa, mu, kappa_logit)
 
 
 def action_to_weights(action: torch.Tensor, cfg: FinetuneConfig) -> torch.Tensor:
@@ -147,6 +158,8 @@ class Rollout:
     """[B, G, K] weight vectors on the simplex"""
     log_prob_old: torch.Tensor
     """[B, G] log pi_old(action | x), stored at sampling time"""
+    kappa: torch.Tensor
+    """[B] concentration at sampling time (zeros for gaussian)"""
 
 
 @torch.no_grad()
@@ -170,7 +183,7 @@ def rollout(policy: PolicyNet, num: torch.Tensor, cat: torch.Tensor, cfg: Finetu
         actions = actions.clamp_min(cfg.sample_eps)
         actions = actions / actions.sum(-1, keepdim=True)
     log_prob_old = log_prob(out.dist, actions)
-    return Rollout(actions, action_to_weights(actions, cfg), log_prob_old)
+    return Rollout(actions, action_to_weights(actions, cfg), log_prob_old, out.kappa)
 
 
 def global_distribution(dist: D.Distribution) -> D.Distribution:
@@ -245,15 +258,77 @@ def clipped_surrogate(new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, ad
     return loss, stats
 
 
+def kappa_is_targeted(cfg: FinetuneConfig) -> bool:
+    """Whether the loss carries the Lagrangian term on kappa (adaptive Dirichlet with a target)."""
+    return cfg.exploration == "dirichlet" and cfg.adaptive_kappa and cfg.kappa_target > 0
+
+
+def kappa_penalty(out: PolicyOutput, multiplier: float) -> torch.Tensor:
+    """The Lagrangian term lambda * mean(kappa logit) (scalar) that holds kappa at its target.
+
+    Why a constraint at all: near the mean's optimum the reward is concave in w, so any spread costs
+    expected reward and the surrogate's kappa gradient points up for nearly every request; nothing but
+    the ceiling stops it. Fixing the batch's mean log kappa leaves the surrogate to decide only how
+    kappa is shared out: high where narrowing gains most reward, low where the reward is flat.
+    The term acts on the logit, not on log kappa: through the sigmoid its pull would vanish on
+    requests that sit at kappa_min or kappa_max, and the multiplier would wind up without effect.
+    """
+    return multiplier * out.kappa_logit.mean()
+
+
+def kappa_gap(kappa: torch.Tensor, cfg: FinetuneConfig) -> float:
+    """mean log kappa - log kappa_target over every process's requests (kappa [B]); 0 when untargeted.
+
+    All processes get the same gap and so hold the same lambda (the loss term needs no such sum: the
+    gradient averager makes the local means' gradients the global one's).
+    """
+    if not kappa_is_targeted(cfg):
+        return 0.0
+    with torch.no_grad():
+        sums = distributed.all_sum(torch.stack([kappa.double().log().sum(),
+                                                torch.tensor(float(kappa.numel()), dtype=torch.float64)]))
+    return float(sums[0] / sums[1]) - math.log(cfg.kappa_target)
+
+
+def kappa_controller(integral: float, kappa: torch.Tensor, cfg: FinetuneConfig) -> tuple[float, float, float]:
+    """(lambda for this step's loss, the next integral, gap) from the sampling-time kappa [B]: a PI
+    controller.
+
+    lambda = integral + kappa_dual_kp * gap and the integral grows by kappa_dual_lr * gap; all three are 0
+    when kappa is not targeted. The proportional part damps: with the integral alone (plain dual ascent)
+    kappa swings between its bounds, since Adam moves the kappa head at its own pace whatever lambda's size.
+    """
+    if not kappa_is_targeted(cfg):
+        return 0.0, 0.0, 0.0
+    gap = kappa_gap(kappa, cfg)
+    return integral + cfg.kappa_dual_kp * gap, integral + cfg.kappa_dual_lr * gap, gap
+
+
+def kappa_diagnostics(kappa: torch.Tensor, rewards: torch.Tensor) -> dict[str, float]:
+    """kappa's spread over requests from kappa [B] and rewards [B, G]: deciles, the std of log kappa
+    and the correlation of log kappa with each request's reward std over its group (0 if either is
+    constant, e.g. fixed kappa)."""
+    log_kappa, spread = kappa.double().log(), rewards.double().std(-1)
+    q = torch.quantile(kappa.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+    corr = 0.0
+    if kappa.numel() > 1 and float(log_kappa.std()) > 1e-9 and float(spread.std()) > 1e-12:
+        corr = float(torch.corrcoef(torch.stack([log_kappa, spread]))[0, 1])
+    return {"policy/kappa_p10": float(q[0]), "policy/kappa_p50": float(q[1]), "policy/kappa_p90": float(q[2]),
+            "policy/log_kappa_std": float(log_kappa.std()) if kappa.numel() > 1 else 0.0,
+            "policy/kappa_reward_spread_corr": corr}
+
+
 def grpo_loss(policy: PolicyNet, reference_out: PolicyOutput, num: torch.Tensor, cat: torch.Tensor,
-              roll: Rollout, adv: torch.Tensor,
-              cfg: FinetuneConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Total loss and its parts for one update epoch."""
+              roll: Rollout, adv: torch.Tensor, cfg: FinetuneConfig,
+              kappa_multiplier: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Total loss and its parts for one update epoch (``kappa_multiplier``: lambda of the kappa target)."""
     out = policy_output(policy, num, cat, cfg)
     new_lp = log_prob(out.dist, roll.actions)
     policy_loss, stats = clipped_surrogate(new_lp, roll.log_prob_old, adv, cfg.clip, cfg.log_ratio_clip)
     kl = kl_to_reference(out, reference_out).mean()
     loss = policy_loss + cfg.kl_coef * kl
+    if kappa_is_targeted(cfg):
+        loss = loss + kappa_penalty(out, kappa_multiplier)
     stats.update(policy_loss=policy_loss.detach(), kl=kl.detach(), out=out)
     return loss, stats
 
@@ -266,13 +341,15 @@ def train_step(policy: PolicyNet, reference: PolicyNet, optimizer: torch.optim.O
                batch: dict[str, torch.Tensor], objectives: list[str], cfg: FinetuneConfig,
                seed: int, gmv_unit: float = 1.0,
                averager: distributed.GradientAverager | None = None,
-               theta: torch.Tensor | None = None) -> dict[str, float]:
+               theta: torch.Tensor | None = None, kappa_integral: float = 0.0) -> dict[str, float]:
     """Rollout, rewards, advantages and ``update_epochs`` clipped updates on one batch.
 
     Returns the step's diagnostics under namespaced keys. ``seed`` fixes this step's samples;
     ``gmv_unit`` scales pgmv in the prior (see :func:`grade.reward.gmv_unit_of`); ``averager``
     averages gradients over data-parallel ranks (default: one for the current process group);
     ``theta``: the estimated examination curve the posterior estimators need (grade.reward.reward_terms).
+    ``kappa_integral`` is the integral part of the kappa target's lambda, ``kappa/integral`` in the
+    result its next value.
     """
     averager = averager or distributed.GradientAverager()
     num, cat = batch["num"], batch["cat"]
@@ -283,10 +360,11 @@ def train_step(policy: PolicyNet, reference: PolicyNet, optimizer: torch.optim.O
                              sync=True, theta=theta)
         adv, constant = group_advantages(terms["total"], cfg.adv_eps, cfg.advantage_norm)
         reference_out = policy_output(reference, num, cat, cfg)
+    kappa_multiplier, next_integral, gap = kappa_controller(kappa_integral, roll.kappa, cfg)
 
     first_ratio_mean = float("nan")
     for epoch in range(cfg.update_epochs):
-        loss, stats = grpo_loss(policy, reference_out, num, cat, roll, adv, cfg)
+        loss, stats = grpo_loss(policy, reference_out, num, cat, roll, adv, cfg, kappa_multiplier)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         averager(policy)
@@ -321,6 +399,10 @@ def train_step(policy: PolicyNet, reference: PolicyNet, optimizer: torch.optim.O
         "policy/kappa_mean": float(kappa.mean()),
         "policy/kappa_min": float(kappa.min()),
         "policy/kappa_max": float(kappa.max()),
+        **(kappa_diagnostics(kappa, terms["total"]) if cfg.exploration == "dirichlet" else {}),
+        "kappa/gap": gap,
+        "kappa/multiplier": kappa_multiplier,
+        "kappa/integral": next_integral,
         "grad/norm": float(grad_norm),
     }
     for k in range(mean_w.shape[-1]):

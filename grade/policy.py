@@ -101,14 +101,22 @@ class PolicyNet(nn.Module):
         return self.mu_head(self.hidden(num, cat))
 
     def forward(self, num: torch.Tensor, cat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.hidden(num, cat)
+        mu, kappa, _ = self.heads(self.hidden(num, cat))
+        return mu, kappa
+
+    def heads(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mu [B, K], kappa [B], kappa logit [B]) from the trunk's output h [B, H].
+
+        The logit is the kappa head's output before the sigmoid: a loss on it keeps its gradient where
+        kappa sits at one of its bounds (the sigmoid's gradient vanishes there).
+        """
         mu = torch.softmax(self.mu_head(h), dim=-1)
+        logit = self.kappa_head(h)[:, 0]
         if self.fixed_kappa > 0:
             kappa = torch.full_like(mu[:, 0], self.fixed_kappa)
         else:
-            kappa = (self.kappa_min
-                     + (self.kappa_max - self.kappa_min) * torch.sigmoid(self.kappa_head(h)[:, 0]))
-        return mu, kappa
+            kappa = self.kappa_min + (self.kappa_max - self.kappa_min) * torch.sigmoid(logit)
+        return mu, kappa, logit
 
     def alpha(self, num: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
         """Dirichlet concentration parameters [B, K], every entry >= alpha_floor."""

@@ -43,8 +43,9 @@ def _train(n: int = 800, seed: int = 0) -> dict[str, torch.Tensor]:
 def test_best_static_beats_static_on_its_train_objective_and_is_deterministic():
     spec = {"pred_log_std": [1.0, 1.0]}
     train = _train()
-    res = baselines.best_static(train, spec, depth=5, objective="ndcg_order", iterations=5, population=16, seed=3)
-    again = baselines.best_static(train, spec, depth=5, objective="ndcg_order", iterations=5, population=16, seed=3)
+    search = {"depth": 5, "objective": "ndcg_order", "iterations": 5, "population": 16, "seed": 3}
+    res = baselines.best_static(train, spec, **search)
+    again = baselines.best_static(train, spec, **search)
     assert torch.equal(res.weights, again.weights)
     assert res.objective >= res.static_objective
     assert res.objective > res.static_objective + 0.01  # (0.5, 0.5) is clearly improvable here
@@ -69,11 +70,14 @@ def test_best_static_with_no_iterations_is_static_and_bad_objective_is_refused()
     from grade.reward import RewardConfig
 
     with pytest.raises(InputError, match="post_click, post_order or post_gmv"):
-        baselines.best_static(_train(50), spec, reward=RewardConfig(post_estimator="dcg_ips", post_click=0.0, post_order=0.0, post_gmv=0.0))
+        baselines.best_static(_train(50), spec,
+                              reward=RewardConfig(post_estimator="dcg_ips", post_click=0.0, post_order=0.0,
+                                                  post_gmv=0.0))
     no_positive = {**_train(50), "order": torch.zeros(50, 10), "click": torch.zeros(50, 10),
                    "gmv": torch.zeros(50, 10), "position": torch.zeros(50, 10, dtype=torch.long)}
     res = baselines.best_static(no_positive, {**spec, "objectives": ["ctr", "cvr"]}, depth=5, iterations=2)
-    assert res.weights.tolist() == pytest.approx([0.25, 0.75]) and res.n_requests == 0 and res.objective == 0.0
+    assert res.weights.tolist() == pytest.approx([0.25, 0.75])
+    assert res.n_requests == 0 and res.objective == 0.0
 
 
 def test_posterior_search_maximises_stage2_posterior_reward():
@@ -102,10 +106,12 @@ def test_posterior_objective_by_hand():
     from grade.reward import RewardConfig
 
     z = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]]])
-    data = {"z": z, "mask": torch.ones(2, 2, dtype=torch.bool), "order": torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
-            "click": torch.zeros(2, 2), "gmv": torch.zeros(2, 2), "position": torch.tensor([[0, 1], [1, 3]])}
+    data = {"z": z, "mask": torch.ones(2, 2, dtype=torch.bool),
+            "order": torch.tensor([[1.0, 0.0], [0.0, 1.0]]), "click": torch.zeros(2, 2),
+            "gmv": torch.zeros(2, 2), "position": torch.tensor([[0, 1], [1, 3]])}
     reward = RewardConfig(post_estimator="dcg_ips", post_click=0.0, post_gmv=0.0)
-    vals = baselines.posterior_objective(data, ["ctr", "cvr"], torch.tensor([[1.0, 0.0], [0.0, 1.0]]), reward, 1)
+    vals = baselines.posterior_objective(data, ["ctr", "cvr"], torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
+                                         reward, 1)
     assert vals.tolist() == pytest.approx([0.2, 0.8])
 
 
