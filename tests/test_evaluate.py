@@ -124,6 +124,7 @@ def test_report_shape_and_outputs(evaluated):
     expected = {"static", "best_static", "logged", "grade"} | ({"oracle"} if HAS_SIMULATOR else set())
     assert expected <= set(on_disk["policies"])
     for flavour, metrics in (("true", {"ctr", "cvr", "opm", "gpm"}), ("prior", {"ctr", "cvr", "opm", "gpm"}),
+                             ("estimated", {"ctr", "cvr", "opm", "gpm"}),
                              ("replay", {"ndcg_click", "ndcg_order", "ndcg_gmv", "gauc"})):
         assert set(on_disk["policies"]["grade"][flavour]) == metrics
     lift = on_disk["lift_vs_static"]["grade"]["true"]["opm"]
@@ -142,7 +143,8 @@ def test_report_shape_and_outputs(evaluated):
     assert on_disk["comparisons"]["grade"]["opm_lift_vs_best_static"] == vs_best
     assert "best_static higher (" in format_table(on_disk) or "best_static NOT higher (" in format_table(on_disk)
     seg = on_disk["segments"]
-    assert seg["feature"] == "segment" and set(seg["by_segment"]) == {"0", "1", "2"}
+    names = {"browser", "buyer", "bargain_hunter"} if HAS_SIMULATOR else {"0", "1", "2"}
+    assert seg["feature"] == "segment" and set(seg["by_segment"]) == names
     assert sum(v["n_requests"] for v in seg["by_segment"].values()) == 500
     # Mean learned weights per segment are on the simplex.
     for w in seg["mean_weights"]["grade"].values():
@@ -312,7 +314,7 @@ def test_comparisons_by_hand():
 REPORT_KEYS = {"n_requests", "split", "primary_metric", "primary_flavour", "has_ground_truth", "objectives",
                "exposure_depth", "policies", "lift_vs_static", "models", "weights", "best_static_search",
                "headroom_captured", "lift_vs", "comparisons", "headroom_sentence", "segments", "frontier",
-               "config", "features", "elapsed_s"}
+               "config", "features", "elapsed_s", "value_model", "estimator_check", "business"}
 
 
 def test_the_stages_compose_to_report_json(evaluated, tmp_path):
@@ -325,7 +327,13 @@ def test_the_stages_compose_to_report_json(evaluated, tmp_path):
     on_disk = store.read_json(store.join(out, "report.json"))
     assert set(on_disk) == REPORT_KEYS and on_disk == json.loads(json.dumps(evaluation._finite(report)))
     cfg = small_config()
-    held = evaluation.load_inputs(features, cfg, None)
+    # the value model the run fitted itself is published in the report folder, with its report entry
+    from grade.value_model import load_value_model
+
+    assert report["value_model"]["uri"] == "fitted"
+    fitted = store.join(out, evaluation.FITTED_VALUE_MODEL)
+    assert report["value_model"]["content_hash"] == store.content_hash(fitted)
+    held = evaluation.load_inputs(features, cfg, None, value_model=(load_value_model(fitted), report["value_model"]))
     named, info = evaluation.named_models({"grade": model}, None, cfg)
     staged = evaluation.build_report(held, evaluation.compute_policies(held, named, info), ["grade"],
                                      time.monotonic())
@@ -353,6 +361,6 @@ def test_a_baseline_or_primary_flavour_is_one_registry_entry(evaluated, tmp_path
     assert report["weights"]["uniform"] == pytest.approx(uniform.tolist())
     assert set(report["lift_vs_static"]["uniform"]["prior"]) >= {"ctr", "opm"}
     assert report["broken_unavailable"] == "needs data this run does not have"
-    assert report["primary_flavour"] == "prior"  # 'never' is not available; 'prior' now comes before 'true'
+    assert report["primary_flavour"] == "estimated"  # 'never' is unavailable; 'estimated' now precedes 'true'
     with pytest.raises(InputError, match="reserved"):
         run_evaluation(features, {"uniform": "x"}, str(tmp_path / "o2"), small_config())
