@@ -221,15 +221,67 @@ def test_html_is_self_contained(evaluated):
         assert f"<h2>{heading}</h2>" in page
 
 
-def test_without_ground_truth_uses_prior_and_a_categorical_segment(tmp_path):
-    features = make_features(tmp_path / "f", n_train=200, n_test=150, truth=False)
-    report = run_evaluation(features, {}, str(tmp_path / "out"), small_config(static_search_iterations=0))
-    assert not report["has_ground_truth"] and report["primary_flavour"] == "prior"
-    assert "true" not in report["policies"]["static"] and "oracle" not in report["policies"]
-    assert report["segments"]["feature"] == "c_segment_hint"
-    assert set(report["segments"]["by_segment"]) <= {"10", "20", "30", "(other)"}
-    assert report["headroom_captured"] == {}
-    assert math.isfinite(report["lift_vs_static"]["logged"]["prior"]["opm"]["lift"])
+def test_truth_free_run_leads_with_estimated_and_the_gate_decides_as_with_truth(tmp_path):
+    """The same logs with and without the ground-truth columns: estimated leads, the gate agrees."""
+    from grade.promotion import PromoteConfig, decide
+    from grade.registry import Registry
+
+    model = make_model(tmp_path / "model")
+    cfg = small_config(static_search_iterations=0)
+    reports = {}
+    for truth in (True, False):
+        features = make_features(tmp_path / f"f{truth}", n_train=300, n_test=300, truth=truth, seed=3)
+        reports[truth] = run_evaluation(features, {"grade": model}, str(tmp_path / f"out{truth}"), cfg)
+    free, true = reports[False], reports[True]
+    assert not free["has_ground_truth"] and free["primary_flavour"] == "estimated"
+    assert true["primary_flavour"] == "true" and free["primary_metric"] == true["primary_metric"] == "opm"
+    assert "true" not in free["policies"]["static"] and "oracle" not in free["policies"]
+    assert free["segments"]["feature"] == "c_segment_hint"
+    assert set(free["segments"]["by_segment"]) <= {"10", "20", "30", "(other)"}
+    assert free["headroom_captured"] == {} and free["estimator_check"] == {}
+    # the estimated flavour only reads the logs: identical with and without the truth columns
+    assert free["policies"]["grade"]["estimated"] == pytest.approx(true["policies"]["grade"]["estimated"])
+    assert "estimated OPM lift" in format_table(true)
+    blessings = {t: decide(r, model, Registry(str(tmp_path / f"reg{t}"), "m"), PromoteConfig())
+                 for t, r in reports.items()}
+    assert blessings[False].primary == "estimated/opm" and blessings[True].primary == "true/opm"
+    assert [c.name.split("/", 1)[1] for c in blessings[False].checks] == \
+        [c.name.split("/", 1)[1] for c in blessings[True].checks]
+    assert blessings[False].blessed == blessings[True].blessed
+    lift = {t: r["lift_vs_static"]["grade"][r["primary_flavour"]]["opm"]["lift"] for t, r in reports.items()}
+    assert (lift[False] > 0) == (lift[True] > 0)
+
+
+@pytest.mark.skipif(not HAS_SIMULATOR, reason="segment names come from grade.simulator")
+def test_segment_best_and_the_distance_of_learned_to_best_weights(evaluated):
+    _, _, _, report = evaluated
+    assert "segment_best" in report["policies"]
+    best = report["segments"]["best_weights"]
+    assert set(best) == {"browser", "buyer", "bargain_hunter"}
+    rows = report["segments"]["l1_to_best"]["grade"]
+    for seg, w in best.items():
+        learned = report["segments"]["mean_weights"]["grade"][seg]
+        assert rows[seg]["l1"] == pytest.approx(sum(abs(a - b) for a, b in zip(learned, w)))
+    assert rows["mean_l1"] == pytest.approx(sum(rows[s]["l1"] for s in best) / 3)
+    # searched with the truth on valid, evaluated on test: never far below the global static weights
+    assert report["policies"]["segment_best"]["true"]["opm"] >= 0.95 * report["policies"]["static"]["true"]["opm"]
+    check = report["estimator_check"]
+    assert check["metric"] == "opm" and 0 <= check["covered_share"] <= 1
+    assert set(check["segments"]) == {"browser", "buyer", "bargain_hunter"}
+    for row in check["segments"].values():
+        assert {"ips", "snips", "dm", "switch", "prior", "best"} <= set(row)
+        assert all(0 <= row[k]["share"] <= 1 + 1e-9 for k in ("ips", "dm", "prior"))
+
+
+def test_logged_policy_estimated_by_ips_is_the_logged_feedback(evaluated):
+    """IPS of the logging policy under any theta-hat: the logged clicks and orders of its top E."""
+    features, _, _, report = evaluated
+    from grade import dataset
+
+    test = dataset.load_split(features, "test")
+    top = (test["position"] >= 0) & (test["position"] < 5) & test["mask"]
+    est = report["policies"]["logged"]["estimated"]
+    assert est["cvr"] == pytest.approx(float(test["order"][top].double().sum() / test["click"][top].double().sum()), rel=1e-9)
 
 
 def test_bad_inputs_raise_input_errors(tmp_path, evaluated):
