@@ -254,7 +254,9 @@ def test_truth_free_run_leads_with_estimated_and_the_gate_decides_as_with_truth(
 
 @pytest.mark.skipif(not HAS_SIMULATOR, reason="segment names come from grade.simulator")
 def test_segment_best_and_the_distance_of_learned_to_best_weights(evaluated):
-    _, _, _, report = evaluated
+    _, _, out, report = evaluated
+    page = store.read_bytes(store.join(out, "report.html")).decode()
+    assert "Estimator check" in page and "<th>L1</th>" in page and "truly best vector" in page
     assert "segment_best" in report["policies"]
     best = report["segments"]["best_weights"]
     assert set(best) == {"browser", "buyer", "bargain_hunter"}
