@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -263,7 +262,7 @@ def test_segment_best_and_the_distance_of_learned_to_best_weights(evaluated):
     rows = report["segments"]["l1_to_best"]["grade"]
     for seg, w in best.items():
         learned = report["segments"]["mean_weights"]["grade"][seg]
-        assert rows[seg]["l1"] == pytest.approx(sum(abs(a - b) for a, b in zip(learned, w)))
+        assert rows[seg]["l1"] == pytest.approx(sum(abs(a - b) for a, b in zip(learned, w, strict=True)))
     assert rows["mean_l1"] == pytest.approx(sum(rows[s]["l1"] for s in best) / 3)
     # searched with the truth on valid, evaluated on test: never far below the global static weights
     assert report["policies"]["segment_best"]["true"]["opm"] >= 0.95 * report["policies"]["static"]["true"]["opm"]
