@@ -1,7 +1,10 @@
 """Offline auction evaluation: every policy on the same held-out requests, report.json/html, KFP metrics.
 
     python -m components.evaluate --features URI --model NAME=URI [--model NAME=URI ...] --out URI
-                                  [--config YAML] [--set SECTION.KEY=VALUE ...] [--registry URI]
+                                  [--outcome URI] [--config YAML] [--set SECTION.KEY=VALUE ...] [--registry URI]
+
+Without --outcome a value model is fitted on the features' train split (config section ``outcome``) and
+published in the report folder's value_model/.
 
 Prints a table of metrics and lifts vs static (with paired bootstrap CIs) and the report's path.
 """
@@ -32,11 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a policy model folder to evaluate under NAME (repeatable), e.g. grade=s3://b/models/grade")
     p.add_argument("--out", required=True, metavar="URI",
                    help="output folder: report.json, report.html, metrics.json (KFP), config.json")
+    p.add_argument("--outcome", metavar="URI",
+                   help="value model (components.outcome output) for the estimated flavour; without it one is "
+                        "fitted on the train split and published in OUT/value_model/")
     p.add_argument("--registry", metavar="URI",
                    help="model registry root; its production model is evaluated as 'incumbent' "
                         "when it exists")
     config.add_arguments(p, ("evaluate.split", "evaluate.bootstrap_samples", "evaluate.seed"),
-                         config_help="config file; its 'evaluate' section and finetune.reward are used")
+                         config_help="config file; its 'evaluate', 'business' and 'outcome' sections and "
+                                     "finetune.reward are used")
     return p
 
 
@@ -53,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = sections["evaluate"]
     # best_static searches the best global answer to the reward Stage 2 was trained on
     reward = sections["finetune"].reward
-    report = run_evaluation(args.features, models, args.out, cfg, registry_uri=args.registry, reward=reward)
+    report = run_evaluation(args.features, models, args.out, cfg, registry_uri=args.registry, reward=reward,
+                            business=sections["business"], outcome_uri=args.outcome,
+                            value_model_cfg=sections["outcome"])
     print(format_table(report))
     print(f"report: {store.join(args.out, 'report.html')}")
     return 0

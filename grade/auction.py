@@ -11,6 +11,12 @@ Exposure: the top E items of the ranking, examined with probability theta_j = 1/
   GMV M = sum theta ctr cvr price, impressions I = sum theta;
   CTR = C/I, CVR = O/C, OPM = 1000 O/I, GPM = 1000 M/I.
 - **prior**: the same formulas on the MTL predictions (pred ctr, cvr, gmv as the order value).
+- **estimated** (logs only, no truth needed): the same formulas with clicks, orders and GMV of the
+  policy's top E estimated from the logged feedback by a counterfactual estimator
+  (:func:`grade.estimators.ranking_value`, default examination IPS) under the *estimated* examination
+  curve theta-hat of a value model; impressions I = sum of theta-hat over the shown slots. ``vpm``
+  (value per mille, 1000 V / I) is the declared business value when it mixes kinds. For the logging
+  policy IPS returns the logged feedback exactly (every weight is 1).
 - **replay**: NDCG@E against the logged click / order / gmv labels (averaged over requests that have
   a positive label) and GAUC of clicks (per-request AUC over the whole list, weighted by list length,
   over requests with both clicked and unclicked items).
@@ -27,9 +33,10 @@ from collections.abc import Iterable
 
 import torch
 
+from grade.estimators import ranking_value
 from grade.fusion import examination, fuse, gather_items, ndcg_at, top_e
 
-FLAVOURS = ("true", "prior", "replay")
+FLAVOURS = ("true", "estimated", "prior", "replay")
 
 #: flavour -> metric -> (numerator key, denominator key, scale). Keys name per-request sums; keys
 #: without a flavour prefix are policy-independent (shared by every policy).
@@ -39,6 +46,14 @@ METRICS: dict[str, dict[str, tuple[str, str, float]]] = {
         "cvr": ("true.orders", "true.clicks", 1.0),
         "opm": ("true.orders", "impressions", 1000.0),
         "gpm": ("true.gmv", "impressions", 1000.0),
+        "vpm": ("true.value", "impressions", 1000.0),
+    },
+    "estimated": {
+        "ctr": ("estimated.clicks", "estimated.impressions", 1.0),
+        "cvr": ("estimated.orders", "estimated.clicks", 1.0),
+        "opm": ("estimated.orders", "estimated.impressions", 1000.0),
+        "gpm": ("estimated.gmv", "estimated.impressions", 1000.0),
+        "vpm": ("estimated.value", "estimated.impressions", 1000.0),
     },
     "prior": {
         "ctr": ("prior.clicks", "impressions", 1.0),
@@ -59,6 +74,40 @@ _REPLAY_LABELS = (("click", "exp2"), ("order", "exp2"), ("gmv", "linear"))
 
 def has_ground_truth(data: dict[str, torch.Tensor]) -> bool:
     return all(k in data for k in ("true_ctr", "true_cvr", "price"))
+
+
+@dataclasses.dataclass
+class EstimatorInputs:
+    """What the ``estimated`` flavour needs besides a policy's ranking (N requests, L candidates, E slots)."""
+
+    name: str
+    """estimator (one of grade.estimators.ESTIMATORS)"""
+    theta: torch.Tensor
+    """[E] float64: the estimated examination at the new positions 0..E-1"""
+    logged_theta: torch.Tensor
+    """[N, L] float64: the estimated examination at each candidate's logged position (0 = not logged)"""
+    labels: dict[str, torch.Tensor]
+    """"clicks", "orders", "gmv" (and "value", the declared value) -> logged label per item [N, L]"""
+    models: dict[str, torch.Tensor] | None
+    """the same keys -> the outcome model's expected label of an examined item [N, L] (dm/switch/shrunk)"""
+    max_weight: float = math.inf
+    """importance weights are clipped here"""
+
+    def sums(self, idx: torch.Tensor, rows: slice) -> dict[str, torch.Tensor]:
+        """Estimated sums [B] float64 of the rankings ``idx`` [B, E] of requests ``rows``, keyed by label."""
+        out = {}
+        for key, y in self.labels.items():
+            m = None if self.models is None else self.models[key][rows]
+            est = ranking_value(self.name, idx.unsqueeze(1), self.theta, self.logged_theta[rows], y[rows], m,
+                                max_weight=self.max_weight)
+            out[key] = est.value[:, 0].to(torch.float64)
+        return out
+
+    def impressions(self, mask: torch.Tensor) -> torch.Tensor:
+        """Sum of theta-hat over the shown slots of each request: [N] float64 (policy-independent)."""
+        e = self.theta.shape[0]
+        shown = torch.arange(e).unsqueeze(0) < mask.sum(-1).unsqueeze(1)
+        return (shown * self.theta.to(torch.float64)).sum(-1)
 
 
 def objective_index(objectives: Iterable[str]) -> dict[str, int]:
@@ -110,10 +159,12 @@ def auc_per_request(scores: torch.Tensor, labels: torch.Tensor,
     return torch.where(valid, auc, torch.zeros_like(auc)), valid
 
 
-def shared_sums(data: dict[str, torch.Tensor], depth: int, eta: float) -> dict[str, torch.Tensor]:
+def shared_sums(data: dict[str, torch.Tensor], depth: int, eta: float,
+                estimator: EstimatorInputs | None = None) -> dict[str, torch.Tensor]:
     """Policy-independent denominators [N] float64: impressions and the replay normalisers.
 
-    Impressions depend only on how many items a request has (every policy shows its top E).
+    Impressions depend only on how many items a request has (every policy shows its top E); with an
+    ``estimator``, also the estimated impressions (theta-hat instead of theta).
     """
     mask = data["mask"]
     e = min(depth, mask.shape[1])
@@ -121,6 +172,8 @@ def shared_sums(data: dict[str, torch.Tensor], depth: int, eta: float) -> dict[s
     n_items = mask.sum(-1)
     shown = torch.arange(e).unsqueeze(0) < n_items.unsqueeze(1)
     out = {"impressions": (shown * theta).sum(-1)}
+    if estimator is not None:
+        out["estimated.impressions"] = estimator.impressions(mask)
     for label, _ in _REPLAY_LABELS:
         if label in data:
             out[f"has_{label}"] = ((data[label] > 0) & mask).any(-1).to(torch.float64)
@@ -134,12 +187,14 @@ def shared_sums(data: dict[str, torch.Tensor], depth: int, eta: float) -> dict[s
 
 def policy_sums(data: dict[str, torch.Tensor], objectives: list[str], *, weights: torch.Tensor | None = None,
                 scores: torch.Tensor | None = None, depth: int = 10, eta: float = 1.0,
-                chunk: int = 16384) -> dict[str, torch.Tensor]:
+                chunk: int = 16384, estimator: EstimatorInputs | None = None,
+                value_weights: tuple[float, float, float] | None = None) -> dict[str, torch.Tensor]:
     """Per-request policy-dependent sums [N] (float64) of one policy, keyed like :data:`METRICS`.
 
     The policy is either ``weights`` ([K] global or [N, K] per request, fused on ``data["z"]``) or
     precomputed ``scores`` [N, L] (higher ranks first). Flavours whose inputs are missing from
-    ``data`` are left out (no ground truth -> no "true.*").
+    ``data`` are left out (no ground truth -> no "true.*"; no ``estimator`` -> no "estimated.*").
+    ``value_weights`` (v_click, v_order, v_gmv per raw GMV unit) adds the true declared value "true.value".
     """
     if (weights is None) == (scores is None):
         raise ValueError("give exactly one of weights or scores")
@@ -166,6 +221,11 @@ def policy_sums(data: dict[str, torch.Tensor], objectives: list[str], *, weights
             for k, v in exposure_sums(idx, m, theta, data["true_ctr"][sl], data["true_cvr"][sl],
                                       data["price"][sl]).items():
                 out[f"true.{k}"] = v
+            if value_weights is not None:
+                out["true.value"] = sum(v * out[f"true.{k}"] for v, k in
+                                        zip(value_weights, ("clicks", "orders", "gmv"), strict=True))
+        if estimator is not None:
+            out.update({f"estimated.{k}": v for k, v in estimator.sums(idx, sl).items()})
         if pred is not None and "ctr" in obj:
             p = pred[sl]
             cvr = p[..., obj["cvr"]] if "cvr" in obj else None

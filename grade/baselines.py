@@ -3,13 +3,16 @@
 - ``static``: the production default, ranking by the product of the MTL predictions. In the
   standardised space log p_k = s_k z_k + m_k, so the product order is w_k proportional to s_k.
 - ``best_static``: one global weight vector, searched on the TRAIN split by the cross-entropy method
-  (CEM) over softmax logits. Train has no ground truth, so the objective is a replay metric on logged
-  labels: by default Stage 2's posterior reward (the same click/order/GMV mix, 1/theta-weighted and
+  (CEM) over softmax logits. Train has no ground truth, so the objective is estimated from the logs: by
+  default the declared business value by a counterfactual estimator (``estimated``: the direct method
+  of the value model's outcome model, as Stage 2's reward, or IPS); or Stage 2's posterior reward (the same click/order/GMV mix, 1/theta-weighted and
   normalised over all search requests at once), so best_static is the best *global* answer to the
   question GRADE answers per request; or the per-request NDCG@E of one logged label (biased towards
   the logging policy, see docs/finetune.md). The search always evaluates the static weights too and
   returns the best vector seen, so its objective value on train is never below static's.
 - ``logged``: the order the logging policy displayed (rank by -position).
+- ``segment_best``: per true segment, the global weights with the best TRUE declared value on the
+  valid split (simulated data only; a ceiling for a policy that knew each user's segment).
 - ``oracle``: per request, the weights that maximise the TRUE business value (simulated data only),
   from ``grade.simulator.oracle_weights``.
 """
@@ -21,13 +24,15 @@ import logging
 
 import torch
 
+from grade.auction import EstimatorInputs, simplex_grid, sweep_global_weights
 from grade.errors import InputError
-from grade.fusion import fuse, ndcg_at
+from grade.estimators import ranking_value
+from grade.fusion import fuse, ndcg_at, top_e
 from grade.reward import RewardConfig, reward_terms
 
 log = logging.getLogger(__name__)
 
-SEARCH_OBJECTIVES = ("posterior", "ndcg_order", "ndcg_click", "ndcg_gmv")
+SEARCH_OBJECTIVES = ("estimated", "posterior", "ndcg_order", "ndcg_click", "ndcg_gmv")
 
 
 def static_weights(spec: dict) -> torch.Tensor:
@@ -91,22 +96,51 @@ def posterior_objective(data: dict[str, torch.Tensor], objectives: list[str], we
     return torch.cat(out)
 
 
+def estimated_objective(data: dict[str, torch.Tensor], weights: torch.Tensor, est: EstimatorInputs,
+                        depth: int, chunk_elems: int = 4_000_000) -> torch.Tensor:
+    """Mean estimated declared value per request of each global weight vector ``weights`` [G, K] -> [G].
+
+    ``est`` holds the estimator, theta-hat and the per-item declared value (label "value": logged and,
+    for dm/switch/shrunk, the outcome model's) of the same requests as ``data`` (z [N, L, K], mask).
+    """
+    n, length = data["mask"].shape
+    g = weights.shape[0]
+    e = min(depth, length, est.theta.shape[0])
+    chunk = max(1, chunk_elems // max(1, g * length))
+    total = torch.zeros(g, dtype=torch.float64)
+    for start in range(0, n, chunk):
+        sl = slice(start, min(start + chunk, n))
+        w = weights.to(data["z"].dtype).unsqueeze(0).expand(data["z"][sl].shape[0], g, -1)
+        idx = top_e(fuse(data["z"][sl], w, data["mask"][sl]), e)
+        m = None if est.models is None else est.models["value"][sl]
+        value = ranking_value(est.name, idx, est.theta[:e], est.logged_theta[sl], est.labels["value"][sl], m,
+                              max_weight=est.max_weight).value
+        total += value.sum(0, dtype=torch.float64)
+    return total / max(n, 1)
+
+
 def best_static(train: dict[str, torch.Tensor], spec: dict, depth: int = 10, objective: str = "posterior",
                 iterations: int = 10, population: int = 32, elite_fraction: float = 0.25,
                 init_spread: float = 1.0, max_requests: int = 20000, seed: int = 0,
-                reward: RewardConfig | None = None) -> SearchResult:
+                reward: RewardConfig | None = None, estimated: EstimatorInputs | None = None) -> SearchResult:
     """Search one global weight vector on the train split with the cross-entropy method.
 
     Only requests with at least one positive label carry signal, so the search uses those (at most
     ``max_requests``, drawn with ``seed``). ``posterior`` scores with Stage 2's posterior reward
     (``reward``: its label mix and debiasing; train needs ``position`` then), ``ndcg_*`` with the mean
-    per-request NDCG@E of one label. Logits ~ N(mu, sigma), weights = softmax; mu starts at log(static)
+    per-request NDCG@E of one label, ``estimated`` with :func:`estimated_objective` (``estimated``: its
+    inputs on every request of ``train``; all requests are kept, since the model's value needs no
+    positive label). Logits ~ N(mu, sigma), weights = softmax; mu starts at log(static)
     and moves to the elite mean each iteration.
     """
     if objective not in SEARCH_OBJECTIVES:
         raise ValueError(f"objective must be one of {SEARCH_OBJECTIVES}, got {objective!r}")
     reward = reward or RewardConfig()
-    if objective == "posterior":
+    if objective == "estimated":
+        if estimated is None:
+            raise ValueError("the estimated objective needs the estimator inputs of the train requests")
+        positive = train["mask"].clone()
+    elif objective == "posterior":
         mix = {"click": reward.post_click, "order": reward.post_order, "gmv": reward.post_gmv}
         if not any(share > 0 for share in mix.values()):
             raise InputError("best_static: the posterior objective needs a positive "
@@ -124,8 +158,15 @@ def best_static(train: dict[str, torch.Tensor], spec: dict, depth: int = 10, obj
         keep = keep[torch.randperm(keep.numel(), generator=gen)[:max_requests]].sort().values
     data = {k: v[keep] for k, v in train.items()}
     static = static_weights(spec)
+    if estimated is not None:
+        estimated = dataclasses.replace(
+            estimated, logged_theta=estimated.logged_theta[keep],
+            labels={k: v[keep] for k, v in estimated.labels.items()},
+            models=None if estimated.models is None else {k: v[keep] for k, v in estimated.models.items()})
 
     def score(w: torch.Tensor) -> torch.Tensor:
+        if objective == "estimated":
+            return estimated_objective(data, w, estimated, depth)
         if objective == "posterior":
             return posterior_objective(data, list(spec["objectives"]), w, reward, depth)
         label = objective.removeprefix("ndcg_")
@@ -155,11 +196,32 @@ def best_static(train: dict[str, torch.Tensor], spec: dict, depth: int = 10, obj
                         n_requests=int(keep.numel()))
 
 
-def oracle_weights(data: dict[str, torch.Tensor], depth: int = 10, eta: float = 1.0, value: str = "orders",
+def segment_best_weights(data: dict[str, torch.Tensor], objectives: list[str], segment: torch.Tensor,
+                         value_weights: tuple[float, float, float], depth: int, eta: float,
+                         steps: int) -> dict[int, torch.Tensor]:
+    """Per segment id, the simplex-grid vector [K] with the best TRUE declared value on ``data``.
+
+    ``data`` needs the ground truth; segment [N] ids; value_weights = (v_click, v_order, v_gmv per raw
+    GMV unit). Impressions are the same for every vector of a segment, so the best value per impression
+    is the best total value.
+    """
+    grid = simplex_grid(data["z"].shape[-1], steps)
+    v_click, v_order, v_gmv = value_weights
+    out = {}
+    for sid in torch.unique(segment).tolist():
+        rows = segment == sid
+        sweep = sweep_global_weights({k: v[rows] for k, v in data.items()}, objectives, grid, depth, eta)
+        value = v_click * sweep["ctr"] + (v_order * sweep["opm"] + v_gmv * sweep["gpm"]) / 1000.0
+        out[int(sid)] = grid[int(value.argmax())]
+    return out
+
+
+def oracle_weights(data: dict[str, torch.Tensor], depth: int = 10, eta: float = 1.0, value="orders",
                    n_candidates: int = 256, seed: int = 0, chunk: int = 4096) -> torch.Tensor:
     """Per-request weights [N, K] maximising the true value, from the simulator's oracle.
 
-    Needs the ground truth (true_ctr, true_cvr, price). Processed in chunks of requests to bound memory;
+    Needs the ground truth (true_ctr, true_cvr, price). ``value``: "clicks", "orders", "gmv" or
+    (v_click, v_order, v_gmv per raw price unit). Processed in chunks of requests to bound memory;
     chunk c uses seed + c so the result is deterministic.
     """
     from grade.simulator import oracle_weights as simulator_oracle

@@ -20,16 +20,21 @@ from typing import Any
 
 import torch
 
-from grade import auction, baselines, config, store
+from grade import auction, baselines, config, estimators, store
+from grade.business import BusinessConfig
 from grade.config import ranged, to_dict
 from grade.errors import InputError
 from grade.registry import DEFAULT_MODEL
 from grade.reward import RewardConfig
 from grade.transform import FeatureTransform, clamp_unseen
+from grade.value_model import ValueModel, ValueModelConfig
 
 log = logging.getLogger(__name__)
 
-MAIN_METRICS = ("ctr", "cvr", "opm", "gpm")
+MAIN_METRICS = ("ctr", "cvr", "opm", "gpm", "vpm")
+
+#: the report folder's subfolder holding the value model the evaluation fitted itself (no --outcome)
+FITTED_VALUE_MODEL = "value_model"
 
 
 @dataclasses.dataclass
@@ -52,22 +57,28 @@ class EvaluateConfig:
     """breakdown feature: '' = true segment when present else the first categorical feature; or a c_* name"""
     max_segments: int = ranged(8, ">= 1")
     """largest number of segments in the breakdown (the most frequent values)"""
-    static_search_objective: str = "posterior"
-    """best_static objective on train: posterior (Stage 2's posterior reward, the finetune.reward label mix)
-    or ndcg_order, ndcg_click, ndcg_gmv (per-request replay NDCG@E of one logged label)"""
+    estimator: str = "ips"
+    """estimator of the 'estimated' flavour (grade.estimators.ESTIMATORS: ips, snips, dm, switch, shrunk)"""
+    estimator_max_weight: float = ranged(100.0, ">= 1")
+    """importance weights of the 'estimated' flavour (and the estimated best_static search) are clipped here"""
+    static_search_objective: str = "estimated"
+    """best_static objective on train: estimated (the declared business value by static_search_estimator),
+    posterior (Stage 2's posterior reward, the finetune.reward label mix) or ndcg_order, ndcg_click,
+    ndcg_gmv (per-request replay NDCG@E of one logged label)"""
+    static_search_estimator: str = "dm"
+    """estimator of the 'estimated' best_static search (dm needs the value model's outcome model)"""
     static_search_iterations: int = ranged(10, ">= 0")
     """cross-entropy-method iterations of the best_static search"""
     paired_baselines: list[str] = dataclasses.field(default_factory=lambda: ["best_static", "stage1"])
-    """policies every other one is also compared with by paired bootstrap (report key lift_vs), when
-    present"""
+    """policies every other one is also compared with by paired bootstrap (report key lift_vs), when present"""
     static_search_population: int = ranged(32, ">= 1")
     """weight vectors sampled per CEM iteration"""
     static_search_elite_fraction: float = ranged(0.25, "(0, 1]")
     """share of the population kept as the elite each iteration"""
     static_search_max_requests: int = ranged(20000, ">= 0")
     """train requests (with a positive label) the search scores on"""
-    oracle_value: str = "orders"
-    """what the oracle maximises per request (passed to grade.simulator.oracle_weights)"""
+    oracle_value: str = "declared"
+    """what the oracle maximises per request: declared (the business section's value) or clicks, orders, gmv"""
     oracle_candidates: int = ranged(512, ">= 1")
     """weight vectors the oracle tries per request"""
     frontier_steps: int = ranged(12, ">= 1")
@@ -79,8 +90,15 @@ class EvaluateConfig:
 
     def validate(self) -> None:
         if self.static_search_objective not in baselines.SEARCH_OBJECTIVES:
-            raise InputError(f"evaluate.static_search_objective: expected one of "
-                             f"{list(baselines.SEARCH_OBJECTIVES)}, got {self.static_search_objective!r}")
+            raise InputError(f"evaluate.static_search_objective: expected one of {list(baselines.SEARCH_OBJECTIVES)},"
+                             f" got {self.static_search_objective!r}")
+        for key in ("estimator", "static_search_estimator"):
+            if getattr(self, key) not in estimators.ESTIMATORS:
+                raise InputError(f"evaluate.{key}: expected one of {list(estimators.ESTIMATORS)}, "
+                                 f"got {getattr(self, key)!r}")
+        if self.oracle_value not in ("declared", "clicks", "orders", "gmv"):
+            raise InputError(f"evaluate.oracle_value: expected declared, clicks, orders or gmv, "
+                             f"got {self.oracle_value!r}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -103,29 +121,35 @@ def load_held_out(features_uri: str, cfg: EvaluateConfig) -> tuple[dict, dict[st
     return spec, data
 
 
-def segment_ids(spec: dict, data: dict[str, torch.Tensor],
-                feature: str) -> tuple[str, torch.Tensor, dict[int, str]]:
-    """(feature name, ids [N], id -> label) of the breakdown feature."""
+def true_segment_labels() -> dict[int, str]:
+    """The simulator's segment names by id ({} when the simulator is not installed)."""
+    try:
+        from grade.simulator import SEGMENTS
+    except ImportError:
+        return {}
+    return dict(enumerate(SEGMENTS))
+
+
+def segment_ids(spec: dict, data: dict[str, torch.Tensor], feature: str) -> tuple[str, torch.Tensor, dict[int, str]]:
+    """(feature name, ids [N], id -> label) of the breakdown feature (true segments by their names)."""
     cats = spec.get("categorical", [])
     if not feature:
         if "segment" in data:
-            return "segment", data["segment"].long(), {}
+            return "segment", data["segment"].long(), true_segment_labels()
         if not cats:
             return "", torch.zeros(data["mask"].shape[0], dtype=torch.long), {}
         feature = cats[0]["name"]
     if feature == "segment":
         if "segment" not in data:
-            raise InputError("evaluate.segment_feature: 'segment' asked for but the features have no true "
-                             "segment")
-        return "segment", data["segment"].long(), {}
+            raise InputError("evaluate.segment_feature: 'segment' asked for but the features have no true segment")
+        return "segment", data["segment"].long(), true_segment_labels()
     names = [c["name"] for c in cats]
     for j, c in enumerate(cats):
         if feature in (c["name"], c["name"].removeprefix("c_"), f"c_{c['name']}"):
             labels = {i + 1: str(v) for i, v in enumerate(c.get("vocab", []))}
             labels[0] = "(other)"
             return c["name"], data["cat"][:, j].long(), labels
-    raise InputError(f"evaluate.segment_feature: unknown feature {feature!r}; expected 'segment' or one "
-                     f"of {names}")
+    raise InputError(f"evaluate.segment_feature: unknown feature {feature!r}; expected 'segment' or one of {names}")
 
 
 def read_training_curves(uri: str) -> dict[str, Any]:
@@ -152,8 +176,8 @@ def model_weights(uri: str, data: dict[str, torch.Tensor], spec: dict, batch_siz
     try:
         model_spec = store.read_json(store.join(uri, "feature_spec.json"))
         if list(model_spec.get("objectives", [])) != list(spec["objectives"]):
-            raise InputError(f"{store.join(uri, 'feature_spec.json')}: objectives "
-                             f"{model_spec.get('objectives')} differ from the features' {spec['objectives']}")
+            raise InputError(f"{store.join(uri, 'feature_spec.json')}: objectives {model_spec.get('objectives')} "
+                             f"differ from the features' {spec['objectives']}")
     except store.NotFound:
         pass
     cat = clamp_unseen(data["cat"], policy.cfg.cat_sizes)
@@ -181,6 +205,71 @@ def _content_hash(uri: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------
+# The value model and the estimated flavour's inputs
+# ------------------------------------------------------------------------------------------------
+
+def obtain_value_model(features_uri: str, outcome_uri: str | None, cfg: ValueModelConfig,
+                       scratch: Path) -> tuple[ValueModel, dict[str, Any], Path | None]:
+    """(value model, report.json's value_model entry, folder to copy into the report or None).
+
+    With ``outcome_uri`` the published value model is read; without it one is fitted on the features'
+    train split into ``scratch`` and later published in the report folder's ``value_model/``.
+    """
+    from grade.value_model import build_value_model, load_value_model
+
+    if outcome_uri:
+        vm, info = load_value_model(outcome_uri), {"uri": outcome_uri, "content_hash": _content_hash(outcome_uri)}
+        folder = None
+    else:
+        folder = scratch / FITTED_VALUE_MODEL
+        t = time.monotonic()
+        build_value_model(features_uri, str(folder), cfg)
+        log.info("value model fitted on the train split in %.1fs (no --outcome given)", time.monotonic() - t)
+        vm = load_value_model(str(folder))
+        info = {"uri": "fitted", "where": f"{FITTED_VALUE_MODEL}/ in this report's folder",
+                "content_hash": _content_hash(str(folder))}
+    exam = vm.examination
+    info.update({"eta": exam.eta, "method": exam.method, "theta": [round(x, 6) for x in exam.theta],
+                 "order_value_unit": vm.order_value_unit})
+    return vm, info, folder
+
+
+def estimator_inputs(data: dict[str, torch.Tensor], vm: ValueModel, business: BusinessConfig, name: str,
+                     max_weight: float, depth: int, batch_size: int) -> auction.EstimatorInputs:
+    """The estimated flavour's inputs on ``data``: theta-hat, logged labels and the outcome model's values.
+
+    Labels: clicks, orders, gmv and the declared value per item; the outcome model's expectations of
+    the same are computed (in chunks of ``batch_size`` requests) only for estimators that use them.
+    """
+    e = min(depth, data["mask"].shape[1])
+    unit = vm.order_value_unit
+    f64 = {k: data[k].to(torch.float64) for k in ("click", "order", "gmv")}
+    labels = {"clicks": f64["click"], "orders": f64["order"], "gmv": f64["gmv"],
+              "value": business.item_value(f64["click"], f64["order"], f64["gmv"], unit)}
+    models = None
+    if name in ("dm", "switch", "shrunk"):
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in labels}
+        for s in range(0, data["mask"].shape[0], batch_size):
+            o = vm.item_outcomes({k: data[k][s:s + batch_size] for k in ("z", "pred", "mask", "num", "cat")})
+            c, order = o["ctr"].double(), (o["ctr"] * o["cvr"]).double()
+            gmv = order * o["value"].double()
+            for k, v in (("clicks", c), ("orders", order), ("gmv", gmv),
+                         ("value", business.item_value(c, order, gmv, unit))):
+                parts[k].append(v)
+        models = {k: torch.cat(v) for k, v in parts.items()}
+    return auction.EstimatorInputs(
+        name=name, theta=vm.examination.theta_at(torch.arange(e)).double(),
+        logged_theta=vm.examination.theta_at(data["position"]).double() * data["mask"],
+        labels=labels, models=models, max_weight=max_weight)
+
+
+def declared_value_weights(business: BusinessConfig, unit: float) -> tuple[float, float, float]:
+    """(v_click, v_order, v_gmv per raw GMV unit) of the declared value."""
+    v_click, v_order, v_gmv = business.weights()
+    return v_click, v_order, v_gmv / unit
+
+
+# ------------------------------------------------------------------------------------------------
 # Flavours and baselines: one entry each, so a new flavour or baseline is a local change
 # ------------------------------------------------------------------------------------------------
 
@@ -194,13 +283,23 @@ class PrimaryFlavour:
     """whether the held-out data supports it (e.g. simulator ground truth for 'true')"""
 
 
-#: The report's primary flavour is the first available one, in this order.
+def has_logged_feedback(data: dict[str, torch.Tensor]) -> bool:
+    """Whether the logs carry what the estimated flavour needs: positions and click/order/gmv labels."""
+    return all(k in data for k in ("position", "click", "order", "gmv"))
+
+
+#: The report's primary flavour is the first available one, in this order. The prior (the MTL model's
+#: own predictions) is never primary: a policy can exploit it (see docs/evaluation.md).
 PRIMARY_FLAVOURS = (PrimaryFlavour("true", auction.has_ground_truth),
-                    PrimaryFlavour("prior", lambda data: True))
+                    PrimaryFlavour("estimated", has_logged_feedback))
 
 
 def primary_flavour(data: dict[str, torch.Tensor]) -> str:
-    return next(f.name for f in PRIMARY_FLAVOURS if f.available(data))
+    for f in PRIMARY_FLAVOURS:
+        if f.available(data):
+            return f.name
+    raise InputError("evaluation: the held-out split has neither ground truth nor logged positions and "
+                     "click/order/gmv labels; expected at least one to judge policies on")
 
 
 @dataclasses.dataclass
@@ -219,6 +318,14 @@ class HeldOut:
     """Stage 2's reward config (the posterior best_static search's label mix)"""
     segment: tuple[str, torch.Tensor, dict[int, str]]
     """breakdown feature name ('' = none), ids [N] and id -> label"""
+    business: BusinessConfig = dataclasses.field(default_factory=BusinessConfig)
+    """the declared business value (primary metric, oracle, best_static's search)"""
+    value_model: ValueModel | None = None
+    """theta-hat, the outcome model and the GMV unit (the estimated flavour, the estimated search)"""
+    value_model_info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """report.json's value_model: uri (or "fitted" and where), content_hash, eta, method"""
+    estimator: auction.EstimatorInputs | None = None
+    """the estimated flavour's inputs on the held-out requests (None without logged feedback)"""
 
     @property
     def objectives(self) -> list[str]:
@@ -253,15 +360,30 @@ def _best_static(held: HeldOut) -> Ranking | None:
     cfg = held.cfg
     if cfg.static_search_iterations <= 0 or "train" not in held.spec.get("splits", {}):
         return None
-    train = dataset.load_split(held.features_uri, "train",
-                               fields=["z", "mask", "click", "order", "gmv", "position"])
+    objective = cfg.static_search_objective
+    fields = ["z", "mask", "click", "order", "gmv", "position"]
+    estimated, details = None, {}
+    if objective == "estimated":
+        train = dataset.load_split(held.features_uri, "train", fields=[*fields, "pred", "num", "cat"])
+        gen = torch.Generator().manual_seed(int(cfg.seed))
+        n = train["mask"].shape[0]
+        if cfg.static_search_max_requests and n > cfg.static_search_max_requests:
+            keep = torch.randperm(n, generator=gen)[:cfg.static_search_max_requests].sort().values
+            train = {k: v[keep] for k, v in train.items()}
+        # without an outcome model the model-based estimators cannot run: IPS needs only the logs
+        name = cfg.static_search_estimator if held.value_model is not None else "ips"
+        estimated = estimator_inputs(train, held.value_model, held.business, name, cfg.estimator_max_weight,
+                                     cfg.exposure_depth, cfg.batch_size)
+        details = {"estimator": name, "declared_value": dataclasses.asdict(held.business)}
+    else:
+        train = dataset.load_split(held.features_uri, "train", fields=fields)
     search = baselines.best_static(
-        train, held.spec, depth=cfg.exposure_depth, objective=cfg.static_search_objective,
+        train, held.spec, depth=cfg.exposure_depth, objective=objective,
         iterations=cfg.static_search_iterations, population=cfg.static_search_population,
         elite_fraction=cfg.static_search_elite_fraction, max_requests=cfg.static_search_max_requests,
-        seed=cfg.seed, reward=held.reward)
+        seed=cfg.seed, reward=held.reward, estimated=estimated)
     return Ranking(weights=search.weights, details={
-        "objective": cfg.static_search_objective, "value": search.objective,
+        **details, "objective": objective, "value": search.objective,
         "static_value": search.static_objective, "n_requests": search.n_requests, "history": search.history})
 
 
@@ -276,7 +398,7 @@ def _oracle(held: HeldOut) -> Ranking | None:
     try:
         t = time.monotonic()
         w = baselines.oracle_weights(held.data, depth=cfg.exposure_depth, eta=cfg.position_bias,
-                                     value=cfg.oracle_value, n_candidates=cfg.oracle_candidates,
+                                     value=oracle_value(held), n_candidates=cfg.oracle_candidates,
                                      seed=cfg.seed)
         log.info("oracle weights in %.1fs", time.monotonic() - t)
         return Ranking(weights=w)
@@ -286,9 +408,49 @@ def _oracle(held: HeldOut) -> Ranking | None:
         return Ranking(unavailable=reason)
 
 
+def value_unit(held: HeldOut) -> float:
+    """The GMV unit of the declared value: the value model's (train mean order value), else 1."""
+    return held.value_model.order_value_unit if held.value_model is not None else 1.0
+
+
+def oracle_value(held: HeldOut) -> str | tuple[float, float, float]:
+    """What the oracle maximises: the declared value (price in raw units) or one named kind."""
+    if held.cfg.oracle_value != "declared":
+        return held.cfg.oracle_value
+    return declared_value_weights(held.business, value_unit(held))
+
+
+def _segment_best(held: HeldOut) -> Ranking | None:
+    """Best static weights per true segment, searched with the truth on VALID (a ceiling diagnostic)."""
+    from grade import dataset
+
+    cfg = held.cfg
+    if "segment" not in held.data or not auction.has_ground_truth(held.data):
+        return None
+    if "valid" not in held.spec.get("splits", {}) or held.spec["splits"]["valid"].get("n_requests", 0) == 0:
+        return Ranking(unavailable="no valid split to search the per-segment weights on")
+    valid = dataset.load_split(held.features_uri, "valid",
+                               fields=["z", "mask", "true_ctr", "true_cvr", "price", "segment"])
+    if not auction.has_ground_truth(valid) or "segment" not in valid:
+        return Ranking(unavailable="the valid split has no ground truth or true segment")
+    best = baselines.segment_best_weights(valid, held.objectives, valid["segment"].long(),
+                                          declared_value_weights(held.business, value_unit(held)),
+                                          cfg.exposure_depth, cfg.position_bias, cfg.frontier_steps)
+    seg = held.data["segment"].long()
+    static = baselines.static_weights(held.spec)
+    weights = static.expand(held.n_requests, -1).clone()
+    for sid, w in best.items():
+        weights[seg == sid] = w
+    labels = true_segment_labels()
+    return Ranking(weights=weights, details={
+        "searched_on": "valid (ground truth)", "grid_steps": cfg.frontier_steps,
+        "weights": {labels.get(sid, str(sid)): [float(x) for x in w] for sid, w in sorted(best.items())}})
+
+
 #: Baseline policies in report order: name -> how it ranks the held-out requests (None = not applicable).
 BASELINES: dict[str, Callable[[HeldOut], Ranking | None]] = {
-    "static": _static, "best_static": _best_static, "logged": _logged, "oracle": _oracle}
+    "static": _static, "best_static": _best_static, "logged": _logged, "segment_best": _segment_best,
+    "oracle": _oracle}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -317,9 +479,19 @@ def check_model_names(models: dict[str, str]) -> None:
                              f"_ or - and none of {reserved}")
 
 
-def load_inputs(features_uri: str, cfg: EvaluateConfig, reward: RewardConfig | None) -> HeldOut:
+def load_inputs(features_uri: str, cfg: EvaluateConfig, reward: RewardConfig | None,
+                business: BusinessConfig | None = None,
+                value_model: tuple[ValueModel, dict[str, Any]] | None = None) -> HeldOut:
+    """The held-out requests with the declared value and (given a value model) the estimated flavour's inputs."""
     spec, data = load_held_out(features_uri, cfg)
-    return HeldOut(features_uri, spec, data, cfg, reward, segment_ids(spec, data, cfg.segment_feature))
+    business = config.check(business or BusinessConfig(), "business")
+    held = HeldOut(features_uri, spec, data, cfg, reward, segment_ids(spec, data, cfg.segment_feature), business)
+    if value_model is not None:
+        held.value_model, held.value_model_info = value_model
+        if has_logged_feedback(data):
+            held.estimator = estimator_inputs(data, held.value_model, business, cfg.estimator,
+                                              cfg.estimator_max_weight, cfg.exposure_depth, cfg.batch_size)
+    return held
 
 
 def named_models(models: dict[str, str], registry_uri: str | None, cfg: EvaluateConfig
@@ -332,8 +504,7 @@ def named_models(models: dict[str, str], registry_uri: str | None, cfg: Evaluate
             named["incumbent"] = inc[1]
             versions["incumbent"] = {"version": inc[0]}
         else:
-            log.info("registry %s has no production model '%s': no incumbent", registry_uri,
-                     cfg.registry_model_name)
+            log.info("registry %s has no production model '%s': no incumbent", registry_uri, cfg.registry_model_name)
     info = {name: {**versions.get(name, {}), "uri": uri, "content_hash": _content_hash(uri)}
             for name, uri in named.items()}
     return named, info
@@ -343,14 +514,21 @@ def compute_policies(held: HeldOut, models: dict[str, str],
                      model_info: dict[str, dict[str, Any]]) -> PolicyRuns:
     """Rank the held-out requests with every baseline and named model; their per-request sums."""
     cfg, data, n = held.cfg, held.data, held.n_requests
-    runs = PolicyRuns(auction.SumsTable(auction.shared_sums(data, cfg.exposure_depth, cfg.position_bias)),
-                      {}, {}, model_info)
+    runs = PolicyRuns(auction.SumsTable(auction.shared_sums(data, cfg.exposure_depth, cfg.position_bias,
+                                                            held.estimator)), {}, {}, model_info)
+    mix = held.business.primary_metric == "vpm"
+    value_weights = declared_value_weights(held.business, value_unit(held)) if mix else None
+    estimator = held.estimator
+    if estimator is not None and not mix:  # the declared value is one of clicks/orders/gmv: no vpm column
+        estimator = dataclasses.replace(estimator, labels={k: v for k, v in estimator.labels.items() if k != "value"},
+                                        models=None if estimator.models is None else
+                                        {k: v for k, v in estimator.models.items() if k != "value"})
 
     def add(name: str, ranking: Ranking) -> None:
         t = time.monotonic()
         runs.table.add_policy(name, auction.policy_sums(
             data, held.objectives, weights=ranking.weights, scores=ranking.scores, depth=cfg.exposure_depth,
-            eta=cfg.position_bias, chunk=cfg.batch_size))
+            eta=cfg.position_bias, chunk=cfg.batch_size, estimator=estimator, value_weights=value_weights))
         log.info("policy %s ranked in %.1fs (%.0f requests/s)", name, time.monotonic() - t,
                  n / max(time.monotonic() - t, 1e-9))
         w = ranking.weights
@@ -377,7 +555,7 @@ class Report:
     split: str
     """the held-out split"""
     primary_metric: str
-    """the metric the promotion gate judges by default"""
+    """the metric of the declared business value (business.primary_metric): the headline and the gate's"""
     primary_flavour: str
     """the flavour the verdicts, tables and KFP metrics use (first available of PRIMARY_FLAVOURS)"""
     has_ground_truth: bool
@@ -418,6 +596,12 @@ class Report:
     """lifts relative to the registry's production model (key absent without one)"""
     unavailable: dict[str, str] = dataclasses.field(default_factory=dict)
     """baseline -> why it could not be run (keys '<name>_unavailable')"""
+    value_model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """theta-hat and where it came from: uri (or "fitted" and where), content_hash, eta, method, theta"""
+    estimator_check: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """estimated vs true per policy and per-segment grid picks of each estimator ({} without truth)"""
+    business: dict[str, float] = dataclasses.field(default_factory=dict)
+    """the declared business value (clicks, orders, gmv per impression) the primary metric measures"""
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -450,6 +634,67 @@ def segment_mean_weights(runs: PolicyRuns, held: HeldOut) -> dict[str, dict[str,
             for p, w in runs.weights.items()}
 
 
+#: estimators whose per-segment grid picks the estimator check compares ("prior": the direct method on
+#: the MTL predictions)
+CHECKED_ESTIMATORS = ("ips", "snips", "dm", "switch", "prior")
+
+
+def segment_estimator_picks(held: HeldOut) -> dict[str, Any]:
+    """Per true segment of the VALID split: each estimator's grid pick and its true value (needs truth)."""
+    from grade import dataset, estimator_check
+
+    cfg, vm = held.cfg, held.value_model
+    if vm is None or "valid" not in held.spec.get("splits", {}):
+        return {}
+    valid = dataset.load_split(held.features_uri, "valid")
+    if not (auction.has_ground_truth(valid) and "segment" in valid and has_logged_feedback(valid)):
+        return {}
+    valid = {k: v[: cfg.static_search_max_requests or None] for k, v in valid.items()}
+    inputs = {name: estimator_inputs(valid, vm, held.business, name, cfg.estimator_max_weight,
+                                     cfg.exposure_depth, cfg.batch_size) for name in CHECKED_ESTIMATORS[:-1]}
+    obj = auction.objective_index(held.objectives)
+    if {"ctr", "cvr", "gmv"} <= set(obj):
+        p = valid["pred"].double()
+        c, o = p[..., obj["ctr"]], p[..., obj["ctr"]] * p[..., obj["cvr"]]
+        prior_value = held.business.item_value(c, o, o * p[..., obj["gmv"]], vm.order_value_unit) * valid["mask"]
+        inputs["prior"] = dataclasses.replace(inputs["dm"], models={"value": prior_value})
+    k = valid["z"].shape[-1]
+    grid = auction.simplex_grid(k, cfg.frontier_steps if k <= 3 else max(2, min(cfg.frontier_steps, 6)))
+    seg = valid["segment"].long()
+    values = estimator_check.grid_values(valid, grid, seg, int(seg.max()) + 1, inputs,
+                                         declared_value_weights(held.business, vm.order_value_unit),
+                                         cfg.exposure_depth, cfg.position_bias)
+    labels = {int(i): true_segment_labels().get(int(i), str(int(i))) for i in torch.unique(seg).tolist()}
+    return estimator_check.segment_picks(values, grid, labels)
+
+
+def estimator_report(held: HeldOut, policies: dict[str, Any], lifts: dict[str, Any], metric: str) -> dict[str, Any]:
+    """report.json's estimator_check: estimated vs true per policy and per-segment grid picks ({} without truth)."""
+    from grade.estimator_check import policy_check
+
+    if not auction.has_ground_truth(held.data) or held.estimator is None:
+        return {}
+    t = time.monotonic()
+    out = {"estimator": held.cfg.estimator, **policy_check(policies, lifts, metric),
+           "segments": segment_estimator_picks(held)}
+    log.info("estimator check in %.1fs", time.monotonic() - t)
+    return out
+
+
+def segment_distances(report_weights: dict[str, Any], best: dict[str, list[float]],
+                      models: list[str]) -> dict[str, dict[str, Any]]:
+    """Per named model and segment: its mean learned weights, the segment's best weights and their L1 distance."""
+    out: dict[str, dict[str, Any]] = {}
+    for m in models:
+        learned = report_weights.get(m, {})
+        rows = {seg: {"learned": learned[seg], "best": w, "l1": sum(abs(a - b) for a, b in zip(learned[seg], w,
+                                                                                            strict=True))}
+                for seg, w in best.items() if seg in learned}
+        if rows:
+            out[m] = {**rows, "mean_l1": sum(r["l1"] for r in rows.values()) / len(rows)}
+    return out
+
+
 def build_report(held: HeldOut, runs: PolicyRuns, model_names: list[str], started: float) -> Report:
     """Bootstrap, segments, frontier and verdicts of the computed policies; ``started``: time.monotonic() at
     the start (for elapsed_s)."""
@@ -457,12 +702,16 @@ def build_report(held: HeldOut, runs: PolicyRuns, model_names: list[str], starte
     overall, paired = compare_policies(runs.table, cfg, held.n_requests)
     seg_name, seg, seg_labels = held.segment
     flavour = primary_flavour(held.data)
+    metric = held.business.primary_metric
     policies, lifts = overall["policies"], overall["lifts"]
-    headroom = headroom_shares(policies, flavour)
+    headroom = headroom_shares(policies, flavour, metric)
     lift_vs = {b: lifts[b] for b in paired}
     search = runs.baselines.get("best_static")
+    mean_weights = segment_mean_weights(runs, held)
+    seg_best = runs.baselines.get("segment_best")
+    best_by_segment = seg_best.details["weights"] if seg_best is not None and seg_best.details else {}
     return Report(
-        n_requests=held.n_requests, split=cfg.split, primary_metric="opm", primary_flavour=flavour,
+        n_requests=held.n_requests, split=cfg.split, primary_metric=metric, primary_flavour=flavour,
         has_ground_truth=auction.has_ground_truth(held.data), objectives=held.objectives,
         exposure_depth=cfg.exposure_depth, policies=policies, lift_vs_static=lifts["static"],
         models=runs.models,
@@ -471,14 +720,18 @@ def build_report(held: HeldOut, runs: PolicyRuns, model_names: list[str], starte
         best_static_search=search.details if search else None,
         headroom_captured=headroom, lift_vs=lift_vs,
         comparisons=comparisons(policies, flavour, list(runs.models), lift_vs),
-        headroom_sentence=headroom_sentence(headroom, policies, flavour, model_names),
-        segments={"feature": seg_name, "mean_weights": segment_mean_weights(runs, held),
-                  "by_segment": segment_breakdown(runs.table, seg, seg_labels, cfg) if seg_name else {}},
+        headroom_sentence=headroom_sentence(headroom, policies, flavour, model_names, metric),
+        segments={"feature": seg_name, "mean_weights": mean_weights,
+                  "by_segment": segment_breakdown(runs.table, seg, seg_labels, cfg) if seg_name else {},
+                  "best_weights": best_by_segment,
+                  "l1_to_best": segment_distances(mean_weights, best_by_segment, list(runs.models))},
         frontier=static_frontier(held.data, held.objectives, cfg, flavour),
         config=to_dict(cfg),
         features={"uri": held.features_uri, "content_hash": _content_hash(held.features_uri)},
         lift_vs_incumbent=lifts.get("incumbent"),
         unavailable={b: r.unavailable for b, r in runs.baselines.items() if r.unavailable},
+        value_model=held.value_model_info, estimator_check=estimator_report(held, policies, lifts["static"], metric),
+        business=dataclasses.asdict(held.business),
         elapsed_s=round(time.monotonic() - started, 2))
 
 
@@ -490,10 +743,15 @@ def render(report: Report, runs: PolicyRuns, held: HeldOut) -> str:
     return render_html(report.to_json(), weights=runs.weights, segments=held.segment, curves=curves)
 
 
-def publish(report: Report, out_uri: str, html: str) -> None:
-    """report.json, report.html, KFP metrics.json and config.json, published atomically to ``out_uri``."""
+def publish(report: Report, out_uri: str, html: str, value_model_folder: Path | None = None) -> None:
+    """report.json, report.html, KFP metrics.json and config.json (and the fitted value model in
+    ``value_model/``), published atomically to ``out_uri``."""
+    import shutil
+
     doc = report.to_json()
     with store.publishing(out_uri) as staging:
+        if value_model_folder is not None:
+            shutil.copytree(value_model_folder, staging / FITTED_VALUE_MODEL)
         _write_json(staging / "report.json", doc)
         (staging / "report.html").write_text(html, encoding="utf-8")
         _write_json(staging / "metrics.json", kfp_metrics(doc))
@@ -501,24 +759,34 @@ def publish(report: Report, out_uri: str, html: str) -> None:
 
 
 def run_evaluation(features_uri: str, models: dict[str, str], out_uri: str, cfg: EvaluateConfig | None = None,
-                   registry_uri: str | None = None, reward: RewardConfig | None = None) -> dict[str, Any]:
+                   registry_uri: str | None = None, reward: RewardConfig | None = None,
+                   business: BusinessConfig | None = None, outcome_uri: str | None = None,
+                   value_model_cfg: ValueModelConfig | None = None) -> dict[str, Any]:
     """Evaluate the baselines, every named model and the incumbent; publish report.json/html, metrics.json.
 
     ``reward``: Stage 2's reward config, whose posterior label mix the ``posterior`` best_static
-    search maximises (default: ``RewardConfig()``).
+    search maximises (default: ``RewardConfig()``). ``business``: the declared value (primary metric,
+    oracle, estimated search). ``outcome_uri``: a published value model (components.outcome); without
+    it one is fitted on the features' train split with ``value_model_cfg`` and published in the
+    report folder's ``value_model/``.
 
     Returns the report (the content of report.json).
     """
+    import tempfile
+
     cfg = config.check(cfg or EvaluateConfig())
     check_model_names(models)
     t0 = time.monotonic()
-    held = load_inputs(features_uri, cfg, reward)
-    log.info("evaluating on %d %s requests (ground truth: %s)", held.n_requests, cfg.split,
-             auction.has_ground_truth(held.data))
-    named, info = named_models(models, registry_uri, cfg)
-    runs = compute_policies(held, named, info)
-    report = build_report(held, runs, list(models), t0)
-    publish(report, out_uri, render(report, runs, held))
+    with tempfile.TemporaryDirectory(prefix="grade-eval-") as scratch:
+        vm, vm_info, vm_folder = obtain_value_model(features_uri, outcome_uri, value_model_cfg or ValueModelConfig(),
+                                                    Path(scratch))
+        held = load_inputs(features_uri, cfg, reward, business, (vm, vm_info))
+        log.info("evaluating on %d %s requests (ground truth: %s)", held.n_requests, cfg.split,
+                 auction.has_ground_truth(held.data))
+        named, info = named_models(models, registry_uri, cfg)
+        runs = compute_policies(held, named, info)
+        report = build_report(held, runs, list(models), t0)
+        publish(report, out_uri, render(report, runs, held), vm_folder)
     log.info("evaluation published to %s in %.1fs", out_uri, time.monotonic() - t0)
     return report.to_json()
 
@@ -541,8 +809,7 @@ def _finite(obj: Any) -> Any:
 def _segment_values(seg: torch.Tensor, labels: dict[int, str], cfg: EvaluateConfig) -> list[tuple[int, str]]:
     """The ``max_segments`` most frequent segment ids (ties by id), with display labels, in id order."""
     ids, counts = torch.unique(seg, return_counts=True)
-    order = sorted(zip(ids.tolist(), counts.tolist(), strict=True),
-                   key=lambda t: (-t[1], t[0]))[: cfg.max_segments]
+    order = sorted(zip(ids.tolist(), counts.tolist(), strict=True), key=lambda t: (-t[1], t[0]))[: cfg.max_segments]
     return [(i, labels.get(i, str(i))) for i, _ in sorted(order)]
 
 
@@ -572,15 +839,16 @@ def static_frontier(data: dict[str, torch.Tensor], objectives: list[str], cfg: E
             **{m: [float(x) for x in v] for m, v in sweep.items()}}
 
 
-def headroom_shares(policies: dict[str, Any], flavour: str = "true") -> dict[str, float]:
-    """(policy - static) / (oracle - static) on OPM for every policy but static/oracle (needs the oracle)."""
-    if "oracle" not in policies or flavour != "true":
+def headroom_shares(policies: dict[str, Any], flavour: str = "true", metric: str = "opm") -> dict[str, float]:
+    """(policy - static) / (oracle - static) on the true ``metric`` for every policy but static/oracle
+    (needs the oracle)."""
+    if "oracle" not in policies or flavour != "true" or metric not in policies["static"].get("true", {}):
         return {}
-    s = policies["static"]["true"]["opm"]
-    o = policies["oracle"]["true"]["opm"]
+    s = policies["static"]["true"][metric]
+    o = policies["oracle"]["true"][metric]
     if not o > s:
         return {}
-    return {p: (v["true"]["opm"] - s) / (o - s) for p, v in policies.items() if p not in ("static", "oracle")}
+    return {p: (v["true"][metric] - s) / (o - s) for p, v in policies.items() if p not in ("static", "oracle")}
 
 
 def comparisons(policies: dict[str, Any], flavour: str, models: list[str],
@@ -605,20 +873,23 @@ def comparisons(policies: dict[str, Any], flavour: str, models: list[str],
     return out
 
 
-def headroom_sentence(headroom: dict[str, float], policies: dict[str, Any], flavour: str,
-                      models: list[str]) -> str:
+_UNITS = {"opm": "orders per 1000 impressions", "gpm": "GMV per 1000 impressions", "ctr": "clicks per impression",
+          "vpm": "declared value per 1000 impressions"}
+
+
+def headroom_sentence(headroom: dict[str, float], policies: dict[str, Any], flavour: str, models: list[str],
+                      metric: str = "opm") -> str:
     if not headroom:
         if flavour != "true":
             return "No ground truth on this data, so no oracle: the headroom share is not available."
-        return ("No oracle result (the oracle is unavailable or not above static): the headroom share is "
-                "not available.")
-    s, o = policies["static"]["true"]["opm"], policies["oracle"]["true"]["opm"]
+        return "No oracle result (the oracle is unavailable or not above static): the headroom share is not available."
+    s, o = policies["static"]["true"][metric], policies["oracle"]["true"][metric]
     focus = "grade" if "grade" in headroom else (models[-1] if models and models[-1] in headroom else None)
     parts = []
     if focus:
-        parts.append(f"{focus} captures {100 * headroom[focus]:.1f}% of the oracle's true-OPM headroom "
-                     f"over static (static {s:.3f}, {focus} {policies[focus]['true']['opm']:.3f}, "
-                     f"oracle {o:.3f} orders per 1000 impressions).")
+        parts.append(f"{focus} captures {100 * headroom[focus]:.1f}% of the oracle's true-{metric.upper()} headroom "
+                     f"over static (static {s:.3f}, {focus} {policies[focus]['true'][metric]:.3f}, oracle {o:.3f} "
+                     f"{_UNITS[metric]}).")
     others = ", ".join(f"{p} {100 * v:.1f}%" for p, v in headroom.items() if p != focus)
     if others:
         parts.append(f"Other policies: {others}.")
@@ -654,8 +925,7 @@ def kfp_metrics(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 def _verdict(comparison: dict[str, Any], other: str, higher: bool) -> str:
     """'best_static higher (+1.90% [+0.80, +3.00])': the paired lift and CI when there is one."""
     lift = comparison.get(f"opm_lift_vs_{other}")
-    ci = "" if not lift else (f" ({100 * lift['lift']:+.2f}% "
-                              f"[{100 * lift['ci_low']:+.2f}, {100 * lift['ci_high']:+.2f}])")
+    ci = "" if not lift else f" ({100 * lift['lift']:+.2f}% [{100 * lift['ci_low']:+.2f}, {100 * lift['ci_high']:+.2f}])"
     return f"{other} {'higher' if higher else 'NOT higher'}{ci}"
 
 
@@ -664,26 +934,29 @@ def format_table(report: dict[str, Any]) -> str:
     flavour = report["primary_flavour"]
     lifts = report["lift_vs_static"]
     metrics = [m for m in MAIN_METRICS if any(m in v.get(flavour, {}) for v in report["policies"].values())]
+    # next to the truth, the estimated flavour's lift of the primary metric (what a truth-free run would see)
+    primary = report.get("primary_metric", "opm")
+    estimated = flavour != "estimated" and any(primary in v.get("estimated", {}) for v in report["policies"].values())
     head = f"{'policy':<16}" + "".join(f"{m.upper():>10}" for m in metrics) + \
-        "".join(f"  {m.upper() + ' lift vs static [CI]':<31}" for m in ("opm", "gpm", "ctr") if m in metrics)
-    lines = [f"{report['n_requests']} {report['split']} requests, {flavour} metrics, "
-             f"top-{report['exposure_depth']} exposure, "
-             f"{report['config']['confidence']:.0%} paired bootstrap CIs "
+        "".join(f"  {m.upper() + ' lift vs static [CI]':<31}" for m in ("opm", "gpm", "ctr") if m in metrics) + \
+        (f"  {'estimated ' + primary.upper() + ' lift [CI]':<31}" if estimated else "")
+    lines = [f"{report['n_requests']} {report['split']} requests, {flavour} metrics, top-{report['exposure_depth']} "
+             f"exposure, {report['config']['confidence']:.0%} paired bootstrap CIs "
              f"({report['config']['bootstrap_samples']} resamples)", head, "-" * len(head)]
 
     def fmt(v: float | None) -> str:
         return "       n/a" if v is None or not math.isfinite(v) else f"{v:>10.4f}"
 
+    def cell(p: str, flav: str, m: str) -> str:
+        lift = lifts.get(p, {}).get(flav, {}).get(m)
+        text = "(reference)" if p == "static" else "n/a" if not lift else \
+            f"{100 * lift['lift']:+7.2f}% [{100 * lift['ci_low']:+6.2f}, {100 * lift['ci_high']:+6.2f}]"
+        return f"  {text:<31}"
+
     for p, flav in report["policies"].items():
         row = f"{p:<16}" + "".join(fmt(flav.get(flavour, {}).get(m)) for m in metrics)
-        for m in ("opm", "gpm", "ctr"):
-            if m not in metrics:
-                continue
-            lift = lifts.get(p, {}).get(flavour, {}).get(m)
-            cell = "(reference)" if p == "static" else "n/a" if not lift else \
-                f"{100 * lift['lift']:+7.2f}% [{100 * lift['ci_low']:+6.2f}, {100 * lift['ci_high']:+6.2f}]"
-            row += f"  {cell:<31}"
-        lines.append(row)
+        row += "".join(cell(p, flavour, m) for m in ("opm", "gpm", "ctr") if m in metrics)
+        lines.append(row + (cell(p, "estimated", primary) if estimated else ""))
     for m, c in report.get("comparisons", {}).items():
         if m == "oracle_above_all":
             lines.append("oracle above every policy: " + ", ".join(f"{k.upper()} {'yes' if v else 'NO'}"

@@ -6,9 +6,13 @@ baseline (``incumbent`` = the production model evaluated on the same held-out re
 
 Checks (config section ``promote``):
 
-- primary: the lower end of the primary metric's lift CI vs the baseline is above ``min_lift``
-  (true OPM by default; without ground truth, ``fallback_flavour``/``fallback_metric``);
-- guardrails: the lift of each guardrail metric (CTR, CVR, GPM) is not below its tolerance.
+- primary: the lower end of the primary metric's lift CI vs the baseline is above ``min_lift``. By
+  default the report's own ``primary_flavour`` and ``primary_metric``: the true flavour with ground
+  truth, else the ``estimated`` flavour (counterfactual estimates from the logs), and the metric of the
+  declared business value (OPM for orders). Reports written before the estimated flavour existed
+  (primary flavour ``prior``) are judged on ``fallback_flavour``/``fallback_metric``;
+- guardrails: the lift of each guardrail metric (CTR, CVR, GPM) in the same flavour is not below its
+  tolerance; the primary metric itself is not also a guardrail.
 
 A missing metric, an unknown candidate, a candidate whose content differs from what was evaluated,
 a report that did not evaluate the current production model, or no thresholds at all: NOT blessed.
@@ -39,14 +43,14 @@ class PromoteConfig:
     """registry model name whose production alias is gated (an alias of shared.model_name)"""
     candidate_name: str = "grade"
     """the candidate's policy name in report.json"""
-    primary_metric: str = "opm"
-    """metric whose lift CI must clear min_lift"""
-    primary_flavour: str = "true"
-    """metric flavour for the primary check when the report has ground truth"""
+    primary_metric: str = ""
+    """metric whose lift CI must clear min_lift ('' = the report's primary_metric, the declared value's)"""
+    primary_flavour: str = ""
+    """metric flavour of the primary check and the guardrails ('' = the report's primary_flavour)"""
     fallback_flavour: str = "replay"
-    """flavour used when the report has no ground truth"""
+    """flavour used for reports whose primary flavour is 'prior' (written before the estimated flavour)"""
     fallback_metric: str = "ndcg_order"
-    """primary metric used when the report has no ground truth"""
+    """primary metric used for such reports"""
     min_lift: float | None = ranged(0.0, ">= -1")
     """the primary lift's CI lower bound must be above this (null: no threshold -> never blessed)"""
     guardrails: dict[str, float] = ranged({"ctr": -0.005, "cvr": -0.01, "gpm": -0.005}, ">= -1")
@@ -84,6 +88,10 @@ class GateEvidence:
     """policy -> {uri, content_hash, version} of the evaluated model folders"""
     lifts: dict[str, dict[str, Any]]
     """baseline ('static', 'incumbent') -> policy -> flavour -> metric -> {lift, ci_low, ci_high}"""
+    primary_flavour: str = "true"
+    """the report's primary flavour (true with ground truth, else estimated)"""
+    primary_metric: str = "opm"
+    """the report's primary metric (the declared business value's)"""
 
     @classmethod
     def from_report(cls, report: dict[str, Any], source: str = "report.json") -> GateEvidence:
@@ -100,7 +108,17 @@ class GateEvidence:
             lifts["incumbent"] = incumbent
         for baseline, table in lifts.items():
             _check_lifts(table, f"{source}: lift_vs_{baseline}")
-        return cls(fields.get("has_ground_truth", bool), list(policies), models, lifts)
+        truth = fields.get("has_ground_truth", bool)
+        # reports of older versions may lack these: they led with true (truth) or prior, on OPM
+        flavour = fields.get("primary_flavour", str, absent_ok=True) or ("true" if truth else "prior")
+        metric = fields.get("primary_metric", str, absent_ok=True) or "opm"
+        return cls(truth, list(policies), models, lifts, flavour, metric)
+
+    def judged_on(self, cfg: PromoteConfig) -> tuple[str, str]:
+        """(flavour, metric) of the primary check: the config's, else the report's (never the prior)."""
+        if self.primary_flavour == "prior" and not cfg.primary_flavour:
+            return cfg.fallback_flavour, cfg.fallback_metric
+        return cfg.primary_flavour or self.primary_flavour, cfg.primary_metric or self.primary_metric
 
     def lift(self, baseline: str, policy: str, flavour: str, metric: str, key: str) -> float | None:
         """``key`` (lift, ci_low, ci_high) of ``policy``'s lift vs ``baseline``; None when not reported."""
@@ -128,8 +146,7 @@ def decide(report: dict[str, Any], candidate_uri: str, registry: Registry, cfg: 
     except store.NotPublished as e:
         raise InputError(f"--candidate {candidate_uri}: {e}") from None
     current = registry.production()
-    flavour, metric = (cfg.primary_flavour, cfg.primary_metric) if evidence.has_ground_truth else (
-        cfg.fallback_flavour, cfg.fallback_metric)
+    flavour, metric = evidence.judged_on(cfg)
     blessing = Blessing(
         candidate=name, candidate_uri=candidate_uri, candidate_content_hash=candidate_hash, report=report_uri,
         registry=registry.root, model_name=registry.model_name,
@@ -143,7 +160,8 @@ def decide(report: dict[str, Any], candidate_uri: str, registry: Registry, cfg: 
         return blessing
     if cfg.min_lift is None and not cfg.guardrails:
         reasons.append("no thresholds are configured")
-    guard_flavour = flavour if evidence.has_ground_truth else "prior"
+    # guardrails in the judged flavour; a replay-judged (old) report has no CTR/GPM there: its prior's
+    guard_flavour = "prior" if flavour == "replay" else flavour
     checks = threshold_checks(evidence, blessing, cfg, guard_flavour)
     reasons += [reason for _, reason in checks if reason]
     blessing.checks = [check for check, _ in checks]
@@ -183,6 +201,8 @@ def threshold_checks(evidence: GateEvidence, blessing: Blessing, cfg: PromoteCon
                     f"{primary} lift CI low {value} is not above {cfg.min_lift}" if value is not None
                     else f"{primary} lift vs {baseline} is missing from the report"))
     for m, tol in sorted(cfg.guardrails.items()):
+        if f"{guard_flavour}/{m}" == blessing.primary:
+            continue  # the primary check already judges this metric
         value = evidence.lift(baseline, name, guard_flavour, m, "lift")
         passed = value is not None and value >= tol
         out.append((Check(f"{guard_flavour}/{m} lift", value, f">= {tol}", passed), None if passed else

@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-FLAVOUR_TITLES = {"true": "true (simulator ground truth)", "prior": "prior (MTL predictions)",
+FLAVOUR_TITLES = {"true": "true (simulator ground truth)",
+                  "estimated": "estimated (counterfactual estimates from the logs under the estimated examination)",
+                  "prior": "prior (MTL predictions, a diagnostic)",
                   "replay": "replay (logged labels)"}
 CURVE_HINTS = ("loss", "reward", "ndcg", "kl", "kappa", "entropy", "opm", "value")
 MAX_POINTS_PER_SEGMENT = 3000
@@ -66,10 +68,10 @@ def _pct(lift: dict[str, float] | None) -> str:
 
 def metrics_table(report: dict[str, Any]) -> str:
     policies = report["policies"]
-    cols = [(f, m) for f in ("true", "prior", "replay")
+    cols = [(f, m) for f in FLAVOUR_TITLES
             for m in dict.fromkeys(m for p in policies.values() for m in p.get(f, {}))]
     head1 = "".join(f'<th colspan="{sum(1 for c in cols if c[0] == f)}">{f}</th>'
-                    for f in ("true", "prior", "replay") if any(c[0] == f for c in cols))
+                    for f in FLAVOUR_TITLES if any(c[0] == f for c in cols))
     head2 = "".join(f"<th>{html.escape(m)}</th>" for _, m in cols)
     rows = []
     for name, p in policies.items():
@@ -108,6 +110,60 @@ def segments_table(report: dict[str, Any]) -> str:
     return (f'<table class="lifts"><caption>{flavour} OPM by {html.escape(seg.get("feature", ""))}</caption>'
             f"<thead><tr><th>segment</th><th>requests</th><th>static OPM</th>{head}</tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>")
+
+
+def estimator_check_tables(report: dict[str, Any]) -> str:
+    """The estimator check: estimated vs true per policy, and each estimator's per-segment grid picks."""
+    check = report.get("estimator_check") or {}
+    if not check:
+        return "<p>No ground truth: no estimator check.</p>"
+    metric = check["metric"].upper()
+    rows = []
+    for name, r in check["policies"].items():
+        covered = "" if "covered" not in r else ("yes" if r["covered"] else "<b>no</b>")
+        lifts = "" if "true_lift" not in r else (
+            f"<td>{100 * r['true_lift']:+.2f}%</td><td>{100 * r['estimated_lift']:+.2f}% "
+            f"<small>[{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]</small></td>")
+        lifts = lifts or "<td></td><td></td>"
+        rows.append(f"<tr><th>{html.escape(name)}</th><td>{_fmt(r['true'])}</td><td>{_fmt(r['estimated'])}</td>"
+                    f"{lifts}<td>{covered}</td></tr>")
+    order = check["ordering"]
+    share = check["covered_share"]
+    out = [f'<table class="lifts"><caption>{metric}: true vs estimated ({html.escape(check["estimator"])}); '
+           f"true lifts inside the estimated CI: {'n/a' if share is None else f'{100 * share:.0f}%'}; ordering "
+           f"agrees on {order['agreeing']}/{order['pairs']} pairs whose true values differ by more than "
+           f"{100 * order['margin']:.0f}%</caption><thead><tr><th>policy</th><th>true</th><th>estimated</th>"
+           f"<th>true lift</th><th>estimated lift [CI]</th><th>covered</th></tr></thead>"
+           f"<tbody>{''.join(rows)}</tbody></table>"]
+    segs = check.get("segments", {})
+    if segs:
+        names = [k for k in next(iter(segs.values())) if k != "best"]
+        head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+        body = "".join(f"<tr><th>{html.escape(seg)}</th><td>{row['best']['weights']}</td>"
+                       + "".join(f"<td>{_fmt(row[n]['share'], 3)} <small>{row[n]['weights']}</small></td>"
+                                 for n in names) + "</tr>" for seg, row in segs.items())
+        out.append(f'<table class="lifts"><caption>Per true segment of the valid split: the true value of the '
+                   f"grid vector each estimator picks, as a share of the segment's truly best vector</caption>"
+                   f"<thead><tr><th>segment</th><th>best weights</th>{head}</tr></thead><tbody>{body}</tbody></table>")
+    return "".join(out)
+
+
+def l1_table(report: dict[str, Any]) -> str:
+    """Each named model's mean learned weights per segment beside the segment's best, and their L1 distance."""
+    dist = report.get("segments", {}).get("l1_to_best", {})
+    rows = []
+    for model, segs in dist.items():
+        for seg, r in segs.items():
+            if seg != "mean_l1":
+                rows.append(f"<tr><th>{html.escape(model)}</th><td>{html.escape(seg)}</td>"
+                            f"<td>{[round(x, 3) for x in r['learned']]}</td><td>{[round(x, 3) for x in r['best']]}</td>"
+                            f"<td>{r['l1']:.3f}</td></tr>")
+        rows.append(f"<tr><th>{html.escape(model)}</th><td>mean</td><td></td><td></td><td>{segs['mean_l1']:.3f}</td></tr>")
+    if not rows:
+        return ""
+    return ('<table class="lifts"><caption>Learned mean weights per true segment vs the segment\'s best static '
+            "weights (searched with the truth on valid)</caption><thead><tr><th>model</th><th>segment</th>"
+            f"<th>learned</th><th>best</th><th>L1</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -314,8 +370,10 @@ def render_html(report: dict[str, Any], weights: dict[str, torch.Tensor] | None 
                      + (f", best_static {esc(str([round(x, 3) for x in report['weights']['best_static']]))}"
                         if "best_static" in report["weights"] else "") + ".</p>")
         parts.append(segments_table(report))
+        parts.append(l1_table(report))
     else:
         parts.append("<p>No segment feature.</p>")
+    parts += ["<h2>Estimator check</h2>", estimator_check_tables(report)]
 
     parts.append("<h2>Training curves</h2>")
     drawn = 0

@@ -187,3 +187,46 @@ def test_bootstrap_ci_covers_a_known_lift_about_95_percent():
     assert 0.91 <= coverage <= 0.985, coverage
     # The paired interval is driven by e only: width ~ 2*1.96*sqrt(var(x e)/n)/E[x] ~ 0.0226
     assert 0.015 < sum(widths) / trials < 0.03
+
+
+def _estimator(data: dict[str, torch.Tensor], name: str = "ips", depth: int = 3) -> auction.EstimatorInputs:
+    """theta-hat = 1/(1+j) at new and logged positions; labels clicks/orders/gmv from the logs."""
+    theta = 1.0 / (1.0 + torch.arange(depth, dtype=torch.float64))
+    pos = data["position"]
+    logged = torch.where(pos >= 0, 1.0 / (1.0 + pos.clamp_min(0).double()), torch.zeros_like(pos, dtype=torch.float64))
+    labels = {"clicks": data["click"].double(), "orders": data["order"].double(), "gmv": data["gmv"].double()}
+    return auction.EstimatorInputs(name, theta, logged, labels, None)
+
+
+def test_estimated_flavour_of_the_logged_order_is_the_logged_feedback():
+    """IPS of the logging policy: every weight is 1, so the estimate is the logged clicks/orders/GMV."""
+    data = one_request()
+    est = _estimator(data)
+    sums = auction.policy_sums(data, ["ctr", "cvr"], scores=-data["position"].float(), depth=3, estimator=est)
+    assert sums["estimated.clicks"].item() == 2.0 and sums["estimated.orders"].item() == 1.0
+    assert sums["estimated.gmv"].item() == 40.0
+    shared = auction.shared_sums(data, 3, 1.0, est)
+    assert shared["estimated.impressions"].item() == pytest.approx(1 + 1 / 2 + 1 / 3)
+
+
+def test_estimated_flavour_of_another_ranking_by_hand():
+    """weights (1, 0) rank items 0, 1, 2 (logged at 1, 0, 2): IPS clicks = 0 * 2 + 1 * (1/2)/1 + 1 * 1 = 1.5."""
+    data = one_request()
+    est = _estimator(data)
+    sums = auction.policy_sums(data, ["ctr", "cvr"], weights=torch.tensor([1.0, 0.0]), depth=3, estimator=est)
+    assert sums["estimated.clicks"].item() == pytest.approx(0.5 + 1.0)
+    assert sums["estimated.orders"].item() == pytest.approx(1.0)
+    table = auction.SumsTable(auction.shared_sums(data, 3, 1.0, est))
+    table.add_policy("p", sums)
+    values = auction.metric_values(table, table.matrix().sum(0))["p"]["estimated"]
+    assert values["ctr"] == pytest.approx(1.5 / (1 + 1 / 2 + 1 / 3))
+    assert values["opm"] == pytest.approx(1000 / (1 + 1 / 2 + 1 / 3))
+    assert "vpm" not in values  # no declared-value label: no vpm column
+
+
+def test_true_value_column_is_the_declared_mix():
+    data = one_request()
+    sums = auction.policy_sums(data, ["ctr", "cvr"], weights=torch.tensor([1.0, 0.0]), depth=3,
+                               value_weights=(1.0, 2.0, 0.5))
+    expected = sums["true.clicks"] + 2 * sums["true.orders"] + 0.5 * sums["true.gmv"]
+    assert sums["true.value"].item() == pytest.approx(expected.item())

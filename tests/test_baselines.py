@@ -141,3 +141,44 @@ def test_oracle_wrapper_passes_the_truth_in_chunks_with_distinct_seeds(monkeypat
     assert [c[0] for c in calls] == [4, 4, 2]
     assert {c[1:5] for c in calls} == {(3, 0.5, "gmv", 7)}
     assert w[:, 0].tolist() == [100.0] * 4 + [101.0] * 4 + [102.0] * 2
+
+
+def _two_segment_market(n: int = 400, seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Segment 0 orders what signal 0 predicts, segment 1 what signal 1 predicts (price 1)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 8, 2, generator=g)
+    segment = torch.arange(n) % 2
+    driver = torch.where(segment.unsqueeze(1) == 0, z[..., 0], z[..., 1])
+    data = {"z": z, "mask": torch.ones(n, 8, dtype=torch.bool), "true_ctr": torch.sigmoid(2 * driver),
+            "true_cvr": torch.full((n, 8), 0.5), "price": torch.ones(n, 8)}
+    return data, segment
+
+
+def test_segment_best_weights_follow_each_segment_with_the_truth():
+    data, segment = _two_segment_market()
+    best = baselines.segment_best_weights(data, ["ctr", "cvr"], segment, (0.0, 1.0, 0.0), depth=3, eta=1.0,
+                                          steps=4)
+    assert best[0].tolist() == [1.0, 0.0] and best[1].tolist() == [0.0, 1.0]
+
+
+def test_estimated_objective_with_exact_outcomes_is_the_true_value_and_the_search_finds_it():
+    """DM with the true expected order per examined item: the objective equals the true value per request."""
+    from grade import auction
+
+    data, segment = _two_segment_market()
+    data = {k: v[segment == 0] for k, v in data.items()}  # one segment: the best global vector is (1, 0)
+    n = data["mask"].shape[0]
+    theta = 1.0 / (1.0 + torch.arange(3, dtype=torch.float64))
+    m = (data["true_ctr"] * data["true_cvr"]).double()
+    est = auction.EstimatorInputs("dm", theta, torch.ones(n, 8, dtype=torch.float64),
+                                  {"value": torch.zeros(n, 8, dtype=torch.float64)}, {"value": m})
+    grid = auction.simplex_grid(2, 4)
+    value = baselines.estimated_objective(data, grid, est, depth=3)
+    true_opm = auction.sweep_global_weights(data, ["ctr", "cvr"], grid, depth=3, eta=1.0)["opm"]
+    impressions_per_request = float(theta.sum())
+    assert torch.allclose(value, true_opm / 1000 * impressions_per_request, rtol=1e-5)
+    train = {**data, "click": torch.zeros(n, 8), "order": torch.zeros(n, 8), "gmv": torch.zeros(n, 8)}
+    spec = {"objectives": ["ctr", "cvr"], "pred_log_std": [1.0, 1.0]}
+    found = baselines.best_static(train, spec, depth=3, objective="estimated", iterations=4, population=16,
+                                  estimated=est, seed=0)
+    assert found.objective >= float(value.max()) - 1e-3 and found.weights[0] > 0.8

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -130,6 +129,7 @@ def test_report_shape_and_outputs(evaluated):
     expected = {"static", "best_static", "logged", "grade"} | ({"oracle"} if HAS_SIMULATOR else set())
     assert expected <= set(on_disk["policies"])
     for flavour, metrics in (("true", {"ctr", "cvr", "opm", "gpm"}), ("prior", {"ctr", "cvr", "opm", "gpm"}),
+                             ("estimated", {"ctr", "cvr", "opm", "gpm"}),
                              ("replay", {"ndcg_click", "ndcg_order", "ndcg_gmv", "gauc"})):
         assert set(on_disk["policies"]["grade"][flavour]) == metrics
     lift = on_disk["lift_vs_static"]["grade"]["true"]["opm"]
@@ -149,7 +149,8 @@ def test_report_shape_and_outputs(evaluated):
     table = format_table(on_disk)
     assert "best_static higher (" in table or "best_static NOT higher (" in table
     seg = on_disk["segments"]
-    assert seg["feature"] == "segment" and set(seg["by_segment"]) == {"0", "1", "2"}
+    names = {"browser", "buyer", "bargain_hunter"} if HAS_SIMULATOR else {"0", "1", "2"}
+    assert seg["feature"] == "segment" and set(seg["by_segment"]) == names
     assert sum(v["n_requests"] for v in seg["by_segment"].values()) == 500
     # Mean learned weights per segment are on the simplex.
     for w in seg["mean_weights"]["grade"].values():
@@ -227,15 +228,69 @@ def test_html_is_self_contained(evaluated):
         assert f"<h2>{heading}</h2>" in page
 
 
-def test_without_ground_truth_uses_prior_and_a_categorical_segment(tmp_path):
-    features = make_features(tmp_path / "f", n_train=200, n_test=150, truth=False)
-    report = run_evaluation(features, {}, str(tmp_path / "out"), small_config(static_search_iterations=0))
-    assert not report["has_ground_truth"] and report["primary_flavour"] == "prior"
-    assert "true" not in report["policies"]["static"] and "oracle" not in report["policies"]
-    assert report["segments"]["feature"] == "c_segment_hint"
-    assert set(report["segments"]["by_segment"]) <= {"10", "20", "30", "(other)"}
-    assert report["headroom_captured"] == {}
-    assert math.isfinite(report["lift_vs_static"]["logged"]["prior"]["opm"]["lift"])
+def test_truth_free_run_leads_with_estimated_and_the_gate_decides_as_with_truth(tmp_path):
+    """The same logs with and without the ground-truth columns: estimated leads, the gate agrees."""
+    from grade.promotion import PromoteConfig, decide
+    from grade.registry import Registry
+
+    model = make_model(tmp_path / "model")
+    cfg = small_config(static_search_iterations=0)
+    reports = {}
+    for truth in (True, False):
+        features = make_features(tmp_path / f"f{truth}", n_train=300, n_test=300, truth=truth, seed=3)
+        reports[truth] = run_evaluation(features, {"grade": model}, str(tmp_path / f"out{truth}"), cfg)
+    free, true = reports[False], reports[True]
+    assert not free["has_ground_truth"] and free["primary_flavour"] == "estimated"
+    assert true["primary_flavour"] == "true" and free["primary_metric"] == true["primary_metric"] == "opm"
+    assert "true" not in free["policies"]["static"] and "oracle" not in free["policies"]
+    assert free["segments"]["feature"] == "c_segment_hint"
+    assert set(free["segments"]["by_segment"]) <= {"10", "20", "30", "(other)"}
+    assert free["headroom_captured"] == {} and free["estimator_check"] == {}
+    # the estimated flavour only reads the logs: identical with and without the truth columns
+    assert free["policies"]["grade"]["estimated"] == pytest.approx(true["policies"]["grade"]["estimated"])
+    assert "estimated OPM lift" in format_table(true)
+    blessings = {t: decide(r, model, Registry(str(tmp_path / f"reg{t}"), "m"), PromoteConfig())
+                 for t, r in reports.items()}
+    assert blessings[False].primary == "estimated/opm" and blessings[True].primary == "true/opm"
+    assert [c.name.split("/", 1)[1] for c in blessings[False].checks] == \
+        [c.name.split("/", 1)[1] for c in blessings[True].checks]
+    assert blessings[False].blessed == blessings[True].blessed
+    lift = {t: r["lift_vs_static"]["grade"][r["primary_flavour"]]["opm"]["lift"] for t, r in reports.items()}
+    assert (lift[False] > 0) == (lift[True] > 0)
+
+
+@pytest.mark.skipif(not HAS_SIMULATOR, reason="segment names come from grade.simulator")
+def test_segment_best_and_the_distance_of_learned_to_best_weights(evaluated):
+    _, _, out, report = evaluated
+    page = store.read_bytes(store.join(out, "report.html")).decode()
+    assert "Estimator check" in page and "<th>L1</th>" in page and "truly best vector" in page
+    assert "segment_best" in report["policies"]
+    best = report["segments"]["best_weights"]
+    assert set(best) == {"browser", "buyer", "bargain_hunter"}
+    rows = report["segments"]["l1_to_best"]["grade"]
+    for seg, w in best.items():
+        learned = report["segments"]["mean_weights"]["grade"][seg]
+        assert rows[seg]["l1"] == pytest.approx(sum(abs(a - b) for a, b in zip(learned, w, strict=True)))
+    assert rows["mean_l1"] == pytest.approx(sum(rows[s]["l1"] for s in best) / 3)
+    # searched with the truth on valid, evaluated on test: never far below the global static weights
+    assert report["policies"]["segment_best"]["true"]["opm"] >= 0.95 * report["policies"]["static"]["true"]["opm"]
+    check = report["estimator_check"]
+    assert check["metric"] == "opm" and 0 <= check["covered_share"] <= 1
+    assert set(check["segments"]) == {"browser", "buyer", "bargain_hunter"}
+    for row in check["segments"].values():
+        assert {"ips", "snips", "dm", "switch", "prior", "best"} <= set(row)
+        assert all(0 <= row[k]["share"] <= 1 + 1e-9 for k in ("ips", "dm", "prior"))
+
+
+def test_logged_policy_estimated_by_ips_is_the_logged_feedback(evaluated):
+    """IPS of the logging policy under any theta-hat: the logged clicks and orders of its top E."""
+    features, _, _, report = evaluated
+    from grade import dataset
+
+    test = dataset.load_split(features, "test")
+    top = (test["position"] >= 0) & (test["position"] < 5) & test["mask"]
+    est = report["policies"]["logged"]["estimated"]
+    assert est["cvr"] == pytest.approx(float(test["order"][top].double().sum() / test["click"][top].double().sum()), rel=1e-9)
 
 
 def test_bad_inputs_raise_input_errors(tmp_path, evaluated):
@@ -323,7 +378,7 @@ def test_comparisons_by_hand():
 REPORT_KEYS = {"n_requests", "split", "primary_metric", "primary_flavour", "has_ground_truth", "objectives",
                "exposure_depth", "policies", "lift_vs_static", "models", "weights", "best_static_search",
                "headroom_captured", "lift_vs", "comparisons", "headroom_sentence", "segments", "frontier",
-               "config", "features", "elapsed_s"}
+               "config", "features", "elapsed_s", "value_model", "estimator_check", "business"}
 
 
 def test_the_stages_compose_to_report_json(evaluated, tmp_path):
@@ -336,7 +391,13 @@ def test_the_stages_compose_to_report_json(evaluated, tmp_path):
     on_disk = store.read_json(store.join(out, "report.json"))
     assert set(on_disk) == REPORT_KEYS and on_disk == json.loads(json.dumps(evaluation._finite(report)))
     cfg = small_config()
-    held = evaluation.load_inputs(features, cfg, None)
+    # the value model the run fitted itself is published in the report folder, with its report entry
+    from grade.value_model import load_value_model
+
+    assert report["value_model"]["uri"] == "fitted"
+    fitted = store.join(out, evaluation.FITTED_VALUE_MODEL)
+    assert report["value_model"]["content_hash"] == store.content_hash(fitted)
+    held = evaluation.load_inputs(features, cfg, None, value_model=(load_value_model(fitted), report["value_model"]))
     named, info = evaluation.named_models({"grade": model}, None, cfg)
     staged = evaluation.build_report(held, evaluation.compute_policies(held, named, info), ["grade"],
                                      time.monotonic())
@@ -364,6 +425,6 @@ def test_a_baseline_or_primary_flavour_is_one_registry_entry(evaluated, tmp_path
     assert report["weights"]["uniform"] == pytest.approx(uniform.tolist())
     assert set(report["lift_vs_static"]["uniform"]["prior"]) >= {"ctr", "opm"}
     assert report["broken_unavailable"] == "needs data this run does not have"
-    assert report["primary_flavour"] == "prior"  # 'never' is not available; 'prior' now comes before 'true'
+    assert report["primary_flavour"] == "estimated"  # 'never' is unavailable; 'estimated' now precedes 'true'
     with pytest.raises(InputError, match="reserved"):
         run_evaluation(features, {"uniform": "x"}, str(tmp_path / "o2"), small_config())

@@ -282,3 +282,26 @@ def test_blessing_record_round_trip_and_validation(tmp_path):
         _corrupt(bad, [field], value)
         with pytest.raises(InputError, match=r"blessing\.json: .*"):
             Blessing.from_json(bad, "blessing.json")
+
+
+def test_truth_free_report_is_judged_on_its_estimated_flavour_and_primary_metric(tmp_path):
+    """Primary flavour/metric come from the report; guardrails in the same flavour; primary not re-checked."""
+    from grade.promotion import decide
+
+    root = str(tmp_path)
+    a = model_folder(root, "a", 1)
+    metrics = {"opm": lift(-0.002), "gpm": lift(0.05), "ctr": lift(0.0), "cvr": lift(0.0)}
+    report = {"n_requests": 1000, "primary_metric": "gpm", "primary_flavour": "estimated",
+              "has_ground_truth": False, "policies": {"static": {}, "grade": {}},
+              "lift_vs_static": {"grade": {"estimated": metrics, "prior": {"gpm": lift(-0.5)},
+                                           "replay": {"ndcg_order": lift(-0.5)}}},
+              "models": {"grade": {"uri": a, "content_hash": store.content_hash(a)}}}
+    b = decide(report, a, Registry(store.join(root, "registry")), PromoteConfig())
+    assert b.primary == "estimated/gpm"
+    assert [(c.name, c.passed) for c in b.checks] == [
+        ("estimated/gpm lift CI low", True), ("estimated/ctr lift", True), ("estimated/cvr lift", True)]
+    assert b.blessed
+    # an OPM-valued report: the estimated OPM lift's CI low (-0.012) fails the primary check
+    b = decide({**report, "primary_metric": "opm"}, a, Registry(store.join(root, "registry")), PromoteConfig())
+    assert b.primary == "estimated/opm" and not b.blessed
+    assert [c.name for c in b.checks][-1] == "estimated/gpm lift"
