@@ -249,11 +249,16 @@ def test_runs_on_s3(features, stage1, s3_env):
 
 def test_format_term_holds_the_weight_entropy_at_its_floor(features, stage1, tmp_path):
     """With a floor above what the posterior wants, the format term keeps the served weights near it;
-    without the term they fall further below (on the demo data: min entropy 0.98 vs 0.71 for a 1.0 floor)."""
+    without the term they fall further below (on the demo data: min entropy 0.98 vs 0.71 for a 1.0 floor).
+
+    Measured against the dcg_ips posterior, whose scale the unit format coefficient was set for: against
+    the denser direct-method posterior the same soft penalty holds the minimum at 1.062 for this 1.09
+    floor (docs/finetune.md)."""
     floor = 1.09   # ln 3 = 1.099 is the uniform maximum
     mins = {}
     for fmt in (0.0, 1.0):
-        cfg = small_cfg(epochs=4, reward=RewardConfig(entropy_floor=floor, format=fmt, prior=0.0))
+        reward = RewardConfig(post_estimator="dcg_ips", entropy_floor=floor, format=fmt, prior=0.0)
+        cfg = small_cfg(epochs=4, reward=reward)
         metrics = finetune(features, stage1, str(tmp_path / f"fmt{fmt}"), cfg)
         mins[fmt] = metrics["final"]["policy/weight_entropy_min"]
     assert mins[0.0] < floor - 0.03          # the floor binds: without the term the weights go below it
