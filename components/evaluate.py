@@ -1,7 +1,8 @@
 """Offline auction evaluation: every policy on the same held-out requests, report.json/html, KFP metrics.
 
     python -m components.evaluate --features URI --model NAME=URI [--model NAME=URI ...] --out URI
-                                  [--outcome URI] [--config YAML] [--set SECTION.KEY=VALUE ...] [--registry URI]
+                                  [--outcome URI] [--config YAML] [--set SECTION.KEY=VALUE ...]
+                                  [--registry URI]
 
 Without --outcome a value model is fitted on the features' train split (config section ``outcome``) and
 published in the report folder's value_model/.
@@ -36,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="URI",
                    help="output folder: report.json, report.html, metrics.json (KFP), config.json")
     p.add_argument("--outcome", metavar="URI",
-                   help="value model (components.outcome output) for the estimated flavour; without it one is "
-                        "fitted on the train split and published in OUT/value_model/")
+                   help="value model (components.outcome output) for the estimated flavour; without it one "
+                        "is fitted on the train split and published in OUT/value_model/")
     p.add_argument("--registry", metavar="URI",
                    help="model registry root; its production model is evaluated as 'incumbent' "
                         "when it exists")

@@ -54,7 +54,8 @@ def policy_check(policies: dict[str, Any], lift_vs_static: dict[str, Any], metri
 
 
 def ordering(rows: dict[str, dict[str, Any]], margin: float) -> dict[str, Any]:
-    """Whether "estimated" orders each pair as "true" does, over pairs whose true values differ by > margin."""
+    """Whether "estimated" orders each pair as "true" does, over pairs whose true values differ by
+    > margin."""
     names = sorted(rows)
     pairs, disagreements = 0, []
     for i, a in enumerate(names):
@@ -89,7 +90,8 @@ def grid_values(data: dict[str, torch.Tensor], grid: torch.Tensor, segment: torc
     for start in range(0, n, chunk):
         sl = slice(start, min(start + chunk, n))
         m = data["mask"][sl]
-        idx = top_e(fuse(data["z"][sl], grid.to(data["z"].dtype).unsqueeze(0).expand(m.shape[0], g, -1), m), e)
+        weights = grid.to(data["z"].dtype).unsqueeze(0).expand(m.shape[0], g, -1)
+        idx = top_e(fuse(data["z"][sl], weights, m), e)
         seg = segment[sl]
         for name, est in estimators.items():
             model = None if est.models is None else est.models["value"][sl]
@@ -102,7 +104,8 @@ def grid_values(data: dict[str, torch.Tensor], grid: torch.Tensor, segment: torc
     return out
 
 
-def segment_picks(values: dict[str, torch.Tensor], grid: torch.Tensor, labels: dict[int, str]) -> dict[str, Any]:
+def segment_picks(values: dict[str, torch.Tensor], grid: torch.Tensor,
+                  labels: dict[int, str]) -> dict[str, Any]:
     """Per segment: the truly best vector and, per estimator, its pick's weights, true value and share.
 
     values: name -> [S, G] (with "true"), from :func:`grid_values`; grid [G, K]; labels: segment id -> name
@@ -116,7 +119,8 @@ def segment_picks(values: dict[str, torch.Tensor], grid: torch.Tensor, labels: d
             continue
         best = int(true[sid].argmax())
         best_value = float(true[sid, best])
-        row: dict[str, Any] = {"best": {"weights": [round(float(x), 4) for x in grid[best]], "true_value": best_value}}
+        row: dict[str, Any] = {"best": {"weights": [round(float(x), 4) for x in grid[best]],
+                                        "true_value": best_value}}
         for name, v in values.items():
             if name == "true":
                 continue

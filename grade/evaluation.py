@@ -60,7 +60,8 @@ class EvaluateConfig:
     estimator: str = "ips"
     """estimator of the 'estimated' flavour (grade.estimators.ESTIMATORS: ips, snips, dm, switch, shrunk)"""
     estimator_max_weight: float = ranged(100.0, ">= 1")
-    """importance weights of the 'estimated' flavour (and the estimated best_static search) are clipped here"""
+    """importance weights of the 'estimated' flavour (and the estimated best_static search) are clipped
+    here"""
     static_search_objective: str = "estimated"
     """best_static objective on train: estimated (the declared business value by static_search_estimator),
     posterior (Stage 2's posterior reward, the finetune.reward label mix) or ndcg_order, ndcg_click,
@@ -70,7 +71,8 @@ class EvaluateConfig:
     static_search_iterations: int = ranged(10, ">= 0")
     """cross-entropy-method iterations of the best_static search"""
     paired_baselines: list[str] = dataclasses.field(default_factory=lambda: ["best_static", "stage1"])
-    """policies every other one is also compared with by paired bootstrap (report key lift_vs), when present"""
+    """policies every other one is also compared with by paired bootstrap (report key lift_vs), when
+    present"""
     static_search_population: int = ranged(32, ">= 1")
     """weight vectors sampled per CEM iteration"""
     static_search_elite_fraction: float = ranged(0.25, "(0, 1]")
@@ -78,7 +80,8 @@ class EvaluateConfig:
     static_search_max_requests: int = ranged(20000, ">= 0")
     """train requests (with a positive label) the search scores on"""
     oracle_value: str = "declared"
-    """what the oracle maximises per request: declared (the business section's value) or clicks, orders, gmv"""
+    """what the oracle maximises per request: declared (the business section's value) or clicks, orders,
+    gmv"""
     oracle_candidates: int = ranged(512, ">= 1")
     """weight vectors the oracle tries per request"""
     frontier_steps: int = ranged(12, ">= 1")
@@ -90,8 +93,8 @@ class EvaluateConfig:
 
     def validate(self) -> None:
         if self.static_search_objective not in baselines.SEARCH_OBJECTIVES:
-            raise InputError(f"evaluate.static_search_objective: expected one of {list(baselines.SEARCH_OBJECTIVES)},"
-                             f" got {self.static_search_objective!r}")
+            raise InputError(f"evaluate.static_search_objective: expected one of "
+                             f"{list(baselines.SEARCH_OBJECTIVES)}, got {self.static_search_objective!r}")
         for key in ("estimator", "static_search_estimator"):
             if getattr(self, key) not in estimators.ESTIMATORS:
                 raise InputError(f"evaluate.{key}: expected one of {list(estimators.ESTIMATORS)}, "
@@ -130,7 +133,8 @@ def true_segment_labels() -> dict[int, str]:
     return dict(enumerate(SEGMENTS))
 
 
-def segment_ids(spec: dict, data: dict[str, torch.Tensor], feature: str) -> tuple[str, torch.Tensor, dict[int, str]]:
+def segment_ids(spec: dict, data: dict[str, torch.Tensor],
+                feature: str) -> tuple[str, torch.Tensor, dict[int, str]]:
     """(feature name, ids [N], id -> label) of the breakdown feature (true segments by their names)."""
     cats = spec.get("categorical", [])
     if not feature:
@@ -141,7 +145,8 @@ def segment_ids(spec: dict, data: dict[str, torch.Tensor], feature: str) -> tupl
         feature = cats[0]["name"]
     if feature == "segment":
         if "segment" not in data:
-            raise InputError("evaluate.segment_feature: 'segment' asked for but the features have no true segment")
+            raise InputError("evaluate.segment_feature: 'segment' asked for but the features have no true "
+                             "segment")
         return "segment", data["segment"].long(), true_segment_labels()
     names = [c["name"] for c in cats]
     for j, c in enumerate(cats):
@@ -149,7 +154,8 @@ def segment_ids(spec: dict, data: dict[str, torch.Tensor], feature: str) -> tupl
             labels = {i + 1: str(v) for i, v in enumerate(c.get("vocab", []))}
             labels[0] = "(other)"
             return c["name"], data["cat"][:, j].long(), labels
-    raise InputError(f"evaluate.segment_feature: unknown feature {feature!r}; expected 'segment' or one of {names}")
+    raise InputError(f"evaluate.segment_feature: unknown feature {feature!r}; expected 'segment' or one of "
+                     f"{names}")
 
 
 def read_training_curves(uri: str) -> dict[str, Any]:
@@ -176,8 +182,8 @@ def model_weights(uri: str, data: dict[str, torch.Tensor], spec: dict, batch_siz
     try:
         model_spec = store.read_json(store.join(uri, "feature_spec.json"))
         if list(model_spec.get("objectives", [])) != list(spec["objectives"]):
-            raise InputError(f"{store.join(uri, 'feature_spec.json')}: objectives {model_spec.get('objectives')} "
-                             f"differ from the features' {spec['objectives']}")
+            raise InputError(f"{store.join(uri, 'feature_spec.json')}: objectives "
+                             f"{model_spec.get('objectives')} differ from the features' {spec['objectives']}")
     except store.NotFound:
         pass
     cat = clamp_unseen(data["cat"], policy.cfg.cat_sizes)
@@ -218,7 +224,8 @@ def obtain_value_model(features_uri: str, outcome_uri: str | None, cfg: ValueMod
     from grade.value_model import build_value_model, load_value_model
 
     if outcome_uri:
-        vm, info = load_value_model(outcome_uri), {"uri": outcome_uri, "content_hash": _content_hash(outcome_uri)}
+        vm = load_value_model(outcome_uri)
+        info = {"uri": outcome_uri, "content_hash": _content_hash(outcome_uri)}
         folder = None
     else:
         folder = scratch / FITTED_VALUE_MODEL
@@ -482,10 +489,12 @@ def check_model_names(models: dict[str, str]) -> None:
 def load_inputs(features_uri: str, cfg: EvaluateConfig, reward: RewardConfig | None,
                 business: BusinessConfig | None = None,
                 value_model: tuple[ValueModel, dict[str, Any]] | None = None) -> HeldOut:
-    """The held-out requests with the declared value and (given a value model) the estimated flavour's inputs."""
+    """The held-out requests with the declared value and (given a value model) the estimated flavour's
+    inputs."""
     spec, data = load_held_out(features_uri, cfg)
     business = config.check(business or BusinessConfig(), "business")
-    held = HeldOut(features_uri, spec, data, cfg, reward, segment_ids(spec, data, cfg.segment_feature), business)
+    held = HeldOut(features_uri, spec, data, cfg, reward, segment_ids(spec, data, cfg.segment_feature),
+                   business)
     if value_model is not None:
         held.value_model, held.value_model_info = value_model
         if has_logged_feedback(data):
@@ -504,7 +513,8 @@ def named_models(models: dict[str, str], registry_uri: str | None, cfg: Evaluate
             named["incumbent"] = inc[1]
             versions["incumbent"] = {"version": inc[0]}
         else:
-            log.info("registry %s has no production model '%s': no incumbent", registry_uri, cfg.registry_model_name)
+            log.info("registry %s has no production model '%s': no incumbent", registry_uri,
+                     cfg.registry_model_name)
     info = {name: {**versions.get(name, {}), "uri": uri, "content_hash": _content_hash(uri)}
             for name, uri in named.items()}
     return named, info
@@ -520,7 +530,8 @@ def compute_policies(held: HeldOut, models: dict[str, str],
     value_weights = declared_value_weights(held.business, value_unit(held)) if mix else None
     estimator = held.estimator
     if estimator is not None and not mix:  # the declared value is one of clicks/orders/gmv: no vpm column
-        estimator = dataclasses.replace(estimator, labels={k: v for k, v in estimator.labels.items() if k != "value"},
+        estimator = dataclasses.replace(estimator,
+                                        labels={k: v for k, v in estimator.labels.items() if k != "value"},
                                         models=None if estimator.models is None else
                                         {k: v for k, v in estimator.models.items() if k != "value"})
 
@@ -656,7 +667,8 @@ def segment_estimator_picks(held: HeldOut) -> dict[str, Any]:
     if {"ctr", "cvr", "gmv"} <= set(obj):
         p = valid["pred"].double()
         c, o = p[..., obj["ctr"]], p[..., obj["ctr"]] * p[..., obj["cvr"]]
-        prior_value = held.business.item_value(c, o, o * p[..., obj["gmv"]], vm.order_value_unit) * valid["mask"]
+        prior_value = (held.business.item_value(c, o, o * p[..., obj["gmv"]], vm.order_value_unit)
+                       * valid["mask"])
         inputs["prior"] = dataclasses.replace(inputs["dm"], models={"value": prior_value})
     k = valid["z"].shape[-1]
     grid = auction.simplex_grid(k, cfg.frontier_steps if k <= 3 else max(2, min(cfg.frontier_steps, 6)))
@@ -668,8 +680,10 @@ def segment_estimator_picks(held: HeldOut) -> dict[str, Any]:
     return estimator_check.segment_picks(values, grid, labels)
 
 
-def estimator_report(held: HeldOut, policies: dict[str, Any], lifts: dict[str, Any], metric: str) -> dict[str, Any]:
-    """report.json's estimator_check: estimated vs true per policy and per-segment grid picks ({} without truth)."""
+def estimator_report(held: HeldOut, policies: dict[str, Any], lifts: dict[str, Any],
+                     metric: str) -> dict[str, Any]:
+    """report.json's estimator_check: estimated vs true per policy and per-segment grid picks ({} without
+    truth)."""
     from grade.estimator_check import policy_check
 
     if not auction.has_ground_truth(held.data) or held.estimator is None:
@@ -683,12 +697,13 @@ def estimator_report(held: HeldOut, policies: dict[str, Any], lifts: dict[str, A
 
 def segment_distances(report_weights: dict[str, Any], best: dict[str, list[float]],
                       models: list[str]) -> dict[str, dict[str, Any]]:
-    """Per named model and segment: its mean learned weights, the segment's best weights and their L1 distance."""
+    """Per named model and segment: its mean learned weights, the segment's best weights and their L1
+    distance."""
     out: dict[str, dict[str, Any]] = {}
     for m in models:
         learned = report_weights.get(m, {})
-        rows = {seg: {"learned": learned[seg], "best": w, "l1": sum(abs(a - b) for a, b in zip(learned[seg], w,
-                                                                                            strict=True))}
+        rows = {seg: {"learned": learned[seg], "best": w,
+                      "l1": sum(abs(a - b) for a, b in zip(learned[seg], w, strict=True))}
                 for seg, w in best.items() if seg in learned}
         if rows:
             out[m] = {**rows, "mean_l1": sum(r["l1"] for r in rows.values()) / len(rows)}
@@ -730,7 +745,8 @@ def build_report(held: HeldOut, runs: PolicyRuns, model_names: list[str], starte
         features={"uri": held.features_uri, "content_hash": _content_hash(held.features_uri)},
         lift_vs_incumbent=lifts.get("incumbent"),
         unavailable={b: r.unavailable for b, r in runs.baselines.items() if r.unavailable},
-        value_model=held.value_model_info, estimator_check=estimator_report(held, policies, lifts["static"], metric),
+        value_model=held.value_model_info,
+        estimator_check=estimator_report(held, policies, lifts["static"], metric),
         business=dataclasses.asdict(held.business),
         elapsed_s=round(time.monotonic() - started, 2))
 
@@ -778,8 +794,8 @@ def run_evaluation(features_uri: str, models: dict[str, str], out_uri: str, cfg:
     check_model_names(models)
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="grade-eval-") as scratch:
-        vm, vm_info, vm_folder = obtain_value_model(features_uri, outcome_uri, value_model_cfg or ValueModelConfig(),
-                                                    Path(scratch))
+        vm, vm_info, vm_folder = obtain_value_model(features_uri, outcome_uri,
+                                                    value_model_cfg or ValueModelConfig(), Path(scratch))
         held = load_inputs(features_uri, cfg, reward, business, (vm, vm_info))
         log.info("evaluating on %d %s requests (ground truth: %s)", held.n_requests, cfg.split,
                  auction.has_ground_truth(held.data))
@@ -809,7 +825,8 @@ def _finite(obj: Any) -> Any:
 def _segment_values(seg: torch.Tensor, labels: dict[int, str], cfg: EvaluateConfig) -> list[tuple[int, str]]:
     """The ``max_segments`` most frequent segment ids (ties by id), with display labels, in id order."""
     ids, counts = torch.unique(seg, return_counts=True)
-    order = sorted(zip(ids.tolist(), counts.tolist(), strict=True), key=lambda t: (-t[1], t[0]))[: cfg.max_segments]
+    order = sorted(zip(ids.tolist(), counts.tolist(), strict=True),
+                   key=lambda t: (-t[1], t[0]))[: cfg.max_segments]
     return [(i, labels.get(i, str(i))) for i, _ in sorted(order)]
 
 
@@ -848,7 +865,8 @@ def headroom_shares(policies: dict[str, Any], flavour: str = "true", metric: str
     o = policies["oracle"]["true"][metric]
     if not o > s:
         return {}
-    return {p: (v["true"][metric] - s) / (o - s) for p, v in policies.items() if p not in ("static", "oracle")}
+    return {p: (v["true"][metric] - s) / (o - s) for p, v in policies.items()
+            if p not in ("static", "oracle")}
 
 
 def comparisons(policies: dict[str, Any], flavour: str, models: list[str],
@@ -873,8 +891,8 @@ def comparisons(policies: dict[str, Any], flavour: str, models: list[str],
     return out
 
 
-_UNITS = {"opm": "orders per 1000 impressions", "gpm": "GMV per 1000 impressions", "ctr": "clicks per impression",
-          "vpm": "declared value per 1000 impressions"}
+_UNITS = {"opm": "orders per 1000 impressions", "gpm": "GMV per 1000 impressions",
+          "ctr": "clicks per impression", "vpm": "declared value per 1000 impressions"}
 
 
 def headroom_sentence(headroom: dict[str, float], policies: dict[str, Any], flavour: str, models: list[str],
@@ -882,14 +900,15 @@ def headroom_sentence(headroom: dict[str, float], policies: dict[str, Any], flav
     if not headroom:
         if flavour != "true":
             return "No ground truth on this data, so no oracle: the headroom share is not available."
-        return "No oracle result (the oracle is unavailable or not above static): the headroom share is not available."
+        return ("No oracle result (the oracle is unavailable or not above static): the headroom share is not "
+                "available.")
     s, o = policies["static"]["true"][metric], policies["oracle"]["true"][metric]
     focus = "grade" if "grade" in headroom else (models[-1] if models and models[-1] in headroom else None)
     parts = []
     if focus:
-        parts.append(f"{focus} captures {100 * headroom[focus]:.1f}% of the oracle's true-{metric.upper()} headroom "
-                     f"over static (static {s:.3f}, {focus} {policies[focus]['true'][metric]:.3f}, oracle {o:.3f} "
-                     f"{_UNITS[metric]}).")
+        parts.append(f"{focus} captures {100 * headroom[focus]:.1f}% of the oracle's true-{metric.upper()} "
+                     f"headroom over static (static {s:.3f}, {focus} {policies[focus]['true'][metric]:.3f}, "
+                     f"oracle {o:.3f} {_UNITS[metric]}).")
     others = ", ".join(f"{p} {100 * v:.1f}%" for p, v in headroom.items() if p != focus)
     if others:
         parts.append(f"Other policies: {others}.")
@@ -925,7 +944,8 @@ def kfp_metrics(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 def _verdict(comparison: dict[str, Any], other: str, higher: bool) -> str:
     """'best_static higher (+1.90% [+0.80, +3.00])': the paired lift and CI when there is one."""
     lift = comparison.get(f"opm_lift_vs_{other}")
-    ci = "" if not lift else f" ({100 * lift['lift']:+.2f}% [{100 * lift['ci_low']:+.2f}, {100 * lift['ci_high']:+.2f}])"
+    ci = "" if not lift else (f" ({100 * lift['lift']:+.2f}% "
+                              f"[{100 * lift['ci_low']:+.2f}, {100 * lift['ci_high']:+.2f}])")
     return f"{other} {'higher' if higher else 'NOT higher'}{ci}"
 
 
@@ -936,13 +956,15 @@ def format_table(report: dict[str, Any]) -> str:
     metrics = [m for m in MAIN_METRICS if any(m in v.get(flavour, {}) for v in report["policies"].values())]
     # next to the truth, the estimated flavour's lift of the primary metric (what a truth-free run would see)
     primary = report.get("primary_metric", "opm")
-    estimated = flavour != "estimated" and any(primary in v.get("estimated", {}) for v in report["policies"].values())
+    estimated = flavour != "estimated" and any(primary in v.get("estimated", {})
+                                               for v in report["policies"].values())
     head = f"{'policy':<16}" + "".join(f"{m.upper():>10}" for m in metrics) + \
-        "".join(f"  {m.upper() + ' lift vs static [CI]':<31}" for m in ("opm", "gpm", "ctr") if m in metrics) + \
+        "".join(f"  {m.upper() + ' lift vs static [CI]':<31}"
+                for m in ("opm", "gpm", "ctr") if m in metrics) + \
         (f"  {'estimated ' + primary.upper() + ' lift [CI]':<31}" if estimated else "")
-    lines = [f"{report['n_requests']} {report['split']} requests, {flavour} metrics, top-{report['exposure_depth']} "
-             f"exposure, {report['config']['confidence']:.0%} paired bootstrap CIs "
-             f"({report['config']['bootstrap_samples']} resamples)", head, "-" * len(head)]
+    lines = [f"{report['n_requests']} {report['split']} requests, {flavour} metrics, "
+             f"top-{report['exposure_depth']} exposure, {report['config']['confidence']:.0%} paired "
+             f"bootstrap CIs ({report['config']['bootstrap_samples']} resamples)", head, "-" * len(head)]
 
     def fmt(v: float | None) -> str:
         return "       n/a" if v is None or not math.isfinite(v) else f"{v:>10.4f}"

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 FLAVOUR_TITLES = {"true": "true (simulator ground truth)",
-                  "estimated": "estimated (counterfactual estimates from the logs under the estimated examination)",
+                  "estimated": "estimated (counterfactual estimates from the logs under the estimated "
+                               "examination)",
                   "prior": "prior (MTL predictions, a diagnostic)",
                   "replay": "replay (logged labels)"}
 CURVE_HINTS = ("loss", "reward", "ndcg", "kl", "kappa", "entropy", "opm", "value")
@@ -129,8 +130,9 @@ def estimator_check_tables(report: dict[str, Any]) -> str:
                     f"{lifts}<td>{covered}</td></tr>")
     order = check["ordering"]
     share = check["covered_share"]
+    share_text = "n/a" if share is None else f"{100 * share:.0f}%"
     out = [f'<table class="lifts"><caption>{metric}: true vs estimated ({html.escape(check["estimator"])}); '
-           f"true lifts inside the estimated CI: {'n/a' if share is None else f'{100 * share:.0f}%'}; ordering "
+           f"true lifts inside the estimated CI: {share_text}; ordering "
            f"agrees on {order['agreeing']}/{order['pairs']} pairs whose true values differ by more than "
            f"{100 * order['margin']:.0f}%</caption><thead><tr><th>policy</th><th>true</th><th>estimated</th>"
            f"<th>true lift</th><th>estimated lift [CI]</th><th>covered</th></tr></thead>"
@@ -142,28 +144,33 @@ def estimator_check_tables(report: dict[str, Any]) -> str:
         body = "".join(f"<tr><th>{html.escape(seg)}</th><td>{row['best']['weights']}</td>"
                        + "".join(f"<td>{_fmt(row[n]['share'], 3)} <small>{row[n]['weights']}</small></td>"
                                  for n in names) + "</tr>" for seg, row in segs.items())
-        out.append(f'<table class="lifts"><caption>Per true segment of the valid split: the true value of the '
-                   f"grid vector each estimator picks, as a share of the segment's truly best vector</caption>"
-                   f"<thead><tr><th>segment</th><th>best weights</th>{head}</tr></thead><tbody>{body}</tbody></table>")
+        out.append('<table class="lifts"><caption>Per true segment of the valid split: the true value of '
+                   "the grid vector each estimator picks, as a share of the segment's truly best vector"
+                   f"</caption><thead><tr><th>segment</th><th>best weights</th>{head}</tr></thead>"
+                   f"<tbody>{body}</tbody></table>")
     return "".join(out)
 
 
 def l1_table(report: dict[str, Any]) -> str:
-    """Each named model's mean learned weights per segment beside the segment's best, and their L1 distance."""
+    """Each named model's mean learned weights per segment beside the segment's best, and their L1
+    distance."""
     dist = report.get("segments", {}).get("l1_to_best", {})
     rows = []
     for model, segs in dist.items():
         for seg, r in segs.items():
             if seg != "mean_l1":
                 rows.append(f"<tr><th>{html.escape(model)}</th><td>{html.escape(seg)}</td>"
-                            f"<td>{[round(x, 3) for x in r['learned']]}</td><td>{[round(x, 3) for x in r['best']]}</td>"
+                            f"<td>{[round(x, 3) for x in r['learned']]}</td>"
+                            f"<td>{[round(x, 3) for x in r['best']]}</td>"
                             f"<td>{r['l1']:.3f}</td></tr>")
-        rows.append(f"<tr><th>{html.escape(model)}</th><td>mean</td><td></td><td></td><td>{segs['mean_l1']:.3f}</td></tr>")
+        rows.append(f"<tr><th>{html.escape(model)}</th><td>mean</td><td></td><td></td>"
+                    f"<td>{segs['mean_l1']:.3f}</td></tr>")
     if not rows:
         return ""
-    return ('<table class="lifts"><caption>Learned mean weights per true segment vs the segment\'s best static '
-            "weights (searched with the truth on valid)</caption><thead><tr><th>model</th><th>segment</th>"
-            f"<th>learned</th><th>best</th><th>L1</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+    return ('<table class="lifts"><caption>Learned mean weights per true segment vs the segment\'s best '
+            "static weights (searched with the truth on valid)</caption>"
+            "<thead><tr><th>model</th><th>segment</th><th>learned</th><th>best</th><th>L1</th></tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -193,7 +193,8 @@ def _estimator(data: dict[str, torch.Tensor], name: str = "ips", depth: int = 3)
     """theta-hat = 1/(1+j) at new and logged positions; labels clicks/orders/gmv from the logs."""
     theta = 1.0 / (1.0 + torch.arange(depth, dtype=torch.float64))
     pos = data["position"]
-    logged = torch.where(pos >= 0, 1.0 / (1.0 + pos.clamp_min(0).double()), torch.zeros_like(pos, dtype=torch.float64))
+    logged = torch.where(pos >= 0, 1.0 / (1.0 + pos.clamp_min(0).double()),
+                         torch.zeros_like(pos, dtype=torch.float64))
     labels = {"clicks": data["click"].double(), "orders": data["order"].double(), "gmv": data["gmv"].double()}
     return auction.EstimatorInputs(name, theta, logged, labels, None)
 
@@ -210,7 +211,8 @@ def test_estimated_flavour_of_the_logged_order_is_the_logged_feedback():
 
 
 def test_estimated_flavour_of_another_ranking_by_hand():
-    """weights (1, 0) rank items 0, 1, 2 (logged at 1, 0, 2): IPS clicks = 0 * 2 + 1 * (1/2)/1 + 1 * 1 = 1.5."""
+    """weights (1, 0) rank items 0, 1, 2 (logged at 1, 0, 2):
+    IPS clicks = 0 * 2 + 1 * (1/2)/1 + 1 * 1 = 1.5."""
     data = one_request()
     est = _estimator(data)
     sums = auction.policy_sums(data, ["ctr", "cvr"], weights=torch.tensor([1.0, 0.0]), depth=3, estimator=est)

@@ -38,7 +38,8 @@ def test_segment_picks_by_hand():
               "ips": torch.tensor([[0.0, 5.0, 1.0], [2.0, 0.0, 0.0]], dtype=torch.float64)}
     out = segment_picks(values, grid, {0: "browser", 1: "buyer"})
     assert out["browser"]["best"] == {"weights": [0.0, 1.0], "true_value": 4.0}
-    assert out["browser"]["ips"]["weights"] == [0.5, 0.5] and out["browser"]["ips"]["share"] == pytest.approx(0.5)
+    assert out["browser"]["ips"]["weights"] == [0.5, 0.5]
+    assert out["browser"]["ips"]["share"] == pytest.approx(0.5)
     assert out["buyer"]["ips"]["share"] == pytest.approx(1.0)
 
 

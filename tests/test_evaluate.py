@@ -273,7 +273,8 @@ def test_segment_best_and_the_distance_of_learned_to_best_weights(evaluated):
         assert rows[seg]["l1"] == pytest.approx(sum(abs(a - b) for a, b in zip(learned, w, strict=True)))
     assert rows["mean_l1"] == pytest.approx(sum(rows[s]["l1"] for s in best) / 3)
     # searched with the truth on valid, evaluated on test: never far below the global static weights
-    assert report["policies"]["segment_best"]["true"]["opm"] >= 0.95 * report["policies"]["static"]["true"]["opm"]
+    assert (report["policies"]["segment_best"]["true"]["opm"]
+            >= 0.95 * report["policies"]["static"]["true"]["opm"])
     check = report["estimator_check"]
     assert check["metric"] == "opm" and 0 <= check["covered_share"] <= 1
     assert set(check["segments"]) == {"browser", "buyer", "bargain_hunter"}
@@ -290,7 +291,8 @@ def test_logged_policy_estimated_by_ips_is_the_logged_feedback(evaluated):
     test = dataset.load_split(features, "test")
     top = (test["position"] >= 0) & (test["position"] < 5) & test["mask"]
     est = report["policies"]["logged"]["estimated"]
-    assert est["cvr"] == pytest.approx(float(test["order"][top].double().sum() / test["click"][top].double().sum()), rel=1e-9)
+    logged_cvr = float(test["order"][top].double().sum() / test["click"][top].double().sum())
+    assert est["cvr"] == pytest.approx(logged_cvr, rel=1e-9)
 
 
 def test_bad_inputs_raise_input_errors(tmp_path, evaluated):
@@ -397,7 +399,8 @@ def test_the_stages_compose_to_report_json(evaluated, tmp_path):
     assert report["value_model"]["uri"] == "fitted"
     fitted = store.join(out, evaluation.FITTED_VALUE_MODEL)
     assert report["value_model"]["content_hash"] == store.content_hash(fitted)
-    held = evaluation.load_inputs(features, cfg, None, value_model=(load_value_model(fitted), report["value_model"]))
+    held = evaluation.load_inputs(features, cfg, None,
+                                  value_model=(load_value_model(fitted), report["value_model"]))
     named, info = evaluation.named_models({"grade": model}, None, cfg)
     staged = evaluation.build_report(held, evaluation.compute_policies(held, named, info), ["grade"],
                                      time.monotonic())

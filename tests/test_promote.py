@@ -302,6 +302,7 @@ def test_truth_free_report_is_judged_on_its_estimated_flavour_and_primary_metric
         ("estimated/gpm lift CI low", True), ("estimated/ctr lift", True), ("estimated/cvr lift", True)]
     assert b.blessed
     # an OPM-valued report: the estimated OPM lift's CI low (-0.012) fails the primary check
-    b = decide({**report, "primary_metric": "opm"}, a, Registry(store.join(root, "registry")), PromoteConfig())
+    b = decide({**report, "primary_metric": "opm"}, a, Registry(store.join(root, "registry")),
+               PromoteConfig())
     assert b.primary == "estimated/opm" and not b.blessed
     assert [c.name for c in b.checks][-1] == "estimated/gpm lift"
