@@ -18,7 +18,6 @@ Bad requests raise :class:`BadRequest`, whose message names the field.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -32,6 +31,7 @@ import torch
 from grade import store
 from grade.errors import InputError
 from grade.registry import Registry
+from grade.store_backend import sha256_file
 from grade.transform import FeatureTransform
 
 log = logging.getLogger("grade.serving")
@@ -64,17 +64,9 @@ class ServedPolicy:
     """the model's feature spec (numeric/categorical features, objectives, standardisation)"""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _verify_files(folder: Path, manifest: dict[str, Any], where: str) -> None:
     for rel, meta in manifest["files"].items():
-        if _sha256(folder / rel) != meta["sha256"]:
+        if sha256_file(folder / rel) != meta["sha256"]:
             raise IntegrityError(f"{where}/{rel}: sha256 differs from the manifest")
 
 
