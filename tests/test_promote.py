@@ -12,7 +12,7 @@ import grade.registry as registry_mod
 from components import promote as promote_cli
 from grade import cli, store
 from grade.blessing import Blessing
-from grade.errors import InputError
+from grade.errors import InputError, IntegrityError
 from grade.promotion import PromoteConfig, promote
 from grade.registry import Registry, production_model
 from tests.test_registry import killed_writer, model_folder
@@ -306,3 +306,18 @@ def test_truth_free_report_is_judged_on_its_estimated_flavour_and_primary_metric
                PromoteConfig())
     assert b.primary == "estimated/opm" and not b.blessed
     assert [c.name for c in b.checks][-1] == "estimated/gpm lift"
+
+
+def test_a_candidate_changed_after_evaluation_is_refused(store_root):
+    """Replacing the candidate's weights by another model's file of the same size after the evaluation
+    must not promote: the gate verifies every file against the manifest's sha256 before registering."""
+    registry = store.join(store_root, "registry")
+    a, other = model_folder(store_root, "a", 1), model_folder(store_root, "other", 2)
+    report = write_report(store_root, "r1", a, opm=0.05)
+    weights = store.read_bytes(store.join(other, "policy.safetensors"))
+    assert len(weights) == len(store.read_bytes(store.join(a, "policy.safetensors")))
+    store.write_bytes(store.join(a, "policy.safetensors"), weights)
+    with pytest.raises(IntegrityError, match="policy.safetensors"):
+        promote(report, a, registry, PromoteConfig())
+    assert production_model(registry) is None
+    assert Registry(registry).versions() == []   # refused before any version was claimed
