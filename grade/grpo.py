@@ -1,4 +1,4 @@
-"""Stage 2: GRPO with adaptive Dirichlet exploration (DESIGN section 7), readable top to bottom.
+"""Stage 2: GRPO with adaptive Dirichlet exploration (docs/finetune.md), readable top to bottom.
 
 One training step on a batch of requests:
 
@@ -7,7 +7,7 @@ One training step on a batch of requests:
    Gaussian ablation: logistic-normal w = softmax(m(x) + sigma*eps), the action being the logits.
 2. rewards: composite reward (grade.reward) of each ranking; group-relative advantages
    A = (R - mean_g R) / (std + eps), exactly 0 in groups whose rewards are all equal. The std is one
-   over the whole batch by default (``advantage_norm``), not each group's as in DESIGN section 7:
+   over the whole batch by default (``advantage_norm``), not each group's as in the textbook form:
    per-group scaling cancels the inverse-propensity weights of the logged labels (docs/finetune.md).
 3. several update epochs on the same samples: clipped surrogate on the ratio
    rho = exp(clamp(log pi_theta - log pi_old)) plus beta * KL(pi_theta || pi_ref) in closed form
