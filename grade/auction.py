@@ -35,6 +35,7 @@ import torch
 
 from grade.estimators import ranking_value
 from grade.fusion import examination, fuse, gather_items, ndcg_at, top_e
+from grade.transform import objective_index
 
 FLAVOURS = ("true", "estimated", "prior", "replay")
 
@@ -109,10 +110,6 @@ class EstimatorInputs:
         shown = torch.arange(e).unsqueeze(0) < mask.sum(-1).unsqueeze(1)
         return (shown * self.theta.to(torch.float64)).sum(-1)
 
-
-def objective_index(objectives: Iterable[str]) -> dict[str, int]:
-    """Position of each objective on the last axis of ``z``/``pred`` ('pred_ctr' and 'ctr' alike)."""
-    return {str(name).removeprefix("pred_"): i for i, name in enumerate(objectives)}
 
 
 # ------------------------------------------------------------------------------------------------

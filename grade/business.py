@@ -18,6 +18,7 @@ import torch
 
 from grade.config import ranged
 from grade.errors import InputError
+from grade.estimators import business_value
 
 #: the report's metric for a declaration of one kind of value
 _SINGLE_METRIC = {"clicks": "ctr", "orders": "opm", "gmv": "gpm"}
@@ -50,11 +51,5 @@ class BusinessConfig:
                    order_value_unit: float) -> torch.Tensor:
         """Value of expected (or estimated) clicks, orders and GMV, elementwise: any shape, same shape out."""
         v_c, v_o, v_g = self.weights()
-        out = torch.zeros_like(clicks)
-        if v_c:
-            out = out + v_c * clicks
-        if v_o:
-            out = out + v_o * orders
-        if v_g:
-            out = out + (v_g / order_value_unit) * gmv
-        return out
+        return business_value(clicks, orders, gmv, v_click=v_c, v_order=v_o, v_gmv=v_g,
+                              mean_order_value=order_value_unit)

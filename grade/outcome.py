@@ -35,6 +35,7 @@ from torch import nn
 from grade.config import ranged
 from grade.examination import ExaminationEstimate
 from grade.progress import Progress
+from grade.transform import objective_index
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +78,6 @@ class OutcomeSpec:
     """embedding width per categorical feature"""
 
 
-def _objective_index(objectives: list[str]) -> dict[str, int]:
-    return {str(name).removeprefix("pred_"): i for i, name in enumerate(objectives)}
-
-
 class OutcomeNet(nn.Module):
     """(z [B, L, K], pred [B, L, K], mask [B, L], num [B, U], cat [B, C]) -> logits [B, L, 3].
 
@@ -102,7 +99,7 @@ class OutcomeNet(nn.Module):
         nn.init.zeros_(head.weight)   # start exactly at the MTL predictions
         nn.init.zeros_(head.bias)
         self.mlp = nn.Sequential(*layers, head)
-        obj = _objective_index(spec.objectives)
+        obj = objective_index(spec.objectives)
         self.offset_index = [obj.get("ctr", -1), obj.get("cvr", -1), obj.get("gmv", -1)]
 
     def offsets(self, pred: torch.Tensor) -> torch.Tensor:

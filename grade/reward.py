@@ -31,6 +31,7 @@ from grade import distributed, estimators
 from grade.config import ranged
 from grade.errors import InputError
 from grade.fusion import dcg_discounts, fuse, gather_items, top_e
+from grade.transform import objective_index
 
 TERMS = ("post", "prior", "format")
 
@@ -123,10 +124,6 @@ class RewardConfig:
         return self.post > 0 and self.post_estimator != "dcg_ips"
 
 
-def _objective_index(objectives: list[str]) -> dict[str, int]:
-    return {str(name).removeprefix("pred_"): i for i, name in enumerate(objectives)}
-
-
 def prior_item_value(pred: torch.Tensor, mask: torch.Tensor, objectives: list[str], cfg: RewardConfig,
                      gmv_unit: float = 1.0) -> torch.Tensor:
     """MTL-predicted value of every item [B, L]: pctr*(v_click + pcvr*(v_order + v_gmv*pgmv/gmv_unit));
@@ -135,7 +132,7 @@ def prior_item_value(pred: torch.Tensor, mask: torch.Tensor, objectives: list[st
     ``gmv_unit`` makes v_gmv scale-free (an order of a typical value is worth v_order + v_gmv).
     Objectives missing from the features drop out (no cvr: value = v_click*pctr; no gmv: no v_gmv term).
     """
-    obj = _objective_index(objectives)
+    obj = objective_index(objectives)
     if "ctr" not in obj:
         raise InputError(f"finetune.reward.prior: needs a 'ctr' objective, the features have {objectives}")
     pctr = pred[..., obj["ctr"]]
@@ -205,7 +202,7 @@ def estimated_value(idx: torch.Tensor, batch: dict[str, torch.Tensor], theta: to
 
 def gmv_unit_of(spec: dict) -> float:
     """The train geometric mean of the gmv prediction, exp(pred_log_mean[gmv]) (1 without a gmv objective)."""
-    obj = _objective_index(spec["objectives"])
+    obj = objective_index(spec["objectives"])
     if "gmv" not in obj:
         return 1.0
     return float(torch.tensor(float(spec["pred_log_mean"][obj["gmv"]])).exp())

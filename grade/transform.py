@@ -33,6 +33,11 @@ if TYPE_CHECKING:  # the policy module needs torch; the transform itself does no
 PRED_EPS = 1e-12
 
 
+
+def objective_index(objectives: Sequence[str]) -> dict[str, int]:
+    """Position of each objective on the last axis of ``z``/``pred`` ('pred_ctr' and 'ctr' alike)."""
+    return {str(name).removeprefix("pred_"): i for i, name in enumerate(objectives)}
+
 @dataclasses.dataclass(frozen=True)
 class InputColumn:
     """One raw column the transform reads."""

@@ -37,6 +37,7 @@ from grade.outcome import (
     mean_order_value,
     save_outcome,
 )
+from grade.transform import objective_index
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def calibration_report(model: OutcomeNet, exam: ExaminationEstimate, valid: dict
     with torch.no_grad():
         o = model.item_outcomes(valid)
     out: dict[str, Any] = {"n_requests": int(mask.shape[0]), "n_items": int(mask.sum())}
-    obj = {str(n).removeprefix("pred_"): i for i, n in enumerate(objectives)}
+    obj = objective_index(objectives)
     mtl = {}
     if "ctr" in obj:
         mtl["click"] = valid["pred"][..., obj["ctr"]]
