@@ -171,7 +171,7 @@ def in_process(registry, spec: dict[str, Any], body: bytes, calls: int = 500) ->
 
     policy = serving.load_verified(registry, registry.production()[0])
     inputs = {i["name"]: i["data"] for i in json.loads(body)["inputs"]}
-    num, cat = serving.model_inputs({k: np.asarray(v) for k, v in inputs.items()}, spec)
+    num, cat = serving.model_inputs({k: np.asarray(v) for k, v in inputs.items()}, policy.transform)
     tn, tc = torch.from_numpy(num), torch.from_numpy(cat)
 
     def median_ms(fn) -> float:

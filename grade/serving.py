@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,11 @@ class ServedPolicy:
     """the TorchScript policy: (num [N, U], cat [N, C]) -> weights [N, K]"""
     spec: dict[str, Any]
     """the model's feature spec (numeric/categorical features, objectives, standardisation)"""
+    transform: FeatureTransform = field(init=False)
+    """the spec's feature transform, built once per version rather than per request"""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "transform", FeatureTransform.from_spec(self.spec))
 
 
 def _verify_files(folder: Path, manifest: dict[str, Any], where: str) -> None:
@@ -246,11 +251,12 @@ def validate(inputs: dict[str, Any], spec: dict[str, Any], strict_categories: bo
     return columns, pred
 
 
-def model_inputs(columns: dict[str, np.ndarray], spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+def model_inputs(columns: dict[str, np.ndarray],
+                 transform: FeatureTransform) -> tuple[np.ndarray, np.ndarray]:
     """Raw request feature columns [N] -> (num [N, U] float32, cat [N, C] int64), by the feature
     transform that built the training tensors (grade.transform: the same code, so no skew)."""
     n = len(next(iter(columns.values()))) if columns else 0
-    return FeatureTransform.from_spec(spec).request_features(columns, n)
+    return transform.request_features(columns, n)
 
 
 @torch.inference_mode()
@@ -258,12 +264,12 @@ def predict(policy: ServedPolicy, inputs: dict[str, Any], strict_categories: boo
     """The served answer for one batch: ``weights`` [N, K], with candidates ``scores`` [N, L] (fused,
     S = sum_k w_k z_k) and ``ranking`` [N, L] (candidate indices, best first), and the version."""
     columns, pred = validate(inputs, policy.spec, strict_categories)
-    num, cat = model_inputs(columns, policy.spec)
+    num, cat = model_inputs(columns, policy.transform)
     out = policy.fn(torch.from_numpy(num), torch.from_numpy(cat))
     weights = (out[0] if isinstance(out, tuple) else out).numpy().astype(np.float32)
     result: dict[str, Any] = {"weights": weights, "model_version": policy.version}
     if pred is not None:
-        z = FeatureTransform.from_spec(policy.spec).z(pred)
+        z = policy.transform.z(pred)
         scores = (z * weights[:, None, :]).sum(-1).astype(np.float32)
         result["scores"] = scores
         result["ranking"] = np.argsort(-scores, axis=1, kind="stable").astype(np.int64)
