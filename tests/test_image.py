@@ -50,7 +50,7 @@ def test_a_small_pipeline_runs_in_containers(tmp_path):
     result = run_local.run_local(cfg, tmp_path / "out", runner="docker", image=IMAGE, verbose=False,
                                  snapshot_date="2026-01-01")
     assert {"static", "stage1", "grade"} <= set(result["report"]["policies"])
-    assert result["blessing"]["verdict"] == "promoted"
+    assert result["blessing"].verdict == "promoted"
     for name in ("report.json", "report.html", "blessing.json"):
         assert (tmp_path / "out" / name).is_file(), name
     assert "Found image" in result["runner_log"].read_text()  # the steps ran in the image
