@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "lambdaloss": ("benchmarks.lambdaloss", [], ["--repeat", "10"]),
     "pretrain": ("benchmarks.pretrain", [], ["--requests", "10000"]),
     "finetune": ("benchmarks.finetune", [], ["--repeat", "5"]),
+    "outcome": ("benchmarks.outcome", [], ["--requests", "4096", "--repeat", "3"]),
     "distributed": ("benchmarks.distributed", [], ["--requests", "6000"]),
     "auction": ("benchmarks.auction", [], ["--requests", "50000"]),
     "inference": ("benchmarks.inference", [], ["--calls", "500"]),

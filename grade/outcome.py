@@ -50,8 +50,10 @@ class OutcomeConfig:
     """hidden layer widths of the correction MLP"""
     emb_dim: int = ranged(8, ">= 1")
     """embedding width per categorical feature"""
-    epochs: int = ranged(3, ">= 1")
-    """passes over the train split"""
+    epochs: int = ranged(12, ">= 1")
+    """most passes over the train split (early stopping on the valid likelihood usually ends sooner)"""
+    patience: int = ranged(2, ">= 1")
+    """stop after this many passes without a lower valid loss, and keep the best pass's weights"""
     batch_size: int = ranged(256, ">= 1")
     """requests per step"""
     lr: float = ranged(3e-3, "> 0")
@@ -209,39 +211,91 @@ def mean_order_value(gmv: torch.Tensor, order: torch.Tensor, mask: torch.Tensor)
 
 
 def fit_outcome(train: dict[str, torch.Tensor], spec: dict[str, Any], examination: ExaminationEstimate,
-                cfg: OutcomeConfig) -> tuple[OutcomeNet, list[dict[str, float]]]:
+                cfg: OutcomeConfig, valid: dict[str, torch.Tensor] | None = None
+                ) -> tuple[OutcomeNet, list[dict[str, float]]]:
     """Fit the outcome model on the logged requests ``train`` (tensors as grade.dataset.load_split gives).
 
-    Minibatches of ``cfg.batch_size`` requests in a seeded order, Adam, ``cfg.epochs`` passes.
-    Returns the model (eval mode) and one log row per epoch (mean losses).
+    Minibatches of ``cfg.batch_size`` requests in a seeded order, Adam, at most ``cfg.epochs`` passes.
+    With ``valid`` requests, after each pass the same likelihood is measured on them; training stops
+    after ``cfg.patience`` passes without a lower valid loss and the best pass's weights are kept
+    (the correction overfits the few orders per user: on the demo data the direct method's picks are
+    worth 82% of the oracle's headroom after 3 passes, 86% after 8 and 84% after 15).
+    Returns the model (eval mode) and one log row per pass (mean losses; ``valid/*`` with ``valid``).
     """
     torch.manual_seed(cfg.seed)
     model = OutcomeNet(OutcomeSpec(objectives=list(spec["objectives"]), n_numeric=train["num"].shape[1],
                                    cat_sizes=[int(c["size"]) for c in spec["categorical"]],
                                    hidden=list(cfg.hidden), emb_dim=cfg.emb_dim))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    n = train["mask"].shape[0]
     theta_logged = examination.theta_at(train["position"])
     gen = torch.Generator().manual_seed(cfg.seed)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    progress = Progress("outcome", cfg.epochs * steps_per_epoch, "steps", rate_unit="requests")
-    history = []
+    progress = Progress("outcome", cfg.epochs * math.ceil(train["mask"].shape[0] / cfg.batch_size), "steps",
+                        rate_unit="requests")
+    history: list[dict[str, float]] = []
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
     for epoch in range(cfg.epochs):
-        order, sums = torch.randperm(n, generator=gen), {}
-        model.train()
-        for start in range(0, n, cfg.batch_size):
-            rows = order[start:start + cfg.batch_size]
-            batch = {k: train[k][rows] for k in _FIELDS}
-            losses = outcome_loss(model(batch["z"], batch["pred"], batch["mask"], batch["num"], batch["cat"]),
-                                  batch, theta_logged[rows], cfg.value_loss_weight)
-            optimizer.zero_grad()
-            losses["total"].backward()
-            optimizer.step()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(rows) / n
-            progress.add(1, amount=len(rows))
-        history.append({"epoch": epoch + 1, **{f"loss/{k}": v for k, v in sums.items()}})
-        log.info("outcome: epoch %d/%d loss %.5f", epoch + 1, cfg.epochs, sums["total"])
+        row = {"epoch": epoch + 1, **_train_pass(model, optimizer, train, theta_logged, cfg, gen, progress)}
+        if valid is not None:
+            row.update({f"valid/{k}": v for k, v in evaluate_loss(model, valid, examination, cfg).items()})
+        history.append(row)
+        log.info("outcome: epoch %d/%d loss %.5f%s", epoch + 1, cfg.epochs, row["loss/total"],
+                 f", valid {row['valid/total']:.5f}" if valid is not None else "")
+        if valid is None:
+            continue
+        if best is None or row["valid/total"] < best[0]:
+            best = (row["valid/total"], {k: v.detach().clone() for k, v in model.state_dict().items()})
+        elif epoch + 1 - _best_epoch(history) >= cfg.patience:
+            break
     progress.finish()
+    if best is not None:
+        model.load_state_dict(best[1])
+        log.info("outcome: kept epoch %d of %d (lowest valid loss %.5f)", _best_epoch(history), len(history),
+                 best[0])
     model.eval()
     return model, history
+
+
+def _best_epoch(history: list[dict[str, float]]) -> int:
+    return min(history, key=lambda r: r["valid/total"])["epoch"]
+
+
+def _train_pass(model: OutcomeNet, optimizer: torch.optim.Optimizer, train: dict[str, torch.Tensor],
+                theta_logged: torch.Tensor, cfg: OutcomeConfig, gen: torch.Generator, progress: Progress
+                ) -> dict[str, float]:
+    """One pass over ``train`` in a seeded order; the mean losses {"loss/click", ...}."""
+    n = train["mask"].shape[0]
+    order, sums = torch.randperm(n, generator=gen), {}
+    model.train()
+    for start in range(0, n, cfg.batch_size):
+        rows = order[start:start + cfg.batch_size]
+        batch = {k: train[k][rows] for k in _FIELDS}
+        losses = outcome_loss(model(batch["z"], batch["pred"], batch["mask"], batch["num"], batch["cat"]),
+                              batch, theta_logged[rows], cfg.value_loss_weight)
+        optimizer.zero_grad()
+        losses["total"].backward()
+        optimizer.step()
+        for k, v in losses.items():
+            sums[f"loss/{k}"] = sums.get(f"loss/{k}", 0.0) + float(v.detach()) * len(rows) / n
+        progress.add(1, amount=len(rows))
+    return sums
+
+
+@torch.no_grad()
+def evaluate_loss(model: OutcomeNet, data: dict[str, torch.Tensor], examination: ExaminationEstimate,
+                  cfg: OutcomeConfig) -> dict[str, float]:
+    """The training likelihood on held-out requests, in batches: {"click", "order", "value", "total"}
+    (each a mean over the items it is defined on, weighted by the batches' item counts)."""
+    was_training = model.training
+    model.eval()
+    theta_logged = examination.theta_at(data["position"])
+    n, sums, weight = data["mask"].shape[0], {}, {}
+    for start in range(0, n, 4 * cfg.batch_size):
+        batch = {k: data[k][start:start + 4 * cfg.batch_size] for k in _FIELDS}
+        losses = outcome_loss(model(batch["z"], batch["pred"], batch["mask"], batch["num"], batch["cat"]),
+                              batch, theta_logged[start:start + 4 * cfg.batch_size], cfg.value_loss_weight)
+        items = float(batch["mask"].sum())
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * items
+            weight[k] = weight.get(k, 0.0) + items
+    model.train(was_training)
+    return {k: sums[k] / max(weight[k], 1.0) for k in sums}

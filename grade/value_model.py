@@ -53,7 +53,7 @@ class ValueModelConfig:
     model: OutcomeConfig = dataclasses.field(default_factory=OutcomeConfig)
     """the outcome model and its training"""
     calibration_max_requests: int = ranged(20000, ">= 1")
-    """valid requests used for the calibration report"""
+    """valid requests used for early stopping and the calibration report"""
 
 
 @dataclasses.dataclass
@@ -134,14 +134,16 @@ def fit_value_model(features_uri: str, cfg: ValueModelConfig) -> tuple[ValueMode
     spec = dataset.load_spec(features_uri)
     train = dataset.load_split(features_uri, "train")
     exam = examination_of(train, cfg)
-    model, history = fit_outcome(train, spec, exam, cfg.model)
+    valid = None
+    if spec["splits"].get("valid", {}).get("n_requests", 0) > 0:
+        valid = dataset.load_split(features_uri, "valid")
+        valid = {k: v[: cfg.calibration_max_requests] for k, v in valid.items()}
+    model, history = fit_outcome(train, spec, exam, cfg.model, valid)
     unit = mean_order_value(train["gmv"], train["order"], train["mask"])
     metrics: dict[str, Any] = {"examination": exam.to_json(), "order_value_unit": unit,
                                "n_train_requests": int(train["mask"].shape[0]), "history": history}
     del train
-    if spec["splits"].get("valid", {}).get("n_requests", 0) > 0:
-        valid = dataset.load_split(features_uri, "valid")
-        valid = {k: v[: cfg.calibration_max_requests] for k, v in valid.items()}
+    if valid is not None:
         metrics["calibration"] = calibration_report(model, exam, valid, spec["objectives"])
     metrics["elapsed_s"] = round(time.monotonic() - t0, 2)
     return ValueModel(examination=exam, outcome=model, order_value_unit=unit), metrics

@@ -19,6 +19,7 @@ from grade.outcome import (
     OutcomeNet,
     OutcomeSpec,
     calibration,
+    evaluate_loss,
     fit_outcome,
     mean_order_value,
     outcome_loss,
@@ -107,6 +108,24 @@ def test_fitted_model_learns_what_the_mtl_model_misses():
     mtl = (held["pred"][..., 0] * held["pred"][..., 1]).flatten()
     corr = lambda a, b: float(torch.corrcoef(torch.stack([a, b]))[0, 1])  # noqa: E731
     assert corr(ours, truth) > corr(mtl, truth) + 0.02   # measured: 0.837 vs 0.794
+
+
+def test_early_stopping_keeps_the_pass_with_the_lowest_valid_loss():
+    """A small train split overfits within a few passes: training stops ``patience`` passes after the
+    best valid loss, and the returned weights are that pass's (their valid loss is the minimum)."""
+    data = simulated_batch(SimulatorConfig(seed=4, n_requests=1200, n_users=300))
+    data["cat"] = torch.zeros(data["mask"].shape[0], 1, dtype=torch.long)
+    spec = {"objectives": ["ctr", "cvr", "gmv"], "categorical": [{"size": 1}]}
+    train, valid = {k: v[:400] for k, v in data.items()}, {k: v[400:] for k, v in data.items()}
+    exam = ExaminationEstimate.fixed(1.0, 20)
+    cfg = OutcomeConfig(epochs=40, patience=2, lr=3e-2, hidden=[64, 64], batch_size=32, seed=0)
+    model, history = fit_outcome(train, spec, exam, cfg, valid)
+    losses = [row["valid/total"] for row in history]
+    best = losses.index(min(losses))
+    assert len(history) < cfg.epochs                      # it stopped early
+    assert len(history) == best + 1 + cfg.patience        # exactly patience passes after the best
+    assert evaluate_loss(model, valid, exam, cfg)["total"] == pytest.approx(min(losses), rel=1e-6)
+    assert history[-1]["valid/total"] > min(losses)
 
 
 def test_business_value_and_its_metric():
