@@ -263,3 +263,14 @@ def test_format_term_holds_the_weight_entropy_at_its_floor(features, stage1, tmp
         mins[fmt] = metrics["final"]["policy/weight_entropy_min"]
     assert mins[0.0] < floor - 0.03          # the floor binds: without the term the weights go below it
     assert mins[1.0] >= floor - 0.01         # with it they stay at it (the penalty is soft)
+
+
+def test_the_reward_adds_its_guardrail_weights_to_the_declared_value():
+    from grade.business import BusinessConfig
+    from grade.finetune import rewarded_value
+
+    cfg = FinetuneConfig(reward=RewardConfig(guard_clicks=0.05, guard_gmv=0.2))
+    assert rewarded_value(BusinessConfig(), cfg) == BusinessConfig(clicks=0.05, orders=1.0, gmv=0.2)
+    assert rewarded_value(BusinessConfig(orders=0, gmv=1), cfg) == BusinessConfig(clicks=0.05, orders=0, gmv=1.2)
+    off = FinetuneConfig(reward=RewardConfig(guard_clicks=0, guard_gmv=0))
+    assert rewarded_value(BusinessConfig(clicks=0.1), off) == BusinessConfig(clicks=0.1)
