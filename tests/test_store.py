@@ -625,3 +625,44 @@ def test_no_module_of_grade_imports_in_a_cycle():
               "    importlib.import_module('grade.' + name)\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+
+
+_KILLED_PUBLISHER = """
+import sys, time
+from grade import store
+with store.publishing(sys.argv[1]) as staging:
+    (staging / "a.txt").write_text("half")
+    print(staging, flush=True)
+    time.sleep(120)
+"""
+
+
+def _killed_publisher(out) -> "Path":
+    """The staging folder of a publish killed with SIGKILL half-way (it is left behind)."""
+    from pathlib import Path
+
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_PUBLISHER, str(out)], stdout=subprocess.PIPE,
+                            text=True, env=dict(os.environ))
+    staging = Path(proc.stdout.readline().strip())
+    proc.kill()
+    proc.wait(30)
+    proc.stdout.close()
+    assert staging.is_dir() and staging.name.startswith("grade-publish-")
+    return staging
+
+
+def test_temp_folders_of_killed_processes_are_removed_once_stale(tmp_path):
+    old, young = _killed_publisher(tmp_path / "o1"), _killed_publisher(tmp_path / "o2")
+    day_ago = time.time() - 24 * 3600
+    os.utime(old, (day_ago, day_ago))
+    with store.publishing(str(tmp_path / "mine")) as live:   # a folder in use by a live process
+        os.utime(live, (day_ago, day_ago))
+        # the next process to publish (or fetch) clears stale folders when it starts
+        subprocess.run([sys.executable, "-c", "import sys; from grade import store\n"
+                        "with store.publishing(sys.argv[1]) as s: pass", str(tmp_path / "o3")],
+                       check=True, env=dict(os.environ), timeout=120)
+        assert not old.exists(), "older than the age and its process is gone: removed"
+        assert young.is_dir(), "a recent folder is kept (its owner may run on another host)"
+        assert live.is_dir(), "a folder whose process still runs is kept, whatever its age"
+    store.remove_stale_temp(max_age_s=0)
+    assert not young.exists()
