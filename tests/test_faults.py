@@ -125,10 +125,12 @@ class FlakyProxy:
 class Flaky:
     """The S3 test server behind a :class:`FlakyProxy`, a fresh bucket, and a direct reader beside it."""
 
-    def __init__(self, endpoint: str, proxy: FlakyProxy, bucket: str):
+    def __init__(self, endpoint: str, proxy: FlakyProxy, bucket: str, reference: str):
         from grade.s3 import S3Backend
 
         self.proxy, self.bucket, self.root = proxy, bucket, f"s3://{bucket}"
+        self.reference = reference  # the content hash of the features made without a fault
+        self.out = f"out-{uuid.uuid4().hex[:8]}"  # this test's output folder
         # readers that bypass the proxy: what anyone else sees while the step fails
         self.direct = S3Backend(endpoint, ACCESS_KEY, SECRET_KEY, "us-east-1")
 
@@ -145,13 +147,32 @@ class Flaky:
             return None
         for rel, meta in manifest["files"].items():
             data = self.direct.read_bytes(store.join(uri, meta.get("path", rel)))
-            assert hashlib.sha256(data).hexdigest() == meta["sha256"], f"{uri}/{rel} differs from its manifest"
+            assert hashlib.sha256(data).hexdigest() == meta["sha256"], f"{uri}/{rel}: not as listed"
         return store.content_hash(manifest)
 
 
+@pytest.fixture(scope="module")
+def published_logs(s3_server, tmp_path_factory):
+    """(bucket, content hash of the features of its logs without faults): logs of two Parquet files."""
+    endpoint, _ = s3_server
+    bucket = f"f-{uuid.uuid4().hex[:12]}"
+    with pytest.MonkeyPatch.context() as m:
+        for k, v in s3_environ(endpoint).items():
+            m.setenv(k, v)
+        store.reset_s3_client()
+        store._s3().client.make_bucket(bucket)
+        logs = write_logs(tmp_path_factory.mktemp("logs") / "logs", make_logs(40), parts=2)
+        store.publish_dir(logs, f"s3://{bucket}/logs")
+        assert cli.run(features_cli.main, ["--logs", f"s3://{bucket}/logs", "--out", f"s3://{bucket}/reference",
+                                           *SHARDS]) == 0
+        reference = store.content_hash(f"s3://{bucket}/reference")
+    store.reset_s3_client()
+    return bucket, reference
+
+
 @pytest.fixture
-def flaky(s3_server, monkeypatch, tmp_path):
-    """The store pointed at the proxy, with a short retry budget; logs of two Parquet files published."""
+def flaky(s3_server, published_logs, monkeypatch):
+    """The store pointed at the proxy with a short retry budget; the published logs' bucket."""
     endpoint, _ = s3_server
     host, port = endpoint.split("://", 1)[1].split(":")
     proxy = FlakyProxy((host, int(port)))
@@ -159,18 +180,18 @@ def flaky(s3_server, monkeypatch, tmp_path):
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("GRADE_S3_RETRY_SECONDS", "8")
     store.reset_s3_client()
-    bucket = f"f-{uuid.uuid4().hex[:12]}"
-    f = Flaky(endpoint, proxy, bucket)
-    f.direct.client.make_bucket(bucket)
-    store.publish_dir(write_logs(tmp_path / "logs", make_logs(40), parts=2), f"{f.root}/logs")
-    yield f
+    bucket, reference = published_logs
+    yield Flaky(endpoint, proxy, bucket, reference)
     proxy.close()
     store.reset_s3_client()
 
 
+#: small shards: an output of a dozen files
+SHARDS = ("--set", "features.shard_requests=8")
+
+
 def run_features(f: Flaky, out: str, capsys, *extra: str) -> tuple[int, str]:
-    rc = cli.run(features_cli.main, ["--logs", f"{f.root}/logs", "--out", f"{f.root}/{out}",
-                                     "--set", "features.shard_requests=8", *extra])
+    rc = cli.run(features_cli.main, ["--logs", f"{f.root}/logs", "--out", f"{f.root}/{out}", *SHARDS, *extra])
     return rc, capsys.readouterr().err
 
 
@@ -184,28 +205,28 @@ def assert_one_line_fault(rc: int, err: str) -> None:
 PHASES = [
     ("read a footer", b"GET /{bucket}/logs/part-00001.parquet", 1, False),
     ("read mid-scan", b"GET /{bucket}/logs/part-00001.parquet", 2, False),
-    ("upload", b"PUT /{bucket}/out/train/part-00001.safetensors", 1, False),
-    ("publish", b"PUT /{bucket}/out/_MANIFEST.json", 1, True),
+    ("upload", b"PUT /{bucket}/{out}/train/part-00001.safetensors", 1, False),
+    ("publish", b"PUT /{bucket}/{out}/_MANIFEST.json", 1, True),
 ]
 
 
 def _arm(f: Flaky, pattern: bytes, nth: int, seconds: float) -> None:
-    f.proxy.arm(pattern.replace(b"{bucket}", f.bucket.encode()), seconds, nth)
+    pattern = pattern.replace(b"{bucket}", f.bucket.encode()).replace(b"{out}", f.out.encode())
+    f.proxy.arm(pattern, seconds, nth)
 
 
 @pytest.mark.parametrize("name, pattern, nth, republish", PHASES, ids=[p[0] for p in PHASES])
 def test_an_outage_within_the_retry_budget_is_carried(flaky, capsys, name, pattern, nth, republish):
     f = flaky
-    assert run_features(f, "reference", capsys)[0] == 0
     if republish:
-        assert run_features(f, "out", capsys, "--set", "features.valid_fraction=0.3")[0] == 0
+        assert run_features(f, f.out, capsys, "--set", "features.valid_fraction=0.3")[0] == 0
     _arm(f, pattern, nth, SHORT_OUTAGE_S)
     t0 = time.monotonic()
-    rc, err = run_features(f, "out", capsys)
+    rc, err = run_features(f, f.out, capsys)
     assert f.proxy.fired.is_set(), f"the outage never started: {f.proxy.requests}"
     assert rc == 0, err
     assert time.monotonic() - t0 >= SHORT_OUTAGE_S, "the step waited for the server"
-    assert f.snapshot("out") == f.snapshot("reference"), "the same output as without the fault"
+    assert f.snapshot(f.out) == f.reference, "the same output as without the fault"
 
 
 @pytest.mark.parametrize("name, pattern, nth, republish", PHASES, ids=[p[0] for p in PHASES])
@@ -214,8 +235,9 @@ def test_an_outage_beyond_the_retry_budget_exits_1_and_keeps_the_previous_output
     f = flaky
     previous = None
     if republish:
-        assert run_features(f, "out", capsys, "--set", "features.valid_fraction=0.3")[0] == 0
-        previous = f.snapshot("out")
+        assert run_features(f, f.out, capsys, "--set", "features.valid_fraction=0.3")[0] == 0
+        previous = f.snapshot(f.out)
+        assert previous not in (None, f.reference)
     monkeypatch.setenv("GRADE_S3_RETRY_SECONDS", "1.5")
     store.reset_s3_client()
     _arm(f, pattern, nth, LONG_OUTAGE_S)
@@ -224,14 +246,14 @@ def test_an_outage_beyond_the_retry_budget_exits_1_and_keeps_the_previous_output
 
     def reader() -> None:  # another process reading the output while the step fails
         while not stop.is_set():
-            seen.append(f.snapshot("out"))
-            time.sleep(0.05)
+            seen.append(f.snapshot(f.out))
+            time.sleep(0.1)
 
     watcher = threading.Thread(target=reader)
     watcher.start()
     t0 = time.monotonic()
     try:
-        rc, err = run_features(f, "out", capsys)
+        rc, err = run_features(f, f.out, capsys)
     finally:
         stop.set()
         watcher.join(30)
@@ -239,7 +261,7 @@ def test_an_outage_beyond_the_retry_budget_exits_1_and_keeps_the_previous_output
     assert_one_line_fault(rc, err)
     assert time.monotonic() - t0 < 15, "the step gave up within its budget, not after the outage"
     f.proxy.heal()
-    assert set(seen) | {f.snapshot("out")} == {previous}, "readers saw only the previous output"
+    assert set(seen) | {f.snapshot(f.out)} == {previous}, "readers saw only the previous output"
 
 
 def test_a_missing_output_bucket_is_found_before_any_input_is_read(flaky, capsys):
@@ -257,7 +279,7 @@ def test_an_unreachable_store_is_a_fault_not_bad_input(flaky, capsys, monkeypatc
     monkeypatch.setenv("GRADE_S3_RETRY_SECONDS", "1")
     store.reset_s3_client()
     flaky.proxy.outage(LONG_OUTAGE_S)
-    rc, err = run_features(flaky, "out", capsys)
+    rc, err = run_features(flaky, flaky.out, capsys)
     assert_one_line_fault(rc, err)
 
 

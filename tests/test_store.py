@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -228,12 +229,21 @@ def test_racing_conditional_creates_exactly_one_wins(store_root):
     assert sorted(results) == ["lost", "lost", "lost", "won"]
 
 
-def test_parquet_through_arrow_filesystem(store_root):
-    fs, path = store.arrow_filesystem(store.join(store_root, "t", "a.parquet"))
-    if not store.is_s3(store_root):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    pq.write_table(pa.table({"x": [1, 2, 3]}), path, filesystem=fs)
-    assert pq.read_table(path, filesystem=fs)["x"].to_pylist() == [1, 2, 3]
+def test_parquet_through_arrow_filesystem(store_root, tmp_path):
+    uri = store.join(store_root, "t", "a.parquet")
+    table = pa.table({"x": list(range(5000)), "y": [float(i) for i in range(5000)]})
+    pq.write_table(table, tmp_path / "a.parquet", row_group_size=1000)
+    store.upload_file(tmp_path / "a.parquet", uri)  # outputs are published through the store
+    fs, path = store.arrow_filesystem(uri)
+    assert pq.read_table(path, filesystem=fs).equals(table)
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        assert pf.metadata.num_rows == 5000
+        batches = list(pf.iter_batches(batch_size=700, columns=["y"]))
+        assert pa.Table.from_batches(batches) == table.select(["y"])
+    if store.is_s3(uri):
+        with pytest.raises(NotImplementedError, match="read-only"):
+            pq.write_table(table, path, filesystem=fs)
 
 
 def test_missing_settings_name_the_variables_and_never_the_secret(monkeypatch, caplog):
@@ -637,10 +647,8 @@ with store.publishing(sys.argv[1]) as staging:
 """
 
 
-def _killed_publisher(out) -> "Path":
+def _killed_publisher(out) -> Path:
     """The staging folder of a publish killed with SIGKILL half-way (it is left behind)."""
-    from pathlib import Path
-
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_PUBLISHER, str(out)], stdout=subprocess.PIPE,
                             text=True, env=dict(os.environ))
     staging = Path(proc.stdout.readline().strip())
