@@ -383,6 +383,39 @@ def test_retries_are_bounded_and_not_doubled_by_the_http_layer(scripted_s3):
     assert len(seen) == 4 and len(slept) == 3  # exactly max_attempts requests, one sleep between each
 
 
+def test_retries_stop_when_the_time_budget_is_spent(scripted_s3, monkeypatch):
+    import types
+
+    from grade import s3
+
+    backend, script, seen, _ = scripted_s3
+    clock, slept = [0.0], []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock[0] += seconds
+
+    monkeypatch.setattr(s3, "time", types.SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep))
+    backend.max_attempts, backend.retry_seconds, backend.max_delay = 1000, 10.0, 5.0
+    script["/bkt/down"] = [(503, *_s3_error("ServiceUnavailable"))]
+    with pytest.raises(store.StoreError, match=r"after \d+ attempt\(s\) in [\d.]+ s: ServiceUnavailable"):
+        backend.read_bytes("s3://bkt/down")
+    assert len(seen) == len(slept) + 1 < 1000, "the time budget ended the retries, not the attempts"
+    assert 10.0 - 5.0 < sum(slept) <= 10.0, "it gave up only when the next wait would pass the budget"
+
+
+@pytest.mark.parametrize("name, value", [("GRADE_S3_RETRY_SECONDS", "soon"), ("GRADE_S3_RETRY_SECONDS", "-1"),
+                                         ("GRADE_S3_MAX_ATTEMPTS", "2.5"), ("GRADE_S3_MAX_ATTEMPTS", "0")])
+def test_a_malformed_retry_setting_names_the_variable(monkeypatch, name, value):
+    from grade.s3 import S3Backend
+
+    for k, v in s3_environ("http://127.0.0.1:1").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(store.S3ConfigError, match=f"{name} must be a positive"):
+        S3Backend.from_env()
+
+
 def test_a_conditional_put_whose_first_attempt_was_applied_is_not_a_conflict(scripted_s3):
     """The first answer is lost (502) though the write happened; the retry gets 412 from our own write."""
     backend, script, seen, slept = scripted_s3
