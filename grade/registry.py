@@ -169,17 +169,16 @@ class Registry:
     def _lock_content(self, content_hash: str) -> str | None:
         """The version already holding ``content_hash``, or None once this process holds its lock
         (the caller deletes it). Waits while another registration of the same content runs."""
+        existing = self.find_by_hash(content_hash)
+        if existing:
+            return existing
         lock = self._lock_uri(content_hash)
-        while True:
-            existing = self.find_by_hash(content_hash)
-            if existing:
-                return existing
-            if self._try_lock(lock):
-                existing = self.find_by_hash(content_hash)  # registered between our look and our lock
-                if existing:
-                    store.delete(lock)
-                return existing
+        while not self._try_lock(lock):
             time.sleep(LOCK_POLL_S)
+        existing = self.find_by_hash(content_hash)  # registered by the holder we waited for
+        if existing:
+            store.delete(lock)
+        return existing
 
     def _try_lock(self, lock: str) -> bool:
         """Create the lock, or take it over from a dead holder; False while a live one holds it."""
