@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         models[name] = uri
     sections = config.from_args(args)
     cfg = sections["evaluate"]
+    store.check_writable(args.out)
     # best_static searches the best global answer to the reward Stage 2 was trained on
     reward = sections["finetune"].reward
     report = run_evaluation(args.features, models, args.out, cfg, registry_uri=args.registry, reward=reward,

@@ -13,7 +13,7 @@ import argparse
 import sys
 
 import grade.cli
-from grade import config
+from grade import config, store
 from grade.features import extract_features
 
 
@@ -35,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = config.from_args(args)["features"]
+    store.check_writable(args.out)
     extract_features(args.logs[0] if len(args.logs) == 1 else args.logs, args.out, cfg)
     return 0
 

@@ -24,7 +24,7 @@ import json
 import sys
 
 import grade.cli
-from grade import config, distributed
+from grade import config, distributed, store
 
 #: config keys with a flag of their own (--group-size, --reward-post, ...); any other key: --set
 FLAGS = tuple(f"finetune.{key}" for key in (
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sections = config.from_args(args)
     cfg = sections["finetune"]
+    store.check_writable(args.out)
 
     from grade.finetune import finetune
 

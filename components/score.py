@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from grade import cli, config
+from grade import cli, config, store
 from grade.errors import InputError
 
 
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from grade.scoring import score_requests
 
     args.model_name = config.from_args(args)["shared"].model_name
+    store.check_writable(args.out)
     model = args.model
     if model is None:
         if not args.registry:

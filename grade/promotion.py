@@ -144,7 +144,7 @@ def decide(report: dict[str, Any], candidate_uri: str, registry: Registry, cfg: 
     try:
         # every file against the manifest's sha256 before anything is decided or registered: a folder
         # changed after its evaluation would otherwise be promoted under the evaluated hash
-        store.open_published(candidate_uri)
+        store.verify_published(candidate_uri)
         candidate_hash = store.content_hash(candidate_uri)
     except store.NotPublished as e:
         raise InputError(f"--candidate {candidate_uri}: {e}") from None

@@ -9,9 +9,14 @@ Layout under the registry root::
     <model_name>/aliases/production.json      {version, content_hash, when, why, previous_version}
     <model_name>/aliases/history/<seq>.json   every alias move, appended with conditional creates
 
+    <model_name>/versions/<hash>.lock         held while that content is being registered
+
 Write order makes crashes harmless: a version is visible only once its manifest exists, and the
 alias moves (compare-and-swap on its ETag) only after the version is complete. Registering content
-that is already registered returns the existing version.
+that is already registered returns the existing version, also when two registrations of the same
+content race: the content's lock (a conditional create) lets one register it while the other waits
+and then finds that version. A lock whose holder died is taken over (compare-and-swap) once its
+process is gone from this host or the lock is older than ``LOCK_LEASE_S``.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
+import socket
 import subprocess
-import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +38,10 @@ log = logging.getLogger("grade.registry")
 
 ALIAS = "production"
 LINEAGE_FILE = "lineage.json"
+#: a registration lock older than this is taken over (its holder is presumed dead on another host)
+LOCK_LEASE_S = 600.0
+#: how often a registration waiting for the same content's lock looks again
+LOCK_POLL_S = 0.25
 
 
 class AliasConflict(Exception):
@@ -99,22 +110,36 @@ class Registry:
         """Register the published model folder at ``model_uri``; returns (version, newly_created).
 
         The version holds the model's files as evaluated (its content hash is recorded), a TorchScript
-        export of the serving policy, the evaluation report files and ``extra_files``.
+        export of the serving policy, the evaluation report files and ``extra_files``. The model is
+        checked against its manifest before a version number is taken.
         """
         content_hash = store.content_hash(model_uri)
-        existing = self.find_by_hash(content_hash)
+        existing = self._lock_content(content_hash)
         if existing:
             log.info("registry: %s is already version %s", model_uri, existing)
             return existing, False
-        version = self._claim_version(content_hash)
-        local = store.open_published(model_uri)
-        with tempfile.TemporaryDirectory(prefix="grade-register-") as staging:
-            staging = Path(staging)
+        try:
+            with store.fetched(model_uri) as local:
+                version = self._claim_version(content_hash)
+                lineage = {"version": version, "model_name": self.model_name, "content_hash": content_hash,
+                           "source_uri": model_uri, "data_uri": data_uri, "report_uri": report_uri,
+                           "parent_version": parent, "code_version": code_version(), "registered": _now()}
+                self._publish_version(model_uri, local, lineage, report_uri, extra_files or {})
+        finally:
+            store.delete(self._lock_uri(content_hash))
+        log.info("registry: registered %s as %s/%s", model_uri, self.model_name, version)
+        return version, True
+
+    def _publish_version(self, model_uri: str, local: Path, lineage: dict[str, Any], report_uri: str | None,
+                         extra_files: dict[str, bytes]) -> None:
+        """Stage the version folder (the model as evaluated in ``local``, its export, report, extras)
+        and publish it."""
+        with store.temp_folder("register") as staging:
             manifest = store.read_manifest(model_uri)
             for rel in manifest["files"]:
                 dst = staging / "model" / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                dst.write_bytes((Path(local) / rel).read_bytes())
+                dst.write_bytes((local / rel).read_bytes())
             # the model's own manifest travels along: the copy is a published folder with the same hash
             (staging / "model" / store.MANIFEST).write_text(
                 json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -130,15 +155,54 @@ class Registry:
                     uri = store.join(folder, name)
                     if store.exists(uri):
                         (staging / name).write_bytes(store.read_bytes(uri))
-            for name, data in (extra_files or {}).items():
+            for name, data in extra_files.items():
                 (staging / name).write_bytes(data)
-            lineage = {"version": version, "model_name": self.model_name, "content_hash": content_hash,
-                       "source_uri": model_uri, "data_uri": data_uri, "report_uri": report_uri,
-                       "parent_version": parent, "code_version": code_version(), "registered": _now()}
             (staging / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
-            store.publish_dir(staging, self.version_uri(version), extra={"version": version})
-        log.info("registry: registered %s as %s/%s", model_uri, self.model_name, version)
-        return version, True
+            store.publish_dir(staging, self.version_uri(lineage["version"]),
+                              extra={"version": lineage["version"]})
+
+    # -- one registration per content ----------------------------------------------------------
+
+    def _lock_uri(self, content_hash: str) -> str:
+        return store.join(self.versions_root, f"{content_hash}.lock")
+
+    def _lock_content(self, content_hash: str) -> str | None:
+        """The version already holding ``content_hash``, or None once this process holds its lock
+        (the caller deletes it). Waits while another registration of the same content runs."""
+        existing = self.find_by_hash(content_hash)
+        if existing:
+            return existing
+        lock = self._lock_uri(content_hash)
+        while not self._try_lock(lock):
+            time.sleep(LOCK_POLL_S)
+        existing = self.find_by_hash(content_hash)  # registered by the holder we waited for
+        if existing:
+            store.delete(lock)
+        return existing
+
+    def _try_lock(self, lock: str) -> bool:
+        """Create the lock, or take it over from a dead holder; False while a live one holds it."""
+        mine = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}).encode()
+        try:
+            store.put_if_absent(lock, mine)
+            return True
+        except store.PreconditionFailed:
+            pass
+        try:
+            data, etag = store.get_with_etag(lock)
+        except store.NotFound:
+            return False  # released meanwhile: the next look finds the version or takes the lock
+        holder = json.loads(data)
+        gone = holder.get("host") == socket.gethostname() and not store.process_alive(int(holder["pid"]))
+        if not gone and time.time() - float(holder["since"]) < LOCK_LEASE_S:
+            return False
+        try:
+            store.put_if_match(lock, mine, etag)
+        except store.PreconditionFailed:
+            return False  # another waiter took it over first
+        log.warning("registry: took over %s from %s (process %s)", lock, holder.get("host"),
+                    holder.get("pid"))
+        return True
 
     def model_uri(self, version: str) -> str:
         """The model folder (as evaluated) inside a version."""

@@ -3,7 +3,10 @@
 Settings come from the environment only: ``S3_ENDPOINT_URL`` (e.g. ``http://127.0.0.1:9000``),
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and optionally ``AWS_REGION``; secret values are never
 printed or logged. Every operation is retried with exponential backoff and full jitter on connection
-errors, HTTP 5xx and throttling (``SlowDown``), up to ``GRADE_S3_MAX_ATTEMPTS`` attempts (default 5).
+errors, HTTP 5xx and throttling (``SlowDown``) while its retry budget lasts: ``GRADE_S3_RETRY_SECONDS``
+(default 60) seconds from its first attempt, at most ``GRADE_S3_MAX_ATTEMPTS`` attempts (default 20).
+Parquet reads go through the same policy: :meth:`S3Backend.arrow_filesystem` is a read-only pyarrow
+filesystem whose every read is a retried ranged GET (:mod:`grade.s3_arrow`).
 
 Conditional writes (``If-None-Match: *``, ``If-Match: <etag>``) go through minio's request layer,
 because its public ``put_object`` turns extra headers into ``x-amz-meta-*`` metadata and would
@@ -13,11 +16,13 @@ silently overwrite: the real headers are sent and HTTP 412 becomes ``Preconditio
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import random
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -52,7 +57,8 @@ LOCAL_FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotA
 
 class S3Backend:
     def __init__(self, endpoint_url: str, access_key: str, secret_key: str, region: str | None = None,
-                 max_attempts: int = 5, base_delay: float = 0.2, max_delay: float = 5.0):
+                 max_attempts: int = 20, base_delay: float = 0.2, max_delay: float = 5.0,
+                 retry_seconds: float = 60.0):
         parsed = urlparse(endpoint_url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise S3ConfigError(f"S3_ENDPOINT_URL must look like http(s)://host:port, got scheme "
@@ -63,7 +69,7 @@ class S3Backend:
         self.region = region
         self.max_attempts = max(1, max_attempts)
         self.base_delay, self.max_delay = base_delay, max_delay
-        self._access_key, self._secret_key = access_key, secret_key
+        self.retry_seconds = retry_seconds
         # urllib3's own retries are off: the retry policy lives in one place (``_call``)
         http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=5.0, read=120.0), retries=False,
                                    maxsize=16)
@@ -77,12 +83,11 @@ class S3Backend:
             raise S3ConfigError(f"s3:// URIs need the environment variables {', '.join(missing)} "
                                 f"(S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; "
                                 f"optional AWS_REGION)")
-        try:
-            attempts = int(os.environ.get("GRADE_S3_MAX_ATTEMPTS", "5"))
-        except ValueError:
-            raise S3ConfigError("GRADE_S3_MAX_ATTEMPTS must be an integer") from None
+        attempts = _env_number("GRADE_S3_MAX_ATTEMPTS", 20, int)
+        seconds = _env_number("GRADE_S3_RETRY_SECONDS", 60.0, float)
         return cls(os.environ["S3_ENDPOINT_URL"], os.environ["AWS_ACCESS_KEY_ID"],
-                   os.environ["AWS_SECRET_ACCESS_KEY"], os.environ.get("AWS_REGION") or None, attempts)
+                   os.environ["AWS_SECRET_ACCESS_KEY"], os.environ.get("AWS_REGION") or None, attempts,
+                   retry_seconds=seconds)
 
     def __repr__(self) -> str:  # never shows credentials
         return f"S3Backend(endpoint={self.endpoint_url!r}, region={self.region!r})"
@@ -112,8 +117,13 @@ class S3Backend:
         return isinstance(e, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError, OSError))
 
     def _call(self, what: str, uri: str, fn: Callable[[], T]) -> T:
-        """Run ``fn`` with bounded retries (exponential backoff, full jitter) on transient failures."""
-        for attempt in range(1, self.max_attempts + 1):
+        """Run ``fn`` with retries (exponential backoff, full jitter) on transient failures.
+
+        Retries stop after ``max_attempts`` attempts, or when the next one would start more than
+        ``retry_seconds`` after the first: a longer outage is a :class:`StoreError` (exit 1), never bad input.
+        """
+        start = time.monotonic()
+        for attempt in itertools.count(1):
             try:
                 return fn()
             except S3Error as e:
@@ -121,17 +131,16 @@ class S3Backend:
                     raise NotFound(f"{uri}: not found ({e.code})") from None
                 if e.code == "PreconditionFailed" or getattr(e.response, "status", None) == 412:
                     raise PreconditionFailed(f"{uri}: precondition failed (412)") from None
-                if not self._retryable(e) or attempt == self.max_attempts:
-                    raise StoreError(f"{what} {uri} failed: {e.code}: {e.message}") from None
-                err = f"{e.code}"
+                retry, err, detail = self._retryable(e), e.code, f"{e.code}: {e.message}"
             except (StoreError, InputError, *LOCAL_FILE_ERRORS):
                 raise  # a missing or unwritable local file is not the server's fault: no retry
             except Exception as e:  # noqa: BLE001 - classified below
-                if not self._retryable(e) or attempt == self.max_attempts:
-                    raise StoreError(f"{what} {uri} failed after {attempt} attempt(s): "
-                                     f"{type(e).__name__}: {e}") from None
-                err = type(e).__name__
+                retry, err, detail = self._retryable(e), type(e).__name__, f"{type(e).__name__}: {e}"
             delay = random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+            elapsed = time.monotonic() - start
+            if not retry or attempt >= self.max_attempts or elapsed + delay > self.retry_seconds:
+                raise StoreError(f"{what} {uri} failed after {attempt} attempt(s) in {elapsed:.1f} s: "
+                                 f"{detail}") from None
             log.warning("%s %s: %s (attempt %d/%d), retrying in %.2fs", what, uri, err, attempt,
                         self.max_attempts, delay)
             time.sleep(delay)
@@ -244,6 +253,37 @@ class S3Backend:
 
         return self._call("download", uri, get)
 
+    def read_range(self, uri: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of the object from ``offset`` (one ranged GET; a short answer is retried)."""
+        bucket, key = self.split(uri)
+
+        def get() -> bytes:
+            resp = self.client.get_object(bucket, key, offset=offset, length=length)
+            try:
+                data = resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
+            if len(data) != length:  # the connection ended early without an error
+                raise ConnectionError(f"{len(data)} of {length} bytes received")
+            return data
+
+        return self._call("GET (range)", uri, get)
+
+    def size(self, uri: str) -> int:
+        bucket, key = self.split(uri)
+        return self._call("HEAD", uri, lambda: self.client.stat_object(bucket, key)).size
+
+    def check_writable(self, uri: str) -> None:
+        """Write and delete a probe object below ``uri``: a missing bucket is bad input, found at once."""
+        bucket, _ = self.split(uri)
+        probe = f"{str(uri).rstrip('/')}/.write-probe-{uuid.uuid4().hex[:12]}"
+        try:
+            self.write_bytes(probe, b"")
+        except NotFound:
+            raise InputError(f"{uri}: bucket '{bucket}' does not exist (no step creates buckets)") from None
+        self.delete(probe)
+
     def exists(self, uri: str) -> bool:
         bucket, key = self.split(uri)
         try:
@@ -299,14 +339,20 @@ class S3Backend:
         return None  # objects live on the server: readers download them
 
     def arrow_filesystem(self, uri: str) -> tuple[Any, str]:
-        return self.arrow_fs(), str(uri)[len("s3://"):]
+        from grade.s3_arrow import arrow_filesystem
 
-    def arrow_fs(self):
-        import pyarrow.fs as pafs
+        return arrow_filesystem(self), str(uri)[len("s3://"):]
 
-        # the AWS SDK under pyarrow retries throttling, 5xx and connection errors itself: the same budget
-        return pafs.S3FileSystem(access_key=self._access_key, secret_key=self._secret_key,
-                                 region=self.region or "us-east-1", endpoint_override=self.host,
-                                 scheme="https" if self.secure else "http", connect_timeout=5.0,
-                                 request_timeout=120.0,
-                                 retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=self.max_attempts))
+
+def _env_number(name: str, default: T, kind: Callable[[str], T]) -> T:
+    """A positive number from the environment variable ``name`` (``default`` when unset)."""
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not value > 0:
+        raise S3ConfigError(f"{name} must be a positive {kind.__name__}, got '{text}'")
+    return value

@@ -13,6 +13,11 @@ over a published output never overwrites a file the current manifest lists with 
 files go beside the old ones (under ``_pending/``) until the new manifest is in place, so readers
 see the old output or the new one, whole, and a failed re-publish leaves the old one as it was.
 
+Faults: every S3 operation, and every read pyarrow makes of an S3 object, is retried within one
+budget (:mod:`grade.s3`); what outlasts it is a :class:`StoreError` (exit 1). A step checks that its
+output is writable (:func:`check_writable`) before its work. Local temp folders (``grade-<kind>-<pid>-*``)
+are removed when done; those of killed processes are cleared by the next process that makes one.
+
 S3 settings come from the environment only: ``S3_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, optional ``AWS_REGION``. Secret values are never printed or logged.
 """
@@ -22,8 +27,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,6 +53,10 @@ MANIFEST = "_MANIFEST.json"
 PENDING = "_pending"
 #: manifest key listing objects of a replaced output still to delete (only while a re-publish runs)
 RETIRED = "_retired"
+#: local temp folders this package makes: ``grade-<kind>-<owner pid>-<random>``
+TEMP_FOLDER = re.compile(r"grade-(publish|fetch|register|copy)-(?:(\d+)-)?[a-z0-9_]+")
+#: a temp folder whose process is gone is removed once it is this old (its owner may run on another host)
+STALE_TEMP_AGE_S = 6 * 3600.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,6 +144,16 @@ def download_file(uri: str, local_path: str | os.PathLike) -> None:
     backend_for(uri).download_file(str(uri), str(local_path))
 
 
+def check_writable(uri: str | os.PathLike) -> None:
+    """Fail before a step's work when its output folder cannot be written.
+
+    A missing bucket, a path that is an existing file or a folder without write permission is bad
+    input (:class:`InputError`, exit 2); a store that does not answer within the retry budget is a
+    fault (:class:`StoreError`, exit 1). On S3 a small probe object is written and deleted.
+    """
+    backend_for(uri).check_writable(str(uri))
+
+
 def exists(uri: str) -> bool:
     """True when an object (file) exists at ``uri``."""
     return backend_for(uri).exists(str(uri))
@@ -167,9 +188,73 @@ def copy(src: str, dst: str) -> None:
     elif (dst_path := dst_backend.local_path(dst)) is not None:
         src_backend.download_file(src, str(dst_path))
     else:  # two remote backends: through a local temp file
-        with tempfile.TemporaryDirectory(prefix="grade-copy-") as d:
-            src_backend.download_file(src, str(Path(d, "object")))
-            dst_backend.upload_file(str(Path(d, "object")), dst)
+        with temp_folder("copy") as d:
+            src_backend.download_file(src, str(d / "object"))
+            dst_backend.upload_file(str(d / "object"), dst)
+
+
+# --------------------------------------------------------------------------------------------
+# Local temp folders
+# --------------------------------------------------------------------------------------------
+
+_SWEPT = False
+
+
+def new_temp_folder(kind: str) -> Path:
+    """A new local folder ``grade-<kind>-<pid>-*`` in the temp dir; the caller removes it.
+
+    The first one a process makes clears the stale folders of processes that were killed.
+    """
+    global _SWEPT
+    if not _SWEPT:
+        _SWEPT = True
+        remove_stale_temp()
+    return Path(tempfile.mkdtemp(prefix=f"grade-{kind}-{os.getpid()}-"))
+
+
+@contextmanager
+def temp_folder(kind: str) -> Iterator[Path]:
+    """A new local temp folder (:func:`new_temp_folder`), removed when the block ends."""
+    folder = new_temp_folder(kind)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (a process of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temp(max_age_s: float = STALE_TEMP_AGE_S) -> list[Path]:
+    """Remove this package's temp folders whose process is gone and that are ``max_age_s`` old; the list.
+
+    A process killed with SIGKILL cannot remove its staging or download folders: the next process
+    that makes one does. The age is the folder's last change.
+    """
+    removed = []
+    now = time.time()
+    for entry in os.scandir(tempfile.gettempdir()):
+        match = TEMP_FOLDER.fullmatch(entry.name)
+        if not match or not entry.is_dir(follow_symlinks=False):
+            continue
+        if match.group(2) and process_alive(int(match.group(2))):
+            continue
+        try:
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+        except FileNotFoundError:
+            continue
+        if age >= max_age_s:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+    return removed
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,12 +362,9 @@ def publishing(uri: str, extra: dict[str, Any] | None = None) -> Iterator[Path]:
 
     On an exception nothing is published; the staging folder is removed in every case.
     """
-    staging = Path(tempfile.mkdtemp(prefix="grade-publish-"))
-    try:
+    with temp_folder("publish") as staging:
         yield staging
         publish_dir(staging, uri, extra)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def is_published(uri: str) -> bool:
@@ -311,10 +393,32 @@ def open_published(uri: str, cache_dir: str | os.PathLike | None = None, verify:
     """A local folder holding the published output at ``uri``, every file checked against the manifest.
 
     A local folder is used in place; an S3 one is downloaded (to ``cache_dir``, else a new
-    ``grade-fetch-*`` temp folder, removed again if the fetch fails), only the files the manifest
-    names. Sizes are always checked, sha256 too when ``verify`` (hashed while downloading);
-    a file that differs raises :class:`IntegrityError`.
+    ``grade-fetch-*`` temp folder the caller owns, removed again if the fetch fails; :func:`fetched`
+    removes it when done), only the files the manifest names. Sizes are always checked, sha256 too
+    when ``verify`` (hashed while downloading); a file that differs raises :class:`IntegrityError`.
     """
+    return _open_published(uri, cache_dir, verify)[0]
+
+
+@contextmanager
+def fetched(uri: str, verify: bool = True) -> Iterator[Path]:
+    """:func:`open_published` for the length of a ``with`` block: a temp download is removed at its end."""
+    local, temporary = _open_published(uri, None, verify)
+    try:
+        yield local
+    finally:
+        if temporary:
+            shutil.rmtree(local, ignore_errors=True)
+
+
+def verify_published(uri: str) -> None:
+    """Check every file of the published folder ``uri`` against its manifest (``IntegrityError``)."""
+    with fetched(uri):
+        pass
+
+
+def _open_published(uri: str, cache_dir: str | os.PathLike | None, verify: bool) -> tuple[Path, bool]:
+    """(local folder, whether it is a new temp folder) of :func:`open_published`."""
     uri = str(uri)
     manifest = read_manifest(uri)
     backend = backend_for(uri)
@@ -322,8 +426,8 @@ def open_published(uri: str, cache_dir: str | os.PathLike | None = None, verify:
     if root is not None and all("path" not in meta for meta in manifest["files"].values()):
         for rel, meta in manifest["files"].items():
             _check_file(join(uri, rel), root / rel, meta, verify)
-        return root
-    local = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="grade-fetch-"))
+        return root, False
+    local = Path(cache_dir) if cache_dir else new_temp_folder("fetch")
     try:
         for rel, meta in manifest["files"].items():
             _fetch_file(backend, join(uri, _object_name(rel, meta)), local / rel, meta, verify)
@@ -331,7 +435,7 @@ def open_published(uri: str, cache_dir: str | os.PathLike | None = None, verify:
         if not cache_dir:
             shutil.rmtree(local, ignore_errors=True)
         raise
-    return local
+    return local, not cache_dir
 
 
 def _check_file(where: str, path: Path, meta: dict[str, Any], verify: bool) -> None:

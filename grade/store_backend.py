@@ -40,6 +40,10 @@ class StoreBackend(Protocol):
 
     def exists(self, uri: str) -> bool: ...
 
+    def check_writable(self, uri: str) -> None:
+        """``InputError`` when nothing can be written below the folder ``uri`` (a missing bucket, an
+        existing file, no permission); a store that does not answer raises ``StoreError``."""
+
     def list_prefix(self, uri: str) -> list[str]:
         """Relative names ('/' separators) of every object below the folder ``uri``, sorted."""
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from grade.errors import NotFound, PreconditionFailed
+from grade.errors import InputError, NotFound, PreconditionFailed
 from grade.store_backend import file_chunks, write_chunks
 
 #: suffixes of the backend's own bookkeeping files (hidden temp files, CAS locks): never listed
@@ -114,6 +114,15 @@ class LocalBackend:
 
     def exists(self, uri: str) -> bool:
         return Path(uri).is_file()
+
+    def check_writable(self, uri: str) -> None:
+        path = Path(uri).absolute()
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            what = "an existing file" if existing == path else f"{existing} is a file"
+            raise InputError(f"{uri}: not a writable output folder ({what})")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise InputError(f"{uri}: not a writable output folder (no permission to write in {existing})")
 
     def list_prefix(self, uri: str) -> list[str]:
         root = Path(uri)

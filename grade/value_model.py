@@ -166,9 +166,9 @@ def build_value_model(features_uri: str, out_uri: str, cfg: ValueModelConfig) ->
 
 def load_value_model(uri: str) -> ValueModel:
     """The value model published at ``uri`` (verified against its manifest; never unpickled)."""
-    folder = store.open_published(uri)
-    exam_json = json.loads((folder / "examination.json").read_text())
-    fields = {f.name for f in dataclasses.fields(ExaminationEstimate)}
-    exam = ExaminationEstimate(**{k: v for k, v in exam_json.items() if k in fields})
-    unit = float(json.loads((folder / "value.json").read_text())["order_value_unit"])
-    return ValueModel(examination=exam, outcome=load_outcome_from(folder), order_value_unit=unit)
+    with store.fetched(uri) as folder:  # an S3 download is removed once the model is in memory
+        exam_json = json.loads((folder / "examination.json").read_text())
+        fields = {f.name for f in dataclasses.fields(ExaminationEstimate)}
+        exam = ExaminationEstimate(**{k: v for k, v in exam_json.items() if k in fields})
+        unit = float(json.loads((folder / "value.json").read_text())["order_value_unit"])
+        return ValueModel(examination=exam, outcome=load_outcome_from(folder), order_value_unit=unit)

@@ -25,7 +25,7 @@ import grade
 
 LAYERS: dict[str, tuple[str, ...]] = {
     "core": ("errors", "config", "cli", "progress", "store", "store_backend", "store_local", "s3",
-             "distributed"),
+             "s3_arrow", "distributed"),
     "fusion": ("fusion",),
     "data": ("simulator", "features", "window", "transform", "dataset"),
     "model": ("policy", "lambdaloss", "training", "registry"),

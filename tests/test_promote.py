@@ -321,3 +321,13 @@ def test_a_candidate_changed_after_evaluation_is_refused(store_root):
         promote(report, a, registry, PromoteConfig())
     assert production_model(registry) is None
     assert Registry(registry).versions() == []   # refused before any version was claimed
+
+
+def test_promotion_leaves_no_temp_folder_behind(store_root):
+    import os
+    import tempfile
+
+    registry = store.join(store_root, "registry")
+    a = model_folder(store_root, "a", 1)
+    assert promote(write_report(store_root, "r1", a, opm=0.05), a, registry, PromoteConfig()).promoted
+    assert [p for p in os.listdir(tempfile.gettempdir()) if p.startswith("grade-")] == []

@@ -137,3 +137,49 @@ def test_writer_killed_mid_upload_leaves_no_visible_version(store_root):
     assert created and version.startswith("v0002-") and reg.versions() == [version]
     lineage = json.loads(store.read_bytes(store.join(reg.version_uri(version), "lineage.json")))
     assert lineage["version"] == version
+
+
+def test_concurrent_registrations_of_the_same_content_make_one_version(store_root, monkeypatch):
+    reg = Registry(store.join(store_root, "registry"))
+    a = model_folder(store_root, "a", 1)
+    # all three look for the content before any of them has registered it
+    first_look, looked = threading.Barrier(3), set()
+    original = Registry.find_by_hash
+
+    def find_then_wait(self, content_hash):
+        found = original(self, content_hash)
+        if threading.get_ident() not in looked:
+            looked.add(threading.get_ident())
+            first_look.wait(timeout=30)
+        return found
+
+    monkeypatch.setattr(Registry, "find_by_hash", find_then_wait)
+    out: dict[int, tuple[str, bool]] = {}
+
+    def run(i):
+        out[i] = reg.register(a)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(out) == 3 and len({v for v, _ in out.values()}) == 1, out
+    assert sorted(created for _, created in out.values()) == [False, False, True]
+    assert reg.versions() == [out[0][0]]
+
+
+def test_a_registration_that_fails_leaves_the_content_free_to_register(store_root, monkeypatch):
+    reg = Registry(store.join(store_root, "registry"))
+    a = model_folder(store_root, "a", 1)
+    real = store.publish_dir
+
+    def failing(*args, **kwargs):
+        raise store.StoreError("PUT failed after 5 attempt(s)")
+
+    monkeypatch.setattr(store, "publish_dir", failing)
+    with pytest.raises(store.StoreError):
+        reg.register(a)
+    monkeypatch.setattr(store, "publish_dir", real)
+    version, created = reg.register(a)  # at once: nobody holds the content any more
+    assert created and reg.versions() == [version]

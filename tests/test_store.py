@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -228,12 +229,21 @@ def test_racing_conditional_creates_exactly_one_wins(store_root):
     assert sorted(results) == ["lost", "lost", "lost", "won"]
 
 
-def test_parquet_through_arrow_filesystem(store_root):
-    fs, path = store.arrow_filesystem(store.join(store_root, "t", "a.parquet"))
-    if not store.is_s3(store_root):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    pq.write_table(pa.table({"x": [1, 2, 3]}), path, filesystem=fs)
-    assert pq.read_table(path, filesystem=fs)["x"].to_pylist() == [1, 2, 3]
+def test_parquet_through_arrow_filesystem(store_root, tmp_path):
+    uri = store.join(store_root, "t", "a.parquet")
+    table = pa.table({"x": list(range(5000)), "y": [float(i) for i in range(5000)]})
+    pq.write_table(table, tmp_path / "a.parquet", row_group_size=1000)
+    store.upload_file(tmp_path / "a.parquet", uri)  # outputs are published through the store
+    fs, path = store.arrow_filesystem(uri)
+    assert pq.read_table(path, filesystem=fs).equals(table)
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        assert pf.metadata.num_rows == 5000
+        batches = list(pf.iter_batches(batch_size=700, columns=["y"]))
+        assert pa.Table.from_batches(batches) == table.select(["y"])
+    if store.is_s3(uri):
+        with pytest.raises(NotImplementedError, match="read-only"):
+            pq.write_table(table, path, filesystem=fs)
 
 
 def test_missing_settings_name_the_variables_and_never_the_secret(monkeypatch, caplog):
@@ -371,6 +381,39 @@ def test_retries_are_bounded_and_not_doubled_by_the_http_layer(scripted_s3):
     with pytest.raises(store.StoreError, match="SlowDown"):
         backend.read_bytes("s3://bkt/busy")
     assert len(seen) == 4 and len(slept) == 3  # exactly max_attempts requests, one sleep between each
+
+
+def test_retries_stop_when_the_time_budget_is_spent(scripted_s3, monkeypatch):
+    import types
+
+    from grade import s3
+
+    backend, script, seen, _ = scripted_s3
+    clock, slept = [0.0], []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock[0] += seconds
+
+    monkeypatch.setattr(s3, "time", types.SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep))
+    backend.max_attempts, backend.retry_seconds, backend.max_delay = 1000, 10.0, 5.0
+    script["/bkt/down"] = [(503, *_s3_error("ServiceUnavailable"))]
+    with pytest.raises(store.StoreError, match=r"after \d+ attempt\(s\) in [\d.]+ s: ServiceUnavailable"):
+        backend.read_bytes("s3://bkt/down")
+    assert len(seen) == len(slept) + 1 < 1000, "the time budget ended the retries, not the attempts"
+    assert 10.0 - 5.0 < sum(slept) <= 10.0, "it gave up only when the next wait would pass the budget"
+
+
+@pytest.mark.parametrize("name, value", [("GRADE_S3_RETRY_SECONDS", "soon"), ("GRADE_S3_RETRY_SECONDS", "-1"),
+                                         ("GRADE_S3_MAX_ATTEMPTS", "2.5"), ("GRADE_S3_MAX_ATTEMPTS", "0")])
+def test_a_malformed_retry_setting_names_the_variable(monkeypatch, name, value):
+    from grade.s3 import S3Backend
+
+    for k, v in s3_environ("http://127.0.0.1:1").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(store.S3ConfigError, match=f"{name} must be a positive"):
+        S3Backend.from_env()
 
 
 def test_a_conditional_put_whose_first_attempt_was_applied_is_not_a_conflict(scripted_s3):
@@ -625,3 +668,42 @@ def test_no_module_of_grade_imports_in_a_cycle():
               "    importlib.import_module('grade.' + name)\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+
+
+_KILLED_PUBLISHER = """
+import sys, time
+from grade import store
+with store.publishing(sys.argv[1]) as staging:
+    (staging / "a.txt").write_text("half")
+    print(staging, flush=True)
+    time.sleep(120)
+"""
+
+
+def _killed_publisher(out) -> Path:
+    """The staging folder of a publish killed with SIGKILL half-way (it is left behind)."""
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_PUBLISHER, str(out)], stdout=subprocess.PIPE,
+                            text=True, env=dict(os.environ))
+    staging = Path(proc.stdout.readline().strip())
+    proc.kill()
+    proc.wait(30)
+    proc.stdout.close()
+    assert staging.is_dir() and staging.name.startswith("grade-publish-")
+    return staging
+
+
+def test_temp_folders_of_killed_processes_are_removed_once_stale(tmp_path):
+    old, young = _killed_publisher(tmp_path / "o1"), _killed_publisher(tmp_path / "o2")
+    day_ago = time.time() - 24 * 3600
+    os.utime(old, (day_ago, day_ago))
+    with store.publishing(str(tmp_path / "mine")) as live:   # a folder in use by a live process
+        os.utime(live, (day_ago, day_ago))
+        # the next process to publish (or fetch) clears stale folders when it starts
+        subprocess.run([sys.executable, "-c", "import sys; from grade import store\n"
+                        "with store.publishing(sys.argv[1]) as s: pass", str(tmp_path / "o3")],
+                       check=True, env=dict(os.environ), timeout=120)
+        assert not old.exists(), "older than the age and its process is gone: removed"
+        assert young.is_dir(), "a recent folder is kept (its owner may run on another host)"
+        assert live.is_dir(), "a folder whose process still runs is kept, whatever its age"
+    store.remove_stale_temp(max_age_s=0)
+    assert not young.exists()
