@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    grade.cli.check_output(args.out, features=args.features, model=[uri for _, uri in args.model],
+                           outcome=args.outcome, registry=args.registry)
     from grade.evaluation import format_table, run_evaluation
 
     models: dict[str, str] = {}

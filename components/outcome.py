@@ -33,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    grade.cli.check_output(args.out, features=args.features)
     cfg = config.from_args(args)["outcome"]
     metrics = build_value_model(args.features, args.out, cfg)
     exam = metrics["examination"]

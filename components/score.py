@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    cli.check_output(args.out, requests=args.requests, model=args.model, registry=args.registry)
     from grade.registry import Registry
     from grade.scoring import score_requests
 

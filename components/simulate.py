@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    cli.check_output(args.out)
     from grade import simulator
 
     cfg = config.from_args(args)["simulator"]
