@@ -131,3 +131,21 @@ def test_every_component_refuses_an_output_over_its_input(tmp_path, capsys, comp
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: --out "), err
     assert (tmp_path / "input" / store.MANIFEST).read_bytes() == manifest
+
+
+def test_promote_a_candidate_missing_its_weights_exits_2_and_claims_no_version(tmp_path, capsys):
+    """One line naming the file, and no ``vNNNN.claim`` left in the registry."""
+    from components import promote as promote_cli
+    from tests.test_promote import write_report
+    from tests.test_registry import model_folder
+
+    root = str(tmp_path)
+    candidate = model_folder(root, "a", 1)
+    report = write_report(root, "r1", candidate, opm=0.05)
+    (tmp_path / "models" / "a" / "policy.safetensors").unlink()
+    registry = tmp_path / "registry"
+    assert cli.run(promote_cli.main, ["--report", report, "--candidate", candidate,
+                                      "--registry", str(registry)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "policy.safetensors: missing" in err, err
+    assert list(registry.rglob("*.claim")) == []
