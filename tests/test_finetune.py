@@ -263,3 +263,21 @@ def test_format_term_holds_the_weight_entropy_at_its_floor(features, stage1, tmp
         mins[fmt] = metrics["final"]["policy/weight_entropy_min"]
     assert mins[0.0] < floor - 0.03          # the floor binds: without the term the weights go below it
     assert mins[1.0] >= floor - 0.01         # with it they stay at it (the penalty is soft)
+
+
+def test_a_stage1_folder_changed_since_publishing_is_refused(features, stage1, tmp_path, capsys):
+    """The init model is read like every published input: each file against the manifest's sha256."""
+    import shutil
+
+    import grade.cli
+
+    changed = tmp_path / "stage1"
+    shutil.copytree(stage1, changed)
+    weights = bytearray((changed / "policy.safetensors").read_bytes())
+    weights[-1] ^= 1
+    (changed / "policy.safetensors").write_bytes(bytes(weights))
+    out = str(tmp_path / "m")
+    assert grade.cli.run(finetune_cli.main, ["--features", features, "--init", str(changed), "--out", out,
+                                             "--max-steps", "1"]) == 2
+    assert "policy.safetensors: content differs from the manifest" in capsys.readouterr().err
+    assert not store.is_published(out)
