@@ -181,3 +181,16 @@ def test_changed_model_file_is_refused(setup, tmp_path, capsys):
     out = str(tmp_path / "scores")
     assert cli.run(score_cli.main, ["--requests", setup[0], "--model", str(model), "--out", out]) == 2
     assert "policy.safetensors: content differs from the manifest" in capsys.readouterr().err
+
+
+def test_requests_cut_by_batch_boundaries_are_counted_once(setup, tmp_path, capsys):
+    """Small record batches carry a request over to the next batch: it is still one request, one
+    rank 0, and not taken for a non-contiguous one."""
+    requests = _requests(setup, tmp_path, lambda t: t)
+    out = str(tmp_path / "scores")
+    assert cli.run(score_cli.main, ["--requests", requests, "--model", setup[2], "--out", out,
+                                    "--batch-rows", "7"]) == 0
+    scored = pq.read_table(store.join(out, "part-00000.parquet")).to_pandas()
+    n = scored["request_id"].nunique()
+    assert f"scored {n:,} requests ({len(scored):,} rows)" in capsys.readouterr().out
+    assert (scored.groupby("request_id")["rank"].apply(sorted).map(lambda r: r == list(range(len(r))))).all()
