@@ -50,8 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    grade.cli.check_output(args.out, features=args.features, model=[uri for _, uri in args.model],
-                           outcome=args.outcome, registry=args.registry)
     from grade.evaluation import format_table, run_evaluation
 
     models: dict[str, str] = {}
@@ -61,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         models[name] = uri
     sections = config.from_args(args)
     cfg = sections["evaluate"]
+    grade.cli.check_output(args.out, features=args.features, model=list(models.values()),
+                           outcome=args.outcome, registry=args.registry)
     # best_static searches the best global answer to the reward Stage 2 was trained on
     reward = sections["finetune"].reward
     report = run_evaluation(args.features, models, args.out, cfg, registry_uri=args.registry, reward=reward,

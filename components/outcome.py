@@ -33,8 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    grade.cli.check_output(args.out, features=args.features)
     cfg = config.from_args(args)["outcome"]
+    grade.cli.check_output(args.out, features=args.features)
     metrics = build_value_model(args.features, args.out, cfg)
     exam = metrics["examination"]
     print(f"examination: {exam['method']} eta {exam['eta']:.3f} from {exam['n_clicks']} clicks")

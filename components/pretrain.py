@@ -40,8 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    grade.cli.check_output(args.out, features=args.features)
     cfg = config.from_args(args)["pretrain"]
+    grade.cli.check_output(args.out, features=args.features)
     with distributed.session() as ctx:
         pretrain(args.features, args.out, cfg, rank=ctx.rank, world_size=ctx.world_size,
                  all_reduce=distributed.GradientAverager() if ctx.distributed else None)

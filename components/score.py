@@ -35,11 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cli.check_output(args.out, requests=args.requests, model=args.model, registry=args.registry)
     from grade.registry import Registry
     from grade.scoring import score_requests
 
     args.model_name = config.from_args(args)["shared"].model_name
+    cli.check_output(args.out, requests=args.requests, model=args.model, registry=args.registry)
     model = args.model
     if model is None:
         if not args.registry:

@@ -34,10 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cli.check_output(args.out)
     from grade import simulator
 
     cfg = config.from_args(args)["simulator"]
+    cli.check_output(args.out)
     cli.log.info("simulator config: %s", json.dumps(config.to_dict(cfg), sort_keys=True))
     summary = simulator.write_logs(cfg, args.out)
     print(f"wrote {summary['rows']:,} rows ({summary['requests']:,} requests, {summary['files']} files) "
