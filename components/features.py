@@ -35,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = config.from_args(args)["features"]
+    grade.cli.check_output(args.out, logs=args.logs)
     store.check_writable(args.out)
     extract_features(args.logs[0] if len(args.logs) == 1 else args.logs, args.out, cfg)
     return 0

@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sections = config.from_args(args)
+    grade.cli.check_output(args.out, features=args.features, init=args.init, outcome=args.outcome)
     cfg = sections["finetune"]
     store.check_writable(args.out)
 

@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = config.from_args(args)["outcome"]
+    grade.cli.check_output(args.out, features=args.features)
     store.check_writable(args.out)
     metrics = build_value_model(args.features, args.out, cfg)
     exam = metrics["examination"]

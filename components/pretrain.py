@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = config.from_args(args)["pretrain"]
+    grade.cli.check_output(args.out, features=args.features)
     store.check_writable(args.out)
     with distributed.session() as ctx:
         pretrain(args.features, args.out, cfg, rank=ctx.rank, world_size=ctx.world_size,

@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from grade.scoring import score_requests
 
     args.model_name = config.from_args(args)["shared"].model_name
+    cli.check_output(args.out, requests=args.requests, model=args.model, registry=args.registry)
     store.check_writable(args.out)
     model = args.model
     if model is None:

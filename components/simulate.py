@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from grade import simulator
 
     cfg = config.from_args(args)["simulator"]
+    cli.check_output(args.out)
     store.check_writable(args.out)
     cli.log.info("simulator config: %s", json.dumps(config.to_dict(cfg), sort_keys=True))
     summary = simulator.write_logs(cfg, args.out)

@@ -1,11 +1,13 @@
-"""Shared command-line plumbing: logging to stderr, exit status 2 on bad input, progress bars."""
+"""Shared command-line plumbing: logging to stderr, exit status 2 on bad input, the check that an output
+does not overwrite an input, progress bars."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 from grade.errors import InputError, IntegrityError, NotFound, NotPublished, StoreError
@@ -45,6 +47,43 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         print("interrupted", file=sys.stderr)
         return 130
     return 0 if rc is None else int(rc)
+
+
+def _location(uri: str) -> tuple[str, tuple[str, ...]]:
+    """(scheme, path parts) of a URI, comparable across spellings: local paths absolute and resolved,
+    S3 keys without empty parts (``s3://b/x/`` is ``s3://b/x``)."""
+    from grade import store
+
+    if store.is_s3(uri):
+        return "s3", tuple(p for p in str(uri).removeprefix("s3://").split("/") if p)
+    return "", Path(uri).expanduser().resolve().parts
+
+
+def check_output(out: str, **inputs: str | Sequence[str] | None) -> None:
+    """InputError unless ``out`` may be published as a new output folder.
+
+    Refused: an existing file, and a folder that is, lies inside or contains one of ``inputs``
+    (flag name -> URI or URIs; None is skipped): publishing there would replace the input's
+    ``_MANIFEST.json`` or mix the output's files into it. Every component that publishes a folder
+    calls this before any work.
+    """
+    from grade import store
+
+    if not store.is_s3(out) and Path(out).is_file():
+        raise InputError(f"--out {out}: an existing file; expected a folder (new or a previous output) "
+                         "to publish into")
+    scheme, mine = _location(out)
+    for flag, uris in inputs.items():
+        for uri in [uris] if isinstance(uris, str) else (uris or []):
+            other_scheme, theirs = _location(uri)
+            if other_scheme != scheme:
+                continue
+            n = min(len(mine), len(theirs))
+            if mine[:n] != theirs[:n]:
+                continue
+            how = "is" if len(mine) == len(theirs) else "is inside" if len(mine) > n else "contains"
+            raise InputError(f"--out {out}: {how} --{flag.replace('_', '-')} {uri}; publishing there would "
+                             "replace or mix with the input's files: choose a separate folder")
 
 
 def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "",

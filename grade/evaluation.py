@@ -174,18 +174,21 @@ def read_training_curves(uri: str) -> dict[str, Any]:
 
 
 def model_weights(uri: str, data: dict[str, torch.Tensor], spec: dict, batch_size: int) -> torch.Tensor:
-    """Serving weights [N, K] of the policy at ``uri`` on the held-out requests."""
-    from grade.policy import load_policy
+    """Serving weights [N, K] of the policy at ``uri`` on the held-out requests.
 
-    policy = load_policy(uri)
-    FeatureTransform.from_spec(spec).check_policy(policy.cfg, uri)
-    try:
-        model_spec = store.read_json(store.join(uri, "feature_spec.json"))
-        if list(model_spec.get("objectives", [])) != list(spec["objectives"]):
-            raise InputError(f"{store.join(uri, 'feature_spec.json')}: objectives "
-                             f"{model_spec.get('objectives')} differ from the features' {spec['objectives']}")
-    except store.NotFound:
-        pass
+    Only a published model folder is read, every file checked against its manifest (exit 2 otherwise).
+    """
+    from grade.policy import load_policy, published_model
+
+    with published_model(uri) as folder:
+        policy = load_policy(folder)
+        FeatureTransform.from_spec(spec).check_policy(policy.cfg, uri)
+        if (folder / "feature_spec.json").is_file():
+            model_spec = json.loads((folder / "feature_spec.json").read_bytes())
+            if list(model_spec.get("objectives", [])) != list(spec["objectives"]):
+                raise InputError(f"{store.join(uri, 'feature_spec.json')}: objectives "
+                                 f"{model_spec.get('objectives')} differ from the features' "
+                                 f"{spec['objectives']}")
     cat = clamp_unseen(data["cat"], policy.cfg.cat_sizes)
     with torch.inference_mode():
         out = [policy.mean_weights(data["num"][s:s + batch_size], cat[s:s + batch_size])
@@ -515,7 +518,8 @@ def named_models(models: dict[str, str], registry_uri: str | None, cfg: Evaluate
         else:
             log.info("registry %s has no production model '%s': no incumbent", registry_uri,
                      cfg.registry_model_name)
-    info = {name: {**versions.get(name, {}), "uri": uri, "content_hash": _content_hash(uri)}
+    # a model folder without a manifest is refused here, before any work (NotPublished: exit 2)
+    info = {name: {**versions.get(name, {}), "uri": uri, "content_hash": store.content_hash(uri)}
             for name, uri in named.items()}
     return named, info
 

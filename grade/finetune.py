@@ -31,7 +31,7 @@ from grade.business import BusinessConfig
 from grade.config import to_dict
 from grade.errors import InputError
 from grade.grpo import FinetuneConfig, train_step
-from grade.policy import PolicyConfig, PolicyNet, load_policy
+from grade.policy import PolicyConfig, PolicyNet, load_published_policy
 from grade.reward import gmv_unit_of, reward_terms, weight_entropy
 from grade.transform import FeatureTransform, clamp_unseen
 from grade.value_model import ValueModel, ValueModelConfig, fit_value_model, load_value_model, value_fields
@@ -49,7 +49,7 @@ TRUTH_FIELDS = ["true_ctr", "true_cvr", "price"]
 def build_policies(init_uri: str, cfg: FinetuneConfig, spec: dict[str, Any]) -> tuple[PolicyNet, PolicyNet]:
     """(trainable policy, frozen reference), both Stage 1's weights; fixed kappa applied to both when
     asked."""
-    stage1 = load_policy(init_uri)
+    stage1 = load_published_policy(init_uri)   # every file checked against the manifest
     pcfg = stage1.cfg
     FeatureTransform.from_spec(spec).check_policy(pcfg, f"{init_uri} (Stage 1)")
     if not cfg.adaptive_kappa:

@@ -17,6 +17,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -178,6 +181,25 @@ def load_policy(uri: str | Path) -> PolicyNet:
     model.load_state_dict(state)
     model.eval()
     return model
+
+
+@contextmanager
+def published_model(uri: str | Path) -> Iterator[Path]:
+    """A local folder with the published model folder (or registry version) at ``uri`` while in the block.
+
+    Every file is checked against the folder's manifest (:func:`grade.store.open_published`): a
+    folder without one raises ``NotPublished`` naming it, a changed or missing file ``IntegrityError``
+    (both exit 2). A local folder is used in place; an S3 one is downloaded to a temporary folder
+    that is removed on leaving the block.
+    """
+    with tempfile.TemporaryDirectory(prefix="grade-fetch-") as scratch:
+        yield Path(store.open_published(str(uri), cache_dir=scratch))
+
+
+def load_published_policy(uri: str | Path) -> PolicyNet:
+    """:func:`load_policy` of a published model folder, its files verified (:func:`published_model`)."""
+    with published_model(uri) as folder:
+        return load_policy(folder)
 
 
 def export_torchscript(model: PolicyNet, path: str | Path) -> None:

@@ -320,6 +320,31 @@ def _check(cfg: PretrainConfig, spec: dict[str, Any], features_uri: str, world_s
                          f"over {world_size} processes; use a multiple of {world_size}")
 
 
+def _check_labels(features_uri: str, cfg: PretrainConfig, batch_size: int = 4096) -> None:
+    """Refuse train data without any positive label; warn about objectives in use without one.
+
+    LambdaLoss learns from pairs (a positive above a lower label): with no click, order or gmv > 0
+    the loss is 0 at every step and the run would publish its initial (static) policy as "best
+    epoch 0". An objective in use (weight > 0) without positives only adds nothing, so it is a
+    warning. The scan stops as soon as every objective has a positive (usually the first batch).
+    """
+    names = training_labels_names(cfg)
+    missing = set(names)
+    fields = ["mask", "click", "order", "gmv"]
+    for batch in dataset.iter_batches(features_uri, "train", batch_size, fields=fields):
+        missing -= {name for name, labels in training_labels(batch, cfg).items()
+                    if bool(((labels > 0) & batch["mask"]).any())}
+        if not missing:
+            return
+    absent = [n for n in names if n in missing]
+    either = " or ".join(filter(None, [", ".join(absent[:-1]), absent[-1]]))
+    if len(absent) == len(names):
+        raise InputError(f"{features_uri}: no train request has a {either} > 0 (the objectives in use): "
+                         "nothing to learn a ranking from")
+    log.warning("pretrain: no train request has %s > 0: the LambdaLoss term(s) add nothing; set their "
+                "pretrain.objective_weights to 0 to silence this", either)
+
+
 @dataclasses.dataclass
 class _Run:
     """What a pretraining run works with, fixed once it has started."""
@@ -396,6 +421,7 @@ def _start(features_uri: str, out_uri: str, cfg: PretrainConfig, rank: int, worl
     """Check the inputs, seed, build model and optimiser, load validation data; the checkpoint to resume."""
     spec = dataset.load_spec(features_uri)
     _check(cfg, spec, features_uri, world_size)
+    _check_labels(features_uri, cfg)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     fingerprint = training.run_fingerprint(to_dict(cfg), {"features": features_uri}, world_size)

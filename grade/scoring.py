@@ -10,9 +10,9 @@ one sort per record batch; lists are never padded. Input files are streamed in r
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,34 +23,35 @@ import torch
 from grade import store
 from grade.errors import InputError
 from grade.features import aligned_batches, list_log_files
-from grade.transform import FeatureTransform
+from grade.transform import FeatureTransform, repeated_key
 
 log = logging.getLogger("grade.scoring")
 
 
 class ServingModel:
-    """The weights function of a model folder or registry version: (num, cat) -> weights [B, K]."""
+    """The weights function of a model folder or registry version: (num, cat) -> weights [B, K].
+
+    Only a published folder is read, every file checked against its manifest (a folder without one,
+    or with a file changed since it was published, exits 2 naming it).
+    """
 
     def __init__(self, uri: str):
-        self.uri = uri
-        root = uri
-        if store.exists(store.join(uri, "model", "feature_spec.json")):  # a registry version
-            root = store.join(uri, "model")
-        try:
-            self.spec = store.read_json(store.join(root, "feature_spec.json"))
-        except store.NotFound:
-            raise InputError(f"{uri}: not a model folder (no feature_spec.json)") from None
-        self.transform = FeatureTransform.from_spec(self.spec)
-        from grade.policy import TORCHSCRIPT_FILE, load_policy, load_torchscript
+        from grade.policy import TORCHSCRIPT_FILE, load_policy, load_torchscript, published_model
 
-        ts = store.join(uri, TORCHSCRIPT_FILE)
-        if store.exists(ts):
-            local = Path(store.open_published(uri)) / TORCHSCRIPT_FILE if store.is_s3(uri) else Path(ts)
-            self.fn = load_torchscript(local)
-            self.kind = "torchscript"
-        else:
-            self.fn = load_policy(root)
-            self.kind = "eager"
+        self.uri = uri
+        with published_model(uri) as folder:
+            root = folder / "model" if (folder / "model" / "feature_spec.json").is_file() else folder
+            try:
+                self.spec = json.loads((root / "feature_spec.json").read_bytes())
+            except FileNotFoundError:
+                raise InputError(f"{uri}: not a model folder (no feature_spec.json)") from None
+            self.transform = FeatureTransform.from_spec(self.spec)
+            if (folder / TORCHSCRIPT_FILE).is_file():   # a registry version's serving export
+                self.fn = load_torchscript(folder / TORCHSCRIPT_FILE)
+                self.kind = "torchscript"
+            else:
+                self.fn = load_policy(root)
+                self.kind = "eager"
 
     @torch.inference_mode()
     def weights(self, num: np.ndarray, cat: np.ndarray) -> np.ndarray:
@@ -58,28 +59,39 @@ class ServingModel:
         return (out[0] if isinstance(out, tuple) else out).numpy()
 
 
-def _columns(t: pa.Table, names: list[str], rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Numpy values of the named columns (at ``rows`` when given)."""
-    out = {c: t[c].to_numpy(zero_copy_only=False) for c in names}
-    return out if rows is None else {c: v[rows] for c, v in out.items()}
+def _columns(t: pa.Table, names: list[str]) -> dict[str, np.ndarray]:
+    """Numpy values of the named columns (nulls become NaN or None: refused by the transform)."""
+    return {c: t[c].to_numpy(zero_copy_only=False) for c in names}
 
 
-def score_batch(model: ServingModel, t: pa.Table, keys: np.ndarray, where: str) -> pa.Table:
-    """Scores and 0-based ranks for one request-aligned table of rows."""
+def _check_request_ids(t: pa.Table, where: str, row0: int) -> None:
+    """InputError unless every row has an integer or string request_id."""
+    col = t["request_id"]
+    if not (pa.types.is_integer(col.type) or pa.types.is_string(col.type)
+            or pa.types.is_large_string(col.type)):
+        raise InputError(f"wrong type {col.type}: expected int64 or string", file=where, column="request_id")
+    if col.null_count:
+        row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        raise InputError("expected a value, got null", file=where, column="request_id", row=row0 + row)
+
+
+def score_batch(model: ServingModel, t: pa.Table, keys: np.ndarray, where: str, row0: int = 0) -> pa.Table:
+    """Scores and 0-based ranks for one request-aligned table of rows (``row0``: its first row's number
+    in the file ``where``, for error messages). Every row's inputs are checked by the transform."""
     transform = model.transform
     missing = transform.missing(t.column_names) + ([] if "request_id" in t.column_names else ["request_id"])
     if missing:
         raise InputError(f"{where}: missing column(s) {missing} required by the model's feature spec")
+    _check_request_ids(t, where, row0)
+    rows = row0 + np.arange(t.num_rows)
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
     run = np.cumsum(np.r_[False, keys[1:] != keys[:-1]])              # request index of every row
-    num, cat = transform.request_features(_columns(t, [*transform.numeric, *transform.categorical], starts),
-                                          len(starts))
-    w = model.weights(num, cat)                                          # [R, K]
-    pred = transform.stack_predictions(_columns(t, transform.pred_columns))
-    if not np.all(np.isfinite(pred)) or np.any(pred <= 0):
-        row = int(np.flatnonzero(~(np.isfinite(pred) & (pred > 0)).all(-1))[0])
-        raise InputError(f"{where}: row {row}: predictions must be finite and > 0")
-    z = transform.z(pred)
+    # every row's request features are checked (a request's later rows must not hide a NaN); the
+    # request's first row gives its values
+    num, cat = transform.request_features(_columns(t, [*transform.numeric, *transform.categorical]),
+                                          t.num_rows, where=where, rows=rows)
+    w = model.weights(num[starts], cat[starts])                          # [R, K]
+    z = transform.z(transform.stack_predictions(_columns(t, transform.pred_columns), where=where, rows=rows))
     score = (w[run] * z).sum(-1).astype(np.float32)
     order = np.lexsort((np.arange(len(score)), -score, run))            # by request, best first, stable
     rank = np.empty(len(score), dtype=np.int32)
@@ -93,6 +105,34 @@ def score_batch(model: ServingModel, t: pa.Table, keys: np.ndarray, where: str) 
     return pa.table(cols)
 
 
+class _RequestRuns:
+    """Where each run of equal request keys starts (file, row): a request must form exactly one run."""
+
+    def __init__(self, files: list[str]):
+        self.files = files
+        self.keys: list[np.ndarray] = []
+        self.where: list[np.ndarray] = []
+
+    def add(self, keys: np.ndarray, file_index: int, row0: int) -> int:
+        """Record the runs of a batch's ``keys`` [n]; their number."""
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        self.keys.append(keys[starts])
+        self.where.append(np.stack([np.full(len(starts), file_index), row0 + starts], axis=1))
+        return len(starts)
+
+    def check(self) -> None:
+        """InputError naming the first run of a request that already had rows elsewhere."""
+        if not self.keys:
+            return
+        keys, where = np.concatenate(self.keys), np.concatenate(self.where)
+        repeat = repeated_key(keys)
+        if repeat is not None:
+            first, second = (where[i] for i in repeat)
+            raise InputError(f"expected the rows of a request to be contiguous in one file; this request "
+                             f"already had rows at {self.files[first[0]]} row {first[1]}",
+                             file=self.files[second[0]], column="request_id", row=int(second[1]))
+
+
 def score_requests(model_uri: str, requests_uri: str, out_uri: str,
                    batch_rows: int = 262_144) -> dict[str, Any]:
     """Score every request of ``requests_uri`` (log-format Parquet) and publish the scores to ``out_uri``."""
@@ -102,24 +142,26 @@ def score_requests(model_uri: str, requests_uri: str, out_uri: str,
         raise InputError(f"{requests_uri}: no Parquet files to score")
     t0 = time.monotonic()
     rows = requests = 0
+    runs = _RequestRuns(files)
     with store.publishing(out_uri, extra={"model": model_uri, "requests": requests_uri}) as staging:
         for i, uri in enumerate(files):
             fs, path = store.arrow_filesystem(uri)
             writer = None
             try:
                 for b in aligned_batches(fs, path, i, None, batch_rows):
-                    out = score_batch(model, b.table, b.keys, uri)
+                    out = score_batch(model, b.table, b.keys, uri, b.row0)
                     if writer is None:
                         writer = pq.ParquetWriter(staging / f"part-{i:05d}.parquet", out.schema,
                                                   compression="zstd")
                     writer.write_table(out)
                     rows += out.num_rows
-                    requests += int(np.count_nonzero(np.r_[True, b.keys[1:] != b.keys[:-1]]))
+                    requests += runs.add(b.keys, i, b.row0)
             finally:
                 if writer is not None:
                     writer.close()
             log.info("score: %s (%d rows so far, %.0f rows/s)", uri, rows,
                      rows / max(time.monotonic() - t0, 1e-9))
+        runs.check()  # before anything is published: a request split in two runs was ranked twice
     seconds = time.monotonic() - t0
     return {"out": out_uri, "rows": rows, "requests": requests, "seconds": seconds, "model_kind": model.kind,
             "rows_per_s": rows / max(seconds, 1e-9)}

@@ -9,6 +9,12 @@ statistics and vocabularies and applies them:
 - against a policy: the shape check (K, numeric and categorical counts) and the clamp of ids
   the policy's embeddings do not know to the OOV id 0.
 
+It is also the one check of raw model inputs (:func:`checked_numbers`, :func:`checked_categories`):
+predictions must be finite numbers > 0, ``u_*`` values finite numbers, ``c_*`` values integer ids
+(a whole float is accepted, a fractional one is never truncated); strings, None and NaN are refused
+with an InputError naming the file, column and row. :func:`repeated_key` finds a request whose
+rows are not contiguous.
+
 Feature extraction writes the shards with it, batch scoring applies it to raw rows, and a
 request-level caller (e.g. an online model server) passes plain column -> values mappings to
 :meth:`FeatureTransform.request_features`; :meth:`FeatureTransform.inputs` lists the columns the
@@ -53,6 +59,69 @@ class InputColumn:
 def log_predictions(pred: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
     """log max(p, eps) of predictions ``pred`` [...] (float32), computed in ``dtype``."""
     return np.log(np.maximum(pred, np.float32(PRED_EPS)), dtype=dtype)
+
+
+# -- checked raw values: the one validation of model inputs (scoring, serving and feature writing) --
+
+def _error(expectation: str, name: str, values: np.ndarray, bad: np.ndarray, where: str | None,
+           rows: np.ndarray | None) -> InputError:
+    """InputError at the first flagged value: the file (``where``), the column, the row (``rows[i]``
+    when the caller's values are a selection of a file's rows, else i) and the value found."""
+    i = int(np.flatnonzero(bad)[0])
+    got = values[i].item() if isinstance(values[i], np.generic) else values[i]
+    return InputError(f"{expectation}, got {got!r}", file=where, column=name,
+                      row=int(rows[i]) if rows is not None else i)
+
+
+def _as_numbers(name: str, values: Any, what: str, where: str | None, rows: np.ndarray | None
+                ) -> np.ndarray:
+    """``values`` as a numeric array: strings, None and other objects are refused, never parsed."""
+    arr = np.asarray(values)
+    if arr.dtype.kind in "iuf":
+        return arr
+    if arr.dtype.kind == "b":
+        raise _error(f"expected {what}", name, arr, np.ones(len(arr), bool), where, rows)
+    numeric = np.array([isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+                        for v in arr.reshape(-1)], dtype=bool).reshape(arr.shape)
+    if not numeric.all():
+        raise _error(f"expected {what}", name, arr, ~numeric, where, rows)
+    return arr.astype(np.float64)
+
+
+def checked_numbers(name: str, values: Any, *, positive: bool = False, where: str | None = None,
+                    rows: np.ndarray | None = None) -> np.ndarray:
+    """float32 [n] of a numeric input column: finite numbers (and > 0 when ``positive``, as
+    predictions are), else InputError naming the column and the first bad row."""
+    arr = _as_numbers(name, values, "a number", where, rows)
+    bad = ~np.isfinite(arr) | (arr <= 0) if positive else ~np.isfinite(arr)
+    if bad.any():
+        what = "a finite prediction > 0" if positive else "a finite number"
+        raise _error(f"expected {what}", name, arr, bad, where, rows)
+    return arr.astype(np.float32)
+
+
+def checked_categories(name: str, values: Any, *, where: str | None = None,
+                       rows: np.ndarray | None = None) -> np.ndarray:
+    """int64 [n] of a categorical input column: integers (a whole float such as JSON's 3.0 is the
+    id 3; 3.7 or NaN is refused, never truncated), else InputError naming the column and row."""
+    arr = _as_numbers(name, values, "an integer category id", where, rows)
+    if arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr) | (arr != np.round(arr)) | (np.abs(arr) >= 2.0 ** 63)
+        if bad.any():
+            raise _error("expected an integer category id", name, arr, bad, where, rows)
+    return arr.astype(np.int64)
+
+
+def repeated_key(keys: np.ndarray) -> tuple[int, int] | None:
+    """(i, j), i < j, of the earliest j whose key already occurred at i in ``keys`` [n]; None when all
+    keys differ. Given the keys of consecutive runs of rows, it finds a request that is not contiguous."""
+    order = np.argsort(keys, kind="stable")
+    again = np.flatnonzero(keys[order][1:] == keys[order][:-1]) + 1
+    if not len(again):
+        return None
+    second = int(order[again].min())
+    first = int(order[np.searchsorted(keys[order], keys[second])])
+    return first, second
 
 
 def encode_categorical(values: np.ndarray, vocab: np.ndarray) -> np.ndarray:
@@ -144,38 +213,48 @@ class FeatureTransform:
         """Standardised log-predictions z [..., K] float32 of predictions ``pred`` [..., K] float32."""
         return ((log_predictions(pred) - self.pred_log_mean) / self.pred_log_std).astype(np.float32)
 
-    def stack_predictions(self, values: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Predictions [N, K] float32 from item-level columns ``pred_<objective>`` of N values each."""
-        return np.stack([np.asarray(values[c], dtype=np.float32) for c in self.pred_columns], axis=-1)
+    def stack_predictions(self, values: Mapping[str, Any], *, where: str | None = None,
+                          rows: np.ndarray | None = None) -> np.ndarray:
+        """Predictions [N, K] float32 from item-level columns ``pred_<objective>`` of N values each.
 
-    def num(self, values: Mapping[str, np.ndarray], n: int) -> np.ndarray:
-        """Standardised numeric features [n, U] float32 from request-level columns ``u_*`` of n values
-        each."""
+        Every value must be a finite number > 0 (InputError naming ``where``, the column and the
+        row: ``rows[i]`` when given, else i).
+        """
+        return np.stack([checked_numbers(c, values[c], positive=True, where=where, rows=rows)
+                         for c in self.pred_columns], axis=-1)
+
+    def num(self, values: Mapping[str, Any], n: int, *, where: str | None = None,
+            rows: np.ndarray | None = None) -> np.ndarray:
+        """Standardised numeric features [n, U] float32 from request-level columns ``u_*`` of n finite
+        numbers each."""
         if not self.numeric:
             return np.zeros((n, 0), np.float32)
-        x = np.stack([np.asarray(values[c], dtype=np.float32) for c in self.numeric], axis=1)
+        x = np.stack([checked_numbers(c, values[c], where=where, rows=rows) for c in self.numeric], axis=1)
         return ((x - self.num_mean) / self.num_std).astype(np.float32)
 
-    def cat(self, values: Mapping[str, np.ndarray], n: int) -> np.ndarray:
-        """Vocabulary ids [n, C] int64 (0 = OOV) from request-level columns ``c_*`` of n values each."""
+    def cat(self, values: Mapping[str, Any], n: int, *, where: str | None = None,
+            rows: np.ndarray | None = None) -> np.ndarray:
+        """Vocabulary ids [n, C] int64 (0 = OOV) from request-level columns ``c_*`` of n integer ids each."""
         if not self.categorical:
             return np.zeros((n, 0), np.int64)
-        return np.stack([encode_categorical(np.asarray(values[c], dtype=np.int64), vocab)
+        return np.stack([encode_categorical(checked_categories(c, values[c], where=where, rows=rows), vocab)
                          for c, vocab in zip(self.categorical, self.vocabs, strict=True)], axis=1)
 
-    def request_features(self, values: Mapping[str, Any], n_requests: int | None = None
+    def request_features(self, values: Mapping[str, Any], n_requests: int | None = None, *,
+                         where: str | None = None, rows: np.ndarray | None = None
                          ) -> tuple[np.ndarray, np.ndarray]:
         """(num [B, U] float32, cat [B, C] int64) of B requests from columns ``u_*`` / ``c_*`` of B values.
 
         ``values`` maps each request-level column of :meth:`inputs` to B values (list or array);
         other keys are ignored. B is ``n_requests``, or the length of the columns when None (needed
-        only for a spec without request features). A missing column or a length other than B raises
-        InputError.
+        only for a spec without request features). A missing column, a length other than B, a value
+        that is not a finite number (``u_*``) or an integer id (``c_*``) raises InputError, naming
+        ``where`` (the file), the column and the row (``rows[i]`` for request i when given, else i).
         """
         names = list(self.numeric) + list(self.categorical)
         missing = [c for c in names if c not in values]
         if missing:
-            raise InputError(f"missing request feature(s) {missing} required by the feature spec")
+            raise InputError(f"missing request feature(s) {missing} required by the feature spec", file=where)
         if n_requests is None:
             if not names:
                 raise InputError("n_requests is required: the feature spec has no request features")
@@ -183,8 +262,9 @@ class FeatureTransform:
         for c in names:
             if len(values[c]) != n_requests:
                 raise InputError(f"request feature '{c}': expected {n_requests} values (one per request), "
-                                 f"got {len(values[c])}")
-        return self.num(values, n_requests), self.cat(values, n_requests)
+                                 f"got {len(values[c])}", file=where)
+        return (self.num(values, n_requests, where=where, rows=rows),
+                self.cat(values, n_requests, where=where, rows=rows))
 
     # -- against a policy -----------------------------------------------------------------------
 

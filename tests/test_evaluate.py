@@ -304,10 +304,39 @@ def test_bad_inputs_raise_input_errors(tmp_path, evaluated):
         run_evaluation(features, {"static": model}, str(tmp_path / "o2"), small_config())
     with pytest.raises(InputError, match="split"):
         run_evaluation(features, {}, str(tmp_path / "o3"), small_config(split="nope"))
+    with store.publishing(str(tmp_path / "empty")) as staging:
+        (staging / "notes.txt").write_text("no policy here")
     with pytest.raises(InputError, match="not a policy folder"):
-        run_evaluation(features, {"m": str(tmp_path)}, str(tmp_path / "o4"),
+        run_evaluation(features, {"m": str(tmp_path / "empty")}, str(tmp_path / "o4"),
                        small_config(static_search_iterations=0))
     assert not store.is_published(str(tmp_path / "o4"))
+
+
+def test_unpublished_or_changed_model_folder_is_refused(tmp_path, evaluated, capsys):
+    """A model folder without its manifest is not evaluated (no report with content_hash None), and
+    a published one whose weights changed since fails the manifest's sha256: both exit 2 naming it."""
+    import shutil
+
+    import grade.cli
+    from components import evaluate
+
+    features, model, _, _ = evaluated
+    unpublished = tmp_path / "unpublished"
+    shutil.copytree(model, unpublished)
+    (unpublished / store.MANIFEST).unlink()
+    args = ["--features", features, "--model", f"grade={unpublished}", "--out", str(tmp_path / "o"),
+            "--set", "evaluate.bootstrap_samples=20"]
+    assert grade.cli.run(evaluate.main, args) == 2
+    assert f"{unpublished}: no {store.MANIFEST}" in capsys.readouterr().err
+    assert not store.is_published(str(tmp_path / "o"))
+    changed = tmp_path / "changed"
+    shutil.copytree(model, changed)
+    weights = bytearray((changed / "policy.safetensors").read_bytes())
+    weights[-1] ^= 1
+    (changed / "policy.safetensors").write_bytes(bytes(weights))
+    args[3] = f"grade={changed}"
+    assert grade.cli.run(evaluate.main, args) == 2
+    assert "policy.safetensors: content differs from the manifest" in capsys.readouterr().err
 
 
 def test_component_cli(evaluated, tmp_path, capsys):

@@ -313,5 +313,5 @@ def test_an_output_that_is_an_existing_file_is_refused_before_the_work(tmp_path,
     out.write_text("a file, not a folder")
     rc = cli.run(features_cli.main, ["--logs", str(tmp_path / "no-logs"), "--out", str(out)])
     err = capsys.readouterr().err
-    assert rc == 2 and err == f"error: {out}: not a writable output folder (an existing file)\n", err
+    assert rc == 2 and err.count("\n") == 1 and f"{out}: an existing file" in err, err
     assert out.read_text() == "a file, not a folder"

@@ -274,3 +274,21 @@ def test_the_reward_adds_its_guardrail_weights_to_the_declared_value():
     assert rewarded_value(BusinessConfig(orders=0, gmv=1), cfg) == BusinessConfig(clicks=0.05, orders=0, gmv=1.2)
     off = FinetuneConfig(reward=RewardConfig(guard_clicks=0, guard_gmv=0))
     assert rewarded_value(BusinessConfig(clicks=0.1), off) == BusinessConfig(clicks=0.1)
+
+
+def test_a_stage1_folder_changed_since_publishing_is_refused(features, stage1, tmp_path, capsys):
+    """The init model is read like every published input: each file against the manifest's sha256."""
+    import shutil
+
+    import grade.cli
+
+    changed = tmp_path / "stage1"
+    shutil.copytree(stage1, changed)
+    weights = bytearray((changed / "policy.safetensors").read_bytes())
+    weights[-1] ^= 1
+    (changed / "policy.safetensors").write_bytes(bytes(weights))
+    out = str(tmp_path / "m")
+    assert grade.cli.run(finetune_cli.main, ["--features", features, "--init", str(changed), "--out", out,
+                                             "--max-steps", "1"]) == 2
+    assert "policy.safetensors: content differs from the manifest" in capsys.readouterr().err
+    assert not store.is_published(out)

@@ -412,3 +412,34 @@ def test_beats_static_on_20k_simulated_requests(tmp_path):
     metrics = json.loads((model / "metrics.json").read_text())
     assert metrics["exposure_depth"] == 10 and metrics["best_epoch"] >= 1
     assert metrics["best"]["policy"]["order"] > metrics["best"]["static"]["order"]
+
+
+def _features_with_labels(root: Path, **labels) -> str:
+    """Features of 300 requests whose label columns are replaced (e.g. click=0: no click anywhere)."""
+    logs = personalised_logs(300)
+    for name, value in labels.items():
+        logs[name] = np.zeros(len(logs), dtype=logs[name].dtype) + value
+    (root / "logs").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pandas(logs, preserve_index=False), root / "logs" / "part-00000.parquet")
+    extract_features(str(root / "logs"), str(root / "features"), FeaturesConfig())
+    return str(root / "features")
+
+
+def test_no_positive_label_is_refused_before_training(tmp_path, capsys):
+    """With every click (hence order and gmv) zero there is nothing to rank by: pretraining would
+    publish the initial policy after epochs of zero loss ("best epoch 0"). Refused, exit 2."""
+    features = _features_with_labels(tmp_path, click=0, order=0, gmv=0.0)
+    out = str(tmp_path / "model")
+    assert grade.cli.run(pretrain_cli.main, ["--features", features, "--out", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{features}: no train request has a click, order or gmv > 0" in err and len(err.splitlines()) == 1
+    assert not store.exists(store.join(out, "_checkpoints")) and not store.is_published(out)
+
+
+def test_an_objective_without_positive_labels_is_warned_about(tmp_path, caplog):
+    features = _features_with_labels(tmp_path, order=0, gmv=0.0)
+    with caplog.at_level("WARNING", logger="grade.pretrain"):
+        pretrain(features, str(tmp_path / "model"), small_cfg(epochs=1))
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("no train request has order or gmv > 0" in m for m in warned), warned
+    assert not any("click" in m for m in warned)

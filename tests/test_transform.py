@@ -136,3 +136,51 @@ def test_training_and_serving_give_identical_tensors(tmp_path):
     assert torch.equal(torch.from_numpy(w_serve), w_train)
     assert torch.equal(torch.from_numpy(scored["score"].to_numpy()), scores_train)
     assert w_train.std(0).max() > 1e-3                                      # personalised: weights differ
+
+
+# -- one validation path for model inputs: finite numbers, integer categories, named rows -----------
+
+@pytest.mark.parametrize("bad, message", [
+    ([1.0, math.nan], r"column 'u_a', row 1: expected a finite number, got nan"),
+    ([math.inf, 1.0], r"column 'u_a', row 0: expected a finite number, got inf"),
+    (["1.0", "2.0"], r"column 'u_a', row 0: expected a number, got '1.0'"),
+    ([1.0, None], r"column 'u_a', row 1: expected a number, got None"),
+])
+def test_request_features_refuse_non_finite_and_non_numeric_values(bad, message):
+    t = FeatureTransform.from_spec(SPEC)
+    with pytest.raises(InputError, match=message):
+        t.request_features({"u_a": bad, "u_b": [0.0, 0.0], "c_x": [3, 7], "c_y": [1, 2]})
+    with pytest.raises(InputError, match=message):   # the same from numpy arrays (a Parquet column's values)
+        t.request_features({"u_a": np.asarray(bad), "u_b": np.zeros(2), "c_x": np.array([3, 7]),
+                            "c_y": np.array([1, 2])})
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([3.7, 7.0], r"column 'c_x', row 0: expected an integer category id, got 3.7"),
+    ([3.0, math.nan], r"column 'c_x', row 1: expected an integer category id, got nan"),
+    (["3", "7"], r"column 'c_x', row 0: expected an integer category id, got '3'"),
+])
+def test_request_features_refuse_fractional_and_string_categories(bad, message):
+    """A float id is never truncated (3.7 is not category 3); whole floats (JSON 3.0) are the id."""
+    t = FeatureTransform.from_spec(SPEC)
+    with pytest.raises(InputError, match=message):
+        t.request_features({"u_a": [1.0, 1.0], "u_b": [0.0, 0.0], "c_x": np.asarray(bad), "c_y": [1, 2]})
+    _, cat = t.request_features({"u_a": [1.0, 1.0], "u_b": [0.0, 0.0], "c_x": np.array([3.0, 11.0]),
+                                 "c_y": [1, 2]})
+    np.testing.assert_array_equal(cat[:, 0], [1, 3])
+
+
+def test_errors_name_the_file_and_its_row():
+    """A caller holding the rows of a file (batch scoring) gets the file and the file's row named."""
+    t = FeatureTransform.from_spec(SPEC)
+    with pytest.raises(InputError, match=r"^part-3.parquet, column 'u_b', row 250: expected a finite"):
+        t.request_features({"u_a": [1.0, 1.0], "u_b": [0.0, math.nan], "c_x": [3, 7], "c_y": [1, 2]},
+                           where="part-3.parquet", rows=np.array([200, 250]))
+    with pytest.raises(InputError, match=r"^p.parquet, column 'pred_gmv', row 2: expected a finite "
+                                         r"prediction > 0, got nan"):
+        t.stack_predictions({"pred_ctr": np.full(3, 0.1), "pred_gmv": np.array([1.0, 2.0, math.nan])},
+                            where="p.parquet")
+    with pytest.raises(InputError, match=r"'pred_ctr', row 1: expected a finite prediction > 0, got 0.0"):
+        t.stack_predictions({"pred_ctr": np.array([0.1, 0.0]), "pred_gmv": np.ones(2)})
+    with pytest.raises(InputError, match=r"column 'pred_ctr', row 0: expected a number, got 'x'"):
+        t.stack_predictions({"pred_ctr": np.array(["x"], dtype=object), "pred_gmv": np.ones(1)})
