@@ -271,7 +271,8 @@ def test_the_reward_adds_its_guardrail_weights_to_the_declared_value():
 
     cfg = FinetuneConfig(reward=RewardConfig(guard_clicks=0.05, guard_gmv=0.2))
     assert rewarded_value(BusinessConfig(), cfg) == BusinessConfig(clicks=0.05, orders=1.0, gmv=0.2)
-    assert rewarded_value(BusinessConfig(orders=0, gmv=1), cfg) == BusinessConfig(clicks=0.05, orders=0, gmv=1.2)
+    declared_gmv = BusinessConfig(orders=0, gmv=1)
+    assert rewarded_value(declared_gmv, cfg) == BusinessConfig(clicks=0.05, orders=0, gmv=1.2)
     off = FinetuneConfig(reward=RewardConfig(guard_clicks=0, guard_gmv=0))
     assert rewarded_value(BusinessConfig(clicks=0.1), off) == BusinessConfig(clicks=0.1)
 
