@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -68,11 +69,21 @@ class FeaturesConfig:
     """Parquet rows read per record batch (bounds memory together with shard_requests)"""
     max_vocab: int = ranged(100_000, ">= 1")
     """largest vocabulary per categorical feature (the most frequent train values are kept)"""
+    objectives: list[str] = dataclasses.field(default_factory=lambda: ["ctr", "cvr", "gmv"])
+    """objectives the logs must predict, a pred_<name> column each (other pred_ columns are ignored)"""
+    clip_quantile: float = ranged(0.001, "[0, 0.5)")
+    """q: u_ features are clipped to [a - w, b + w], a/b the train q/1-q quantiles, w = b - a"""
+    max_list_size: int = ranged(512, ">= 1")
+    """longest list kept: a longer request keeps its rows of the smallest logged positions"""
 
     def validate(self) -> None:
         if self.valid_fraction + self.test_fraction >= 1.0:
             raise ConfigError(f"features.valid_fraction + test_fraction: must be < 1 (train needs "
                               f"requests), got {self.valid_fraction} + {self.test_fraction}")
+        bad = [o for o in self.objectives if not re.fullmatch(r"[A-Za-z0-9_]+", o)]
+        if not self.objectives or bad or len(set(self.objectives)) != len(self.objectives):
+            raise ConfigError(f"features.objectives: expected a non-empty list of distinct names (letters, "
+                              f"digits, '_'), got {self.objectives}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,19 +163,21 @@ def _expected_kinds(name: str) -> tuple[set[str], str]:
     return {"float", "int"}, "a number (float32)"
 
 
-def read_log_schema(file_uri: str, schema: pa.Schema, expected: LogSchema | None = None) -> LogSchema:
-    """Check one file's Arrow schema; the first file fixes the columns, later files must match."""
+def read_log_schema(file_uri: str, schema: pa.Schema, objectives: list[str],
+                    expected: LogSchema | None = None) -> LogSchema:
+    """Check one file's Arrow schema against the declared ``objectives``; the first file fixes the
+    other columns, later files must match."""
     names = schema.names
     for col in REQUIRED_COLUMNS:
         if col not in names:
             raise InputError(f"missing column; the log contract requires {list(REQUIRED_COLUMNS)} "
-                             "and at least one pred_<objective>", file=file_uri, column=col)
-    preds = [n[len("pred_"):] for n in names if n.startswith("pred_")]
-    if not preds:
-        raise InputError("no prediction column: expected at least one pred_<objective> (e.g. pred_ctr)",
-                         file=file_uri, column="pred_*")
+                             "and a pred_<objective> per declared objective", file=file_uri, column=col)
+    for name in objective_order(objectives):
+        if f"pred_{name}" not in names:
+            raise InputError(f"missing prediction column: features.objectives declares '{name}' "
+                             f"(declared: {list(objectives)})", file=file_uri, column=f"pred_{name}")
     found = LogSchema(
-        objectives=objective_order(preds),
+        objectives=objective_order(objectives),
         numeric=sorted(n for n in names if n.startswith("u_")),
         categorical=sorted(n for n in names if n.startswith("c_")),
         truth_rows=[n for n in TRUTH_ROW_COLUMNS if n in names],
@@ -734,7 +747,8 @@ def _emit(t: pa.Table, starts, lengths, run_keys, ls: LogSchema, writers, bounda
 # The step
 # --------------------------------------------------------------------------------------------
 
-def _open_inputs(logs_uri: str | list[str]) -> tuple[list[str], Any, list[str], LogSchema, int]:
+def _open_inputs(logs_uri: str | list[str], objectives: list[str]
+                 ) -> tuple[list[str], Any, list[str], LogSchema, int]:
     files = list_log_files(logs_uri)
     if not files:
         raise InputError("empty input: no *.parquet files found", file=str(logs_uri))
@@ -749,9 +763,12 @@ def _open_inputs(logs_uri: str | list[str]) -> tuple[list[str], Any, list[str], 
                 schema, n = pf.schema_arrow, pf.metadata.num_rows
         except (pa.ArrowInvalid, OSError) as e:
             raise InputError(f"not a readable Parquet file ({e})", file=uri) from None
-        ls = read_log_schema(uri, schema, ls)
+        ls = read_log_schema(uri, schema, objectives, ls)
         total += n
     assert ls is not None
+    ignored = sorted(n for n in schema.names if n.startswith("pred_") and n not in ls.pred_columns)
+    if ignored:
+        log.warning("prediction column(s) %s ignored: not among features.objectives %s", ignored, objectives)
     return files, fs, paths, ls, total
 
 
@@ -765,7 +782,7 @@ def extract_features(logs_uri: str | list[str], out_uri: str,
     cfg = cfg or FeaturesConfig()
     config_mod.check(cfg)
     log.info("features config: %s", config_mod.to_dict(cfg))
-    files, fs, paths, ls, total_rows = _open_inputs(logs_uri)
+    files, fs, paths, ls, total_rows = _open_inputs(logs_uri, cfg.objectives)
     log.info("%d log file(s), %d rows; objectives %s, %d numeric, %d categorical feature(s)",
              len(files), total_rows, ls.objectives, len(ls.numeric), len(ls.categorical))
     reasons: list[str] = []
