@@ -146,8 +146,10 @@ def test_standardisation_and_vocabulary_fitted_on_train_only(tmp_path):
     np.testing.assert_allclose(spec["pred_log_mean"], logp.mean(0), rtol=1e-9)
     np.testing.assert_allclose(spec["pred_log_std"], logp.std(0), rtol=1e-6)
     power = np.arange(14) * 0.5  # one value per train request
+    # clip bounds: the train values 0.5 and 6.0 (second from each end), widened by their distance 5.5
     assert spec["numeric"] == [{"name": "u_power", "mean": pytest.approx(power.mean()),
-                                "std": pytest.approx(power.std())}]
+                                "std": pytest.approx(power.std()), "clip": [-5.0, 11.5]}]
+    assert spec["numeric_clipped"] == {"u_power": {"train": 0, "valid": 3, "test": 3}}
     assert spec["categorical"] == [{"name": "c_device", "vocab": [0, 1, 2], "size": 4}]
     tr, te = shards(out, "train"), shards(out, "test")
     np.testing.assert_allclose(tr["z"].reshape(-1, 3).mean(0), 0, atol=1e-5)
@@ -530,7 +532,7 @@ def _time_varies(df):
 
 
 @pytest.mark.parametrize("mutate,column,row,words", [
-    (_dup_position, "position", 6, "position once"),
+    (_dup_position, "position", 6, "(request_id, position) once"),
     (_time_varies, "event_time", 6, "one event_time per request"),
 ], ids=["duplicate position", "event_time varies in a request"])
 def test_inconsistent_requests_are_refused(tmp_path, capsys, mutate, column, row, words):
