@@ -387,8 +387,8 @@ def _check_rows(b: Batch, ls: LogSchema, starts: np.ndarray, lengths: np.ndarray
 
     specs = [("event_time", np.int64), ("item_id", np.int64), ("position", np.int64),
              ("click", np.float32), ("order", np.float32), ("gmv", np.float32)]
-    specs += [(c, np.float32) for c in ls.pred_columns + ls.numeric]
-    specs += [(c, np.int64) for c in ls.categorical]
+    specs += [(c, np.float32) for c in ls.pred_columns + ls.numeric + ls.truth_rows]
+    specs += [(c, np.int64) for c in ls.categorical + ([TRUTH_SEGMENT_COLUMN] if ls.has_segment else [])]
     for name in ("request_id", "user_id"):
         if t.column(name).null_count:
             add(name, "expected a value, got null", t.column(name).is_null().to_numpy(zero_copy_only=False))
@@ -409,16 +409,34 @@ def _check_rows(b: Batch, ls: LogSchema, starts: np.ndarray, lengths: np.ndarray
     add("position", "expected a position >= 0", cols["position"] < 0, cols["position"])
     for c in ls.numeric:
         add(c, "expected a finite number", ~np.isfinite(cols[c]), cols[c])
+    for c in ls.truth_rows:  # ground truth goes into the valid/test tensors as it is
+        add(c, "expected a finite number >= 0", ~(np.isfinite(cols[c]) & (cols[c] >= 0)), cols[c])
+    if ls.has_segment:
+        add(TRUTH_SEGMENT_COLUMN, "expected a segment >= 0", cols[TRUTH_SEGMENT_COLUMN] < 0,
+            cols[TRUTH_SEGMENT_COLUMN])
     add("item_id", "expected each (request_id, item_id) once; this item repeats in its request",
         _repeats_in_request(cols["item_id"], starts, lengths), cols["item_id"])
     # the position orders the list (and decides which rows a truncated list keeps): one row each
     add("position", "expected each (request_id, position) once; this position repeats in its request",
         _repeats_in_request(cols["position"], starts, lengths), cols["position"])
+    add("event_time", "expected a time between 1677 and 2262 (int64 nanoseconds since the epoch)",
+        _beyond_ns_range(t.column("event_time")))
     # the request's time decides its split: its rows must agree on it
     time = cols["event_time"]
     add("event_time", "expected one event_time per request; this row's differs from the request's first row",
         time != np.repeat(time[starts], lengths), time)
     return cols, rules
+
+
+def _beyond_ns_range(column: pa.ChunkedArray) -> np.ndarray | None:
+    """Rows of a coarser-than-ns timestamp column whose time in ns would overflow int64 (None: no such
+    rows possible)."""
+    unit = _TIME_UNIT_NS[column.type.unit]
+    if unit == 1:
+        return None
+    raw = np.asarray(column.cast(pa.int64()).fill_null(0).to_numpy(), dtype=np.int64)
+    limit = np.iinfo(np.int64).max // unit
+    return (raw > limit) | (raw < -limit)
 
 
 def _repeats_in_request(items: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray | None:
@@ -500,7 +518,7 @@ def _reason_codes(rules: list[Rule], starts: np.ndarray, lengths: np.ndarray, re
 def _scan(files: list[str], fs, paths: list[str], ls: LogSchema, cfg: FeaturesConfig,
           reasons: list[str], total_rows: int) -> tuple[Scan, int]:
     """The per-request facts of every file and the number of rows without a request_id."""
-    columns = list(REQUIRED_COLUMNS) + ls.pred_columns + ls.numeric + ls.categorical
+    columns = ls.used_columns()
     parts: dict[str, list[np.ndarray]] = {f.name: [] for f in dataclasses.fields(Scan)}
     rate = Progress("scan", total_rows, "rows", every_s=5, logger=log)
     n_orphans = 0
@@ -944,7 +962,10 @@ def extract_features(logs_uri: str | list[str], out_uri: str,
     bad_keys, bad_reason, quarantine_counts = _bad_requests(scan, reasons, n_orphans)
     good = scan.reason == 0
     if not good.any():
-        raise InputError("no valid request left after quarantining bad ones", file=str(logs_uri))
+        counts = quarantine_counts["reasons"]
+        top = max(counts, key=counts.get)  # every reason reads "column '<name>': <expectation>"
+        raise InputError(f"no valid request left after quarantining bad ones: {counts}", file=str(logs_uri),
+                         column=top.split("'")[1])
 
     valid_start, test_start = split_boundaries(scan.time[good], cfg.valid_fraction, cfg.test_fraction)
     boundaries = np.array([valid_start, test_start], dtype=np.int64)

@@ -317,6 +317,14 @@ def _null(col, row):
     return f
 
 
+def _far_time(df):
+    """event_time in seconds, one of them in the year ~33,700: beyond the int64 ns range."""
+    t = pa.Table.from_pandas(df, preserve_index=False)
+    seconds = (t.column("event_time").cast(pa.int64()).to_numpy() // 10**9).copy()
+    seconds[3] = 10**12
+    return t.set_column(t.schema.get_field_index("event_time"), "event_time", pa.array(seconds, pa.timestamp("s")))
+
+
 BAD = [
     ("missing column", _drop("click"), "click", None, "missing column"),
     ("no predictions", lambda df: df.drop(columns=["pred_ctr", "pred_cvr", "pred_gmv"]), "pred_ctr", None,
@@ -338,6 +346,7 @@ BAD = [
     ("duplicate item", _dup_item, "item_id", 6, "once"),
     ("not contiguous", _not_contiguous, "request_id", 8, "contiguous"),
     ("null prediction", _null("pred_ctr", 12), "pred_ctr", 12, "null"),
+    ("event_time out of range", _far_time, "event_time", 3, "between 1677 and 2262"),
 ]
 
 
