@@ -347,6 +347,10 @@ BAD = [
     ("not contiguous", _not_contiguous, "request_id", 8, "contiguous"),
     ("null prediction", _null("pred_ctr", 12), "pred_ctr", 12, "null"),
     ("event_time out of range", _far_time, "event_time", 3, "between 1677 and 2262"),
+    ("NaN ground truth", lambda df: _nan("true_ctr", 9)(df.assign(true_ctr=df.pred_ctr)), "true_ctr", 9,
+     "finite number >= 0"),
+    ("negative segment", lambda df: _set("true_segment", 2, -1)(df.assign(true_segment=df.user_id)),
+     "true_segment", 2, "segment >= 0"),
 ]
 
 
