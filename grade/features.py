@@ -23,7 +23,7 @@ import dataclasses
 import datetime as dt
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -541,7 +541,7 @@ def _scan(files: list[str], fs, paths: list[str], ls: LogSchema, cfg: FeaturesCo
                                  column=r.column, row=int(b.rows[i]))
             keep, kept = truncate_lists(cols["position"], starts, lengths, cfg.max_list_size)
             logp = log_predictions(np.stack([cols[c] for c in ls.pred_columns], axis=1), np.float64)
-            kept_starts = starts if keep is None else np.concatenate([[0], np.cumsum(kept)[:-1]])
+            kept_starts = starts if keep is None else _run_starts(kept)
             logp = logp if keep is None else logp[keep]
             parts["key"].append(b.keys[starts])
             parts["file"].append(np.full(len(starts), fi, dtype=np.int32))
@@ -808,22 +808,19 @@ def _write(files, fs, paths, ls: LogSchema, cfg: FeaturesConfig, staging: Path, 
     rate = Progress("write", total_rows, "rows", every_s=5, logger=log)
     try:
         for fi, path in enumerate(paths):
-            for b in aligned_batches(fs, path, fi, ls.used_columns(), cfg.batch_rows, set_apart_null_ids=True):
+            for b in aligned_batches(fs, path, fi, ls.used_columns(), cfg.batch_rows,
+                                     set_apart_null_ids=True):
                 rate.add(b.table.num_rows + len(b.orphan_rows))
                 if b.orphans is not None:
                     sink.add(b.orphans, np.full(len(b.orphan_rows), NULL_ID_REASON, object), files[fi],
                              b.orphan_rows)
-                if not b.table.num_rows:
-                    continue
                 t, starts, lengths, run_keys = _drop_bad_requests(b, files[fi], bad_keys, bad_reason, sink)
-                if not len(starts):
-                    continue
-                keep, lengths = truncate_lists(_column(t, "position", np.int64)[0], starts, lengths,
-                                               cfg.max_list_size)
-                if keep is not None:
-                    t = t.filter(pa.array(keep))
-                    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-                _emit(t, starts, lengths, run_keys, ls, writers, boundaries, transform)
+                if len(starts):
+                    keep, lengths = truncate_lists(_column(t, "position", np.int64)[0], starts, lengths,
+                                                   cfg.max_list_size)
+                    if keep is not None:
+                        t, starts = t.filter(pa.array(keep)), _run_starts(lengths)
+                    _emit(t, starts, lengths, run_keys, ls, writers, boundaries, transform)
         for w in writers.values():
             w.flush()
     finally:
@@ -850,8 +847,12 @@ def _drop_bad_requests(b: Batch, file_uri: str, bad_keys: np.ndarray, bad_reason
     sink.add(b.table.filter(pa.array(rows_bad)), np.repeat(bad_reason[idx[bad]], lengths[bad]), file_uri,
              b.rows[rows_bad])
     lengths = lengths[~bad]
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(lengths) else lengths
-    return b.table.filter(pa.array(~rows_bad)), starts, lengths, run_keys[~bad]
+    return b.table.filter(pa.array(~rows_bad)), _run_starts(lengths), lengths, run_keys[~bad]
+
+
+def _run_starts(lengths: np.ndarray) -> np.ndarray:
+    """Start row of each run of contiguous runs of ``lengths`` rows."""
+    return (np.cumsum(lengths) - lengths).astype(np.int64)
 
 
 def _emit(t: pa.Table, starts, lengths, run_keys, ls: LogSchema, writers, boundaries,
@@ -918,6 +919,19 @@ def _open_inputs(logs_uri: str | list[str], objectives: list[str]
     return files, fs, paths, ls, total
 
 
+def check_against_model(ls: LogSchema, model_spec: Mapping[str, Any], model: str, logs: str) -> None:
+    """InputError unless a model's feature spec reads the objectives and u_/c_ columns these logs give
+    (same names, same order): features it could not score must not be built silently."""
+    for what, mine, theirs in (
+            ("objectives", ls.pred_columns, [f"pred_{o}" for o in model_spec["objectives"]]),
+            ("numeric features", ls.numeric, [c["name"] for c in model_spec["numeric"]]),
+            ("categorical features", ls.categorical, [c["name"] for c in model_spec["categorical"]])):
+        if list(mine) != list(theirs):
+            differing = sorted(set(mine) ^ set(theirs)) or list(mine)
+            raise InputError(f"{what} differ from the model {model}: it reads {list(theirs)}, these logs "
+                             f"give {list(mine)}", file=logs, column=differing[0])
+
+
 def _bad_requests(scan: Scan, reasons: list[str], n_orphans: int
                   ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(sorted keys of the bad requests, their reasons, the quarantine counts of the spec)."""
@@ -943,12 +957,13 @@ def _bad_requests(scan: Scan, reasons: list[str], n_orphans: int
     return bad_keys, bad_reason, summary
 
 
-def extract_features(logs_uri: str | list[str], out_uri: str,
-                     cfg: FeaturesConfig | None = None) -> dict[str, Any]:
+def extract_features(logs_uri: str | list[str], out_uri: str, cfg: FeaturesConfig | None = None,
+                     model: tuple[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Validate the logs at ``logs_uri`` and publish feature tensors + spec at ``out_uri``.
 
     Returns the feature spec. Raises :class:`InputError` on bad input (``on_bad_rows="fail"``),
-    before anything is published.
+    before anything is published. ``model``: (name, feature spec) of a model the features must fit
+    (e.g. the production model), checked before the logs are scanned.
     """
     cfg = cfg or FeaturesConfig()
     config_mod.check(cfg)
@@ -956,6 +971,8 @@ def extract_features(logs_uri: str | list[str], out_uri: str,
     files, fs, paths, ls, total_rows = _open_inputs(logs_uri, cfg.objectives)
     log.info("%d log file(s), %d rows; objectives %s, %d numeric, %d categorical feature(s)",
              len(files), total_rows, ls.objectives, len(ls.numeric), len(ls.categorical))
+    if model is not None:
+        check_against_model(ls, model[1], model[0], files[0])
     reasons: list[str] = []
     scan, n_orphans = _scan(files, fs, paths, ls, cfg, reasons, total_rows)
     _check_contiguous(scan, files, cfg, reasons)

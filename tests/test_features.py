@@ -322,7 +322,8 @@ def _far_time(df):
     t = pa.Table.from_pandas(df, preserve_index=False)
     seconds = (t.column("event_time").cast(pa.int64()).to_numpy() // 10**9).copy()
     seconds[3] = 10**12
-    return t.set_column(t.schema.get_field_index("event_time"), "event_time", pa.array(seconds, pa.timestamp("s")))
+    return t.set_column(t.schema.get_field_index("event_time"), "event_time",
+                        pa.array(seconds, pa.timestamp("s")))
 
 
 BAD = [
@@ -497,7 +498,8 @@ def test_one_huge_value_does_not_wipe_a_numeric_feature(tmp_path):
     assert spec["numeric_clipped"] == {"u_power": {"train": 1, "valid": 0, "test": 0}}
     # the transform the spec defines applies the same clip at serving time
     from grade.transform import FeatureTransform
-    served, _ = FeatureTransform.from_spec(spec).request_features({"u_power": [1e30, 2.0], "c_device": [0, 0]})
+    served, _ = FeatureTransform.from_spec(spec).request_features({"u_power": [1e30, 2.0],
+                                                                   "c_device": [0, 0]})
     assert served[0, 0] == pytest.approx(num[3]) and served[1, 0] == pytest.approx(clean[3])
 
 
@@ -613,3 +615,34 @@ def test_skip_mode_files_differing_in_an_ignored_column(tmp_path, capsys):
     assert sorted(quarantined.request_id.unique()) == [1001, 1015]
     assert set(quarantined.source_file.map(lambda f: Path(f).name)) == {"part-00000.parquet",
                                                                          "part-00001.parquet"}
+
+
+def _registry_with_production(root: Path, spec: dict) -> Path:
+    """A registry whose production model (the default model name) has feature spec ``spec``."""
+    from grade.registry import Registry
+
+    local = root.parent / "model-files"
+    local.mkdir()
+    (local / "feature_spec.json").write_text(json.dumps(spec))
+    store.publish_dir(local, str(root.parent / "model"))
+    reg = Registry(str(root))
+    version, _ = reg.register(str(root.parent / "model"))
+    reg.set_production(version, "test", expected_etag=None)
+    return root
+
+
+def test_logs_are_checked_against_the_production_models_feature_spec(tmp_path, capsys):
+    df = make_logs(20)
+    logs = write_logs(tmp_path / "logs", df)
+    spec = extract_features(str(logs), str(tmp_path / "first"), FeaturesConfig())
+    registry = _registry_with_production(tmp_path / "registry", spec)
+    rc, err = run_cli(["--logs", str(logs), "--out", str(tmp_path / "same"), "--production-registry",
+                       str(registry)], capsys)
+    assert rc == 0, err
+    # the same logs with another u_ feature: the production model could not score them
+    other = write_logs(tmp_path / "other", df.rename(columns={"u_power": "u_activity"}))
+    rc, err = run_cli(["--logs", str(other), "--out", str(tmp_path / "differs"), "--production-registry",
+                       str(registry)], capsys)
+    assert rc == 2, err
+    assert "column 'u_activity'" in err and "v0001" in err and "u_power" in err
+    assert not (tmp_path / "differs").exists()
