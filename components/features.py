@@ -1,20 +1,25 @@
 """Feature extraction step: raw search logs (Parquet) -> validated, time-split request tensors.
 
     python -m components.features --logs URI --out URI [--config YAML] [--on-bad-rows fail|skip]
-                                  [--set SECTION.KEY=VALUE ...]
+                                  [--production-registry URI] [--set SECTION.KEY=VALUE ...]
 
 Exit status 2 on bad input (the message names the file, column, row and expectation); nothing is
-published then. Output format: docs/features.md.
+published then. With ``--production-registry``, logs whose objectives or u_/c_ columns differ from
+the production model's feature spec are bad input too. Output format: docs/features.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 import grade.cli
 from grade import config, store
-from grade.features import extract_features
+from grade.features import SPEC_FILE, extract_features
+from grade.registry import production_model
+
+log = logging.getLogger("grade.features")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,15 +34,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     config.add_arguments(p, ("features.on_bad_rows", "features.valid_fraction", "features.test_fraction",
                              "features.shard_requests", "features.batch_rows"),
                          config_help="config file; its 'features' section is used")
+    p.add_argument("--production-registry", metavar="URI",
+                   help="model registry: the logs must give the objectives and u_/c_ columns its production "
+                        "model (shared.model_name) reads; nothing is checked while none is in production")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = config.from_args(args)["features"]
+    sections = config.from_args(args)
     grade.cli.check_output(args.out, logs=args.logs)
     store.check_writable(args.out)
-    extract_features(args.logs[0] if len(args.logs) == 1 else args.logs, args.out, cfg)
+    model = None
+    if args.production_registry:
+        found = production_model(args.production_registry, sections["shared"].model_name)
+        if found is None:
+            log.warning("%s: no production model to check the logs against", args.production_registry)
+        else:
+            version, uri = found
+            spec = store.read_json(store.join(uri, SPEC_FILE))
+            model = (f"{sections['shared'].model_name} {version}", spec)
+    logs = args.logs[0] if len(args.logs) == 1 else args.logs
+    extract_features(logs, args.out, sections["features"], model)
     return 0
 
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,11 +69,21 @@ class FeaturesConfig:
     """Parquet rows read per record batch (bounds memory together with shard_requests)"""
     max_vocab: int = ranged(100_000, ">= 1")
     """largest vocabulary per categorical feature (the most frequent train values are kept)"""
+    objectives: list[str] = dataclasses.field(default_factory=lambda: ["ctr", "cvr", "gmv"])
+    """objectives the logs must predict, a pred_<name> column each (other pred_ columns are ignored)"""
+    clip_quantile: float = ranged(0.001, "[0, 0.5)")
+    """q: u_ features are clipped to [a - w, b + w], a/b the train q/1-q quantiles, w = b - a"""
+    max_list_size: int = ranged(512, ">= 1")
+    """longest list kept: a longer request keeps its rows of the smallest logged positions"""
 
     def validate(self) -> None:
         if self.valid_fraction + self.test_fraction >= 1.0:
             raise ConfigError(f"features.valid_fraction + test_fraction: must be < 1 (train needs "
                               f"requests), got {self.valid_fraction} + {self.test_fraction}")
+        bad = [o for o in self.objectives if not re.fullmatch(r"[A-Za-z0-9_]+", o)]
+        if not self.objectives or bad or len(set(self.objectives)) != len(self.objectives):
+            raise ConfigError(f"features.objectives: expected a non-empty list of distinct names (letters, "
+                              f"digits, '_'), got {self.objectives}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,19 +163,21 @@ def _expected_kinds(name: str) -> tuple[set[str], str]:
     return {"float", "int"}, "a number (float32)"
 
 
-def read_log_schema(file_uri: str, schema: pa.Schema, expected: LogSchema | None = None) -> LogSchema:
-    """Check one file's Arrow schema; the first file fixes the columns, later files must match."""
+def read_log_schema(file_uri: str, schema: pa.Schema, objectives: list[str],
+                    expected: LogSchema | None = None) -> LogSchema:
+    """Check one file's Arrow schema against the declared ``objectives``; the first file fixes the
+    other columns, later files must match."""
     names = schema.names
     for col in REQUIRED_COLUMNS:
         if col not in names:
             raise InputError(f"missing column; the log contract requires {list(REQUIRED_COLUMNS)} "
-                             "and at least one pred_<objective>", file=file_uri, column=col)
-    preds = [n[len("pred_"):] for n in names if n.startswith("pred_")]
-    if not preds:
-        raise InputError("no prediction column: expected at least one pred_<objective> (e.g. pred_ctr)",
-                         file=file_uri, column="pred_*")
+                             "and a pred_<objective> per declared objective", file=file_uri, column=col)
+    for name in objective_order(objectives):
+        if f"pred_{name}" not in names:
+            raise InputError(f"missing prediction column: features.objectives declares '{name}' "
+                             f"(declared: {list(objectives)})", file=file_uri, column=f"pred_{name}")
     found = LogSchema(
-        objectives=objective_order(preds),
+        objectives=objective_order(objectives),
         numeric=sorted(n for n in names if n.startswith("u_")),
         categorical=sorted(n for n in names if n.startswith("c_")),
         truth_rows=[n for n in TRUTH_ROW_COLUMNS if n in names],
@@ -266,44 +279,68 @@ def request_keys(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 @dataclasses.dataclass
 class Batch:
-    """Whole requests from one file: the Arrow rows, their keys and where they start in the file."""
+    """Whole requests from one file: the Arrow rows, their keys and their row numbers in the file.
+
+    ``orphans``: rows without a request_id (they belong to no request) met since the previous batch,
+    with their row numbers; only when :func:`aligned_batches` is asked to set them apart.
+    """
 
     table: pa.Table
     keys: np.ndarray
     file_index: int
-    row0: int
+    rows: np.ndarray
+    orphans: pa.Table | None = None
+    orphan_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
     def runs(self) -> tuple[np.ndarray, np.ndarray]:
         """(start, length) of each run of equal request keys."""
         n = len(self.keys)
+        if not n:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
         starts = np.concatenate([[0], np.flatnonzero(self.keys[1:] != self.keys[:-1]) + 1])
         return starts, np.diff(np.append(starts, n))
 
 
 def aligned_batches(fs, path: str, file_index: int, columns: list[str] | None,
-                    batch_rows: int) -> Iterator[Batch]:
+                    batch_rows: int, set_apart_null_ids: bool = False) -> Iterator[Batch]:
     """Whole-request batches of about ``batch_rows`` rows of one Parquet file (``columns``: all when None).
 
     ``fs``/``path`` as from :func:`grade.store.arrow_filesystem`; a request cut by a record batch
-    boundary is carried over to the next batch.
+    boundary is carried over to the next batch. With ``set_apart_null_ids``, rows whose request_id
+    is null leave the table for ``Batch.orphans``: they cannot split or join the requests around them.
     """
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f)
         carry: pa.Table | None = None
-        carry_keys = np.zeros(0, dtype=np.int64)
-        carry_row0 = 0
+        carry_keys = carry_rows = np.zeros(0, dtype=np.int64)
+        orphans: list[tuple[pa.Table, np.ndarray]] = []
+        next_row = 0
         for rb in pf.iter_batches(batch_size=batch_rows, columns=columns, use_threads=True):
             t = pa.Table.from_batches([rb])
+            rows = np.arange(next_row, next_row + t.num_rows, dtype=np.int64)
+            next_row += t.num_rows
+            if set_apart_null_ids and t.column("request_id").null_count:
+                null = t.column("request_id").is_null().to_numpy(zero_copy_only=False)
+                orphans.append((t.filter(pa.array(null)), rows[null]))
+                t, rows = t.filter(pa.array(~null)), rows[~null]
             if carry is not None and carry.num_rows:
-                t = pa.concat_tables([carry, t])
+                t, rows = pa.concat_tables([carry, t]), np.concatenate([carry_rows, rows])
             keys = request_keys(t.column("request_id"))
             boundaries = np.flatnonzero(keys[1:] != keys[:-1])
             cut = int(boundaries[-1]) + 1 if len(boundaries) else 0
             if cut:
-                yield Batch(t.slice(0, cut), keys[:cut], file_index, carry_row0)
-            carry, carry_keys, carry_row0 = t.slice(cut), keys[cut:], carry_row0 + cut
-        if carry is not None and carry.num_rows:
-            yield Batch(carry, carry_keys, file_index, carry_row0)
+                yield Batch(t.slice(0, cut), keys[:cut], file_index, rows[:cut], *_gather(orphans))
+                orphans = []
+            carry, carry_keys, carry_rows = t.slice(cut), keys[cut:], rows[cut:]
+        if (carry is not None and carry.num_rows) or orphans:
+            assert carry is not None
+            yield Batch(carry, carry_keys, file_index, carry_rows, *_gather(orphans))
+
+
+def _gather(orphans: list[tuple[pa.Table, np.ndarray]]) -> tuple[pa.Table | None, np.ndarray]:
+    if not orphans:
+        return None, np.zeros(0, np.int64)
+    return pa.concat_tables([t for t, _ in orphans]), np.concatenate([r for _, r in orphans])
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,8 +387,8 @@ def _check_rows(b: Batch, ls: LogSchema, starts: np.ndarray, lengths: np.ndarray
 
     specs = [("event_time", np.int64), ("item_id", np.int64), ("position", np.int64),
              ("click", np.float32), ("order", np.float32), ("gmv", np.float32)]
-    specs += [(c, np.float32) for c in ls.pred_columns + ls.numeric]
-    specs += [(c, np.int64) for c in ls.categorical]
+    specs += [(c, np.float32) for c in ls.pred_columns + ls.numeric + ls.truth_rows]
+    specs += [(c, np.int64) for c in ls.categorical + ([TRUTH_SEGMENT_COLUMN] if ls.has_segment else [])]
     for name in ("request_id", "user_id"):
         if t.column(name).null_count:
             add(name, "expected a value, got null", t.column(name).is_null().to_numpy(zero_copy_only=False))
@@ -372,14 +409,38 @@ def _check_rows(b: Batch, ls: LogSchema, starts: np.ndarray, lengths: np.ndarray
     add("position", "expected a position >= 0", cols["position"] < 0, cols["position"])
     for c in ls.numeric:
         add(c, "expected a finite number", ~np.isfinite(cols[c]), cols[c])
-    dup = _duplicate_items(cols["item_id"], starts, lengths)
-    add("item_id", "expected each (request_id, item_id) once; this item repeats in its request", dup,
-        cols["item_id"])
+    for c in ls.truth_rows:  # ground truth goes into the valid/test tensors as it is
+        add(c, "expected a finite number >= 0", ~(np.isfinite(cols[c]) & (cols[c] >= 0)), cols[c])
+    if ls.has_segment:
+        add(TRUTH_SEGMENT_COLUMN, "expected a segment >= 0", cols[TRUTH_SEGMENT_COLUMN] < 0,
+            cols[TRUTH_SEGMENT_COLUMN])
+    add("item_id", "expected each (request_id, item_id) once; this item repeats in its request",
+        _repeats_in_request(cols["item_id"], starts, lengths), cols["item_id"])
+    # the position orders the list (and decides which rows a truncated list keeps): one row each
+    add("position", "expected each (request_id, position) once; this position repeats in its request",
+        _repeats_in_request(cols["position"], starts, lengths), cols["position"])
+    add("event_time", "expected a time between 1677 and 2262 (int64 nanoseconds since the epoch)",
+        _beyond_ns_range(t.column("event_time")))
+    # the request's time decides its split: its rows must agree on it
+    time = cols["event_time"]
+    add("event_time", "expected one event_time per request; this row's differs from the request's first row",
+        time != np.repeat(time[starts], lengths), time)
     return cols, rules
 
 
-def _duplicate_items(items: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray | None:
-    """Rows whose item already appeared earlier in the same request (None when there are none)."""
+def _beyond_ns_range(column: pa.ChunkedArray) -> np.ndarray | None:
+    """Rows of a coarser-than-ns timestamp column whose time in ns would overflow int64 (None: no such
+    rows possible)."""
+    unit = _TIME_UNIT_NS[column.type.unit]
+    if unit == 1:
+        return None
+    raw = np.asarray(column.cast(pa.int64()).fill_null(0).to_numpy(), dtype=np.int64)
+    limit = np.iinfo(np.int64).max // unit
+    return (raw > limit) | (raw < -limit)
+
+
+def _repeats_in_request(items: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray | None:
+    """Rows whose value already appeared earlier in the same request (None when there are none)."""
     n = len(items)
     run = np.repeat(np.arange(len(starts), dtype=np.int64), lengths)
     lo, hi = (int(items.min()), int(items.max())) if n else (0, 0)
@@ -409,6 +470,9 @@ class Scan:
     file: np.ndarray
     row: np.ndarray
     length: np.ndarray
+    """rows kept (at most ``max_list_size``)"""
+    cut: np.ndarray
+    """rows left out by the truncation to ``max_list_size``"""
     time: np.ndarray
     reason: np.ndarray
     log_sum: np.ndarray
@@ -417,53 +481,90 @@ class Scan:
     categorical: np.ndarray
 
 
+NULL_ID_REASON = "column 'request_id': expected a value, got null"
+
+
+def truncate_lists(position: np.ndarray, starts: np.ndarray, lengths: np.ndarray, max_len: int
+                   ) -> tuple[np.ndarray | None, np.ndarray]:
+    """(rows kept or None when all are, kept lengths) of runs ``starts``/``lengths`` of rows: a run
+    longer than ``max_len`` keeps its rows of the ``max_len`` smallest ``position`` values, in their
+    logged order. Per request, so both passes cut the same rows whatever the batches."""
+    long = np.flatnonzero(lengths > max_len)
+    if not len(long):
+        return None, lengths
+    keep = np.ones(len(position), dtype=bool)
+    for r in long:  # rare, and each one holds more than max_len rows
+        s, n = int(starts[r]), int(lengths[r])
+        keep[s + np.argsort(position[s:s + n], kind="stable")[max_len:]] = False
+    return keep, np.minimum(lengths, max_len)
+
+
+def _reason_codes(rules: list[Rule], starts: np.ndarray, lengths: np.ndarray, reasons: list[str]
+                  ) -> np.ndarray:
+    """Per run, 1 + the index in ``reasons`` of the first rule that flags one of its rows (0: none);
+    ``reasons`` grows by the texts it has not seen."""
+    reason = np.zeros(len(starts), dtype=np.int16)
+    run_of_row = np.repeat(np.arange(len(starts)), lengths)
+    for r in rules:
+        text = f"column '{r.column}': {r.expectation}"
+        if text not in reasons:
+            reasons.append(text)
+        flagged = np.zeros(len(starts), dtype=bool)
+        flagged[run_of_row[r.bad]] = True
+        reason[flagged & (reason == 0)] = reasons.index(text) + 1
+    return reason
+
+
 def _scan(files: list[str], fs, paths: list[str], ls: LogSchema, cfg: FeaturesConfig,
-          reasons: list[str], total_rows: int) -> Scan:
-    columns = list(REQUIRED_COLUMNS) + ls.pred_columns + ls.numeric + ls.categorical
+          reasons: list[str], total_rows: int) -> tuple[Scan, int]:
+    """The per-request facts of every file and the number of rows without a request_id."""
+    columns = ls.used_columns()
     parts: dict[str, list[np.ndarray]] = {f.name: [] for f in dataclasses.fields(Scan)}
     rate = Progress("scan", total_rows, "rows", every_s=5, logger=log)
+    n_orphans = 0
     for fi, path in enumerate(paths):
-        for b in aligned_batches(fs, path, fi, columns, cfg.batch_rows):
+        for b in aligned_batches(fs, path, fi, columns, cfg.batch_rows, set_apart_null_ids=True):
+            rate.add(b.table.num_rows + len(b.orphan_rows))
+            if len(b.orphan_rows) and cfg.on_bad_rows == "fail":
+                raise InputError("expected a value, got null", file=files[fi], column="request_id",
+                                 row=int(b.orphan_rows[0]))
+            n_orphans += len(b.orphan_rows)
+            if not b.table.num_rows:
+                continue
             starts, lengths = b.runs()
             cols, rules = _check_rows(b, ls, starts, lengths)
-            reason = np.zeros(len(starts), dtype=np.int16)
-            if rules:
-                if cfg.on_bad_rows == "fail":
-                    r = rules[0]
-                    i = int(np.flatnonzero(r.bad)[0])
-                    rid = b.table.column("request_id")[i].as_py()
-                    raise InputError(f"{r.message(i)} (request_id {rid!r})", file=files[fi],
-                                     column=r.column, row=b.row0 + i)
-                run_of_row = np.repeat(np.arange(len(starts)), lengths)
-                for r in rules:
-                    text = f"column '{r.column}': {r.expectation}"
-                    if text not in reasons:
-                        reasons.append(text)
-                    flagged = np.zeros(len(starts), dtype=bool)
-                    flagged[run_of_row[r.bad]] = True
-                    reason[flagged & (reason == 0)] = reasons.index(text) + 1
+            if rules and cfg.on_bad_rows == "fail":
+                r = rules[0]
+                i = int(np.flatnonzero(r.bad)[0])
+                rid = b.table.column("request_id")[i].as_py()
+                raise InputError(f"{r.message(i)} (request_id {rid!r})", file=files[fi],
+                                 column=r.column, row=int(b.rows[i]))
+            keep, kept = truncate_lists(cols["position"], starts, lengths, cfg.max_list_size)
             logp = log_predictions(np.stack([cols[c] for c in ls.pred_columns], axis=1), np.float64)
+            kept_starts = starts if keep is None else _run_starts(kept)
+            logp = logp if keep is None else logp[keep]
             parts["key"].append(b.keys[starts])
             parts["file"].append(np.full(len(starts), fi, dtype=np.int32))
-            parts["row"].append(b.row0 + starts)
-            parts["length"].append(lengths.astype(np.int32))
+            parts["row"].append(b.rows[starts])
+            parts["length"].append(kept.astype(np.int32))
+            parts["cut"].append((lengths - kept).astype(np.int32))
             parts["time"].append(cols["event_time"][starts])
-            parts["reason"].append(reason)
-            parts["log_sum"].append(np.add.reduceat(logp, starts, axis=0))
-            parts["log_sq"].append(np.add.reduceat(logp * logp, starts, axis=0))
+            parts["reason"].append(_reason_codes(rules, starts, lengths, reasons))
+            parts["log_sum"].append(np.add.reduceat(logp, kept_starts, axis=0))
+            parts["log_sq"].append(np.add.reduceat(logp * logp, kept_starts, axis=0))
             parts["numeric"].append(np.stack([cols[c][starts] for c in ls.numeric], axis=1).astype(np.float64)
                                     if ls.numeric else np.zeros((len(starts), 0)))
             parts["categorical"].append(np.stack([cols[c][starts] for c in ls.categorical], axis=1)
                                         if ls.categorical else np.zeros((len(starts), 0), np.int64))
-            rate.add(b.table.num_rows)
     seconds = rate.finish()
     log.info("scan: %d rows in %.1fs", rate.done, seconds)
     if rate.done == 0:
         raise InputError("empty input: the log files hold no rows", file=files[0] if files else None)
     k, u, c = len(ls.objectives), len(ls.numeric), len(ls.categorical)
     empty = {"log_sum": (0, k), "log_sq": (0, k), "numeric": (0, u), "categorical": (0, c)}
-    return Scan(**{name: np.concatenate(v) if v else np.zeros(empty.get(name, (0,)))
+    scan = Scan(**{name: np.concatenate(v) if v else np.zeros(empty.get(name, (0,)))
                    for name, v in parts.items()})
+    return scan, n_orphans
 
 
 def _check_contiguous(scan: Scan, files: list[str], cfg: FeaturesConfig, reasons: list[str]) -> None:
@@ -519,24 +620,50 @@ def _fit_vocab(values: np.ndarray, max_vocab: int) -> np.ndarray:
     return uniq
 
 
-def _fit(scan: Scan, train: np.ndarray, ls: LogSchema, cfg: FeaturesConfig) -> dict[str, Any]:
+def clip_bounds(values: np.ndarray, q: float) -> tuple[np.ndarray, np.ndarray]:
+    """(low [U], high [U]) float64 of train values [N, U]: [a - w, b + w] with a, b the q and 1 - q
+    quantiles (the nearest values inside, so one extreme value never moves them) and w = b - a.
+
+    Far enough out that clean data keep (nearly) every value, near enough that one 1e30 cannot
+    blow the standard deviation up and squash every other request onto one standardised value.
+    """
+    if not len(values):
+        return np.full(values.shape[1], -np.inf), np.full(values.shape[1], np.inf)
+    a = np.quantile(values, q, axis=0, method="higher")
+    b = np.quantile(values, 1.0 - q, axis=0, method="lower")
+    a, b = np.minimum(a, b), np.maximum(a, b)  # a handful of values: the two indices may cross
+    return a - (b - a), b + (b - a)
+
+
+def _fit(scan: Scan, split_of: np.ndarray, ls: LogSchema, cfg: FeaturesConfig
+         ) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
+    """(the fitted statistics of the spec, {u_ column: {split: values clipped}} for the columns with
+    clipped values); ``split_of``: split index of each request, -1 for a bad one."""
+    train = split_of == 0
     n_items = float(scan.length[train].sum())
     mean = scan.log_sum[train].sum(axis=0) / n_items
     var = np.maximum(scan.log_sq[train].sum(axis=0) / n_items - mean * mean, 0.0)
     std = np.sqrt(var)
     std = np.where(std > 1e-12, std, 1.0)  # a constant signal stays 0 after centring
-    num = scan.numeric[train]
+    low, high = clip_bounds(scan.numeric[train], cfg.clip_quantile)
+    num = np.clip(scan.numeric[train], low, high)
     num_mean, num_std = num.mean(axis=0), num.std(axis=0)
     num_std = np.where(num_std > 1e-12, num_std, 1.0)
+    outside = (scan.numeric < low) | (scan.numeric > high)
+    clipped = {name: {split: int(outside[split_of == si, j].sum()) for si, split in enumerate(SPLITS)}
+               for j, name in enumerate(ls.numeric) if outside[split_of >= 0, j].any()}
+    if clipped:
+        log.warning("u_ feature values outside their clip bounds (clipped): %s", clipped)
     vocabs = [_fit_vocab(scan.categorical[train, j], cfg.max_vocab) for j in range(len(ls.categorical))]
-    return {
+    fitted = {
         "pred_log_mean": [float(x) for x in mean],
         "pred_log_std": [float(x) for x in std],
-        "numeric": [{"name": n, "mean": float(m), "std": float(s)}
-                    for n, m, s in zip(ls.numeric, num_mean, num_std, strict=True)],
+        "numeric": [{"name": n, "mean": float(m), "std": float(s), "clip": [float(lo), float(hi)]}
+                    for n, m, s, lo, hi in zip(ls.numeric, num_mean, num_std, low, high, strict=True)],
         "categorical": [{"name": n, "vocab": [int(v) for v in voc], "size": len(voc) + 1}
                         for n, voc in zip(ls.categorical, vocabs, strict=True)],
     }
+    return fitted, clipped
 
 
 # --------------------------------------------------------------------------------------------
@@ -621,78 +748,111 @@ class ShardWriter:
 
 
 class _Quarantine:
-    """Rows of bad requests with the reason, the source file and the row in it."""
+    """The used columns of bad requests' rows, with the reason, the source file and the row in it.
 
-    def __init__(self, path: Path):
-        self.path, self.writer, self.schema = path, None, None
+    One schema for every file, from the log schema alone (request_id as in the logs, event_time as
+    UTC ns, other numbers int64 or float64): files may differ in their integer widths, time units or
+    ignored columns and still share one quarantine file.
+    """
+
+    def __init__(self, path: Path, ls: LogSchema):
+        def canonical(name: str) -> pa.DataType:
+            if name == "request_id":
+                return pa.string() if ls.request_id_is_string else pa.int64()
+            if name == "event_time":
+                return pa.timestamp("ns", tz="UTC")
+            return pa.float64() if "float" in _expected_kinds(name)[0] else pa.int64()
+
+        self.schema = pa.schema([pa.field(n, canonical(n)) for n in ls.used_columns()]
+                                + [("reason", pa.string()), ("source_file", pa.string()),
+                                   ("source_row", pa.int64())])
+        self.writer = pq.ParquetWriter(str(path), self.schema)
         self.n_rows = 0
 
     def add(self, table: pa.Table, reason: np.ndarray, file_uri: str, rows: np.ndarray) -> None:
-        table = table.append_column("reason", pa.array(reason, pa.string()))
-        table = table.append_column("source_file", pa.array([file_uri] * len(rows), pa.string()))
-        table = table.append_column("source_row", pa.array(rows, pa.int64()))
-        if self.writer is None:
-            self.schema = table.schema
-            self.writer = pq.ParquetWriter(str(self.path), self.schema)
-        elif table.schema != self.schema:
-            try:
-                table = table.select(self.schema.names).cast(self.schema)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, KeyError) as e:
-                raise InputError(f"column types differ from the first quarantined file ({e})",
-                                 file=file_uri) from None
-        self.writer.write_table(table)
-        self.n_rows += table.num_rows
+        columns = []
+        for field in self.schema:
+            if field.name == "reason":
+                columns.append(pa.array(reason, pa.string()))
+            elif field.name == "source_file":
+                columns.append(pa.array([file_uri] * len(rows), pa.string()))
+            elif field.name == "source_row":
+                columns.append(pa.array(rows, pa.int64()))
+            else:
+                columns.append(_cast_kept(table.column(field.name), field.type))
+        self.writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
+        self.n_rows += len(rows)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self.writer.close()
+
+
+def _cast_kept(column: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArray:
+    """``column`` as ``target``; a value the cast cannot keep exactly (a bad row's, e.g. a time out of
+    the ns range) is cast anyway: the quarantine shows bad rows, it never fails on them."""
+    try:
+        return column.cast(target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return column.cast(target, safe=False)
 
 
 def _write(files, fs, paths, ls: LogSchema, cfg: FeaturesConfig, staging: Path, fitted: dict,
            boundaries: np.ndarray, list_size: int, bad_keys: np.ndarray, bad_reason: np.ndarray,
-           total_rows: int) -> tuple[dict[str, ShardWriter], _Quarantine | None]:
+           total_rows: int, quarantine: bool) -> dict[str, ShardWriter]:
     k, u, c = len(ls.objectives), len(ls.numeric), len(ls.categorical)
     writers = {s: ShardWriter(staging, s, cfg.shard_requests, list_size, k, u, c,
                               [] if s == "train" else ls.truth_rows, s != "train" and ls.has_segment)
                for s in SPLITS}
-    quarantine = _Quarantine(staging / QUARANTINE_FILE) if len(bad_keys) else None
-    columns = None if quarantine else ls.used_columns()
+    sink = _Quarantine(staging / QUARANTINE_FILE, ls) if quarantine else None
     transform = FeatureTransform.from_spec({"objectives": ls.objectives, **fitted})
     rate = Progress("write", total_rows, "rows", every_s=5, logger=log)
     try:
         for fi, path in enumerate(paths):
-            for b in aligned_batches(fs, path, fi, columns, cfg.batch_rows):
-                starts, lengths = b.runs()
-                t = b.table
-                run_keys = b.keys[starts]
-                good = np.ones(len(starts), dtype=bool)
-                if len(bad_keys):
-                    idx = np.minimum(np.searchsorted(bad_keys, run_keys), len(bad_keys) - 1)
-                    bad = bad_keys[idx] == run_keys
-                    if bad.any():
-                        good = ~bad
-                        rows_bad = np.repeat(bad, lengths)
-                        reason = np.repeat(bad_reason[idx[bad]], lengths[bad])
-                        quarantine.add(t.filter(pa.array(rows_bad)), reason, files[fi],
-                                       b.row0 + np.flatnonzero(rows_bad))
-                        keep = np.flatnonzero(~rows_bad)
-                        t = t.take(pa.array(keep))
-                        starts = np.concatenate([[0], np.cumsum(lengths[good])[:-1]]).astype(np.int64)
-                        lengths = lengths[good]
-                        run_keys = run_keys[good]
-                if not len(starts) or not t.num_rows:
-                    rate.add(b.table.num_rows)
-                    continue
-                _emit(t, starts, lengths, run_keys, ls, writers, boundaries, transform)
-                rate.add(b.table.num_rows)
+            for b in aligned_batches(fs, path, fi, ls.used_columns(), cfg.batch_rows,
+                                     set_apart_null_ids=True):
+                rate.add(b.table.num_rows + len(b.orphan_rows))
+                if b.orphans is not None:
+                    sink.add(b.orphans, np.full(len(b.orphan_rows), NULL_ID_REASON, object), files[fi],
+                             b.orphan_rows)
+                t, starts, lengths, run_keys = _drop_bad_requests(b, files[fi], bad_keys, bad_reason, sink)
+                if len(starts):
+                    keep, lengths = truncate_lists(_column(t, "position", np.int64)[0], starts, lengths,
+                                                   cfg.max_list_size)
+                    if keep is not None:
+                        t, starts = t.filter(pa.array(keep)), _run_starts(lengths)
+                    _emit(t, starts, lengths, run_keys, ls, writers, boundaries, transform)
         for w in writers.values():
             w.flush()
     finally:
-        if quarantine is not None:
-            quarantine.close()
+        if sink is not None:
+            sink.close()
     seconds = rate.finish()
     log.info("write: %d rows in %.1fs", rate.done, seconds)
-    return writers, quarantine
+    return writers
+
+
+def _drop_bad_requests(b: Batch, file_uri: str, bad_keys: np.ndarray, bad_reason: np.ndarray,
+                       sink: _Quarantine | None) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
+    """(table, run starts, run lengths, run keys) of the batch's good requests; the rows of its bad
+    ones (keys in sorted ``bad_keys``) go to the quarantine with their reason."""
+    starts, lengths = b.runs()
+    run_keys = b.keys[starts]
+    if not len(bad_keys):
+        return b.table, starts, lengths, run_keys
+    idx = np.minimum(np.searchsorted(bad_keys, run_keys), len(bad_keys) - 1)
+    bad = bad_keys[idx] == run_keys
+    if not bad.any():
+        return b.table, starts, lengths, run_keys
+    rows_bad = np.repeat(bad, lengths)
+    sink.add(b.table.filter(pa.array(rows_bad)), np.repeat(bad_reason[idx[bad]], lengths[bad]), file_uri,
+             b.rows[rows_bad])
+    lengths = lengths[~bad]
+    return b.table.filter(pa.array(~rows_bad)), _run_starts(lengths), lengths, run_keys[~bad]
+
+
+def _run_starts(lengths: np.ndarray) -> np.ndarray:
+    """Start row of each run of contiguous runs of ``lengths`` rows."""
+    return (np.cumsum(lengths) - lengths).astype(np.int64)
 
 
 def _emit(t: pa.Table, starts, lengths, run_keys, ls: LogSchema, writers, boundaries,
@@ -734,7 +894,8 @@ def _emit(t: pa.Table, starts, lengths, run_keys, ls: LogSchema, writers, bounda
 # The step
 # --------------------------------------------------------------------------------------------
 
-def _open_inputs(logs_uri: str | list[str]) -> tuple[list[str], Any, list[str], LogSchema, int]:
+def _open_inputs(logs_uri: str | list[str], objectives: list[str]
+                 ) -> tuple[list[str], Any, list[str], LogSchema, int]:
     files = list_log_files(logs_uri)
     if not files:
         raise InputError("empty input: no *.parquet files found", file=str(logs_uri))
@@ -749,29 +910,31 @@ def _open_inputs(logs_uri: str | list[str]) -> tuple[list[str], Any, list[str], 
                 schema, n = pf.schema_arrow, pf.metadata.num_rows
         except (pa.ArrowInvalid, OSError) as e:
             raise InputError(f"not a readable Parquet file ({e})", file=uri) from None
-        ls = read_log_schema(uri, schema, ls)
+        ls = read_log_schema(uri, schema, objectives, ls)
         total += n
     assert ls is not None
+    ignored = sorted(n for n in schema.names if n.startswith("pred_") and n not in ls.pred_columns)
+    if ignored:
+        log.warning("prediction column(s) %s ignored: not among features.objectives %s", ignored, objectives)
     return files, fs, paths, ls, total
 
 
-def extract_features(logs_uri: str | list[str], out_uri: str,
-                     cfg: FeaturesConfig | None = None) -> dict[str, Any]:
-    """Validate the logs at ``logs_uri`` and publish feature tensors + spec at ``out_uri``.
+def check_against_model(ls: LogSchema, model_spec: Mapping[str, Any], model: str, logs: str) -> None:
+    """InputError unless a model's feature spec reads the objectives and u_/c_ columns these logs give
+    (same names, same order): features it could not score must not be built silently."""
+    for what, mine, theirs in (
+            ("objectives", ls.pred_columns, [f"pred_{o}" for o in model_spec["objectives"]]),
+            ("numeric features", ls.numeric, [c["name"] for c in model_spec["numeric"]]),
+            ("categorical features", ls.categorical, [c["name"] for c in model_spec["categorical"]])):
+        if list(mine) != list(theirs):
+            differing = sorted(set(mine) ^ set(theirs)) or list(mine)
+            raise InputError(f"{what} differ from the model {model}: it reads {list(theirs)}, these logs "
+                             f"give {list(mine)}", file=logs, column=differing[0])
 
-    Returns the feature spec. Raises :class:`InputError` on bad input (``on_bad_rows="fail"``),
-    before anything is published.
-    """
-    cfg = cfg or FeaturesConfig()
-    config_mod.check(cfg)
-    log.info("features config: %s", config_mod.to_dict(cfg))
-    files, fs, paths, ls, total_rows = _open_inputs(logs_uri)
-    log.info("%d log file(s), %d rows; objectives %s, %d numeric, %d categorical feature(s)",
-             len(files), total_rows, ls.objectives, len(ls.numeric), len(ls.categorical))
-    reasons: list[str] = []
-    scan = _scan(files, fs, paths, ls, cfg, reasons, total_rows)
-    _check_contiguous(scan, files, cfg, reasons)
 
+def _bad_requests(scan: Scan, reasons: list[str], n_orphans: int
+                  ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(sorted keys of the bad requests, their reasons, the quarantine counts of the spec)."""
     good = scan.reason == 0
     bad_order = np.argsort(scan.key[~good], kind="stable")
     bad_keys_all = scan.key[~good][bad_order]
@@ -781,42 +944,76 @@ def extract_features(logs_uri: str | list[str], out_uri: str,
     bad_codes = scan.reason[~good][bad_order][first]
     bad_reason = np.array([reasons[cd - 1] for cd in range(1, len(reasons) + 1)] or [""], dtype=object)
     bad_reason = bad_reason[np.maximum(bad_codes - 1, 0)] if len(bad_codes) else bad_reason[:0]
-    quarantine_counts = {"n_requests": int(len(bad_keys)), "n_rows": int(scan.length[~good].sum()),
-                         "reasons": {r: int((bad_codes == i + 1).sum()) for i, r in enumerate(reasons)
-                                     if (bad_codes == i + 1).any()},
-                         "file": QUARANTINE_FILE if len(bad_keys) else None}
-    if len(bad_keys):
-        log.warning("quarantined %d request(s) (%d rows): %s", quarantine_counts["n_requests"],
-                    quarantine_counts["n_rows"], quarantine_counts["reasons"])
+    counts = {r: int((bad_codes == i + 1).sum()) for i, r in enumerate(reasons) if (bad_codes == i + 1).any()}
+    if n_orphans:  # rows of no request: counted as rows
+        counts[NULL_ID_REASON] = n_orphans
+    quarantined = bool(len(bad_keys) or n_orphans)
+    summary = {"n_requests": int(len(bad_keys)),
+               "n_rows": int(scan.length[~good].sum() + scan.cut[~good].sum()) + n_orphans,
+               "reasons": counts, "file": QUARANTINE_FILE if quarantined else None}
+    if quarantined:
+        log.warning("quarantined %d request(s) (%d rows): %s", summary["n_requests"], summary["n_rows"],
+                    counts)
+    return bad_keys, bad_reason, summary
+
+
+def extract_features(logs_uri: str | list[str], out_uri: str, cfg: FeaturesConfig | None = None,
+                     model: tuple[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """Validate the logs at ``logs_uri`` and publish feature tensors + spec at ``out_uri``.
+
+    Returns the feature spec. Raises :class:`InputError` on bad input (``on_bad_rows="fail"``),
+    before anything is published. ``model``: (name, feature spec) of a model the features must fit
+    (e.g. the production model), checked before the logs are scanned.
+    """
+    cfg = cfg or FeaturesConfig()
+    config_mod.check(cfg)
+    log.info("features config: %s", config_mod.to_dict(cfg))
+    files, fs, paths, ls, total_rows = _open_inputs(logs_uri, cfg.objectives)
+    log.info("%d log file(s), %d rows; objectives %s, %d numeric, %d categorical feature(s)",
+             len(files), total_rows, ls.objectives, len(ls.numeric), len(ls.categorical))
+    if model is not None:
+        check_against_model(ls, model[1], model[0], files[0])
+    reasons: list[str] = []
+    scan, n_orphans = _scan(files, fs, paths, ls, cfg, reasons, total_rows)
+    _check_contiguous(scan, files, cfg, reasons)
+    bad_keys, bad_reason, quarantine_counts = _bad_requests(scan, reasons, n_orphans)
+    good = scan.reason == 0
     if not good.any():
-        raise InputError("no valid request left after quarantining bad ones", file=str(logs_uri))
+        counts = quarantine_counts["reasons"]
+        top = max(counts, key=counts.get)  # every reason reads "column '<name>': <expectation>"
+        raise InputError(f"no valid request left after quarantining bad ones: {counts}", file=str(logs_uri),
+                         column=top.split("'")[1])
 
     valid_start, test_start = split_boundaries(scan.time[good], cfg.valid_fraction, cfg.test_fraction)
-    train = good & (scan.time < valid_start)
-    n_split = {"train": int(train.sum()),
-               "valid": int((good & (scan.time >= valid_start) & (scan.time < test_start)).sum()),
-               "test": int((good & (scan.time >= test_start)).sum())}
+    boundaries = np.array([valid_start, test_start], dtype=np.int64)
+    split_of = np.where(good, np.searchsorted(boundaries, scan.time, side="right"), -1)
     wanted = {"train": True, "valid": cfg.valid_fraction > 0, "test": cfg.test_fraction > 0}
-    for split, n in n_split.items():
-        if wanted[split] and n == 0:
+    for si, split in enumerate(SPLITS):
+        if wanted[split] and not (split_of == si).any():
             raise InputError(f"cannot split {int(good.sum())} request(s) by event_time: split '{split}' "
                              "would be empty (too few requests or distinct event times)",
                              file=str(logs_uri), column="event_time")
-    fitted = _fit(scan, train, ls, cfg)
+    fitted, clipped = _fit(scan, split_of, ls, cfg)
+    truncated = {"n_requests": int((scan.cut[good] > 0).sum()), "n_rows": int(scan.cut[good].sum()),
+                 "max_list_size": cfg.max_list_size}
+    if truncated["n_requests"]:
+        log.warning("truncated %d request(s) longer than max_list_size %d (%d rows left out)",
+                    truncated["n_requests"], cfg.max_list_size, truncated["n_rows"])
     list_size = int(scan.length[good].max())
-    boundaries = np.array([valid_start, test_start], dtype=np.int64)
     del scan
 
     with store.publishing(out_uri) as staging:
-        writers, _ = _write(files, fs, paths, ls, cfg, staging, fitted, boundaries, list_size, bad_keys,
-                            bad_reason, total_rows)
+        writers = _write(files, fs, paths, ls, cfg, staging, fitted, boundaries, list_size, bad_keys,
+                         bad_reason, total_rows, quarantine_counts["file"] is not None)
         spec = {
             "format_version": FORMAT_VERSION,
             "objectives": ls.objectives,
             "pred_columns": ls.pred_columns,
             "pred_eps": PRED_EPS,
             **fitted,
+            "numeric_clipped": clipped,
             "list_size": list_size,
+            "truncated": truncated,
             "splits": {s: w.summary() for s, w in writers.items()},
             "split_boundaries": {"valid_start": valid_start, "test_start": test_start,
                                  "valid_start_iso": _iso(valid_start), "test_start_iso": _iso(test_start)},
@@ -831,4 +1028,3 @@ def extract_features(logs_uri: str | list[str], out_uri: str,
     log.info("published %s: %s", out_uri,
              ", ".join(f"{s} {spec['splits'][s]['n_requests']} requests" for s in SPLITS))
     return spec
-

@@ -4,8 +4,8 @@ One object, built from the feature spec (:meth:`FeatureTransform.from_spec`), ho
 statistics and vocabularies and applies them:
 
 - item level: the MTL predictions p [..., K] become z = (log max(p, eps) - m_k) / s_k;
-- request level: each numeric ``u_*`` value x becomes (x - mean) / std, each categorical ``c_*``
-  value its vocabulary id 1..n (0 = out of vocabulary);
+- request level: each numeric ``u_*`` value x becomes (clip(x, low, high) - mean) / std, each
+  categorical ``c_*`` value its vocabulary id 1..n (0 = out of vocabulary);
 - against a policy: the shape check (K, numeric and categorical counts) and the clamp of ids
   the policy's embeddings do not know to the OOV id 0.
 
@@ -169,6 +169,8 @@ class FeatureTransform:
     """categorical request feature columns (C), the order of the ``cat`` columns"""
     vocabs: tuple[np.ndarray, ...]
     """sorted int64 vocabulary of each categorical feature; value vocab[i] has id i + 1"""
+    num_clip: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((2, 0)))
+    """[2, U] float64 (low, high) each numeric value is clipped to first (+-inf: a spec without clip)"""
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> FeatureTransform:
@@ -181,6 +183,8 @@ class FeatureTransform:
                    numeric=tuple(c["name"] for c in spec["numeric"]),
                    num_mean=f32([c["mean"] for c in spec["numeric"]]),
                    num_std=f32([c["std"] or 1.0 for c in spec["numeric"]]),
+                   num_clip=np.array([c.get("clip", [-np.inf, np.inf]) for c in spec["numeric"]],
+                                     dtype=np.float64).reshape(-1, 2).T,
                    categorical=tuple(c["name"] for c in spec["categorical"]),
                    vocabs=tuple(np.asarray(c["vocab"], dtype=np.int64) for c in spec["categorical"]))
 
@@ -230,6 +234,8 @@ class FeatureTransform:
         if not self.numeric:
             return np.zeros((n, 0), np.float32)
         x = np.stack([checked_numbers(c, values[c], where=where, rows=rows) for c in self.numeric], axis=1)
+        # clipped to the train bounds, then standardised in float64: x - mean may exceed float32
+        x = np.clip(x.astype(np.float64), self.num_clip[0], self.num_clip[1])
         return ((x - self.num_mean) / self.num_std).astype(np.float32)
 
     def cat(self, values: Mapping[str, Any], n: int, *, where: str | None = None,

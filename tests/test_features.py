@@ -146,8 +146,10 @@ def test_standardisation_and_vocabulary_fitted_on_train_only(tmp_path):
     np.testing.assert_allclose(spec["pred_log_mean"], logp.mean(0), rtol=1e-9)
     np.testing.assert_allclose(spec["pred_log_std"], logp.std(0), rtol=1e-6)
     power = np.arange(14) * 0.5  # one value per train request
+    # clip bounds: the train values 0.5 and 6.0 (second from each end), widened by their distance 5.5
     assert spec["numeric"] == [{"name": "u_power", "mean": pytest.approx(power.mean()),
-                                "std": pytest.approx(power.std())}]
+                                "std": pytest.approx(power.std()), "clip": [-5.0, 11.5]}]
+    assert spec["numeric_clipped"] == {"u_power": {"train": 0, "valid": 3, "test": 3}}
     assert spec["categorical"] == [{"name": "c_device", "vocab": [0, 1, 2], "size": 4}]
     tr, te = shards(out, "train"), shards(out, "test")
     np.testing.assert_allclose(tr["z"].reshape(-1, 3).mean(0), 0, atol=1e-5)
@@ -315,10 +317,19 @@ def _null(col, row):
     return f
 
 
+def _far_time(df):
+    """event_time in seconds, one of them in the year ~33,700: beyond the int64 ns range."""
+    t = pa.Table.from_pandas(df, preserve_index=False)
+    seconds = (t.column("event_time").cast(pa.int64()).to_numpy() // 10**9).copy()
+    seconds[3] = 10**12
+    return t.set_column(t.schema.get_field_index("event_time"), "event_time",
+                        pa.array(seconds, pa.timestamp("s")))
+
+
 BAD = [
     ("missing column", _drop("click"), "click", None, "missing column"),
-    ("no predictions", lambda df: df.drop(columns=["pred_ctr", "pred_cvr", "pred_gmv"]), "pred_*", None,
-     "pred_"),
+    ("no predictions", lambda df: df.drop(columns=["pred_ctr", "pred_cvr", "pred_gmv"]), "pred_ctr", None,
+     "features.objectives declares 'ctr'"),
     ("mistyped prediction", _cast("pred_ctr", str), "pred_ctr", None, "wrong type"),
     ("mistyped position", _cast("position", "float64"), "position", None, "wrong type"),
     ("mistyped event_time", _cast("event_time", "int64"), "event_time", None, "timestamp"),
@@ -336,6 +347,11 @@ BAD = [
     ("duplicate item", _dup_item, "item_id", 6, "once"),
     ("not contiguous", _not_contiguous, "request_id", 8, "contiguous"),
     ("null prediction", _null("pred_ctr", 12), "pred_ctr", 12, "null"),
+    ("event_time out of range", _far_time, "event_time", 3, "between 1677 and 2262"),
+    ("NaN ground truth", lambda df: _nan("true_ctr", 9)(df.assign(true_ctr=df.pred_ctr)), "true_ctr", 9,
+     "finite number >= 0"),
+    ("negative segment", lambda df: _set("true_segment", 2, -1)(df.assign(true_segment=df.user_id)),
+     "true_segment", 2, "segment >= 0"),
 ]
 
 
@@ -437,3 +453,196 @@ def test_s3_input_and_output(tmp_path, s3_env):
     for s in ("train", "valid", "test"):
         for rel in spec["splits"][s]["shards"]:
             assert store.read_bytes(store.join(out_uri, rel)) == (local_out / rel).read_bytes()
+
+
+# --------------------------------------------------------------------------------------------
+# Declared objectives, robust standardisation, list truncation, request consistency (issue 14)
+# --------------------------------------------------------------------------------------------
+
+def test_logs_without_a_declared_prediction_column_are_refused(tmp_path, capsys):
+    logs = write_logs(tmp_path / "logs", make_logs(10).drop(columns=["pred_ctr"]))
+    out = tmp_path / "out"
+    rc, err = run_cli(["--logs", str(logs), "--out", str(out)], capsys)
+    assert rc == 2, err
+    assert "part-00000.parquet" in err and "column 'pred_ctr'" in err and "features.objectives" in err
+    assert not out.exists()
+
+
+def test_a_run_with_other_signals_declares_them(tmp_path, capsys):
+    df = make_logs(20).drop(columns=["pred_gmv"]).rename(columns={"pred_cvr": "pred_ltv"})
+    df["pred_rel"] = np.float32(0.5)
+    logs = write_logs(tmp_path / "logs", df)
+    out = tmp_path / "out"
+    rc, err = run_cli(["--logs", str(logs), "--out", str(out), "--set", "features.objectives=[ltv, ctr]"],
+                      capsys)
+    assert rc == 0, err
+    spec = json.loads((out / "feature_spec.json").read_text())
+    # the declared objectives, in the canonical order; pred_rel was not declared and is not used
+    assert spec["objectives"] == ["ctr", "ltv"] and spec["pred_columns"] == ["pred_ctr", "pred_ltv"]
+    assert shards(out, "train")["z"].shape[-1] == 2
+
+
+def test_one_huge_value_does_not_wipe_a_numeric_feature(tmp_path):
+    df = make_logs(40)
+    df.loc[df.request_id == 1003, "u_power"] = np.float32(1e30)   # one train request
+    out = tmp_path / "out"
+    spec = extract_features(str(write_logs(tmp_path / "logs", df)), str(out), FeaturesConfig())
+    num = shards(out, "train")["num"][:, 0]
+    clean = np.delete(num, 3)
+    # the other train requests keep distinct, standardised values (0.5 apart in the raw data)
+    assert len(np.unique(clean)) == len(clean) and 0.5 < clean.std() < 2
+    assert np.isfinite(num).all() and clean.max() < num[3] < 10
+    (entry,) = spec["numeric"]
+    lo, hi = entry["clip"]
+    assert lo <= 0 and 13.5 <= hi < 1e3
+    assert spec["numeric_clipped"] == {"u_power": {"train": 1, "valid": 0, "test": 0}}
+    # the transform the spec defines applies the same clip at serving time
+    from grade.transform import FeatureTransform
+    served, _ = FeatureTransform.from_spec(spec).request_features({"u_power": [1e30, 2.0],
+                                                                   "c_device": [0, 0]})
+    assert served[0, 0] == pytest.approx(num[3]) and served[1, 0] == pytest.approx(clean[3])
+
+
+def test_clean_numeric_features_are_not_clipped(tmp_path):
+    df = make_logs(40)
+    spec = extract_features(str(write_logs(tmp_path / "logs", df)), str(tmp_path / "out"), FeaturesConfig())
+    power = np.arange(28) * 0.5
+    assert spec["numeric"][0]["mean"] == pytest.approx(power.mean())
+    assert spec["numeric"][0]["std"] == pytest.approx(power.std())
+    assert spec["numeric_clipped"] == {}
+
+
+def test_long_lists_are_truncated_by_logged_position(tmp_path, caplog):
+    lengths = np.full(20, 5)
+    lengths[2] = 10_000
+    df = make_logs(lengths=lengths)
+    # the long request's rows are logged in reverse position order: the kept ones are positions 0..7
+    long_rows = df.index[df.request_id == 1002]
+    df.loc[long_rows, "position"] = (np.arange(10_000)[::-1]).astype(np.int16)
+    out = tmp_path / "out"
+    spec = extract_features(str(write_logs(tmp_path / "logs", df)), str(out),
+                            FeaturesConfig(max_list_size=8, shard_requests=4))
+    assert spec["list_size"] == 8
+    assert spec["truncated"] == {"n_requests": 1, "n_rows": 9_992, "max_list_size": 8}
+    assert "truncated 1 request(s)" in caplog.text
+    train = shards(out, "train")
+    assert train["mask"].shape == (14, 8)
+    r2 = int(np.flatnonzero(train["request_id"] == 1002)[0])
+    assert train["mask"][r2].all()
+    np.testing.assert_array_equal(train["position"][r2], np.arange(8)[::-1])
+    expected = df.loc[long_rows, "pred_ctr"].to_numpy()[-8:]
+    np.testing.assert_allclose(train["pred"][r2, :, 0], expected)
+    size = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
+    assert size < 200_000  # bounded by requests x max_list_size, not by the longest list
+
+
+def _dup_position(df):
+    df.loc[6, "position"] = df.loc[5, "position"]
+    return df
+
+
+def _time_varies(df):
+    df.loc[6, "event_time"] = df.loc[5, "event_time"] + pd.Timedelta(seconds=1)
+    return df
+
+
+@pytest.mark.parametrize("mutate,column,row,words", [
+    (_dup_position, "position", 6, "(request_id, position) once"),
+    (_time_varies, "event_time", 6, "one event_time per request"),
+], ids=["duplicate position", "event_time varies in a request"])
+def test_inconsistent_requests_are_refused(tmp_path, capsys, mutate, column, row, words):
+    logs = write_logs(tmp_path / "logs", mutate(make_logs(10)))
+    rc, err = run_cli(["--logs", str(logs), "--out", str(tmp_path / "out")], capsys)
+    assert rc == 2, err
+    assert f"column '{column}'" in err and f"row {row}" in err and words in err
+
+
+def _null_request_id(df: pd.DataFrame, rows) -> pa.Table:
+    t = pa.Table.from_pandas(df, preserve_index=False)
+    ids = t.column("request_id").to_pylist()
+    for r in rows:
+        ids[r] = None
+    return t.set_column(0, "request_id", pa.array(ids, t.schema.field("request_id").type))
+
+
+@pytest.mark.parametrize("string_ids", [False, True], ids=["int ids", "string ids"])
+def test_skip_mode_null_request_id_quarantines_only_its_row(tmp_path, capsys, string_ids):
+    df = make_logs(20, string_ids=string_ids)
+    if not string_ids:
+        df.loc[df.request_id == 1007, "request_id"] = 0  # a real request whose id is 0
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    pq.write_table(_null_request_id(df, [5, 40]), logs / "part-00000.parquet")  # mid request 1, 10
+    out = tmp_path / "out"
+    rc, err = run_cli(["--logs", str(logs), "--out", str(out), "--on-bad-rows", "skip"], capsys)
+    assert rc == 0, err
+    spec = json.loads((out / "feature_spec.json").read_text())
+    assert spec["quarantine"]["n_rows"] == 2
+    quarantined = pq.read_table(out / "quarantine.parquet").to_pandas()
+    assert quarantined.source_row.tolist() == [5, 40]
+    assert quarantined.request_id.isna().all()
+    assert (quarantined.reason == "column 'request_id': expected a value, got null").all()
+    kept = {s: shards(out, s) for s in ("train", "valid", "test")}
+    assert sum(len(p["request_id"]) for p in kept.values()) == 20
+    lengths = np.concatenate([p["mask"].sum(1) for p in kept.values()])
+    assert sorted(lengths.tolist()) == [3, 3] + [4] * 18
+
+
+def test_null_request_id_in_fail_mode_names_the_row(tmp_path, capsys):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    pq.write_table(_null_request_id(make_logs(10), [5]), logs / "part-00000.parquet")
+    rc, err = run_cli(["--logs", str(logs), "--out", str(tmp_path / "out")], capsys)
+    assert rc == 2 and "column 'request_id', row 5" in err and "null" in err
+
+
+def test_skip_mode_files_differing_in_an_ignored_column(tmp_path, capsys):
+    df = make_logs(20)
+    df.loc[5, "click"] = 7          # request 1001, file 0
+    df.loc[61, "pred_ctr"] = -1.0   # request 1015, file 1
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    first, second = df[df.request_id < 1010].copy(), df[df.request_id >= 1010].copy()
+    first["propensity"] = np.float32(0.5)
+    second["propensity"] = "n/a"     # another type in an ignored column
+    second["position"] = second["position"].astype(np.int64)  # and a wider integer type
+    for i, part in enumerate((first, second)):
+        pq.write_table(pa.Table.from_pandas(part, preserve_index=False), logs / f"part-{i:05d}.parquet")
+    out = tmp_path / "out"
+    rc, err = run_cli(["--logs", str(logs), "--out", str(out), "--on-bad-rows", "skip"], capsys)
+    assert rc == 0, err
+    quarantined = pq.read_table(out / "quarantine.parquet").to_pandas()
+    assert sorted(quarantined.request_id.unique()) == [1001, 1015]
+    assert set(quarantined.source_file.map(lambda f: Path(f).name)) == {"part-00000.parquet",
+                                                                         "part-00001.parquet"}
+
+
+def _registry_with_production(root: Path, spec: dict) -> Path:
+    """A registry whose production model (the default model name) has feature spec ``spec``."""
+    from grade.registry import Registry
+
+    local = root.parent / "model-files"
+    local.mkdir()
+    (local / "feature_spec.json").write_text(json.dumps(spec))
+    store.publish_dir(local, str(root.parent / "model"))
+    reg = Registry(str(root))
+    version, _ = reg.register(str(root.parent / "model"))
+    reg.set_production(version, "test", expected_etag=None)
+    return root
+
+
+def test_logs_are_checked_against_the_production_models_feature_spec(tmp_path, capsys):
+    df = make_logs(20)
+    logs = write_logs(tmp_path / "logs", df)
+    spec = extract_features(str(logs), str(tmp_path / "first"), FeaturesConfig())
+    registry = _registry_with_production(tmp_path / "registry", spec)
+    rc, err = run_cli(["--logs", str(logs), "--out", str(tmp_path / "same"), "--production-registry",
+                       str(registry)], capsys)
+    assert rc == 0, err
+    # the same logs with another u_ feature: the production model could not score them
+    other = write_logs(tmp_path / "other", df.rename(columns={"u_power": "u_activity"}))
+    rc, err = run_cli(["--logs", str(other), "--out", str(tmp_path / "differs"), "--production-registry",
+                       str(registry)], capsys)
+    assert rc == 2, err
+    assert "column 'u_activity'" in err and "v0001" in err and "u_power" in err
+    assert not (tmp_path / "differs").exists()
