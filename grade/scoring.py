@@ -149,13 +149,14 @@ def score_requests(model_uri: str, requests_uri: str, out_uri: str,
             writer = None
             try:
                 for b in aligned_batches(fs, path, i, None, batch_rows):
-                    out = score_batch(model, b.table, b.keys, uri, b.row0)
+                    row0 = int(b.rows[0]) if len(b.rows) else 0   # contiguous: null ids are not set apart
+                    out = score_batch(model, b.table, b.keys, uri, row0)
                     if writer is None:
                         writer = pq.ParquetWriter(staging / f"part-{i:05d}.parquet", out.schema,
                                                   compression="zstd")
                     writer.write_table(out)
                     rows += out.num_rows
-                    requests += runs.add(b.keys, i, b.row0)
+                    requests += runs.add(b.keys, i, row0)
             finally:
                 if writer is not None:
                     writer.close()
