@@ -298,6 +298,30 @@ def test_a_promotion_during_a_stream_of_requests_swaps_versions_without_errors(s
     assert all(v == second for v in versions[switch + 50:])
 
 
+def test_a_loaded_version_has_had_its_first_calls_before_it_serves(world):
+    """TorchScript profiles and optimises a module's graph on its first calls (tens of ms): a loaded
+    version has had them, so the requests right after a swap do not wait for them."""
+    import torch
+
+    from grade.policy import TORCHSCRIPT_FILE, load_torchscript
+
+    record = world["registry"].production()[0]
+    u, c = len(world["spec"]["numeric"]), len(world["spec"]["categorical"])
+
+    def first_calls_ms(fn) -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for _ in range(3):  # batch 1: no intra-op threads to wake (their latency is not the point here)
+                fn(torch.zeros(1, u), torch.zeros(1, c, dtype=torch.int64))
+        return (time.perf_counter() - t0) * 1e3
+
+    path = world["registry"].version_uri(record["version"]) + "/" + TORCHSCRIPT_FILE
+    first_calls_ms(load_torchscript(path))  # the process's one-time costs: not what a swap pays
+    cold = first_calls_ms(load_torchscript(path))
+    warm = first_calls_ms(serving.load_verified(world["registry"], record).fn)
+    assert warm < cold / 3, (warm, cold)
+
+
 def test_a_version_whose_files_do_not_match_its_hash_is_never_loaded(world):
     holder = serving.PolicyHolder(world["registry"].root, MODEL)
     assert holder.refresh() and holder.current is not None
