@@ -269,6 +269,35 @@ def test_the_gate_answers_plain_v2_json_itself_and_hands_everything_else_on(worl
     assert len(handed) == len(others)
 
 
+def test_the_gate_stands_in_front_of_the_middleware_the_framework_adds_when_it_starts(world):
+    """KServe adds a timing middleware (two getrusage calls per request) when the server starts, after
+    the gate is installed: a plain infer call must not pass through it; everything else must."""
+    from fastapi import FastAPI
+
+    holder = serving.PolicyHolder(world["registry"].root, MODEL)
+    assert holder.refresh()
+    model = serve_cli.make_model(holder, MODEL)
+    model.load()
+    app = FastAPI()
+    serve_cli.install_gate(app, model)
+    seen: list[str] = []
+
+    class Timing:  # what the framework adds at start
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            seen.append(scope["path"])
+            await self.inner(scope, receive, send)
+
+    app.add_middleware(Timing)
+    spec = world["spec"]
+    plain = json.dumps(v2_body(log_requests(world["logs"], spec, 1), spec)).encode()
+    assert asgi_post(app, f"/v2/models/{MODEL}/infer", plain)[0] == 200 and seen == []
+    asgi_post(app, "/v1/models/other:predict", b"{}")
+    assert seen == ["/v1/models/other:predict"]
+
+
 def test_a_promotion_during_a_stream_of_requests_swaps_versions_without_errors(server, world):
     spec = world["spec"]
     body = v2_body(log_requests(world["logs"], spec, 2), spec)
