@@ -6,7 +6,8 @@
 A KServe ModelServer (Open Inference Protocol v2 and v1) with one model, NAME (default grade-mtf):
 the TorchScript policy the registry's `production` alias names, loaded only when its files match the
 registry's content hash. The alias is checked every --watch-seconds; a newly promoted version is
-loaded and verified beside the served one and then swapped in, so no request fails or mixes versions.
+loaded, verified and given its first (slow) TorchScript calls beside the served one and then swapped
+in, so no request fails, waits for it or mixes versions.
 
   POST /v2/models/NAME/infer   inputs: the user/context features (one value per request), optionally
                                pred_<objective> [N, L] for L candidates; outputs: weights [N, K]
@@ -15,6 +16,12 @@ loaded and verified beside the served one and then swapped in, so no request fai
   GET  /v2/models/NAME         every input and output with its datatype and shape
   POST /v1/models/NAME:predict {"instances": [{feature: value, ...}, ...]}
   GET  /v2/health/live, /v2/health/ready, /v2/models/NAME/ready; GET /metrics (Prometheus)
+
+Plain v2 JSON infer calls ({"id"?, "inputs": [{name, shape, datatype, data}]} with numeric data) are
+answered by a gate in front of KServe's REST stack: the same model call, encoding and error handlers,
+without the route's pydantic round trips. Everything else (the binary tensor extension, parameters,
+requested outputs, v1, metadata) goes through KServe's handlers. The server runs on uvloop and logs
+no line per request unless --access-log.
 
 Bad requests (missing/extra/unknown inputs, wrong shapes, NaN, unknown categories, empty or too large
 batches, bodies that are not JSON or over the size limit) get a 4xx naming the field.
