@@ -38,6 +38,8 @@ import logging
 import sys
 from typing import Any
 
+import numpy as np
+
 from grade import cli, serving
 from grade.errors import InputError
 
@@ -244,13 +246,12 @@ class RequestGate:
 
     async def _infer(self, request, scope, send) -> None:
         """Answer ``request`` as KServe's v2 infer handler does."""
-        import orjson
         from kserve.errors import InvalidInput, generic_exception_handler, invalid_input_handler
 
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         try:
             response, _ = await self.model(request, headers=headers)
-            body = orjson.dumps(response.to_rest()[0])
+            body = encode_v2_response(response)
         except InvalidInput as e:
             return await (await invalid_input_handler(None, e))(scope, _no_body, send)
         except Exception as e:  # as KServe's handler for anything else: a 500 naming the error
@@ -259,6 +260,27 @@ class RequestGate:
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+
+def encode_v2_response(response) -> bytes:
+    """The v2 JSON of a KServe ``InferResponse``, the document ``response.to_rest()`` gives, with its
+    numpy outputs written by orjson: KServe's encoder converts them one element at a time (0.8 ms
+    for a [64, 3] output, more than the policy). FP32 values are written as the doubles KServe's
+    lists hold, so both routes answer the same numbers; any other output goes through ``to_rest``."""
+    import orjson
+    from kserve.protocol.infer_type import to_http_parameters
+
+    outputs = []
+    for o in response.outputs:
+        if not isinstance(o.data, np.ndarray) or o.parameters or o.datatype not in ("FP32", "INT64"):
+            return orjson.dumps(response.to_rest()[0])
+        data = o.data.astype(np.float64) if o.datatype == "FP32" else o.data
+        outputs.append({"name": o.name, "shape": o.shape, "datatype": o.datatype, "data": data.ravel()})
+    doc = {"id": response.id, "model_name": response.model_name, "model_version": response.model_version,
+           "outputs": outputs}
+    if response.parameters:
+        doc["parameters"] = to_http_parameters(response.parameters)
+    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def _replay(body: bytes, receive):

@@ -298,6 +298,28 @@ def test_the_gate_stands_in_front_of_the_middleware_the_framework_adds_when_it_s
     assert seen == ["/v1/models/other:predict"]
 
 
+def test_the_gate_encodes_a_response_as_kserve_does_without_converting_element_by_element():
+    from kserve.protocol.infer_type import InferOutput, InferResponse
+
+    def response(weights, ranking):
+        return InferResponse(response_id="r1", model_name=MODEL, model_version="v0001",
+                             parameters={"model_version": "v0001"},
+                             infer_outputs=[InferOutput("weights", [4096, 3], "FP32", data=weights),
+                                            InferOutput("ranking", [4096, 5], "INT64", data=ranking)])
+
+    rng = np.random.default_rng(0)
+    weights = rng.dirichlet(np.ones(3), 4096).astype(np.float32)
+    ranking = np.argsort(rng.random((4096, 5)), axis=1).astype(np.int64)
+    t0 = time.perf_counter()
+    ours = serve_cli.encode_v2_response(response(weights, ranking))
+    t_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    theirs = response(weights, ranking).to_rest()[0]
+    t_theirs = time.perf_counter() - t0
+    assert json.loads(ours) == json.loads(json.dumps(theirs))  # the same document, value for value
+    assert t_ours * 5 < t_theirs, (t_ours, t_theirs)  # KServe converts one element at a time
+
+
 def test_a_promotion_during_a_stream_of_requests_swaps_versions_without_errors(server, world):
     spec = world["spec"]
     body = v2_body(log_requests(world["logs"], spec, 2), spec)
