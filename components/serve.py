@@ -131,7 +131,7 @@ def make_model(holder: serving.PolicyHolder, name: str, strict_categories: bool 
             return {"predictions": rows, "model_version": policy.version}
 
     def _output(name: str, array) -> InferOutput:
-        # the array itself: KServe's encoder turns it into JSON lists (or binary data) once
+        # the array itself, encoded once: by the gate (encode_v2_response) or KServe's to_rest
         datatype = "INT64" if array.dtype.kind == "i" else "FP32"
         return InferOutput(name=name, shape=list(array.shape), datatype=datatype, data=array)
 
