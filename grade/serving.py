@@ -275,7 +275,10 @@ def model_inputs(columns: dict[str, np.ndarray],
     """Raw request feature columns [N] -> (num [N, U] float32, cat [N, C] int64), by the feature
     transform that built the training tensors (grade.transform: the same code, so no skew)."""
     n = len(next(iter(columns.values()))) if columns else 0
-    return transform.request_features(columns, n)
+    try:
+        return transform.request_features(columns, n)
+    except InputError as e:  # the transform's own checks of its inputs: the request's fault, a 4xx
+        raise BadRequest(str(e)) from None
 
 
 @torch.inference_mode()

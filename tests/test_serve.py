@@ -349,6 +349,24 @@ def test_a_promotion_during_a_stream_of_requests_swaps_versions_without_errors(s
     assert all(v == second for v in versions[switch + 50:])
 
 
+def test_a_transform_that_refuses_an_input_makes_a_bad_request_not_a_server_error(world, monkeypatch):
+    """The training transform's own checks of model inputs (InputError) answer 4xx like the server's."""
+    from grade.errors import InputError
+    from grade.transform import FeatureTransform
+
+    policy = serving.load_verified(world["registry"], world["registry"].production()[0])
+    spec = world["spec"]
+    inputs = {i["name"]: i["data"] for i in v2_body(log_requests(world["logs"], spec, 2), spec)["inputs"]}
+    assert serving.predict(policy, inputs)["weights"].shape == (2, len(spec["objectives"]))
+
+    def refuse(self, values, n_requests=None):
+        raise InputError("request feature 'u_activity', row 1: expected a finite number")
+
+    monkeypatch.setattr(FeatureTransform, "request_features", refuse)
+    with pytest.raises(serving.BadRequest, match="u_activity', row 1"):
+        serving.predict(policy, inputs)
+
+
 def test_a_loaded_version_has_had_its_first_calls_before_it_serves(world):
     """TorchScript profiles and optimises a module's graph on its first calls (tens of ms): a loaded
     version has had them, so the requests right after a swap do not wait for them."""
