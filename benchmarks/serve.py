@@ -1,23 +1,33 @@
-"""Online serving latency and throughput over HTTP (loopback), next to the in-process TorchScript call.
+"""Online serving latency and throughput over HTTP (loopback), next to the in-process policy and two floors.
 
-16 concurrent clients (keep-alive connections) send v2 infer requests of batch 1 and batch 64 to
-``python -m components.serve`` for a bounded time each; the production alias is moved twice during
-each phase, and every failed request is counted. The in-process latency of the same policy on the
-same batch is the reference: the ratio is the serving overhead (HTTP, JSON, validation, transform).
+``python -m components.serve`` answers v2 infer requests of batch 1 and batch 64 from 16 concurrent
+keep-alive connections for a bounded time per run, repeated; the medians over the runs are reported
+with every run beside them. The production alias is moved twice during each run, and every failed
+request is counted. The load client runs in its own process (asyncio, raw HTTP/1.1) so that it takes
+little of the cores it shares with the server; its CPU share and the server's are reported, with the
+server's CPU time per request (the figure a busy machine disturbs least).
 
-    python -m benchmarks.serve [--seconds 10] [--clients 16]
+References, measured the same way:
+
+- in process: the TorchScript call alone and the whole ``serving.predict`` on the same batch (the
+  ratio of the HTTP p50 to the TorchScript call is the serving overhead);
+- floors: the same server stack (KServe's ModelServer behind ``RequestGate``, uvloop, no log line per
+  request) with a model that answers constant weights without reading its inputs, and a bare uvicorn
+  app that answers a constant body: what a Python server on this stack can reach on this machine.
+
+    python -m benchmarks.serve [--seconds 5] [--repeats 3] [--clients 16] [--no-floors]
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
+import asyncio
+import itertools
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -30,6 +40,10 @@ import torch
 from benchmarks._common import emit
 
 MODEL = "grade-mtf"
+#: objectives of the floors' constant answer (the demo policy's K)
+FLOOR_K = 3
+#: recorded after this much load (connections open, first calls paid)
+WARMUP_S = 0.5
 
 
 def demo_registry(root: Path, n_versions: int = 3, n_requests: int = 200) -> dict[str, Any]:
@@ -65,22 +79,27 @@ def demo_registry(root: Path, n_versions: int = 3, n_requests: int = 200) -> dic
 
 
 def promote(registry, model_uri: str) -> str:
-    """Register ``model_uri`` and move the production alias to it; returns the version."""
+    """Register ``model_uri`` (or find its version) and move the production alias to it; returns the
+    version."""
     version, _ = registry.register(model_uri)
     current = registry.production()
     registry.set_production(version, "serving benchmark", expected_etag=current[1] if current else None)
     return version
 
 
-def start_server(registry_root: str, port: int, log_file: Path, watch_seconds: float = 0.2,
-                 timeout_s: float = 90) -> subprocess.Popen:
-    """``python -m components.serve`` on loopback ``port`` (its output in ``log_file``: a pipe nobody
-    reads would stall it), returned once its model answers ready."""
+def start_server(registry_root: str | None, port: int, log_file: Path, watch_seconds: float = 0.2,
+                 timeout_s: float = 90, floor: str | None = None) -> subprocess.Popen:
+    """``python -m components.serve`` on loopback ``port`` (or the ``floor`` server of this module:
+    "kserve" or "bare"), its output in ``log_file`` (a pipe nobody reads would stall it); returned once
+    its model answers ready."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    if floor:
+        command = ["-m", "benchmarks.serve", "--floor-server", floor, "--port", str(port)]
+    else:
+        command = ["-m", "components.serve", "--registry", registry_root, "--port", str(port),
+                   "--watch-seconds", str(watch_seconds)]
     with open(log_file, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "components.serve", "--registry", registry_root,
-                                 "--port", str(port), "--watch-seconds", str(watch_seconds)], env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, *command], env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -119,59 +138,179 @@ def v2_body(spec: dict[str, Any], batch: int, seed: int = 0) -> bytes:
     return json.dumps({"inputs": inputs}).encode()
 
 
-def _client(port: int, body: bytes, until: float, out: list, failures: list) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    headers = {"content-type": "application/json"}
-    while time.monotonic() < until:
-        t0 = time.perf_counter()
+# ------------------------------------------------------------------------------------------------
+# The load client (its own process)
+# ------------------------------------------------------------------------------------------------
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _connection(port: int, request: bytes, window: list[float], latencies: list, failures: list):
+    """One keep-alive connection sending ``request`` until ``window[1]``; latencies after ``window[0]``."""
+    while time.monotonic() < window[1]:
         try:
-            conn.request("POST", f"/v2/models/{MODEL}/infer", body, headers)
-            response = conn.getresponse()
-            payload = response.read()
-            if response.status != 200:
-                failures.append(f"{response.status}: {payload[:200]!r}")
-        except (OSError, http.client.HTTPException) as e:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError as e:
             failures.append(repr(e))
-            conn.close()
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            await asyncio.sleep(0.01)
             continue
-        out.append(time.perf_counter() - t0)
-    conn.close()
+        try:
+            while time.monotonic() < window[1]:
+                t0 = time.perf_counter()
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line[15:]) for line in head.split(b"\r\n")
+                               if line[:15].lower() == b"content-length:"), 0)
+                payload = await reader.readexactly(length)
+                if time.monotonic() >= window[0]:
+                    latencies.append(time.perf_counter() - t0)
+                    if head[9:12] != b"200":
+                        failures.append((head[:12] + payload[:200]).decode(errors="replace"))
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
+            failures.append(repr(e))
+        finally:
+            writer.close()
 
 
-def load_phase(port: int, body: bytes, clients: int, seconds: float, moves: list) -> dict[str, Any]:
-    """``clients`` threads for ``seconds``; the callables in ``moves`` run at evenly spaced times."""
+async def _load(port: int, body: bytes, path: str, seconds: float, clients: int,
+                server_pid: int | None) -> dict[str, Any]:
+    request = (f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+               f"content-length: {len(body)}\r\n\r\n").encode() + body
+    start = time.monotonic() + WARMUP_S
+    window = [start, start + seconds]
     latencies: list[float] = []
     failures: list[str] = []
-    until = time.monotonic() + seconds
-    threads = [threading.Thread(target=_client, args=(port, body, until, latencies, failures))
-               for _ in range(clients)]
+    tasks = [asyncio.ensure_future(_connection(port, request, window, latencies, failures))
+             for _ in range(clients)]
+    await asyncio.sleep(max(0.0, start - time.monotonic()))
+    print("go", flush=True)  # the parent times the alias moves from here
+    cpu0, server0 = os.times(), cpu_seconds(server_pid) if server_pid else None
+    await asyncio.gather(*tasks)
+    elapsed = time.monotonic() - start
+    cpu1, server1 = os.times(), cpu_seconds(server_pid) if server_pid else None
+    lat = np.asarray(latencies) * 1e3
+    client_cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    server_cpu = server1 - server0 if server0 is not None and server1 is not None else None
+    cores = os.cpu_count() or 1
+    return {"requests": len(lat), "failed": len(failures), "failures_sample": failures[:3],
+            "p50_ms": float(np.median(lat)) if len(lat) else None,
+            "p99_ms": float(np.quantile(lat, 0.99)) if len(lat) else None,
+            "requests_per_s": len(lat) / elapsed,
+            "client_cpu_share": client_cpu / elapsed / cores,
+            "server_cpu_share": server_cpu / elapsed / cores if server_cpu is not None else None,
+            "server_cpu_us_per_request": (server_cpu / max(1, len(lat)) * 1e6
+                                          if server_cpu is not None else None)}
+
+
+def client_main(args: argparse.Namespace) -> None:
+    """The load client's process: one JSON line of results on stdout after the line 'go'."""
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    body = Path(args.body).read_bytes()
+    result = asyncio.run(_load(args.port, body, args.path, args.seconds, args.clients, args.server_pid))
+    print(json.dumps(result), flush=True)
+
+
+def load_run(port: int, body: bytes, clients: int, seconds: float, server_pid: int, moves: list,
+             tmp: Path) -> dict[str, Any]:
+    """One run of the load client on ``port`` for ``seconds``; the callables in ``moves`` run at evenly
+    spaced times while it measures."""
+    body_file = tmp / "body.json"
+    body_file.write_bytes(body)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.serve", "--client", "--port", str(port),
+                             "--body", str(body_file), "--path", f"/v2/models/{MODEL}/infer",
+                             "--seconds", str(seconds), "--clients", str(clients),
+                             "--server-pid", str(server_pid)], env=env, stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "go":
+        proc.wait()
+        raise RuntimeError(f"the load client failed (exit {proc.returncode})")
     t0 = time.monotonic()
-    for t in threads:
-        t.start()
     for i, move in enumerate(moves):
         time.sleep(max(0.0, t0 + seconds * (i + 1) / (len(moves) + 1) - time.monotonic()))
         move()
-    for t in threads:
-        t.join()
-    elapsed = time.monotonic() - t0
-    lat = np.asarray(latencies) * 1e3
-    return {"requests": len(latencies), "failed": len(failures), "failures_sample": failures[:3],
-            "p50_ms": float(np.median(lat)) if len(lat) else None,
-            "p99_ms": float(np.quantile(lat, 0.99)) if len(lat) else None,
-            "requests_per_s": len(latencies) / elapsed}
+    result = json.loads(proc.stdout.read())
+    proc.wait()
+    return result
 
 
-def in_process(registry, spec: dict[str, Any], body: bytes, calls: int = 500) -> dict[str, float]:
+# ------------------------------------------------------------------------------------------------
+# The floors (servers of this module)
+# ------------------------------------------------------------------------------------------------
+
+def floor_server(kind: str, port: int) -> None:
+    """Serve a constant answer on ``port``: "kserve" through components.serve's stack with a model that
+    does not read its inputs, "bare" from a plain uvicorn ASGI app (uvloop, httptools)."""
+    if kind == "kserve":
+        from components.serve import start_model_server
+
+        model = _constant_model()
+        model.load()
+        start_model_server(model, port)
+        return
+    import uvicorn
+
+    weights = {"name": "weights", "shape": [1, FLOOR_K], "datatype": "FP32", "data": [1 / FLOOR_K] * FLOOR_K}
+    answer = json.dumps({"model_name": MODEL, "outputs": [weights]})
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        more = True
+        while more:
+            more = (await receive()).get("more_body", False)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(answer)).encode())]})
+        await send({"type": "http.response.body", "body": answer.encode()})
+
+    uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", log_level="warning",
+                access_log=False)
+
+
+def _constant_model():
+    import kserve
+    from kserve.protocol.infer_type import InferOutput, InferResponse
+
+    class Constant(kserve.Model):
+        """Weights 1/K for every request of the batch (the first input's length)."""
+
+        def load(self) -> bool:
+            self.ready = True
+            return True
+
+        async def predict(self, payload, headers=None, response_headers=None):
+            n = payload.inputs[0].shape[0]
+            weights = np.full((n, FLOOR_K), 1 / FLOOR_K, np.float32)
+            return InferResponse(response_id=payload.id or "", model_name=self.name,
+                                 infer_outputs=[InferOutput("weights", [n, FLOOR_K], "FP32", data=weights)])
+
+    return Constant(MODEL)
+
+
+# ------------------------------------------------------------------------------------------------
+# The benchmark
+# ------------------------------------------------------------------------------------------------
+
+def in_process(registry, body: bytes, calls: int = 500) -> dict[str, float]:
     """Median latency (ms) of the TorchScript call alone and of the whole predict() on the same batch,
     with one torch thread like the server."""
     from grade import serving
 
     torch.set_num_threads(1)
-
     policy = serving.load_verified(registry, registry.production()[0])
-    inputs = {i["name"]: i["data"] for i in json.loads(body)["inputs"]}
-    num, cat = serving.model_inputs({k: np.asarray(v) for k, v in inputs.items()}, policy.transform)
+    inputs = {i["name"]: np.asarray(i["data"]) for i in json.loads(body)["inputs"]}
+    num, cat = serving.model_inputs(inputs, policy.transform)
     tn, tc = torch.from_numpy(num), torch.from_numpy(cat)
 
     def median_ms(fn) -> float:
@@ -189,39 +328,98 @@ def in_process(registry, spec: dict[str, Any], body: bytes, calls: int = 500) ->
                 "predict_ms": median_ms(lambda: serving.predict(policy, inputs))}
 
 
-def run(seconds: float = 10.0, clients: int = 16) -> dict[str, Any]:
+def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median over runs of every numeric figure; failed requests summed."""
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and k != "failed"]
+    out = {k: float(np.median([r[k] for r in runs if r[k] is not None] or [np.nan])) for k in keys}
+    out["failed"] = sum(r["failed"] for r in runs)
+    return out
+
+
+def measure(port: int, pid: int, bodies: dict[int, bytes], repeats: int, seconds: float, clients: int,
+            tmp: Path, moves_per_run=lambda: []) -> dict[int, dict[str, Any]]:
+    """Medians over ``repeats`` load runs per batch size, with the runs."""
+    out = {}
+    for batch, body in bodies.items():
+        runs = [load_run(port, body, clients, seconds, pid, moves_per_run(), tmp) for _ in range(repeats)]
+        summary = medians(runs)
+        out[batch] = {**summary, "rows_per_s": summary["requests_per_s"] * batch, "runs": runs}
+    return out
+
+
+def floors(bodies: dict[int, bytes], repeats: int, seconds: float, clients: int,
+           tmp: Path) -> dict[str, dict[int, dict[str, Any]]]:
     from tests.conftest import free_port
 
+    out = {}
+    for kind in ("kserve", "bare"):
+        port = free_port()
+        server = start_server(None, port, tmp / f"floor-{kind}.log", floor=kind)
+        try:
+            out[kind] = measure(port, server.pid, bodies, repeats, seconds, clients, tmp)
+        finally:
+            stop_server(server)
+    return out
+
+
+def run(seconds: float = 5.0, clients: int = 16, repeats: int = 3,
+        with_floors: bool = True) -> dict[str, Any]:
+    from tests.conftest import free_port
+
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="grade-bench-serve-") as tmp:
         world = demo_registry(Path(tmp), n_versions=5)
+        bodies = {batch: v2_body(world["spec"], batch) for batch in (1, 64)}
+        reference = {batch: in_process(world["registry"], body) for batch, body in bodies.items()}
+        rotation = itertools.cycle(world["models"][1:] + world["models"][:1])
+        moves = 0
+
+        def two_moves() -> list:
+            def move() -> None:
+                nonlocal moves
+                promote(world["registry"], next(rotation))
+                moves += 1
+            return [move, move]
+
         port = free_port()
         server = start_server(world["registry"].root, port, Path(tmp) / "server.log")
         try:
-            results: dict[str, Any] = {}
-            pending = list(world["models"][1:])
-            for batch in (1, 64):
-                body = v2_body(world["spec"], batch)
-                reference = in_process(world["registry"], world["spec"], body)
-                moves = [lambda: promote(world["registry"], pending.pop(0)) for _ in range(2)]
-                phase = load_phase(port, body, clients, seconds, moves)
-                phase.update(reference)
-                phase["overhead_p50_vs_torchscript"] = phase["p50_ms"] / reference["torchscript_ms"]
-                phase["rows_per_s"] = phase["requests_per_s"] * batch
-                results[f"batch_{batch}"] = phase
-            results["alias_moves"] = 4
-            results["versions_served_last"] = world["registry"].production()[0]["version"]
+            served = measure(port, server.pid, bodies, repeats, seconds, clients, Path(tmp), two_moves)
         finally:
             stop_server(server)
-    return {"clients": clients, "seconds_per_phase": seconds, **results}
+        floor = floors(bodies, repeats, seconds, clients, Path(tmp)) if with_floors else {}
+    results: dict[str, Any] = {}
+    for batch in bodies:
+        phase = {**served[batch], **reference[batch]}
+        phase["overhead_p50_vs_torchscript"] = phase["p50_ms"] / phase["torchscript_ms"]
+        for kind, figures in floor.items():
+            phase[f"floor_{kind}"] = {k: v for k, v in figures[batch].items() if k != "runs"}
+        results[f"batch_{batch}"] = phase
+    return {"clients": clients, "seconds_per_run": seconds, "repeats": repeats, "alias_moves": moves,
+            "failed_total": sum(results[f"batch_{b}"]["failed"] for b in bodies),
+            "load_average_before": load_before, "load_average_after": os.getloadavg(), **results}
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seconds", type=float, default=10.0, help="duration of each phase (batch 1, batch 64)")
-    p.add_argument("--clients", type=int, default=16, help="concurrent keep-alive clients")
+    p.add_argument("--seconds", type=float, default=5.0, help="measured duration of each run")
+    p.add_argument("--repeats", type=int, default=3, help="runs per batch size (medians are reported)")
+    p.add_argument("--clients", type=int, default=16, help="concurrent keep-alive connections")
+    p.add_argument("--no-floors", action="store_true", help="skip the constant-answer servers")
+    # the processes this benchmark starts
+    p.add_argument("--floor-server", choices=["kserve", "bare"], help=argparse.SUPPRESS)
+    p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--body", help=argparse.SUPPRESS)
+    p.add_argument("--path", help=argparse.SUPPRESS)
+    p.add_argument("--server-pid", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    emit("serve", run(args.seconds, args.clients))
+    if args.floor_server:
+        return floor_server(args.floor_server, args.port)
+    if args.client:
+        return client_main(args)
+    emit("serve", run(args.seconds, args.clients, args.repeats, not args.no_floors))
 
 
 if __name__ == "__main__":
