@@ -59,9 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         models[name] = uri
     sections = config.from_args(args)
     cfg = sections["evaluate"]
-    grade.cli.check_output(args.out, features=args.features, model=list(models.values()),
-                           outcome=args.outcome, registry=args.registry)
-    store.check_writable(args.out)
+    grade.cli.check_new_output(args.out, features=args.features, model=list(models.values()),
+                               outcome=args.outcome, registry=args.registry)
     # best_static searches the best global answer to the reward Stage 2 was trained on
     reward = sections["finetune"].reward
     report = run_evaluation(args.features, models, args.out, cfg, registry_uri=args.registry, reward=reward,

@@ -43,8 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sections = config.from_args(args)
-    grade.cli.check_output(args.out, logs=args.logs)
-    store.check_writable(args.out)
+    grade.cli.check_new_output(args.out, logs=args.logs)
     model = None
     if args.production_registry:
         found = production_model(args.production_registry, sections["shared"].model_name)

@@ -24,7 +24,7 @@ import json
 import sys
 
 import grade.cli
-from grade import config, distributed, store
+from grade import config, distributed
 
 #: config keys with a flag of their own (--group-size, --reward-post, ...); any other key: --set
 FLAGS = tuple(f"finetune.{key}" for key in (
@@ -51,9 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sections = config.from_args(args)
-    grade.cli.check_output(args.out, features=args.features, init=args.init, outcome=args.outcome)
+    grade.cli.check_new_output(args.out, features=args.features, init=args.init, outcome=args.outcome)
     cfg = sections["finetune"]
-    store.check_writable(args.out)
 
     from grade.finetune import finetune
 

@@ -16,7 +16,7 @@ import argparse
 import sys
 
 import grade.cli
-from grade import config, store
+from grade import config
 from grade.value_model import build_value_model
 
 
@@ -34,8 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = config.from_args(args)["outcome"]
-    grade.cli.check_output(args.out, features=args.features)
-    store.check_writable(args.out)
+    grade.cli.check_new_output(args.out, features=args.features)
     metrics = build_value_model(args.features, args.out, cfg)
     exam = metrics["examination"]
     print(f"examination: {exam['method']} eta {exam['eta']:.3f} from {exam['n_clicks']} clicks")

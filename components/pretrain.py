@@ -22,7 +22,7 @@ import argparse
 import sys
 
 import grade.cli
-from grade import config, distributed, store
+from grade import config, distributed
 from grade.pretrain import pretrain
 
 
@@ -41,8 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = config.from_args(args)["pretrain"]
-    grade.cli.check_output(args.out, features=args.features)
-    store.check_writable(args.out)
+    grade.cli.check_new_output(args.out, features=args.features)
     with distributed.session() as ctx:
         pretrain(args.features, args.out, cfg, rank=ctx.rank, world_size=ctx.world_size,
                  all_reduce=distributed.GradientAverager() if ctx.distributed else None)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from grade import cli, config, store
+from grade import cli, config
 from grade.errors import InputError
 
 
@@ -39,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from grade.scoring import score_requests
 
     args.model_name = config.from_args(args)["shared"].model_name
-    cli.check_output(args.out, requests=args.requests, model=args.model, registry=args.registry)
-    store.check_writable(args.out)
+    cli.check_new_output(args.out, requests=args.requests, model=args.model, registry=args.registry)
     model = args.model
     if model is None:
         if not args.registry:

@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from grade import cli, config, store
+from grade import cli, config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from grade import simulator
 
     cfg = config.from_args(args)["simulator"]
-    cli.check_output(args.out)
-    store.check_writable(args.out)
+    cli.check_new_output(args.out)
     cli.log.info("simulator config: %s", json.dumps(config.to_dict(cfg), sort_keys=True))
     summary = simulator.write_logs(cfg, args.out)
     print(f"wrote {summary['rows']:,} rows ({summary['requests']:,} requests, {summary['files']} files) "

@@ -86,6 +86,16 @@ def check_output(out: str, **inputs: str | Sequence[str] | None) -> None:
                              "replace or mix with the input's files: choose a separate folder")
 
 
+
+def check_new_output(out: str, **inputs: str | Sequence[str] | None) -> None:
+    """Before any work of a component that publishes a folder: :func:`check_output` (no overlap with
+    ``inputs``, not a file), then the store's writability probe (a missing bucket is bad input; a store
+    that does not answer, a fault)."""
+    from grade import store
+
+    check_output(out, **inputs)
+    store.check_writable(out)
+
 def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "",
              unit: str = "it") -> Iterator[T]:
     """A progress bar on stderr with rate and ETA; plain periodic log lines when stderr is not a TTY."""
