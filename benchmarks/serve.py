@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks._common import emit
+from benchmarks._common import emit, timeit
 
 MODEL = "grade-mtf"
 #: objectives of the floors' constant answer (the demo policy's K)
@@ -314,14 +314,7 @@ def in_process(registry, body: bytes, calls: int = 500) -> dict[str, float]:
     tn, tc = torch.from_numpy(num), torch.from_numpy(cat)
 
     def median_ms(fn) -> float:
-        for _ in range(20):
-            fn()
-        times = []
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times) * 1e3)
+        return timeit(fn, repeat=calls, warmup=20)["median_s"] * 1e3
 
     with torch.inference_mode():
         return {"torchscript_ms": median_ms(lambda: policy.fn(tn, tc)),
