@@ -25,7 +25,7 @@ from grade.business import BusinessConfig
 from grade.config import ranged, to_dict
 from grade.errors import InputError
 from grade.registry import DEFAULT_MODEL
-from grade.reward import RewardConfig
+from grade.reward import RewardConfig, rewarded_value
 from grade.transform import FeatureTransform, clamp_unseen
 from grade.value_model import ValueModel, ValueModelConfig
 
@@ -382,9 +382,11 @@ def _best_static(held: HeldOut) -> Ranking | None:
             train = {k: v[keep] for k, v in train.items()}
         # without an outcome model the model-based estimators cannot run: IPS needs only the logs
         name = cfg.static_search_estimator if held.value_model is not None else "ips"
-        estimated = estimator_inputs(train, held.value_model, held.business, name, cfg.estimator_max_weight,
+        searched = rewarded_value(held.business, held.reward or RewardConfig())   # what Stage 2 maximises
+        estimated = estimator_inputs(train, held.value_model, searched, name, cfg.estimator_max_weight,
                                      cfg.exposure_depth, cfg.batch_size)
-        details = {"estimator": name, "declared_value": dataclasses.asdict(held.business)}
+        details = {"estimator": name, "declared_value": dataclasses.asdict(held.business),
+                   "searched_value": dataclasses.asdict(searched)}
     else:
         train = dataset.load_split(held.features_uri, "train", fields=fields)
     search = baselines.best_static(

@@ -32,7 +32,7 @@ from grade.config import to_dict
 from grade.errors import InputError
 from grade.grpo import FinetuneConfig, train_step
 from grade.policy import PolicyConfig, PolicyNet, load_published_policy
-from grade.reward import gmv_unit_of, reward_terms, weight_entropy
+from grade.reward import gmv_unit_of, reward_terms, rewarded_value, weight_entropy
 from grade.transform import FeatureTransform, clamp_unseen
 from grade.value_model import ValueModel, ValueModelConfig, fit_value_model, load_value_model, value_fields
 
@@ -261,13 +261,6 @@ def _theta(run: _Run) -> torch.Tensor | None:
     return None if run.value is None else run.value.theta(run.cfg.exposure_depth)
 
 
-def rewarded_value(business: BusinessConfig, cfg: FinetuneConfig) -> BusinessConfig:
-    """The value Stage 2's posterior maximises: the declared business value plus the reward's small
-    guardrail weights on clicks and GMV (the report and the gate still judge the declared value)."""
-    return dataclasses.replace(business, clicks=business.clicks + cfg.reward.guard_clicks,
-                               gmv=business.gmv + cfg.reward.guard_gmv)
-
-
 def _with_value_fields(batch: dict[str, torch.Tensor], value: ValueModel | None, business: BusinessConfig,
                        cfg: FinetuneConfig) -> dict[str, torch.Tensor]:
     if value is None:
@@ -315,7 +308,7 @@ def _step(run: _Run, state: _State, epoch: int, batch: dict[str, torch.Tensor]) 
     if cfg.anneal_lr:   # a function of the step alone, so a resumed run gets the same rates
         for group in run.optimizer.param_groups:
             group["lr"] = cfg.lr * (1.0 - state.step / run.total_steps)
-    batch = _with_value_fields(batch, run.value, rewarded_value(run.business, cfg), cfg)
+    batch = _with_value_fields(batch, run.value, rewarded_value(run.business, cfg.reward), cfg)
     diag = train_step(run.policy, run.reference, run.optimizer, batch, run.objectives, cfg,
                       step_seed(cfg.seed, state.step), run.gmv_unit, run.averager, _theta(run),
                       state.kappa_integral)

@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 
 from grade import distributed, estimators
+from grade.business import BusinessConfig
 from grade.config import ranged
 from grade.errors import InputError
 from grade.fusion import dcg_discounts, fuse, gather_items, top_e
@@ -206,6 +207,15 @@ def estimated_value(idx: torch.Tensor, batch: dict[str, torch.Tensor], theta: to
     ideal = torch.sort(gains.to(theta.dtype), dim=-1, descending=True).values[..., : idx.shape[-1]]
     norm = batch_mean((ideal * theta).sum(-1), sync).to(est.dtype)
     return est / norm if norm > 0 else torch.zeros_like(est)
+
+
+def rewarded_value(business: BusinessConfig, cfg: RewardConfig) -> BusinessConfig:
+    """The value Stage 2's posterior maximises: the declared business value plus the reward's small
+    guardrail weights on clicks and GMV. best_static's estimated search maximises the same value, so
+    the two answer one question (globally and per request); the report and the gate judge the declared
+    value alone."""
+    return dataclasses.replace(business, clicks=business.clicks + cfg.guard_clicks,
+                               gmv=business.gmv + cfg.guard_gmv)
 
 
 def gmv_unit_of(spec: dict) -> float:

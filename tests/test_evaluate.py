@@ -3,6 +3,7 @@ docs/architecture.md."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -460,3 +461,24 @@ def test_a_baseline_or_primary_flavour_is_one_registry_entry(evaluated, tmp_path
     assert report["primary_flavour"] == "estimated"  # 'never' is unavailable; 'estimated' now precedes 'true'
     with pytest.raises(InputError, match="reserved"):
         run_evaluation(features, {"uniform": "x"}, str(tmp_path / "o2"), small_config())
+
+
+def test_best_static_searches_the_value_stage2_maximises(evaluated):
+    """best_static answers GRADE's question globally: the declared value plus the reward's guardrail
+    weights (grade.reward.rewarded_value), recorded next to the declared value."""
+    from grade.business import BusinessConfig
+    from grade.evaluation import _best_static, load_inputs
+    from grade.reward import RewardConfig, rewarded_value
+    from grade.value_model import load_value_model
+
+    features, _, out, report = evaluated
+    search = report["best_static_search"]
+    assert search["searched_value"] == dataclasses.asdict(rewarded_value(BusinessConfig(), RewardConfig()))
+    assert search["declared_value"] == dataclasses.asdict(BusinessConfig())
+    vm = load_value_model(store.join(out, "value_model"))
+    gmv_weight = {}
+    for guard in (0.0, 5.0):
+        held = load_inputs(features, small_config(), RewardConfig(guard_clicks=0.0, guard_gmv=guard),
+                           value_model=(vm, {}))
+        gmv_weight[guard] = float(_best_static(held).weights[-1])
+    assert gmv_weight[5.0] > gmv_weight[0.0] + 0.05

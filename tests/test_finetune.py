@@ -267,13 +267,13 @@ def test_format_term_holds_the_weight_entropy_at_its_floor(features, stage1, tmp
 
 def test_the_reward_adds_its_guardrail_weights_to_the_declared_value():
     from grade.business import BusinessConfig
-    from grade.finetune import rewarded_value
+    from grade.reward import rewarded_value
 
-    cfg = FinetuneConfig(reward=RewardConfig(guard_clicks=0.05, guard_gmv=0.2))
+    cfg = RewardConfig(guard_clicks=0.05, guard_gmv=0.2)
     assert rewarded_value(BusinessConfig(), cfg) == BusinessConfig(clicks=0.05, orders=1.0, gmv=0.2)
     declared_gmv = BusinessConfig(orders=0, gmv=1)
     assert rewarded_value(declared_gmv, cfg) == BusinessConfig(clicks=0.05, orders=0, gmv=1.2)
-    off = FinetuneConfig(reward=RewardConfig(guard_clicks=0, guard_gmv=0))
+    off = RewardConfig(guard_clicks=0, guard_gmv=0)
     assert rewarded_value(BusinessConfig(clicks=0.1), off) == BusinessConfig(clicks=0.1)
 
 
