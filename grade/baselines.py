@@ -7,9 +7,9 @@
   default the value Stage 2's reward maximises (the declared business value plus the reward's small
   guardrail weights, grade.reward.rewarded_value) by a counterfactual estimator (``estimated``: the
   direct method of the value model's outcome model, as Stage 2's reward, or IPS); or Stage 2's
-  posterior reward (the same click/order/GMV mix, 1/theta-weighted and normalised over all search requests at once), so
-  best_static is the best *global* answer to the question GRADE answers per request; or the per-request
-  NDCG@E of one logged label (biased towards the logging policy, see docs/finetune.md). The search always
+  posterior reward (the same click/order/GMV mix, 1/theta-weighted and normalised over all search
+  requests at once); either way best_static is the best *global* answer to the question GRADE answers
+  per request. Or the per-request NDCG@E of one logged label (biased towards the logging policy, see docs/finetune.md). The search always
   evaluates the static weights too and returns the best vector seen, so its objective value on train is
   never below static's.
 - ``logged``: the order the logging policy displayed (rank by -position).
