@@ -9,9 +9,9 @@
   direct method of the value model's outcome model, as Stage 2's reward, or IPS); or Stage 2's
   posterior reward (the same click/order/GMV mix, 1/theta-weighted and normalised over all search
   requests at once); either way best_static is the best *global* answer to the question GRADE answers
-  per request. Or the per-request NDCG@E of one logged label (biased towards the logging policy, see docs/finetune.md). The search always
-  evaluates the static weights too and returns the best vector seen, so its objective value on train is
-  never below static's.
+  per request. Or the per-request NDCG@E of one logged label (biased towards the logging policy, see
+  docs/finetune.md). The search always evaluates the static weights too and returns the best vector
+  seen, so its objective value on train is never below static's.
 - ``logged``: the order the logging policy displayed (rank by -position).
 - ``segment_best``: per true segment, the global weights with the best TRUE declared value on the
   valid split (simulated data only; a ceiling for a policy that knew each user's segment).
