@@ -43,11 +43,13 @@ class FinetuneConfig:
     """dirichlet (GRADE) or gaussian (logistic-normal ablation: softmax(logits + sigma*eps))"""
     adaptive_kappa: bool = True
     """learn the Dirichlet concentration per request; false = fixed_kappa for every request (ablation)"""
-    fixed_kappa: float = ranged(50.0, "> 0")
-    """the concentration used when adaptive_kappa is false"""
-    kappa_target: float = ranged(50.0, ">= 0")
+    fixed_kappa: float = ranged(150.0, "> 0")
+    """the concentration used when adaptive_kappa is false (the adaptive default's target, so the ablation
+    changes only who gets how much exploration)"""
+    kappa_target: float = ranged(150.0, ">= 0")
     """adaptive kappa: a Lagrange multiplier holds the batch's geometric-mean kappa here, so the surrogate
-    only decides which requests get more or less of it (docs/finetune.md); 0 = unconstrained (earlier form)"""
+    only decides which requests get more or less of it; 150 chosen on the valid splits of four simulated
+    markets (docs/finetune.md); 0 = unconstrained (earlier form)"""
     kappa_dual_kp: float = ranged(5.0, ">= 0")
     """proportional gain: lambda = integral + kappa_dual_kp * (mean log kappa - log kappa_target) now"""
     kappa_dual_lr: float = ranged(0.2, "> 0")

@@ -215,7 +215,7 @@ def test_cli_overrides_nested_reward_keys_and_bad_input_exits_2(features, stage1
     import grade.cli
 
     cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text("finetune:\n  reward:\n    prior: 0.5\n    entropy_floor: 0.4\n  batch_size: 256\n")
+    cfg_file.write_text("finetune:\n  reward:\n    prior: 0.5\n    entropy_floor: 0.5\n  batch_size: 256\n")
     out = str(tmp_path / "m")
     rc = grade.cli.run(finetune_cli.main, ["--features", features, "--init", stage1, "--out", out,
                                            "--config", str(cfg_file), "--reward-post", "0",
@@ -224,7 +224,7 @@ def test_cli_overrides_nested_reward_keys_and_bad_input_exits_2(features, stage1
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 2 and "true/opm" in summary["lift_vs_stage1"]
     saved = json.loads(Path(out, "config.json").read_text())["finetune"]
-    assert saved["reward"] == {**saved["reward"], "post": 0.0, "prior": 0.5, "entropy_floor": 0.4}
+    assert saved["reward"] == {**saved["reward"], "post": 0.0, "prior": 0.5, "entropy_floor": 0.5}
     assert saved["batch_size"] == 256 and saved["group_size"] == 4
 
     bad = tmp_path / "bad.yaml"
