@@ -282,7 +282,7 @@ def _with_value_fields(batch: dict[str, torch.Tensor], value: ValueModel | None,
 
 def _value_fields(batch: dict[str, torch.Tensor], value: ValueModel, business: BusinessConfig,
                   cfg: FinetuneConfig) -> dict[str, torch.Tensor]:
-    """:func:`value_fields` [B, L], with the outcome model's term only when the posterior estimator uses it."""
+    """:func:`value_fields` [B, L]; the outcome model's term only when the posterior estimator uses it."""
     needs_model = cfg.reward.post_estimator in ("dm", "switch", "shrunk")
     return value_fields(batch, value, business, with_model=needs_model)
 
@@ -305,7 +305,8 @@ def value_cache(features_uri: str, value: ValueModel, business: BusinessConfig, 
     n = dataset.count_requests(features_uri, "train")
     cache: dict[str, torch.Tensor] | None = None
     progress = training.Progress("finetune value fields", n, "requests", logger=log)
-    for chunk in dataset.iter_batches(features_uri, "train", VALUE_CACHE_CHUNK, fields=TRAIN_FIELDS, rows=True):
+    chunks = dataset.iter_batches(features_uri, "train", VALUE_CACHE_CHUNK, fields=TRAIN_FIELDS, rows=True)
+    for chunk in chunks:
         rows = chunk.pop(dataset.ROW_FIELD)
         chunk["cat"] = clamp_unseen(chunk["cat"], cat_sizes)
         fields = _value_fields(chunk, value, business, cfg)

@@ -342,8 +342,11 @@ def test_value_fields_over_the_memory_limit_are_computed_per_batch(features, val
         assert value_cache(features, value_model, BusinessConfig(), small_cfg(value_cache_max_mb=0.1),
                            [4, 3]) is None
     assert "would take 0.2 MB" in caplog.text and "per batch" in caplog.text
-    assert value_cache(features, value_model, BusinessConfig(), small_cfg(value_cache_max_mb=0.2), [4, 3])
-    assert value_cache(features, value_model, BusinessConfig(), small_cfg(value_cache_max_mb=0), [4, 3]) is None
+    def cache_under(max_mb: float):
+        return value_cache(features, value_model, BusinessConfig(), small_cfg(value_cache_max_mb=max_mb), [4, 3])
+
+    assert cache_under(0.2) is not None
+    assert cache_under(0) is None   # 0: always per batch
 
 
 def test_fields_computed_once_train_the_same_weights_as_fields_per_batch(features, stage1, tmp_path,
