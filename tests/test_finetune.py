@@ -337,14 +337,14 @@ def test_value_fields_over_the_memory_limit_are_computed_per_batch(features, val
     from grade.business import BusinessConfig
     from grade.finetune import value_cache
 
+    def cache_under(max_mb: float):
+        cfg = small_cfg(value_cache_max_mb=max_mb)
+        return value_cache(features, value_model, BusinessConfig(), cfg, [4, 3])
+
     # 1200 requests x 12 items x 3 fields x 4 bytes = 0.165 MB
     with caplog.at_level("WARNING", logger="grade.finetune"):
-        assert value_cache(features, value_model, BusinessConfig(), small_cfg(value_cache_max_mb=0.1),
-                           [4, 3]) is None
+        assert cache_under(0.1) is None
     assert "would take 0.2 MB" in caplog.text and "per batch" in caplog.text
-    def cache_under(max_mb: float):
-        return value_cache(features, value_model, BusinessConfig(), small_cfg(value_cache_max_mb=max_mb), [4, 3])
-
     assert cache_under(0.2) is not None
     assert cache_under(0) is None   # 0: always per batch
 
