@@ -21,7 +21,7 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -277,12 +277,12 @@ def rewarded_value(business: BusinessConfig, cfg: FinetuneConfig) -> BusinessCon
 
 def _with_value_fields(batch: dict[str, torch.Tensor], value: ValueModel | None, business: BusinessConfig,
                        cfg: FinetuneConfig) -> dict[str, torch.Tensor]:
-    return batch if value is None else {**batch, **_value_fields(batch, value, business, cfg)}
+    return batch if value is None else {**batch, **value_fields_for(batch, value, business, cfg)}
 
 
-def _value_fields(batch: dict[str, torch.Tensor], value: ValueModel, business: BusinessConfig,
+def value_fields_for(batch: dict[str, torch.Tensor], value: ValueModel, business: BusinessConfig,
                   cfg: FinetuneConfig) -> dict[str, torch.Tensor]:
-    """:func:`value_fields` [B, L]; the outcome model's term only when the posterior estimator uses it."""
+    """:func:`value_fields` [B, L] of a batch: the outcome model's term only where the estimator uses it."""
     needs_model = cfg.reward.post_estimator in ("dm", "switch", "shrunk")
     return value_fields(batch, value, business, with_model=needs_model)
 
@@ -303,13 +303,21 @@ def value_cache(features_uri: str, value: ValueModel, business: BusinessConfig, 
     if cfg.value_cache_max_mb == 0:
         return None
     n = dataset.count_requests(features_uri, "train")
+    chunks = dataset.iter_batches(features_uri, "train", VALUE_CACHE_CHUNK, fields=TRAIN_FIELDS, rows=True)
+    return value_cache_of(chunks, n, value, business, cfg, cat_sizes)
+
+
+def value_cache_of(chunks: Iterable[dict[str, torch.Tensor]], n: int, value: ValueModel,
+                   business: BusinessConfig, cfg: FinetuneConfig, cat_sizes: list[int]
+                   ) -> dict[str, torch.Tensor] | None:
+    """:func:`value_cache` over ``chunks`` of a split of ``n`` requests, each chunk with its
+    ``dataset.ROW_FIELD`` [C]; {name: [n, L]} or None over ``cfg.value_cache_max_mb``."""
     cache: dict[str, torch.Tensor] | None = None
     progress = training.Progress("finetune value fields", n, "requests", logger=log)
-    chunks = dataset.iter_batches(features_uri, "train", VALUE_CACHE_CHUNK, fields=TRAIN_FIELDS, rows=True)
     for chunk in chunks:
+        chunk = {**chunk, "cat": clamp_unseen(chunk["cat"], cat_sizes)}
         rows = chunk.pop(dataset.ROW_FIELD)
-        chunk["cat"] = clamp_unseen(chunk["cat"], cat_sizes)
-        fields = _value_fields(chunk, value, business, cfg)
+        fields = value_fields_for(chunk, value, business, cfg)
         if cache is None:
             mb = n * sum(v[0].numel() * v.element_size() for v in fields.values()) / 2**20
             if mb > cfg.value_cache_max_mb:
@@ -327,6 +335,11 @@ def value_cache(features_uri: str, value: ValueModel, business: BusinessConfig, 
         log.info("finetune: value fields of %d train requests computed once in %.1f s (%s; %.1f MB held)",
                  n, seconds, ", ".join(cache), mb)
     return cache
+
+
+def cached_value_fields(cache: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The value fields {name: [B, L]} of the batch whose requests sit at ``rows`` [B] of the split."""
+    return {name: fields[rows] for name, fields in cache.items()}
 
 
 def _train_epoch(run: _Run, state: _State, epoch: int, progress: training.Progress, out_uri: str,
@@ -370,7 +383,7 @@ def _step(run: _Run, state: _State, epoch: int, batch: dict[str, torch.Tensor]) 
             group["lr"] = cfg.lr * (1.0 - state.step / run.total_steps)
     rows = batch.pop(dataset.ROW_FIELD)
     if run.value_cache is not None:
-        batch = {**batch, **{name: fields[rows] for name, fields in run.value_cache.items()}}
+        batch = {**batch, **cached_value_fields(run.value_cache, rows)}
     else:
         batch = _with_value_fields(batch, run.value, rewarded_value(run.business, cfg), cfg)
     diag = train_step(run.policy, run.reference, run.optimizer, batch, run.objectives, cfg,
