@@ -282,7 +282,7 @@ def _with_value_fields(batch: dict[str, torch.Tensor], value: ValueModel | None,
 
 
 def value_fields_for(batch: dict[str, torch.Tensor], value: ValueModel, business: BusinessConfig,
-                  cfg: FinetuneConfig) -> dict[str, torch.Tensor]:
+                     cfg: FinetuneConfig) -> dict[str, torch.Tensor]:
     """:func:`value_fields` [B, L] of a batch: the outcome model's term only where the estimator uses it."""
     needs_model = cfg.reward.post_estimator in ("dm", "switch", "shrunk")
     return value_fields(batch, value, business, with_model=needs_model)
