@@ -5,11 +5,15 @@ One full training step (rollout of G weight vectors per request, composite rewar
 signals, against the forward-only fused ranking of the same batch (einsum + top-E of B x G x L
 scores), measured in the same process. Reported: requests/s of training, the step / floor ratio,
 and the share of the step spent in the rollout + reward; then the step with each posterior
-estimator (``by_estimator``): dm, switch and ips with the value fields a step computes first
-(theta-hat at the logged positions, the declared value of the labels and, for dm and switch, the
-outcome model's forward pass), next to the earlier dcg_ips.
+estimator (``by_estimator``): dm, switch and ips looking their batch's value fields up (theta-hat at
+the logged positions, the declared value of the labels and, for dm and switch, the outcome model's
+values), as grade.finetune does, next to the earlier dcg_ips. The fields of a split of ``--requests``
+requests are computed once before (``value_fields_once``: seconds, requests/s, bytes per request,
+by :func:`grade.finetune.value_cache_of`); ``dm_fields_per_batch`` is the step when they are computed
+per batch instead (over ``finetune.value_cache_max_mb``).
 
-    python -m benchmarks.finetune [--batch 512] [--group 16] [--list-size 50] [--repeat 10]
+    python -m benchmarks.finetune [--batch 512] [--group 16] [--list-size 50] [--requests 16384]
+                                  [--repeat 10]
 """
 
 from __future__ import annotations
@@ -23,17 +27,26 @@ import torch
 
 from benchmarks._common import emit, peak_rss_mib, timeit
 from grade.business import BusinessConfig
+from grade.dataset import ROW_FIELD
 from grade.examination import ExaminationEstimate
+from grade.finetune import (
+    VALUE_CACHE_CHUNK,
+    cached_value_fields,
+    rewarded_value,
+    value_cache_of,
+    value_fields_for,
+)
 from grade.fusion import fuse, top_e
 from grade.grpo import FinetuneConfig, rollout, train_step
 from grade.outcome import OutcomeConfig, OutcomeNet, OutcomeSpec
 from grade.policy import PolicyConfig, PolicyNet
 from grade.reward import reward_terms
-from grade.value_model import ValueModel, value_fields
+from grade.value_model import ValueModel
 
 ESTIMATORS = ("dcg_ips", "ips", "switch", "dm")
 
 OBJECTIVES = ["ctr", "cvr", "gmv"]
+CAT_SIZES = [5, 5, 5]
 
 
 def synthetic_batch(b: int, length: int, k: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -49,35 +62,67 @@ def synthetic_batch(b: int, length: int, k: int, gen: torch.Generator) -> dict[s
 
 def synthetic_value_model(list_size: int, k: int) -> ValueModel:
     """An outcome model of the default width for the synthetic batch's features."""
-    spec = OutcomeSpec(objectives=OBJECTIVES[:k], n_numeric=8, cat_sizes=[5, 5, 5],
+    spec = OutcomeSpec(objectives=OBJECTIVES[:k], n_numeric=8, cat_sizes=CAT_SIZES,
                        hidden=list(OutcomeConfig().hidden), emb_dim=OutcomeConfig().emb_dim)
     return ValueModel(ExaminationEstimate.fixed(1.0, list_size), OutcomeNet(spec).eval(), 1.0)
 
 
-def step_fn(data: dict[str, torch.Tensor], policy: PolicyNet, reference: PolicyNet, cfg: FinetuneConfig,
-            value: ValueModel, estimator: str) -> Callable[[], None]:
-    """One finetune step with ``estimator`` as the posterior: the value fields first (theta-hat at the
-    logged positions, the labels' declared value and, for dm and switch, the outcome model's forward
-    pass), then the GRPO update, as grade.finetune does per batch."""
+def precompute(split: dict[str, torch.Tensor], value: ValueModel, cfg: FinetuneConfig
+               ) -> dict[str, torch.Tensor]:
+    """The value fields of every request of ``split`` [N, L], once, as grade.finetune.value_cache does."""
+    n = int(split["mask"].shape[0])
+    starts = range(0, n, VALUE_CACHE_CHUNK)
+    chunks = ({**{key: v[s:s + VALUE_CACHE_CHUNK] for key, v in split.items()},
+               ROW_FIELD: torch.arange(s, min(s + VALUE_CACHE_CHUNK, n))} for s in starts)
+    return value_cache_of(chunks, n, value, rewarded_value(BusinessConfig(), cfg), cfg, CAT_SIZES)
+
+
+def step_fn(split: dict[str, torch.Tensor], rows: torch.Tensor, policy: PolicyNet, reference: PolicyNet,
+            cfg: FinetuneConfig, value: ValueModel, estimator: str, per_batch: bool = False
+            ) -> Callable[[], None]:
+    """One finetune step with ``estimator`` as the posterior on the requests at ``rows`` of ``split``:
+    the batch's value fields looked up in those computed once for the split (``per_batch``: computed
+    for the batch), then the GRPO update, as grade.finetune does per batch."""
     ecfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, post_estimator=estimator))
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     theta = value.theta(cfg.exposure_depth)
+    data = {key: v[rows] for key, v in split.items()}
+    cache = None if estimator == "dcg_ips" or per_batch else precompute(split, value, ecfg)
     counter = iter(range(10**9))
 
+    def fields() -> dict[str, torch.Tensor]:
+        if estimator == "dcg_ips":
+            return {}
+        if per_batch:
+            return value_fields_for(data, value, rewarded_value(BusinessConfig(), ecfg), ecfg)
+        return cached_value_fields(cache, rows)
+
     def step() -> None:
-        batch = data if estimator == "dcg_ips" else {
-            **data, **value_fields(data, value, BusinessConfig(), with_model=estimator in ("dm", "switch"))}
-        train_step(policy, reference, optimizer, batch, OBJECTIVES, ecfg, seed=next(counter),
+        train_step(policy, reference, optimizer, {**data, **fields()}, OBJECTIVES, ecfg, seed=next(counter),
                    theta=None if estimator == "dcg_ips" else theta)
 
     return step
 
 
-def run(batch: int = 512, group: int = 16, list_size: int = 50, k: int = 3, repeat: int = 10) -> dict:
+def value_fields_once(split: dict[str, torch.Tensor], value: ValueModel, cfg: FinetuneConfig, estimator: str,
+                      repeat: int) -> dict[str, float]:
+    """The one-time computation of the split's value fields with ``estimator``: time, rate, memory."""
+    ecfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, post_estimator=estimator))
+    n = int(split["mask"].shape[0])
+    t = timeit(lambda: precompute(split, value, ecfg), repeat=repeat, warmup=1)
+    cache = precompute(split, value, ecfg)
+    return {**t, "requests": n, "requests_per_s": n / t["median_s"],
+            "bytes_per_request": sum(v[0].numel() * v.element_size() for v in cache.values())}
+
+
+def run(batch: int = 512, group: int = 16, list_size: int = 50, k: int = 3, repeat: int = 10,
+        requests: int = 16384) -> dict:
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    data = synthetic_batch(batch, list_size, k, gen)
-    pcfg = PolicyConfig(n_numeric=8, cat_sizes=[5, 5, 5], n_objectives=k)
+    split = synthetic_batch(max(requests, batch), list_size, k, gen)
+    rows = torch.randperm(split["mask"].shape[0], generator=gen)[:batch]   # a shuffled batch of the split
+    data = {key: v[rows] for key, v in split.items()}
+    pcfg = PolicyConfig(n_numeric=8, cat_sizes=CAT_SIZES, n_objectives=k)
     policy, reference = PolicyNet(pcfg), PolicyNet(pcfg)
     reference.load_state_dict(policy.state_dict())
     cfg = FinetuneConfig(group_size=group, batch_size=batch)
@@ -87,11 +132,12 @@ def run(batch: int = 512, group: int = 16, list_size: int = 50, k: int = 3, repe
     def floor() -> None:
         top_e(fuse(data["z"], w, data["mask"]), cfg.exposure_depth)
 
-    step = step_fn(data, policy, reference, cfg, value, cfg.reward.post_estimator)
+    step = step_fn(split, rows, policy, reference, cfg, value, cfg.reward.post_estimator)
+    cache = precompute(split, value, cfg)
 
     def rollout_and_reward() -> None:
         with torch.no_grad():
-            batch_ = {**data, **value_fields(data, value, BusinessConfig())}
+            batch_ = {**data, **cached_value_fields(cache, rows)}
             roll = rollout(policy, data["num"], data["cat"], cfg, seed=0)
             reward_terms(roll.weights, batch_, OBJECTIVES, cfg.reward, cfg.exposure_depth,
                          theta=value.theta(cfg.exposure_depth))
@@ -99,8 +145,11 @@ def run(batch: int = 512, group: int = 16, list_size: int = 50, k: int = 3, repe
     floor_t = timeit(floor, repeat=max(repeat * 5, 20), warmup=3)
     step_t = timeit(step, repeat=repeat, warmup=2)
     reward_t = timeit(rollout_and_reward, repeat=repeat, warmup=1)
-    by_estimator = {name: timeit(step_fn(data, policy, reference, cfg, value, name), repeat=repeat, warmup=2)
-                    for name in ESTIMATORS}
+    by_estimator = {name: timeit(step_fn(split, rows, policy, reference, cfg, value, name), repeat=repeat,
+                                 warmup=2) for name in ESTIMATORS}
+    per_batch_t = timeit(step_fn(split, rows, policy, reference, cfg, value, "dm", per_batch=True),
+                         repeat=repeat, warmup=2)
+    once = {name: value_fields_once(split, value, cfg, name, max(3, repeat // 3)) for name in ESTIMATORS[1:]}
     t0 = time.perf_counter()
     n_steps = max(3, repeat)
     for _ in range(n_steps):
@@ -109,7 +158,8 @@ def run(batch: int = 512, group: int = 16, list_size: int = 50, k: int = 3, repe
     return {
         "config": {"batch": batch, "group_size": group, "list_size": list_size, "objectives": k,
                    "update_epochs": cfg.update_epochs, "exposure_depth": cfg.exposure_depth,
-                   "post_estimator": cfg.reward.post_estimator},
+                   "post_estimator": cfg.reward.post_estimator,
+                   "split_requests": int(split["mask"].shape[0])},
         "floor_forward_fused_ranking": floor_t,
         "train_step": step_t,
         "rollout_and_reward": reward_t,
@@ -120,6 +170,9 @@ def run(batch: int = 512, group: int = 16, list_size: int = 50, k: int = 3, repe
         "rollout_and_reward_share_of_step": reward_t["median_s"] / step_t["median_s"],
         "by_estimator": {name: {**t, "step_over_floor_median": t["median_s"] / floor_t["median_s"]}
                          for name, t in by_estimator.items()},
+        "dm_fields_per_batch": {**per_batch_t,
+                                "step_over_floor_median": per_batch_t["median_s"] / floor_t["median_s"]},
+        "value_fields_once": once,
         "peak_rss_mib": peak_rss_mib(),
     }
 
@@ -129,9 +182,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=512, help="requests per step (B)")
     p.add_argument("--group", type=int, default=16, help="weight vectors per request (G)")
     p.add_argument("--list-size", type=int, default=50, help="items per request (L)")
+    p.add_argument("--requests", type=int, default=16384,
+                   help="requests of the split whose value fields are computed once")
     p.add_argument("--repeat", type=int, default=10, help="timed repetitions (medians reported)")
     args = p.parse_args()
-    emit("finetune", run(args.batch, args.group, args.list_size, repeat=args.repeat))
+    emit("finetune", run(args.batch, args.group, args.list_size, repeat=args.repeat, requests=args.requests))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ from grade.errors import InputError
 
 SPEC_FILE = "feature_spec.json"
 SPLITS = ("train", "valid", "test")
+ROW_FIELD = "row"
+"""the batch key of ``iter_batches(..., rows=True)``: each request's row in :func:`load_split` order"""
 _FETCHED: dict[tuple[str, str], Path] = {}
 
 
@@ -109,12 +111,14 @@ def load_split(uri: str, split: str, fields: list[str] | None = None) -> dict[st
 
 def iter_batches(uri: str, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                  epoch: int = 0, rank: int = 0, world_size: int = 1, fields: list[str] | None = None,
-                 drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+                 drop_last: bool = False, rows: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of ``batch_size`` requests of ``split``, streamed shard by shard.
 
     shuffle: the shard order and the order inside each shard are permuted by (seed, epoch), so the
     same arguments always give the same batches. rank/world_size: a disjoint share per rank (all
-    ranks together cover the split except its last ``n % world_size`` requests).
+    ranks together cover the split except its last ``n % world_size`` requests). rows: each batch
+    also holds ``ROW_FIELD`` [B] int64, the row of each request in :func:`load_split`'s order (to look
+    up what was computed once per request); the batches are otherwise the same.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -126,6 +130,7 @@ def iter_batches(uri: str, split: str, batch_size: int, *, shuffle: bool = False
     names = _split_fields(spec, split, fields)
     n_total = sum(sizes)
     n_used = n_total - n_total % world_size
+    first_row = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)   # each shard's row in load_split
     rng = np.random.default_rng([seed, epoch])
     shard_order = rng.permutation(len(shards)) if shuffle else np.arange(len(shards))
     root = _local_root(uri) if shards else None
@@ -141,6 +146,8 @@ def iter_batches(uri: str, split: str, batch_size: int, *, shuffle: bool = False
         if not len(take):
             continue
         data = _read_shard(root / shards[s], names, f"{uri}/{shards[s]}")
+        if rows:
+            data[ROW_FIELD] = first_row[s] + np.arange(n, dtype=np.int64)
         pending.append({k: v[take] for k, v in data.items()})
         n_pending += len(take)
         del data

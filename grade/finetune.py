@@ -21,7 +21,7 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 TRAIN_FIELDS = ["z", "pred", "mask", "num", "cat", "click", "order", "gmv", "position"]
 TRUTH_FIELDS = ["true_ctr", "true_cvr", "price"]
+VALUE_CACHE_CHUNK = 1024
+"""train requests per outcome-model pass when the value fields are computed once (4,096 at L = 50 took 2.7x
+the transient memory of 1,024 and longer)"""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -153,6 +156,9 @@ class _Run:
     """the declared value the posterior estimates"""
     value: ValueModel | None
     """theta-hat and the outcome model, when the posterior estimator needs them"""
+    value_cache: dict[str, torch.Tensor] | None
+    """the value fields of every train request {name: [N, L]} by row of the split (:func:`value_cache`);
+    None: none needed, or too large, and then computed per batch"""
 
 
 @dataclasses.dataclass
@@ -241,9 +247,11 @@ def _start(features_uri: str, init_uri: str, cfg: FinetuneConfig, rank: int, wor
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
+    rewarded = rewarded_value(business, cfg.reward)
+    cache = None if value is None else value_cache(features_uri, value, rewarded, cfg, policy.cfg.cat_sizes)
     return _Run(features_uri, cfg, spec, objectives, gmv_unit_of(spec), fingerprint, policy, reference,
                 optimizer, valid, n_train, rank_batch, drop_last, steps_per_epoch, total_steps, rank,
-                world_size, distributed.GradientAverager(), business, value)
+                world_size, distributed.GradientAverager(), business, value, cache)
 
 
 def _value_model(features_uri: str, cfg: FinetuneConfig, outcome_uri: str | None,
@@ -263,10 +271,69 @@ def _theta(run: _Run) -> torch.Tensor | None:
 
 def _with_value_fields(batch: dict[str, torch.Tensor], value: ValueModel | None, business: BusinessConfig,
                        cfg: FinetuneConfig) -> dict[str, torch.Tensor]:
-    if value is None:
-        return batch
+    return batch if value is None else {**batch, **value_fields_for(batch, value, business, cfg)}
+
+
+def value_fields_for(batch: dict[str, torch.Tensor], value: ValueModel, business: BusinessConfig,
+                     cfg: FinetuneConfig) -> dict[str, torch.Tensor]:
+    """:func:`value_fields` [B, L] of a batch: the outcome model's term only where the estimator uses it."""
     needs_model = cfg.reward.post_estimator in ("dm", "switch", "shrunk")
-    return {**batch, **value_fields(batch, value, business, with_model=needs_model)}
+    return value_fields(batch, value, business, with_model=needs_model)
+
+
+def value_cache(features_uri: str, value: ValueModel, business: BusinessConfig, cfg: FinetuneConfig,
+                cat_sizes: list[int]) -> dict[str, torch.Tensor] | None:
+    """The value fields of every train request, computed once: {name: [N, L] float32} by row of the split.
+
+    They depend on the request alone (the value model is fixed during Stage 2), so a step looks its
+    batch up (``dataset.iter_batches(..., rows=True)``) instead of running the outcome model again every
+    epoch. Computed by :func:`grade.value_model.value_fields` in chunks of ``VALUE_CACHE_CHUNK``
+    requests on the categories the policy sees (``clamp_unseen``), as a step would; the outcome model
+    works request by request, so the numbers are those of a per-batch computation. With several ranks
+    each holds the whole split (a rank's share changes from epoch to epoch). None, with a warning, when
+    they would take more than ``cfg.value_cache_max_mb`` (and when it is 0): the steps then compute them
+    per batch.
+    """
+    if cfg.value_cache_max_mb == 0:
+        return None
+    n = dataset.count_requests(features_uri, "train")
+    chunks = dataset.iter_batches(features_uri, "train", VALUE_CACHE_CHUNK, fields=TRAIN_FIELDS, rows=True)
+    return value_cache_of(chunks, n, value, business, cfg, cat_sizes)
+
+
+def value_cache_of(chunks: Iterable[dict[str, torch.Tensor]], n: int, value: ValueModel,
+                   business: BusinessConfig, cfg: FinetuneConfig, cat_sizes: list[int]
+                   ) -> dict[str, torch.Tensor] | None:
+    """:func:`value_cache` over ``chunks`` of a split of ``n`` requests, each chunk with its
+    ``dataset.ROW_FIELD`` [C]; {name: [n, L]} or None over ``cfg.value_cache_max_mb``."""
+    cache: dict[str, torch.Tensor] | None = None
+    progress = training.Progress("finetune value fields", n, "requests", logger=log)
+    for chunk in chunks:
+        chunk = {**chunk, "cat": clamp_unseen(chunk["cat"], cat_sizes)}
+        rows = chunk.pop(dataset.ROW_FIELD)
+        fields = value_fields_for(chunk, value, business, cfg)
+        if cache is None:
+            mb = n * sum(v[0].numel() * v.element_size() for v in fields.values()) / 2**20
+            if mb > cfg.value_cache_max_mb:
+                log.warning("finetune: the value fields of the %d train requests would take %.1f MB, over "
+                            "finetune.value_cache_max_mb = %g: computing them per batch instead", n, mb,
+                            cfg.value_cache_max_mb)
+                return None
+            cache = {k: torch.empty((n, *v.shape[1:]), dtype=v.dtype) for k, v in fields.items()}
+        for k, v in fields.items():
+            cache[k][rows] = v
+        progress.add(len(rows))
+    seconds = progress.finish()
+    if cache is not None:
+        mb = sum(v.numel() * v.element_size() for v in cache.values()) / 2**20
+        log.info("finetune: value fields of %d train requests computed once in %.1f s (%s; %.1f MB held)",
+                 n, seconds, ", ".join(cache), mb)
+    return cache
+
+
+def cached_value_fields(cache: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The value fields {name: [B, L]} of the batch whose requests sit at ``rows`` [B] of the split."""
+    return {name: fields[rows] for name, fields in cache.items()}
 
 
 def _train_epoch(run: _Run, state: _State, epoch: int, progress: training.Progress, out_uri: str,
@@ -276,7 +343,7 @@ def _train_epoch(run: _Run, state: _State, epoch: int, progress: training.Progre
     skip = state.step - epoch * run.steps_per_epoch  # batches of this epoch done before a resume
     batches = dataset.iter_batches(run.features_uri, "train", run.rank_batch, shuffle=True, seed=cfg.seed,
                                    epoch=epoch, rank=run.rank, world_size=run.world_size, fields=TRAIN_FIELDS,
-                                   drop_last=run.drop_last)
+                                   drop_last=run.drop_last, rows=True)
     for i, batch in enumerate(batches):
         if i < skip:
             continue
@@ -308,7 +375,11 @@ def _step(run: _Run, state: _State, epoch: int, batch: dict[str, torch.Tensor]) 
     if cfg.anneal_lr:   # a function of the step alone, so a resumed run gets the same rates
         for group in run.optimizer.param_groups:
             group["lr"] = cfg.lr * (1.0 - state.step / run.total_steps)
-    batch = _with_value_fields(batch, run.value, rewarded_value(run.business, cfg.reward), cfg)
+    rows = batch.pop(dataset.ROW_FIELD)
+    if run.value_cache is not None:
+        batch = {**batch, **cached_value_fields(run.value_cache, rows)}
+    else:
+        batch = _with_value_fields(batch, run.value, rewarded_value(run.business, cfg.reward), cfg)
     diag = train_step(run.policy, run.reference, run.optimizer, batch, run.objectives, cfg,
                       step_seed(cfg.seed, state.step), run.gmv_unit, run.averager, _theta(run),
                       state.kappa_integral)

@@ -107,6 +107,22 @@ def test_batches_keep_rows_with_their_request(features):
             assert torch.equal(b[name], whole[name][idx])
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_row_index_points_each_batch_request_at_its_row_of_the_split(features, world_size):
+    """``rows=True`` adds each request's row in ``load_split`` order and leaves the batches as they were."""
+    whole = dataset.load_split(features, "train")
+    kw = {"shuffle": True, "seed": 4, "epoch": 2, "world_size": world_size, "rank": world_size - 1}
+    plain = list(dataset.iter_batches(features, "train", 6, **kw))
+    indexed = list(dataset.iter_batches(features, "train", 6, rows=True, **kw))
+    assert len(plain) == len(indexed) > 0
+    for a, b in zip(plain, indexed, strict=True):
+        assert set(b) == set(a) | {dataset.ROW_FIELD}
+        assert b[dataset.ROW_FIELD].dtype == torch.int64
+        for name in a:
+            assert torch.equal(a[name], b[name])
+            assert torch.equal(b[name], whole[name][b[dataset.ROW_FIELD]])
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="rank"):
         next(dataset.iter_batches("x", "train", 4, rank=2, world_size=2))

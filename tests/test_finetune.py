@@ -293,3 +293,82 @@ def test_a_stage1_folder_changed_since_publishing_is_refused(features, stage1, t
                                              "--max-steps", "1"]) == 2
     assert "policy.safetensors: content differs from the manifest" in capsys.readouterr().err
     assert not store.is_published(out)
+
+
+@pytest.fixture(scope="module")
+def value_model(features):
+    from grade.value_model import ValueModelConfig, fit_value_model
+
+    return fit_value_model(features, ValueModelConfig())[0]
+
+
+@pytest.mark.parametrize("estimator", ["dm", "ips"])
+def test_value_fields_computed_once_are_those_of_each_batch(features, value_model, estimator, monkeypatch):
+    """A batch's fields looked up by row equal value_fields computed on that batch (several chunks,
+    shuffled batches, a rank's share), on the categories the policy sees."""
+    from grade import dataset
+    from grade import finetune as finetune_mod
+    from grade.business import BusinessConfig
+    from grade.transform import clamp_unseen
+    from grade.value_model import value_fields
+
+    monkeypatch.setattr(finetune_mod, "VALUE_CACHE_CHUNK", 500)   # 1200 requests: chunks of 500, 500, 200
+    cfg = small_cfg(reward=RewardConfig(post_estimator=estimator))
+    business = BusinessConfig(clicks=0.1, gmv=0.5)
+    cat_sizes = [3, 2]   # smaller than the features' vocabularies: clamped as a step clamps
+    cache = finetune_mod.value_cache(features, value_model, business, cfg, cat_sizes)
+    n = dataset.count_requests(features, "train")
+    assert set(cache) == ({"logged_theta", "label_value", "model_value"} if estimator == "dm"
+                          else {"logged_theta", "label_value"})
+    assert all(v.shape == (n, 12) and v.dtype == torch.float32 for v in cache.values())
+    batches = dataset.iter_batches(features, "train", 128, shuffle=True, seed=3, epoch=1, rank=1,
+                                   world_size=2, fields=finetune_mod.TRAIN_FIELDS, rows=True)
+    for batch in batches:
+        rows = batch.pop(dataset.ROW_FIELD)
+        batch["cat"] = clamp_unseen(batch["cat"], cat_sizes)
+        expected = value_fields(batch, value_model, business, with_model=estimator == "dm")
+        assert expected.keys() == cache.keys()
+        for name, v in expected.items():
+            assert torch.equal(cache[name][rows], v), name
+    assert cache["model_value"].std() > 0 if estimator == "dm" else True
+
+
+def test_value_fields_over_the_memory_limit_are_computed_per_batch(features, value_model, caplog):
+    from grade.business import BusinessConfig
+    from grade.finetune import value_cache
+
+    def cache_under(max_mb: float):
+        cfg = small_cfg(value_cache_max_mb=max_mb)
+        return value_cache(features, value_model, BusinessConfig(), cfg, [4, 3])
+
+    # 1200 requests x 12 items x 3 fields x 4 bytes = 0.165 MB
+    with caplog.at_level("WARNING", logger="grade.finetune"):
+        assert cache_under(0.1) is None
+    assert "would take 0.2 MB" in caplog.text and "per batch" in caplog.text
+    assert cache_under(0.2) is not None
+    assert cache_under(0) is None   # 0: always per batch
+
+
+def test_fields_computed_once_train_the_same_weights_as_fields_per_batch(features, stage1, tmp_path,
+                                                                          monkeypatch):
+    """The default posterior (dm) runs the outcome model once per train request, not once per step, and
+    the weights are bit for bit those of the per-batch computation (over an epoch boundary)."""
+    import grade.finetune as finetune_mod
+    from grade import dataset
+
+    calls = []
+    counted = finetune_mod.value_fields
+    monkeypatch.setattr(finetune_mod, "value_fields", lambda batch, *a, **k: calls.append(
+        int(batch["mask"].shape[0])) or counted(batch, *a, **k))
+    assert small_cfg().reward.post_estimator == "dm"
+    cached, per_batch = str(tmp_path / "cached"), str(tmp_path / "per_batch")
+    finetune(features, stage1, cached, small_cfg(max_steps=12))
+    n_train, n_valid = (dataset.count_requests(features, split) for split in ("train", "valid"))
+    chunk = finetune_mod.VALUE_CACHE_CHUNK
+    train_chunks = [min(chunk, n_train - start) for start in range(0, n_train, chunk)]
+    assert sorted(calls) == sorted(train_chunks + [n_valid])   # the train split once, the valid split once
+    calls.clear()
+    finetune(features, stage1, per_batch, small_cfg(max_steps=12, value_cache_max_mb=0))
+    assert sorted(calls) == sorted([128] * 12 + [n_valid])
+    assert same(weights_of(cached), weights_of(per_batch))
+    assert Path(cached, "train_log.jsonl").read_text() == Path(per_batch, "train_log.jsonl").read_text()
