@@ -32,7 +32,6 @@ from grade.examination import ExaminationEstimate
 from grade.finetune import (
     VALUE_CACHE_CHUNK,
     cached_value_fields,
-    rewarded_value,
     value_cache_of,
     value_fields_for,
 )
@@ -40,7 +39,7 @@ from grade.fusion import fuse, top_e
 from grade.grpo import FinetuneConfig, rollout, train_step
 from grade.outcome import OutcomeConfig, OutcomeNet, OutcomeSpec
 from grade.policy import PolicyConfig, PolicyNet
-from grade.reward import reward_terms
+from grade.reward import reward_terms, rewarded_value
 from grade.value_model import ValueModel
 
 ESTIMATORS = ("dcg_ips", "ips", "switch", "dm")
@@ -74,7 +73,7 @@ def precompute(split: dict[str, torch.Tensor], value: ValueModel, cfg: FinetuneC
     starts = range(0, n, VALUE_CACHE_CHUNK)
     chunks = ({**{key: v[s:s + VALUE_CACHE_CHUNK] for key, v in split.items()},
                ROW_FIELD: torch.arange(s, min(s + VALUE_CACHE_CHUNK, n))} for s in starts)
-    return value_cache_of(chunks, n, value, rewarded_value(BusinessConfig(), cfg), cfg, CAT_SIZES)
+    return value_cache_of(chunks, n, value, rewarded_value(BusinessConfig(), cfg.reward), cfg, CAT_SIZES)
 
 
 def step_fn(split: dict[str, torch.Tensor], rows: torch.Tensor, policy: PolicyNet, reference: PolicyNet,
@@ -94,7 +93,7 @@ def step_fn(split: dict[str, torch.Tensor], rows: torch.Tensor, policy: PolicyNe
         if estimator == "dcg_ips":
             return {}
         if per_batch:
-            return value_fields_for(data, value, rewarded_value(BusinessConfig(), ecfg), ecfg)
+            return value_fields_for(data, value, rewarded_value(BusinessConfig(), ecfg.reward), ecfg)
         return cached_value_fields(cache, rows)
 
     def step() -> None:
