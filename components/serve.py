@@ -135,7 +135,11 @@ def make_model(holder: serving.PolicyHolder, name: str, strict_categories: bool 
     from kserve.errors import InvalidInput
     from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
-    answers = _answers_counter()
+    counter = _answers_counter()
+
+    @functools.cache
+    def answers(version: str, outcome: str):  # the counter's child, found once per version, not per call
+        return counter.labels(version, outcome)
 
     class GradeModel(kserve.Model):
         def load(self) -> bool:
@@ -158,9 +162,9 @@ def make_model(holder: serving.PolicyHolder, name: str, strict_categories: bool 
             try:
                 result = serving.predict(policy, decode_inputs(), strict_categories)
             except serving.BadRequest:
-                answers.labels(policy.version, "bad_request").inc()
+                answers(policy.version, "bad_request").inc()
                 raise
-            answers.labels(policy.version, "ok").inc()
+            answers(policy.version, "ok").inc()
             return policy.version, result
 
         async def predict(self, payload: Any, headers: dict[str, str] | None = None, response_headers=None):
