@@ -169,10 +169,11 @@ def make_model(holder: serving.PolicyHolder, name: str, strict_categories: bool 
 
         async def predict(self, payload: Any, headers: dict[str, str] | None = None, response_headers=None):
             v2 = isinstance(payload, InferRequest)
-            try:
-                def decode():
-                    return named_arrays((i.name, i.as_numpy) for i in payload.inputs) if v2 else _v1_inputs(payload)
 
+            def decode() -> dict[str, Any]:
+                return named_arrays((i.name, i.as_numpy) for i in payload.inputs) if v2 else _v1_inputs(payload)
+
+            try:
                 version, result = self.answer(decode)
             except serving.BadRequest as e:
                 raise InvalidInput(str(e)) from None

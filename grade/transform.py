@@ -256,7 +256,8 @@ class FeatureTransform:
             return np.zeros((n, 0), np.float32)
         x = _finite_columns([values[c] for c in self.numeric])
         if x is None:  # the checks of each column find and name the first bad value
-            x = np.stack([checked_numbers(c, values[c], where=where, rows=rows) for c in self.numeric], axis=1)
+            x = np.stack([checked_numbers(c, values[c], where=where, rows=rows) for c in self.numeric],
+                         axis=1)
         # clipped to the train bounds, then standardised in float64: x - mean may exceed float32
         x = np.clip(x.astype(np.float64), self.num_clip[0], self.num_clip[1])
         return ((x - self.num_mean) / self.num_std).astype(np.float32)
@@ -268,8 +269,8 @@ class FeatureTransform:
             return np.zeros((n, 0), np.int64)
         ids = _integer_columns([values[c] for c in self.categorical])
         if ids is None:  # the checks of each column read whole floats and name the first bad value
-            ids = np.stack([checked_categories(c, values[c], where=where, rows=rows) for c in self.categorical],
-                           axis=1)
+            ids = np.stack([checked_categories(c, values[c], where=where, rows=rows)
+                            for c in self.categorical], axis=1)
         return np.stack([encode_categorical(ids[:, j], vocab) for j, vocab in enumerate(self.vocabs)], axis=1)
 
     def request_features(self, values: Mapping[str, Any], n_requests: int | None = None, *,
