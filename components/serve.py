@@ -171,7 +171,9 @@ def make_model(holder: serving.PolicyHolder, name: str, strict_categories: bool 
             v2 = isinstance(payload, InferRequest)
 
             def decode() -> dict[str, Any]:
-                return named_arrays((i.name, i.as_numpy) for i in payload.inputs) if v2 else _v1_inputs(payload)
+                if v2:
+                    return named_arrays((i.name, i.as_numpy) for i in payload.inputs)
+                return _v1_inputs(payload)
 
             try:
                 version, result = self.answer(decode)
