@@ -15,7 +15,10 @@ References, measured the same way:
   request) with a model that answers constant weights without reading its inputs, and a bare uvicorn
   app that answers a constant body: what a Python server on this stack can reach on this machine.
 
-    python -m benchmarks.serve [--seconds 5] [--repeats 3] [--clients 16] [--no-floors]
+The server and the floors run with ``--workers`` processes (default: the server's own default, one
+per core); the server's CPU time counts every process of it.
+
+    python -m benchmarks.serve [--seconds 5] [--repeats 3] [--clients 16] [--no-floors] [--workers N]
 """
 
 from __future__ import annotations
