@@ -499,3 +499,18 @@ time.sleep(60)
     t0 = time.monotonic()
     status = supervise([sys.executable, "-c", script], 2, free_port())
     assert status == 3 and (tmp_path / "stopped").exists() and time.monotonic() - t0 < 30
+
+
+def test_a_server_whose_workers_find_no_model_exits_2_naming_it(tmp_path):
+    """Bad input stays bad input with worker processes: each worker's exit 2 ends the server with 2."""
+    import subprocess
+    import sys
+
+    from grade.registry import Registry
+
+    Registry(str(tmp_path / "registry"), MODEL)  # an empty registry: no production alias
+    done = subprocess.run([sys.executable, "-m", "components.serve", "--registry", str(tmp_path / "registry"),
+                           "--port", str(free_port()), "--wait-seconds", "0", "--workers", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "no verified model to serve" in done.stderr
