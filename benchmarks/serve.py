@@ -15,7 +15,10 @@ References, measured the same way:
   request) with a model that answers constant weights without reading its inputs, and a bare uvicorn
   app that answers a constant body: what a Python server on this stack can reach on this machine.
 
-    python -m benchmarks.serve [--seconds 5] [--repeats 3] [--clients 16] [--no-floors]
+The server and the floors run with ``--workers`` processes (default: the server's own default, one
+per core); the server's CPU time counts every process of it.
+
+    python -m benchmarks.serve [--seconds 5] [--repeats 3] [--clients 16] [--no-floors] [--workers N]
 """
 
 from __future__ import annotations
@@ -88,16 +91,17 @@ def promote(registry, model_uri: str) -> str:
 
 
 def start_server(registry_root: str | None, port: int, log_file: Path, watch_seconds: float = 0.2,
-                 timeout_s: float = 90, floor: str | None = None) -> subprocess.Popen:
-    """``python -m components.serve`` on loopback ``port`` (or the ``floor`` server of this module:
-    "kserve" or "bare"), its output in ``log_file`` (a pipe nobody reads would stall it); returned once
-    its model answers ready."""
+                 timeout_s: float = 90, floor: str | None = None, workers: int = 0) -> subprocess.Popen:
+    """``python -m components.serve`` with ``workers`` processes (0: its default) on loopback ``port``
+    (or the ``floor`` server of this module: "kserve" or "bare"), its output in ``log_file`` (a pipe
+    nobody reads would stall it); returned once its model answers ready."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     if floor:
-        command = ["-m", "benchmarks.serve", "--floor-server", floor, "--port", str(port)]
+        command = ["-m", "benchmarks.serve", "--floor-server", floor, "--port", str(port),
+                   "--workers", str(workers)]
     else:
         command = ["-m", "components.serve", "--registry", registry_root, "--port", str(port),
-                   "--watch-seconds", str(watch_seconds)]
+                   "--watch-seconds", str(watch_seconds), "--workers", str(workers)]
     with open(log_file, "w") as log:
         proc = subprocess.Popen([sys.executable, *command], env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s
@@ -105,7 +109,7 @@ def start_server(registry_root: str | None, port: int, log_file: Path, watch_sec
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/{MODEL}/ready", timeout=2):
                 return proc
-        except (urllib.error.URLError, ConnectionError):
+        except (urllib.error.URLError, OSError):  # refused, or waiting in the backlog of a starting worker
             if proc.poll() is not None or time.monotonic() > deadline:
                 stop_server(proc)
                 raise RuntimeError(f"the server did not start:\n{Path(log_file).read_text()}") from None
@@ -143,12 +147,16 @@ def v2_body(spec: dict[str, Any], batch: int, seed: int = 0) -> bytes:
 # ------------------------------------------------------------------------------------------------
 
 def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of process ``pid`` so far (Linux /proc; None elsewhere)."""
+    """User + system CPU seconds so far of process ``pid`` and its running descendants (the server's
+    worker processes; Linux /proc; None elsewhere)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = [int(c) for t in Path(f"/proc/{pid}/task").iterdir()
+                    for c in (t / "children").read_text().split()]
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(cpu_seconds(c) or 0.0 for c in children)
 
 
 async def _connection(port: int, request: bytes, window: list[float], latencies: list, failures: list):
@@ -248,16 +256,27 @@ def load_run(port: int, body: bytes, clients: int, seconds: float, server_pid: i
 # The floors (servers of this module)
 # ------------------------------------------------------------------------------------------------
 
-def floor_server(kind: str, port: int) -> None:
-    """Serve a constant answer on ``port``: "kserve" through components.serve's stack with a model that
-    does not read its inputs, "bare" from a plain uvicorn ASGI app (uvloop, httptools)."""
+def floor_server(kind: str, port: int, workers: int = 0, listen_fd: int | None = None) -> int:
+    """Serve a constant answer on ``port`` with ``workers`` processes (0: one per core, as the server):
+    "kserve" through components.serve's stack with a model that does not read its inputs, "bare" from
+    a plain uvicorn ASGI app (uvloop, httptools)."""
+    import socket
+
+    from grade import http_server
+
+    workers = workers or http_server.available_cpus()
+    if workers > 1 and listen_fd is None:
+        command = [sys.executable, "-m", "benchmarks.serve", "--floor-server", kind, "--port", str(port),
+                   "--workers", "1"]
+        return http_server.supervise(command, workers, port)
+    sockets = None if listen_fd is None else [socket.socket(fileno=listen_fd)]
     if kind == "kserve":
         from components.serve import start_model_server
 
         model = _constant_model()
         model.load()
-        start_model_server(model, port)
-        return
+        start_model_server(model, port, sockets=sockets)
+        return 0
     import uvicorn
 
     weights = {"name": "weights", "shape": [1, FLOOR_K], "datatype": "FP32", "data": [1 / FLOOR_K] * FLOOR_K}
@@ -274,8 +293,10 @@ def floor_server(kind: str, port: int) -> None:
                                 (b"content-length", str(len(answer)).encode())]})
         await send({"type": "http.response.body", "body": answer.encode()})
 
-    uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", log_level="warning",
-                access_log=False)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools",
+                            log_level="warning", access_log=False)
+    uvicorn.Server(config).run(sockets=sockets)
+    return 0
 
 
 def _constant_model():
@@ -288,6 +309,11 @@ def _constant_model():
         def load(self) -> bool:
             self.ready = True
             return True
+
+        def answer(self, decode_inputs):
+            """The gate's model call: the inputs decoded, not read."""
+            n = len(next(iter(decode_inputs().values())))
+            return "constant", {"weights": np.full((n, FLOOR_K), 1 / FLOOR_K, np.float32)}
 
         async def predict(self, payload, headers=None, response_headers=None):
             n = payload.inputs[0].shape[0]
@@ -341,13 +367,13 @@ def measure(port: int, pid: int, bodies: dict[int, bytes], repeats: int, seconds
 
 
 def floors(bodies: dict[int, bytes], repeats: int, seconds: float, clients: int,
-           tmp: Path) -> dict[str, dict[int, dict[str, Any]]]:
+           tmp: Path, workers: int = 0) -> dict[str, dict[int, dict[str, Any]]]:
     from tests.conftest import free_port
 
     out = {}
     for kind in ("kserve", "bare"):
         port = free_port()
-        server = start_server(None, port, tmp / f"floor-{kind}.log", floor=kind)
+        server = start_server(None, port, tmp / f"floor-{kind}.log", floor=kind, workers=workers)
         try:
             out[kind] = measure(port, server.pid, bodies, repeats, seconds, clients, tmp)
         finally:
@@ -356,7 +382,7 @@ def floors(bodies: dict[int, bytes], repeats: int, seconds: float, clients: int,
 
 
 def run(seconds: float = 5.0, clients: int = 16, repeats: int = 3,
-        with_floors: bool = True) -> dict[str, Any]:
+        with_floors: bool = True, workers: int = 0) -> dict[str, Any]:
     from tests.conftest import free_port
 
     load_before = os.getloadavg()
@@ -375,12 +401,12 @@ def run(seconds: float = 5.0, clients: int = 16, repeats: int = 3,
             return [move, move]
 
         port = free_port()
-        server = start_server(world["registry"].root, port, Path(tmp) / "server.log")
+        server = start_server(world["registry"].root, port, Path(tmp) / "server.log", workers=workers)
         try:
             served = measure(port, server.pid, bodies, repeats, seconds, clients, Path(tmp), two_moves)
         finally:
             stop_server(server)
-        floor = floors(bodies, repeats, seconds, clients, Path(tmp)) if with_floors else {}
+        floor = floors(bodies, repeats, seconds, clients, Path(tmp), workers) if with_floors else {}
     results: dict[str, Any] = {}
     for batch in bodies:
         phase = {**served[batch], **reference[batch]}
@@ -388,7 +414,10 @@ def run(seconds: float = 5.0, clients: int = 16, repeats: int = 3,
         for kind, figures in floor.items():
             phase[f"floor_{kind}"] = {k: v for k, v in figures[batch].items() if k != "runs"}
         results[f"batch_{batch}"] = phase
+    from grade.http_server import available_cpus
+
     return {"clients": clients, "seconds_per_run": seconds, "repeats": repeats, "alias_moves": moves,
+            "server_workers": workers or available_cpus(),
             "failed_total": sum(results[f"batch_{b}"]["failed"] for b in bodies),
             "load_average_before": load_before, "load_average_after": os.getloadavg(), **results}
 
@@ -400,6 +429,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs per batch size (medians are reported)")
     p.add_argument("--clients", type=int, default=16, help="concurrent keep-alive connections")
     p.add_argument("--no-floors", action="store_true", help="skip the constant-answer servers")
+    p.add_argument("--workers", type=int, default=0,
+                   help="server processes of the server and the floors (default 0: the server's default, "
+                        "one per core)")
     # the processes this benchmark starts
     p.add_argument("--floor-server", choices=["kserve", "bare"], help=argparse.SUPPRESS)
     p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
@@ -407,12 +439,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--body", help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
     p.add_argument("--server-pid", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.floor_server:
-        return floor_server(args.floor_server, args.port)
+        sys.exit(floor_server(args.floor_server, args.port, args.workers, args.listen_fd))
     if args.client:
         return client_main(args)
-    emit("serve", run(args.seconds, args.clients, args.repeats, not args.no_floors))
+    emit("serve", run(args.seconds, args.clients, args.repeats, not args.no_floors, args.workers))
 
 
 if __name__ == "__main__":

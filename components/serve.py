@@ -2,6 +2,7 @@
 
     python -m components.serve --registry URI [--model-name NAME] [--port N] [--watch-seconds S]
                                [--unknown-categories reject|oov] [--version VERSION] [--threads N]
+                               [--workers N]
 
 A KServe ModelServer (Open Inference Protocol v2 and v1) with one model, NAME (default grade-mtf):
 the TorchScript policy the registry's `production` alias names, loaded only when its files match the
@@ -18,10 +19,16 @@ in, so no request fails, waits for it or mixes versions.
   GET  /v2/health/live, /v2/health/ready, /v2/models/NAME/ready; GET /metrics (Prometheus)
 
 Plain v2 JSON infer calls ({"id"?, "inputs": [{name, shape, datatype, data}]} with numeric data) are
-answered by a gate in front of KServe's REST stack: the same model call, encoding and error handlers,
-without the route's pydantic round trips. Everything else (the binary tensor extension, parameters,
-requested outputs, v1, metadata) goes through KServe's handlers. The server runs on uvloop and logs
-no line per request unless --access-log.
+answered by a gate in front of KServe's REST stack: the same model call, response document and error
+handlers, without KServe's protocol objects and the route's pydantic round trips. Everything else
+(the binary tensor extension, parameters, requested outputs, v1, metadata) goes through KServe's
+handlers. The server runs on uvloop, sends each response in one write and logs no line per request
+unless --access-log.
+
+--workers N runs N such server processes on the port (default: one per core the container may use;
+grade/http_server.py), each with its own policy and alias watch: each swaps on its own when the
+alias moves, so for up to --watch-seconds plus a load after a promotion the processes may answer
+different versions, and each response names the version that answered it. /metrics sums them all.
 
 Bad requests (missing/extra/unknown inputs, wrong shapes, NaN, unknown categories, empty or too large
 batches, bodies that are not JSON or over the size limit) get a 4xx naming the field.
@@ -35,12 +42,15 @@ import asyncio
 import functools
 import json
 import logging
+import os
+import socket
 import sys
+import time
 from typing import Any
 
 import numpy as np
 
-from grade import cli, serving
+from grade import cli, http_server, serving
 from grade.errors import InputError
 
 #: Largest request body accepted (bytes): about 4,000 requests with 100 candidates as JSON.
@@ -65,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, metavar="N",
                    help="torch intra-op threads (default 1: a small policy per call gains nothing from more, "
                         "and idle worker threads add wake-up latency; scale with replicas instead)")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="server processes on the port (default 0: one per core this process may use, i.e. "
+                        "the container's CPU limit; each has its own model and alias watch, and a "
+                        "response names the version of the process that answered)")
+    p.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)  # a worker's inherited socket
     p.add_argument("--access-log", action="store_true",
                    help="log every request (off by default: a log line per call costs latency; "
                         "/metrics counts them)")
@@ -90,13 +105,41 @@ def _answers_counter():
                    ["version", "outcome"])
 
 
+#: the outputs of a predict result, in answer order
+OUTPUT_NAMES = ("weights", "scores", "ranking")
+
+
+def v2_outputs(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The v2 outputs (name, shape, datatype, data: the array) of a :func:`serving.predict` result."""
+    return [{"name": n, "shape": list(result[n].shape), "datatype": "INT64" if result[n].dtype.kind == "i"
+             else "FP32", "data": result[n]} for n in OUTPUT_NAMES if n in result]
+
+
+def named_arrays(decoders) -> dict[str, np.ndarray]:
+    """{name: array} of the (name, decode) pairs of a request's inputs; a name given twice or data that
+    does not fit its declared datatype and shape is a :class:`serving.BadRequest` naming the input."""
+    inputs: dict[str, np.ndarray] = {}
+    for name, decode in decoders:
+        if name in inputs:
+            raise serving.BadRequest(f"input '{name}' given twice")
+        try:
+            inputs[name] = decode()
+        except Exception as e:  # data that does not fit its declared datatype/shape
+            raise serving.BadRequest(f"input '{name}': {e}") from None
+    return inputs
+
+
 def make_model(holder: serving.PolicyHolder, name: str, strict_categories: bool = True):
     """The KServe model over ``holder`` (imports kserve: the `serve` extra)."""
     import kserve
     from kserve.errors import InvalidInput
     from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
-    answers = _answers_counter()
+    counter = _answers_counter()
+
+    @functools.cache
+    def answers(version: str, outcome: str):  # the counter's child, found once per version, not per call
+        return counter.labels(version, outcome)
 
     class GradeModel(kserve.Model):
         def load(self) -> bool:
@@ -111,40 +154,39 @@ def make_model(holder: serving.PolicyHolder, name: str, strict_categories: bool 
             return [{k: v for k, v in o.items() if k != "optional"}
                     for o in serving.output_metadata(holder.current.spec)]
 
-        async def predict(self, payload: Any, headers: dict[str, str] | None = None, response_headers=None):
+        def answer(self, decode_inputs) -> tuple[str, dict[str, Any]]:
+            """(the version that answered, :func:`serving.predict`'s result) for the inputs
+            ``decode_inputs()`` returns; counted by version and outcome. The one model call of both
+            routes: KServe's (:meth:`predict`) and the gate's (:class:`RequestGate`)."""
             policy = holder.current  # one version serves the whole request
+            try:
+                result = serving.predict(policy, decode_inputs(), strict_categories)
+            except serving.BadRequest:
+                answers(policy.version, "bad_request").inc()
+                raise
+            answers(policy.version, "ok").inc()
+            return policy.version, result
+
+        async def predict(self, payload: Any, headers: dict[str, str] | None = None, response_headers=None):
             v2 = isinstance(payload, InferRequest)
+
+            def decode() -> dict[str, Any]:
+                if v2:
+                    return named_arrays((i.name, i.as_numpy) for i in payload.inputs)
+                return _v1_inputs(payload)
+
             try:
-                result = serving.predict(policy, _v2_inputs(payload) if v2 else _v1_inputs(payload),
-                                         strict_categories)
+                version, result = self.answer(decode)
             except serving.BadRequest as e:
-                answers.labels(policy.version, "bad_request").inc()
                 raise InvalidInput(str(e)) from None
-            answers.labels(policy.version, "ok").inc()
-            names = [n for n in ("weights", "scores", "ranking") if n in result]
             if v2:
+                outputs = [InferOutput(**o) for o in v2_outputs(result)]
                 return InferResponse(response_id=payload.id or "", model_name=self.name,
-                                     model_version=policy.version,
-                                     infer_outputs=[_output(n, result[n]) for n in names],
-                                     parameters={"model_version": policy.version})
+                                     model_version=version, infer_outputs=outputs,
+                                     parameters={"model_version": version})
+            names = [n for n in OUTPUT_NAMES if n in result]
             rows = [{n: result[n][i].tolist() for n in names} for i in range(len(result["weights"]))]
-            return {"predictions": rows, "model_version": policy.version}
-
-    def _output(name: str, array) -> InferOutput:
-        # the array itself, encoded once: by the gate (encode_v2_response) or KServe's to_rest
-        datatype = "INT64" if array.dtype.kind == "i" else "FP32"
-        return InferOutput(name=name, shape=list(array.shape), datatype=datatype, data=array)
-
-    def _v2_inputs(request: InferRequest) -> dict[str, Any]:
-        inputs: dict[str, Any] = {}
-        for i in request.inputs:
-            if i.name in inputs:
-                raise serving.BadRequest(f"input '{i.name}' given twice")
-            try:
-                inputs[i.name] = i.as_numpy()
-            except Exception as e:  # data that does not fit its declared datatype/shape
-                raise serving.BadRequest(f"input '{i.name}': {e}") from None
-        return inputs
+            return {"predictions": rows, "model_version": version}
 
     def _v1_inputs(payload: Any) -> dict[str, Any]:
         instances = payload.get("instances") if isinstance(payload, dict) else None
@@ -160,26 +202,29 @@ def make_model(holder: serving.PolicyHolder, name: str, strict_categories: bool 
     return GradeModel(name)
 
 
-def plain_v2_request(doc: Any, model_name: str):
-    """The KServe ``InferRequest`` of a v2 JSON body in its plain form, ``{"id"?: str, "inputs":
-    [{"name", "shape", "datatype", "data"}, ...]}`` with numeric datatypes, built as KServe's decoder
-    builds it; None for any other body (parameters, requested outputs, BYTES or FP16 data, fields of
-    other types), which KServe's own handler decodes and answers as before."""
-    from kserve.protocol.infer_type import InferInput, InferRequest
-
+def plain_v2_inputs(doc: Any) -> list[dict[str, Any]] | None:
+    """The inputs of a v2 JSON body in its plain form, ``{"id"?: str, "inputs": [{"name", "shape",
+    "datatype", "data"}, ...]}`` with numeric datatypes and list data; None for any other body
+    (parameters, requested outputs, BYTES or FP16 data, fields of other types), which KServe's own
+    handler decodes and answers as before."""
     if not (isinstance(doc, dict) and doc.keys() <= {"id", "inputs"} and isinstance(doc.get("inputs"), list)):
         return None
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         return None
-    inputs = []
     for i in doc["inputs"]:
         if not (isinstance(i, dict) and i.keys() == _INPUT_KEYS and isinstance(i["name"], str)
                 and i["datatype"] in JSON_NUMERIC_DATATYPES and isinstance(i["data"], list)
                 and isinstance(i["shape"], list) and all(type(d) is int for d in i["shape"])):
             return None
-        inputs.append(InferInput(i["name"], i["shape"], i["datatype"], data=i["data"]))
-    return InferRequest(model_name, inputs, request_id=request_id)
+    return doc["inputs"]
+
+
+def json_array(given: dict[str, Any]) -> np.ndarray:
+    """The array of a plain v2 JSON input, decoded as KServe's ``InferInput.as_numpy`` decodes it."""
+    from kserve.utils.numpy_codec import to_np_dtype
+
+    return np.array(given["data"], dtype=to_np_dtype(given["datatype"])).reshape(given["shape"])
 
 
 def parse_json(body: bytes) -> Any:
@@ -200,13 +245,17 @@ class RequestGate:
     Every POST body is read once: 413 over ``max_bytes`` (from the declared length, or while reading)
     and 400 naming the body for one that is not JSON, instead of the framework's 500s.
 
-    A plain Open Inference Protocol v2 JSON infer call for ``model`` (:func:`plain_v2_request`) is
-    answered here: the same KServe model call (``Model.__call__``: pre/post-processing and KServe's
-    latency histograms), the same ``InferResponse`` encoding and KServe's own error handlers, without
-    the framework route's pydantic validation and response re-validation, which cost several times
-    the policy itself on a small batch (benchmarks/README.md). Every other request (v1, metadata, the
-    binary tensor extension, requests with parameters or requested outputs, other models) is handed
-    on to KServe with its body unchanged.
+    A plain Open Inference Protocol v2 JSON infer call for ``model`` (:func:`plain_v2_inputs`) is
+    answered here, from the served policy: the model's own call (``model.answer``, which KServe's
+    ``predict`` makes too), the same response document and KServe's error handlers, without building
+    KServe's ``InferRequest``/``InferResponse`` and without the framework route's pydantic validation
+    and response re-validation, which cost several times the policy itself on a small batch
+    (benchmarks/README.md). Its latency goes to KServe's predict histogram. Every other request (v1,
+    metadata, the binary tensor extension, requests with parameters or requested outputs, other
+    models) is handed on to KServe with its body unchanged.
+
+    With worker processes (``PROMETHEUS_MULTIPROC_DIR`` set), ``GET /metrics`` is answered here too:
+    the sum over every worker, whichever worker the scrape reaches.
     """
 
     def __init__(self, app, model=None, max_bytes: int = MAX_BODY_BYTES):
@@ -214,9 +263,17 @@ class RequestGate:
         self.model = model
         self.max_bytes = max_bytes
         self.infer_path = f"/v2/models/{model.name}/infer" if model is not None else None
+        self.all_workers_metrics = bool(os.environ.get(http_server.METRICS_DIR_VAR))
+        self.latency = None
+        if model is not None:
+            from kserve.metrics import PREDICT_HIST_TIME, get_labels
+
+            self.latency = PREDICT_HIST_TIME.labels(**get_labels(model.name))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST":
+            if scope["type"] == "http" and scope["path"] == "/metrics" and self.all_workers_metrics:
+                return await _all_workers_metrics(scope, send)
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length", b"")
@@ -239,48 +296,60 @@ class RequestGate:
             return await _error(400, f"body: not JSON ({e})", scope, send)
         if (scope["path"] == self.infer_path and self.model.ready
                 and b"inference-header-content-length" not in headers):
-            request = plain_v2_request(doc, self.model.name)
-            if request is not None:
-                return await self._infer(request, scope, send)
+            inputs = plain_v2_inputs(doc)
+            if inputs is not None:
+                return await self._infer(doc.get("id"), inputs, scope, send)
         await self.app(scope, _replay(body, receive), send)
 
-    async def _infer(self, request, scope, send) -> None:
-        """Answer ``request`` as KServe's v2 infer handler does."""
+    async def _infer(self, request_id: str | None, inputs: list[dict[str, Any]], scope, send) -> None:
+        """Answer a plain v2 infer call as KServe's v2 infer handler does."""
         from kserve.errors import InvalidInput, generic_exception_handler, invalid_input_handler
 
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        start = time.perf_counter()
         try:
-            response, _ = await self.model(request, headers=headers)
-            body = encode_v2_response(response)
-        except InvalidInput as e:
-            return await (await invalid_input_handler(None, e))(scope, _no_body, send)
+            version, result = self.model.answer(
+                lambda: named_arrays((i["name"], functools.partial(json_array, i)) for i in inputs))
+            body = encode_v2_answer(request_id or "", self.model.name, version, v2_outputs(result))
+        except serving.BadRequest as e:
+            handler = await invalid_input_handler(None, InvalidInput(str(e)))
+            return await handler(scope, _no_body, send)
         except Exception as e:  # as KServe's handler for anything else: a 500 naming the error
             return await (await generic_exception_handler(None, e))(scope, _no_body, send)
+        self.latency.observe(time.perf_counter() - start)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
 
-def encode_v2_response(response) -> bytes:
-    """The v2 JSON of a KServe ``InferResponse``, the document ``response.to_rest()`` gives, with its
-    numpy outputs written by orjson: KServe's encoder converts them one element at a time (0.8 ms
-    for a [64, 3] output, more than the policy). FP32 values are written as the doubles KServe's
-    lists hold, so both routes answer the same numbers; any other output goes through ``to_rest``."""
+def encode_v2_answer(request_id: str, model_name: str, version: str, outputs: list[dict[str, Any]]) -> bytes:
+    """The v2 JSON document KServe's ``InferResponse.to_rest()`` gives for the answer of ``version``
+    with ``outputs`` (:func:`v2_outputs`), written from the arrays by orjson: KServe's encoder converts
+    them one element at a time (0.8 ms for a [64, 3] output, more than the policy). FP32 values are
+    written as the doubles KServe's lists hold, so both routes answer the same numbers."""
     import orjson
-    from kserve.protocol.infer_type import to_http_parameters
 
-    outputs = []
-    for o in response.outputs:
-        if not isinstance(o.data, np.ndarray) or o.parameters or o.datatype not in ("FP32", "INT64"):
-            return orjson.dumps(response.to_rest()[0])
-        data = o.data.astype(np.float64) if o.datatype == "FP32" else o.data
-        outputs.append({"name": o.name, "shape": o.shape, "datatype": o.datatype, "data": data.ravel()})
-    doc = {"id": response.id, "model_name": response.model_name, "model_version": response.model_version,
-           "outputs": outputs}
-    if response.parameters:
-        doc["parameters"] = to_http_parameters(response.parameters)
+    data = [{**o, "data": (o["data"].astype(np.float64) if o["datatype"] == "FP32" else o["data"]).ravel()}
+            for o in outputs]
+    doc = {"id": request_id, "model_name": model_name, "model_version": version, "outputs": data,
+           "parameters": {"model_version": version}}
     return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+async def _all_workers_metrics(scope, send) -> None:
+    """``GET /metrics`` summed over the worker processes (prometheus_client's multi-process collector)."""
+    from prometheus_client import CollectorRegistry, exposition
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    accept = dict(scope["headers"]).get(b"accept", b"").decode("latin-1")
+    encoder, content_type = exposition.choose_encoder(accept)
+    body = encoder(registry)
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", content_type.encode()),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _replay(body: bytes, receive):
@@ -307,7 +376,13 @@ async def _error(status: int, message: str, scope, send) -> None:
     await JSONResponse({"error": message}, status_code=status)(scope, _no_body, send)
 
 
-def serve(args: argparse.Namespace) -> None:
+def serve(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run the server: ``args.workers`` worker processes on one socket (:func:`http_server.supervise`
+    runs this command again with ``--workers 1 --listen-fd FD``), or this process alone."""
+    workers = args.workers or http_server.available_cpus()
+    if workers > 1 and args.listen_fd is None:
+        command = [sys.executable, "-m", "components.serve", *argv, "--workers", "1"]
+        return http_server.supervise(command, workers, args.port)
     import torch
 
     torch.set_num_threads(max(1, args.threads))
@@ -323,7 +398,9 @@ def serve(args: argparse.Namespace) -> None:
         holder.watch(args.watch_seconds)
     model = make_model(holder, args.model_name, args.unknown_categories == "reject")
     model.load()
-    start_model_server(model, args.port, args.access_log)
+    sockets = None if args.listen_fd is None else [socket.socket(fileno=args.listen_fd)]
+    start_model_server(model, args.port, args.access_log, sockets)
+    return 0
 
 
 def install_gate(app, model) -> None:
@@ -336,13 +413,16 @@ def install_gate(app, model) -> None:
     app.build_middleware_stack = lambda: RequestGate(build(), model=model)
 
 
-def start_model_server(model, port: int, access_log: bool = False) -> None:
-    """Serve the loaded KServe ``model`` on ``port`` until a signal: KServe's ModelServer (REST only, one
-    worker) behind :class:`RequestGate`, on uvloop, without a log line per request unless ``access_log``."""
+def start_model_server(model, port: int, access_log: bool = False, sockets: list | None = None) -> None:
+    """Serve the loaded KServe ``model`` on ``port`` (or on the listening ``sockets`` a supervisor
+    shares) until a signal: KServe's ModelServer (REST only, one process) behind :class:`RequestGate`,
+    on uvloop, each response in one write (:class:`http_server.OneWriteTransport`), without a log line
+    per request unless ``access_log``."""
     import kserve
     from kserve import model_server
 
     install_gate(model_server.app, model)
+    model_server.RESTServer = _rest_server_class(sockets)
     server = kserve.ModelServer(http_port=port, enable_grpc=False, workers=1,
                                 enable_latency_logging=access_log)
     if not access_log:  # KServe's timing middleware logs two lines per request at INFO
@@ -350,6 +430,23 @@ def start_model_server(model, port: int, access_log: bool = False) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
     _use_uvloop()
     server.start([model])
+
+
+def _rest_server_class(sockets: list | None):
+    """KServe's REST server (the class its ModelServer starts) on the one-write HTTP protocol, serving
+    on ``sockets`` when given instead of binding the port itself."""
+    from kserve.protocol.rest.server import RESTServer
+
+    class OneWriteRESTServer(RESTServer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.config.http = http_server.one_write_http_protocol()
+
+        async def start(self):
+            self.create_application()
+            await self._server.serve(sockets=sockets)
+
+    return OneWriteRESTServer
 
 
 def _use_uvloop() -> None:
@@ -366,9 +463,8 @@ def _use_uvloop() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    serve(args)
-    return 0
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return serve(build_parser().parse_args(argv), argv)
 
 
 if __name__ == "__main__":

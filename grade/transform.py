@@ -112,6 +112,27 @@ def checked_categories(name: str, values: Any, *, where: str | None = None,
     return arr.astype(np.int64)
 
 
+def _finite_columns(columns: Sequence[Any]) -> np.ndarray | None:
+    """float32 [n, len(columns)] of numeric columns whose values are all finite in float32, as
+    :func:`checked_numbers` would give them, in one vectorised pass (a request has a handful of
+    columns of one value each: per-column checks cost more than the transform); None otherwise, for
+    the per-column checks to refuse or pass."""
+    arrays = [np.asarray(v) for v in columns]
+    if not all(a.dtype.kind in "iuf" for a in arrays):
+        return None
+    x = np.stack(arrays, axis=1, dtype=np.float32)
+    return x if np.isfinite(x).all() else None
+
+
+def _integer_columns(columns: Sequence[Any]) -> np.ndarray | None:
+    """int64 [n, len(columns)] of integer columns, as :func:`checked_categories` would give them, in one
+    pass; None when any column is not of an integer type (whole floats are read by the checks)."""
+    arrays = [np.asarray(v) for v in columns]
+    if not all(a.dtype.kind in "iu" for a in arrays):
+        return None
+    return np.stack(arrays, axis=1, dtype=np.int64, casting="unsafe")
+
+
 def repeated_key(keys: np.ndarray) -> tuple[int, int] | None:
     """(i, j), i < j, of the earliest j whose key already occurred at i in ``keys`` [n]; None when all
     keys differ. Given the keys of consecutive runs of rows, it finds a request that is not contiguous."""
@@ -233,7 +254,10 @@ class FeatureTransform:
         numbers each."""
         if not self.numeric:
             return np.zeros((n, 0), np.float32)
-        x = np.stack([checked_numbers(c, values[c], where=where, rows=rows) for c in self.numeric], axis=1)
+        x = _finite_columns([values[c] for c in self.numeric])
+        if x is None:  # the checks of each column find and name the first bad value
+            x = np.stack([checked_numbers(c, values[c], where=where, rows=rows) for c in self.numeric],
+                         axis=1)
         # clipped to the train bounds, then standardised in float64: x - mean may exceed float32
         x = np.clip(x.astype(np.float64), self.num_clip[0], self.num_clip[1])
         return ((x - self.num_mean) / self.num_std).astype(np.float32)
@@ -243,8 +267,11 @@ class FeatureTransform:
         """Vocabulary ids [n, C] int64 (0 = OOV) from request-level columns ``c_*`` of n integer ids each."""
         if not self.categorical:
             return np.zeros((n, 0), np.int64)
-        return np.stack([encode_categorical(checked_categories(c, values[c], where=where, rows=rows), vocab)
-                         for c, vocab in zip(self.categorical, self.vocabs, strict=True)], axis=1)
+        ids = _integer_columns([values[c] for c in self.categorical])
+        if ids is None:  # the checks of each column read whole floats and name the first bad value
+            ids = np.stack([checked_categories(c, values[c], where=where, rows=rows)
+                            for c in self.categorical], axis=1)
+        return np.stack([encode_categorical(ids[:, j], vocab) for j, vocab in enumerate(self.vocabs)], axis=1)
 
     def request_features(self, values: Mapping[str, Any], n_requests: int | None = None, *,
                          where: str | None = None, rows: np.ndarray | None = None

@@ -18,6 +18,9 @@ def test_the_inferenceservice_runs_the_server_with_valid_flags_and_the_secret():
     assert container["command"] == ["python", "-m", "components.serve"]
     args = serve.build_parser().parse_args(container["args"])  # the flags exist and parse
     assert args.registry.startswith("s3://") and args.port == container["ports"][0]["containerPort"]
+    # one server process per core the replica may use
+    assert args.workers == int(container["resources"]["limits"]["cpu"]) == int(
+        container["resources"]["requests"]["cpu"])
     assert {"secretRef": {"name": "grade-s3"}} in container["envFrom"]
     assert "AWS_SECRET_ACCESS_KEY" not in yaml.safe_dump(container.get("env", []))
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"

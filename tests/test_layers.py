@@ -2,7 +2,8 @@
 
 The order (docs/architecture.md, "Layers"), lowest first:
 
-- core: errors, config, command line, progress, the store and its backends, distributed helpers;
+- core: errors, config, command line, progress, the store and its backends, distributed helpers, the
+  HTTP server's processes;
 - fusion: how weights and predictions become a ranking. Below data because the simulator ranks its
   logs with it;
 - data: simulator, features, the rolling data window, the feature transform, the tensor dataset;
@@ -25,7 +26,7 @@ import grade
 
 LAYERS: dict[str, tuple[str, ...]] = {
     "core": ("errors", "config", "cli", "progress", "store", "store_backend", "store_local", "s3",
-             "s3_arrow", "distributed"),
+             "s3_arrow", "distributed", "http_server"),
     "fusion": ("fusion",),
     "data": ("simulator", "features", "window", "transform", "dataset"),
     "model": ("policy", "lambdaloss", "training", "registry"),

@@ -29,7 +29,7 @@ pytest.importorskip("kserve", reason="the `serve` extra (kserve) is not installe
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return demo_registry(tmp_path_factory.mktemp("serve"), n_versions=3)
+    return demo_registry(tmp_path_factory.mktemp("serve"), n_versions=4)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +39,9 @@ def server_log(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(world, server_log):
+    """The server as a pod runs it on two cores: two worker processes on one port."""
     port = free_port()
-    proc = start_server(world["registry"].root, port, server_log)
+    proc = start_server(world["registry"].root, port, server_log, workers=2)
     yield f"http://127.0.0.1:{port}"
     stop_server(proc)
 
@@ -298,29 +299,28 @@ def test_the_gate_stands_in_front_of_the_middleware_the_framework_adds_when_it_s
     assert seen == ["/v1/models/other:predict"]
 
 
-def test_the_gate_encodes_a_response_as_kserve_does_without_converting_element_by_element():
+def test_the_gate_encodes_an_answer_as_kserve_does_without_converting_element_by_element():
     from kserve.protocol.infer_type import InferOutput, InferResponse
 
-    def response(weights, ranking):
-        return InferResponse(response_id="r1", model_name=MODEL, model_version="v0001",
-                             parameters={"model_version": "v0001"},
-                             infer_outputs=[InferOutput("weights", [4096, 3], "FP32", data=weights),
-                                            InferOutput("ranking", [4096, 5], "INT64", data=ranking)])
-
     rng = np.random.default_rng(0)
-    weights = rng.dirichlet(np.ones(3), 4096).astype(np.float32)
-    ranking = np.argsort(rng.random((4096, 5)), axis=1).astype(np.int64)
+    result = {"weights": rng.dirichlet(np.ones(3), 4096).astype(np.float32),
+              "ranking": np.argsort(rng.random((4096, 5)), axis=1).astype(np.int64)}
+    outputs = serve_cli.v2_outputs(result)
     t0 = time.perf_counter()
-    ours = serve_cli.encode_v2_response(response(weights, ranking))
+    ours = serve_cli.encode_v2_answer("r1", MODEL, "v0001", outputs)
     t_ours = time.perf_counter() - t0
     t0 = time.perf_counter()
-    theirs = response(weights, ranking).to_rest()[0]
+    theirs = InferResponse(response_id="r1", model_name=MODEL, model_version="v0001",
+                           parameters={"model_version": "v0001"},
+                           infer_outputs=[InferOutput(**o) for o in outputs]).to_rest()[0]
     t_theirs = time.perf_counter() - t0
     assert json.loads(ours) == json.loads(json.dumps(theirs))  # the same document, value for value
     assert t_ours * 5 < t_theirs, (t_ours, t_theirs)  # KServe converts one element at a time
 
 
-def test_a_promotion_during_a_stream_of_requests_swaps_versions_without_errors(server, world):
+def stream_through_a_promotion(url: str, world, to_model: str, clients: int = 4) -> tuple[list, list, str]:
+    """(statuses, versions) of the answers ``clients`` threads got, in order, while the alias moved to
+    ``to_model`` (until its version had answered for a while), and that version."""
     spec = world["spec"]
     body = v2_body(log_requests(world["logs"], spec, 2), spec)
     statuses, versions = [], []
@@ -328,25 +328,51 @@ def test_a_promotion_during_a_stream_of_requests_swaps_versions_without_errors(s
 
     def client():
         while not stop.is_set():
-            status, answer = call(server, f"/v2/models/{MODEL}/infer", body)
+            status, answer = call(url, f"/v2/models/{MODEL}/infer", body)
             statuses.append(status)
             versions.append(answer.get("model_version"))
 
-    with ThreadPoolExecutor(4) as pool:
-        for _ in range(4):
+    with ThreadPoolExecutor(clients) as pool:
+        for _ in range(clients):
             pool.submit(client)
         time.sleep(0.5)
-        second = promote(world["registry"], world["models"][1])
+        before = versions[-1]
+        second = promote(world["registry"], to_model)
         deadline = time.monotonic() + 30
-        while second not in versions and time.monotonic() < deadline:
+        while versions.count(second) < 200 and time.monotonic() < deadline:
             time.sleep(0.1)
-        time.sleep(0.3)
         stop.set()
+    assert versions[0] == before
+    return statuses, versions, second
+
+
+def test_a_promotion_during_a_stream_of_requests_swaps_versions_without_errors(world, tmp_path):
+    port = free_port()
+    proc = start_server(world["registry"].root, port, tmp_path / "server.log", workers=1)
+    try:
+        statuses, versions, second = stream_through_a_promotion(f"http://127.0.0.1:{port}", world,
+                                                                world["models"][1])
+    finally:
+        stop_server(proc)
     assert set(statuses) == {200}, sorted(set(statuses))
-    assert versions[0] == world["first"] and versions[-1] == second
+    assert versions[-1] == second
     # a version, once replaced, never answers again
     switch = versions.index(second)
     assert all(v == second for v in versions[switch + 50:])
+
+
+def test_every_worker_swaps_on_a_promotion_without_errors_and_metrics_count_them_all(server, world):
+    """Two worker processes each follow the alias: no request fails while they swap, both end on the
+    new version, and /metrics (whichever worker answers it) counts the answers of both."""
+    statuses, versions, second = stream_through_a_promotion(server, world, world["models"][3])
+    assert set(statuses) == {200}, sorted(set(statuses))
+    assert all(v == second for v in versions[-100:])  # both workers answer the new version
+    counted = 0.0
+    for line in urllib.request.urlopen(f"{server}/metrics", timeout=10).read().decode().splitlines():
+        if line.startswith(f'grade_serve_requests_total{{outcome="ok",version="{second}"}}'):
+            counted = float(line.split()[-1])
+    # each call is a new connection, which either worker takes: one worker's count alone falls short
+    assert counted >= versions.count(second), (counted, versions.count(second))
 
 
 def test_a_transform_that_refuses_an_input_makes_a_bad_request_not_a_server_error(world, monkeypatch):
@@ -407,3 +433,84 @@ def test_a_version_whose_files_do_not_match_its_hash_is_never_loaded(world):
     assert holder.current.version == served
     with pytest.raises(serving.IntegrityError):
         serving.load_verified(world["registry"], world["registry"].production()[0])
+
+
+def test_a_response_head_is_sent_with_its_body_in_one_write():
+    from grade.http_server import OneWriteTransport
+
+    class Recorder:
+        def __init__(self):
+            self.writes, self.closed = [], False
+
+        def write(self, data):
+            self.writes.append(bytes(data))
+
+        def close(self):
+            self.closed = True
+
+        def get_extra_info(self, name):
+            return name
+
+    raw = Recorder()
+    t = OneWriteTransport(raw)
+    head = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+    t.write(head)
+    assert raw.writes == []
+    t.write(b"{}")
+    assert raw.writes == [head + b"{}"]
+    t.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # an interim answer the client waits for: at once
+    assert raw.writes[-1] == b"HTTP/1.1 100 Continue\r\n\r\n"
+    t.write(b"HTTP/1.1 500 Internal Server Error\r\nconnection: close\r\n\r\n")
+    t.close()  # a held head goes out before the connection closes
+    assert raw.writes[-1].startswith(b"HTTP/1.1 500") and raw.closed
+    assert t.get_extra_info("peername") == "peername"
+
+
+def test_the_default_worker_count_is_the_containers_cpu_limit(tmp_path):
+    from grade.http_server import available_cpus
+
+    cores = len(__import__("os").sched_getaffinity(0))
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert available_cpus(str(tmp_path)) == min(cores, 2)
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert available_cpus(str(tmp_path)) == cores
+    assert available_cpus(str(tmp_path / "none")) == cores
+
+
+def test_a_worker_that_exits_stops_the_server_with_its_status(tmp_path):
+    import sys
+
+    from grade.http_server import supervise
+
+    # the first worker to start exits 3 once the other is running; that one runs for a minute unless stopped
+    script = f"""
+import os, pathlib, signal, sys, time
+try:
+    os.close(os.open(r"{tmp_path / 'first'}", os.O_CREAT | os.O_EXCL))
+    while not pathlib.Path(r"{tmp_path / 'running'}").exists():
+        time.sleep(0.05)
+    sys.exit(3)
+except FileExistsError:
+    pass
+signal.signal(signal.SIGTERM, lambda *_: (pathlib.Path(r"{tmp_path / 'stopped'}").touch(), sys.exit(0)))
+pathlib.Path(r"{tmp_path / 'running'}").touch()
+time.sleep(60)
+"""
+    t0 = time.monotonic()
+    status = supervise([sys.executable, "-c", script], 2, free_port())
+    assert status == 3 and (tmp_path / "stopped").exists() and time.monotonic() - t0 < 30
+
+
+def test_a_server_whose_workers_find_no_model_exits_2_naming_it(tmp_path):
+    """Bad input stays bad input with worker processes: each worker's exit 2 ends the server with 2."""
+    import subprocess
+    import sys
+
+    from grade.registry import Registry
+
+    Registry(str(tmp_path / "registry"), MODEL)  # an empty registry: no production alias
+    done = subprocess.run([sys.executable, "-m", "components.serve", "--registry", str(tmp_path / "registry"),
+                           "--port", str(free_port()), "--wait-seconds", "0", "--workers", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "no verified model to serve" in done.stderr
