@@ -113,7 +113,8 @@ class OneWriteTransport:
     not an interim 1xx) and sends it with the next write, the body's: the ASGI server writes the
     head when the application starts its response and the body when it sends it, two writes that
     each wake the waiting client. A held head is written before anything else the connection does
-    (close, end of file); everything else is the wrapped transport's."""
+    (close, end of file) and when its response completes (:func:`one_write_http_protocol`: a HEAD
+    answer has no body); everything else is the wrapped transport's."""
 
     __slots__ = ("_transport", "_head")
 
@@ -158,5 +159,11 @@ def one_write_http_protocol():
     class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         def connection_made(self, transport) -> None:
             super().connection_made(OneWriteTransport(transport))
+
+        def on_response_complete(self) -> None:
+            # a response without a body (HEAD) writes nothing after its head: send the head now,
+            # not when the kept-alive connection next writes or closes
+            self.transport.flush()
+            super().on_response_complete()
 
     return OneWriteHttpToolsProtocol

@@ -466,6 +466,27 @@ def test_a_response_head_is_sent_with_its_body_in_one_write():
     assert t.get_extra_info("peername") == "peername"
 
 
+def test_a_response_without_a_body_is_sent_when_it_completes(server):
+    """A HEAD answer has a head and no body: the held head goes out when the response completes, not
+    when the kept-alive connection next writes or closes (uvicorn's keep-alive timeout is 5 s)."""
+    import http.client
+    from urllib.parse import urlparse
+
+    u = urlparse(server)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=2)
+    try:
+        for _ in range(2):   # twice on the same kept-alive connection
+            conn.request("HEAD", "/v2/health/live")
+            response = conn.getresponse()
+            response.read()
+            assert response.status in (200, 405)
+        conn.request("GET", "/v2/health/live")
+        response = conn.getresponse()
+        assert response.status == 200 and json.loads(response.read())["live"] is True
+    finally:
+        conn.close()
+
+
 def test_the_default_worker_count_is_the_containers_cpu_limit(tmp_path):
     from grade.http_server import available_cpus
 
