@@ -91,10 +91,12 @@ def promote(registry, model_uri: str) -> str:
 
 
 def start_server(registry_root: str | None, port: int, log_file: Path, watch_seconds: float = 0.2,
-                 timeout_s: float = 90, floor: str | None = None, workers: int = 0) -> subprocess.Popen:
-    """``python -m components.serve`` with ``workers`` processes (0: its default) on loopback ``port``
-    (or the ``floor`` server of this module: "kserve" or "bare"), its output in ``log_file`` (a pipe
-    nobody reads would stall it); returned once its model answers ready."""
+                 timeout_s: float = 90, floor: str | None = None, workers: int = 0,
+                 batch_rows: int | None = None) -> subprocess.Popen:
+    """``python -m components.serve`` with ``workers`` processes (0: its default) and ``--batch-rows``
+    (None: its default) on loopback ``port`` (or the ``floor`` server of this module: "kserve" or
+    "bare"), its output in ``log_file`` (a pipe nobody reads would stall it); returned once its model
+    answers ready."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     if floor:
         command = ["-m", "benchmarks.serve", "--floor-server", floor, "--port", str(port),
@@ -102,6 +104,8 @@ def start_server(registry_root: str | None, port: int, log_file: Path, watch_sec
     else:
         command = ["-m", "components.serve", "--registry", registry_root, "--port", str(port),
                    "--watch-seconds", str(watch_seconds), "--workers", str(workers)]
+        if batch_rows is not None:
+            command += ["--batch-rows", str(batch_rows)]
     with open(log_file, "w") as log:
         proc = subprocess.Popen([sys.executable, *command], env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s
@@ -382,7 +386,7 @@ def floors(bodies: dict[int, bytes], repeats: int, seconds: float, clients: int,
 
 
 def run(seconds: float = 5.0, clients: int = 16, repeats: int = 3,
-        with_floors: bool = True, workers: int = 0) -> dict[str, Any]:
+        with_floors: bool = True, workers: int = 0, batch_rows: int | None = None) -> dict[str, Any]:
     from tests.conftest import free_port
 
     load_before = os.getloadavg()
@@ -400,24 +404,34 @@ def run(seconds: float = 5.0, clients: int = 16, repeats: int = 3,
                 moves += 1
             return [move, move]
 
-        port = free_port()
-        server = start_server(world["registry"].root, port, Path(tmp) / "server.log", workers=workers)
-        try:
-            served = measure(port, server.pid, bodies, repeats, seconds, clients, Path(tmp), two_moves)
-        finally:
-            stop_server(server)
+        def serve_and_measure(rows: int | None) -> dict[int, dict[str, Any]]:
+            port = free_port()
+            server = start_server(world["registry"].root, port, Path(tmp) / "server.log", workers=workers,
+                                  batch_rows=rows)
+            try:
+                return measure(port, server.pid, bodies, repeats, seconds, clients, Path(tmp), two_moves)
+            finally:
+                stop_server(server)
+
+        served = serve_and_measure(batch_rows)
+        one_call_each = serve_and_measure(0)  # the reference: one policy call per call
         floor = floors(bodies, repeats, seconds, clients, Path(tmp), workers) if with_floors else {}
     results: dict[str, Any] = {}
     for batch in bodies:
         phase = {**served[batch], **reference[batch]}
         phase["overhead_p50_vs_torchscript"] = phase["p50_ms"] / phase["torchscript_ms"]
+        reference_run = {k: v for k, v in one_call_each[batch].items() if k != "runs"}
+        phase["one_policy_call_per_call"] = reference_run
+        phase["requests_per_s_vs_one_call_each"] = phase["requests_per_s"] / reference_run["requests_per_s"]
         for kind, figures in floor.items():
             phase[f"floor_{kind}"] = {k: v for k, v in figures[batch].items() if k != "runs"}
         results[f"batch_{batch}"] = phase
+    from components.serve import DEFAULT_BATCH_ROWS
     from grade.http_server import available_cpus
 
     return {"clients": clients, "seconds_per_run": seconds, "repeats": repeats, "alias_moves": moves,
             "server_workers": workers or available_cpus(),
+            "batch_rows": DEFAULT_BATCH_ROWS if batch_rows is None else batch_rows,
             "failed_total": sum(results[f"batch_{b}"]["failed"] for b in bodies),
             "load_average_before": load_before, "load_average_after": os.getloadavg(), **results}
 
@@ -429,6 +443,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs per batch size (medians are reported)")
     p.add_argument("--clients", type=int, default=16, help="concurrent keep-alive connections")
     p.add_argument("--no-floors", action="store_true", help="skip the constant-answer servers")
+    p.add_argument("--batch-rows", type=int, default=None,
+                   help="the server's --batch-rows (default: its default); a server with 0 (one policy "
+                        "call per call) is measured beside it as the reference")
     p.add_argument("--workers", type=int, default=0,
                    help="server processes of the server and the floors (default 0: the server's default, "
                         "one per core)")
@@ -445,7 +462,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(floor_server(args.floor_server, args.port, args.workers, args.listen_fd))
     if args.client:
         return client_main(args)
-    emit("serve", run(args.seconds, args.clients, args.repeats, not args.no_floors, args.workers))
+    emit("serve", run(args.seconds, args.clients, args.repeats, not args.no_floors, args.workers,
+                      args.batch_rows))
 
 
 if __name__ == "__main__":

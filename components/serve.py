@@ -55,6 +55,8 @@ from grade.errors import InputError
 
 #: Largest request body accepted (bytes): about 4,000 requests with 100 candidates as JSON.
 MAX_BODY_BYTES = 8 * 1024 * 1024
+#: Most request rows of the concurrent calls answered by one policy call (benchmarks/README.md)
+DEFAULT_BATCH_ROWS = 256
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="server processes on the port (default 0: one per core this process may use, i.e. "
                         "the container's CPU limit; each has its own model and alias watch, and a "
                         "response names the version of the process that answered)")
+    p.add_argument("--batch-rows", type=int, default=DEFAULT_BATCH_ROWS, metavar="N",
+                   help=f"calls that reach a worker together are answered by one policy call of at most N "
+                        f"request rows (default {DEFAULT_BATCH_ROWS}; a call alone is never held back; "
+                        f"0: one policy call per call)")
     p.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)  # a worker's inherited socket
     p.add_argument("--access-log", action="store_true",
                    help="log every request (off by default: a log line per call costs latency; "
@@ -156,16 +162,32 @@ def make_model(holder: serving.PolicyHolder, name: str, strict_categories: bool 
 
         def answer(self, decode_inputs) -> tuple[str, dict[str, Any]]:
             """(the version that answered, :func:`serving.predict`'s result) for the inputs
-            ``decode_inputs()`` returns; counted by version and outcome. The one model call of both
-            routes: KServe's (:meth:`predict`) and the gate's (:class:`RequestGate`)."""
-            policy = holder.current  # one version serves the whole request
-            try:
-                result = serving.predict(policy, decode_inputs(), strict_categories)
-            except serving.BadRequest:
-                answers(policy.version, "bad_request").inc()
-                raise
-            answers(policy.version, "ok").inc()
-            return policy.version, result
+            ``decode_inputs()`` returns (:class:`serving.BadRequest` for a bad call)."""
+            answer = self.answer_many([decode_inputs])[0]
+            if isinstance(answer, serving.BadRequest):
+                raise answer
+            return answer
+
+        def answer_many(self, decoders: list) -> list[tuple[str, dict[str, Any]] | serving.BadRequest]:
+            """:meth:`answer` for each of several calls, with one policy call for all
+            (:func:`serving.predict_many`), counted by version and outcome. The one model call of
+            both routes: KServe's (:meth:`predict`) and the gate's (:class:`RequestGate`)."""
+            policy = holder.current  # one version serves the whole group
+            out: list[Any] = [None] * len(decoders)
+            decoded = []
+            for i, decode in enumerate(decoders):
+                try:
+                    decoded.append((i, decode()))
+                except serving.BadRequest as e:
+                    out[i] = e
+            results = serving.predict_many(policy, [inputs for _, inputs in decoded], strict_categories)
+            for (i, _), result in zip(decoded, results, strict=True):
+                out[i] = result
+            for i, result in enumerate(out):
+                bad = isinstance(result, serving.BadRequest)
+                answers(policy.version, "bad_request" if bad else "ok").inc()
+                out[i] = result if bad else (policy.version, result)
+            return out
 
         async def predict(self, payload: Any, headers: dict[str, str] | None = None, response_headers=None):
             v2 = isinstance(payload, InferRequest)
@@ -220,6 +242,17 @@ def plain_v2_inputs(doc: Any) -> list[dict[str, Any]] | None:
     return doc["inputs"]
 
 
+def plain_decoder(inputs: list[dict[str, Any]]):
+    """The decode function (:func:`named_arrays` of their arrays) of the inputs of a plain v2 call."""
+    return lambda: named_arrays((i["name"], functools.partial(json_array, i)) for i in inputs)
+
+
+def plain_rows(inputs: list[dict[str, Any]]) -> int:
+    """The requests (rows) a plain v2 call declares: its first input's first dimension (1 if none)."""
+    shape = inputs[0]["shape"] if inputs else []
+    return max(1, shape[0]) if shape else 1
+
+
 def json_array(given: dict[str, Any]) -> np.ndarray:
     """The array of a plain v2 JSON input, decoded as KServe's ``InferInput.as_numpy`` decodes it."""
     from kserve.utils.numpy_codec import to_np_dtype
@@ -258,10 +291,15 @@ class RequestGate:
     the sum over every worker, whichever worker the scrape reaches.
     """
 
-    def __init__(self, app, model=None, max_bytes: int = MAX_BODY_BYTES):
+    def __init__(self, app, model=None, max_bytes: int = MAX_BODY_BYTES, batch_rows: int = 0):
         self.app = app
         self.model = model
         self.max_bytes = max_bytes
+        self.together = None  # calls that arrive together, answered by one model call
+        if model is not None and batch_rows > 0:
+            self.together = http_server.Coalescer(
+                lambda calls: model.answer_many([plain_decoder(inputs) for inputs in calls]),
+                max_size=batch_rows, size_of=plain_rows)
         self.infer_path = f"/v2/models/{model.name}/infer" if model is not None else None
         self.all_workers_metrics = bool(os.environ.get(http_server.METRICS_DIR_VAR))
         self.latency = None
@@ -307,8 +345,10 @@ class RequestGate:
 
         start = time.perf_counter()
         try:
-            version, result = self.model.answer(
-                lambda: named_arrays((i["name"], functools.partial(json_array, i)) for i in inputs))
+            if self.together is not None:
+                version, result = await self.together.submit(inputs)
+            else:
+                version, result = self.model.answer(plain_decoder(inputs))
             body = encode_v2_answer(request_id or "", self.model.name, version, v2_outputs(result))
         except serving.BadRequest as e:
             handler = await invalid_input_handler(None, InvalidInput(str(e)))
@@ -399,21 +439,22 @@ def serve(args: argparse.Namespace, argv: list[str]) -> int:
     model = make_model(holder, args.model_name, args.unknown_categories == "reject")
     model.load()
     sockets = None if args.listen_fd is None else [socket.socket(fileno=args.listen_fd)]
-    start_model_server(model, args.port, args.access_log, sockets)
+    start_model_server(model, args.port, args.access_log, sockets, batch_rows=args.batch_rows)
     return 0
 
 
-def install_gate(app, model) -> None:
+def install_gate(app, model, batch_rows: int = 0) -> None:
     """Put :class:`RequestGate` in front of the middleware stack ``app`` builds on its first call,
     rather than inside it (``add_middleware``). KServe adds a timing middleware when it starts the
     server, after this: two getrusage calls per request, which took most of a busy server's time
     (benchmarks/README.md). The calls the gate answers skip it; everything the gate hands on goes
     through the whole stack as before."""
     build = app.build_middleware_stack
-    app.build_middleware_stack = lambda: RequestGate(build(), model=model)
+    app.build_middleware_stack = lambda: RequestGate(build(), model=model, batch_rows=batch_rows)
 
 
-def start_model_server(model, port: int, access_log: bool = False, sockets: list | None = None) -> None:
+def start_model_server(model, port: int, access_log: bool = False, sockets: list | None = None,
+                       batch_rows: int = 0) -> None:
     """Serve the loaded KServe ``model`` on ``port`` (or on the listening ``sockets`` a supervisor
     shares) until a signal: KServe's ModelServer (REST only, one process) behind :class:`RequestGate`,
     on uvloop, each response in one write (:class:`http_server.OneWriteTransport`), without a log line
@@ -421,7 +462,7 @@ def start_model_server(model, port: int, access_log: bool = False, sockets: list
     import kserve
     from kserve import model_server
 
-    install_gate(model_server.app, model)
+    install_gate(model_server.app, model, batch_rows)
     model_server.RESTServer = _rest_server_class(sockets)
     server = kserve.ModelServer(http_port=port, enable_grpc=False, workers=1,
                                 enable_latency_logging=access_log)

@@ -12,12 +12,15 @@ listening socket, and responses sent in one write.
   (on a virtual machine each wake-up is a costly exit to the host; benchmarks/README.md).
 - :func:`available_cpus`: the cores this process may use (the container's CPU limit, else the
   affinity mask), the default number of workers.
+- :class:`Coalescer` answers the calls that reach one event loop together with one call of a
+  function over all of them (dynamic batching without a wait: a call alone is answered at once).
 
 Nothing here knows about models: the server's logic lives in grade/serving.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
@@ -28,7 +31,7 @@ import socket
 import subprocess
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 log = logging.getLogger("grade.http_server")
@@ -167,3 +170,56 @@ def one_write_http_protocol():
             super().on_response_complete()
 
     return OneWriteHttpToolsProtocol
+
+
+class Coalescer:
+    """Calls that are ready in the same turn of the event loop, answered by one call of ``answer_all``.
+
+    ``await submit(item)`` queues ``item`` and, for the first item of a turn, schedules one flush
+    behind the tasks already ready to run: every request whose bytes arrived in the same turn has
+    queued its item by then. The flush calls ``answer_all(items)`` (at most ``max_size`` units by
+    ``size_of``, one item at least) and hands each caller its answer, or raises the answer when it is
+    an exception. Nothing waits for a batch to fill: an idle server answers a lone call at once,
+    and a busy one finds the calls that arrived while it was answering the previous group. That is
+    where the gain is: the per-call cost of the model call (checks, transform, a TorchScript call)
+    is paid once per group.
+    """
+
+    def __init__(self, answer_all: Callable[[list], list], max_size: int,
+                 size_of: Callable[[object], int] = lambda item: 1) -> None:
+        self.answer_all = answer_all
+        self.max_size = max(1, max_size)
+        self.size_of = size_of
+        self._queued: list[tuple[object, asyncio.Future]] = []
+
+    async def submit(self, item):
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+        self._queued.append((item, answer))
+        if len(self._queued) == 1:
+            loop.call_soon(self._flush)
+        return await answer
+
+    def _flush(self) -> None:
+        queued, self._queued = self._queued, []
+        start = 0
+        while start < len(queued):  # groups of at most max_size units, in arrival order
+            end, size = start + 1, self.size_of(queued[start][0])
+            while end < len(queued) and size + self.size_of(queued[end][0]) <= self.max_size:
+                size += self.size_of(queued[end][0])
+                end += 1
+            self._answer(queued[start:end])
+            start = end
+
+    def _answer(self, group: list[tuple[object, asyncio.Future]]) -> None:
+        try:
+            answers = self.answer_all([item for item, _ in group])
+        except Exception as e:  # a failure of the whole call: every caller of the group gets it
+            answers = [e] * len(group)
+        for (_, future), answer in zip(group, answers, strict=True):
+            if future.done():  # its caller went away
+                continue
+            if isinstance(answer, BaseException):
+                future.set_exception(answer)
+            else:
+                future.set_result(answer)

@@ -11,7 +11,8 @@ serves is decided here, in plain functions:
 - :func:`input_metadata` lists every input (name, datatype, shape) from the model's feature spec;
 - :func:`predict` validates a batch of raw user/context features (and optional candidates), turns
   them into model inputs with the batch-scoring transform (the same code as training) and returns
-  ``weights`` [N, K] (rows on the simplex) and, with candidates, fused ``scores`` and ``ranking``.
+  ``weights`` [N, K] (rows on the simplex) and, with candidates, fused ``scores`` and ``ranking``;
+  :func:`predict_many` answers several such calls with one transform and one policy call.
 
 Bad requests raise :class:`BadRequest`, whose message names the field.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,16 +283,63 @@ def model_inputs(columns: dict[str, np.ndarray],
         raise BadRequest(str(e)) from None
 
 
-@torch.inference_mode()
 def predict(policy: ServedPolicy, inputs: dict[str, Any], strict_categories: bool = True) -> dict[str, Any]:
     """The served answer for one batch: ``weights`` [N, K], with candidates ``scores`` [N, L] (fused,
-    S = sum_k w_k z_k) and ``ranking`` [N, L] (candidate indices, best first), and the version."""
-    columns, pred = validate(inputs, policy.transform)
-    num, cat = model_inputs(columns, policy.transform)
-    if strict_categories:
-        reject_unknown_categories(cat, columns, policy.transform)
+    S = sum_k w_k z_k) and ``ranking`` [N, L] (candidate indices, best first), and the version
+    (:class:`BadRequest` naming the field for a bad request)."""
+    answer = predict_many(policy, [inputs], strict_categories)[0]
+    if isinstance(answer, BadRequest):
+        raise answer
+    return answer
+
+
+@torch.inference_mode()
+def predict_many(policy: ServedPolicy, requests: Sequence[dict[str, Any]], strict_categories: bool = True
+                 ) -> list[dict[str, Any] | BadRequest]:
+    """:func:`predict`'s answer (or its :class:`BadRequest`) for each of several calls, with one
+    feature transform and one policy call for all the valid ones: what a call costs beyond its own
+    checks is paid once per group, not per call (the server answers concurrent calls together).
+
+    A bad call gets the error it would get alone and never changes another call's answer; the rows of
+    a group are transformed row by row, so a call's weights equal those of the call alone (up to the
+    float rounding of a larger matrix product)."""
+    answers: list[Any] = [None] * len(requests)
+    checked = []  # (index, columns [n], candidates [n, L, K] or None)
+    for i, inputs in enumerate(requests):
+        try:
+            checked.append((i, *validate(inputs, policy.transform)))
+        except BadRequest as e:
+            answers[i] = e
+    if not checked:
+        return answers
+    sizes = [len(next(iter(columns.values()))) for _, columns, _ in checked]
+    columns = checked[0][1] if len(checked) == 1 else \
+        {n: np.concatenate([c[n] for _, c, _ in checked]) for n in checked[0][1]}
+    try:
+        num, cat = model_inputs(columns, policy.transform)
+    except BadRequest as e:  # a value only the transform refuses: each call alone, so its row is its own
+        if len(checked) == 1:
+            answers[checked[0][0]] = e
+            return answers
+        for i, *_ in checked:
+            answers[i] = predict_many(policy, [requests[i]], strict_categories)[0]
+        return answers
     out = policy.fn(torch.from_numpy(num), torch.from_numpy(cat))
     weights = (out[0] if isinstance(out, tuple) else out).numpy().astype(np.float32)
+    bounds = np.cumsum([0, *sizes])
+    for (i, own_columns, pred), lo, hi in zip(checked, bounds[:-1], bounds[1:], strict=True):
+        try:
+            if strict_categories:
+                reject_unknown_categories(cat[lo:hi], own_columns, policy.transform)
+        except BadRequest as e:
+            answers[i] = e
+            continue
+        answers[i] = answer_of(policy, weights[lo:hi], pred)
+    return answers
+
+
+def answer_of(policy: ServedPolicy, weights: np.ndarray, pred: np.ndarray | None) -> dict[str, Any]:
+    """The answer of a call with ``weights`` [N, K] and optional candidate predictions [N, L, K]."""
     result: dict[str, Any] = {"weights": weights, "model_version": policy.version}
     if pred is not None:
         z = policy.transform.z(pred)

@@ -221,6 +221,15 @@ def test_the_server_writes_no_log_line_per_request(server, world, server_log):
 
 def asgi_post(app, path: str, body: bytes, headers: tuple = ()) -> tuple[int, bytes]:
     """(status, body) of one POST through the ASGI ``app``, in-process."""
+    return asyncio.run(_asgi_post(app, path, body, headers))
+
+
+async def asgi_posts(app, path: str, bodies: list[bytes]) -> list[tuple[int, bytes]]:
+    """(status, body) of POSTs sent at once through the ASGI ``app``, in one event loop."""
+    return list(await asyncio.gather(*[_asgi_post(app, path, body) for body in bodies]))
+
+
+async def _asgi_post(app, path: str, body: bytes, headers: tuple = ()) -> tuple[int, bytes]:
     messages = [{"type": "http.request", "body": body, "more_body": False}]
     sent: list[dict] = []
 
@@ -233,7 +242,7 @@ def asgi_post(app, path: str, body: bytes, headers: tuple = ()) -> tuple[int, by
     scope = {"type": "http", "method": "POST", "path": path, "query_string": b"",
              "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                          *headers]}
-    asyncio.run(app(scope, receive, send))
+    await app(scope, receive, send)
     return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
 
 
@@ -391,6 +400,116 @@ def test_a_transform_that_refuses_an_input_makes_a_bad_request_not_a_server_erro
     monkeypatch.setattr(FeatureTransform, "request_features", refuse)
     with pytest.raises(serving.BadRequest, match="u_activity', row 1"):
         serving.predict(policy, inputs)
+
+
+def test_calls_answered_together_get_the_answers_they_get_alone(world):
+    """predict_many: one transform and one policy call for several calls; a bad call gets its own error
+    (naming its own row) and changes nobody else's answer."""
+    policy = serving.load_verified(world["registry"], world["registry"].production()[0])
+    spec = world["spec"]
+
+    def inputs_of(body: dict) -> dict:
+        return {i["name"]: np.asarray(i["data"]).reshape(i["shape"]) for i in body["inputs"]}
+
+    columns = log_requests(world["logs"], spec, 7)
+    part = [{k: v[a:b] for k, v in columns.items()} for a, b in ((0, 1), (1, 4), (4, 7))]
+    good = [inputs_of(v2_body(part[0], spec)), inputs_of(v2_body(part[1], spec, with_candidates=True)),
+            inputs_of(v2_body(part[2], spec))]
+    name = spec["categorical"][0]["name"]
+    unknown = {**good[1], name: [*good[1][name][:2], max(spec["categorical"][0]["vocab"]) + 1]}  # row 2
+    missing = {k: v for k, v in good[0].items() if k != spec["numeric"][0]["name"]}
+    calls = [good[0], unknown, good[1], missing, good[2]]
+    together = serving.predict_many(policy, calls)
+    for call, answer in zip(calls, together, strict=True):
+        try:
+            alone = serving.predict(policy, call)
+        except serving.BadRequest as e:
+            assert isinstance(answer, serving.BadRequest) and str(answer) == str(e)
+            continue
+        assert set(answer) == set(alone)
+        for key in ("weights", "scores", "ranking"):
+            if key in alone:
+                np.testing.assert_allclose(answer[key], alone[key], rtol=1e-5, atol=1e-6)
+    assert [isinstance(a, serving.BadRequest) for a in together] == [False, True, False, True, False]
+    assert f"'{name}', row 2" in str(together[1])  # its own row, not the row of the group
+    assert "scores" in together[2] and "scores" not in together[0]
+
+
+def test_calls_that_arrive_together_share_one_answer_call_and_a_lone_call_waits_for_nobody():
+    from grade.http_server import Coalescer
+
+    groups: list[list] = []
+
+    def answer_all(items):
+        groups.append(list(items))
+        return [ValueError(f"bad {i}") if i < 0 else i * 10 for i in items]
+
+    together = Coalescer(answer_all, max_size=5, size_of=abs)
+
+    async def burst():
+        return await asyncio.gather(*[together.submit(i) for i in (1, 2, -1, 3, 4)], return_exceptions=True)
+
+    answers = asyncio.run(burst())
+    assert answers[:2] == [10, 20] and answers[3:] == [30, 40]
+    assert isinstance(answers[2], ValueError) and str(answers[2]) == "bad -1"
+    assert groups == [[1, 2, -1], [3], [4]]  # at most 5 units (|item|) a group, in arrival order
+
+    async def alone():
+        return await asyncio.wait_for(together.submit(7), timeout=1)
+
+    groups.clear()
+    assert asyncio.run(alone()) == 70 and groups == [[7]]
+
+
+def test_a_failing_answer_call_fails_every_caller_of_its_group_and_a_caller_that_left_is_skipped():
+    from grade.http_server import Coalescer
+
+    def broken(items):
+        raise RuntimeError("policy call failed")
+
+    async def run():
+        together = Coalescer(broken, max_size=10)
+        left = asyncio.ensure_future(together.submit(1))
+        stays = asyncio.ensure_future(together.submit(2))
+        await asyncio.sleep(0)
+        left.cancel()
+        return await asyncio.gather(stays, return_exceptions=True)
+
+    (error,) = asyncio.run(run())
+    assert isinstance(error, RuntimeError) and "policy call failed" in str(error)
+
+
+def test_the_gate_answers_concurrent_calls_together_as_it_answers_them_one_by_one(world, monkeypatch):
+    holder = serving.PolicyHolder(world["registry"].root, MODEL)
+    assert holder.refresh()
+    model = serve_cli.make_model(holder, MODEL)
+    model.load()
+    spec, infer = world["spec"], f"/v2/models/{MODEL}/infer"
+    columns = log_requests(world["logs"], spec, 4)
+    bodies = [json.dumps(v2_body({k: v[i:i + 1] for k, v in columns.items()}, spec)).encode()
+              for i in range(4)]
+    bodies.insert(2, b'{"inputs": []}')  # a bad call among them
+    one_by_one = [asgi_post(serve_cli.RequestGate(None, model=model), infer, body) for body in bodies]
+    group_sizes = []
+    predict_many = serving.predict_many
+
+    def counted(policy, requests, strict=True):
+        group_sizes.append(len(requests))
+        return predict_many(policy, requests, strict)
+
+    monkeypatch.setattr(serving, "predict_many", counted)
+    together = asyncio.run(asgi_posts(serve_cli.RequestGate(None, model=model, batch_rows=64), infer, bodies))
+    assert [s for s, _ in together] == [s for s, _ in one_by_one] == [200, 200, 400, 200, 200]
+    for (_, got), (_, alone) in zip(together, one_by_one, strict=True):
+        got, alone = json.loads(got), json.loads(alone)
+        if "outputs" not in alone:
+            assert got == alone  # the same error
+            continue
+        assert got["model_version"] == alone["model_version"]
+        # the same numbers up to the float rounding of a larger matrix product
+        np.testing.assert_allclose(got["outputs"][0]["data"], alone["outputs"][0]["data"],
+                                   rtol=1e-5, atol=1e-6)
+    assert group_sizes == [5]  # one model call for the five calls; the bad one refused by its own checks
 
 
 def test_a_loaded_version_has_had_its_first_calls_before_it_serves(world):
