@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import gc
 import json
 import logging
 import os
@@ -477,6 +478,9 @@ def start_model_server(model, port: int, access_log: bool = False, sockets: list
         for name in ("uvicorn.access", "kserve.trace"):
             logging.getLogger(name).setLevel(logging.WARNING)
     _use_uvloop()
+    # The objects of the start-up (torch, KServe, the model: ~290,000) never become garbage; frozen, a
+    # full collection skips them instead of stopping every request for ~0.25 s to scan them.
+    gc.freeze()
     server.start([model])
 
 
