@@ -2,7 +2,7 @@
 
     python -m components.serve --registry URI [--model-name NAME] [--port N] [--watch-seconds S]
                                [--unknown-categories reject|oov] [--version VERSION] [--threads N]
-                               [--workers N]
+                               [--workers N] [--batch-rows N]
 
 A KServe ModelServer (Open Inference Protocol v2 and v1) with one model, NAME (default grade-mtf):
 the TorchScript policy the registry's `production` alias names, loaded only when its files match the
@@ -23,7 +23,10 @@ answered by a gate in front of KServe's REST stack: the same model call, respons
 handlers, without KServe's protocol objects and the route's pydantic round trips. Everything else
 (the binary tensor extension, parameters, requested outputs, v1, metadata) goes through KServe's
 handlers. The server runs on uvloop, sends each response in one write and logs no line per request
-unless --access-log.
+unless --access-log. Plain calls that reach a worker together (a busy server finds several waiting
+each time it has answered the previous ones) are answered by one policy call of at most --batch-rows
+request rows: each call is checked on its own and a bad one gets its own 4xx, but the transform and
+the TorchScript call are paid once per group. A call that arrives alone is answered at once.
 
 --workers N runs N such server processes on the port (default: one per core the container may use;
 grade/http_server.py), each with its own policy and alias watch: each swaps on its own when the
