@@ -63,6 +63,13 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_BATCH_ROWS = 256
 
 
+def _rows(text: str) -> int:
+    """An argparse type: a whole number of request rows, 0 or more."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m components.serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="server processes on the port (default 0: one per core this process may use, i.e. "
                         "the container's CPU limit; each has its own model and alias watch, and a "
                         "response names the version of the process that answered)")
-    p.add_argument("--batch-rows", type=int, default=DEFAULT_BATCH_ROWS, metavar="N",
+    p.add_argument("--batch-rows", type=_rows, default=DEFAULT_BATCH_ROWS, metavar="N",
                    help=f"calls that reach a worker together are answered by one policy call of at most N "
                         f"request rows (default {DEFAULT_BATCH_ROWS}; a call alone is never held back; "
                         f"0: one policy call per call)")

@@ -654,3 +654,10 @@ def test_a_server_whose_workers_find_no_model_exits_2_naming_it(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "no verified model to serve" in done.stderr
+
+
+def test_a_negative_batch_rows_is_refused_with_exit_2_naming_the_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        serve_cli.build_parser().parse_args(["--registry", "r", "--batch-rows", "-3"])
+    assert e.value.code == 2 and "--batch-rows" in capsys.readouterr().err
+    assert serve_cli.build_parser().parse_args(["--registry", "r", "--batch-rows", "0"]).batch_rows == 0
