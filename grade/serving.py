@@ -300,9 +300,9 @@ def predict_many(policy: ServedPolicy, requests: Sequence[dict[str, Any]], stric
     feature transform and one policy call for all the valid ones: what a call costs beyond its own
     checks is paid once per group, not per call (the server answers concurrent calls together).
 
-    A bad call gets the error it would get alone and never changes another call's answer; the rows of
-    a group are transformed row by row, so a call's weights equal those of the call alone (up to the
-    float rounding of a larger matrix product)."""
+    A bad call gets the error it would get alone and never changes another call's answer; the
+    transform and the policy treat each row on its own, so a call's weights equal those of the call
+    alone (up to the float rounding of a larger matrix product)."""
     answers: list[Any] = [None] * len(requests)
     checked = []  # (index, columns [n], candidates [n, L, K] or None)
     for i, inputs in enumerate(requests):

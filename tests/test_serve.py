@@ -435,6 +435,32 @@ def test_calls_answered_together_get_the_answers_they_get_alone(world):
     assert "scores" in together[2] and "scores" not in together[0]
 
 
+def test_a_value_only_the_transform_refuses_fails_only_its_own_call_naming_its_own_row(world, monkeypatch):
+    from grade.errors import InputError
+    from grade.transform import FeatureTransform
+
+    policy = serving.load_verified(world["registry"], world["registry"].production()[0])
+    spec = world["spec"]
+    columns = log_requests(world["logs"], spec, 5)
+    calls = [{i["name"]: i["data"] for i in v2_body({k: v[a:b] for k, v in columns.items()}, spec)["inputs"]}
+             for a, b in ((0, 2), (2, 4), (4, 5))]
+    poison = 12345.0
+    calls[1]["u_activity"] = [calls[1]["u_activity"][0], poison]
+    request_features = FeatureTransform.request_features
+
+    def refuse_poison(self, values, n_requests=None, **kwargs):
+        rows = np.flatnonzero(np.asarray(values["u_activity"]) == poison)
+        if len(rows):
+            raise InputError(f"request feature 'u_activity', row {rows[0]}: out of range")
+        return request_features(self, values, n_requests, **kwargs)
+
+    monkeypatch.setattr(FeatureTransform, "request_features", refuse_poison)
+    together = serving.predict_many(policy, calls)
+    assert isinstance(together[1], serving.BadRequest) and "'u_activity', row 1" in str(together[1])
+    for call, answer in zip((calls[0], calls[2]), (together[0], together[2]), strict=True):
+        np.testing.assert_allclose(answer["weights"], serving.predict(policy, call)["weights"], rtol=1e-5)
+
+
 def test_calls_that_arrive_together_share_one_answer_call_and_a_lone_call_waits_for_nobody():
     from grade.http_server import Coalescer
 
