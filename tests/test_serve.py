@@ -498,8 +498,8 @@ def test_a_failing_answer_call_fails_every_caller_of_its_group_and_a_caller_that
         left = asyncio.ensure_future(together.submit(1))
         stays = asyncio.ensure_future(together.submit(2))
         await asyncio.sleep(0)
-        left.cancel()
-        return await asyncio.gather(stays, return_exceptions=True)
+        left.cancel()  # its caller went away before the group was answered
+        return await asyncio.wait_for(asyncio.gather(stays, return_exceptions=True), timeout=5)
 
     (error,) = asyncio.run(run())
     assert isinstance(error, RuntimeError) and "policy call failed" in str(error)
