@@ -40,7 +40,7 @@ from grade.grpo import FinetuneConfig, rollout, train_step
 from grade.outcome import OutcomeConfig, OutcomeNet, OutcomeSpec
 from grade.policy import PolicyConfig, PolicyNet
 from grade.reward import reward_terms, rewarded_value
-from grade.value_model import ValueModel
+from grade.value_model import ValueModel, priced_fields
 
 ESTIMATORS = ("dcg_ips", "ips", "switch", "dm")
 
@@ -73,7 +73,7 @@ def precompute(split: dict[str, torch.Tensor], value: ValueModel, cfg: FinetuneC
     starts = range(0, n, VALUE_CACHE_CHUNK)
     chunks = ({**{key: v[s:s + VALUE_CACHE_CHUNK] for key, v in split.items()},
                ROW_FIELD: torch.arange(s, min(s + VALUE_CACHE_CHUNK, n))} for s in starts)
-    return value_cache_of(chunks, n, value, rewarded_value(BusinessConfig(), cfg.reward), cfg, CAT_SIZES)
+    return value_cache_of(chunks, n, value, cfg, CAT_SIZES)
 
 
 def step_fn(split: dict[str, torch.Tensor], rows: torch.Tensor, policy: PolicyNet, reference: PolicyNet,
@@ -92,9 +92,8 @@ def step_fn(split: dict[str, torch.Tensor], rows: torch.Tensor, policy: PolicyNe
     def fields() -> dict[str, torch.Tensor]:
         if estimator == "dcg_ips":
             return {}
-        if per_batch:
-            return value_fields_for(data, value, rewarded_value(BusinessConfig(), ecfg.reward), ecfg)
-        return cached_value_fields(cache, rows)
+        kinds = value_fields_for(data, value, ecfg) if per_batch else cached_value_fields(cache, rows)
+        return priced_fields(kinds, rewarded_value(BusinessConfig(), ecfg.reward))
 
     def step() -> None:
         train_step(policy, reference, optimizer, {**data, **fields()}, OBJECTIVES, ecfg, seed=next(counter),
@@ -136,7 +135,8 @@ def run(batch: int = 512, group: int = 16, list_size: int = 50, k: int = 3, repe
 
     def rollout_and_reward() -> None:
         with torch.no_grad():
-            batch_ = {**data, **cached_value_fields(cache, rows)}
+            batch_ = {**data, **priced_fields(cached_value_fields(cache, rows),
+                                              rewarded_value(BusinessConfig(), cfg.reward))}
             roll = rollout(policy, data["num"], data["cat"], cfg, seed=0)
             reward_terms(roll.weights, batch_, OBJECTIVES, cfg.reward, cfg.exposure_depth,
                          theta=value.theta(cfg.exposure_depth))

@@ -18,7 +18,6 @@ import torch
 
 from benchmarks._common import emit, peak_rss_mib, timeit
 from benchmarks.finetune import OBJECTIVES, synthetic_batch, synthetic_value_model
-from grade.business import BusinessConfig
 from grade.outcome import OutcomeConfig, fit_outcome
 from grade.value_model import value_fields
 
@@ -43,7 +42,7 @@ def run(requests: int = 8192, list_size: int = 50, k: int = 3, repeat: int = 5, 
             net(data["z"][sl], data["pred"][sl], data["mask"][sl], data["num"][sl], data["cat"][sl])
 
     step_batch = {key: v[:finetune_batch] for key, v in data.items()}
-    fields_t = timeit(lambda: value_fields(step_batch, value, BusinessConfig()), repeat=repeat * 4, warmup=2)
+    fields_t = timeit(lambda: value_fields(step_batch, value), repeat=repeat * 4, warmup=2)
     forward_t = timeit(forward, repeat=repeat, warmup=1)
     train_t = timeit(train_pass, repeat=repeat, warmup=1)
     return {

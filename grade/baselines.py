@@ -99,32 +99,50 @@ def posterior_objective(data: dict[str, torch.Tensor], objectives: list[str], we
 
 
 def estimated_objective(data: dict[str, torch.Tensor], weights: torch.Tensor, est: EstimatorInputs,
-                        depth: int, chunk_elems: int = 4_000_000) -> torch.Tensor:
-    """Mean estimated declared value per request of each global weight vector ``weights`` [G, K] -> [G].
+                        depth: int, chunk_elems: int = 4_000_000, keys: tuple[str, ...] = ("value",)
+                        ) -> torch.Tensor:
+    """Mean estimated amount per request of each label of ``keys`` for each global weight vector
+    ``weights`` [G, K] -> [G, len(keys)] (by default the declared value: [G, 1]).
 
-    ``est`` holds the estimator, theta-hat and the per-item declared value (label "value": logged and,
-    for dm/switch/shrunk, the outcome model's) of the same requests as ``data`` (z [N, L, K], mask).
+    ``est`` holds the estimator, theta-hat and the per-item labels ("value" the declared value; "clicks",
+    "orders", "gmv": logged and, for dm/switch/shrunk, the outcome model's) of the same requests as
+    ``data`` (z [N, L, K], mask).
     """
     n, length = data["mask"].shape
     g = weights.shape[0]
     e = min(depth, length, est.theta.shape[0])
     chunk = max(1, chunk_elems // max(1, g * length))
-    total = torch.zeros(g, dtype=torch.float64)
+    total = torch.zeros(g, len(keys), dtype=torch.float64)
     for start in range(0, n, chunk):
         sl = slice(start, min(start + chunk, n))
         w = weights.to(data["z"].dtype).unsqueeze(0).expand(data["z"][sl].shape[0], g, -1)
         idx = top_e(fuse(data["z"][sl], w, data["mask"][sl]), e)
-        m = None if est.models is None else est.models["value"][sl]
-        value = ranking_value(est.name, idx, est.theta[:e], est.logged_theta[sl], est.labels["value"][sl], m,
-                              max_weight=est.max_weight).value
-        total += value.sum(0, dtype=torch.float64)
+        for j, key in enumerate(keys):
+            m = None if est.models is None else est.models[key][sl]
+            value = ranking_value(est.name, idx, est.theta[:e], est.logged_theta[sl], est.labels[key][sl], m,
+                                  max_weight=est.max_weight).value
+            total[:, j] += value.sum(0, dtype=torch.float64)
     return total / max(n, 1)
+
+
+#: the guardrails of a constrained search (labels of grade.auction.EstimatorInputs)
+GUARDRAIL_LABELS = ("clicks", "gmv")
+
+
+def constrained_objective(amounts: torch.Tensor, floors: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The search score [G] of amounts [G, 1 + R] (the value, then R guardrails) against the guardrails'
+    floors [R]: the value where every guardrail is at or above its floor, else the value minus ``penalty``
+    times the summed relative shortfall, so that (with a penalty far above any value difference) every
+    feasible vector ranks above every infeasible one, and infeasible ones by how far they fall short."""
+    shortfall = torch.relu(floors - amounts[:, 1:]) / floors.clamp_min(1e-12)
+    return amounts[:, 0] - penalty * shortfall.sum(-1)
 
 
 def best_static(train: dict[str, torch.Tensor], spec: dict, depth: int = 10, objective: str = "posterior",
                 iterations: int = 10, population: int = 32, elite_fraction: float = 0.25,
                 init_spread: float = 1.0, max_requests: int = 20000, seed: int = 0,
-                reward: RewardConfig | None = None, estimated: EstimatorInputs | None = None) -> SearchResult:
+                reward: RewardConfig | None = None, estimated: EstimatorInputs | None = None,
+                guard_margin: float | None = None) -> SearchResult:
     """Search one global weight vector on the train split with the cross-entropy method.
 
     Only requests with at least one positive label carry signal, so the search uses those (at most
@@ -134,6 +152,10 @@ def best_static(train: dict[str, torch.Tensor], spec: dict, depth: int = 10, obj
     inputs on every request of ``train``; all requests are kept, since the model's value needs no
     positive label). Logits ~ N(mu, sigma), weights = softmax; mu starts at log(static)
     and moves to the elite mean each iteration.
+
+    ``guard_margin`` (estimated only; None: unconstrained): the search keeps the estimated CTR and GPM at
+    or above static's times (1 + guard_margin), as Stage 2's guard_mode constraint does
+    (:func:`constrained_objective`).
     """
     if objective not in SEARCH_OBJECTIVES:
         raise ValueError(f"objective must be one of {SEARCH_OBJECTIVES}, got {objective!r}")
@@ -166,9 +188,19 @@ def best_static(train: dict[str, torch.Tensor], spec: dict, depth: int = 10, obj
             labels={k: v[keep] for k, v in estimated.labels.items()},
             models=None if estimated.models is None else {k: v[keep] for k, v in estimated.models.items()})
 
+    constrained = objective == "estimated" and guard_margin is not None
+    if constrained:
+        keys = ("value", *GUARDRAIL_LABELS)
+        at_static = estimated_objective(data, static.unsqueeze(0), estimated, depth, keys=keys)[0]
+        floors = at_static[1:] * (1.0 + guard_margin)
+        penalty = 1e3 * max(float(at_static[0].abs()), 1e-12)
+
     def score(w: torch.Tensor) -> torch.Tensor:
+        if constrained:
+            amounts = estimated_objective(data, w, estimated, depth, keys=keys)
+            return constrained_objective(amounts, floors, penalty)
         if objective == "estimated":
-            return estimated_objective(data, w, estimated, depth)
+            return estimated_objective(data, w, estimated, depth)[:, 0]
         if objective == "posterior":
             return posterior_objective(data, list(spec["objectives"]), w, reward, depth)
         label = objective.removeprefix("ndcg_")

@@ -372,7 +372,7 @@ def _best_static(held: HeldOut) -> Ranking | None:
         return None
     objective = cfg.static_search_objective
     fields = ["z", "mask", "click", "order", "gmv", "position"]
-    estimated, details = None, {}
+    estimated, details, guard_margin = None, {}, None
     if objective == "estimated":
         train = dataset.load_split(held.features_uri, "train", fields=[*fields, "pred", "num", "cat"])
         gen = torch.Generator().manual_seed(int(cfg.seed))
@@ -382,18 +382,23 @@ def _best_static(held: HeldOut) -> Ranking | None:
             train = {k: v[keep] for k, v in train.items()}
         # without an outcome model the model-based estimators cannot run: IPS needs only the logs
         name = cfg.static_search_estimator if held.value_model is not None else "ips"
-        searched = rewarded_value(held.business, held.reward or RewardConfig())   # what Stage 2 maximises
+        reward = held.reward or RewardConfig()
+        if reward.guard_mode == "constraint":   # what Stage 2 maximises, under the same guardrails
+            searched, guard_margin = held.business, reward.guard_margin
+        else:
+            searched, guard_margin = rewarded_value(held.business, reward), None
         estimated = estimator_inputs(train, held.value_model, searched, name, cfg.estimator_max_weight,
                                      cfg.exposure_depth, cfg.batch_size)
         details = {"estimator": name, "declared_value": dataclasses.asdict(held.business),
-                   "searched_value": dataclasses.asdict(searched)}
+                   "searched_value": dataclasses.asdict(searched),
+                   **({"guard_margin": guard_margin} if guard_margin is not None else {})}
     else:
         train = dataset.load_split(held.features_uri, "train", fields=fields)
     search = baselines.best_static(
         train, held.spec, depth=cfg.exposure_depth, objective=objective,
         iterations=cfg.static_search_iterations, population=cfg.static_search_population,
         elite_fraction=cfg.static_search_elite_fraction, max_requests=cfg.static_search_max_requests,
-        seed=cfg.seed, reward=held.reward, estimated=estimated)
+        seed=cfg.seed, reward=held.reward, estimated=estimated, guard_margin=guard_margin)
     return Ranking(weights=search.weights, details={
         **details, "objective": objective, "value": search.objective,
         "static_value": search.static_objective, "n_requests": search.n_requests, "history": search.history})

@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from grade import auction, config, dataset, distributed, store, training
+from grade import auction, config, dataset, distributed, guardrails, store, training
+from grade.baselines import static_weights
 from grade.business import BusinessConfig
 from grade.config import to_dict
 from grade.errors import InputError
@@ -34,7 +35,14 @@ from grade.grpo import FinetuneConfig, train_step
 from grade.policy import PolicyConfig, PolicyNet, load_published_policy
 from grade.reward import gmv_unit_of, reward_terms, rewarded_value, weight_entropy
 from grade.transform import FeatureTransform, clamp_unseen
-from grade.value_model import ValueModel, ValueModelConfig, fit_value_model, load_value_model, value_fields
+from grade.value_model import (
+    ValueModel,
+    ValueModelConfig,
+    fit_value_model,
+    load_value_model,
+    priced_fields,
+    value_fields,
+)
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +165,10 @@ class _Run:
     value: ValueModel | None
     """theta-hat and the outcome model, when the posterior estimator needs them"""
     value_cache: dict[str, torch.Tensor] | None
-    """the value fields of every train request {name: [N, L]} by row of the split (:func:`value_cache`);
+    """the value fields of every train request {name: [N, L, ...]} by row of the split (:func:`value_cache`);
     None: none needed, or too large, and then computed per batch"""
+    static: torch.Tensor
+    """[K] the static weights, the guardrails' reference (grade.guardrails)"""
 
 
 @dataclasses.dataclass
@@ -171,6 +181,10 @@ class _State:
     kappa_integral: float = 0.0
     """the integral part of the kappa target's multiplier (grade.grpo.train_step), carried from step
     to step"""
+    guard_integral: tuple[float, ...] = (0.0,) * len(guardrails.GUARDED)
+    """the integral parts of the guardrails' multipliers (guard_mode constraint), carried from step to step"""
+    guard: guardrails.GuardState | None = None
+    """the last step's guardrail reading (guard_mode constraint); not saved, only logged"""
 
 
 def finetune(features_uri: str, init_uri: str, out_uri: str, cfg: FinetuneConfig, *, rank: int = 0,
@@ -194,10 +208,11 @@ def finetune(features_uri: str, init_uri: str, out_uri: str, cfg: FinetuneConfig
     if ckpt is not None:
         training.restore(ckpt, run.policy, run.optimizer)
         state = _State(ckpt.state["step"], ckpt.state["curve"], ckpt.log_lines,
-                       float(ckpt.state.get("kappa_integral", 0.0)))
+                       float(ckpt.state.get("kappa_integral", 0.0)),
+                       tuple(float(v) for v in ckpt.state.get("guard_integral", state.guard_integral)))
         log.info("finetune: resuming after step %d/%d from %s", state.step, run.total_steps,
                  store.join(out_uri, training.CHECKPOINTS))
-    stage1 = _validate(run, run.reference)
+    stage1 = _validate(run, state, run.reference)
     if stage1 is not None and not state.curve:
         state.curve.append({"step": 0, "epoch": 0, **stage1})
 
@@ -238,7 +253,7 @@ def _start(features_uri: str, init_uri: str, cfg: FinetuneConfig, rank: int, wor
         raise InputError(f"finetune.batch_size: {cfg.batch_size} requests per step cannot be split "
                          f"evenly over {world_size} processes; use a multiple of {world_size}")
     rank_batch = cfg.batch_size // world_size   # batch_size is the global batch
-    valid = _load_valid(features_uri, spec, cfg, value, business) if rank == 0 else None   # rank 0's curve
+    valid = _load_valid(features_uri, spec, cfg, value) if rank == 0 else None   # rank 0's curve
     n_train = dataset.count_requests(features_uri, "train", world_size)
     # A short last batch would get as large a step as a full one (advantages are scaled to unit std)
     # from a noisier estimate: drop it unless the split holds less than one batch.
@@ -247,11 +262,10 @@ def _start(features_uri: str, init_uri: str, cfg: FinetuneConfig, rank: int, wor
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    rewarded = rewarded_value(business, cfg.reward)
-    cache = None if value is None else value_cache(features_uri, value, rewarded, cfg, policy.cfg.cat_sizes)
+    cache = None if value is None else value_cache(features_uri, value, cfg, policy.cfg.cat_sizes)
     return _Run(features_uri, cfg, spec, objectives, gmv_unit_of(spec), fingerprint, policy, reference,
                 optimizer, valid, n_train, rank_batch, drop_last, steps_per_epoch, total_steps, rank,
-                world_size, distributed.GradientAverager(), business, value, cache)
+                world_size, distributed.GradientAverager(), business, value, cache, static_weights(spec))
 
 
 def _value_model(features_uri: str, cfg: FinetuneConfig, outcome_uri: str | None,
@@ -269,19 +283,22 @@ def _theta(run: _Run) -> torch.Tensor | None:
     return None if run.value is None else run.value.theta(run.cfg.exposure_depth)
 
 
-def _with_value_fields(batch: dict[str, torch.Tensor], value: ValueModel | None, business: BusinessConfig,
-                       cfg: FinetuneConfig) -> dict[str, torch.Tensor]:
-    return batch if value is None else {**batch, **value_fields_for(batch, value, business, cfg)}
-
-
-def value_fields_for(batch: dict[str, torch.Tensor], value: ValueModel, business: BusinessConfig,
-                     cfg: FinetuneConfig) -> dict[str, torch.Tensor]:
-    """:func:`value_fields` [B, L] of a batch: the outcome model's term only where the estimator uses it."""
+def value_fields_for(batch: dict[str, torch.Tensor], value: ValueModel, cfg: FinetuneConfig
+                     ) -> dict[str, torch.Tensor]:
+    """:func:`value_fields` of a batch: the outcome model's terms only where the estimator uses them."""
     needs_model = cfg.reward.post_estimator in ("dm", "switch", "shrunk")
-    return value_fields(batch, value, business, with_model=needs_model)
+    return value_fields(batch, value, with_model=needs_model)
 
 
-def value_cache(features_uri: str, value: ValueModel, business: BusinessConfig, cfg: FinetuneConfig,
+def rewarded_now(run: _Run, state: _State) -> BusinessConfig:
+    """The value the posterior maximises at this point of the run: the declared value plus the fixed
+    guardrail prices, or plus the prices the guardrails' controller set at the last step."""
+    if run.cfg.reward.guard_mode == "constraint":
+        return run.business if state.guard is None else guardrails.guarded_value(run.business, state.guard)
+    return rewarded_value(run.business, run.cfg.reward)
+
+
+def value_cache(features_uri: str, value: ValueModel, cfg: FinetuneConfig,
                 cat_sizes: list[int]) -> dict[str, torch.Tensor] | None:
     """The value fields of every train request, computed once: {name: [N, L] float32} by row of the split.
 
@@ -298,20 +315,19 @@ def value_cache(features_uri: str, value: ValueModel, business: BusinessConfig, 
         return None
     n = dataset.count_requests(features_uri, "train")
     chunks = dataset.iter_batches(features_uri, "train", VALUE_CACHE_CHUNK, fields=TRAIN_FIELDS, rows=True)
-    return value_cache_of(chunks, n, value, business, cfg, cat_sizes)
+    return value_cache_of(chunks, n, value, cfg, cat_sizes)
 
 
 def value_cache_of(chunks: Iterable[dict[str, torch.Tensor]], n: int, value: ValueModel,
-                   business: BusinessConfig, cfg: FinetuneConfig, cat_sizes: list[int]
-                   ) -> dict[str, torch.Tensor] | None:
+                   cfg: FinetuneConfig, cat_sizes: list[int]) -> dict[str, torch.Tensor] | None:
     """:func:`value_cache` over ``chunks`` of a split of ``n`` requests, each chunk with its
-    ``dataset.ROW_FIELD`` [C]; {name: [n, L]} or None over ``cfg.value_cache_max_mb``."""
+    ``dataset.ROW_FIELD`` [C]; {name: [n, L, ...]} or None over ``cfg.value_cache_max_mb``."""
     cache: dict[str, torch.Tensor] | None = None
     progress = training.Progress("finetune value fields", n, "requests", logger=log)
     for chunk in chunks:
         chunk = {**chunk, "cat": clamp_unseen(chunk["cat"], cat_sizes)}
         rows = chunk.pop(dataset.ROW_FIELD)
-        fields = value_fields_for(chunk, value, business, cfg)
+        fields = value_fields_for(chunk, value, cfg)
         if cache is None:
             mb = n * sum(v[0].numel() * v.element_size() for v in fields.values()) / 2**20
             if mb > cfg.value_cache_max_mb:
@@ -332,7 +348,7 @@ def value_cache_of(chunks: Iterable[dict[str, torch.Tensor]], n: int, value: Val
 
 
 def cached_value_fields(cache: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The value fields {name: [B, L]} of the batch whose requests sit at ``rows`` [B] of the split."""
+    """The value fields {name: [B, L, ...]} of the batch whose requests sit at ``rows`` [B] of the split."""
     return {name: fields[rows] for name, fields in cache.items()}
 
 
@@ -354,7 +370,7 @@ def _train_epoch(run: _Run, state: _State, epoch: int, progress: training.Progre
         progress.add(1, n_batch * run.world_size, lambda d=diag: _describe(d))   # equal batches on every rank
         step = state.step
         if run.valid is not None and (step % cfg.eval_every == 0 or step == run.total_steps):
-            state.curve.append({"step": step, "epoch": epoch + 1, **_validate(run, run.policy)})
+            state.curve.append({"step": step, "epoch": epoch + 1, **_validate(run, state, run.policy)})
             _log_curve(state.curve[-1], state.curve[0])
         if run.rank == 0 and (step % cfg.checkpoint_every == 0 or i + 1 == run.steps_per_epoch
                               or step == run.total_steps):
@@ -362,7 +378,8 @@ def _train_epoch(run: _Run, state: _State, epoch: int, progress: training.Progre
                                      tensors={"model": training.state_tensors(run.policy)},
                                      optimizer=run.optimizer,
                                      state={"step": step, "curve": state.curve,
-                                            "kappa_integral": state.kappa_integral},
+                                            "kappa_integral": state.kappa_integral,
+                                            "guard_integral": list(state.guard_integral)},
                                      log_lines=state.log_lines)
         if on_step is not None:
             on_step(step)
@@ -376,19 +393,40 @@ def _step(run: _Run, state: _State, epoch: int, batch: dict[str, torch.Tensor]) 
         for group in run.optimizer.param_groups:
             group["lr"] = cfg.lr * (1.0 - state.step / run.total_steps)
     rows = batch.pop(dataset.ROW_FIELD)
-    if run.value_cache is not None:
-        batch = {**batch, **cached_value_fields(run.value_cache, rows)}
-    else:
-        batch = _with_value_fields(batch, run.value, rewarded_value(run.business, cfg.reward), cfg)
+    guard: dict[str, float] = {}
+    if run.value is not None:
+        fields = (cached_value_fields(run.value_cache, rows) if run.value_cache is not None
+                  else value_fields_for(batch, run.value, cfg))
+        if cfg.reward.guard_mode == "constraint":
+            state.guard = _guard_reading(run, state, batch, fields)
+            state.guard_integral = state.guard.integral
+            guard = guardrails.diagnostics(state.guard)
+        batch = {**batch, **priced_fields(fields, rewarded_now(run, state))}
     diag = train_step(run.policy, run.reference, run.optimizer, batch, run.objectives, cfg,
                       step_seed(cfg.seed, state.step), run.gmv_unit, run.averager, _theta(run),
                       state.kappa_integral)
+    diag.update(guard)
     state.kappa_integral = diag["kappa/integral"]
     state.step += 1
     state.log_lines.append(json.dumps({"step": state.step, "epoch": epoch + 1,
                                        "requests": int(batch["mask"].shape[0]), **diag},
                                       sort_keys=True) + "\n")
     return diag
+
+
+@torch.no_grad()
+def _guard_reading(run: _Run, state: _State, batch: dict[str, torch.Tensor], fields: dict[str, torch.Tensor]
+                   ) -> guardrails.GuardState:
+    """The guardrails' multipliers for this step from the batch's estimated amounts at the policy's
+    served weights (before the step's update) and at static's."""
+    run.policy.eval()
+    mean = run.policy.mean_weights(batch["num"], batch["cat"])
+    pair = torch.stack([mean, run.static.to(mean).expand_as(mean)], dim=1)
+    r = run.cfg.reward
+    amounts = guardrails.batch_amounts(pair, batch, fields, _theta(run), r.post_estimator,
+                                       run.cfg.exposure_depth, sync=True)
+    return guardrails.guard_controller(state.guard_integral, amounts, run.business, r.guard_margin,
+                                       r.guard_dual_kp, r.guard_dual_lr)
 
 
 def _describe(diag: dict[str, float]) -> str:
@@ -398,11 +436,15 @@ def _describe(diag: dict[str, float]) -> str:
             f"clip {diag['grpo/clip_frac']:.3f}")
 
 
-def _validate(run: _Run, policy: PolicyNet) -> dict[str, float] | None:
-    """The validation metrics of ``policy`` (None without validation data on this rank)."""
+def _validate(run: _Run, state: _State, policy: PolicyNet) -> dict[str, float] | None:
+    """The validation metrics of ``policy`` (None without validation data on this rank); the reward
+    terms value what the posterior maximises at this point (:func:`rewarded_now`)."""
     if run.valid is None:
         return None
-    return validation_metrics(policy, run.valid, run.objectives, run.cfg, run.gmv_unit, theta=_theta(run))
+    valid = run.valid
+    if run.value is not None:
+        valid = {**valid, **priced_fields(valid, rewarded_now(run, state))}
+    return validation_metrics(policy, valid, run.objectives, run.cfg, run.gmv_unit, theta=_theta(run))
 
 
 def _metrics(run: _Run, state: _State, stage1: dict[str, float] | None, progress: training.Progress
@@ -410,7 +452,7 @@ def _metrics(run: _Run, state: _State, stage1: dict[str, float] | None, progress
     """metrics.json of the run."""
     cfg = run.cfg
     seconds = progress.seconds()
-    final = _validate(run, run.policy)
+    final = _validate(run, state, run.policy)
     return {
         "stage": "finetune", "steps": state.step, "total_steps": run.total_steps,
         "steps_per_epoch": run.steps_per_epoch, "exposure_depth": cfg.exposure_depth,
@@ -422,8 +464,8 @@ def _metrics(run: _Run, state: _State, stage1: dict[str, float] | None, progress
         "entropy_floor": cfg.reward.entropy_floor,
     }
 
-def _load_valid(features_uri: str, spec: dict[str, Any], cfg: FinetuneConfig, value: ValueModel | None,
-                business: BusinessConfig) -> dict[str, torch.Tensor] | None:
+def _load_valid(features_uri: str, spec: dict[str, Any], cfg: FinetuneConfig, value: ValueModel | None
+                ) -> dict[str, torch.Tensor] | None:
     if spec["splits"].get("valid", {}).get("n_requests", 0) < 1:
         log.warning("%s: no valid split; the run has no validation curve", features_uri)
         return None
@@ -431,7 +473,7 @@ def _load_valid(features_uri: str, spec: dict[str, Any], cfg: FinetuneConfig, va
     data = dataset.load_split(features_uri, "valid", fields=TRAIN_FIELDS + truth)
     if cfg.eval_max_requests and data["mask"].shape[0] > cfg.eval_max_requests:
         data = {k: v[: cfg.eval_max_requests] for k, v in data.items()}
-    return _with_value_fields(data, value, business, cfg)
+    return data if value is None else {**data, **value_fields_for(data, value, cfg)}
 
 
 def _lifts(final: dict[str, float] | None, base: dict[str, float] | None) -> dict[str, float]:

@@ -82,16 +82,36 @@ class ValueModel:
                                    self.order_value_unit)
 
 
-def value_fields(batch: dict[str, torch.Tensor], vm: ValueModel, business: BusinessConfig,
-                 with_model: bool = True) -> dict[str, torch.Tensor]:
-    """What the estimators need per item [B, L] beyond a feature batch: ``logged_theta`` (theta-hat at the
-    logged position), ``label_value`` (the declared value of the logged feedback) and, ``with_model``,
-    ``model_value`` (the outcome model's declared value of the examined item)."""
-    out = {"logged_theta": vm.examination.theta_at(batch["position"]).masked_fill(~batch["mask"], 0.0),
-           "label_value": business.item_value(batch["click"], batch["order"], batch["gmv"],
-                                              vm.order_value_unit).masked_fill(~batch["mask"], 0.0)}
+#: the kinds of value of the value fields, in the order of their last axis
+KINDS = ("clicks", "orders", "gmv")
+
+
+def value_fields(batch: dict[str, torch.Tensor], vm: ValueModel, with_model: bool = True
+                 ) -> dict[str, torch.Tensor]:
+    """What the estimators need per item beyond a feature batch, for any declared value: ``logged_theta``
+    [B, L] (theta-hat at the logged position), ``label_kinds`` [B, L, 3] (the logged clicks, orders and GMV
+    in units of the train mean order value, 0 at padding) and, ``with_model``, ``model_kinds`` [B, L, 3]
+    (the outcome model's expected clicks, orders and GMV of the examined item, same units).
+    :func:`priced_fields` turns them into one value per item."""
+    mask = batch["mask"]
+    unit = vm.order_value_unit
+    labels = torch.stack([batch["click"], batch["order"], batch["gmv"] / unit], dim=-1).to(torch.float32)
+    out = {"logged_theta": vm.examination.theta_at(batch["position"]).masked_fill(~mask, 0.0),
+           "label_kinds": labels.masked_fill(~mask.unsqueeze(-1), 0.0)}
     if with_model:
-        out["model_value"] = vm.item_value(batch, business)
+        o = vm.item_outcomes(batch)
+        orders = o["ctr"] * o["cvr"]
+        out["model_kinds"] = torch.stack([o["ctr"], orders, orders * o["value"] / unit], dim=-1)
+    return out
+
+
+def priced_fields(fields: dict[str, torch.Tensor], business: BusinessConfig) -> dict[str, torch.Tensor]:
+    """The fields of grade.reward.estimated_value [B, L] for one value: ``logged_theta``, ``label_value``
+    and (with ``model_kinds``) ``model_value`` = v_click clicks + v_order orders + v_gmv gmv-units."""
+    prices = torch.tensor(business.weights(), dtype=fields["label_kinds"].dtype)
+    out = {"logged_theta": fields["logged_theta"], "label_value": fields["label_kinds"] @ prices}
+    if "model_kinds" in fields:
+        out["model_value"] = fields["model_kinds"] @ prices.to(fields["model_kinds"].dtype)
     return out
 
 

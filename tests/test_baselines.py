@@ -161,6 +161,48 @@ def test_segment_best_weights_follow_each_segment_with_the_truth():
     assert best[0].tolist() == [1.0, 0.0] and best[1].tolist() == [0.0, 1.0]
 
 
+def test_constrained_objective_ranks_every_feasible_vector_above_every_infeasible_one():
+    """Hand-computed: value, then guardrails with floors (2, 10); penalty 100 per unit of relative shortfall."""
+    amounts = torch.tensor([[5.0, 2.0, 10.0],    # feasible (on both floors)
+                            [9.0, 1.0, 12.0],    # clicks 50% short: 9 - 100 * 0.5
+                            [1.0, 3.0, 11.0],    # feasible, low value
+                            [9.0, 1.9, 9.0]],    # 5% and 10% short: 9 - 100 * 0.15
+                           dtype=torch.float64)
+    score = baselines.constrained_objective(amounts, torch.tensor([2.0, 10.0], dtype=torch.float64), 100.0)
+    assert torch.allclose(score, torch.tensor([5.0, -41.0, 1.0, -6.0], dtype=torch.float64))
+    assert torch.argsort(score, descending=True).tolist() == [0, 2, 3, 1]
+
+
+def test_constrained_search_keeps_the_guardrails_that_the_free_search_trades_away():
+    """One segment orders what signal 0 predicts; GMV comes with signal 1. The free search puts the weight
+    on signal 0 and loses GMV against static; the constrained one keeps GMV at static's, pays in orders."""
+    from grade import auction
+
+    data, segment = _two_segment_market()
+    data = {k: v[segment == 0] for k, v in data.items()}
+    n = data["mask"].shape[0]
+    theta = 1.0 / (1.0 + torch.arange(3, dtype=torch.float64))
+    orders = (data["true_ctr"] * data["true_cvr"]).double()
+    gmv = orders * torch.exp(2 * data["z"][..., 1]).double()
+    zeros = torch.zeros(n, 8, dtype=torch.float64)
+    est = auction.EstimatorInputs("dm", theta, torch.ones(n, 8, dtype=torch.float64),
+                                  {"value": zeros, "clicks": zeros, "gmv": zeros},
+                                  {"value": orders, "clicks": data["true_ctr"].double(), "gmv": gmv})
+    train = {**data, "click": torch.zeros(n, 8), "order": torch.zeros(n, 8), "gmv": torch.zeros(n, 8)}
+    spec = {"objectives": ["ctr", "cvr"], "pred_log_std": [1.0, 1.0]}
+    search = dict(depth=3, objective="estimated", iterations=5, population=24, estimated=est, seed=0)
+    free = baselines.best_static(train, spec, **search)
+    held = baselines.best_static(train, spec, guard_margin=0.0, **search)
+    keys = ("value", "clicks", "gmv")
+    at = baselines.estimated_objective(data, torch.stack([torch.tensor([0.5, 0.5]), free.weights, held.weights]),
+                                       est, depth=3, keys=keys)
+    static, free_at, held_at = at
+    assert free_at[2] < static[2]                       # the free search trades GMV away
+    assert held_at[1] >= static[1] and held_at[2] >= static[2]   # the constrained one does not
+    assert static[0] <= held_at[0] < free_at[0]         # and pays for it in orders, never below static
+    assert held.objective == pytest.approx(float(held_at[0]), rel=1e-9)
+
+
 def test_estimated_objective_with_exact_outcomes_is_the_true_value_and_the_search_finds_it():
     """DM with the true expected order per examined item: the objective equals the true value per request."""
     from grade import auction
@@ -173,7 +215,7 @@ def test_estimated_objective_with_exact_outcomes_is_the_true_value_and_the_searc
     est = auction.EstimatorInputs("dm", theta, torch.ones(n, 8, dtype=torch.float64),
                                   {"value": torch.zeros(n, 8, dtype=torch.float64)}, {"value": m})
     grid = auction.simplex_grid(2, 4)
-    value = baselines.estimated_objective(data, grid, est, depth=3)
+    value = baselines.estimated_objective(data, grid, est, depth=3)[:, 0]
     true_opm = auction.sweep_global_weights(data, ["ctr", "cvr"], grid, depth=3, eta=1.0)["opm"]
     impressions_per_request = float(theta.sum())
     assert torch.allclose(value, true_opm / 1000 * impressions_per_request, rtol=1e-5)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from components import finetune as finetune_cli
 from grade import store
 from grade.baselines import static_weights
+from grade.errors import InputError
 from grade.finetune import finetune
 from grade.grpo import FinetuneConfig
 from grade.policy import PolicyConfig, PolicyNet, load_policy, save_policy
@@ -148,6 +149,36 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(features, stag
     assert len(folders) == 2 and folders[-1] == f"step-{steps:06d}"
     suffixes = {p.suffix for p in Path(resumed, "_checkpoints", folders[-1]).iterdir()}
     assert suffixes == {".safetensors", ".json", ".jsonl"}
+
+
+def test_guardrail_constraint_run_resumes_with_its_multipliers(features, stage1, tmp_path):
+    """guard_mode constraint: a floor 20% above static's CTR and GPM makes the multipliers rise; an
+    interrupted run carries their integrals through its checkpoint and ends as an uninterrupted one."""
+    cfg = small_cfg(reward=RewardConfig(guard_mode="constraint", guard_margin=0.2))
+    out, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
+    finetune(features, stage1, out, cfg)
+    lines = [json.loads(line) for line in Path(out, "train_log.jsonl").read_text().splitlines()]
+    assert all(line["guard/clicks_multiplier"] >= 0 and line["guard/gmv_multiplier"] >= 0 for line in lines)
+    assert max(line["guard/gmv_multiplier"] + line["guard/clicks_multiplier"] for line in lines[4:]) > 0
+    assert all(line["guard/gmv_ratio"] > 0 for line in lines)
+
+    class Crash(Exception):
+        pass
+
+    def crash(step: int) -> None:
+        if step == 7:
+            raise Crash
+
+    with pytest.raises(Crash):
+        finetune(features, stage1, resumed, cfg, on_step=crash)
+    finetune(features, stage1, resumed, cfg)
+    assert same(weights_of(out), weights_of(resumed))
+    assert Path(out, "train_log.jsonl").read_text() == Path(resumed, "train_log.jsonl").read_text()
+
+
+def test_guardrail_constraint_needs_a_value_estimator():
+    with pytest.raises(InputError, match="guard_mode: constraint"):
+        RewardConfig(guard_mode="constraint", post_estimator="dcg_ips").validate()
 
 
 def test_checkpoint_of_the_old_torch_save_format_is_refused(features, stage1, tmp_path, caplog):
@@ -308,44 +339,43 @@ def test_value_fields_computed_once_are_those_of_each_batch(features, value_mode
     shuffled batches, a rank's share), on the categories the policy sees."""
     from grade import dataset
     from grade import finetune as finetune_mod
-    from grade.business import BusinessConfig
     from grade.transform import clamp_unseen
     from grade.value_model import value_fields
 
     monkeypatch.setattr(finetune_mod, "VALUE_CACHE_CHUNK", 500)   # 1200 requests: chunks of 500, 500, 200
     cfg = small_cfg(reward=RewardConfig(post_estimator=estimator))
-    business = BusinessConfig(clicks=0.1, gmv=0.5)
     cat_sizes = [3, 2]   # smaller than the features' vocabularies: clamped as a step clamps
-    cache = finetune_mod.value_cache(features, value_model, business, cfg, cat_sizes)
+    cache = finetune_mod.value_cache(features, value_model, cfg, cat_sizes)
     n = dataset.count_requests(features, "train")
-    assert set(cache) == ({"logged_theta", "label_value", "model_value"} if estimator == "dm"
-                          else {"logged_theta", "label_value"})
-    assert all(v.shape == (n, 12) and v.dtype == torch.float32 for v in cache.values())
+    assert set(cache) == ({"logged_theta", "label_kinds", "model_kinds"} if estimator == "dm"
+                          else {"logged_theta", "label_kinds"})
+    assert cache["logged_theta"].shape == (n, 12)
+    assert all(cache[k].shape == (n, 12, 3) for k in cache if k != "logged_theta")
+    assert all(v.dtype == torch.float32 for v in cache.values())
     batches = dataset.iter_batches(features, "train", 128, shuffle=True, seed=3, epoch=1, rank=1,
                                    world_size=2, fields=finetune_mod.TRAIN_FIELDS, rows=True)
     for batch in batches:
         rows = batch.pop(dataset.ROW_FIELD)
         batch["cat"] = clamp_unseen(batch["cat"], cat_sizes)
-        expected = value_fields(batch, value_model, business, with_model=estimator == "dm")
+        expected = value_fields(batch, value_model, with_model=estimator == "dm")
         assert expected.keys() == cache.keys()
         for name, v in expected.items():
             assert torch.equal(cache[name][rows], v), name
-    assert cache["model_value"].std() > 0 if estimator == "dm" else True
+    assert cache["model_kinds"].std() > 0 if estimator == "dm" else True
 
 
 def test_value_fields_over_the_memory_limit_are_computed_per_batch(features, value_model, caplog):
-    from grade.business import BusinessConfig
     from grade.finetune import value_cache
 
     def cache_under(max_mb: float):
         cfg = small_cfg(value_cache_max_mb=max_mb)
-        return value_cache(features, value_model, BusinessConfig(), cfg, [4, 3])
+        return value_cache(features, value_model, cfg, [4, 3])
 
-    # 1200 requests x 12 items x 3 fields x 4 bytes = 0.165 MB
+    # 1200 requests x 12 items x (1 + 3 + 3) values x 4 bytes = 0.385 MB
     with caplog.at_level("WARNING", logger="grade.finetune"):
-        assert cache_under(0.1) is None
-    assert "would take 0.2 MB" in caplog.text and "per batch" in caplog.text
-    assert cache_under(0.2) is not None
+        assert cache_under(0.3) is None
+    assert "would take 0.4 MB" in caplog.text and "per batch" in caplog.text
+    assert cache_under(0.4) is not None
     assert cache_under(0) is None   # 0: always per batch
 
 

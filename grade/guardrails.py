@@ -1,0 +1,106 @@
+"""The guardrails of Stage 2's reward: CTR and GPM may not be traded away for the declared value.
+
+The posterior maximises the declared business value (:mod:`grade.business`); clicks and GMV are its
+guardrails (the promotion gate checks CTR and GPM against static). ``finetune.reward.guard_mode``
+decides how the reward keeps them:
+
+- ``price`` (fixed prices): ``guard_clicks`` per click and ``guard_gmv`` per unit of GMV are added to
+  the declared value (:func:`grade.reward.rewarded_value`). Simple, but a price is paid where the
+  guardrail would hold anyway and may be too low where it would not.
+- ``constraint``: a Lagrangian relaxation. Each guardrail k carries a multiplier lambda_k >= 0; the
+  reward values a guardrail's amount at price_k = lambda_k * V_static / A_k,static (V: the declared
+  value, A_k: the guardrail's amount, both the static weights' estimates on the batch), so lambda is
+  dimensionless: lambda_k = 1 prices a 1% change of guardrail k like a 1% change of the declared value.
+  A PI controller (as the kappa target's, grade.grpo.kappa_controller) sets lambda_k from the
+  guardrail's relative shortfall at the policy's served weights,
+  gap_k = (1 + guard_margin) - A_k(policy mean) / A_k(static): it grows while the guardrail is below
+  its floor and returns to 0 where it holds, so the reward is the declared value alone wherever the
+  guardrails are not binding.
+
+Amounts are estimated on each training batch with the posterior's own estimator and theta-hat, so
+the controller needs no ground truth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from grade import distributed
+from grade.business import BusinessConfig
+from grade.estimators import ranking_value
+from grade.fusion import fuse, top_e
+from grade.value_model import KINDS
+
+#: the guarded kinds of value (grade.value_model.KINDS), in the order of the multipliers
+GUARDED = ("clicks", "gmv")
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardState:
+    """The batch's guardrail reading and the multipliers it sets."""
+
+    multipliers: tuple[float, ...]
+    """lambda_k for this step's reward, one per :data:`GUARDED` kind"""
+    integral: tuple[float, ...]
+    """the integral parts carried to the next step"""
+    ratios: tuple[float, ...]
+    """A_k(policy mean) / A_k(static) on this batch"""
+    prices: tuple[float, ...]
+    """price_k added to the declared value: lambda_k * V_static / A_k,static"""
+
+
+def batch_amounts(weights: torch.Tensor, batch: dict[str, torch.Tensor], fields: dict[str, torch.Tensor],
+                  theta: torch.Tensor, estimator: str, depth: int, sync: bool = False) -> torch.Tensor:
+    """Estimated amounts [P, 3] (clicks, orders, gmv in order-value units) summed over the batch for each
+    of P weight vectors per request ``weights`` [B, P, K].
+
+    ``fields``: :func:`grade.value_model.value_fields` of the batch (``label_kinds``, ``model_kinds``
+    [B, L, 3], ``logged_theta``); ``theta`` [>= E]. With ``sync`` the sums are over every process's share.
+    """
+    idx = top_e(fuse(batch["z"], weights.to(batch["z"].dtype), batch["mask"]), depth)
+    th = theta[: idx.shape[-1]].to(torch.float32)
+    model = fields.get("model_kinds")
+    sums = torch.stack([
+        ranking_value(estimator, idx, th, fields["logged_theta"], fields["label_kinds"][..., k],
+                      None if model is None else model[..., k]).value.double().sum(0)
+        for k in range(len(KINDS))], dim=-1)
+    return distributed.all_sum(sums) if sync else sums
+
+
+def guard_controller(integral: tuple[float, ...], amounts: torch.Tensor, business: BusinessConfig,
+                     margin: float, kp: float, lr: float) -> GuardState:
+    """One PI update from ``amounts`` [2, 3] (row 0 the policy mean's, row 1 static's, as
+    :func:`batch_amounts`): lambda_k = max(0, I_k + kp gap_k), I_k <- max(0, I_k + lr gap_k)."""
+    policy, static = amounts[0], amounts[1]
+    declared = torch.tensor(business.weights(), dtype=torch.float64)
+    v_static = float((declared * static).sum())
+    multipliers, nxt, ratios, prices = [], [], [], []
+    for k, name in enumerate(GUARDED):
+        j = KINDS.index(name)
+        base = float(static[j])
+        ratio = float(policy[j]) / base if base > 0 else 1.0
+        gap = (1.0 + margin) - ratio
+        multipliers.append(max(0.0, integral[k] + kp * gap))
+        nxt.append(max(0.0, integral[k] + lr * gap))
+        ratios.append(ratio)
+        prices.append(multipliers[-1] * v_static / base if base > 0 else 0.0)
+    return GuardState(tuple(multipliers), tuple(nxt), tuple(ratios), tuple(prices))
+
+
+def guarded_value(business: BusinessConfig, state: GuardState) -> BusinessConfig:
+    """The value this step's reward maximises: the declared value plus each guardrail's price."""
+    extra = dict(zip(GUARDED, state.prices, strict=True))
+    return dataclasses.replace(business, clicks=business.clicks + extra["clicks"],
+                               gmv=business.gmv + extra["gmv"])
+
+
+def diagnostics(state: GuardState) -> dict[str, float]:
+    """The step's guardrail diagnostics under ``guard/``."""
+    out = {}
+    for k, name in enumerate(GUARDED):
+        out[f"guard/{name}_ratio"] = state.ratios[k]
+        out[f"guard/{name}_multiplier"] = state.multipliers[k]
+        out[f"guard/{name}_price"] = state.prices[k]
+    return out
