@@ -145,7 +145,8 @@ def evaluate(features: Input[Dataset], stage1: Input[Model], grade: Input[Model]
              grade_snips: Input[Model] | None = None,
              grade_switch: Input[Model] | None = None,
              grade_shrunk: Input[Model] | None = None,
-             grade_dcg_ips: Input[Model] | None = None):
+             grade_dcg_ips: Input[Model] | None = None,
+             grade_guard_prices: Input[Model] | None = None):
     """Offline auction of every policy (and the registry's incumbent) on the held-out requests."""
     import shutil
 
@@ -157,7 +158,8 @@ def evaluate(features: Input[Dataset], stage1: Input[Model], grade: Input[Model]
     models = {"stage1": stage1, "grade": grade, "grade_gaussian": grade_gaussian,
               "grade_fixed_kappa": grade_fixed_kappa, "grade_posterior_only": grade_posterior_only,
               "grade_prior_only": grade_prior_only, "grade_ips": grade_ips, "grade_snips": grade_snips,
-              "grade_switch": grade_switch, "grade_shrunk": grade_shrunk, "grade_dcg_ips": grade_dcg_ips}
+              "grade_switch": grade_switch, "grade_shrunk": grade_shrunk, "grade_dcg_ips": grade_dcg_ips,
+              "grade_guard_prices": grade_guard_prices}
     argv = ["--features", features.path, "--outcome", outcome.path, "--out", report.path,
             "--config", write_step_config(config_yaml)]
     for name, artifact in models.items():

@@ -53,6 +53,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "grade_fixed_kappa": {"finetune": {"adaptive_kappa": False}},
     "grade_posterior_only": {"finetune": {"reward": {"post": 1.0, "prior": 0.0, "format": 0.0}}},
     "grade_prior_only": {"finetune": {"reward": {"post": 0.0, "prior": 1.0, "format": 0.0}}},
+    # the guardrails at fixed prices instead of held as constraints
+    "grade_guard_prices": {"finetune": {"reward": {"guard_mode": "price"}}},
     # each other estimator of the declared value as the posterior (the default is dm)
     **{f"grade_{name}": {"finetune": {"reward": {"post_estimator": name}}}
        for name in ("ips", "snips", "switch", "shrunk", "dcg_ips")},

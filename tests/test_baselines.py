@@ -162,7 +162,8 @@ def test_segment_best_weights_follow_each_segment_with_the_truth():
 
 
 def test_constrained_objective_ranks_every_feasible_vector_above_every_infeasible_one():
-    """Hand-computed: value, then guardrails with floors (2, 10); penalty 100 per unit of relative shortfall."""
+    """Hand-computed: value, then guardrails with floors (2, 10); penalty 100 per unit of relative
+    shortfall."""
     amounts = torch.tensor([[5.0, 2.0, 10.0],    # feasible (on both floors)
                             [9.0, 1.0, 12.0],    # clicks 50% short: 9 - 100 * 0.5
                             [1.0, 3.0, 11.0],    # feasible, low value
@@ -194,8 +195,8 @@ def test_constrained_search_keeps_the_guardrails_that_the_free_search_trades_awa
     free = baselines.best_static(train, spec, **search)
     held = baselines.best_static(train, spec, guard_margin=0.0, **search)
     keys = ("value", "clicks", "gmv")
-    at = baselines.estimated_objective(data, torch.stack([torch.tensor([0.5, 0.5]), free.weights, held.weights]),
-                                       est, depth=3, keys=keys)
+    candidates = torch.stack([torch.tensor([0.5, 0.5]), free.weights, held.weights])
+    at = baselines.estimated_objective(data, candidates, est, depth=3, keys=keys)
     static, free_at, held_at = at
     assert free_at[2] < static[2]                       # the free search trades GMV away
     assert held_at[1] >= static[1] and held_at[2] >= static[2]   # the constrained one does not

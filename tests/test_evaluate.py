@@ -464,8 +464,9 @@ def test_a_baseline_or_primary_flavour_is_one_registry_entry(evaluated, tmp_path
 
 
 def test_best_static_searches_the_value_stage2_maximises(evaluated):
-    """best_static answers GRADE's question globally: the declared value plus the reward's guardrail
-    weights (grade.reward.rewarded_value), recorded next to the declared value."""
+    """best_static answers GRADE's question globally: by default the declared value under the same
+    guardrail constraints as Stage 2 (CTR and GPM at least static's); with guard_mode price, the
+    declared value plus the reward's guardrail prices (grade.reward.rewarded_value)."""
     from grade.business import BusinessConfig
     from grade.evaluation import _best_static, load_inputs
     from grade.reward import RewardConfig, rewarded_value
@@ -473,12 +474,17 @@ def test_best_static_searches_the_value_stage2_maximises(evaluated):
 
     features, _, out, report = evaluated
     search = report["best_static_search"]
-    assert search["searched_value"] == dataclasses.asdict(rewarded_value(BusinessConfig(), RewardConfig()))
+    assert search["searched_value"] == dataclasses.asdict(BusinessConfig()) and search["guard_margin"] == 0.0
     assert search["declared_value"] == dataclasses.asdict(BusinessConfig())
     vm = load_value_model(store.join(out, "value_model"))
+    priced = load_inputs(features, small_config(), RewardConfig(guard_mode="price"), value_model=(vm, {}))
+    details = _best_static(priced).details
+    assert details["searched_value"] == dataclasses.asdict(rewarded_value(BusinessConfig(), RewardConfig()))
+    assert "guard_margin" not in details
     gmv_weight = {}
     for guard in (0.0, 5.0):
-        held = load_inputs(features, small_config(), RewardConfig(guard_clicks=0.0, guard_gmv=guard),
+        held = load_inputs(features, small_config(),
+                           RewardConfig(guard_mode="price", guard_clicks=0.0, guard_gmv=guard),
                            value_model=(vm, {}))
         gmv_weight[guard] = float(_best_static(held).weights[-1])
     assert gmv_weight[5.0] > gmv_weight[0.0] + 0.05
