@@ -10,7 +10,10 @@ the logged positions, the declared value of the labels and, for dm and switch, t
 values), as grade.finetune does, next to the earlier dcg_ips. The fields of a split of ``--requests``
 requests are computed once before (``value_fields_once``: seconds, requests/s, bytes per request,
 by :func:`grade.finetune.value_cache_of`); ``dm_fields_per_batch`` is the step when they are computed
-per batch instead (over ``finetune.value_cache_max_mb``).
+per batch instead (over ``finetune.value_cache_max_mb``). Every step with the default guard_mode
+(constraint) includes the guardrails' reading (a forward of the policy mean, the served and static
+weights' rankings and their estimated amounts); ``dm_guard_prices`` is the step at fixed guardrail
+prices, without it.
 
     python -m benchmarks.finetune [--batch 512] [--group 16] [--list-size 50] [--requests 16384]
                                   [--repeat 10]
@@ -26,6 +29,7 @@ from collections.abc import Callable
 import torch
 
 from benchmarks._common import emit, peak_rss_mib, timeit
+from grade import guardrails
 from grade.business import BusinessConfig
 from grade.dataset import ROW_FIELD
 from grade.examination import ExaminationEstimate
@@ -89,11 +93,22 @@ def step_fn(split: dict[str, torch.Tensor], rows: torch.Tensor, policy: PolicyNe
     cache = None if estimator == "dcg_ips" or per_batch else precompute(split, value, ecfg)
     counter = iter(range(10**9))
 
+    static = torch.full((data["z"].shape[-1],), 1.0 / data["z"].shape[-1])
+    integral = [(0.0,) * len(guardrails.GUARDED)]
+
     def fields() -> dict[str, torch.Tensor]:
         if estimator == "dcg_ips":
             return {}
         kinds = value_fields_for(data, value, ecfg) if per_batch else cached_value_fields(cache, rows)
-        return priced_fields(kinds, rewarded_value(BusinessConfig(), ecfg.reward))
+        if ecfg.reward.guard_mode == "price":
+            return priced_fields(kinds, rewarded_value(BusinessConfig(), ecfg.reward))
+        with torch.no_grad():   # the guardrails' reading at the served weights, as grade.finetune does
+            policy.eval()
+            mean = policy.mean_weights(data["num"], data["cat"])
+            guard = guardrails.read_guardrails(mean, static, data, kinds, theta, BusinessConfig(),
+                                               ecfg.reward, ecfg.exposure_depth, integral[0])
+        integral[0] = guard.integral
+        return priced_fields(kinds, guardrails.guarded_value(BusinessConfig(), guard))
 
     def step() -> None:
         train_step(policy, reference, optimizer, {**data, **fields()}, OBJECTIVES, ecfg, seed=next(counter),
@@ -148,6 +163,9 @@ def run(batch: int = 512, group: int = 16, list_size: int = 50, k: int = 3, repe
                                  warmup=2) for name in ESTIMATORS}
     per_batch_t = timeit(step_fn(split, rows, policy, reference, cfg, value, "dm", per_batch=True),
                          repeat=repeat, warmup=2)
+    priced_cfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, guard_mode="price"))
+    guard_prices_t = timeit(step_fn(split, rows, policy, reference, priced_cfg, value, "dm"), repeat=repeat,
+                            warmup=2)
     once = {name: value_fields_once(split, value, cfg, name, max(3, repeat // 3)) for name in ESTIMATORS[1:]}
     t0 = time.perf_counter()
     n_steps = max(3, repeat)
@@ -157,7 +175,7 @@ def run(batch: int = 512, group: int = 16, list_size: int = 50, k: int = 3, repe
     return {
         "config": {"batch": batch, "group_size": group, "list_size": list_size, "objectives": k,
                    "update_epochs": cfg.update_epochs, "exposure_depth": cfg.exposure_depth,
-                   "post_estimator": cfg.reward.post_estimator,
+                   "post_estimator": cfg.reward.post_estimator, "guard_mode": cfg.reward.guard_mode,
                    "split_requests": int(split["mask"].shape[0])},
         "floor_forward_fused_ranking": floor_t,
         "train_step": step_t,
@@ -169,6 +187,9 @@ def run(batch: int = 512, group: int = 16, list_size: int = 50, k: int = 3, repe
         "rollout_and_reward_share_of_step": reward_t["median_s"] / step_t["median_s"],
         "by_estimator": {name: {**t, "step_over_floor_median": t["median_s"] / floor_t["median_s"]}
                          for name, t in by_estimator.items()},
+        "dm_guard_prices": {
+            **guard_prices_t, "step_over_floor_median": guard_prices_t["median_s"] / floor_t["median_s"],
+            "constraint_step_over_price_step": step_t["median_s"] / guard_prices_t["median_s"]},
         "dm_fields_per_batch": {**per_batch_t,
                                 "step_over_floor_median": per_batch_t["median_s"] / floor_t["median_s"]},
         "value_fields_once": once,

@@ -417,16 +417,11 @@ def _step(run: _Run, state: _State, epoch: int, batch: dict[str, torch.Tensor]) 
 @torch.no_grad()
 def _guard_reading(run: _Run, state: _State, batch: dict[str, torch.Tensor], fields: dict[str, torch.Tensor]
                    ) -> guardrails.GuardState:
-    """The guardrails' multipliers for this step from the batch's estimated amounts at the policy's
-    served weights (before the step's update) and at static's."""
+    """The guardrails' multipliers for this step, read at the policy's served weights before the update."""
     run.policy.eval()
     mean = run.policy.mean_weights(batch["num"], batch["cat"])
-    pair = torch.stack([mean, run.static.to(mean).expand_as(mean)], dim=1)
-    r = run.cfg.reward
-    amounts = guardrails.batch_amounts(pair, batch, fields, _theta(run), r.post_estimator,
-                                       run.cfg.exposure_depth, sync=True)
-    return guardrails.guard_controller(state.guard_integral, amounts, run.business, r.guard_margin,
-                                       r.guard_dual_kp, r.guard_dual_lr)
+    return guardrails.read_guardrails(mean, run.static, batch, fields, _theta(run), run.business,
+                                      run.cfg.reward, run.cfg.exposure_depth, state.guard_integral)
 
 
 def _describe(diag: dict[str, float]) -> str:

@@ -31,6 +31,7 @@ from grade import distributed
 from grade.business import BusinessConfig
 from grade.estimators import ranking_value
 from grade.fusion import fuse, top_e
+from grade.reward import RewardConfig
 from grade.value_model import KINDS
 
 #: the guarded kinds of value (grade.value_model.KINDS), in the order of the multipliers
@@ -87,6 +88,18 @@ def guard_controller(integral: tuple[float, ...], amounts: torch.Tensor, busines
         ratios.append(ratio)
         prices.append(multipliers[-1] * v_static / base if base > 0 else 0.0)
     return GuardState(tuple(multipliers), tuple(nxt), tuple(ratios), tuple(prices))
+
+
+def read_guardrails(mean_weights: torch.Tensor, static: torch.Tensor, batch: dict[str, torch.Tensor],
+                    fields: dict[str, torch.Tensor], theta: torch.Tensor, business: BusinessConfig,
+                    reward: RewardConfig, depth: int, integral: tuple[float, ...]) -> GuardState:
+    """This step's multipliers from the batch: the amounts at the policy's served weights
+    ``mean_weights`` [B, K] and at the static weights ``static`` [K], summed over every process's share,
+    then one :func:`guard_controller` update with ``reward``'s margin and gains."""
+    pair = torch.stack([mean_weights, static.to(mean_weights).expand_as(mean_weights)], dim=1)
+    amounts = batch_amounts(pair, batch, fields, theta, reward.post_estimator, depth, sync=True)
+    return guard_controller(integral, amounts, business, reward.guard_margin, reward.guard_dual_kp,
+                            reward.guard_dual_lr)
 
 
 def guarded_value(business: BusinessConfig, state: GuardState) -> BusinessConfig:
