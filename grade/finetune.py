@@ -300,7 +300,9 @@ def rewarded_now(run: _Run, state: _State) -> BusinessConfig:
 
 def value_cache(features_uri: str, value: ValueModel, cfg: FinetuneConfig,
                 cat_sizes: list[int]) -> dict[str, torch.Tensor] | None:
-    """The value fields of every train request, computed once: {name: [N, L] float32} by row of the split.
+    """The value fields of every train request, computed once: {name: [N, L, ...] float32} by row of the
+    split (:func:`grade.value_model.value_fields`: theta-hat at the logged position, the labels and the
+    outcome model's expectations per kind of value, so that any price of the kinds reads them).
 
     They depend on the request alone (the value model is fixed during Stage 2), so a step looks its
     batch up (``dataset.iter_batches(..., rows=True)``) instead of running the outcome model again every
@@ -428,7 +430,9 @@ def _describe(diag: dict[str, float]) -> str:
     return (f"reward {diag['reward/total']:.4f} (post {diag['reward/post']:.4f}, "
             f"prior {diag['reward/prior']:.4f}, format {diag['reward/format']:.4f}), "
             f"kl {diag['loss/kl']:.4f}, kappa {diag['policy/kappa_mean']:.1f}, "
-            f"clip {diag['grpo/clip_frac']:.3f}")
+            f"clip {diag['grpo/clip_frac']:.3f}"
+            + (f", guard lambda clicks {diag['guard/clicks_multiplier']:.3f} "
+               f"gmv {diag['guard/gmv_multiplier']:.3f}" if "guard/clicks_multiplier" in diag else ""))
 
 
 def _validate(run: _Run, state: _State, policy: PolicyNet) -> dict[str, float] | None:

@@ -105,7 +105,7 @@ class FinetuneConfig:
     """torch intra-op threads (0 = torch's default)"""
     value_cache_max_mb: float = ranged(1024.0, ">= 0")
     """the value fields of every train request are computed once and held in memory up to this size (MB;
-    2-3 fields x list size x 4 bytes per request), else per batch; 0 = always per batch"""
+    1 + 3 + 3 values x list size x 4 bytes per request), else per batch; 0 = always per batch"""
 
     def validate(self, n_objectives: int | None = None) -> None:
         """Checks beyond each field's range (grade.config.check runs those first); with the features'

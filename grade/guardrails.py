@@ -53,19 +53,22 @@ class GuardState:
 
 
 def batch_amounts(weights: torch.Tensor, batch: dict[str, torch.Tensor], fields: dict[str, torch.Tensor],
-                  theta: torch.Tensor, estimator: str, depth: int, sync: bool = False) -> torch.Tensor:
+                  theta: torch.Tensor, reward: RewardConfig, depth: int, sync: bool = False) -> torch.Tensor:
     """Estimated amounts [P, 3] (clicks, orders, gmv in order-value units) summed over the batch for each
     of P weight vectors per request ``weights`` [B, P, K].
 
     ``fields``: :func:`grade.value_model.value_fields` of the batch (``label_kinds``, ``model_kinds``
-    [B, L, 3], ``logged_theta``); ``theta`` [>= E]. With ``sync`` the sums are over every process's share.
+    [B, L, 3], ``logged_theta``); ``theta`` [>= E]; the estimator and its clipping are the posterior's
+    (``reward.post_estimator``, ``post_max_weight``...). With ``sync`` the sums are over every process's
+    share.
     """
     idx = top_e(fuse(batch["z"], weights.to(batch["z"].dtype), batch["mask"]), depth)
     th = theta[: idx.shape[-1]].to(torch.float32)
     model = fields.get("model_kinds")
     sums = torch.stack([
-        ranking_value(estimator, idx, th, fields["logged_theta"], fields["label_kinds"][..., k],
-                      None if model is None else model[..., k]).value.double().sum(0)
+        ranking_value(reward.post_estimator, idx, th, fields["logged_theta"], fields["label_kinds"][..., k],
+                      None if model is None else model[..., k], max_weight=reward.post_max_weight,
+                      tau=reward.post_switch_tau, lam=reward.post_shrink_lambda).value.double().sum(0)
         for k in range(len(KINDS))], dim=-1)
     return distributed.all_sum(sums) if sync else sums
 
@@ -97,7 +100,7 @@ def read_guardrails(mean_weights: torch.Tensor, static: torch.Tensor, batch: dic
     ``mean_weights`` [B, K] and at the static weights ``static`` [K], summed over every process's share,
     then one :func:`guard_controller` update with ``reward``'s margin and gains."""
     pair = torch.stack([mean_weights, static.to(mean_weights).expand_as(mean_weights)], dim=1)
-    amounts = batch_amounts(pair, batch, fields, theta, reward.post_estimator, depth, sync=True)
+    amounts = batch_amounts(pair, batch, fields, theta, reward, depth, sync=True)
     return guard_controller(integral, amounts, business, reward.guard_margin, reward.guard_dual_kp,
                             reward.guard_dual_lr)
 

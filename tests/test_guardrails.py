@@ -7,6 +7,7 @@ import torch
 
 from grade import guardrails
 from grade.business import BusinessConfig
+from grade.reward import RewardConfig
 
 
 def _amounts(policy: list[float], static: list[float]) -> torch.Tensor:
@@ -44,6 +45,7 @@ def test_batch_amounts_are_the_direct_method_per_kind():
     model = torch.tensor([[[0.1, 0.01, 0.02], [0.2, 0.02, 0.01], [0.3, 0.03, 0.09]]] * 2)
     fields = {"logged_theta": torch.ones(2, 3), "label_kinds": torch.zeros(2, 3, 3), "model_kinds": model}
     weights = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]] * 2)   # policy: item 0 then 1; static: item 2 then 1
-    sums = guardrails.batch_amounts(weights, batch, fields, torch.tensor([1.0, 0.5, 0.25]), "dm", depth=2)
+    theta = torch.tensor([1.0, 0.5, 0.25])
+    sums = guardrails.batch_amounts(weights, batch, fields, theta, RewardConfig(), depth=2)
     expected = 2 * torch.stack([model[0, 0] + 0.5 * model[0, 1], model[0, 2] + 0.5 * model[0, 1]])
     assert torch.allclose(sums, expected.double(), atol=1e-7)

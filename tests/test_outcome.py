@@ -172,3 +172,12 @@ def test_component_publishes_a_value_model_that_loads(tmp_path):
     v = vm.item_value(valid, BusinessConfig())
     assert v.shape == valid["mask"].shape and bool(torch.isfinite(v).all())
     assert bool((v[~valid["mask"]] == 0).all())
+    # the value fields per kind, priced, are the declared value of the labels and of the model
+    from grade.value_model import priced_fields, value_fields
+    business = BusinessConfig(clicks=0.5, orders=1.0, gmv=2.0)
+    fields = value_fields(valid, vm)
+    priced = priced_fields(fields, business)
+    label = business.item_value(valid["click"], valid["order"], valid["gmv"], vm.order_value_unit)
+    assert torch.allclose(priced["label_value"], label.masked_fill(~valid["mask"], 0.0), atol=1e-5)
+    assert torch.allclose(priced["model_value"], vm.item_value(valid, business), atol=1e-5)
+    assert torch.equal(priced["logged_theta"], fields["logged_theta"])
