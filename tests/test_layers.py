@@ -10,7 +10,7 @@ The order (docs/architecture.md, "Layers"), lowest first:
 - model: the policy, its loss, the training runtime (it publishes a policy folder with the data's
   feature spec) and the registry of published policies (the evaluation reads the incumbent from it);
 - value: what a ranking is worth (examination, estimators, outcome and value model, declared
-  business value, auction metrics, reward, baselines);
+  business value, auction metrics, reward and its guardrails, baselines);
 - train, evaluate, release: three peers on top that never import one another.
 
 Imports inside ``if TYPE_CHECKING:`` are annotations only and are not counted. Import cycles are
@@ -31,7 +31,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "data": ("simulator", "features", "window", "transform", "dataset"),
     "model": ("policy", "lambdaloss", "training", "registry"),
     "value": ("examination", "estimators", "outcome", "value_model", "business", "auction", "reward",
-              "baselines"),
+              "guardrails", "baselines"),
     "train": ("pretrain", "grpo", "finetune"),
     "evaluate": ("evaluation", "report", "estimator_check"),
     "release": ("blessing", "promotion", "scoring", "serving"),
