@@ -30,9 +30,10 @@ from grade.config import ranged
 from grade.examination import ExaminationConfig, ExaminationEstimate, estimate_examination
 from grade.outcome import (
     OutcomeConfig,
+    OutcomeMixture,
     OutcomeNet,
     calibration,
-    fit_outcome,
+    fit_outcomes,
     load_outcome_from,
     mean_order_value,
     save_outcome,
@@ -61,7 +62,7 @@ class ValueModel:
     """A loaded value model: theta, the outcome model, the GMV unit."""
 
     examination: ExaminationEstimate
-    outcome: OutcomeNet
+    outcome: OutcomeNet | OutcomeMixture
     order_value_unit: float
     """the train mean order value: GMV in the declared value is counted in this unit"""
 
@@ -125,8 +126,8 @@ def examination_of(train: dict[str, torch.Tensor], cfg: ValueModelConfig) -> Exa
     return est
 
 
-def calibration_report(model: OutcomeNet, exam: ExaminationEstimate, valid: dict[str, torch.Tensor],
-                       objectives: list[str]) -> dict[str, Any]:
+def calibration_report(model: OutcomeNet | OutcomeMixture, exam: ExaminationEstimate,
+                       valid: dict[str, torch.Tensor], objectives: list[str]) -> dict[str, Any]:
     """Click and order calibration at the logged positions: the outcome model next to the raw MTL model."""
     mask = valid["mask"]
     theta = exam.theta_at(valid["position"])
@@ -158,7 +159,7 @@ def fit_value_model(features_uri: str, cfg: ValueModelConfig) -> tuple[ValueMode
     if spec["splits"].get("valid", {}).get("n_requests", 0) > 0:
         valid = dataset.load_split(features_uri, "valid")
         valid = {k: v[: cfg.calibration_max_requests] for k, v in valid.items()}
-    model, history = fit_outcome(train, spec, exam, cfg.model, valid)
+    model, history = fit_outcomes(train, spec, exam, cfg.model, valid)
     unit = mean_order_value(train["gmv"], train["order"], train["mask"])
     metrics: dict[str, Any] = {"examination": exam.to_json(), "order_value_unit": unit,
                                "n_train_requests": int(train["mask"].shape[0]), "history": history}

@@ -181,3 +181,49 @@ def test_component_publishes_a_value_model_that_loads(tmp_path):
     assert torch.allclose(priced["label_value"], label.masked_fill(~valid["mask"], 0.0), atol=1e-5)
     assert torch.allclose(priced["model_value"], vm.item_value(valid, business), atol=1e-5)
     assert torch.equal(priced["logged_theta"], fields["logged_theta"])
+
+
+def test_mixture_outcomes_are_the_members_mean_clicks_orders_and_gmv():
+    """Hand-computed, one item: members (ctr, cvr, value) = (0.2, 0.5, 10) and (0.6, 0.1, 20):
+    clicks 0.4, orders (0.1 + 0.06) / 2 = 0.08, GMV (1 + 1.2) / 2 = 1.1, so cvr 0.2 and value 13.75."""
+    from grade.outcome import mixture_outcomes
+
+    one = lambda ctr, cvr, value: {k: torch.tensor([[v]]) for k, v in  # noqa: E731
+                                   (("ctr", ctr), ("cvr", cvr), ("value", value))}
+    mix = mixture_outcomes([one(0.2, 0.5, 10.0), one(0.6, 0.1, 20.0)])
+    assert mix["ctr"].item() == pytest.approx(0.4)
+    assert mix["cvr"].item() == pytest.approx(0.2)
+    assert mix["value"].item() == pytest.approx(13.75)
+    padding = mixture_outcomes([one(0.0, 0.0, 0.0), one(0.0, 0.0, 0.0)])
+    assert padding["cvr"].item() == 0.0 and padding["value"].item() == 0.0
+
+
+def test_members_differ_by_seed_and_a_mixture_saves_and_loads_as_fitted(tmp_path):
+    """fit_outcomes with members = 2 fits seeds 0 and 1 (different weights, both passes in the history);
+    the mixture round-trips through safetensors + JSON; a folder of one model (no ``members`` in its
+    outcome.json, as written before mixtures) still loads as one model."""
+    from grade.outcome import OutcomeMixture, fit_outcomes, load_outcome_from, save_outcome
+
+    data = simulated_batch(SimulatorConfig(seed=5, n_requests=600, n_users=200))
+    data["cat"] = torch.zeros(data["mask"].shape[0], 1, dtype=torch.long)
+    spec = {"objectives": ["ctr", "cvr", "gmv"], "categorical": [{"size": 1}]}
+    exam = ExaminationEstimate.fixed(1.0, 20)
+    model, history = fit_outcomes(data, spec, exam, OutcomeConfig(epochs=2, members=2, hidden=[8], seed=0))
+    assert isinstance(model, OutcomeMixture) and len(model.members) == 2
+    assert sorted({row["member"] for row in history}) == [0, 1] and len(history) == 4
+    first, second = (dict(m.named_parameters())["mlp.0.weight"] for m in model.members)
+    assert not torch.equal(first, second)
+    save_outcome(model, tmp_path)
+    loaded = load_outcome_from(tmp_path)
+    assert isinstance(loaded, OutcomeMixture)
+    with torch.no_grad():
+        for key, value in model.item_outcomes(data).items():
+            assert torch.equal(loaded.item_outcomes(data)[key], value)
+    single, _ = fit_outcomes(data, spec, exam, OutcomeConfig(epochs=1, members=1, hidden=[8]))
+    one = tmp_path / "one"
+    one.mkdir()
+    save_outcome(single, one)
+    saved = json.loads((one / "outcome.json").read_text())
+    assert saved.pop("members") == 1
+    (one / "outcome.json").write_text(json.dumps(saved))
+    assert isinstance(load_outcome_from(one), OutcomeNet)
