@@ -41,7 +41,7 @@ from grade.finetune import (
 )
 from grade.fusion import fuse, top_e
 from grade.grpo import FinetuneConfig, rollout, train_step
-from grade.outcome import OutcomeConfig, OutcomeNet, OutcomeSpec
+from grade.outcome import OutcomeConfig, OutcomeMixture, OutcomeNet, OutcomeSpec
 from grade.policy import PolicyConfig, PolicyNet
 from grade.reward import reward_terms, rewarded_value
 from grade.value_model import ValueModel, priced_fields
@@ -64,10 +64,13 @@ def synthetic_batch(b: int, length: int, k: int, gen: torch.Generator) -> dict[s
 
 
 def synthetic_value_model(list_size: int, k: int) -> ValueModel:
-    """An outcome model of the default width for the synthetic batch's features."""
+    """An outcome model of the default width and number of members for the synthetic batch's features."""
+    defaults = OutcomeConfig()
     spec = OutcomeSpec(objectives=OBJECTIVES[:k], n_numeric=8, cat_sizes=CAT_SIZES,
-                       hidden=list(OutcomeConfig().hidden), emb_dim=OutcomeConfig().emb_dim)
-    return ValueModel(ExaminationEstimate.fixed(1.0, list_size), OutcomeNet(spec).eval(), 1.0)
+                       hidden=list(defaults.hidden), emb_dim=defaults.emb_dim)
+    nets = [OutcomeNet(spec).eval() for _ in range(defaults.members)]
+    model = nets[0] if len(nets) == 1 else OutcomeMixture(nets).eval()
+    return ValueModel(ExaminationEstimate.fixed(1.0, list_size), model, 1.0)
 
 
 def precompute(split: dict[str, torch.Tensor], value: ValueModel, cfg: FinetuneConfig
