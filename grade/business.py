@@ -37,6 +37,11 @@ class BusinessConfig:
         if self.clicks + self.orders + self.gmv <= 0:
             raise InputError("business: declare a positive value for clicks, orders or gmv")
 
+    def plus(self, clicks: float = 0.0, gmv: float = 0.0) -> BusinessConfig:
+        """This value with ``clicks`` more per click and ``gmv`` more per order value unit of GMV (the
+        reward's guardrail prices)."""
+        return dataclasses.replace(self, clicks=self.clicks + clicks, gmv=self.gmv + gmv)
+
     def weights(self) -> tuple[float, float, float]:
         """(v_click, v_order, v_gmv per unit order value)."""
         return float(self.clicks), float(self.orders), float(self.gmv)

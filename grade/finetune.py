@@ -184,7 +184,8 @@ class _State:
     guard_integral: tuple[float, ...] = (0.0,) * len(guardrails.GUARDED)
     """the integral parts of the guardrails' multipliers (guard_mode constraint), carried from step to step"""
     guard: guardrails.GuardState | None = None
-    """the last step's guardrail reading (guard_mode constraint); not saved, only logged"""
+    """the last step's guardrail reading (guard_mode constraint): logged, and its prices value the
+    validation curve's reward terms; not saved (the next step reads the guardrails afresh)"""
 
 
 def finetune(features_uri: str, init_uri: str, out_uri: str, cfg: FinetuneConfig, *, rank: int = 0,

@@ -107,9 +107,7 @@ def read_guardrails(mean_weights: torch.Tensor, static: torch.Tensor, batch: dic
 
 def guarded_value(business: BusinessConfig, state: GuardState) -> BusinessConfig:
     """The value this step's reward maximises: the declared value plus each guardrail's price."""
-    extra = dict(zip(GUARDED, state.prices, strict=True))
-    return dataclasses.replace(business, clicks=business.clicks + extra["clicks"],
-                               gmv=business.gmv + extra["gmv"])
+    return business.plus(**dict(zip(GUARDED, state.prices, strict=True)))
 
 
 def diagnostics(state: GuardState) -> dict[str, float]:

@@ -229,8 +229,7 @@ def rewarded_value(business: BusinessConfig, cfg: RewardConfig) -> BusinessConfi
     guardrail weights on clicks and GMV. best_static's estimated search maximises the same value, so
     the two answer one question (globally and per request); the report and the gate judge the declared
     value alone."""
-    return dataclasses.replace(business, clicks=business.clicks + cfg.guard_clicks,
-                               gmv=business.gmv + cfg.guard_gmv)
+    return business.plus(clicks=cfg.guard_clicks, gmv=cfg.guard_gmv)
 
 
 def gmv_unit_of(spec: dict) -> float:
