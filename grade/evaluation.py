@@ -260,9 +260,8 @@ def estimator_inputs(data: dict[str, torch.Tensor], vm: ValueModel, business: Bu
     if name in ("dm", "switch", "shrunk"):
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in labels}
         for s in range(0, data["mask"].shape[0], batch_size):
-            o = vm.item_outcomes({k: data[k][s:s + batch_size] for k in ("z", "pred", "mask", "num", "cat")})
-            c, order = o["ctr"].double(), (o["ctr"] * o["cvr"]).double()
-            gmv = order * o["value"].double()
+            kinds = vm.item_kinds({k: data[k][s:s + batch_size] for k in ("z", "pred", "mask", "num", "cat")})
+            c, order, gmv = kinds.double().unbind(-1)
             for k, v in (("clicks", c), ("orders", order), ("gmv", gmv),
                          ("value", business.item_value(c, order, gmv, unit))):
                 parts[k].append(v)

@@ -139,6 +139,13 @@ class OutcomeNet(nn.Module):
         }
 
 
+def expected_kinds(outcomes: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Item outcomes {"ctr", "cvr", "value"} [B, L] -> the expected clicks, orders and GMV (raw units) of
+    an examined item [B, L, 3]: ctr, ctr cvr, ctr cvr value."""
+    orders = outcomes["ctr"] * outcomes["cvr"]
+    return torch.stack([outcomes["ctr"], orders, orders * outcomes["value"]], dim=-1)
+
+
 def mixture_outcomes(outcomes: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The item outcomes of a mixture of models, each {"ctr", "cvr", "value"} [B, L], in the same form.
 
@@ -146,9 +153,7 @@ def mixture_outcomes(outcomes: list[dict[str, torch.Tensor]]) -> dict[str, torch
     ctr * cvr * value (averaging cvr alone would weight a member's conversion rate regardless of how
     often it expects a click); its cvr and value are read back from those (0 where the divisor is 0).
     """
-    ctr = torch.stack([o["ctr"] for o in outcomes]).mean(0)
-    orders = torch.stack([o["ctr"] * o["cvr"] for o in outcomes]).mean(0)
-    gmv = torch.stack([o["ctr"] * o["cvr"] * o["value"] for o in outcomes]).mean(0)
+    ctr, orders, gmv = torch.stack([expected_kinds(o) for o in outcomes]).mean(0).unbind(-1)
     return {"ctr": ctr,
             "cvr": torch.where(ctr > 0, orders / ctr.clamp_min(1e-30), torch.zeros_like(ctr)),
             "value": torch.where(orders > 0, gmv / orders.clamp_min(1e-30), torch.zeros_like(orders))}

@@ -33,6 +33,7 @@ from grade.outcome import (
     OutcomeMixture,
     OutcomeNet,
     calibration,
+    expected_kinds,
     fit_outcomes,
     load_outcome_from,
     mean_order_value,
@@ -76,11 +77,16 @@ class ValueModel:
         return self.outcome.item_outcomes(batch)
 
     @torch.no_grad()
+    def item_kinds(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The expected clicks, orders and GMV (raw units) of an examined item [B, L, 3]
+        (:func:`expected_kinds` of the outcome model)."""
+        return expected_kinds(self.item_outcomes(batch))
+
+    @torch.no_grad()
     def item_value(self, batch: dict[str, torch.Tensor], business: BusinessConfig) -> torch.Tensor:
         """The declared value of an examined item [B, L]: v_c ctr + v_o ctr cvr + v_g ctr cvr value / unit."""
-        o = self.item_outcomes(batch)
-        return business.item_value(o["ctr"], o["ctr"] * o["cvr"], o["ctr"] * o["cvr"] * o["value"],
-                                   self.order_value_unit)
+        clicks, orders, gmv = self.item_kinds(batch).unbind(-1)
+        return business.item_value(clicks, orders, gmv, self.order_value_unit)
 
 
 #: the kinds of value of the value fields, in the order of their last axis
@@ -100,9 +106,7 @@ def value_fields(batch: dict[str, torch.Tensor], vm: ValueModel, with_model: boo
     out = {"logged_theta": vm.examination.theta_at(batch["position"]).masked_fill(~mask, 0.0),
            "label_kinds": labels.masked_fill(~mask.unsqueeze(-1), 0.0)}
     if with_model:
-        o = vm.item_outcomes(batch)
-        orders = o["ctr"] * o["cvr"]
-        out["model_kinds"] = torch.stack([o["ctr"], orders, orders * o["value"] / unit], dim=-1)
+        out["model_kinds"] = vm.item_kinds(batch) / torch.tensor([1.0, 1.0, unit])
     return out
 
 
@@ -140,7 +144,8 @@ def calibration_report(model: OutcomeNet | OutcomeMixture, exam: ExaminationEsti
         mtl["click"] = valid["pred"][..., obj["ctr"]]
         if "cvr" in obj:
             mtl["order"] = mtl["click"] * valid["pred"][..., obj["cvr"]]
-    ours = {"click": o["ctr"], "order": o["ctr"] * o["cvr"]}
+    kinds = expected_kinds(o)
+    ours = {"click": kinds[..., 0], "order": kinds[..., 1]}
     for label, probs in ours.items():
         out[label] = {"outcome": calibration((theta * probs)[mask], valid[label][mask])}
         if label in mtl:
