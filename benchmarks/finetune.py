@@ -11,9 +11,9 @@ values), as grade.finetune does, next to the earlier dcg_ips. The fields of a sp
 requests are computed once before (``value_fields_once``: seconds, requests/s, bytes per request,
 by :func:`grade.finetune.value_cache_of`); ``dm_fields_per_batch`` is the step when they are computed
 per batch instead (over ``finetune.value_cache_max_mb``). Every step with the default guard_mode
-(constraint) includes the guardrails' reading (a forward of the policy mean, the served and static
-weights' rankings and their estimated amounts); ``dm_guard_prices`` is the step at fixed guardrail
-prices, without it.
+(constraint) includes the guardrails' reading (the ranking and estimated amounts of the policy's
+served weights, the rollout's mean; static's amounts are value fields computed once);
+``dm_guard_prices`` is the step at fixed guardrail prices, without it.
 
     python -m benchmarks.finetune [--batch 512] [--group 16] [--list-size 50] [--requests 16384]
                                   [--repeat 10]
@@ -40,7 +40,7 @@ from grade.finetune import (
     value_fields_for,
 )
 from grade.fusion import fuse, top_e
-from grade.grpo import FinetuneConfig, rollout, train_step
+from grade.grpo import FinetuneConfig, Rollout, rollout, train_step
 from grade.outcome import OutcomeConfig, OutcomeMixture, OutcomeNet, OutcomeSpec
 from grade.policy import PolicyConfig, PolicyNet
 from grade.reward import reward_terms, rewarded_value
@@ -73,14 +73,15 @@ def synthetic_value_model(list_size: int, k: int) -> ValueModel:
     return ValueModel(ExaminationEstimate.fixed(1.0, list_size), model, 1.0)
 
 
-def precompute(split: dict[str, torch.Tensor], value: ValueModel, cfg: FinetuneConfig
-               ) -> dict[str, torch.Tensor]:
-    """The value fields of every request of ``split`` [N, L], once, as grade.finetune.value_cache does."""
+def precompute(split: dict[str, torch.Tensor], value: ValueModel, cfg: FinetuneConfig,
+               static: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The value fields of every request of ``split`` [N, L], once, as grade.finetune.value_cache does
+    (with the ``static`` weights' amounts when given, as a run holding its guardrails does)."""
     n = int(split["mask"].shape[0])
     starts = range(0, n, VALUE_CACHE_CHUNK)
     chunks = ({**{key: v[s:s + VALUE_CACHE_CHUNK] for key, v in split.items()},
                ROW_FIELD: torch.arange(s, min(s + VALUE_CACHE_CHUNK, n))} for s in starts)
-    return value_cache_of(chunks, n, value, cfg, CAT_SIZES)
+    return value_cache_of(chunks, n, value, cfg, CAT_SIZES, static)
 
 
 def step_fn(split: dict[str, torch.Tensor], rows: torch.Tensor, policy: PolicyNet, reference: PolicyNet,
@@ -93,29 +94,28 @@ def step_fn(split: dict[str, torch.Tensor], rows: torch.Tensor, policy: PolicyNe
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     theta = value.theta(cfg.exposure_depth)
     data = {key: v[rows] for key, v in split.items()}
-    cache = None if estimator == "dcg_ips" or per_batch else precompute(split, value, ecfg)
-    counter = iter(range(10**9))
-
     static = torch.full((data["z"].shape[-1],), 1.0 / data["z"].shape[-1])
+    cache = None if estimator == "dcg_ips" or per_batch else precompute(split, value, ecfg, static)
+    counter = iter(range(10**9))
     integral = [(0.0,) * len(guardrails.GUARDED)]
 
-    def fields() -> dict[str, torch.Tensor]:
+    def fields(roll: Rollout) -> dict[str, torch.Tensor]:
         if estimator == "dcg_ips":
             return {}
-        kinds = value_fields_for(data, value, ecfg) if per_batch else cached_value_fields(cache, rows)
+        kinds = value_fields_for(data, value, ecfg, static) if per_batch else cached_value_fields(cache, rows)
         if ecfg.reward.guard_mode == "price":
             return priced_fields(kinds, rewarded_value(BusinessConfig(), ecfg.reward))
-        with torch.no_grad():   # the guardrails' reading at the served weights, as grade.finetune does
-            policy.eval()
-            mean = policy.mean_weights(data["num"], data["cat"])
-            guard = guardrails.read_guardrails(mean, static, data, kinds, theta, BusinessConfig(),
-                                               ecfg.reward, ecfg.exposure_depth, integral[0])
+        # the guardrails' reading at the rollout's served weights, as grade.finetune does
+        guard = guardrails.read_guardrails(roll.mean, static, data, kinds, theta, BusinessConfig(),
+                                           ecfg.reward, ecfg.exposure_depth, integral[0])
         integral[0] = guard.integral
         return priced_fields(kinds, guardrails.guarded_value(BusinessConfig(), guard))
 
     def step() -> None:
-        train_step(policy, reference, optimizer, {**data, **fields()}, OBJECTIVES, ecfg, seed=next(counter),
-                   theta=None if estimator == "dcg_ips" else theta)
+        seed = next(counter)
+        roll = rollout(policy, data["num"], data["cat"], ecfg, seed)
+        train_step(policy, reference, optimizer, {**data, **fields(roll)}, OBJECTIVES, ecfg, seed=seed,
+                   theta=None if estimator == "dcg_ips" else theta, roll=roll)
 
     return step
 

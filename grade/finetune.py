@@ -31,7 +31,7 @@ from grade.baselines import static_weights
 from grade.business import BusinessConfig
 from grade.config import to_dict
 from grade.errors import InputError
-from grade.grpo import FinetuneConfig, train_step
+from grade.grpo import FinetuneConfig, rollout, train_step
 from grade.policy import PolicyConfig, PolicyNet, load_published_policy
 from grade.reward import gmv_unit_of, reward_terms, rewarded_value, weight_entropy
 from grade.transform import FeatureTransform, clamp_unseen
@@ -263,10 +263,11 @@ def _start(features_uri: str, init_uri: str, cfg: FinetuneConfig, rank: int, wor
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    cache = None if value is None else value_cache(features_uri, value, cfg, policy.cfg.cat_sizes)
+    static = static_weights(spec)
+    cache = None if value is None else value_cache(features_uri, value, cfg, policy.cfg.cat_sizes, static)
     return _Run(features_uri, cfg, spec, objectives, gmv_unit_of(spec), fingerprint, policy, reference,
                 optimizer, valid, n_train, rank_batch, drop_last, steps_per_epoch, total_steps, rank,
-                world_size, distributed.GradientAverager(), business, value, cache, static_weights(spec))
+                world_size, distributed.GradientAverager(), business, value, cache, static)
 
 
 def _value_model(features_uri: str, cfg: FinetuneConfig, outcome_uri: str | None,
@@ -284,11 +285,17 @@ def _theta(run: _Run) -> torch.Tensor | None:
     return None if run.value is None else run.value.theta(run.cfg.exposure_depth)
 
 
-def value_fields_for(batch: dict[str, torch.Tensor], value: ValueModel, cfg: FinetuneConfig
-                     ) -> dict[str, torch.Tensor]:
-    """:func:`value_fields` of a batch: the outcome model's terms only where the estimator uses them."""
+def value_fields_for(batch: dict[str, torch.Tensor], value: ValueModel, cfg: FinetuneConfig,
+                     static: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """:func:`value_fields` of a batch: the outcome model's terms only where the estimator uses them;
+    with the ``static`` weights [K] and guardrails held as constraints, also the static weights' amounts
+    per request (:func:`grade.guardrails.static_fields`), the guardrails' fixed reference."""
     needs_model = cfg.reward.post_estimator in ("dm", "switch", "shrunk")
-    return value_fields(batch, value, with_model=needs_model)
+    fields = value_fields(batch, value, with_model=needs_model)
+    if static is not None and cfg.reward.guard_mode == "constraint":
+        fields.update(guardrails.static_fields(static, batch, fields, value.theta(cfg.exposure_depth),
+                                               cfg.reward, cfg.exposure_depth))
+    return fields
 
 
 def rewarded_now(run: _Run, state: _State) -> BusinessConfig:
@@ -299,8 +306,8 @@ def rewarded_now(run: _Run, state: _State) -> BusinessConfig:
     return rewarded_value(run.business, run.cfg.reward)
 
 
-def value_cache(features_uri: str, value: ValueModel, cfg: FinetuneConfig,
-                cat_sizes: list[int]) -> dict[str, torch.Tensor] | None:
+def value_cache(features_uri: str, value: ValueModel, cfg: FinetuneConfig, cat_sizes: list[int],
+                static: torch.Tensor | None = None) -> dict[str, torch.Tensor] | None:
     """The value fields of every train request, computed once: {name: [N, L, ...] float32} by row of the
     split (:func:`grade.value_model.value_fields`: theta-hat at the logged position, the labels and the
     outcome model's expectations per kind of value, so that any price of the kinds reads them).
@@ -318,19 +325,21 @@ def value_cache(features_uri: str, value: ValueModel, cfg: FinetuneConfig,
         return None
     n = dataset.count_requests(features_uri, "train")
     chunks = dataset.iter_batches(features_uri, "train", VALUE_CACHE_CHUNK, fields=TRAIN_FIELDS, rows=True)
-    return value_cache_of(chunks, n, value, cfg, cat_sizes)
+    return value_cache_of(chunks, n, value, cfg, cat_sizes, static)
 
 
 def value_cache_of(chunks: Iterable[dict[str, torch.Tensor]], n: int, value: ValueModel,
-                   cfg: FinetuneConfig, cat_sizes: list[int]) -> dict[str, torch.Tensor] | None:
+                   cfg: FinetuneConfig, cat_sizes: list[int], static: torch.Tensor | None = None
+                   ) -> dict[str, torch.Tensor] | None:
     """:func:`value_cache` over ``chunks`` of a split of ``n`` requests, each chunk with its
-    ``dataset.ROW_FIELD`` [C]; {name: [n, L, ...]} or None over ``cfg.value_cache_max_mb``."""
+    ``dataset.ROW_FIELD`` [C]; {name: [n, ...]} or None over ``cfg.value_cache_max_mb``
+    (``static``: as :func:`value_fields_for`)."""
     cache: dict[str, torch.Tensor] | None = None
     progress = training.Progress("finetune value fields", n, "requests", logger=log)
     for chunk in chunks:
         chunk = {**chunk, "cat": clamp_unseen(chunk["cat"], cat_sizes)}
         rows = chunk.pop(dataset.ROW_FIELD)
-        fields = value_fields_for(chunk, value, cfg)
+        fields = value_fields_for(chunk, value, cfg, static)
         if cache is None:
             mb = n * sum(v[0].numel() * v.element_size() for v in fields.values()) / 2**20
             if mb > cfg.value_cache_max_mb:
@@ -396,18 +405,22 @@ def _step(run: _Run, state: _State, epoch: int, batch: dict[str, torch.Tensor]) 
         for group in run.optimizer.param_groups:
             group["lr"] = cfg.lr * (1.0 - state.step / run.total_steps)
     rows = batch.pop(dataset.ROW_FIELD)
+    seed = step_seed(cfg.seed, state.step)
+    roll = rollout(run.policy, batch["num"], batch["cat"], cfg, seed)
     guard: dict[str, float] = {}
     if run.value is not None:
         fields = (cached_value_fields(run.value_cache, rows) if run.value_cache is not None
-                  else value_fields_for(batch, run.value, cfg))
+                  else value_fields_for(batch, run.value, cfg, run.static))
         if cfg.reward.guard_mode == "constraint":
-            state.guard = _guard_reading(run, state, batch, fields)
+            # read at the weights the policy serves before this step's update (the rollout's mean)
+            state.guard = guardrails.read_guardrails(roll.mean, run.static, batch, fields, _theta(run),
+                                                     run.business, cfg.reward, cfg.exposure_depth,
+                                                     state.guard_integral)
             state.guard_integral = state.guard.integral
             guard = guardrails.diagnostics(state.guard)
         batch = {**batch, **priced_fields(fields, rewarded_now(run, state))}
-    diag = train_step(run.policy, run.reference, run.optimizer, batch, run.objectives, cfg,
-                      step_seed(cfg.seed, state.step), run.gmv_unit, run.averager, _theta(run),
-                      state.kappa_integral)
+    diag = train_step(run.policy, run.reference, run.optimizer, batch, run.objectives, cfg, seed,
+                      run.gmv_unit, run.averager, _theta(run), state.kappa_integral, roll=roll)
     diag.update(guard)
     state.kappa_integral = diag["kappa/integral"]
     state.step += 1
@@ -415,16 +428,6 @@ def _step(run: _Run, state: _State, epoch: int, batch: dict[str, torch.Tensor]) 
                                        "requests": int(batch["mask"].shape[0]), **diag},
                                       sort_keys=True) + "\n")
     return diag
-
-
-@torch.no_grad()
-def _guard_reading(run: _Run, state: _State, batch: dict[str, torch.Tensor], fields: dict[str, torch.Tensor]
-                   ) -> guardrails.GuardState:
-    """The guardrails' multipliers for this step, read at the policy's served weights before the update."""
-    run.policy.eval()
-    mean = run.policy.mean_weights(batch["num"], batch["cat"])
-    return guardrails.read_guardrails(mean, run.static, batch, fields, _theta(run), run.business,
-                                      run.cfg.reward, run.cfg.exposure_depth, state.guard_integral)
 
 
 def _describe(diag: dict[str, float]) -> str:

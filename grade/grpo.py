@@ -165,6 +165,8 @@ class Rollout:
     """[B, G] log pi_old(action | x), stored at sampling time"""
     kappa: torch.Tensor
     """[B] concentration at sampling time (zeros for gaussian)"""
+    mean: torch.Tensor
+    """[B, K] the policy's mean weights at sampling time: the weights it serves before this step's update"""
 
 
 @torch.no_grad()
@@ -179,7 +181,7 @@ def rollout(policy: PolicyNet, num: torch.Tensor, cat: torch.Tensor, cfg: Finetu
         sampler = global_distribution(out.dist)
         rows = distributed.local_rows(sampler.batch_shape[0])
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)   # the CPU generator fork_rng restores, nothing else
         actions = sampler.sample((cfg.group_size,)).transpose(0, 1)  # [B, G, K]
     if rows is not None:
         actions = actions[rows]
@@ -188,7 +190,7 @@ def rollout(policy: PolicyNet, num: torch.Tensor, cat: torch.Tensor, cfg: Finetu
         actions = actions.clamp_min(cfg.sample_eps)
         actions = actions / actions.sum(-1, keepdim=True)
     log_prob_old = log_prob(out.dist, actions)
-    return Rollout(actions, action_to_weights(actions, cfg), log_prob_old, out.kappa)
+    return Rollout(actions, action_to_weights(actions, cfg), log_prob_old, out.kappa, out.mean)
 
 
 def global_distribution(dist: D.Distribution) -> D.Distribution:
@@ -346,7 +348,8 @@ def train_step(policy: PolicyNet, reference: PolicyNet, optimizer: torch.optim.O
                batch: dict[str, torch.Tensor], objectives: list[str], cfg: FinetuneConfig,
                seed: int, gmv_unit: float = 1.0,
                averager: distributed.GradientAverager | None = None,
-               theta: torch.Tensor | None = None, kappa_integral: float = 0.0) -> dict[str, float]:
+               theta: torch.Tensor | None = None, kappa_integral: float = 0.0,
+               roll: Rollout | None = None) -> dict[str, float]:
     """Rollout, rewards, advantages and ``update_epochs`` clipped updates on one batch.
 
     Returns the step's diagnostics under namespaced keys. ``seed`` fixes this step's samples;
@@ -354,12 +357,13 @@ def train_step(policy: PolicyNet, reference: PolicyNet, optimizer: torch.optim.O
     averages gradients over data-parallel ranks (default: one for the current process group);
     ``theta``: the estimated examination curve the posterior estimators need (grade.reward.reward_terms).
     ``kappa_integral`` is the integral part of the kappa target's lambda, ``kappa/integral`` in the
-    result its next value.
+    result its next value. ``roll``: this step's rollout when the caller has drawn it already (with
+    :func:`rollout` and ``seed``), e.g. to read the guardrails at its served weights before the reward.
     """
     averager = averager or distributed.GradientAverager()
     num, cat = batch["num"], batch["cat"]
     policy.train()
-    roll = rollout(policy, num, cat, cfg, seed)
+    roll = roll if roll is not None else rollout(policy, num, cat, cfg, seed)
     with torch.no_grad():
         terms = reward_terms(roll.weights, batch, objectives, cfg.reward, cfg.exposure_depth, gmv_unit,
                              sync=True, theta=theta)

@@ -52,31 +52,42 @@ class GuardState:
     """price_k added to the declared value: lambda_k * V_static / A_k,static"""
 
 
-def batch_amounts(weights: torch.Tensor, batch: dict[str, torch.Tensor], fields: dict[str, torch.Tensor],
-                  theta: torch.Tensor, reward: RewardConfig, depth: int, sync: bool = False) -> torch.Tensor:
-    """Estimated amounts [P, 3] (clicks, orders, gmv in order-value units) summed over the batch for each
-    of P weight vectors per request ``weights`` [B, P, K].
+def request_amounts(weights: torch.Tensor, batch: dict[str, torch.Tensor], fields: dict[str, torch.Tensor],
+                    theta: torch.Tensor, reward: RewardConfig, depth: int) -> torch.Tensor:
+    """Estimated amounts [B, P, 3] (clicks, orders, gmv in order-value units) of each request's ranking
+    under each of P weight vectors per request ``weights`` [B, P, K].
 
     ``fields``: :func:`grade.value_model.value_fields` of the batch (``label_kinds``, ``model_kinds``
     [B, L, 3], ``logged_theta``); ``theta`` [>= E]; the estimator and its clipping are the posterior's
-    (``reward.post_estimator``, ``post_max_weight``...). With ``sync`` the sums are over every process's
-    share.
+    (``reward.post_estimator``, ``post_max_weight``...).
     """
     idx = top_e(fuse(batch["z"], weights.to(batch["z"].dtype), batch["mask"]), depth)
     th = theta[: idx.shape[-1]].to(torch.float32)
     model = fields.get("model_kinds")
-    sums = torch.stack([
+    return torch.stack([
         ranking_value(reward.post_estimator, idx, th, fields["logged_theta"], fields["label_kinds"][..., k],
                       None if model is None else model[..., k], max_weight=reward.post_max_weight,
-                      tau=reward.post_switch_tau, lam=reward.post_shrink_lambda).value.double().sum(0)
+                      tau=reward.post_switch_tau, lam=reward.post_shrink_lambda).value
         for k in range(len(KINDS))], dim=-1)
-    return distributed.all_sum(sums) if sync else sums
+
+
+def static_fields(static: torch.Tensor, batch: dict[str, torch.Tensor], fields: dict[str, torch.Tensor],
+                  theta: torch.Tensor, reward: RewardConfig, depth: int) -> dict[str, torch.Tensor]:
+    """``{"static_kinds": [B, 3]}``: the static weights' (``static`` [K]) amounts per request, a value field
+    like the others (fixed for a run, so computed once with them); empty where the estimator's value of a
+    request depends on its batch (snips), which :func:`read_guardrails` then estimates per batch."""
+    if reward.post_estimator == "snips":
+        return {}
+    b = batch["z"].shape[0]
+    weights = static.to(batch["z"].dtype).expand(b, 1, -1)
+    return {"static_kinds": request_amounts(weights, batch, fields, theta, reward, depth)[:, 0]}
 
 
 def guard_controller(integral: tuple[float, ...], amounts: torch.Tensor, business: BusinessConfig,
                      margin: float, kp: float, lr: float) -> GuardState:
     """One PI update from ``amounts`` [2, 3] (row 0 the policy mean's, row 1 static's, as
-    :func:`batch_amounts`): lambda_k = max(0, I_k + kp gap_k), I_k <- max(0, I_k + lr gap_k)."""
+    summed over a batch by :func:`read_guardrails`):
+    lambda_k = max(0, I_k + kp gap_k), I_k <- max(0, I_k + lr gap_k)."""
     policy, static = amounts[0], amounts[1]
     declared = torch.tensor(business.weights(), dtype=torch.float64)
     v_static = float((declared * static).sum())
@@ -97,10 +108,16 @@ def read_guardrails(mean_weights: torch.Tensor, static: torch.Tensor, batch: dic
                     fields: dict[str, torch.Tensor], theta: torch.Tensor, business: BusinessConfig,
                     reward: RewardConfig, depth: int, integral: tuple[float, ...]) -> GuardState:
     """This step's multipliers from the batch: the amounts at the policy's served weights
-    ``mean_weights`` [B, K] and at the static weights ``static`` [K], summed over every process's share,
+    ``mean_weights`` [B, K] and at the static weights ``static`` [K] (read from the fields'
+    ``static_kinds`` when :func:`static_fields` put them there), summed over every process's share,
     then one :func:`guard_controller` update with ``reward``'s margin and gains."""
-    pair = torch.stack([mean_weights, static.to(mean_weights).expand_as(mean_weights)], dim=1)
-    amounts = batch_amounts(pair, batch, fields, theta, reward, depth, sync=True)
+    if "static_kinds" in fields:
+        policy = request_amounts(mean_weights.unsqueeze(1), batch, fields, theta, reward, depth)[:, 0]
+        per_request = torch.stack([policy, fields["static_kinds"].to(policy.dtype)], dim=1)
+    else:
+        pair = torch.stack([mean_weights, static.to(mean_weights).expand_as(mean_weights)], dim=1)
+        per_request = request_amounts(pair, batch, fields, theta, reward, depth)
+    amounts = distributed.all_sum(per_request.double().sum(0))
     return guard_controller(integral, amounts, business, reward.guard_margin, reward.guard_dual_kp,
                             reward.guard_dual_lr)
 

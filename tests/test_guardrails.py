@@ -38,14 +38,39 @@ def test_controller_margin_moves_the_floor_and_a_held_guardrail_unwinds():
     assert guardrails.diagnostics(held)["guard/gmv_ratio"] == pytest.approx(1.2)
 
 
-def test_batch_amounts_are_the_direct_method_per_kind():
-    """Two requests of three items, depth 2, theta (1, 0.5): the policy and static rank differently."""
+def _two_requests():
+    """Two requests of three items, depth 2, theta (1, 0.5): weights (1, 0) rank item 0 then 1,
+    weights (0, 1) item 2 then 1."""
     z = torch.tensor([[[3.0, 0.0], [2.0, 1.0], [0.0, 3.0]]] * 2)
     batch = {"z": z, "mask": torch.ones(2, 3, dtype=torch.bool)}
     model = torch.tensor([[[0.1, 0.01, 0.02], [0.2, 0.02, 0.01], [0.3, 0.03, 0.09]]] * 2)
     fields = {"logged_theta": torch.ones(2, 3), "label_kinds": torch.zeros(2, 3, 3), "model_kinds": model}
-    weights = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]] * 2)   # policy: item 0 then 1; static: item 2 then 1
-    theta = torch.tensor([1.0, 0.5, 0.25])
-    sums = guardrails.batch_amounts(weights, batch, fields, theta, RewardConfig(), depth=2)
-    expected = 2 * torch.stack([model[0, 0] + 0.5 * model[0, 1], model[0, 2] + 0.5 * model[0, 1]])
-    assert torch.allclose(sums, expected.double(), atol=1e-7)
+    return batch, fields, model, torch.tensor([1.0, 0.5, 0.25])
+
+
+def test_request_amounts_are_the_direct_method_per_kind():
+    batch, fields, model, theta = _two_requests()
+    weights = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]] * 2)
+    amounts = guardrails.request_amounts(weights, batch, fields, theta, RewardConfig(), depth=2)
+    expected = torch.stack([model[0, 0] + 0.5 * model[0, 1], model[0, 2] + 0.5 * model[0, 1]])
+    assert amounts.shape == (2, 2, 3)
+    assert torch.allclose(amounts, expected.expand(2, 2, 3), atol=1e-7)
+
+
+def test_static_amounts_read_from_the_fields_as_from_the_batch():
+    """The static weights' amounts computed once as a value field give the reading computed per batch;
+    snips, whose value of a request depends on its batch, gets no such field."""
+    batch, fields, model, theta = _two_requests()
+    mean = torch.tensor([[1.0, 0.0], [0.6, 0.4]])
+    static = torch.tensor([0.0, 1.0])
+    cached = guardrails.static_fields(static, batch, fields, theta, RewardConfig(), depth=2)
+    assert torch.allclose(cached["static_kinds"], (model[0, 2] + 0.5 * model[0, 1]).expand(2, 3), atol=1e-7)
+    args = (batch, fields, theta, BusinessConfig(), RewardConfig(), 2, (0.0, 0.0))
+    per_batch = guardrails.read_guardrails(mean, static, *args)
+    from_fields = guardrails.read_guardrails(mean, static, batch, {**fields, **cached}, *args[2:])
+    assert from_fields.ratios == pytest.approx(per_batch.ratios, rel=1e-6)
+    assert from_fields.multipliers == pytest.approx(per_batch.multipliers, rel=1e-6)
+    # both means rank item 0 then 1: clicks 0.1 + 0.5 * 0.2, GMV 0.02 + 0.5 * 0.01; static's item 2 then 1
+    assert per_batch.ratios == pytest.approx((0.2 / 0.4, 0.025 / 0.095), rel=1e-6)
+    snips = RewardConfig(post_estimator="snips")
+    assert guardrails.static_fields(static, batch, fields, theta, snips, depth=2) == {}
