@@ -165,7 +165,7 @@ class _Run:
     value: ValueModel | None
     """theta-hat and the outcome model, when the posterior estimator needs them"""
     value_cache: dict[str, torch.Tensor] | None
-    """the value fields of every train request {name: [N, L, ...]} by row of the split (:func:`value_cache`);
+    """the value fields of every train request {name: [N, ...]} by row of the split (:func:`value_cache`);
     None: none needed, or too large, and then computed per batch"""
     static: torch.Tensor
     """[K] the static weights, the guardrails' reference (grade.guardrails)"""
@@ -308,9 +308,10 @@ def rewarded_now(run: _Run, state: _State) -> BusinessConfig:
 
 def value_cache(features_uri: str, value: ValueModel, cfg: FinetuneConfig, cat_sizes: list[int],
                 static: torch.Tensor | None = None) -> dict[str, torch.Tensor] | None:
-    """The value fields of every train request, computed once: {name: [N, L, ...] float32} by row of the
+    """The value fields of every train request, computed once: {name: [N, ...] float32} by row of the
     split (:func:`grade.value_model.value_fields`: theta-hat at the logged position, the labels and the
-    outcome model's expectations per kind of value, so that any price of the kinds reads them).
+    outcome model's expectations per kind of value, so that any price of the kinds reads them; with
+    ``static``, the static weights' amounts per request, :func:`value_fields_for`).
 
     They depend on the request alone (the value model is fixed during Stage 2), so a step looks its
     batch up (``dataset.iter_batches(..., rows=True)``) instead of running the outcome model again every
@@ -406,6 +407,7 @@ def _step(run: _Run, state: _State, epoch: int, batch: dict[str, torch.Tensor]) 
             group["lr"] = cfg.lr * (1.0 - state.step / run.total_steps)
     rows = batch.pop(dataset.ROW_FIELD)
     seed = step_seed(cfg.seed, state.step)
+    run.policy.train()   # as train_step samples when it draws the rollout itself
     roll = rollout(run.policy, batch["num"], batch["cat"], cfg, seed)
     guard: dict[str, float] = {}
     if run.value is not None:
