@@ -16,8 +16,8 @@ import argparse
 import torch
 
 from benchmarks._common import emit, peak_rss_mib, timeit
-from grade import auction
-from grade.fusion import fuse, top_e
+from grade.data.fusion import fuse, top_e
+from grade.value import auction
 
 
 def synthetic_requests(n: int, length: int = 50, k: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -34,7 +34,7 @@ import psutil
 
 from benchmarks._common import emit
 from benchmarks.pretrain import synthetic_features
-from grade import dataset
+from grade.data import dataset
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1)}   # name -> (processes, threads per process)

@@ -86,7 +86,7 @@ for b in ds.dataset(LOGS, format="parquet", partitioning=None).to_batches():
     n += b.num_rows
 """,
     "features": """
-from grade.features import extract_features
+from grade.data.features import extract_features
 extract_features(LOGS, OUT)
 """,
 }

@@ -7,9 +7,9 @@ scores), measured in the same process. Reported: requests/s of training, the ste
 and the share of the step spent in the rollout + reward; then the step with each posterior
 estimator (``by_estimator``): dm, switch and ips looking their batch's value fields up (theta-hat at
 the logged positions, the declared value of the labels and, for dm and switch, the outcome model's
-values), as grade.finetune does, next to the earlier dcg_ips. The fields of a split of ``--requests``
+values), as grade.train.finetune does, next to the earlier dcg_ips. The fields of a split of ``--requests``
 requests are computed once before (``value_fields_once``: seconds, requests/s, bytes per request,
-by :func:`grade.finetune.value_cache_of`); ``dm_fields_per_batch`` is the step when they are computed
+by :func:`grade.train.finetune.value_cache_of`); ``dm_fields_per_batch`` is the step when they are computed
 per batch instead (over ``finetune.value_cache_max_mb``). Every step with the default guard_mode
 (constraint) includes the guardrails' reading (the ranking and estimated amounts of the policy's
 served weights, the rollout's mean; static's amounts are value fields computed once);
@@ -29,22 +29,22 @@ from collections.abc import Callable
 import torch
 
 from benchmarks._common import emit, peak_rss_mib, timeit
-from grade import guardrails
-from grade.business import BusinessConfig
-from grade.dataset import ROW_FIELD
-from grade.examination import ExaminationEstimate
-from grade.finetune import (
+from grade.data.dataset import ROW_FIELD
+from grade.data.fusion import fuse, top_e
+from grade.model.policy import PolicyConfig, PolicyNet
+from grade.train.finetune import (
     VALUE_CACHE_CHUNK,
     cached_value_fields,
     value_cache_of,
     value_fields_for,
 )
-from grade.fusion import fuse, top_e
-from grade.grpo import FinetuneConfig, Rollout, rollout, train_step
-from grade.outcome import OutcomeConfig, OutcomeMixture, OutcomeNet, OutcomeSpec
-from grade.policy import PolicyConfig, PolicyNet
-from grade.reward import reward_terms, rewarded_value
-from grade.value_model import ValueModel, priced_fields
+from grade.train.grpo import FinetuneConfig, Rollout, rollout, train_step
+from grade.value import guardrails
+from grade.value.business import BusinessConfig
+from grade.value.examination import ExaminationEstimate
+from grade.value.outcome import OutcomeConfig, OutcomeMixture, OutcomeNet, OutcomeSpec
+from grade.value.reward import reward_terms, rewarded_value
+from grade.value.value_model import ValueModel, priced_fields
 
 ESTIMATORS = ("dcg_ips", "ips", "switch", "dm")
 
@@ -75,7 +75,7 @@ def synthetic_value_model(list_size: int, k: int) -> ValueModel:
 
 def precompute(split: dict[str, torch.Tensor], value: ValueModel, cfg: FinetuneConfig,
                static: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The value fields of every request of ``split`` [N, L], once, as grade.finetune.value_cache does
+    """The value fields of every request of ``split`` [N, L], once, as grade.train.finetune.value_cache does
     (with the ``static`` weights' amounts when given, as a run holding its guardrails does)."""
     n = int(split["mask"].shape[0])
     starts = range(0, n, VALUE_CACHE_CHUNK)
@@ -89,7 +89,7 @@ def step_fn(split: dict[str, torch.Tensor], rows: torch.Tensor, policy: PolicyNe
             ) -> Callable[[], None]:
     """One finetune step with ``estimator`` as the posterior on the requests at ``rows`` of ``split``:
     the batch's value fields looked up in those computed once for the split (``per_batch``: computed
-    for the batch), then the GRPO update, as grade.finetune does per batch."""
+    for the batch), then the GRPO update, as grade.train.finetune does per batch."""
     ecfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, post_estimator=estimator))
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     theta = value.theta(cfg.exposure_depth)
@@ -105,7 +105,7 @@ def step_fn(split: dict[str, torch.Tensor], rows: torch.Tensor, policy: PolicyNe
         kinds = value_fields_for(data, value, ecfg, static) if per_batch else cached_value_fields(cache, rows)
         if ecfg.reward.guard_mode == "price":
             return priced_fields(kinds, rewarded_value(BusinessConfig(), ecfg.reward))
-        # the guardrails' reading at the rollout's served weights, as grade.finetune does
+        # the guardrails' reading at the rollout's served weights, as grade.train.finetune does
         guard = guardrails.read_guardrails(roll.mean, static, data, kinds, theta, BusinessConfig(),
                                            ecfg.reward, ecfg.exposure_depth, integral[0])
         integral[0] = guard.integral

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from benchmarks._common import emit
-from grade.fusion import fuse, top_e
-from grade.policy import PolicyConfig, PolicyNet, export_torchscript, load_torchscript
+from grade.data.fusion import fuse, top_e
+from grade.model.policy import PolicyConfig, PolicyNet, export_torchscript, load_torchscript
 
 
 def _latencies(fn, calls: int) -> dict[str, float]:

@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from benchmarks._common import emit, peak_rss_mib, timeit
-from grade.lambdaloss import WEIGHING_SCHEMES, lambda_loss
+from grade.model.lambdaloss import WEIGHING_SCHEMES, lambda_loss
 
 
 def allrank_lambda_loss(y_pred, y_true, eps=1e-10, mu=10.0, sigma=1.0):

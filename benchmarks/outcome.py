@@ -1,10 +1,10 @@
 """Outcome-model training throughput and its distance from the forward pass.
 
-One pass of :func:`grade.outcome.fit_outcome` over N synthetic requests of L items (the position-based
+One pass of :func:`grade.value.outcome.fit_outcome` over N synthetic requests of L items (the position-based
 likelihood, Adam, minibatches of the default size), against the forward pass alone over the same
 requests (the outcome model's logits, no gradient) measured in the same process; and the direct
 method's per-step overhead in Stage 2: the value fields of one finetune batch
-(:func:`grade.value_model.value_fields`, the outcome forward included).
+(:func:`grade.value.value_model.value_fields`, the outcome forward included).
 
     python -m benchmarks.outcome [--requests 8192] [--list-size 50] [--repeat 5]
 """
@@ -18,8 +18,8 @@ import torch
 
 from benchmarks._common import emit, peak_rss_mib, timeit
 from benchmarks.finetune import OBJECTIVES, synthetic_batch, synthetic_value_model
-from grade.outcome import OutcomeConfig, fit_outcome
-from grade.value_model import value_fields
+from grade.value.outcome import OutcomeConfig, fit_outcome
+from grade.value.value_model import value_fields
 
 
 def run(requests: int = 8192, list_size: int = 50, k: int = 3, repeat: int = 5, finetune_batch: int = 512

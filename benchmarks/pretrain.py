@@ -1,6 +1,6 @@
 """Stage 1 pretraining throughput (requests/s), on synthetic logs run through feature extraction.
 
-Measures whole epochs of ``grade.pretrain.pretrain`` (data streaming, LambdaLoss over 3 objectives,
+Measures whole epochs of ``grade.train.pretrain.pretrain`` (data streaming, LambdaLoss over 3 objectives,
 AdamW, validation, checkpoints) and, as the reference in the same process, the loss forward pass alone
 over the same train batches.
 
@@ -21,10 +21,10 @@ import pyarrow.parquet as pq
 import torch
 
 from benchmarks._common import emit, peak_rss_mib
-from grade import dataset
-from grade.features import FeaturesConfig, extract_features
-from grade.policy import PolicyNet
-from grade.pretrain import PretrainConfig, multi_objective_loss, policy_config, pretrain, with_signal
+from grade.data import dataset
+from grade.data.features import FeaturesConfig, extract_features
+from grade.model.policy import PolicyNet
+from grade.train.pretrain import PretrainConfig, multi_objective_loss, policy_config, pretrain, with_signal
 
 
 def synthetic_logs(n_requests: int, list_size: int, seed: int = 0) -> pd.DataFrame:

@@ -52,11 +52,11 @@ WARMUP_S = 0.5
 def demo_registry(root: Path, n_versions: int = 3, n_requests: int = 200) -> dict[str, Any]:
     """Simulated logs, their features and a registry with ``n_versions`` registered policies (random,
     personalised weights), the first in production. Returns the paths, the spec and the model folders."""
-    from grade import store
-    from grade.features import FeaturesConfig, extract_features
-    from grade.policy import PolicyConfig, PolicyNet, save_policy
-    from grade.registry import Registry
-    from grade.simulator import SimulatorConfig, write_logs
+    from grade.core import store
+    from grade.data.features import FeaturesConfig, extract_features
+    from grade.data.simulator import SimulatorConfig, write_logs
+    from grade.model.policy import PolicyConfig, PolicyNet, save_policy
+    from grade.model.registry import Registry
 
     logs, feats = str(root / "logs"), str(root / "feats")
     write_logs(SimulatorConfig(n_requests=n_requests, n_users=80, n_items=1500, n_days=2, list_size=20), logs)
@@ -132,7 +132,7 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 def v2_body(spec: dict[str, Any], batch: int, seed: int = 0) -> bytes:
     """A v2 infer request of ``batch`` requests with known feature values."""
-    from grade.serving import input_metadata
+    from grade.release.serving import input_metadata
 
     rng = np.random.default_rng(seed)
     vocab = {c["name"]: c["vocab"] for c in spec["categorical"]}
@@ -266,7 +266,7 @@ def floor_server(kind: str, port: int, workers: int = 0, listen_fd: int | None =
     a plain uvicorn ASGI app (uvloop, httptools)."""
     import socket
 
-    from grade import http_server
+    from grade.core import http_server
 
     workers = workers or http_server.available_cpus()
     if workers > 1 and listen_fd is None:
@@ -335,7 +335,7 @@ def _constant_model():
 def in_process(registry, body: bytes, calls: int = 500) -> dict[str, float]:
     """Median latency (ms) of the TorchScript call alone and of the whole predict() on the same batch,
     with one torch thread like the server."""
-    from grade import serving
+    from grade.release import serving
 
     torch.set_num_threads(1)
     policy = serving.load_verified(registry, registry.production()[0])
@@ -427,7 +427,7 @@ def run(seconds: float = 5.0, clients: int = 16, repeats: int = 3,
             phase[f"floor_{kind}"] = {k: v for k, v in figures[batch].items() if k != "runs"}
         results[f"batch_{batch}"] = phase
     from components.serve import DEFAULT_BATCH_ROWS
-    from grade.http_server import available_cpus
+    from grade.core.http_server import available_cpus
 
     return {"clients": clients, "seconds_per_run": seconds, "repeats": repeats, "alias_moves": moves,
             "server_workers": workers or available_cpus(),

@@ -21,7 +21,7 @@ from benchmarks._common import emit
 _CHILD = """
 import json, resource, statistics, sys, time
 import pyarrow.parquet as pq
-from grade.simulator import SimulatorConfig, generate, write_logs
+from grade.data.simulator import SimulatorConfig, generate, write_logs
 cfg = SimulatorConfig(n_requests=int(sys.argv[1]))
 t0 = time.perf_counter()
 summary = write_logs(cfg, sys.argv[2])

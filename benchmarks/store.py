@@ -1,7 +1,7 @@
-"""Object-store throughput: grade.store vs the raw minio client, upload and download, same run.
+"""Object-store throughput: grade.core.store vs the raw minio client, upload and download, same run.
 
 Starts its own S3 test server (moto) on loopback unless S3_ENDPOINT_URL is set (e.g. a real MinIO).
-The target is grade.store >= 0.8x the raw client: the retry and atomic-publish plumbing must cost
+The target is grade.core.store >= 0.8x the raw client: the retry and atomic-publish plumbing must cost
 little on large objects. It also times ``open_published`` of a published folder of the same size
 (4 files): locally, checking sha256 vs checking sizes only; on S3, the verified fetch (hashed while
 downloading) vs the raw client downloading the same files.
@@ -94,7 +94,7 @@ def main() -> None:
     try:
         from minio import Minio
 
-        from grade import store
+        from grade.core import store
 
         store.reset_s3_client()
         backend = store._s3()

@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-import grade.cli
-from grade import config, store
-from grade.errors import InputError
+import grade.core.cli
+from grade.core import config, store
+from grade.core.errors import InputError
 
 
 def parse_model(text: str) -> tuple[str, str]:
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from grade.evaluation import format_table, run_evaluation
+    from grade.evaluate.evaluation import format_table, run_evaluation
 
     models: dict[str, str] = {}
     for name, uri in args.model:
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         models[name] = uri
     sections = config.from_args(args)
     cfg = sections["evaluate"]
-    grade.cli.check_new_output(args.out, features=args.features, model=list(models.values()),
+    grade.core.cli.check_new_output(args.out, features=args.features, model=list(models.values()),
                                outcome=args.outcome, registry=args.registry)
     # best_static searches the best global answer to the reward Stage 2 was trained on
     reward = sections["finetune"].reward
@@ -72,4 +72,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(grade.cli.run(main))
+    sys.exit(grade.core.cli.run(main))

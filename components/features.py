@@ -14,12 +14,12 @@ import argparse
 import logging
 import sys
 
-import grade.cli
-from grade import config, store
-from grade.features import SPEC_FILE, extract_features
-from grade.registry import production_model
+import grade.core.cli
+from grade.core import config, store
+from grade.data.features import SPEC_FILE, extract_features
+from grade.model.registry import production_model
 
-log = logging.getLogger("grade.features")
+log = logging.getLogger("grade.data.features")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sections = config.from_args(args)
-    grade.cli.check_new_output(args.out, logs=args.logs)
+    grade.core.cli.check_new_output(args.out, logs=args.logs)
     model = None
     if args.production_registry:
         found = production_model(args.production_registry, sections["shared"].model_name)
@@ -59,4 +59,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(grade.cli.run(main))
+    sys.exit(grade.core.cli.run(main))

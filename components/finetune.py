@@ -23,8 +23,8 @@ import argparse
 import json
 import sys
 
-import grade.cli
-from grade import config, distributed
+import grade.core.cli
+from grade.core import config, distributed
 
 #: config keys with a flag of their own (--group-size, --reward-post, ...); any other key: --set
 FLAGS = tuple(f"finetune.{key}" for key in (
@@ -51,12 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sections = config.from_args(args)
-    grade.cli.check_new_output(args.out, features=args.features, init=args.init, outcome=args.outcome)
+    grade.core.cli.check_new_output(args.out, features=args.features, init=args.init, outcome=args.outcome)
     cfg = sections["finetune"]
 
-    from grade.finetune import finetune
+    from grade.train.finetune import finetune
 
-    grade.cli.log.info("finetune config: %s", json.dumps(config.to_dict(cfg), sort_keys=True))
+    grade.core.cli.log.info("finetune config: %s", json.dumps(config.to_dict(cfg), sort_keys=True))
     with distributed.session() as ctx:
         metrics = finetune(args.features, args.init, args.out, cfg, rank=ctx.rank, world_size=ctx.world_size,
                            business=sections["business"], outcome_uri=args.outcome,
@@ -71,4 +71,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(grade.cli.run(main))
+    sys.exit(grade.core.cli.run(main))

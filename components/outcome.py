@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-import grade.cli
-from grade import config
-from grade.value_model import build_value_model
+import grade.core.cli
+from grade.core import config
+from grade.value.value_model import build_value_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = config.from_args(args)["outcome"]
-    grade.cli.check_new_output(args.out, features=args.features)
+    grade.core.cli.check_new_output(args.out, features=args.features)
     metrics = build_value_model(args.features, args.out, cfg)
     exam = metrics["examination"]
     print(f"examination: {exam['method']} eta {exam['eta']:.3f} from {exam['n_clicks']} clicks")
@@ -49,4 +49,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(grade.cli.run(main))
+    sys.exit(grade.core.cli.run(main))

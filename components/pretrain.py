@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-import grade.cli
-from grade import config, distributed
-from grade.pretrain import pretrain
+import grade.core.cli
+from grade.core import config, distributed
+from grade.train.pretrain import pretrain
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = config.from_args(args)["pretrain"]
-    grade.cli.check_new_output(args.out, features=args.features)
+    grade.core.cli.check_new_output(args.out, features=args.features)
     with distributed.session() as ctx:
         pretrain(args.features, args.out, cfg, rank=ctx.rank, world_size=ctx.world_size,
                  all_reduce=distributed.GradientAverager() if ctx.distributed else None)
@@ -49,4 +49,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(grade.cli.run(main))
+    sys.exit(grade.core.cli.run(main))

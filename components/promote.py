@@ -20,8 +20,8 @@ import argparse
 import json
 import sys
 
-from grade import cli, config, store
-from grade.errors import InputError
+from grade.core import cli, config, store
+from grade.core.errors import InputError
 
 SUBCOMMANDS = ("status", "history", "rollback")
 
@@ -57,7 +57,7 @@ def admin_parser(command: str) -> argparse.ArgumentParser:
 
 
 def admin(command: str, argv: list[str]) -> int:
-    from grade.registry import Registry
+    from grade.model.registry import Registry
 
     args = admin_parser(command).parse_args(argv)
     args.model_name = config.from_args(args)["shared"].model_name
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         return admin(argv[0], argv[1:])
     args = gate_parser().parse_args(argv)
-    from grade import promotion
+    from grade.release import promotion
 
     cfg = config.from_args(args)["promote"]
     cli.log.info("promote config: %s", json.dumps(config.to_dict(cfg), sort_keys=True))

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from grade import cli, config
-from grade.errors import InputError
+from grade.core import cli, config
+from grade.core.errors import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from grade.registry import Registry
-    from grade.scoring import score_requests
+    from grade.model.registry import Registry
+    from grade.release.scoring import score_requests
 
     args.model_name = config.from_args(args)["shared"].model_name
     cli.check_new_output(args.out, requests=args.requests, model=args.model, registry=args.registry)

@@ -29,7 +29,7 @@ request rows: each call is checked on its own and a bad one gets its own 4xx, bu
 the TorchScript call are paid once per group. A call that arrives alone is answered at once.
 
 --workers N runs N such server processes on the port (default: one per core the container may use;
-grade/http_server.py), each with its own policy and alias watch: each swaps on its own when the
+grade/core/http_server.py), each with its own policy and alias watch: each swaps on its own when the
 alias moves, so for up to --watch-seconds plus a load after a promotion the processes may answer
 different versions, and each response names the version that answered it. /metrics sums them all.
 
@@ -54,8 +54,9 @@ from typing import Any
 
 import numpy as np
 
-from grade import cli, http_server, serving
-from grade.errors import InputError
+from grade.core import cli, http_server
+from grade.core.errors import InputError
+from grade.release import serving
 
 #: Largest request body accepted (bytes): about 4,000 requests with 100 candidates as JSON.
 MAX_BODY_BYTES = 8 * 1024 * 1024

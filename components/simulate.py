@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from grade import cli, config
+from grade.core import cli, config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from grade import simulator
+    from grade.data import simulator
 
     cfg = config.from_args(args)["simulator"]
     cli.check_new_output(args.out)

@@ -15,8 +15,9 @@ import argparse
 import json
 import sys
 
-import grade.cli
-from grade import store, window
+import grade.core.cli
+from grade.core import store
+from grade.data import window
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,4 +44,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(grade.cli.run(main))
+    sys.exit(grade.core.cli.run(main))

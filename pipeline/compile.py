@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import grade.cli
+import grade.core.cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,4 +56,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(grade.cli.run(main))
+    sys.exit(grade.core.cli.run(main))

@@ -43,7 +43,7 @@ def window(logs_uri: str, window_days: int, schedule_time: str,
     import tempfile
 
     from components.window import main
-    from grade import window
+    from grade.data import window
     from pipeline.step_io import run_step
 
     if not window.is_partitioned(logs_uri):
@@ -64,7 +64,7 @@ def features(config_yaml: str, snapshot_date: str, features: Output[Dataset],
     import json
 
     from components.features import main
-    from grade import store
+    from grade.core import store
     from pipeline.params import write_step_config
     from pipeline.step_io import run_step
 
@@ -85,7 +85,7 @@ def features(config_yaml: str, snapshot_date: str, features: Output[Dataset],
 def outcome(features: Input[Dataset], config_yaml: str, value_model: Output[Model], metrics: Output[Metrics]):
     """Value model: the examination curve estimated from the logs and the outcome model on train."""
     from components.outcome import main
-    from grade import store
+    from grade.core import store
     from pipeline.params import write_step_config
     from pipeline.step_io import log_metrics_file, run_step
 
@@ -102,7 +102,7 @@ def pretrain(features: Input[Dataset], config_yaml: str, pretrain_epochs: int,
              model: Output[Model], metrics: Output[Metrics], workers: int = 1):
     """Stage 1: LambdaLoss pretraining of the policy mean (data-parallel on ``workers`` processes)."""
     from components.pretrain import main
-    from grade import store
+    from grade.core import store
     from pipeline.params import write_step_config
     from pipeline.step_io import log_metrics_file, run_training_step
 
@@ -120,7 +120,7 @@ def finetune(features: Input[Dataset], init: Input[Model], outcome: Input[Model]
     """Stage 2: GRPO with adaptive Dirichlet exploration (or one of the ablations), on ``workers``
     processes."""
     from components.finetune import main
-    from grade import store
+    from grade.core import store
     from pipeline.params import write_step_config
     from pipeline.step_io import log_metrics_file, run_training_step
 
@@ -151,7 +151,7 @@ def evaluate(features: Input[Dataset], stage1: Input[Model], grade: Input[Model]
     import shutil
 
     from components.evaluate import main
-    from grade import store
+    from grade.core import store
     from pipeline.params import write_step_config
     from pipeline.step_io import log_metrics_file, report_markdown, run_step
 
@@ -183,8 +183,8 @@ def promote(report: Input[Artifact], candidate: Input[Model], registry_uri: str,
             summary: Output[Markdown]):
     """Gate the candidate against the production model; register it and move the alias when blessed."""
     from components.promote import main
-    from grade import store
-    from grade.blessing import Blessing
+    from grade.core import store
+    from grade.release.blessing import Blessing
     from pipeline.params import write_step_config
     from pipeline.step_io import blessing_markdown, run_step
 

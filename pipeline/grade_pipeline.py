@@ -29,7 +29,7 @@ PIPELINE_DESCRIPTION = ("GRADE personalised multi-task fusion: LambdaLoss pretra
 
 #: The Kubernetes Secret with the object store's endpoint and credentials (same namespace as the run).
 S3_SECRET = "grade-s3"
-#: secret key -> environment variable read by grade.store.
+#: secret key -> environment variable read by grade.core.store.
 S3_SECRET_KEYS = {"S3_ENDPOINT_URL": "S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
                   "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
 #: The registry root the compiled pipeline uses unless a run says otherwise.

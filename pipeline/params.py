@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from grade import config
-from grade.errors import ConfigError
+from grade.core import config
+from grade.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def arguments_from_config(path: str | None) -> dict[str, Any]:
     text = ""
     if path:
         config.load_yaml(path)  # a clear error for a missing file or bad YAML
-        from grade import store
+        from grade.core import store
 
         text = store.read_bytes(str(path)).decode() if store.is_s3(path) else open(path).read()
     args: dict[str, Any] = {"config_yaml": text}

@@ -37,10 +37,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import grade.cli
-from grade import store
-from grade.blessing import Blessing
-from grade.errors import InputError
+import grade.core.cli
+from grade.core import store
+from grade.core.errors import InputError
+from grade.release.blessing import Blessing
 from pipeline import params
 from pipeline.grade_pipeline import PIPELINE_NAME
 
@@ -107,13 +107,14 @@ def simulated_logs(store_uri: str, config_path: str | None) -> str:
     deterministic, so the config's hash names the data); returns their URI."""
     import hashlib
 
-    from grade import config, simulator
+    from grade.core import config
+    from grade.data import simulator
 
     cfg = config.load_section(config_path, "simulator")
     digest = hashlib.sha256(json.dumps(config.to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
     uri = store.join(store_uri, "logs", f"simulated-{digest}")
     if store.is_published(uri):
-        grade.cli.log.info("run_local: simulated logs already in %s", uri)
+        grade.core.cli.log.info("run_local: simulated logs already in %s", uri)
     else:
         simulator.write_logs(cfg, uri)
     return uri
@@ -212,7 +213,7 @@ def _blessing_file(path: Path) -> Path:
 
 def summary(report: dict[str, Any], blessing: Blessing | None) -> str:
     """The evaluation table (metrics, lifts vs static with CIs), lifts vs the incumbent, the verdict."""
-    from grade.evaluation import format_table
+    from grade.evaluate.evaluation import format_table
 
     lines = [format_table(report)]
     vs_incumbent = report.get("lift_vs_incumbent", {}).get("grade", {})
@@ -230,7 +231,7 @@ def summary(report: dict[str, Any], blessing: Blessing | None) -> str:
 def check_window(logs: str, window_days: int, schedule_time: str) -> str:
     """With a ``{date}`` pattern as logs: the window's description (bad input, e.g. an empty window,
     exits 2 here, before any task runs); otherwise ''."""
-    from grade import window
+    from grade.data import window
 
     if not window.is_partitioned(logs):
         return ""
@@ -257,7 +258,7 @@ def run_local(config_path: str | None, out: str | Path, *, workdir: str | Path |
         logs = simulated_logs(store_uri, config_path)
     snapshot_date = snapshot_date or dt.datetime.now(dt.timezone.utc).date().isoformat()
     if schedule_time:
-        from grade.window import parse_time
+        from grade.data.window import parse_time
 
         schedule_time = parse_time(schedule_time, "--schedule-time").isoformat()
     if logs and not store.is_s3(logs):
@@ -344,4 +345,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(grade.cli.run(main))
+    sys.exit(grade.core.cli.run(main))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from grade.blessing import Blessing
+    from grade.release.blessing import Blessing
 
 #: The most metrics one task logs (the KFP UI lists them all; keep it readable).
 MAX_METRICS = 100
@@ -26,9 +26,9 @@ class StepFailed(RuntimeError):
 
 def run_step(name: str, main: Callable[[list[str] | None], int | None], argv: list[str]) -> None:
     """Run a component's ``main(argv)`` as its CLI would (logging, exit status 2 on bad input)."""
-    import grade.cli
+    import grade.core.cli
 
-    rc = grade.cli.run(main, argv)
+    rc = grade.core.cli.run(main, argv)
     if rc != 0:
         raise StepFailed(f"components.{name} {' '.join(argv)} exited with status {rc}")
 

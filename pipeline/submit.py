@@ -25,8 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import grade.cli
-from grade.errors import InputError
+import grade.core.cli
+from grade.core.errors import InputError
 from pipeline import params
 
 DEFAULT_EXPERIMENT = "grade-mtf"
@@ -96,19 +96,20 @@ def upload(client: Any, package: Path, pipeline_name: str, description: str = ""
         newest = client.list_pipeline_versions(pipeline_id=pipeline_id, page_size=1,
                                                sort_by="created_at desc")
         version_id = newest.pipeline_versions[0].pipeline_version_id
-        grade.cli.log.info("uploaded pipeline %s (%s), version %s", pipeline_name, pipeline_id, version_id)
+        grade.core.cli.log.info("uploaded pipeline %s (%s), version %s", pipeline_name, pipeline_id,
+                                version_id)
         return pipeline_id, version_id
     version_name = package_version_name(pipeline_name, package)
     same = client.list_pipeline_versions(pipeline_id=pipeline_id, page_size=1, filter=json.dumps(
         {"predicates": [{"key": "display_name", "operation": "EQUALS", "string_value": version_name}]}))
     if same.pipeline_versions:
         version_id = same.pipeline_versions[0].pipeline_version_id
-        grade.cli.log.info("pipeline %s already has version %s (%s): reusing it", pipeline_name,
+        grade.core.cli.log.info("pipeline %s already has version %s (%s): reusing it", pipeline_name,
                            version_name, version_id)
         return pipeline_id, version_id
     version = client.upload_pipeline_version(str(package), pipeline_version_name=version_name,
                                              pipeline_id=pipeline_id, description=description)
-    grade.cli.log.info("uploaded version %s (%s) of pipeline %s", version_name,
+    grade.core.cli.log.info("uploaded version %s (%s) of pipeline %s", version_name,
                        version.pipeline_version_id, pipeline_name)
     return pipeline_id, version.pipeline_version_id
 
@@ -213,7 +214,7 @@ def submit(args: argparse.Namespace, client: Any | None = None) -> dict[str, Any
         # (kubeflow/pipelines#12494): with a fixed prefix the snapshot date cannot key the cache per
         # run, so such retraining runs without the cache. With a {date} pattern the window step
         # resolves the run's schedule time inside the pipeline and its partitions key the cache.
-        from grade.window import is_partitioned
+        from grade.data.window import is_partitioned
 
         recurring = client.create_recurring_run(
             experiment_id=experiment.experiment_id,
@@ -235,4 +236,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(grade.cli.run(main))
+    sys.exit(grade.core.cli.run(main))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from grade import store
+from grade.core import store
 
 ACCESS_KEY = "grade-test-access"
 SECRET_KEY = "grade-test-secret-value"

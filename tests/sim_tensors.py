@@ -1,4 +1,4 @@
-"""Request tensors straight from a simulated table (the layout of grade.dataset.load_split), for tests."""
+"""Request tensors straight from a simulated table (grade.data.dataset.load_split's layout), for tests."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from grade.simulator import SimulatorConfig, generate
+from grade.data.simulator import SimulatorConfig, generate
 
 NUMERIC = ("u_purchase_power", "u_price_affinity", "u_activity", "u_session_depth")
 ROW_FIELDS = ("position", "click", "order", "gmv", "true_ctr", "true_cvr", "price")

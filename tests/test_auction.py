@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from grade import auction
+from grade.value import auction
 
 
 def one_request() -> dict[str, torch.Tensor]:
@@ -68,7 +68,7 @@ def test_padding_is_never_exposed_and_short_lists_have_fewer_impressions():
 
 
 def test_scores_policy_equals_logged_order_and_replay_metrics_by_hand():
-    from grade.baselines import logged_scores
+    from grade.value.baselines import logged_scores
 
     data = one_request()
     s = auction.policy_sums(data, ["ctr", "cvr"], scores=logged_scores(data), depth=2)

@@ -8,8 +8,8 @@ import types
 import pytest
 import torch
 
-from grade import baselines
-from grade.fusion import fuse, top_e
+from grade.data.fusion import fuse, top_e
+from grade.value import baselines
 
 
 def test_static_weights_rank_by_the_product_of_predictions():
@@ -66,8 +66,8 @@ def test_best_static_with_no_iterations_is_static_and_bad_objective_is_refused()
     assert res.weights.tolist() == pytest.approx([0.25, 0.75])
     with pytest.raises(ValueError):
         baselines.best_static(_train(50), spec, objective="revenue")
-    from grade.errors import InputError
-    from grade.reward import RewardConfig
+    from grade.core.errors import InputError
+    from grade.value.reward import RewardConfig
 
     with pytest.raises(InputError, match="post_click, post_order or post_gmv"):
         baselines.best_static(_train(50), spec,
@@ -82,7 +82,7 @@ def test_best_static_with_no_iterations_is_static_and_bad_objective_is_refused()
 
 def test_posterior_search_maximises_stage2_posterior_reward():
     """The default objective: Stage 2's posterior (here orders only), over every request with a positive."""
-    from grade.reward import RewardConfig
+    from grade.value.reward import RewardConfig
 
     spec = {"pred_log_std": [1.0, 1.0], "objectives": ["ctr", "cvr"]}
     train = _train()
@@ -103,7 +103,7 @@ def test_posterior_objective_by_hand():
     Weights (1, 0) put the shallow order on top in request 0 only; (0, 1) the deep one in request 1 only.
     The normaliser is the mean ideal DCG (1 + 4) / 2 = 2.5: the values are (1 / 2.5) / 2 and (4 / 2.5) / 2.
     """
-    from grade.reward import RewardConfig
+    from grade.value.reward import RewardConfig
 
     z = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]]])
     data = {"z": z, "mask": torch.ones(2, 2, dtype=torch.bool),
@@ -131,9 +131,9 @@ def test_oracle_wrapper_passes_the_truth_in_chunks_with_distinct_seeds(monkeypat
         calls.append((signals.shape[0], depth, eta, value, n_candidates, seed))
         return torch.full((signals.shape[0], signals.shape[-1]), float(seed)), torch.zeros(signals.shape[0])
 
-    fake = types.ModuleType("grade.simulator")
+    fake = types.ModuleType("grade.data.simulator")
     fake.oracle_weights = fake_oracle
-    monkeypatch.setitem(sys.modules, "grade.simulator", fake)
+    monkeypatch.setitem(sys.modules, "grade.data.simulator", fake)
     n = 10
     data = {"z": torch.zeros(n, 4, 3), "true_ctr": torch.zeros(n, 4), "true_cvr": torch.zeros(n, 4),
             "price": torch.zeros(n, 4), "mask": torch.ones(n, 4, dtype=torch.bool)}
@@ -177,7 +177,7 @@ def test_constrained_objective_ranks_every_feasible_vector_above_every_infeasibl
 def test_constrained_search_keeps_the_guardrails_that_the_free_search_trades_away():
     """One segment orders what signal 0 predicts; GMV comes with signal 1. The free search puts the weight
     on signal 0 and loses GMV against static; the constrained one keeps GMV at static's, pays in orders."""
-    from grade import auction
+    from grade.value import auction
 
     data, segment = _two_segment_market()
     data = {k: v[segment == 0] for k, v in data.items()}
@@ -206,7 +206,7 @@ def test_constrained_search_keeps_the_guardrails_that_the_free_search_trades_awa
 
 def test_estimated_objective_with_exact_outcomes_is_the_true_value_and_the_search_finds_it():
     """DM with the true expected order per examined item: the objective equals the true value per request."""
-    from grade import auction
+    from grade.value import auction
 
     data, segment = _two_segment_market()
     data = {k: v[segment == 0] for k, v in data.items()}  # one segment: the best global vector is (1, 0)

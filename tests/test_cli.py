@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from grade import cli, store
-from grade.errors import InputError
+from grade.core import cli, store
+from grade.core.errors import InputError
 
 
 def test_exit_statuses(capsys):

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from grade import config
-from grade.errors import ConfigError
+from grade.core import config
+from grade.core.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -88,9 +88,11 @@ def test_real_sections_all_load_with_defaults():
     """Every step's section class exists and builds from an empty mapping."""
     import importlib
 
-    real = {"simulator": "grade.simulator:SimulatorConfig", "features": "grade.features:FeaturesConfig",
-            "pretrain": "grade.pretrain:PretrainConfig", "finetune": "grade.grpo:FinetuneConfig",
-            "evaluate": "grade.evaluation:EvaluateConfig", "promote": "grade.promotion:PromoteConfig"}
+    real = {"simulator": "grade.data.simulator:SimulatorConfig",
+            "features": "grade.data.features:FeaturesConfig",
+            "pretrain": "grade.train.pretrain:PretrainConfig", "finetune": "grade.train.grpo:FinetuneConfig",
+            "evaluate": "grade.evaluate.evaluation:EvaluateConfig",
+            "promote": "grade.release.promotion:PromoteConfig"}
     for name, target in real.items():
         module, cls = target.split(":")
         assert config.build(getattr(importlib.import_module(module), cls), {}, name) is not None
@@ -171,7 +173,7 @@ def test_every_numeric_field_of_every_section_declares_its_range(real_sections):
 
 
 def test_library_entry_checks_configs_made_in_code(real_sections):
-    from grade.pretrain import PretrainConfig
+    from grade.train.pretrain import PretrainConfig
 
     with pytest.raises(ConfigError, match="pretrain.weight_decay: expected a value >= 0"):
         config.check(PretrainConfig(weight_decay=-1.0))
@@ -209,7 +211,7 @@ def test_shared_key_aliases_must_agree(real_sections, tmp_path, text, match):
 
 
 def test_model_name_is_shared_by_promote_and_evaluate(real_sections, tmp_path):
-    from grade.registry import DEFAULT_MODEL
+    from grade.model.registry import DEFAULT_MODEL
 
     default = config.load(None)
     assert default["promote"].model_name == default["evaluate"].registry_model_name == DEFAULT_MODEL
@@ -269,10 +271,10 @@ def test_bad_set_values_are_refused_like_yaml_values(real_sections, setting, mat
 def test_every_component_refuses_a_bad_set_with_exit_2(real_sections, capsys, module, argv):
     import importlib
 
-    import grade.cli
+    import grade.core.cli
 
     main = importlib.import_module(f"components.{module}").main
-    assert grade.cli.run(main, [*argv, "--set", "pretrain.sigma=-1"]) == 2
+    assert grade.core.cli.run(main, [*argv, "--set", "pretrain.sigma=-1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: pretrain.sigma: expected a value > 0, got -1.0"]
 

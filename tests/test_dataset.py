@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from grade import dataset, store
-from grade.errors import InputError
-from grade.features import FeaturesConfig, extract_features
+from grade.core import store
+from grade.core.errors import InputError
+from grade.data import dataset
+from grade.data.features import FeaturesConfig, extract_features
 from tests.test_features import make_logs, write_logs
 
 
@@ -131,7 +132,6 @@ def test_bad_arguments():
 
 
 def test_reads_from_s3(features, s3_env, tmp_path, monkeypatch):
-    pytest.importorskip("grade.s3", reason="the S3 backend (grade/s3.py, issue 2) has not landed yet")
     monkeypatch.setenv("GRADE_CACHE_DIR", str(tmp_path / "cache"))
     uri = f"{s3_env}/features"
     store.publish_dir(features, uri)

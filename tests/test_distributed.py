@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from grade import dataset, distributed
-from grade.pretrain import PretrainConfig, multi_objective_loss, valid_pair_counts
+from grade.core import distributed
+from grade.data import dataset
+from grade.train.pretrain import PretrainConfig, multi_objective_loss, valid_pair_counts
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -114,8 +115,8 @@ def test_valid_pair_counts_by_hand():
 
 
 def test_two_halves_with_global_pair_counts_give_the_global_gradient():
-    from grade.policy import PolicyConfig, PolicyNet
-    from grade.pretrain import RankingModel
+    from grade.model.policy import PolicyConfig, PolicyNet
+    from grade.train.pretrain import RankingModel
 
     torch.manual_seed(0)
     cfg = PretrainConfig()
@@ -168,8 +169,8 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 @pytest.fixture(scope="module")
 def features(tmp_path_factory) -> Path:
-    from grade.features import FeaturesConfig, extract_features
-    from grade.simulator import SimulatorConfig, write_logs
+    from grade.data.features import FeaturesConfig, extract_features
+    from grade.data.simulator import SimulatorConfig, write_logs
 
     root = tmp_path_factory.mktemp("dist")
     write_logs(SimulatorConfig(n_requests=400, seed=0), str(root / "logs"))
@@ -238,7 +239,7 @@ def test_torchrun_two_processes_match_one(features, tmp_path):
 def test_pipeline_training_step_runs_in_process_or_on_two_processes(features, tmp_path):
     """The KFP training components call this: workers 1 runs ``main`` here, 2 launches torchrun."""
     from components.pretrain import main
-    from grade import store
+    from grade.core import store
     from pipeline.step_io import StepFailed, run_training_step
 
     argv = ["--features", str(features), "--epochs", "1", "--batch-size", "64", "--threads", "1"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grade import auction
-from grade.estimator_check import grid_values, policy_check, segment_picks
+from grade.evaluate.estimator_check import grid_values, policy_check, segment_picks
+from grade.value import auction
 
 
 def _lift(v: float, lo: float, hi: float) -> dict:

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from grade.estimators import business_value, direct_method, ips, ratio_weights, shrunk_dr, snips, switch
-from grade.fusion import examination
+from grade.data.fusion import examination
+from grade.value.estimators import business_value, direct_method, ips, ratio_weights, shrunk_dr, snips, switch
 
 # One request, 3 candidates logged at positions 0, 1, 2 (theta = 1, 1/2, 1/3 with eta = 1).
 LOGGED_THETA = torch.tensor([[1.0, 0.5, 1.0 / 3.0]])

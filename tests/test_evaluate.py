@@ -12,13 +12,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from grade import store
-from grade.errors import InputError
-from grade.evaluation import EvaluateConfig, format_table, run_evaluation
-from grade.policy import PolicyConfig, PolicyNet, save_policy
+from grade.core import store
+from grade.core.errors import InputError
+from grade.evaluate.evaluation import EvaluateConfig, format_table, run_evaluation
+from grade.model.policy import PolicyConfig, PolicyNet, save_policy
 
 OBJECTIVES = ["ctr", "cvr", "gmv"]
-HAS_SIMULATOR = importlib.util.find_spec("grade.simulator") is not None
+HAS_SIMULATOR = importlib.util.find_spec("grade.data.simulator") is not None
 
 
 def _requests(n: int, length: int, gen: torch.Generator, truth: bool) -> dict[str, torch.Tensor]:
@@ -231,8 +231,8 @@ def test_html_is_self_contained(evaluated):
 
 def test_truth_free_run_leads_with_estimated_and_the_gate_decides_as_with_truth(tmp_path):
     """The same logs with and without the ground-truth columns: estimated leads, the gate agrees."""
-    from grade.promotion import PromoteConfig, decide
-    from grade.registry import Registry
+    from grade.model.registry import Registry
+    from grade.release.promotion import PromoteConfig, decide
 
     model = make_model(tmp_path / "model")
     cfg = small_config(static_search_iterations=0)
@@ -260,7 +260,7 @@ def test_truth_free_run_leads_with_estimated_and_the_gate_decides_as_with_truth(
     assert (lift[False] > 0) == (lift[True] > 0)
 
 
-@pytest.mark.skipif(not HAS_SIMULATOR, reason="segment names come from grade.simulator")
+@pytest.mark.skipif(not HAS_SIMULATOR, reason="segment names come from grade.data.simulator")
 def test_segment_best_and_the_distance_of_learned_to_best_weights(evaluated):
     _, _, out, report = evaluated
     page = store.read_bytes(store.join(out, "report.html")).decode()
@@ -287,7 +287,7 @@ def test_segment_best_and_the_distance_of_learned_to_best_weights(evaluated):
 def test_logged_policy_estimated_by_ips_is_the_logged_feedback(evaluated):
     """IPS of the logging policy under any theta-hat: the logged clicks and orders of its top E."""
     features, _, _, report = evaluated
-    from grade import dataset
+    from grade.data import dataset
 
     test = dataset.load_split(features, "test")
     top = (test["position"] >= 0) & (test["position"] < 5) & test["mask"]
@@ -318,7 +318,7 @@ def test_unpublished_or_changed_model_folder_is_refused(tmp_path, evaluated, cap
     a published one whose weights changed since fails the manifest's sha256: both exit 2 naming it."""
     import shutil
 
-    import grade.cli
+    import grade.core.cli
     from components import evaluate
 
     features, model, _, _ = evaluated
@@ -327,7 +327,7 @@ def test_unpublished_or_changed_model_folder_is_refused(tmp_path, evaluated, cap
     (unpublished / store.MANIFEST).unlink()
     args = ["--features", features, "--model", f"grade={unpublished}", "--out", str(tmp_path / "o"),
             "--set", "evaluate.bootstrap_samples=20"]
-    assert grade.cli.run(evaluate.main, args) == 2
+    assert grade.core.cli.run(evaluate.main, args) == 2
     assert f"{unpublished}: no {store.MANIFEST}" in capsys.readouterr().err
     assert not store.is_published(str(tmp_path / "o"))
     changed = tmp_path / "changed"
@@ -336,7 +336,7 @@ def test_unpublished_or_changed_model_folder_is_refused(tmp_path, evaluated, cap
     weights[-1] ^= 1
     (changed / "policy.safetensors").write_bytes(bytes(weights))
     args[3] = f"grade={changed}"
-    assert grade.cli.run(evaluate.main, args) == 2
+    assert grade.core.cli.run(evaluate.main, args) == 2
     assert "policy.safetensors: content differs from the manifest" in capsys.readouterr().err
 
 
@@ -353,16 +353,17 @@ def test_component_cli(evaluated, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"report: {out}/report.html" in printed and "OPM lift vs static" in printed
     assert store.read_json(store.join(out, "report.json"))["config"]["bootstrap_samples"] == 50
-    import grade.cli
+    import grade.core.cli
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("evaluate:\n  nonsense: 1\n")
-    assert grade.cli.run(evaluate.main, ["--features", features, "--out", out, "--config", str(bad)]) == 2
+    args = ["--features", features, "--out", out, "--config", str(bad)]
+    assert grade.core.cli.run(evaluate.main, args) == 2
 
 
 def test_incumbent_from_registry(evaluated, tmp_path):
     """With a registry that has a production model, 'incumbent' is evaluated and lifts vs it are reported."""
-    from grade.registry import Registry
+    from grade.model.registry import Registry
 
     features, model, _, _ = evaluated
     registry = str(tmp_path / "registry")
@@ -391,7 +392,7 @@ def test_publishes_to_s3(evaluated, s3_env):
 
 
 def test_comparisons_by_hand():
-    from grade.evaluation import comparisons, headroom_shares
+    from grade.evaluate.evaluation import comparisons, headroom_shares
 
     policies = {"static": {"true": {"opm": 10.0, "gpm": 100.0}},
                 "best_static": {"true": {"opm": 11.0, "gpm": 90.0}},
@@ -417,14 +418,14 @@ def test_the_stages_compose_to_report_json(evaluated, tmp_path):
     """load -> compute_policies -> build_report gives report.json (the same keys, the same values)."""
     import time
 
-    from grade import evaluation
+    from grade.evaluate import evaluation
 
     features, model, out, report = evaluated
     on_disk = store.read_json(store.join(out, "report.json"))
     assert set(on_disk) == REPORT_KEYS and on_disk == json.loads(json.dumps(evaluation._finite(report)))
     cfg = small_config()
     # the value model the run fitted itself is published in the report folder, with its report entry
-    from grade.value_model import load_value_model
+    from grade.value.value_model import load_value_model
 
     assert report["value_model"]["uri"] == "fitted"
     fitted = store.join(out, evaluation.FITTED_VALUE_MODEL)
@@ -443,7 +444,7 @@ def test_the_stages_compose_to_report_json(evaluated, tmp_path):
 def test_a_baseline_or_primary_flavour_is_one_registry_entry(evaluated, tmp_path, monkeypatch):
     """Adding a baseline to BASELINES puts it in every table; an unavailable one is reported, not ranked;
     the primary flavour is the first available entry of PRIMARY_FLAVOURS."""
-    from grade import evaluation
+    from grade.evaluate import evaluation
 
     features, _, _, _ = evaluated
     uniform = torch.full((len(OBJECTIVES),), 1.0 / len(OBJECTIVES))
@@ -466,11 +467,11 @@ def test_a_baseline_or_primary_flavour_is_one_registry_entry(evaluated, tmp_path
 def test_best_static_searches_the_value_stage2_maximises(evaluated):
     """best_static answers GRADE's question globally: by default the declared value under the same
     guardrail constraints as Stage 2 (CTR and GPM at least static's); with guard_mode price, the
-    declared value plus the reward's guardrail prices (grade.reward.rewarded_value)."""
-    from grade.business import BusinessConfig
-    from grade.evaluation import _best_static, load_inputs
-    from grade.reward import RewardConfig, rewarded_value
-    from grade.value_model import load_value_model
+    declared value plus the reward's guardrail prices (grade.value.reward.rewarded_value)."""
+    from grade.evaluate.evaluation import _best_static, load_inputs
+    from grade.value.business import BusinessConfig
+    from grade.value.reward import RewardConfig, rewarded_value
+    from grade.value.value_model import load_value_model
 
     features, _, out, report = evaluated
     search = report["best_static_search"]

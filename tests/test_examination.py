@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from grade.errors import InputError
-from grade.examination import ExaminationConfig, ExaminationEstimate, estimate_examination
-from grade.simulator import SimulatorConfig
+from grade.core.errors import InputError
+from grade.data.simulator import SimulatorConfig
+from grade.value.examination import ExaminationConfig, ExaminationEstimate, estimate_examination
 from tests.sim_tensors import simulated_batch
 
 

@@ -21,7 +21,7 @@ import uuid
 import pytest
 
 import components.features as features_cli
-from grade import cli, store
+from grade.core import cli, store
 from tests.conftest import ACCESS_KEY, SECRET_KEY, s3_environ
 from tests.test_features import make_logs, write_logs
 
@@ -126,7 +126,7 @@ class Flaky:
     """The S3 test server behind a :class:`FlakyProxy`, a fresh bucket, and a direct reader beside it."""
 
     def __init__(self, endpoint: str, proxy: FlakyProxy, bucket: str, reference: str):
-        from grade.s3 import S3Backend
+        from grade.core.store.s3 import S3Backend
 
         self.proxy, self.bucket, self.root = proxy, bucket, f"s3://{bucket}"
         self.reference = reference  # the content hash of the features made without a fault

@@ -12,18 +12,18 @@ import pyarrow.parquet as pq
 import pytest
 from safetensors.numpy import load_file
 
-import grade.cli
+import grade.core.cli
 from components import features as features_cli
-from grade import store
-from grade.errors import InputError
-from grade.features import (
+from grade.core import store
+from grade.core.errors import InputError
+from grade.data.features import (
     FeaturesConfig,
     extract_features,
     hash_strings,
     objective_order,
     split_boundaries,
 )
-from grade.transform import encode_categorical
+from grade.data.transform import encode_categorical
 
 T0 = pd.Timestamp("2026-03-01")
 
@@ -66,7 +66,7 @@ def write_logs(folder: Path, df: pd.DataFrame, parts: int = 1) -> Path:
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    rc = grade.cli.run(features_cli.main, argv)
+    rc = grade.core.cli.run(features_cli.main, argv)
     return rc, capsys.readouterr().err
 
 
@@ -440,7 +440,6 @@ def test_skip_mode_quarantines_whole_requests(tmp_path, capsys, caplog):
 
 
 def test_s3_input_and_output(tmp_path, s3_env):
-    pytest.importorskip("grade.s3", reason="the S3 backend (grade/s3.py, issue 2) has not landed yet")
     df = make_logs(20)
     local = write_logs(tmp_path / "logs", df, parts=2)
     logs_uri = f"{s3_env}/logs"
@@ -497,7 +496,7 @@ def test_one_huge_value_does_not_wipe_a_numeric_feature(tmp_path):
     assert lo <= 0 and 13.5 <= hi < 1e3
     assert spec["numeric_clipped"] == {"u_power": {"train": 1, "valid": 0, "test": 0}}
     # the transform the spec defines applies the same clip at serving time
-    from grade.transform import FeatureTransform
+    from grade.data.transform import FeatureTransform
     served, _ = FeatureTransform.from_spec(spec).request_features({"u_power": [1e30, 2.0],
                                                                    "c_device": [0, 0]})
     assert served[0, 0] == pytest.approx(num[3]) and served[1, 0] == pytest.approx(clean[3])
@@ -619,7 +618,7 @@ def test_skip_mode_files_differing_in_an_ignored_column(tmp_path, capsys):
 
 def _registry_with_production(root: Path, spec: dict) -> Path:
     """A registry whose production model (the default model name) has feature spec ``spec``."""
-    from grade.registry import Registry
+    from grade.model.registry import Registry
 
     local = root.parent / "model-files"
     local.mkdir()

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
-from grade.errors import InputError
-from grade.features import FeaturesConfig, extract_features
+from grade.core.errors import InputError
+from grade.data.features import FeaturesConfig, extract_features
 from tests.test_features import make_logs
 
 N_REQUESTS = 12

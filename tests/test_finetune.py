@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from components import finetune as finetune_cli
-from grade import store
-from grade.baselines import static_weights
-from grade.finetune import finetune
-from grade.grpo import FinetuneConfig
-from grade.policy import PolicyConfig, PolicyNet, load_policy, save_policy
-from grade.reward import RewardConfig
+from grade.core import store
+from grade.model.policy import PolicyConfig, PolicyNet, load_policy, save_policy
+from grade.train.finetune import finetune
+from grade.train.grpo import FinetuneConfig
+from grade.value.baselines import static_weights
+from grade.value.reward import RewardConfig
 from tests.test_evaluate import make_features
 
 DIAGNOSTICS = ("reward/total", "reward/post", "reward/prior", "reward/format", "adv/std", "loss/policy",
@@ -179,12 +179,13 @@ def test_a_tighter_guardrail_floor_keeps_more_gmv(features, stage1, tmp_path):
     """Behaviour of guard_mode constraint: the served weights' estimated GMV against static's (valid split)
     rises from the unguarded reward (no prices) to a floor at static's and further to a floor 10% above
     (measured: 0.914, 0.929, 0.956 on these features)."""
-    from grade import dataset, guardrails
-    from grade.business import BusinessConfig
-    from grade.finetune import value_fields_for
-    from grade.policy import load_policy
-    from grade.transform import clamp_unseen
-    from grade.value_model import ValueModelConfig, build_value_model, load_value_model
+    from grade.data import dataset
+    from grade.data.transform import clamp_unseen
+    from grade.model.policy import load_policy
+    from grade.train.finetune import value_fields_for
+    from grade.value import guardrails
+    from grade.value.business import BusinessConfig
+    from grade.value.value_model import ValueModelConfig, build_value_model, load_value_model
 
     outcome = str(tmp_path / "value_model")
     build_value_model(features, outcome, ValueModelConfig())
@@ -218,7 +219,7 @@ def test_checkpoint_of_the_old_torch_save_format_is_refused(features, stage1, tm
     (folder / "state.pt").write_bytes(b"a pickle, never read")
     (folder / "state.json").write_text(json.dumps({"step": 2, "curve": [], "fingerprint": {}}))
     (out / "_checkpoints" / "latest.json").write_text(json.dumps({"step": 2, "folder": "step-000002"}))
-    with caplog.at_level("WARNING", logger="grade.training"):
+    with caplog.at_level("WARNING", logger="grade.model.training"):
         metrics = finetune(features, stage1, str(out), small_cfg(max_steps=3))
     assert "old format" in caplog.text and metrics["steps"] == 3
     fresh = str(tmp_path / "fresh")
@@ -244,8 +245,8 @@ def test_ablation_switches(features, stage1, tmp_path, kw):
         assert all(r["policy/kappa_min"] == r["policy/kappa_max"] == 80.0 for r in rows)
         assert load_policy(out).cfg.fixed_kappa == 80.0
         # The reference shares the fixed kappa: the KL starts at exactly 0.
-        from grade.finetune import build_policies
-        from grade.grpo import kl_to_reference, policy_output
+        from grade.train.finetune import build_policies
+        from grade.train.grpo import kl_to_reference, policy_output
 
         spec = json.loads(Path(features, "feature_spec.json").read_text())
         cfg = small_cfg(**kw)
@@ -273,12 +274,12 @@ def test_cli_help_documents_every_option(capsys):
 
 
 def test_cli_overrides_nested_reward_keys_and_bad_input_exits_2(features, stage1, tmp_path, capsys):
-    import grade.cli
+    import grade.core.cli
 
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("finetune:\n  reward:\n    prior: 0.5\n    entropy_floor: 0.5\n  batch_size: 256\n")
     out = str(tmp_path / "m")
-    rc = grade.cli.run(finetune_cli.main, ["--features", features, "--init", stage1, "--out", out,
+    rc = grade.core.cli.run(finetune_cli.main, ["--features", features, "--init", stage1, "--out", out,
                                            "--config", str(cfg_file), "--reward-post", "0",
                                            "--max-steps", "2", "--group-size", "4"])
     assert rc == 0
@@ -290,17 +291,16 @@ def test_cli_overrides_nested_reward_keys_and_bad_input_exits_2(features, stage1
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("finetune:\n  reward:\n    lambda_post: 1\n")
-    assert grade.cli.run(finetune_cli.main, ["--features", features, "--init", stage1, "--out", out,
+    assert grade.core.cli.run(finetune_cli.main, ["--features", features, "--init", stage1, "--out", out,
                                              "--config", str(bad)]) == 2
     assert "lambda_post" in capsys.readouterr().err
-    assert grade.cli.run(finetune_cli.main,
+    assert grade.core.cli.run(finetune_cli.main,
                          ["--features", features, "--init", str(tmp_path), "--out", out]) == 2
-    assert grade.cli.run(finetune_cli.main, ["--features", features, "--init", stage1, "--out", out,
+    assert grade.core.cli.run(finetune_cli.main, ["--features", features, "--init", stage1, "--out", out,
                                              "--clip", "2"]) == 2
 
 
 def test_runs_on_s3(features, stage1, s3_env):
-    pytest.importorskip("grade.s3", reason="the S3 backend (grade/s3.py) has not landed yet")
     out = s3_env + "/models/grade"
     metrics = finetune(features, stage1, out, small_cfg(max_steps=3, checkpoint_every=2))
     assert store.is_published(out) and metrics["steps"] == 3
@@ -327,8 +327,8 @@ def test_format_term_holds_the_weight_entropy_at_its_floor(features, stage1, tmp
 
 
 def test_the_reward_adds_its_guardrail_weights_to_the_declared_value():
-    from grade.business import BusinessConfig
-    from grade.reward import rewarded_value
+    from grade.value.business import BusinessConfig
+    from grade.value.reward import rewarded_value
 
     cfg = RewardConfig(guard_clicks=0.05, guard_gmv=0.2)
     assert rewarded_value(BusinessConfig(), cfg) == BusinessConfig(clicks=0.05, orders=1.0, gmv=0.2)
@@ -342,7 +342,7 @@ def test_a_stage1_folder_changed_since_publishing_is_refused(features, stage1, t
     """The init model is read like every published input: each file against the manifest's sha256."""
     import shutil
 
-    import grade.cli
+    import grade.core.cli
 
     changed = tmp_path / "stage1"
     shutil.copytree(stage1, changed)
@@ -350,15 +350,15 @@ def test_a_stage1_folder_changed_since_publishing_is_refused(features, stage1, t
     weights[-1] ^= 1
     (changed / "policy.safetensors").write_bytes(bytes(weights))
     out = str(tmp_path / "m")
-    assert grade.cli.run(finetune_cli.main, ["--features", features, "--init", str(changed), "--out", out,
-                                             "--max-steps", "1"]) == 2
+    assert grade.core.cli.run(finetune_cli.main, ["--features", features, "--init", str(changed),
+                                                  "--out", out, "--max-steps", "1"]) == 2
     assert "policy.safetensors: content differs from the manifest" in capsys.readouterr().err
     assert not store.is_published(out)
 
 
 @pytest.fixture(scope="module")
 def value_model(features):
-    from grade.value_model import ValueModelConfig, fit_value_model
+    from grade.value.value_model import ValueModelConfig, fit_value_model
 
     return fit_value_model(features, ValueModelConfig())[0]
 
@@ -367,10 +367,10 @@ def value_model(features):
 def test_value_fields_computed_once_are_those_of_each_batch(features, value_model, estimator, monkeypatch):
     """A batch's fields looked up by row equal value_fields computed on that batch (several chunks,
     shuffled batches, a rank's share), on the categories the policy sees."""
-    from grade import dataset
-    from grade import finetune as finetune_mod
-    from grade.transform import clamp_unseen
-    from grade.value_model import value_fields
+    from grade.data import dataset
+    from grade.data.transform import clamp_unseen
+    from grade.train import finetune as finetune_mod
+    from grade.value.value_model import value_fields
 
     monkeypatch.setattr(finetune_mod, "VALUE_CACHE_CHUNK", 500)   # 1200 requests: chunks of 500, 500, 200
     cfg = small_cfg(reward=RewardConfig(post_estimator=estimator))
@@ -395,14 +395,14 @@ def test_value_fields_computed_once_are_those_of_each_batch(features, value_mode
 
 
 def test_value_fields_over_the_memory_limit_are_computed_per_batch(features, value_model, caplog):
-    from grade.finetune import value_cache
+    from grade.train.finetune import value_cache
 
     def cache_under(max_mb: float):
         cfg = small_cfg(value_cache_max_mb=max_mb)
         return value_cache(features, value_model, cfg, [4, 3])
 
     # 1200 requests x 12 items x (1 + 3 + 3) values x 4 bytes = 0.385 MB
-    with caplog.at_level("WARNING", logger="grade.finetune"):
+    with caplog.at_level("WARNING", logger="grade.train.finetune"):
         assert cache_under(0.3) is None
     assert "would take 0.4 MB" in caplog.text and "per batch" in caplog.text
     assert cache_under(0.4) is not None
@@ -413,8 +413,8 @@ def test_fields_computed_once_train_the_same_weights_as_fields_per_batch(feature
                                                                           monkeypatch):
     """The default posterior (dm) runs the outcome model once per train request, not once per step, and
     the weights are bit for bit those of the per-batch computation (over an epoch boundary)."""
-    import grade.finetune as finetune_mod
-    from grade import dataset
+    import grade.train.finetune as finetune_mod
+    from grade.data import dataset
 
     calls = []
     counted = finetune_mod.value_fields

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from grade.fusion import dcg_discounts, examination, fuse, gather_items, ndcg_at, top_e
+from grade.data.fusion import dcg_discounts, examination, fuse, gather_items, ndcg_at, top_e
 
 
 def test_fuse_by_hand_with_padding():

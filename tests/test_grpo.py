@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.distributions as D
 
-from grade import config
-from grade.errors import InputError
-from grade.grpo import (
+from grade.core import config
+from grade.core.errors import InputError
+from grade.model.policy import PolicyConfig, PolicyNet
+from grade.train.grpo import (
     FinetuneConfig,
     clipped_surrogate,
     group_advantages,
@@ -20,8 +21,7 @@ from grade.grpo import (
     rollout,
     train_step,
 )
-from grade.policy import PolicyConfig, PolicyNet
-from grade.reward import RewardConfig
+from grade.value.reward import RewardConfig
 
 OBJECTIVES = ["ctr", "cvr", "gmv"]
 
@@ -196,7 +196,7 @@ def test_closed_form_gaussian_kl_agrees_with_monte_carlo():
 
 
 def policy_output_of(dist):
-    from grade.grpo import PolicyOutput
+    from grade.train.grpo import PolicyOutput
 
     return PolicyOutput(dist, torch.zeros(1), torch.zeros(1, 3))
 

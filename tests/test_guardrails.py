@@ -1,13 +1,13 @@
-"""The guardrails' controller and amounts (grade.guardrails), hand-computed."""
+"""The guardrails' controller and amounts (grade.value.guardrails), hand-computed."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from grade import guardrails
-from grade.business import BusinessConfig
-from grade.reward import RewardConfig
+from grade.value import guardrails
+from grade.value.business import BusinessConfig
+from grade.value.reward import RewardConfig
 
 
 def _amounts(policy: list[float], static: list[float]) -> torch.Tensor:

@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
-from grade import config
-from grade.grpo import (
+from grade.core import config
+from grade.model.policy import PolicyConfig, PolicyNet
+from grade.train.grpo import (
     FinetuneConfig,
     group_advantages,
     grpo_loss,
@@ -19,7 +20,6 @@ from grade.grpo import (
     policy_output,
     rollout,
 )
-from grade.policy import PolicyConfig, PolicyNet
 
 BEST = torch.tensor([0.5, 0.3, 0.2])
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from grade.lambdaloss import WEIGHING_SCHEMES, lambda_loss
+from grade.model.lambdaloss import WEIGHING_SCHEMES, lambda_loss
 
 LOG2_1P_EXP_M1 = math.log2(1 + math.exp(-1))   # -log2 sigmoid(1)  = 0.45194
 LOG2_1P_EXP_P1 = math.log2(1 + math.exp(1))    # -log2 sigmoid(-1) = 1.89461

@@ -1,12 +1,11 @@
-"""grade/ in layers that read as the pipeline: every import points down (or stays within its layer).
+"""grade/ in layer folders that read as the pipeline: every import points down (or stays within its layer).
 
-The order (docs/architecture.md, "Layers"), lowest first:
+The folder a module sits in is its layer (docs/architecture.md, "Layers"), lowest first:
 
 - core: errors, config, command line, progress, the store and its backends, distributed helpers, the
   HTTP server's processes;
-- fusion: how weights and predictions become a ranking. Below data because the simulator ranks its
-  logs with it;
-- data: simulator, features, the rolling data window, the feature transform, the tensor dataset;
+- data: simulator, features, the rolling data window, the feature transform, the tensor dataset and
+  the ranking rule (fusion), with which the simulator ranks its logs;
 - model: the policy, its loss, the training runtime (it publishes a policy folder with the data's
   feature spec) and the registry of published policies (the evaluation reads the incumbent from it);
 - value: what a ranking is worth (examination, estimators, outcome and value model, declared
@@ -24,21 +23,8 @@ from pathlib import Path
 
 import grade
 
-LAYERS: dict[str, tuple[str, ...]] = {
-    "core": ("errors", "config", "cli", "progress", "store", "store_backend", "store_local", "s3",
-             "s3_arrow", "distributed", "http_server"),
-    "fusion": ("fusion",),
-    "data": ("simulator", "features", "window", "transform", "dataset"),
-    "model": ("policy", "lambdaloss", "training", "registry"),
-    "value": ("examination", "estimators", "outcome", "value_model", "business", "auction", "reward",
-              "guardrails", "baselines"),
-    "train": ("pretrain", "grpo", "finetune"),
-    "evaluate": ("evaluation", "report", "estimator_check"),
-    "release": ("blessing", "promotion", "scoring", "serving"),
-}
 #: Layers in order; the last three share one level.
-LEVEL = {"core": 0, "fusion": 1, "data": 2, "model": 3, "value": 4, "train": 5, "evaluate": 5, "release": 5}
-LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}
+LEVEL = {"core": 0, "data": 1, "model": 2, "value": 3, "train": 4, "evaluate": 4, "release": 4}
 PACKAGE = Path(grade.__file__).parent
 
 
@@ -48,8 +34,20 @@ def _is_type_checking(node: ast.If) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def grade_imports(tree: ast.AST) -> set[str]:
-    """Names of the grade modules a module's code imports (top level or lazily), not under TYPE_CHECKING."""
+def module_name(path: Path) -> str:
+    """``grade/value/reward.py`` -> ``grade.value.reward``; a package's ``__init__`` is the package."""
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    """Every module of grade/ by dotted name."""
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def grade_imports(tree: ast.AST, known: set[str]) -> set[str]:
+    """Dotted names of the grade modules a module's code imports (top level or lazily), not under
+    TYPE_CHECKING. ``from grade.core import store`` names the module ``grade.core.store``."""
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
@@ -57,12 +55,12 @@ def grade_imports(tree: ast.AST) -> set[str]:
             for child in node.orelse:
                 visit(child)
             return
-        if isinstance(node, ast.ImportFrom) and node.module == "grade":
-            found.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("grade."):
-            found.add(node.module.split(".")[1])
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("grade"):
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if sub in known else node.module)
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("grade."))
+            found.update(a.name for a in node.names if a.name.startswith("grade."))
         for child in ast.iter_child_nodes(node):
             visit(child)
 
@@ -70,37 +68,49 @@ def grade_imports(tree: ast.AST) -> set[str]:
     return found
 
 
-def _modules() -> list[str]:
-    return sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+def layer_of(module: str) -> str | None:
+    """The layer folder of a dotted module name (None for the package itself)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
 
 
 def violations(imports: dict[str, set[str]]) -> list[str]:
     """``a (layer) -> b (layer)`` for every import of a module from a higher level or a peer layer."""
     out = []
     for module, deps in sorted(imports.items()):
-        for dep in sorted(deps & set(LAYER_OF)):
-            a, b = LAYER_OF[module], LAYER_OF[dep]
+        a = layer_of(module)
+        for dep in sorted(deps):
+            b = layer_of(dep)
+            if a is None or b is None:
+                continue
             if LEVEL[b] > LEVEL[a] or (LEVEL[b] == LEVEL[a] and a != b):
                 out.append(f"{module} ({a}) -> {dep} ({b})")
     return out
 
 
-def test_every_grade_module_has_a_layer():
-    assert [m for m in _modules() if m not in LAYER_OF] == [], "place the new module in LAYERS"
+def test_grade_is_layer_folders_only():
+    top = sorted(p.name for p in PACKAGE.iterdir() if p.name != "__pycache__")
+    assert top == sorted(["__init__.py", *LEVEL]), "every module lives in one layer folder"
+    assert all((PACKAGE / layer / "__init__.py").is_file() for layer in LEVEL)
 
 
 def test_every_import_points_down_the_layers():
-    imports = {m: grade_imports(ast.parse((PACKAGE / f"{m}.py").read_text())) for m in _modules()}
+    mods = modules()
+    imports = {m: grade_imports(ast.parse(p.read_text()), set(mods)) for m, p in mods.items()}
     assert violations(imports) == []
 
 
 def test_the_check_sees_upward_lazy_and_peer_imports_and_skips_type_only_ones():
-    tree = ast.parse("from grade import store\n"
-                     "def f():\n    from grade.finetune import finetune\n"
-                     "import grade.promotion\n"
+    known = {"grade.core.store", "grade.train.finetune", "grade.release.promotion", "grade.evaluate.report"}
+    tree = ast.parse("from grade.core import store\n"
+                     "def f():\n    from grade.train.finetune import finetune\n"
+                     "import grade.release.promotion\n"
                      "from typing import TYPE_CHECKING\n"
-                     "if TYPE_CHECKING:\n    from grade.report import render\n")
-    assert grade_imports(tree) == {"store", "finetune", "promotion"}
-    assert violations({"evaluation": grade_imports(tree)}) == [
-        "evaluation (evaluate) -> finetune (train)", "evaluation (evaluate) -> promotion (release)"]
-    assert violations({"dataset": {"policy", "store", "features"}}) == ["dataset (data) -> policy (model)"]
+                     "if TYPE_CHECKING:\n    from grade.evaluate.report import render\n")
+    assert grade_imports(tree, known) == {"grade.core.store", "grade.train.finetune",
+                                          "grade.release.promotion"}
+    assert violations({"grade.evaluate.evaluation": grade_imports(tree, known)}) == [
+        "grade.evaluate.evaluation (evaluate) -> grade.release.promotion (release)",
+        "grade.evaluate.evaluation (evaluate) -> grade.train.finetune (train)"]
+    assert violations({"grade.data.dataset": {"grade.model.policy", "grade.core.store"}}) == [
+        "grade.data.dataset (data) -> grade.model.policy (model)"]

@@ -10,11 +10,12 @@ import sys
 import pytest
 import torch
 
-from grade import config
-from grade.business import BusinessConfig
-from grade.errors import ConfigError
-from grade.examination import ExaminationEstimate
-from grade.outcome import (
+from grade.core import config
+from grade.core.errors import ConfigError
+from grade.data.simulator import SimulatorConfig
+from grade.value.business import BusinessConfig
+from grade.value.examination import ExaminationEstimate
+from grade.value.outcome import (
     OutcomeConfig,
     OutcomeNet,
     OutcomeSpec,
@@ -24,7 +25,6 @@ from grade.outcome import (
     mean_order_value,
     outcome_loss,
 )
-from grade.simulator import SimulatorConfig
 from tests.sim_tensors import simulated_batch
 
 
@@ -148,9 +148,9 @@ def test_business_refuses_negative_or_empty_values(values):
 
 @pytest.mark.slow
 def test_component_publishes_a_value_model_that_loads(tmp_path):
-    from grade.features import FeaturesConfig, extract_features
-    from grade.simulator import write_logs
-    from grade.value_model import load_value_model
+    from grade.data.features import FeaturesConfig, extract_features
+    from grade.data.simulator import write_logs
+    from grade.value.value_model import load_value_model
 
     write_logs(SimulatorConfig(seed=1, n_requests=1500, n_users=400, list_size=20), str(tmp_path / "logs"))
     extract_features(str(tmp_path / "logs"), str(tmp_path / "features"), FeaturesConfig())
@@ -168,13 +168,13 @@ def test_component_publishes_a_value_model_that_loads(tmp_path):
     assert 0.5 < vm.examination.eta < 1.5
     cal = json.loads((out / "calibration.json").read_text())
     assert set(cal["click"]) == {"outcome", "mtl"}
-    from grade import dataset
+    from grade.data import dataset
     valid = dataset.load_split(str(out.parent / "features"), "valid")
     v = vm.item_value(valid, BusinessConfig())
     assert v.shape == valid["mask"].shape and bool(torch.isfinite(v).all())
     assert bool((v[~valid["mask"]] == 0).all())
     # the value fields per kind, priced, are the declared value of the labels and of the model
-    from grade.value_model import priced_fields, value_fields
+    from grade.value.value_model import priced_fields, value_fields
     business = BusinessConfig(clicks=0.5, orders=1.0, gmv=2.0)
     fields = value_fields(valid, vm)
     priced = priced_fields(fields, business)
@@ -187,7 +187,7 @@ def test_component_publishes_a_value_model_that_loads(tmp_path):
 def test_mixture_outcomes_are_the_members_mean_clicks_orders_and_gmv():
     """Hand-computed, one item: members (ctr, cvr, value) = (0.2, 0.5, 10) and (0.6, 0.1, 20):
     clicks 0.4, orders (0.1 + 0.06) / 2 = 0.08, GMV (1 + 1.2) / 2 = 1.1, so cvr 0.2 and value 13.75."""
-    from grade.outcome import mixture_outcomes
+    from grade.value.outcome import mixture_outcomes
 
     one = lambda ctr, cvr, value: {k: torch.tensor([[v]]) for k, v in  # noqa: E731
                                    (("ctr", ctr), ("cvr", cvr), ("value", value))}
@@ -203,7 +203,7 @@ def test_members_differ_by_seed_and_a_mixture_saves_and_loads_as_fitted(tmp_path
     """fit_outcomes with members = 2 fits seeds 0 and 1 (different weights, both passes in the history);
     the mixture round-trips through safetensors + JSON; a folder of one model (no ``members`` in its
     outcome.json, as written before mixtures) still loads as one model."""
-    from grade.outcome import OutcomeMixture, fit_outcomes, load_outcome_from, save_outcome
+    from grade.value.outcome import OutcomeMixture, fit_outcomes, load_outcome_from, save_outcome
 
     data = simulated_batch(SimulatorConfig(seed=5, n_requests=600, n_users=200))
     data["cat"] = torch.zeros(data["mask"].shape[0], 1, dtype=torch.long)

@@ -9,8 +9,8 @@ import yaml
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from grade import config, store
-from grade.errors import ConfigError
+from grade.core import config, store
+from grade.core.errors import ConfigError
 from pipeline import params, step_io
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -306,11 +306,11 @@ def test_step_failure_raises_with_the_status():
 # ---------------------------------------------------------------------------------------------
 
 def test_s3_store_without_endpoint_is_bad_input(tmp_path, monkeypatch, capsys):
-    import grade.cli
+    import grade.core.cli
     from pipeline import run_local
 
     monkeypatch.delenv("S3_ENDPOINT_URL", raising=False)
-    rc = grade.cli.run(run_local.main, ["--out", str(tmp_path / "o"), "--store", "s3://bucket/x"])
+    rc = grade.core.cli.run(run_local.main, ["--out", str(tmp_path / "o"), "--store", "s3://bucket/x"])
     assert rc == 2 and "S3_ENDPOINT_URL" in capsys.readouterr().err
 
 
@@ -351,7 +351,7 @@ def test_summary_shows_lifts_vs_the_incumbent_and_the_verdict():
 
 def _blessing(**fields):
     """A blessing as blessing.json holds it (read back through the typed record)."""
-    from grade.blessing import Blessing
+    from grade.release.blessing import Blessing
 
     doc = {"candidate": "grade", "candidate_uri": "/m", "candidate_content_hash": "ab" * 32, "report": "/r",
            "registry": "/reg", "model_name": "grade-mtf", "thresholds": {"min_lift": 0.0, "guardrails": {}},
@@ -372,10 +372,11 @@ def test_blessing_markdown_lists_checks():
 
 
 def test_missing_local_logs_are_bad_input(tmp_path, capsys):
-    import grade.cli
+    import grade.core.cli
     from pipeline import run_local
 
-    rc = grade.cli.run(run_local.main, ["--out", str(tmp_path / "o"), "--logs", str(tmp_path / "nothing")])
+    rc = grade.core.cli.run(run_local.main,
+                            ["--out", str(tmp_path / "o"), "--logs", str(tmp_path / "nothing")])
     assert rc == 2 and "no such file or folder" in capsys.readouterr().err
 
 

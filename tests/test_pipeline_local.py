@@ -9,7 +9,7 @@ import json
 import pytest
 import yaml
 
-from grade import store
+from grade.core import store
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ LENIENT_GATE = {"min_lift": -1.0, "guardrails": {"ctr": -1.0, "cvr": -1.0, "gpm"
 
 
 def test_two_runs_on_s3_promote_then_compare_with_the_incumbent(s3_env, tmp_path):
-    from grade.registry import Registry
+    from grade.model.registry import Registry
     from pipeline import run_local
 
     cfg = small_config(tmp_path, promote=LENIENT_GATE)
@@ -118,9 +118,9 @@ def test_outcome_step_publishes_the_value_model_through_the_local_runner(tmp_pat
     from kfp import dsl, local
     from kfp.dsl import Dataset
 
-    from grade.features import FeaturesConfig, extract_features
-    from grade.simulator import SimulatorConfig, write_logs
-    from grade.value_model import load_value_model
+    from grade.data.features import FeaturesConfig, extract_features
+    from grade.data.simulator import SimulatorConfig, write_logs
+    from grade.value.value_model import load_value_model
     from pipeline import components as c
 
     write_logs(SimulatorConfig(seed=1, n_requests=1500, n_users=400, list_size=20), str(tmp_path / "logs"))

@@ -18,12 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import grade.cli
+import grade.core.cli
 from components import pretrain as pretrain_cli
-from grade import store
-from grade.features import FeaturesConfig, extract_features
-from grade.policy import load_policy
-from grade.pretrain import (
+from grade.core import store
+from grade.data.features import FeaturesConfig, extract_features
+from grade.model.policy import load_policy
+from grade.model.training import load_checkpoint
+from grade.train.pretrain import (
     PretrainConfig,
     gmv_grades,
     multi_objective_loss,
@@ -31,7 +32,6 @@ from grade.pretrain import (
     pretrain,
     with_signal,
 )
-from grade.training import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_FILES = {"policy.safetensors", "policy.json", "feature_spec.json", "config.json", "metrics.json",
@@ -116,8 +116,8 @@ def test_gmv_grades_by_hand():
 
 
 def test_policy_starts_at_the_static_weights(features):
-    from grade.dataset import load_spec, load_split
-    from grade.policy import PolicyNet
+    from grade.data.dataset import load_spec, load_split
+    from grade.model.policy import PolicyNet
 
     spec = load_spec(features)
     pcfg = policy_config(spec, small_cfg())
@@ -130,8 +130,8 @@ def test_policy_starts_at_the_static_weights(features):
 
 
 def test_loss_terms_follow_the_objective_weights(features):
-    from grade.dataset import load_spec, load_split
-    from grade.policy import PolicyNet
+    from grade.data.dataset import load_spec, load_split
+    from grade.model.policy import PolicyNet
 
     batch = load_split(features, "train", fields=["z", "mask", "num", "cat", "click", "order", "gmv"])
     batch = {k: v[:64] for k, v in batch.items()}
@@ -205,7 +205,7 @@ def test_policy_beats_static_on_personalisable_data(trained):
 
 
 def test_learned_weights_differ_by_segment(trained, features):
-    from grade.dataset import load_split
+    from grade.data.dataset import load_split
 
     data = load_split(features, "valid", fields=["num", "cat"])
     mu = load_policy(trained[0]).mean_weights(data["num"], data["cat"])
@@ -230,8 +230,8 @@ def test_early_stopping_keeps_the_best_epoch(features, tmp_path):
     # `patience` epochs and the output is the initial (static) policy of epoch 0
     metrics = pretrain(features, str(tmp_path / "m"), small_cfg(epochs=10, min_delta=1.0, patience=2))
     assert metrics["early_stopped"] and metrics["epochs_run"] == 2 and metrics["best_epoch"] == 0
-    from grade.dataset import load_spec
-    from grade.policy import PolicyNet
+    from grade.data.dataset import load_spec
+    from grade.model.policy import PolicyNet
 
     torch.manual_seed(0)
     initial = PolicyNet(policy_config(load_spec(features), small_cfg()))
@@ -292,8 +292,8 @@ def test_killed_process_resumes_from_its_checkpoint(features, tmp_path):
     # SIGKILL right after the first epoch's checkpoint: no cleanup, no publish
     script = textwrap.dedent(f"""
         import os, signal
-        from grade.config import load_section
-        from grade.pretrain import pretrain
+        from grade.core.config import load_section
+        from grade.train.pretrain import pretrain
         cfg = load_section({str(yaml_path)!r}, "pretrain")
         def kill(epoch):
             if epoch == 1:
@@ -307,9 +307,9 @@ def test_killed_process_resumes_from_its_checkpoint(features, tmp_path):
     assert load_checkpoint(str(out)).state["epoch"] == 1
 
     argv = ["--features", features, "--out", str(out), "--config", str(yaml_path)]
-    assert grade.cli.run(pretrain_cli.main, argv) == 0
+    assert grade.core.cli.run(pretrain_cli.main, argv) == 0
     reference = tmp_path / "reference"
-    assert grade.cli.run(pretrain_cli.main, ["--features", features, "--out", str(reference),
+    assert grade.core.cli.run(pretrain_cli.main, ["--features", features, "--out", str(reference),
                                              "--config", str(yaml_path)]) == 0
     assert same_weights(weights_of(str(out)), weights_of(str(reference)))
     metrics = json.loads(Path(out, "metrics.json").read_text())
@@ -318,7 +318,6 @@ def test_killed_process_resumes_from_its_checkpoint(features, tmp_path):
 
 
 def test_runs_and_resumes_on_s3(features, s3_env):
-    pytest.importorskip("grade.s3", reason="the S3 backend (grade/s3.py) has not landed yet")
     out = s3_env + "/models/stage1"
     cfg = small_cfg(epochs=2)
 
@@ -350,7 +349,7 @@ def test_cli_help_documents_every_option(capsys):
 
 def test_cli_overrides_and_bad_input_exit_2(features, tmp_path, capsys):
     out = tmp_path / "m"
-    assert grade.cli.run(pretrain_cli.main, ["--features", features, "--out", str(out), "--epochs", "1",
+    assert grade.core.cli.run(pretrain_cli.main, ["--features", features, "--out", str(out), "--epochs", "1",
                                              "--seed", "3", "--batch-size", "256"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["seed"] == 3 and config["pretrain"]["epochs"] == 1
@@ -358,26 +357,26 @@ def test_cli_overrides_and_bad_input_exit_2(features, tmp_path, capsys):
 
     bad_key = tmp_path / "bad.yaml"
     bad_key.write_text("pretrain:\n  epoch: 3\n")
-    assert grade.cli.run(pretrain_cli.main, ["--features", features, "--out", str(tmp_path / "x"),
+    assert grade.core.cli.run(pretrain_cli.main, ["--features", features, "--out", str(tmp_path / "x"),
                                              "--config", str(bad_key)]) == 2
     assert "epoch" in capsys.readouterr().err
 
     bad_obj = tmp_path / "obj.yaml"
     bad_obj.write_text("pretrain:\n  objective_weights: {clicks: 1.0}\n")
-    assert grade.cli.run(pretrain_cli.main, ["--features", features, "--out", str(tmp_path / "y"),
+    assert grade.core.cli.run(pretrain_cli.main, ["--features", features, "--out", str(tmp_path / "y"),
                                              "--config", str(bad_obj)]) == 2
     assert "clicks" in capsys.readouterr().err
 
-    assert grade.cli.run(pretrain_cli.main, ["--features", str(tmp_path / "missing"), "--out",
+    assert grade.core.cli.run(pretrain_cli.main, ["--features", str(tmp_path / "missing"), "--out",
                                              str(tmp_path / "z")]) == 2
     assert "missing" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
 
 
 def test_fitted_score_scale_minimises_the_initial_loss(features):
-    from grade.dataset import iter_batches, load_spec
-    from grade.policy import PolicyNet
-    from grade.pretrain import RankingModel, fit_score_scale
+    from grade.data.dataset import iter_batches, load_spec
+    from grade.model.policy import PolicyNet
+    from grade.train.pretrain import RankingModel, fit_score_scale
 
     cfg = small_cfg()
     torch.manual_seed(0)
@@ -401,14 +400,13 @@ def test_fitted_score_scale_minimises_the_initial_loss(features):
 @pytest.mark.slow
 def test_beats_static_on_20k_simulated_requests(tmp_path):
     """The acceptance run: simulate -> features -> pretrain with default settings."""
-    pytest.importorskip("grade.simulator", reason="the simulator (grade/simulator.py) has not landed yet")
     from components import features as features_cli
     from components import simulate as simulate_cli
 
     logs, feats, model = tmp_path / "logs", tmp_path / "features", tmp_path / "stage1"
-    assert grade.cli.run(simulate_cli.main, ["--out", str(logs), "--requests", "20000"]) == 0
-    assert grade.cli.run(features_cli.main, ["--logs", str(logs), "--out", str(feats)]) == 0
-    assert grade.cli.run(pretrain_cli.main, ["--features", str(feats), "--out", str(model)]) == 0
+    assert grade.core.cli.run(simulate_cli.main, ["--out", str(logs), "--requests", "20000"]) == 0
+    assert grade.core.cli.run(features_cli.main, ["--logs", str(logs), "--out", str(feats)]) == 0
+    assert grade.core.cli.run(pretrain_cli.main, ["--features", str(feats), "--out", str(model)]) == 0
     metrics = json.loads((model / "metrics.json").read_text())
     assert metrics["exposure_depth"] == 10 and metrics["best_epoch"] >= 1
     assert metrics["best"]["policy"]["order"] > metrics["best"]["static"]["order"]
@@ -430,7 +428,7 @@ def test_no_positive_label_is_refused_before_training(tmp_path, capsys):
     publish the initial policy after epochs of zero loss ("best epoch 0"). Refused, exit 2."""
     features = _features_with_labels(tmp_path, click=0, order=0, gmv=0.0)
     out = str(tmp_path / "model")
-    assert grade.cli.run(pretrain_cli.main, ["--features", features, "--out", out]) == 2
+    assert grade.core.cli.run(pretrain_cli.main, ["--features", features, "--out", out]) == 2
     err = capsys.readouterr().err.strip()
     assert f"{features}: no train request has a click, order or gmv > 0" in err and len(err.splitlines()) == 1
     assert not store.exists(store.join(out, "_checkpoints")) and not store.is_published(out)
@@ -438,7 +436,7 @@ def test_no_positive_label_is_refused_before_training(tmp_path, capsys):
 
 def test_an_objective_without_positive_labels_is_warned_about(tmp_path, caplog):
     features = _features_with_labels(tmp_path, order=0, gmv=0.0)
-    with caplog.at_level("WARNING", logger="grade.pretrain"):
+    with caplog.at_level("WARNING", logger="grade.train.pretrain"):
         pretrain(features, str(tmp_path / "model"), small_cfg(epochs=1))
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("no train request has order or gmv > 0" in m for m in warned), warned

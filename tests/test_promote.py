@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-import grade.registry as registry_mod
+import grade.model.registry as registry_mod
 from components import promote as promote_cli
-from grade import cli, store
-from grade.blessing import Blessing
-from grade.errors import InputError, IntegrityError
-from grade.promotion import PromoteConfig, promote
-from grade.registry import Registry, production_model
+from grade.core import cli, store
+from grade.core.errors import InputError, IntegrityError
+from grade.model.registry import Registry, production_model
+from grade.release.blessing import Blessing
+from grade.release.promotion import PromoteConfig, promote
 from tests.test_registry import killed_writer, model_folder
 
 
@@ -286,7 +286,7 @@ def test_blessing_record_round_trip_and_validation(tmp_path):
 
 def test_truth_free_report_is_judged_on_its_estimated_flavour_and_primary_metric(tmp_path):
     """Primary flavour/metric come from the report; guardrails in the same flavour; primary not re-checked."""
-    from grade.promotion import decide
+    from grade.release.promotion import decide
 
     root = str(tmp_path)
     a = model_folder(root, "a", 1)

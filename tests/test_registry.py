@@ -11,9 +11,9 @@ import threading
 import pytest
 import torch
 
-from grade import store
-from grade.policy import TORCHSCRIPT_FILE, PolicyConfig, PolicyNet, save_policy
-from grade.registry import AliasConflict, Registry, production_model
+from grade.core import store
+from grade.model.policy import TORCHSCRIPT_FILE, PolicyConfig, PolicyNet, save_policy
+from grade.model.registry import AliasConflict, Registry, production_model
 
 
 def model_folder(root: str, name: str, seed: int) -> str:
@@ -103,8 +103,8 @@ def test_rollback_walks_back_through_promotions(store_root):
 
 _KILLED_WRITER = """
 import os, sys
-from grade import store
-from grade.registry import Registry
+from grade.core import store
+from grade.model.registry import Registry
 reg = Registry(sys.argv[1])
 real = store.write_json
 def die_before_manifest(uri, obj):

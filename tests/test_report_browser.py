@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from grade.evaluation import run_evaluation
+from grade.evaluate.evaluation import run_evaluation
 from tests.test_evaluate import make_features, make_model, small_config
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)

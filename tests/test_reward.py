@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from grade import config
-from grade.errors import InputError
-from grade.reward import RewardConfig, format_penalty, prior_item_value, reward_terms, weight_entropy
+from grade.core import config
+from grade.core.errors import InputError
+from grade.value.reward import RewardConfig, format_penalty, prior_item_value, reward_terms, weight_entropy
 
 OBJECTIVES = ["ctr", "cvr", "gmv"]
 
@@ -140,7 +140,7 @@ def test_invalid_reward_config(kw, match):
 
 
 def test_gmv_unit_makes_the_gmv_value_scale_free():
-    from grade.reward import gmv_unit_of
+    from grade.value.reward import gmv_unit_of
 
     cfg = RewardConfig(post_estimator="dcg_ips", v_click=1.0, v_order=2.0, v_gmv=0.5)
     batch = tiny_batch()
@@ -204,9 +204,10 @@ def test_batch_posterior_points_at_the_truly_better_weights_on_simulated_logs(tm
     """Over a simplex grid of global weights, the batch-normalised posterior (orders, 1/theta weighted)
     tracks the true OPM and its best vector is truly good; per-request NDCG prefers the logging policy's
     neighbourhood (measured: 61 vs 71 true OPM, the grid's best 77, on 600 valid requests)."""
-    from grade import auction, dataset
-    from grade.features import FeaturesConfig, extract_features
-    from grade.simulator import SimulatorConfig, write_logs
+    from grade.data import dataset
+    from grade.data.features import FeaturesConfig, extract_features
+    from grade.data.simulator import SimulatorConfig, write_logs
+    from grade.value import auction
 
     write_logs(SimulatorConfig(n_requests=4000, seed=0), str(tmp_path / "logs"))
     extract_features(str(tmp_path / "logs"), str(tmp_path / "f"), FeaturesConfig())

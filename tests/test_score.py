@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from components import score as score_cli
-from grade import cli, dataset, store
-from grade.features import FeaturesConfig, extract_features, list_log_files
-from grade.fusion import fuse, top_e
-from grade.policy import PolicyConfig, PolicyNet, save_policy
-from grade.simulator import SimulatorConfig, write_logs
+from grade.core import cli, store
+from grade.data import dataset
+from grade.data.features import FeaturesConfig, extract_features, list_log_files
+from grade.data.fusion import fuse, top_e
+from grade.data.simulator import SimulatorConfig, write_logs
+from grade.model.policy import PolicyConfig, PolicyNet, save_policy
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_registry_default_and_missing_production(setup, tmp_path, capsys):
     assert cli.run(score_cli.main, ["--requests", logs, "--registry", str(tmp_path / "reg"),
                                     "--out", str(tmp_path / "o")]) == 2
     assert "no production model" in capsys.readouterr().err
-    from grade.registry import Registry
+    from grade.model.registry import Registry
 
     reg = Registry(str(tmp_path / "reg"))
     version, _ = reg.register(model)

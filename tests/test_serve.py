@@ -21,7 +21,8 @@ import pytest
 from benchmarks.serve import MODEL, demo_registry, promote, start_server, stop_server
 from components import score as score_cli
 from components import serve as serve_cli
-from grade import cli, serving
+from grade.core import cli
+from grade.release import serving
 from tests.conftest import free_port
 
 pytest.importorskip("kserve", reason="the `serve` extra (kserve) is not installed")
@@ -386,8 +387,8 @@ def test_every_worker_swaps_on_a_promotion_without_errors_and_metrics_count_them
 
 def test_a_transform_that_refuses_an_input_makes_a_bad_request_not_a_server_error(world, monkeypatch):
     """The training transform's own checks of model inputs (InputError) answer 4xx like the server's."""
-    from grade.errors import InputError
-    from grade.transform import FeatureTransform
+    from grade.core.errors import InputError
+    from grade.data.transform import FeatureTransform
 
     policy = serving.load_verified(world["registry"], world["registry"].production()[0])
     spec = world["spec"]
@@ -436,8 +437,8 @@ def test_calls_answered_together_get_the_answers_they_get_alone(world):
 
 
 def test_a_value_only_the_transform_refuses_fails_only_its_own_call_naming_its_own_row(world, monkeypatch):
-    from grade.errors import InputError
-    from grade.transform import FeatureTransform
+    from grade.core.errors import InputError
+    from grade.data.transform import FeatureTransform
 
     policy = serving.load_verified(world["registry"], world["registry"].production()[0])
     spec = world["spec"]
@@ -462,7 +463,7 @@ def test_a_value_only_the_transform_refuses_fails_only_its_own_call_naming_its_o
 
 
 def test_calls_that_arrive_together_share_one_answer_call_and_a_lone_call_waits_for_nobody():
-    from grade.http_server import Coalescer
+    from grade.core.http_server import Coalescer
 
     groups: list[list] = []
 
@@ -488,7 +489,7 @@ def test_calls_that_arrive_together_share_one_answer_call_and_a_lone_call_waits_
 
 
 def test_a_failing_answer_call_fails_every_caller_of_its_group_and_a_caller_that_left_is_skipped():
-    from grade.http_server import Coalescer
+    from grade.core.http_server import Coalescer
 
     def broken(items):
         raise RuntimeError("policy call failed")
@@ -543,7 +544,7 @@ def test_a_loaded_version_has_had_its_first_calls_before_it_serves(world):
     version has had them, so the requests right after a swap do not wait for them."""
     import torch
 
-    from grade.policy import TORCHSCRIPT_FILE, load_torchscript
+    from grade.model.policy import TORCHSCRIPT_FILE, load_torchscript
 
     record = world["registry"].production()[0]
     u, c = len(world["spec"]["numeric"]), len(world["spec"]["categorical"])
@@ -568,7 +569,7 @@ def test_a_version_whose_files_do_not_match_its_hash_is_never_loaded(world):
     served = holder.current.version
     # a new version whose TorchScript file is altered after registration
     third = promote(world["registry"], world["models"][2])
-    from grade.policy import TORCHSCRIPT_FILE
+    from grade.model.policy import TORCHSCRIPT_FILE
 
     path = world["registry"].version_uri(third) + "/" + TORCHSCRIPT_FILE
     data = bytearray(open(path, "rb").read())
@@ -581,7 +582,7 @@ def test_a_version_whose_files_do_not_match_its_hash_is_never_loaded(world):
 
 
 def test_a_response_head_is_sent_with_its_body_in_one_write():
-    from grade.http_server import OneWriteTransport
+    from grade.core.http_server import OneWriteTransport
 
     class Recorder:
         def __init__(self):
@@ -633,7 +634,7 @@ def test_a_response_without_a_body_is_sent_when_it_completes(server):
 
 
 def test_the_default_worker_count_is_the_containers_cpu_limit(tmp_path):
-    from grade.http_server import available_cpus
+    from grade.core.http_server import available_cpus
 
     cores = len(__import__("os").sched_getaffinity(0))
     (tmp_path / "cpu.max").write_text("150000 100000\n")
@@ -646,7 +647,7 @@ def test_the_default_worker_count_is_the_containers_cpu_limit(tmp_path):
 def test_a_worker_that_exits_stops_the_server_with_its_status(tmp_path):
     import sys
 
-    from grade.http_server import supervise
+    from grade.core.http_server import supervise
 
     # the first worker to start exits 3 once the other is running; that one runs for a minute unless stopped
     script = f"""
@@ -672,7 +673,7 @@ def test_a_server_whose_workers_find_no_model_exits_2_naming_it(tmp_path):
     import subprocess
     import sys
 
-    from grade.registry import Registry
+    from grade.model.registry import Registry
 
     Registry(str(tmp_path / "registry"), MODEL)  # an empty registry: no production alias
     done = subprocess.run([sys.executable, "-m", "components.serve", "--registry", str(tmp_path / "registry"),

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from components import simulate as simulate_cli
-from grade import simulator, store
-from grade.fusion import fuse, top_e
-from grade.simulator import SimulatorConfig
+from grade.core import store
+from grade.data import simulator
+from grade.data.fusion import fuse, top_e
+from grade.data.simulator import SimulatorConfig
 
 
 def small(**kw) -> SimulatorConfig:
@@ -134,7 +135,7 @@ def test_chunking_does_not_change_the_world_and_scales_in_chunks():
 def test_bad_config_is_exit_2(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("simulator:\n  objectives: [ctr, clicks]\n")
-    from grade import cli
+    from grade.core import cli
 
     assert cli.run(simulate_cli.main, ["--out", str(tmp_path / "o"), "--config", str(cfg)]) == 2
     assert "simulator.objectives" in capsys.readouterr().err

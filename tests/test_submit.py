@@ -8,7 +8,7 @@ import kfp
 import pytest
 import yaml
 
-from grade.errors import InputError
+from grade.core.errors import InputError
 from pipeline import params, submit
 
 
@@ -212,9 +212,9 @@ def test_a_scheduled_window_of_partitions_runs_with_the_cache(fake_kfp, package)
 
 
 def test_bad_cron_exits_2_before_contacting_the_server(fake_kfp, package, capsys):
-    import grade.cli
+    import grade.core.cli
 
-    rc = grade.cli.run(submit.main, ["--host", "http://kfp:8080", "--package", str(package),
+    rc = grade.core.cli.run(submit.main, ["--host", "http://kfp:8080", "--package", str(package),
                                      "--schedule", "0 3 * * *"])
     assert rc == 2
     assert "6 fields" in capsys.readouterr().err
@@ -222,11 +222,12 @@ def test_bad_cron_exits_2_before_contacting_the_server(fake_kfp, package, capsys
 
 
 def test_unknown_config_key_exits_2(fake_kfp, package, tmp_path, capsys):
-    import grade.cli
+    import grade.core.cli
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("finetune:\n  group_sise: 4\n")
-    rc = grade.cli.run(submit.main, ["--host", "h", "--package", str(package), "--run", "--config", str(bad)])
+    rc = grade.core.cli.run(submit.main,
+                            ["--host", "h", "--package", str(package), "--run", "--config", str(bad)])
     assert rc == 2 and "group_sise" in capsys.readouterr().err
     assert fake_kfp.instances == []
 

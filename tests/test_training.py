@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from grade import store, training
-from grade.errors import InputError
-from grade.progress import Progress
+from grade.core import store
+from grade.core.errors import InputError
+from grade.core.progress import Progress
+from grade.model import training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,7 +83,7 @@ def test_keeps_the_last_two_checkpoints(tmp_path):
 def test_refuses_a_checkpoint_of_another_run(tmp_path, caplog):
     model, optimizer = _trained_model_and_optimizer()
     _save(str(tmp_path), 1, model, optimizer, {"config": {"lr": 0.01}, "world_size": 1})
-    with caplog.at_level(logging.WARNING, logger="grade.training"):
+    with caplog.at_level(logging.WARNING, logger="grade.model.training"):
         assert training.load_checkpoint(str(tmp_path), {"config": {"lr": 0.02}, "world_size": 1}) is None
     assert "another run" in caplog.text
 
@@ -95,7 +96,7 @@ def test_refuses_an_old_format_checkpoint_with_a_clear_message(tmp_path, caplog)
     (folder / "state.json").write_text(json.dumps({"step": 4, "curve": [], "fingerprint": {}}))
     (tmp_path / training.CHECKPOINTS / "latest.json").write_text(
         json.dumps({"step": 4, "folder": "step-000004"}))
-    with caplog.at_level(logging.WARNING, logger="grade.training"):
+    with caplog.at_level(logging.WARNING, logger="grade.model.training"):
         assert training.load_checkpoint(str(tmp_path), {}) is None
     assert "old format" in caplog.text
 
@@ -126,7 +127,7 @@ def test_progress_lines_have_rate_eta_and_detail(caplog):
 
 
 def test_publish_writes_the_model_folder(tmp_path):
-    from grade.policy import PolicyConfig, PolicyNet, load_policy
+    from grade.model.policy import PolicyConfig, PolicyNet, load_policy
 
     policy = PolicyNet(PolicyConfig(n_numeric=1, cat_sizes=[2], n_objectives=3, hidden=[4]))
     fp = {"config": {"seed": 3}, "features": "f", "features_content_hash": "h", "world_size": 1}

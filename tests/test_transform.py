@@ -13,14 +13,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from grade import dataset, store
-from grade.errors import InputError
-from grade.features import FeaturesConfig, extract_features
-from grade.fusion import fuse
-from grade.policy import PolicyConfig, PolicyNet, save_policy
-from grade.scoring import score_requests
-from grade.simulator import SimulatorConfig, write_logs
-from grade.transform import PRED_EPS, FeatureTransform, InputColumn, clamp_unseen, encode_categorical
+from grade.core import store
+from grade.core.errors import InputError
+from grade.data import dataset
+from grade.data.features import FeaturesConfig, extract_features
+from grade.data.fusion import fuse
+from grade.data.simulator import SimulatorConfig, write_logs
+from grade.data.transform import PRED_EPS, FeatureTransform, InputColumn, clamp_unseen, encode_categorical
+from grade.model.policy import PolicyConfig, PolicyNet, save_policy
+from grade.release.scoring import score_requests
 
 SPEC = {"objectives": ["ctr", "gmv"], "pred_log_mean": [math.log(0.1), 2.0], "pred_log_std": [2.0, 0.5],
         "numeric": [{"name": "u_a", "mean": 1.0, "std": 2.0}, {"name": "u_b", "mean": -1.0, "std": 0.0}],
@@ -142,7 +143,7 @@ def test_the_one_pass_of_clean_columns_gives_the_per_column_result():
     """Columns of finite numbers and integer ids take one vectorised pass; it gives what the checks of
     each column give, for every input type (lists, int32/float64 arrays, float64 beyond float32's range,
     uint64 ids past int64), and a value the pass refuses falls to those checks."""
-    from grade.transform import checked_categories, checked_numbers
+    from grade.data.transform import checked_categories, checked_numbers
 
     t = FeatureTransform.from_spec(SPEC)
     cases = [{"u_a": [5.0, 1.0], "u_b": [-1, 2], "c_x": [7, 5], "c_y": [3, 0]},

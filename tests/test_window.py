@@ -12,10 +12,11 @@ import pytest
 import yaml
 
 from components import window as window_cli
-from grade import cli, store, window
-from grade.errors import InputError
-from grade.features import FeaturesConfig, extract_features, list_log_files
-from grade.simulator import SimulatorConfig, write_logs
+from grade.core import cli, store
+from grade.core.errors import InputError
+from grade.data import window
+from grade.data.features import FeaturesConfig, extract_features, list_log_files
+from grade.data.simulator import SimulatorConfig, write_logs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,7 +36,7 @@ def at(text: str) -> dt.datetime:
 
 def test_an_unresolved_placeholder_means_now_and_says_so(caplog):
     now = at("2026-01-09T05:00:00")
-    with caplog.at_level(logging.WARNING, logger="grade.window"):
+    with caplog.at_level(logging.WARNING, logger="grade.data.window"):
         assert window.schedule_time("{{$.pipeline_job_schedule_time_utc}}", now) == now
     assert "not resolved" in caplog.text
     assert window.schedule_time("", now) == now
@@ -98,7 +99,7 @@ def test_the_compiled_window_step_is_never_cached_and_feeds_the_features_cache_k
 
 @pytest.mark.slow
 def test_run_local_trains_on_the_window_of_its_schedule_time(days, tmp_path):
-    from grade.registry import Registry
+    from grade.model.registry import Registry
     from pipeline import run_local
     from tests.test_pipeline_local import LENIENT_GATE, small_config
 

@@ -1,0 +1,251 @@
+"""The promotion gate: bless a candidate only when it beats what runs now; fail closed otherwise.
+
+The decision is a first-class artifact, the **blessing**: candidate (name, URI, content hash),
+baseline (``incumbent`` = the production model evaluated on the same held-out requests, or
+``static`` for the first model), thresholds, every check with its value, the verdict and reasons.
+
+Checks (config section ``promote``):
+
+- primary: the lower end of the primary metric's lift CI vs the baseline is above ``min_lift``. By
+  default the report's own ``primary_flavour`` and ``primary_metric``: the true flavour with ground
+  truth, else the ``estimated`` flavour (counterfactual estimates from the logs), and the metric of the
+  declared business value (OPM for orders). Reports written before the estimated flavour existed
+  (primary flavour ``prior``) are judged on ``fallback_flavour``/``fallback_metric``;
+- guardrails: the lift of each guardrail metric (CTR, CVR, GPM) in the same flavour is not below its
+  tolerance; the primary metric itself is not also a guardrail.
+
+A missing metric, an unknown candidate, a candidate whose content differs from what was evaluated,
+a report that did not evaluate the current production model, or no thresholds at all: NOT blessed.
+A report field the gate reads that is missing or malformed is bad input (InputError, exit 2).
+The blessing is a :class:`grade.release.blessing.Blessing`.
+When blessed, the candidate is registered (idempotent) and the alias moves by compare-and-swap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from typing import Any
+
+from grade.core import store
+from grade.core.config import ranged
+from grade.core.errors import InputError
+from grade.model.registry import DEFAULT_MODEL, AliasConflict, Registry
+from grade.release.blessing import Blessing, Check, Fields, Thresholds
+
+log = logging.getLogger("grade.release.promotion")
+
+
+@dataclasses.dataclass
+class PromoteConfig:
+    model_name: str = DEFAULT_MODEL
+    """registry model name whose production alias is gated (an alias of shared.model_name)"""
+    candidate_name: str = "grade"
+    """the candidate's policy name in report.json"""
+    primary_metric: str = ""
+    """metric whose lift CI must clear min_lift ('' = the report's primary_metric, the declared value's)"""
+    primary_flavour: str = ""
+    """metric flavour of the primary check and the guardrails ('' = the report's primary_flavour)"""
+    fallback_flavour: str = "replay"
+    """flavour used for reports whose primary flavour is 'prior' (written before the estimated flavour)"""
+    fallback_metric: str = "ndcg_order"
+    """primary metric used for such reports"""
+    min_lift: float | None = ranged(0.0, ">= -1")
+    """the primary lift's CI lower bound must be above this (null: no threshold -> never blessed)"""
+    guardrails: dict[str, float] = ranged({"ctr": -0.005, "cvr": -0.01, "gpm": -0.005}, ">= -1")
+    """metric -> lowest acceptable lift vs the baseline (e.g. ctr -0.005: CTR may drop at most 0.5%)"""
+
+
+def report_folder(uri: str) -> str:
+    """The report's folder, given the folder or its report.json."""
+    return uri.rsplit("/", 1)[0] if uri.endswith(".json") else uri
+
+
+def read_report(uri: str) -> dict[str, Any]:
+    """report.json from a report folder or the file itself; bad input -> InputError."""
+    path = uri if uri.endswith(".json") else store.join(uri, "report.json")
+    try:
+        report = json.loads(store.read_bytes(path))
+    except store.NotFound:
+        raise InputError(f"{path}: report not found") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(report, dict) or "policies" not in report:
+        raise InputError(f"{path}: not an evaluation report (expected a 'policies' key)")
+    return report
+
+
+@dataclasses.dataclass
+class GateEvidence:
+    """What the gate reads from report.json, type-checked: a missing or malformed field -> InputError."""
+
+    has_ground_truth: bool
+    """whether the report's data had ground truth (true flavour) or not (fallback flavour)"""
+    policies: list[str]
+    """the evaluated policies"""
+    models: dict[str, dict[str, Any]]
+    """policy -> {uri, content_hash, version} of the evaluated model folders"""
+    lifts: dict[str, dict[str, Any]]
+    """baseline ('static', 'incumbent') -> policy -> flavour -> metric -> {lift, ci_low, ci_high}"""
+    primary_flavour: str = "true"
+    """the report's primary flavour (true with ground truth, else estimated)"""
+    primary_metric: str = "opm"
+    """the report's primary metric (the declared business value's)"""
+
+    @classmethod
+    def from_report(cls, report: dict[str, Any], source: str = "report.json") -> GateEvidence:
+        fields = Fields(report, source)
+        policies = fields.get("policies", dict)
+        models = fields.get("models", dict)
+        for name, info in models.items():
+            model = Fields(info, f"{source}: models.{name}")
+            model.get("content_hash", str, optional=True, absent_ok=True)
+            model.get("version", str, optional=True, absent_ok=True)
+        lifts = {"static": fields.get("lift_vs_static", dict)}
+        incumbent = fields.get("lift_vs_incumbent", dict, absent_ok=True)
+        if incumbent is not None:
+            lifts["incumbent"] = incumbent
+        for baseline, table in lifts.items():
+            _check_lifts(table, f"{source}: lift_vs_{baseline}")
+        truth = fields.get("has_ground_truth", bool)
+        # reports of older versions may lack these: they led with true (truth) or prior, on OPM
+        flavour = fields.get("primary_flavour", str, absent_ok=True) or ("true" if truth else "prior")
+        metric = fields.get("primary_metric", str, absent_ok=True) or "opm"
+        return cls(truth, list(policies), models, lifts, flavour, metric)
+
+    def judged_on(self, cfg: PromoteConfig) -> tuple[str, str]:
+        """(flavour, metric) of the primary check: the config's, else the report's (never the prior)."""
+        if self.primary_flavour == "prior" and not cfg.primary_flavour:
+            return cfg.fallback_flavour, cfg.fallback_metric
+        return cfg.primary_flavour or self.primary_flavour, cfg.primary_metric or self.primary_metric
+
+    def lift(self, baseline: str, policy: str, flavour: str, metric: str, key: str) -> float | None:
+        """``key`` (lift, ci_low, ci_high) of ``policy``'s lift vs ``baseline``; None when not reported."""
+        entry = self.lifts.get(baseline, {}).get(policy, {}).get(flavour, {}).get(metric)
+        return None if entry is None else entry.get(key)
+
+
+def _check_lifts(table: dict[str, Any], where: str) -> None:
+    """policy -> flavour -> metric -> {lift, ci_low, ci_high: number or null}, or InputError."""
+    for policy, flavours in table.items():
+        for flavour, metrics in Fields(flavours, f"{where}.{policy}").doc.items():
+            for metric, entry in Fields(metrics, f"{where}.{policy}.{flavour}").doc.items():
+                lift = Fields(entry, f"{where}.{policy}.{flavour}.{metric}")
+                for key in ("lift", "ci_low", "ci_high"):
+                    lift.get(key, (int, float), optional=True)
+
+
+def decide(report: dict[str, Any], candidate_uri: str, registry: Registry, cfg: PromoteConfig,
+           report_uri: str | None = None) -> Blessing:
+    """The blessing (not yet acted upon): verdict, baseline, checks and reasons."""
+    evidence = GateEvidence.from_report(report, report_uri or "report.json")
+    name = cfg.candidate_name
+    try:
+        # every file against the manifest's sha256 before anything is decided or registered: a folder
+        # changed after its evaluation would otherwise be promoted under the evaluated hash
+        store.verify_published(candidate_uri)
+        candidate_hash = store.content_hash(candidate_uri)
+    except store.NotPublished as e:
+        raise InputError(f"--candidate {candidate_uri}: {e}") from None
+    current = registry.production()
+    flavour, metric = evidence.judged_on(cfg)
+    blessing = Blessing(
+        candidate=name, candidate_uri=candidate_uri, candidate_content_hash=candidate_hash, report=report_uri,
+        registry=registry.root, model_name=registry.model_name,
+        thresholds=Thresholds(cfg.min_lift, dict(cfg.guardrails)),
+        incumbent_version=current[0]["version"] if current else None, primary=f"{flavour}/{metric}",
+        baseline="incumbent" if current is not None else "static")
+    reasons = evidence_reasons(evidence, name, candidate_hash, current)
+    if current is not None and current[0].get("content_hash") == candidate_hash:
+        blessing.blessed, blessing.verdict = True, "already in production"
+        blessing.reasons = [f"version {current[0]['version']} already serves this content"]
+        return blessing
+    if cfg.min_lift is None and not cfg.guardrails:
+        reasons.append("no thresholds are configured")
+    # guardrails in the judged flavour; a replay-judged (old) report has no CTR/GPM there: its prior's
+    guard_flavour = "prior" if flavour == "replay" else flavour
+    checks = threshold_checks(evidence, blessing, cfg, guard_flavour)
+    reasons += [reason for _, reason in checks if reason]
+    blessing.checks = [check for check, _ in checks]
+    blessing.blessed = not reasons and all(c.passed for c in blessing.checks) and bool(blessing.checks)
+    blessing.verdict = "blessed" if blessing.blessed else "not blessed"
+    blessing.reasons = reasons or ["every check passed"]
+    return blessing
+
+
+def evidence_reasons(evidence: GateEvidence, name: str, candidate_hash: str,
+                     current: tuple[dict[str, Any], str] | None) -> list[str]:
+    """Why the report cannot judge this candidate: not evaluated, other content, stale incumbent."""
+    reasons = []
+    if name not in evidence.policies:
+        reasons.append(f"the report has no metrics for candidate '{name}'")
+    evaluated = evidence.models.get(name, {}).get("content_hash")
+    if evaluated != candidate_hash:
+        reasons.append(f"the candidate's content ({candidate_hash[:12]}) is not what the report evaluated "
+                       f"({(evaluated or 'none')[:12]})")
+    inc_version = evidence.models.get("incumbent", {}).get("version")
+    if current is not None and inc_version != current[0]["version"]:
+        reasons.append(f"the report evaluated incumbent version {inc_version}, but production is "
+                       f"{current[0]['version']}: re-evaluate against the current production model")
+    return reasons
+
+
+def threshold_checks(evidence: GateEvidence, blessing: Blessing, cfg: PromoteConfig,
+                     guard_flavour: str) -> list[tuple[Check, str | None]]:
+    """The primary and guardrail checks, each with the reason it failed (None when passed)."""
+    out: list[tuple[Check, str | None]] = []
+    name, baseline = blessing.candidate, blessing.baseline
+    if cfg.min_lift is not None:
+        primary = blessing.primary
+        value = evidence.lift(baseline, name, *primary.split("/", 1), "ci_low")
+        passed = value is not None and value > cfg.min_lift
+        out.append((Check(f"{primary} lift CI low", value, f"> {cfg.min_lift}", passed), None if passed else
+                    f"{primary} lift CI low {value} is not above {cfg.min_lift}" if value is not None
+                    else f"{primary} lift vs {baseline} is missing from the report"))
+    for m, tol in sorted(cfg.guardrails.items()):
+        if f"{guard_flavour}/{m}" == blessing.primary:
+            continue  # the primary check already judges this metric
+        value = evidence.lift(baseline, name, guard_flavour, m, "lift")
+        passed = value is not None and value >= tol
+        out.append((Check(f"{guard_flavour}/{m} lift", value, f">= {tol}", passed), None if passed else
+                    f"guardrail {guard_flavour}/{m}: lift {value} below {tol}" if value is not None
+                    else f"guardrail {guard_flavour}/{m}: lift missing from the report"))
+    return out
+
+
+def promote(report_uri: str, candidate_uri: str, registry_uri: str, cfg: PromoteConfig,
+            data_uri: str | None = None) -> Blessing:
+    """Gate, then register and move the alias when blessed. Returns the blessing (with the outcome)."""
+    report = read_report(report_uri)
+    registry = Registry(registry_uri, cfg.model_name)
+    # read the alias (and its ETag) before deciding: the move is a compare-and-swap against it
+    current = registry.production()
+    blessing = decide(report, candidate_uri, registry, cfg, report_uri)
+    if not blessing.blessed or blessing.verdict == "already in production":
+        return blessing
+    blessing_bytes = (json.dumps(blessing.to_json(), indent=2, sort_keys=True) + "\n").encode()
+    version, created = registry.register(candidate_uri, report_uri=report_uri, data_uri=data_uri,
+                                         parent=current[0]["version"] if current else None,
+                                         extra_files={"blessing.json": blessing_bytes})
+    blessing.version = version
+    try:
+        registry.set_production(version, f"blessed vs {blessing.baseline}: " + "; ".join(
+            f"{c.name}={c.value:.4f}" for c in blessing.checks if c.value is not None),
+            expected_etag=current[1] if current else None)
+        blessing.promoted, blessing.verdict = True, "promoted"
+    except AliasConflict as e:
+        blessing.promoted, blessing.verdict = False, "conflict"
+        blessing.reasons = [*blessing.reasons, str(e)]
+    return blessing
+
+
+def format_blessing(b: Blessing) -> str:
+    lines = [f"candidate '{b.candidate}' vs {b.baseline}: {b.verdict.upper()}"]
+    for c in b.checks:
+        v = "missing" if c.value is None else f"{c.value:+.4f}"
+        lines.append(f"  [{'pass' if c.passed else 'FAIL'}] {c.name:<28} {v:>10}  (needs {c.threshold})")
+    lines += [f"  - {r}" for r in b.reasons]
+    if b.version:
+        lines.append(f"  registered as {b.model_name}/{b.version}")
+    return "\n".join(lines)

@@ -1,0 +1,176 @@
+"""Counterfactual value of new rankings of logged requests under position-based examination.
+
+Shapes (B requests, L candidates, G rankings per request, E exposure depth):
+
+- idx [B, G, E]: a new ranking pi per request and group member, indices into the L candidates, best
+  first (``grade.data.fusion.top_e`` of fused scores);
+- theta [E]: examination probability of the new positions 0..E-1;
+- logged_theta [B, L]: theta at each candidate's logged position p(i) (0 where the item was not
+  logged: padding), e.g. ``ExaminationEstimate.theta_at(position)``;
+- y [B, L]: a logged label (click, order, order value); m [B, L]: an outcome model's expected label of
+  an examined item (P(click | examined) for clicks, etc.);
+- returns: per-request values [B, G] (an :class:`Estimate` with the clipped share where weights are
+  clipped).
+
+Position-based model: the label of item i shown at position j has expectation theta_j * r_i, where r_i
+is the expected label of the examined item. The logged y_i has expectation theta_{p(i)} * r_i, so
+y_i / theta_{p(i)} is unbiased for r_i, and a new ranking's value sum_j theta_j r_{pi(j)} is estimated
+by IPS with the ratio weights w_j = theta_j / theta_{p(pi(j))}.
+
+Doubly robust collapses here. The item-level DR estimate of r_i is m_i + (y_i - theta_{p(i)} m_i) /
+theta_{p(i)} = y_i / theta_{p(i)}: the model term cancels exactly. DR helps in bandits because the
+model covers the actions the logging policy did *not* take; here every candidate of a request was
+logged at some position (the whole list is logged), so there is no unlogged action left for the model
+to fill in and DR is IPS, with IPS's variance. The direct method, SWITCH and shrunk weights trade
+variance for bias; :func:`shrunk_dr` with ``lam = inf`` is exactly that collapsed DR.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import torch
+
+from grade.data.fusion import gather_items
+
+
+class Estimate(NamedTuple):
+    value: torch.Tensor
+    """per-request value estimates [B, G]"""
+    clipped_share: torch.Tensor
+    """0-dim: share of the logged slots of the rankings whose weight was clipped (0 without clipping)"""
+
+
+def ratio_weights(idx: torch.Tensor, theta: torch.Tensor, logged_theta: torch.Tensor,
+                  max_weight: float = math.inf) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Importance weights w_j = theta_j / theta_{p(pi(j))}, clipped at ``max_weight``.
+
+    idx [B, G, E], theta [E], logged_theta [B, L] -> (w [B, G, E] (0 at unlogged items), logged [B, G, E]
+    bool, clipped_share 0-dim).
+    """
+    lt = gather_items(logged_theta, idx)
+    logged = lt > 0
+    raw = torch.where(logged, theta / lt.clamp_min(1e-12), torch.zeros_like(lt))
+    clipped = raw > max_weight
+    share = clipped.sum() / logged.sum().clamp_min(1)
+    return raw.clamp(max=max_weight), logged, share.to(raw.dtype)
+
+
+def ips(y: torch.Tensor, idx: torch.Tensor, theta: torch.Tensor, logged_theta: torch.Tensor,
+        max_weight: float = math.inf) -> Estimate:
+    """Examination IPS: V[b, g] = sum_j w_bgj * y[b, pi_bg(j)], w = theta_j / theta_{p(pi(j))} clipped.
+
+    y, logged_theta [B, L]; idx [B, G, E]; theta [E] -> value [B, G]. Unbiased without clipping (every
+    candidate has a logged position and theta is right); clipping bounds the variance from items
+    logged deep and shown high, at the cost of underestimating them.
+    """
+    w, _, share = ratio_weights(idx, theta, logged_theta, max_weight)
+    return Estimate((w * gather_items(y.to(w.dtype), idx)).sum(-1), share)
+
+
+def snips(y: torch.Tensor, idx: torch.Tensor, theta: torch.Tensor, logged_theta: torch.Tensor,
+          max_weight: float = math.inf, over: Literal["batch", "batch_and_group"] = "batch") -> Estimate:
+    """Self-normalised IPS, normalised per slot as OBP's slate SNIPS: w_bgj / mean_b' w_b'gj.
+
+    y, logged_theta [B, L]; idx [B, G, E]; theta [E] -> value [B, G]. The normaliser of slot j is the
+    mean of the (clipped) weights at slot j over the batch (``over="batch"``: per group member g, right
+    when member g is one policy on every request, as in evaluation) or over the batch and the group
+    (``"batch_and_group"``: for training groups whose members differ per request).
+
+    What this means under position-based examination: theta_j cancels, so the batch mean of slot j's
+    term is mean(y / theta_p) / mean(1 / theta_p), the estimated examined-item value times the
+    *harmonic mean of the logged* examinations of the items shown at j instead of the new theta_j.
+    It equals IPS for the logged ranking (all weights 1) and shrinks every other ranking's value
+    towards what those items earned where they were logged: lower variance, biased towards the
+    logging policy (it underestimates rankings that promote items logged deep).
+    """
+    w, logged, share = ratio_weights(idx, theta, logged_theta, max_weight)
+    dims = (0,) if over == "batch" else (0, 1)
+    total = (w * logged).sum(dims, keepdim=True)
+    count = logged.to(w.dtype).sum(dims, keepdim=True)
+    norm = total / count.clamp_min(1)
+    wn = torch.where(norm > 0, w / norm.clamp_min(1e-12), torch.zeros_like(w))
+    return Estimate((wn * gather_items(y.to(w.dtype), idx)).sum(-1), share)
+
+
+def direct_method(m: torch.Tensor, idx: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Direct method: V[b, g] = sum_j theta_j * m[b, pi_bg(j)]; m [B, L], idx [B, G, E], theta [E] -> [B, G].
+
+    Exact when m is the true expected label of an examined item; biased as m is.
+    """
+    return (theta * gather_items(m.to(theta.dtype), idx)).sum(-1)
+
+
+def switch(y: torch.Tensor, m: torch.Tensor, idx: torch.Tensor, theta: torch.Tensor,
+           logged_theta: torch.Tensor, tau: float, max_weight: float = math.inf) -> Estimate:
+    """SWITCH (Wang et al. 2017): per slot, IPS where theta at the item's logged position >= tau, DM below.
+
+    y, m, logged_theta [B, L]; idx [B, G, E]; theta [E] -> value [B, G]. Items logged deep (small
+    theta_p, large weights) take the model's value; tau = 0 is IPS, tau > 1 is DM.
+    """
+    w, _, share = ratio_weights(idx, theta, logged_theta, max_weight)
+    use_ips = gather_items(logged_theta, idx) >= tau
+    ips_term = w * gather_items(y.to(w.dtype), idx)
+    dm_term = theta * gather_items(m.to(w.dtype), idx)
+    return Estimate(torch.where(use_ips, ips_term, dm_term).sum(-1), share)
+
+
+def shrunk_dr(y: torch.Tensor, m: torch.Tensor, idx: torch.Tensor, theta: torch.Tensor,
+              logged_theta: torch.Tensor, lam: float) -> Estimate:
+    """Doubly robust with shrunk weights (Su et al. 2020): sum_j theta_j m + w~_j (y - theta_p m).
+
+    y, m, logged_theta [B, L]; idx [B, G, E]; theta [E] -> value [B, G]; w~ = lam w / (w^2 + lam) with
+    w = theta_j / theta_p. lam = inf gives w~ = w and the collapsed DR = IPS exactly; lam -> 0 gives
+    the direct method. The clipped share reports the slots whose weight was shrunk by more than 10%.
+    """
+    w, logged, _ = ratio_weights(idx, theta, logged_theta)
+    shrunk = w if math.isinf(lam) else lam * w / (w * w + lam)
+    mi = gather_items(m.to(w.dtype), idx)
+    residual = gather_items(y.to(w.dtype), idx) - gather_items(logged_theta.to(w.dtype), idx) * mi
+    value = (theta * mi + shrunk * residual * logged).sum(-1)
+    share = ((shrunk < 0.9 * w) & logged).sum() / logged.sum().clamp_min(1)
+    return Estimate(value, share.to(w.dtype))
+
+
+def business_value(clicks: torch.Tensor, orders: torch.Tensor, gmv: torch.Tensor, *, v_click: float,
+                   v_order: float, v_gmv: float, mean_order_value: float) -> torch.Tensor:
+    """Declared value V = v_click * clicks + v_order * orders + v_gmv * gmv / mean_order_value.
+
+    Any estimates of the three labels of the same shape (e.g. [B, G]); GMV is counted in units of the
+    given mean order value, so v_gmv = v_order values a typical order's GMV like the order itself.
+    Every estimator here is linear in the label, so V's estimate is the same estimator applied to the
+    combined label.
+    """
+    if mean_order_value <= 0:
+        raise ValueError(f"mean_order_value must be > 0, got {mean_order_value}")
+    return v_click * clicks + v_order * orders + (v_gmv / mean_order_value) * gmv
+
+
+#: the estimators a reward or a judge can name (config values)
+ESTIMATORS = ("ips", "snips", "dm", "switch", "shrunk")
+
+
+def ranking_value(name: str, idx: torch.Tensor, theta: torch.Tensor, logged_theta: torch.Tensor,
+                  y: torch.Tensor, m: torch.Tensor | None, *, max_weight: float = math.inf, tau: float = 0.1,
+                  lam: float = 1.0) -> Estimate:
+    """The value [B, G] of rankings idx [B, G, E] by the estimator ``name`` (one of :data:`ESTIMATORS`).
+
+    y [B, L]: the logged label of the declared value (e.g. v_click click + v_order order + ...);
+    m [B, L]: the outcome model's value of an examined item, needed by dm, switch and shrunk;
+    theta [E], logged_theta [B, L] as in the other estimators. Every estimator is linear in the label,
+    so the value of a mix of labels is the estimate of the mixed label.
+    """
+    if name in ("dm", "switch", "shrunk") and m is None:
+        raise ValueError(f"estimator {name!r} needs the outcome model's item values m")
+    if name == "ips":
+        return ips(y, idx, theta, logged_theta, max_weight)
+    if name == "snips":
+        return snips(y, idx, theta, logged_theta, max_weight, over="batch_and_group")
+    if name == "dm":
+        return Estimate(direct_method(m, idx, theta), theta.new_zeros(()))
+    if name == "switch":
+        return switch(y, m, idx, theta, logged_theta, tau, max_weight)
+    if name == "shrunk":
+        return shrunk_dr(y, m, idx, theta, logged_theta, lam)
+    raise ValueError(f"unknown estimator {name!r}; expected one of {list(ESTIMATORS)}")

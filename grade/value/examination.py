@@ -1,0 +1,243 @@
+"""Examination curve theta_j estimated from the logs by the position-based click likelihood.
+
+Position-based model: an item at logged position j (0-based) is examined with probability theta_j and,
+if examined, clicked with probability sigmoid(f(x)) that does not depend on the position:
+
+    P(click | position j, x) = theta_j * sigmoid(f(x)),   theta_0 = 1 (fixes the scale).
+
+f is a logistic model on the item's standardised log predictions z, its standardised log(1 - p) for
+probability-valued objectives (so that f can represent logit p), the request's numeric user features
+and their products with the item terms. Both f and theta are fitted together by maximum likelihood
+over every logged item (the position-based likelihood that regression EM maximises, Wang et al. 2018;
+here with a parametric f and full-batch LBFGS instead of EM steps). Two curves are fitted:
+
+- ``power``: theta_j = (1 + j)^-eta, one parameter over every logged position (the default, and the
+  form the reward and the evaluation use);
+- ``free``: theta_1..theta_{D-1} free (log theta_j = -softplus(a_j) keeps it <= 1) on the items logged
+  above depth D; items logged deeper are left out of that fit.
+
+Identification comes from the logging policy's per-request noise: the same kind of item (same x) is
+logged at different positions, so its click-rate ratio across positions is theta's ratio. If the logs
+never move items across positions (a deterministic logging ranking), theta is not identified and the
+fit returns whatever the features cannot explain; ``n_clicks`` and the free curve show how much support
+there is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Literal
+
+import torch
+
+from grade.core.config import ranged
+from grade.core.errors import InputError
+
+METHODS = ("power", "free")
+
+
+@dataclasses.dataclass
+class ExaminationConfig:
+    method: Literal["power", "free"] = "power"
+    """curve reported as ``theta`` (both are always fitted): power law (1+j)^-eta or free per position"""
+    depth: int = ranged(20, ">= 2")
+    """D: positions of the reported curve and of the free fit (items logged at >= D leave the free fit)"""
+    interactions: bool = True
+    """add the products of item terms and user features to f (user-dependent click models)"""
+    max_rows: int = ranged(2_000_000, ">= 1")
+    """largest number of logged items used; a seeded subsample above it (bounds time and memory)"""
+    max_iter: int = ranged(200, ">= 1")
+    """LBFGS iterations per fit"""
+    l2: float = ranged(1e-4, ">= 0")
+    """L2 penalty on f's weights (per item, relative to the mean log-likelihood)"""
+    seed: int = ranged(0, ">= 0")
+    """seed of the subsample: the same logs, config and seed give the same estimate"""
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"examination.method: expected one of {list(METHODS)}, got {self.method!r}")
+
+
+@dataclasses.dataclass
+class ExaminationEstimate:
+    method: str
+    """the curve ``theta`` follows: "power" or "free" (or "fixed" for an assumed eta)"""
+    eta: float
+    """exponent of the power-law fit theta_j = (1+j)^-eta"""
+    theta: list[float]
+    """theta_0..theta_{D-1} of ``method`` (theta_0 = 1)"""
+    theta_power: list[float]
+    """the power-law curve at positions 0..D-1"""
+    theta_free: list[float]
+    """the free per-position curve at positions 0..D-1 (empty for "fixed")"""
+    n_rows: int
+    """logged items used by the power-law fit"""
+    n_clicks: int
+    """clicks among them"""
+    log_likelihood: dict[str, float]
+    """mean per-item log-likelihood of each fit ("power", "free")"""
+    converged: dict[str, bool]
+    """whether LBFGS met its tolerance within max_iter for each fit"""
+
+    @classmethod
+    def fixed(cls, eta: float, depth: int) -> ExaminationEstimate:
+        """An assumed power law (no estimation): the option for logs that cannot identify theta."""
+        curve = power_curve(depth, eta).tolist()
+        return cls("fixed", float(eta), curve, curve, [], 0, 0, {}, {})
+
+    def theta_at(self, position: torch.Tensor) -> torch.Tensor:
+        """theta at logged positions ``position`` [...] (int, -1 = not logged -> 0), as float32 [...].
+
+        The free curve holds for positions < D; deeper positions, and the power/fixed methods, use the
+        power law, which is defined at every position.
+        """
+        pos = position.to(torch.int64)
+        theta = (pos.clamp_min(0).to(torch.float32) + 1.0).pow(-self.eta)
+        if self.method == "free":
+            table = torch.tensor(self.theta_free, dtype=torch.float32)
+            inside = (pos >= 0) & (pos < len(table))
+            theta = torch.where(inside, table[pos.clamp(0, len(table) - 1)], theta)
+        return torch.where(pos >= 0, theta, torch.zeros_like(theta))
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for key in ("theta", "theta_power", "theta_free"):
+            out[key] = [round(x, 6) for x in out[key]]
+        out["eta"] = round(out["eta"], 6)
+        return json.loads(json.dumps(out))
+
+
+def power_curve(depth: int, eta: float) -> torch.Tensor:
+    """theta_j = (1 + j)^-eta for 0-based j < depth: [depth] float64."""
+    return (torch.arange(depth, dtype=torch.float64) + 1.0).pow(-eta)
+
+
+def click_features(pred: torch.Tensor, z: torch.Tensor, num: torch.Tensor, mask: torch.Tensor,
+                   interactions: bool = True) -> torch.Tensor:
+    """Inputs of the click model f per item: [N, L, F].
+
+    pred, z: [N, L, K] raw and standardised log predictions; num: [N, U] standardised user features;
+    mask: [N, L]. Item terms: z, plus the standardised log(1 - p) of every objective whose predictions
+    all lie in (0, 1) (z and log(1 - p) together span logit p). Then the user features and, with
+    ``interactions``, every product of an item term and a user feature.
+    """
+    items = [z]
+    real = pred[mask]
+    in_unit = (real > 0) & (real < 1)
+    probs = [k for k in range(pred.shape[-1]) if len(real) and bool(in_unit[:, k].all())]
+    if probs:
+        log_rest = torch.log1p(-pred[..., probs].clamp(max=1 - 1e-6))
+        m = log_rest[mask]
+        items.append((log_rest - m.mean(0)) / m.std(0).clamp_min(1e-6))
+    item = torch.cat(items, dim=-1)
+    user = num.unsqueeze(1).expand(-1, pred.shape[1], -1)
+    parts = [item, user]
+    if interactions and num.shape[-1]:
+        parts.append((item.unsqueeze(-1) * user.unsqueeze(-2)).flatten(-2))
+    return torch.cat(parts, dim=-1)
+
+
+def _rows(batch: dict[str, torch.Tensor], cfg: ExaminationConfig) -> tuple[torch.Tensor, ...]:
+    """Logged items as rows: features [R, F], position [R] (int64), click [R] (float64)."""
+    for name in ("position", "mask", "click", "pred", "z", "num"):
+        if name not in batch:
+            raise InputError(f"examination: the feature tensors lack '{name}'")
+    mask = batch["mask"].bool() & (batch["position"] >= 0)
+    x = click_features(batch["pred"].float(), batch["z"].float(), batch["num"].float(), mask,
+                       cfg.interactions)
+    x, pos, click = x[mask], batch["position"][mask].long(), batch["click"][mask].double()
+    bad = (click != 0) & (click != 1)
+    if bool(bad.any()):
+        raise InputError(f"examination: column 'click', item {int(bad.nonzero()[0])}: expected 0 or 1, got "
+                         f"{float(click[bad][0])}")
+    if len(pos) > cfg.max_rows:
+        g = torch.Generator().manual_seed(cfg.seed)
+        keep = torch.randperm(len(pos), generator=g)[: cfg.max_rows].sort().values
+        x, pos, click = x[keep], pos[keep], click[keep]
+    return x.double(), pos, click
+
+
+def _log_likelihood(log_theta: torch.Tensor, logits: torch.Tensor, click: torch.Tensor) -> torch.Tensor:
+    """Mean position-based log-likelihood: click ~ Bernoulli(theta * sigmoid(logit)); inputs [R]."""
+    log_p = (log_theta + torch.nn.functional.logsigmoid(logits)).clamp(max=-1e-9)
+    log_not = torch.log(-torch.expm1(log_p))
+    return (click * log_p + (1 - click) * log_not).mean()
+
+
+def _fit(x: torch.Tensor, pos: torch.Tensor, click: torch.Tensor, curve: str, depth: int,
+         cfg: ExaminationConfig, init: torch.Tensor | None = None
+         ) -> tuple[torch.Tensor, float, float, bool, torch.Tensor]:
+    """One maximum-likelihood fit: (theta at 0..depth-1 [depth], eta, mean log-lik, converged, f's params).
+
+    ``curve`` "power": one exponent over every row (eta starts at 1); "free": log theta_j = -softplus(a_j)
+    for 1 <= j < depth (starting at theta_j = 1/(1+j)); eta is NaN for the free curve. ``init``: f's
+    weights and bias [F+1] to start from (the power fit's, for the free fit), else zeros and the
+    click-rate logit. f's params are returned as [F+1]. Deterministic: full batch, float64.
+    """
+    if init is None:
+        rate = float(click.mean().clamp(1e-6, 1 - 1e-6))
+        init = torch.cat([torch.zeros(x.shape[1], dtype=torch.float64),
+                          torch.tensor([math.log(rate / (1 - rate)) + 1.0], dtype=torch.float64)])
+    w = init[:-1].clone().requires_grad_(True)
+    b = init[-1].clone().requires_grad_(True)
+    if curve == "power":
+        a = torch.ones(1, dtype=torch.float64, requires_grad=True)
+    else:  # softplus^-1(log(1 + j)) gives theta_j = 1 / (1 + j)
+        start = torch.log1p(torch.arange(1, depth, dtype=torch.float64))
+        a = torch.log(torch.expm1(start)).requires_grad_(True)
+
+    def log_theta() -> torch.Tensor:
+        if curve == "power":
+            return -a[0] * torch.log1p(pos.double())
+        table = torch.cat([torch.zeros(1, dtype=torch.float64), -torch.nn.functional.softplus(a)])
+        return table[pos]
+
+    opt = torch.optim.LBFGS([w, b, a], max_iter=cfg.max_iter, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-7, tolerance_change=1e-10, history_size=20)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = -_log_likelihood(log_theta(), x @ w + b, click) + cfg.l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        ll = float(_log_likelihood(log_theta(), x @ w + b, click))
+        grad_norm = max(float(p.grad.abs().max()) for p in (w, b, a))
+        n_iter = opt.state[w].get("n_iter", 0)  # LBFGS keeps its state on the first parameter
+        if curve == "power":
+            eta, theta = float(a[0]), power_curve(depth, float(a[0]))
+        else:
+            eta = math.nan
+            free = torch.exp(-torch.nn.functional.softplus(a))
+            theta = torch.cat([torch.ones(1, dtype=torch.float64), free])
+    params = torch.cat([w.detach(), b.detach().reshape(1)])
+    return theta, eta, ll, grad_norm < 1e-5 or n_iter < cfg.max_iter, params
+
+
+def estimate_examination(batch: dict[str, torch.Tensor], cfg: ExaminationConfig | None = None
+                         ) -> ExaminationEstimate:
+    """theta from logged requests (``batch`` as :func:`grade.data.dataset.load_split` returns it).
+
+    Uses position [N, L] (-1 = padding), mask [N, L], click [N, L], pred and z [N, L, K], num [N, U].
+    Fits the power law on every logged item and the free curve on the items logged above ``cfg.depth``.
+    """
+    cfg = cfg or ExaminationConfig()
+    cfg.validate()
+    x, pos, click = _rows(batch, cfg)
+    n_clicks = int(click.sum())
+    if n_clicks == 0 or len(torch.unique(pos)) < 2:
+        raise InputError("examination: the logs need clicks and items at more than one position "
+                         "to estimate theta")
+    power, eta, ll_power, ok_power, params = _fit(x, pos, click, "power", cfg.depth, cfg)
+    shallow = pos < cfg.depth
+    free, _, ll_free, ok_free, _ = _fit(x[shallow], pos[shallow], click[shallow], "free", cfg.depth, cfg,
+                                        init=params)
+    chosen = power if cfg.method == "power" else free
+    return ExaminationEstimate(
+        method=cfg.method, eta=eta, theta=chosen.tolist(), theta_power=power.tolist(),
+        theta_free=free.tolist(), n_rows=len(pos), n_clicks=n_clicks,
+        log_likelihood={"power": ll_power, "free": ll_free}, converged={"power": ok_power, "free": ok_free})
