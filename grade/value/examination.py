@@ -94,11 +94,13 @@ class ExaminationEstimate:
         power law, which is defined at every position.
         """
         pos = position.to(torch.int64)
-        theta = (pos.clamp_min(0).to(torch.float32) + 1.0).pow(-self.eta)
+        depth = int(pos.max()) + 1 if pos.numel() else 1
+        # A table indexed by position, not a vectorised pow over the batch: the SIMD and scalar paths of
+        # pow differ in the last bit, so the same position would get another theta in another batch.
+        table = [(j + 1.0) ** -self.eta for j in range(max(depth, 1))]
         if self.method == "free":
-            table = torch.tensor(self.theta_free, dtype=torch.float32)
-            inside = (pos >= 0) & (pos < len(table))
-            theta = torch.where(inside, table[pos.clamp(0, len(table) - 1)], theta)
+            table[:len(self.theta_free)] = self.theta_free[:len(table)]
+        theta = torch.tensor(table, dtype=torch.float32)[pos.clamp_min(0)]
         return torch.where(pos >= 0, theta, torch.zeros_like(theta))
 
     def to_json(self) -> dict[str, Any]:
