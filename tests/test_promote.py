@@ -187,9 +187,10 @@ def test_rollback_restores_the_previous_version(store_root, capsys):
 def test_cli_bad_input_exit_2_blessing_file_status_history(tmp_path, capsys):
     registry = str(tmp_path / "registry")
     a = model_folder(str(tmp_path), "a", 1)
-    bad = tmp_path / "bad.json"
-    bad.write_text("{not json")
-    assert cli.run(promote_cli.main, ["--report", str(bad), "--candidate", a, "--registry", registry]) == 2
+    bad = str(tmp_path / "bad")
+    with store.publishing(bad) as staging:
+        (staging / "report.json").write_text("{not json")
+    assert cli.run(promote_cli.main, ["--report", bad, "--candidate", a, "--registry", registry]) == 2
     assert "not valid JSON" in capsys.readouterr().err
     assert cli.run(promote_cli.main, ["--report", str(tmp_path / "missing"), "--candidate", a,
                                       "--registry", registry]) == 2
@@ -208,7 +209,7 @@ def test_cli_bad_input_exit_2_blessing_file_status_history(tmp_path, capsys):
 
     blessing = tmp_path / "blessing.json"
     assert cli.run(promote_cli.main, ["--report", report, "--candidate", a, "--registry", registry,
-                                      "--out", str(blessing)]) == 0
+                                      "--out", str(blessing), "--create-registry"]) == 0
     assert json.loads(blessing.read_text())["promoted"] is True
     assert cli.run(promote_cli.main, ["status", "--registry", registry]) == 0
     assert cli.run(promote_cli.main, ["history", "--registry", registry]) == 0
@@ -256,7 +257,8 @@ def test_missing_or_malformed_report_field_fails_closed(tmp_path, capsys, path, 
     uri = write_report(str(tmp_path), "r1", a, opm=0.05)
     report = json.loads(Path(uri, "report.json").read_text())
     _corrupt(report, path, value)
-    Path(uri, "report.json").write_text(json.dumps(report))
+    with store.publishing(uri) as staging:  # published as such: the field, not the manifest, is wrong
+        (staging / "report.json").write_text(json.dumps(report))
     assert cli.run(promote_cli.main, ["--report", uri, "--candidate", a, "--registry", registry]) == 2
     assert path[-1] in capsys.readouterr().err
     assert production_model(registry) is None and Registry(registry).versions() == []
