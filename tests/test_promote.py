@@ -333,3 +333,99 @@ def test_promotion_leaves_no_temp_folder_behind(store_root):
     a = model_folder(store_root, "a", 1)
     assert promote(write_report(store_root, "r1", a, opm=0.05), a, registry, PromoteConfig()).promoted
     assert [p for p in os.listdir(tempfile.gettempdir()) if p.startswith("grade-")] == []
+
+
+def test_a_report_edited_after_publishing_is_refused(store_root):
+    """A lift raised in report.json after the evaluation published it: the gate reads it through the
+    report's manifest, so the edit is refused instead of promoted."""
+    registry = store.join(store_root, "registry")
+    a = model_folder(store_root, "a", 1)
+    report = write_report(store_root, "r1", a, opm=-0.05)
+    doc = json.loads(store.read_bytes(store.join(report, "report.json")))
+    doc["lift_vs_static"]["grade"]["true"]["opm"] = lift(0.5)
+    store.write_bytes(store.join(report, "report.json"), json.dumps(doc).encode())
+    with pytest.raises(IntegrityError, match=r"report\.json: content differs from the manifest"):
+        promote(report, a, registry, PromoteConfig())
+    with pytest.raises(IntegrityError, match=r"report\.json"):
+        promote(store.join(report, "report.json"), a, registry, PromoteConfig())
+    assert production_model(registry) is None and Registry(registry).versions() == []
+
+
+def _read_only(monkeypatch, folder: Path) -> None:
+    """``folder`` behaves as on a read-only mount (the tests run as root, whom permissions do not stop)."""
+    import errno
+    import os
+    import tempfile
+
+    real_access, real_mkstemp = os.access, tempfile.mkstemp
+
+    def inside(path) -> bool:
+        return Path(path).absolute().is_relative_to(folder)
+
+    def access(path, mode, **kw):
+        return False if inside(path) and mode & os.W_OK else real_access(path, mode, **kw)
+
+    def mkstemp(*args, dir=None, **kw):
+        if dir is not None and inside(dir):
+            raise OSError(errno.EROFS, "Read-only file system", str(dir))
+        return real_mkstemp(*args, dir=dir, **kw)
+
+    monkeypatch.setattr(os, "access", access)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+def test_a_read_only_blessing_folder_is_refused_before_anything_is_registered(tmp_path, monkeypatch, capsys):
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    a = model_folder(str(tmp_path), "a", 1)
+    report = write_report(str(tmp_path), "r1", a, opm=0.05)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    _read_only(monkeypatch, locked)
+    argv = ["--report", report, "--candidate", a, "--registry", str(registry), "--out", str(locked / "b.json")]
+    assert cli.run(promote_cli.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "locked" in err[0] and "writable" in err[0], err
+    assert production_model(str(registry)) is None and Registry(str(registry)).versions() == []
+    assert list(registry.rglob("*.claim")) == []
+
+
+def test_a_read_only_registry_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    a = model_folder(str(tmp_path), "a", 1)
+    report = write_report(str(tmp_path), "r1", a, opm=0.05)
+    _read_only(monkeypatch, registry)
+    assert cli.run(promote_cli.main, ["--report", report, "--candidate", a, "--registry", str(registry)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(registry) in err[0] and "writable" in err[0], err
+    assert list(registry.rglob("*")) == []
+    assert cli.run(promote_cli.main, ["rollback", "--registry", str(registry)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_a_mistyped_registry_folder_is_refused_unless_created_on_purpose(tmp_path, capsys):
+    registry = tmp_path / "registry"
+    a = model_folder(str(tmp_path), "a", 1)
+    report = write_report(str(tmp_path), "r1", a, opm=0.05)
+    argv = ["--report", report, "--candidate", a, "--registry", str(registry)]
+    assert cli.run(promote_cli.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such folder" in err[0] and "--create-registry" in err[0], err
+    assert not registry.exists()
+    for command in ("status", "history"):
+        assert cli.run(promote_cli.main, [command, "--registry", str(registry)]) == 2
+        assert "no such folder" in capsys.readouterr().err
+    assert cli.run(promote_cli.main, [*argv, "--create-registry"]) == 0
+    assert production_model(str(registry)) is not None
+    assert cli.run(promote_cli.main, ["status", "--registry", str(registry)]) == 0
+
+
+def test_status_of_a_registry_in_a_missing_bucket_says_so(s3_env, capsys):
+    missing = "s3://no-such-bucket-here/registry"
+    for command in ("status", "history", "rollback"):
+        assert cli.run(promote_cli.main, [command, "--registry", missing]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no such bucket" in err[0] and "no production model" not in err[0], err
+    assert cli.run(promote_cli.main, ["status", "--registry", store.join(s3_env, "new-registry")]) == 0
+    assert "no production model" in capsys.readouterr().out
