@@ -382,7 +382,8 @@ def test_a_read_only_blessing_folder_is_refused_before_anything_is_registered(tm
     locked = tmp_path / "locked"
     locked.mkdir()
     _read_only(monkeypatch, locked)
-    argv = ["--report", report, "--candidate", a, "--registry", str(registry), "--out", str(locked / "b.json")]
+    argv = ["--report", report, "--candidate", a, "--registry", str(registry),
+            "--out", str(locked / "b.json")]
     assert cli.run(promote_cli.main, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "locked" in err[0] and "writable" in err[0], err
