@@ -356,3 +356,38 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_one_before_it(tmp_path, ca
     assert "epoch-0003 cannot be read back" in caplog.text
     (tmp_path / training.CHECKPOINTS / "epoch-0002" / "rng.safetensors").write_bytes(b"x")
     assert training.load_checkpoint(out, {"config": {}}) is None  # both damaged: start afresh
+
+
+@pytest.mark.parametrize("where, nth", [("staging", 2), ("output", 1), ("output", 3)])
+def test_a_full_disk_in_features_leaves_its_output_complete_or_absent(tmp_path, capsys, monkeypatch, where,
+                                                                     nth):
+    """ENOSPC while a shard is written to the staging folder, or while the output is copied into
+    place: exit 1 with one line; the output folder holds nothing of the failed run (before, the
+    files copied so far stayed, without a manifest)."""
+    import errno
+    import shutil
+
+    import safetensors.numpy
+
+    logs = write_logs(tmp_path / "logs", make_logs(40), parts=2)
+    out = tmp_path / "features"
+    calls = []
+
+    def full(real):
+        def write(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == nth:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(*args, **kwargs)
+        return write
+
+    if where == "staging":
+        monkeypatch.setattr(safetensors.numpy, "save_file", full(safetensors.numpy.save_file))
+    else:
+        monkeypatch.setattr(shutil, "copyfile", full(shutil.copyfile))
+    rc = cli.run(features_cli.main, ["--logs", str(logs), "--out", str(out), *SHARDS])
+    err = capsys.readouterr().err
+    assert len(calls) >= nth
+    assert_one_line_fault(rc, err)
+    assert "no space left" in err
+    assert not out.exists() or [p for p in out.rglob("*") if p.is_file()] == [], sorted(out.rglob("*"))

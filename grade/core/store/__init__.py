@@ -25,6 +25,7 @@ S3 settings come from the environment only: ``S3_ENDPOINT_URL``, ``AWS_ACCESS_KE
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -406,7 +407,14 @@ def publishing(uri: str, extra: dict[str, Any] | None = None) -> Iterator[Path]:
     On an exception nothing is published; the staging folder is removed in every case.
     """
     with temp_folder("publish") as staging:
-        yield staging
+        try:
+            yield staging
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # the staging disk filled while the output was written: a fault, like a full output disk
+            raise StoreError(f"{staging}: no space left on the device while staging {uri} "
+                             f"({e.strerror}); nothing was published") from None
         publish_dir(staging, uri, extra)
 
 
