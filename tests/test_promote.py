@@ -430,3 +430,37 @@ def test_status_of_a_registry_in_a_missing_bucket_says_so(s3_env, capsys):
         assert len(err) == 1 and "no such bucket" in err[0] and "no production model" not in err[0], err
     assert cli.run(promote_cli.main, ["status", "--registry", store.join(s3_env, "new-registry")]) == 0
     assert "no production model" in capsys.readouterr().out
+
+
+COMPONENTS = ("simulate", "features", "outcome", "pretrain", "finetune", "evaluate", "promote", "score",
+              "serve", "window")
+
+
+@pytest.mark.parametrize("name", COMPONENTS)
+def test_every_command_takes_a_config_and_its_help_reads_like_the_options(name, capsys):
+    """Before: ``--requests CONFIG_FLAG_REQUESTS`` in --help, and no --config on serve and window."""
+    import importlib
+
+    module = importlib.import_module(f"components.{name}")
+    with pytest.raises(SystemExit) as e:
+        module.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--config YAML" in out and "CONFIG_FLAG" not in out, out
+
+
+def test_window_and_serve_read_their_config(tmp_path, capsys, monkeypatch):
+    from components import serve as serve_cli
+    from components import window as window_cli
+
+    bad = _yaml(tmp_path, "shared:\n  modle_name: x\n")
+    argv = ["--logs", str(tmp_path / "dt={date}"), "--window-days", "2", "--config", str(bad)]
+    assert cli.run(window_cli.main, argv) == 2
+    assert "modle_name" in capsys.readouterr().err
+    seen = {}
+    monkeypatch.setattr(serve_cli, "serve", lambda args, argv: seen.setdefault("name", args.model_name) and 0)
+    good = tmp_path / "serve.yaml"
+    good.write_text("shared:\n  model_name: ranking-b\n")
+    assert cli.run(serve_cli.main, ["--registry", str(tmp_path), "--config", str(good)]) == 0
+    assert seen["name"] == "ranking-b"
+    assert cli.run(serve_cli.main, ["--registry", str(tmp_path), "--config", str(bad)]) == 2
