@@ -212,3 +212,20 @@ def test_a_version_id_from_the_alias_record_must_be_a_name(store_root, version):
 def test_a_model_name_must_be_a_name(tmp_path, name):
     with pytest.raises(InputError, match="model name"):
         Registry(str(tmp_path), name)
+
+
+def test_evaluate_refuses_a_model_whose_manifest_leaves_its_folder_before_the_work(s3_env, tmp_path, capsys):
+    """``evaluate --model grade=s3://...`` with an entry aimed at the evaluating host: exit 2, one line
+    naming the flag and the entry, nothing written there, before the features are read."""
+    from components import evaluate as evaluate_cli
+
+    a = model_folder(s3_env, "a", 1)
+    target = tmp_path / "planted"
+    escape = "../" * 12 + str(target).lstrip("/")
+    _rewrite_manifest(a, lambda m: m["files"].__setitem__(escape, _entry(b"owned\n")))
+    argv = ["--features", store.join(s3_env, "no-features"), "--model", f"grade={a}",
+            "--out", str(tmp_path / "report")]
+    assert cli.run(evaluate_cli.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --model grade={a}: ") and "refused" in err[0], err
+    assert not target.exists() and not (tmp_path / "report").exists()
