@@ -33,9 +33,12 @@ SUBCOMMANDS = ("status", "history", "rollback")
 def gate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m components.promote", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--report", required=True, help="evaluation report folder (or its report.json)")
-    p.add_argument("--candidate", required=True, help="the candidate model folder that the report evaluated")
-    p.add_argument("--registry", required=True, help="registry root (local folder or s3://bucket/prefix)")
+    p.add_argument("--report", required=True, metavar="URI",
+                   help="evaluation report folder (or its report.json)")
+    p.add_argument("--candidate", required=True, metavar="URI",
+                   help="the candidate model folder that the report evaluated")
+    p.add_argument("--registry", required=True, metavar="URI",
+                   help="registry root (local folder or s3://bucket/prefix)")
     config.add_arguments(p, ("promote.candidate_name", "promote.model_name"),
                          config_help="YAML config; its `promote` section holds the thresholds")
     p.add_argument("--out", "--blessing", dest="out", metavar="URI",
@@ -63,7 +66,8 @@ def admin_parser(command: str) -> argparse.ArgumentParser:
                                              "history": "print every alias move",
                                              "rollback": "point the alias back at its previous version"
                                              }[command])
-    p.add_argument("--registry", required=True, help="registry root (local folder or s3://bucket/prefix)")
+    p.add_argument("--registry", required=True, metavar="URI",
+                   help="registry root (local folder or s3://bucket/prefix)")
     config.add_arguments(p, ("shared.model_name",),
                          config_help="YAML config; its shared.model_name is the default model name")
     if command == "rollback":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -447,6 +448,10 @@ def test_every_command_takes_a_config_and_its_help_reads_like_the_options(name, 
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--config YAML" in out and "CONFIG_FLAG" not in out, out
+    # no value named after its own option's dest (--out OUT, --batch-rows BATCH_ROWS): they read as N, URI...
+    derived = [(opt, word) for opt, word in re.findall(r"(--[a-z-]+) ([A-Z][A-Z_0-9]*)\b", out)
+               if word == opt[2:].upper().replace("-", "_") and word != "VERSION"]
+    assert derived == [], derived
 
 
 def test_window_and_serve_read_their_config(tmp_path, capsys, monkeypatch):
