@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -26,18 +27,22 @@ from grade.core.errors import InputError
 MAX_JSON_DEPTH = 64
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def path_problem(path: Any) -> str | None:
     """Why ``path`` is not a safe relative path (None when it is)."""
     if not isinstance(path, str) or not path:
         return "expected a non-empty relative path"
-    if any(ord(c) < 32 or c == "\x7f" for c in path):
+    if _CONTROL.search(path):
         return "contains a control character"
     if "\\" in path:
         return "contains a backslash (separators are '/')"
     if path.startswith("/"):
         return "is absolute (expected a path relative to its folder)"
-    for part in path.split("/"):
-        if part in ("", ".", ".."):
+    framed = f"/{path}/"
+    for part, bad in (("", "//"), (".", "/./"), ("..", "/../")):
+        if bad in framed:
             return f"has a '{part or '/'}' part (expected a normalised path that stays inside its folder)"
     return None
 
@@ -92,15 +97,12 @@ def loads(data: bytes | str, where: str, max_depth: int = MAX_JSON_DEPTH) -> Any
 
 def json_depth(doc: Any) -> int:
     """Nesting depth of arrays and objects in a parsed document (a scalar is 0), without recursion."""
-    deepest, stack = 0, [(doc, 1)]
+    if not isinstance(doc, (dict, list)):
+        return 0
+    deepest, stack = 1, [(doc, 1)]
     while stack:
         node, depth = stack.pop()
-        if isinstance(node, dict):
-            children = node.values()
-        elif isinstance(node, list):
-            children = node
-        else:
-            continue
         deepest = max(deepest, depth)
-        stack.extend((child, depth + 1) for child in children)
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
     return deepest
