@@ -61,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = sections["evaluate"]
     grade.core.cli.check_new_output(args.out, features=args.features, model=list(models.values()),
                                outcome=args.outcome, registry=args.registry)
+    for name, uri in models.items():  # every manifest checked (entries, paths) before the work
+        try:
+            store.read_manifest(uri)
+        except (InputError, store.NotPublished) as e:
+            raise InputError(f"--model {name}={uri}: {e}") from None
     # best_static searches the best global answer to the reward Stage 2 was trained on
     reward = sections["finetune"].reward
     report = run_evaluation(args.features, models, args.out, cfg, registry_uri=args.registry, reward=reward,

@@ -21,15 +21,15 @@ from grade.core.errors import InputError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m components.score", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--requests", required=True,
+    p.add_argument("--requests", required=True, metavar="URI",
                    help="log-format Parquet file, folder or s3:// prefix to score")
-    p.add_argument("--out", required=True, help="output folder or s3:// prefix for the scores")
-    p.add_argument("--model",
+    p.add_argument("--out", required=True, metavar="URI", help="output folder or s3:// prefix for the scores")
+    p.add_argument("--model", metavar="URI",
                    help="model folder or registry version (default: the registry's production model)")
-    p.add_argument("--registry", help="registry root, used when --model is not given")
+    p.add_argument("--registry", metavar="URI", help="registry root, used when --model is not given")
     config.add_arguments(p, ("shared.model_name",),
                          config_help="YAML config; its shared.model_name is the default model name")
-    p.add_argument("--batch-rows", type=int, default=262_144, help="rows per record batch")
+    p.add_argument("--batch-rows", type=int, default=262_144, metavar="N", help="rows per record batch")
     return p
 
 

@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from grade.core import cli, http_server
+from grade.core import cli, config, http_server
 from grade.core.errors import InputError
 from grade.release import serving
 
@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m components.serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--registry", required=True, metavar="URI", help="registry root (folder or s3:// prefix)")
-    p.add_argument("--model-name", default="grade-mtf", metavar="NAME",
-                   help="registry model name (and URL name)")
+    p.add_argument("--model-name", metavar="NAME",
+                   help="registry model name and URL name (default: the config's shared.model_name)")
+    config.add_arguments(p, config_help="YAML config; its shared.model_name is the default --model-name")
     p.add_argument("--port", type=int, default=8080, metavar="N", help="HTTP port (default 8080)")
     p.add_argument("--watch-seconds", type=float, default=2.0, metavar="S",
                    help="how often the production alias is checked (default 2)")
@@ -527,7 +528,9 @@ def _use_uvloop() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    return serve(build_parser().parse_args(argv), argv)
+    args = build_parser().parse_args(argv)
+    args.model_name = args.model_name or config.from_args(args)["shared"].model_name
+    return serve(args, argv)
 
 
 if __name__ == "__main__":

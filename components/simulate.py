@@ -21,13 +21,14 @@ from grade.core import cli, config
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m components.simulate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix for the logs")
+    p.add_argument("--out", required=True, metavar="URI",
+                   help="output folder or s3://bucket/prefix for the logs")
     config.add_arguments(p, ("simulator.n_requests", "simulator.seed"),
                          renamed={"simulator.n_requests": "--requests"},
                          config_help="YAML config; its `simulator` section is used (every key has a default)")
     p.add_argument("--report", action="store_true",
                    help="print the headroom of personalised fusion on the generated requests (true metrics)")
-    p.add_argument("--report-requests", type=int, default=20000,
+    p.add_argument("--report-requests", type=int, default=20000, metavar="N",
                    help="requests used for --report (the first N; default 20000)")
     return p
 

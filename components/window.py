@@ -1,6 +1,7 @@
 """Resolve a scheduled run's data window: a date-partitioned log prefix -> the partitions to train on.
 
     python -m components.window --logs PATTERN --window-days N [--schedule-time ISO] [--out FILE]
+                                [--config YAML]
 
 PATTERN names the daily partitions with a {date} field (YYYY-MM-DD), e.g. s3://grade/logs/dt={date}.
 The window is the N days up to and including the schedule date; an empty or unresolved
@@ -16,7 +17,7 @@ import json
 import sys
 
 import grade.core.cli
-from grade.core import store
+from grade.core import config, store
 from grade.data import window
 
 
@@ -29,11 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule-time", default="", metavar="ISO",
                    help="the run's schedule time (UTC); empty or an unresolved placeholder: now")
     p.add_argument("--out", metavar="FILE", help="write the window JSON here (default: stdout)")
+    config.add_arguments(p, config_help="YAML config, checked like every step's (the window itself is set by "
+                                        "the flags above)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    config.from_args(args)  # a bad config fails here as it would in any other step
     resolved = window.resolve(args.logs, window.schedule_time(args.schedule_time), args.window_days)
     text = json.dumps(resolved.to_dict(), indent=2) + "\n"
     if args.out:

@@ -2,6 +2,11 @@
 
     python -m pipeline.submit --host URL [--run | --schedule CRON] [--config YAML]
                               [--experiment NAME] [--pipeline-name grade-mtf]
+    python -m pipeline.submit --dry-run [--run | --schedule CRON] ...
+
+--dry-run prints what would be uploaded and started (pipeline name, version, the run or recurring
+run with its cron, every parameter) and contacts no host. A host that cannot be reached is one line
+on stderr and exit status 1.
 
 The pipeline is uploaded under --pipeline-name, or as a new version of it when it exists; a version
 is named after the package's content hash, so submitting the same spec twice reuses the version.
@@ -24,6 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import grade.core.cli
 from grade.core.errors import InputError
@@ -126,8 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="python -m pipeline.submit", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--host", required=True, metavar="URL",
-                   help="KFP API endpoint, e.g. http://localhost:8080 (a port-forward of ml-pipeline-ui)")
+    p.add_argument("--host", metavar="URL",
+                   help="KFP API endpoint, e.g. http://localhost:8080 (a port-forward of ml-pipeline-ui); "
+                        "required unless --dry-run")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what would be uploaded and scheduled (name, version, cron, parameters); "
+                        "no host is contacted")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--run", action="store_true", help="start one run after uploading")
     what.add_argument("--schedule", metavar="CRON",
@@ -167,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def submit(args: argparse.Namespace, client: Any | None = None) -> dict[str, Any]:
-    """Upload, then run or schedule as ``args`` say; returns the ids that were created or reused."""
+def plan(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Everything ``args`` ask for, checked, without contacting a host: the package (compiled into
+    ``workdir`` unless given), its content-named version, the pipeline arguments and what to start."""
     if args.schedule:
         validate_cron(args.schedule)
     if args.config and not Path(args.config).is_file():
@@ -184,52 +195,120 @@ def submit(args: argparse.Namespace, client: Any | None = None) -> dict[str, Any
     if args.window_days < 1:
         raise InputError(f"--window-days {args.window_days}: expected a number of days >= 1")
     arguments["window_days"] = args.window_days
+    package = Path(args.package) if args.package else None
+    if package is None:
+        from pipeline.compile import compile_pipeline
+
+        package = compile_pipeline(workdir / "pipeline.yaml", gpu=args.gpu, image=args.image,
+                                   s3_secret=args.s3_secret)
+    elif not package.is_file():
+        raise InputError(f"{package}: pipeline package not found")
+    from grade.data.window import is_partitioned
+
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    action = "run" if args.run else "recurring run" if args.schedule else "upload only"
+    job = (args.run_name or f"{args.pipeline_name}-{stamp}" if args.run
+           else args.run_name or f"{args.pipeline_name}-retrain" if args.schedule else None)
+    # KFP v2 does not expand [[ScheduledTime]] in recurring-run parameters
+    # (kubeflow/pipelines#12494): with a fixed prefix the snapshot date cannot key the cache per
+    # run, so such retraining runs without the cache. With a {date} pattern the window step
+    # resolves the run's schedule time inside the pipeline and its partitions key the cache.
+    caching = not args.no_cache and (is_partitioned(args.logs) if args.schedule else True)
+    return {"package": package, "pipeline_name": args.pipeline_name,
+            "version_name": package_version_name(args.pipeline_name, package), "action": action,
+            "job_name": job, "experiment": args.experiment, "cron": args.schedule, "caching": caching,
+            "arguments": arguments}
+
+
+def describe(p: dict[str, Any]) -> str:
+    """The dry run's report: what would be uploaded and started."""
+    lines = ["dry run: nothing uploaded, no host contacted",
+             f"pipeline: {p['pipeline_name']} (package {p['package']})",
+             f"version: {p['version_name']} (a new pipeline's first version takes the pipeline's name)",
+             f"action: {p['action']}"]
+    if p["job_name"]:
+        lines += [f"experiment: {p['experiment']}", f"name: {p['job_name']}", f"caching: {p['caching']}"]
+    if p["cron"]:
+        lines.append(f"cron: {p['cron']} (max_concurrency 1, no catch-up)")
+    lines.append("parameters:")
+    lines += [f"  {k}: {json.dumps(v)}" for k, v in sorted(p["arguments"].items())]
+    return "\n".join(lines)
+
+
+class HostUnreachable(Exception):
+    """The KFP endpoint did not answer (connection refused, DNS, timeout) or answered with an error."""
+
+
+def _contact_errors() -> tuple[type[BaseException], ...]:
+    import urllib3
+
+    errors: list[type[BaseException]] = [urllib3.exceptions.HTTPError, ConnectionError, TimeoutError]
+    try:
+        from kfp_server_api.exceptions import ApiException
+
+        errors.append(ApiException)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _host_name(host: str) -> str:
+    """The host as shown in messages: without any user:password@ part."""
+    parsed = urlparse(host)
+    if parsed.username is None and parsed.password is None:
+        return host
+    return parsed._replace(netloc=parsed.hostname + (f":{parsed.port}" if parsed.port else "")).geturl()
+
+
+def submit(args: argparse.Namespace, client: Any | None = None) -> dict[str, Any]:
+    """Upload, then run or schedule as ``args`` say; returns the ids that were created or reused."""
+    if not args.host and client is None:
+        raise InputError("--host URL is required (or --dry-run to see what would be submitted)")
     with tempfile.TemporaryDirectory(prefix="grade-submit-") as tmp:
-        package = Path(args.package) if args.package else None
-        if package is None:
-            from pipeline.compile import compile_pipeline
+        p = plan(args, Path(tmp))
+        try:
+            return _act(args, p, client or make_client(args.host, args.namespace))
+        except _contact_errors() as e:
+            reason = getattr(e, "reason", None) or getattr(e, "status", None) or type(e).__name__
+            raise HostUnreachable(f"--host {_host_name(args.host or '')}: the KFP endpoint did not answer "
+                                  f"({str(reason).splitlines()[0][:200]})") from None
 
-            package = compile_pipeline(Path(tmp, "pipeline.yaml"), gpu=args.gpu, image=args.image,
-                                       s3_secret=args.s3_secret)
-        elif not package.is_file():
-            raise InputError(f"{package}: pipeline package not found")
-        client = client or make_client(args.host, args.namespace)
-        from pipeline.grade_pipeline import PIPELINE_DESCRIPTION
 
-        pipeline_id, version_id = upload(client, package, args.pipeline_name, PIPELINE_DESCRIPTION)
+def _act(args: argparse.Namespace, p: dict[str, Any], client: Any) -> dict[str, Any]:
+    from pipeline.grade_pipeline import PIPELINE_DESCRIPTION
+
+    pipeline_id, version_id = upload(client, p["package"], p["pipeline_name"], PIPELINE_DESCRIPTION)
     result: dict[str, Any] = {"pipeline_id": pipeline_id, "version_id": version_id}
-    if not (args.run or args.schedule):
+    if p["job_name"] is None:
         return result
     experiment = client.create_experiment(args.experiment, namespace=args.namespace)
     result["experiment_id"] = experiment.experiment_id
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     if args.run:
-        run = client.run_pipeline(experiment_id=experiment.experiment_id,
-                                  job_name=args.run_name or f"{args.pipeline_name}-{stamp}",
-                                  params=arguments, pipeline_id=pipeline_id, version_id=version_id,
-                                  enable_caching=not args.no_cache)
+        run = client.run_pipeline(experiment_id=experiment.experiment_id, job_name=p["job_name"],
+                                  params=p["arguments"], pipeline_id=pipeline_id, version_id=version_id,
+                                  enable_caching=p["caching"])
         result["run_id"] = run.run_id
     else:
-        # KFP v2 does not expand [[ScheduledTime]] in recurring-run parameters
-        # (kubeflow/pipelines#12494): with a fixed prefix the snapshot date cannot key the cache per
-        # run, so such retraining runs without the cache. With a {date} pattern the window step
-        # resolves the run's schedule time inside the pipeline and its partitions key the cache.
-        from grade.data.window import is_partitioned
-
         recurring = client.create_recurring_run(
-            experiment_id=experiment.experiment_id,
-            job_name=args.run_name or f"{args.pipeline_name}-retrain",
+            experiment_id=experiment.experiment_id, job_name=p["job_name"],
             description=f"scheduled retraining: {args.schedule}",
-            cron_expression=args.schedule, max_concurrency=1, no_catchup=True, params=arguments,
-            pipeline_id=pipeline_id, version_id=version_id, enabled=True,
-            enable_caching=is_partitioned(args.logs) and not args.no_cache)
+            cron_expression=args.schedule, max_concurrency=1, no_catchup=True, params=p["arguments"],
+            pipeline_id=pipeline_id, version_id=version_id, enabled=True, enable_caching=p["caching"])
         result["recurring_run_id"] = recurring.recurring_run_id
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result = submit(args)
+    if args.dry_run:
+        with tempfile.TemporaryDirectory(prefix="grade-submit-") as tmp:
+            print(describe(plan(args, Path(tmp))))
+        return 0
+    try:
+        result = submit(args)
+    except HostUnreachable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     for key, value in result.items():
         print(f"{key}: {value}")
     return 0

@@ -315,3 +315,79 @@ def test_an_output_that_is_an_existing_file_is_refused_before_the_work(tmp_path,
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and f"{out}: an existing file" in err, err
     assert out.read_text() == "a file, not a folder"
+
+
+def _checkpoints(out: str, n: int) -> None:
+    import torch
+    from torch import nn
+
+    from grade.model import training
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for epoch in range(1, n + 1):
+        training.save_checkpoint(out, "epoch", epoch, fingerprint={"config": {}},
+                                 tensors={"model": training.state_tensors(model)}, optimizer=optimizer,
+                                 state={"epoch": epoch}, log_lines=[])
+
+
+@pytest.mark.parametrize("damage", ["truncate model", "truncate state", "delete optimizer"])
+def test_a_damaged_latest_checkpoint_resumes_from_the_one_before_it(tmp_path, caplog, damage):
+    """A latest checkpoint cut short (a full disk, a copy killed): before, resuming failed; now the
+    run resumes from the previous committed checkpoint, with a warning naming the damaged one."""
+    import logging
+
+    from grade.model import training
+
+    out = str(tmp_path)
+    _checkpoints(out, 3)
+    folder = tmp_path / training.CHECKPOINTS / "epoch-0003"
+    what, name = damage.split()
+    files = {"model": "model.safetensors", "state": "state.json", "optimizer": "optimizer.safetensors"}
+    path = folder / files[name]
+    if what == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.unlink()
+    with caplog.at_level(logging.WARNING, logger="grade.model.training"):
+        ckpt = training.load_checkpoint(out, {"config": {}})
+    assert ckpt is not None and ckpt.state["epoch"] == 2
+    assert "epoch-0003 cannot be read back" in caplog.text
+    (tmp_path / training.CHECKPOINTS / "epoch-0002" / "rng.safetensors").write_bytes(b"x")
+    assert training.load_checkpoint(out, {"config": {}}) is None  # both damaged: start afresh
+
+
+@pytest.mark.parametrize("where, nth", [("staging", 2), ("output", 1), ("output", 3)])
+def test_a_full_disk_in_features_leaves_its_output_complete_or_absent(tmp_path, capsys, monkeypatch, where,
+                                                                     nth):
+    """ENOSPC while a shard is written to the staging folder, or while the output is copied into
+    place: exit 1 with one line; the output folder holds nothing of the failed run (before, the
+    files copied so far stayed, without a manifest)."""
+    import errno
+    import shutil
+
+    import safetensors.numpy
+
+    logs = write_logs(tmp_path / "logs", make_logs(40), parts=2)
+    out = tmp_path / "features"
+    calls = []
+
+    def full(real):
+        def write(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == nth:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(*args, **kwargs)
+        return write
+
+    if where == "staging":
+        monkeypatch.setattr(safetensors.numpy, "save_file", full(safetensors.numpy.save_file))
+    else:
+        monkeypatch.setattr(shutil, "copyfile", full(shutil.copyfile))
+    rc = cli.run(features_cli.main, ["--logs", str(logs), "--out", str(out), *SHARDS])
+    err = capsys.readouterr().err
+    assert len(calls) >= nth
+    assert_one_line_fault(rc, err)
+    assert "no space left" in err
+    assert not out.exists() or [p for p in out.rglob("*") if p.is_file()] == [], sorted(out.rglob("*"))

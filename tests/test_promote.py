@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -187,9 +188,10 @@ def test_rollback_restores_the_previous_version(store_root, capsys):
 def test_cli_bad_input_exit_2_blessing_file_status_history(tmp_path, capsys):
     registry = str(tmp_path / "registry")
     a = model_folder(str(tmp_path), "a", 1)
-    bad = tmp_path / "bad.json"
-    bad.write_text("{not json")
-    assert cli.run(promote_cli.main, ["--report", str(bad), "--candidate", a, "--registry", registry]) == 2
+    bad = str(tmp_path / "bad")
+    with store.publishing(bad) as staging:
+        (staging / "report.json").write_text("{not json")
+    assert cli.run(promote_cli.main, ["--report", bad, "--candidate", a, "--registry", registry]) == 2
     assert "not valid JSON" in capsys.readouterr().err
     assert cli.run(promote_cli.main, ["--report", str(tmp_path / "missing"), "--candidate", a,
                                       "--registry", registry]) == 2
@@ -208,7 +210,7 @@ def test_cli_bad_input_exit_2_blessing_file_status_history(tmp_path, capsys):
 
     blessing = tmp_path / "blessing.json"
     assert cli.run(promote_cli.main, ["--report", report, "--candidate", a, "--registry", registry,
-                                      "--out", str(blessing)]) == 0
+                                      "--out", str(blessing), "--create-registry"]) == 0
     assert json.loads(blessing.read_text())["promoted"] is True
     assert cli.run(promote_cli.main, ["status", "--registry", registry]) == 0
     assert cli.run(promote_cli.main, ["history", "--registry", registry]) == 0
@@ -256,7 +258,8 @@ def test_missing_or_malformed_report_field_fails_closed(tmp_path, capsys, path, 
     uri = write_report(str(tmp_path), "r1", a, opm=0.05)
     report = json.loads(Path(uri, "report.json").read_text())
     _corrupt(report, path, value)
-    Path(uri, "report.json").write_text(json.dumps(report))
+    with store.publishing(uri) as staging:  # published as such: the field, not the manifest, is wrong
+        (staging / "report.json").write_text(json.dumps(report))
     assert cli.run(promote_cli.main, ["--report", uri, "--candidate", a, "--registry", registry]) == 2
     assert path[-1] in capsys.readouterr().err
     assert production_model(registry) is None and Registry(registry).versions() == []
@@ -331,3 +334,138 @@ def test_promotion_leaves_no_temp_folder_behind(store_root):
     a = model_folder(store_root, "a", 1)
     assert promote(write_report(store_root, "r1", a, opm=0.05), a, registry, PromoteConfig()).promoted
     assert [p for p in os.listdir(tempfile.gettempdir()) if p.startswith("grade-")] == []
+
+
+def test_a_report_edited_after_publishing_is_refused(store_root):
+    """A lift raised in report.json after the evaluation published it: the gate reads it through the
+    report's manifest, so the edit is refused instead of promoted."""
+    registry = store.join(store_root, "registry")
+    a = model_folder(store_root, "a", 1)
+    report = write_report(store_root, "r1", a, opm=-0.05)
+    doc = json.loads(store.read_bytes(store.join(report, "report.json")))
+    doc["lift_vs_static"]["grade"]["true"]["opm"] = lift(0.5)
+    store.write_bytes(store.join(report, "report.json"), json.dumps(doc).encode())
+    with pytest.raises(IntegrityError, match=r"report\.json: content differs from the manifest"):
+        promote(report, a, registry, PromoteConfig())
+    with pytest.raises(IntegrityError, match=r"report\.json"):
+        promote(store.join(report, "report.json"), a, registry, PromoteConfig())
+    assert production_model(registry) is None and Registry(registry).versions() == []
+
+
+def _read_only(monkeypatch, folder: Path) -> None:
+    """``folder`` behaves as on a read-only mount (the tests run as root, whom permissions do not stop)."""
+    import errno
+    import os
+    import tempfile
+
+    real_access, real_mkstemp = os.access, tempfile.mkstemp
+
+    def inside(path) -> bool:
+        return Path(path).absolute().is_relative_to(folder)
+
+    def access(path, mode, **kw):
+        return False if inside(path) and mode & os.W_OK else real_access(path, mode, **kw)
+
+    def mkstemp(*args, dir=None, **kw):
+        if dir is not None and inside(dir):
+            raise OSError(errno.EROFS, "Read-only file system", str(dir))
+        return real_mkstemp(*args, dir=dir, **kw)
+
+    monkeypatch.setattr(os, "access", access)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+def test_a_read_only_blessing_folder_is_refused_before_anything_is_registered(tmp_path, monkeypatch, capsys):
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    a = model_folder(str(tmp_path), "a", 1)
+    report = write_report(str(tmp_path), "r1", a, opm=0.05)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    _read_only(monkeypatch, locked)
+    argv = ["--report", report, "--candidate", a, "--registry", str(registry),
+            "--out", str(locked / "b.json")]
+    assert cli.run(promote_cli.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "locked" in err[0] and "writable" in err[0], err
+    assert production_model(str(registry)) is None and Registry(str(registry)).versions() == []
+    assert list(registry.rglob("*.claim")) == []
+
+
+def test_a_read_only_registry_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    a = model_folder(str(tmp_path), "a", 1)
+    report = write_report(str(tmp_path), "r1", a, opm=0.05)
+    _read_only(monkeypatch, registry)
+    assert cli.run(promote_cli.main, ["--report", report, "--candidate", a, "--registry", str(registry)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(registry) in err[0] and "writable" in err[0], err
+    assert list(registry.rglob("*")) == []
+    assert cli.run(promote_cli.main, ["rollback", "--registry", str(registry)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_a_mistyped_registry_folder_is_refused_unless_created_on_purpose(tmp_path, capsys):
+    registry = tmp_path / "registry"
+    a = model_folder(str(tmp_path), "a", 1)
+    report = write_report(str(tmp_path), "r1", a, opm=0.05)
+    argv = ["--report", report, "--candidate", a, "--registry", str(registry)]
+    assert cli.run(promote_cli.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such folder" in err[0] and "--create-registry" in err[0], err
+    assert not registry.exists()
+    for command in ("status", "history"):
+        assert cli.run(promote_cli.main, [command, "--registry", str(registry)]) == 2
+        assert "no such folder" in capsys.readouterr().err
+    assert cli.run(promote_cli.main, [*argv, "--create-registry"]) == 0
+    assert production_model(str(registry)) is not None
+    assert cli.run(promote_cli.main, ["status", "--registry", str(registry)]) == 0
+
+
+def test_status_of_a_registry_in_a_missing_bucket_says_so(s3_env, capsys):
+    missing = "s3://no-such-bucket-here/registry"
+    for command in ("status", "history", "rollback"):
+        assert cli.run(promote_cli.main, [command, "--registry", missing]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no such bucket" in err[0] and "no production model" not in err[0], err
+    assert cli.run(promote_cli.main, ["status", "--registry", store.join(s3_env, "new-registry")]) == 0
+    assert "no production model" in capsys.readouterr().out
+
+
+COMPONENTS = ("simulate", "features", "outcome", "pretrain", "finetune", "evaluate", "promote", "score",
+              "serve", "window")
+
+
+@pytest.mark.parametrize("name", COMPONENTS)
+def test_every_command_takes_a_config_and_its_help_reads_like_the_options(name, capsys):
+    """Before: ``--requests CONFIG_FLAG_REQUESTS`` in --help, and no --config on serve and window."""
+    import importlib
+
+    module = importlib.import_module(f"components.{name}")
+    with pytest.raises(SystemExit) as e:
+        module.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--config YAML" in out and "CONFIG_FLAG" not in out, out
+    # no value named after its own option's dest (--out OUT, --batch-rows BATCH_ROWS): they read as N, URI...
+    derived = [(opt, word) for opt, word in re.findall(r"(--[a-z-]+) ([A-Z][A-Z_0-9]*)\b", out)
+               if word == opt[2:].upper().replace("-", "_") and word != "VERSION"]
+    assert derived == [], derived
+
+
+def test_window_and_serve_read_their_config(tmp_path, capsys, monkeypatch):
+    from components import serve as serve_cli
+    from components import window as window_cli
+
+    bad = _yaml(tmp_path, "shared:\n  modle_name: x\n")
+    argv = ["--logs", str(tmp_path / "dt={date}"), "--window-days", "2", "--config", str(bad)]
+    assert cli.run(window_cli.main, argv) == 2
+    assert "modle_name" in capsys.readouterr().err
+    seen = {}
+    monkeypatch.setattr(serve_cli, "serve", lambda args, argv: seen.setdefault("name", args.model_name) and 0)
+    good = tmp_path / "serve.yaml"
+    good.write_text("shared:\n  model_name: ranking-b\n")
+    assert cli.run(serve_cli.main, ["--registry", str(tmp_path), "--config", str(good)]) == 0
+    assert seen["name"] == "ranking-b"
+    assert cli.run(serve_cli.main, ["--registry", str(tmp_path), "--config", str(bad)]) == 2

@@ -690,7 +690,7 @@ def test_temp_folders_of_killed_processes_are_removed_once_stale(tmp_path):
     with store.publishing(str(tmp_path / "mine")) as live:   # a folder in use by a live process
         os.utime(live, (day_ago, day_ago))
         # the next process to publish (or fetch) clears stale folders when it starts
-        subprocess.run([sys.executable, "-c", "import sys; from grade import store\n"
+        subprocess.run([sys.executable, "-c", "import sys; from grade.core import store\n"
                         "with store.publishing(sys.argv[1]) as s: pass", str(tmp_path / "o3")],
                        check=True, env=dict(os.environ), timeout=120)
         assert not old.exists(), "older than the age and its process is gone: removed"
@@ -698,3 +698,96 @@ def test_temp_folders_of_killed_processes_are_removed_once_stale(tmp_path):
         assert live.is_dir(), "a folder whose process still runs is kept, whatever its age"
     store.remove_stale_temp(max_age_s=0)
     assert not young.exists()
+
+
+def test_a_server_that_stops_answering_fails_within_the_retry_budget(monkeypatch):
+    """A server that accepts connections and never answers (``kill -STOP``): before, one read waited
+    120 s for its socket whatever GRADE_S3_RETRY_SECONDS said."""
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])  # accepted, never answered
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    for k, v in s3_environ(f"http://127.0.0.1:{listener.getsockname()[1]}").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("GRADE_S3_RETRY_SECONDS", "2")
+    store.reset_s3_client()
+    try:
+        started = time.monotonic()
+        with pytest.raises(store.StoreError, match="failed after"):
+            store.read_bytes("s3://bucket/key")
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        listener.close()
+        store.reset_s3_client()
+    assert elapsed < 2 * 2 + 1, f"took {elapsed:.1f} s with a 2 s budget"
+
+
+@pytest.mark.parametrize("endpoint", ["http://admin:hunter2-secret@127.0.0.1:9000",
+                                      "ftp://admin:hunter2-secret@host", "http://127.0.0.1:9000/bucket",
+                                      "http://127.0.0.1:notaport"])
+def test_a_malformed_endpoint_is_refused_in_one_line_without_its_credentials(monkeypatch, capsys, endpoint):
+    for k, v in s3_environ("http://unused").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("S3_ENDPOINT_URL", endpoint)
+    store.reset_s3_client()
+    try:
+        from grade.core import cli
+
+        assert cli.run(lambda argv: store.read_bytes("s3://bucket/key"), []) == 2
+    finally:
+        store.reset_s3_client()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: S3_ENDPOINT_URL"), err
+    assert "hunter2" not in err[0] and "admin" not in err[0]
+
+
+def test_a_full_disk_during_a_republish_keeps_the_old_output_and_leaves_no_partial_file(tmp_path, monkeypatch,
+                                                                                      capsys):
+    """ENOSPC on the n-th file written: exit 1 with one line; readers see the old output whole (or,
+    once the switch is done, the new one), never a mix, and no file of the failed publish is left."""
+    import errno
+    import shutil
+
+    from grade.core import cli
+
+    uri = str(tmp_path / "out")
+    real = shutil.copyfile
+    for nth in range(1, 6):
+        shutil.rmtree(uri, ignore_errors=True)
+        _publish(uri, V1)
+        calls = []
+
+        def full(src, dst, *a, calls=calls, nth=nth, **kw):
+            calls.append(dst)
+            if len(calls) == nth:
+                raise OSError(errno.ENOSPC, "No space left on device", dst)
+            return real(src, dst, *a, **kw)
+
+        with monkeypatch.context() as m:
+            m.setattr(shutil, "copyfile", full)
+            rc = cli.run(lambda argv: _publish(uri, V2), [])
+        err = capsys.readouterr().err.strip().splitlines()
+        seen = _read_output(uri)
+        assert seen in (V1, V2), (nth, seen)
+        if len(calls) >= nth:
+            assert rc == 1 and len(err) == 1 and "no space left" in err[0], (nth, rc, err)
+        if seen == V1:
+            assert store.list_prefix(uri) == sorted([*V1, store.MANIFEST]), (nth, store.list_prefix(uri))

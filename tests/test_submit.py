@@ -256,3 +256,49 @@ def test_compiled_package_carries_image_and_gpu(tmp_path):
     gpus = {name for name, e in executors.items()
             if e["container"].get("resources", {}).get("accelerator", {}).get("resourceCount") == "1"}
     assert gpus and all(name.startswith(("exec-pretrain", "exec-finetune")) for name in gpus)
+
+
+def test_dry_run_prints_what_would_be_scheduled_without_a_host(fake_kfp, package, config_file, capsys):
+    argv = ["--dry-run", "--package", str(package), "--schedule", "0 0 3 * * *", "--config", str(config_file),
+            "--logs", "s3://grade/logs/dt={date}", "--window-days", "14", "--run-name", "nightly"]
+    assert submit.main(argv) == 0
+    out = capsys.readouterr().out
+    assert fake_kfp.instances == [], "no client made, no host contacted"
+    version = submit.package_version_name("grade-mtf", package)
+    assert "pipeline: grade-mtf" in out and f"version: {version}" in out
+    assert "action: recurring run" in out and "name: nightly" in out
+    assert "cron: 0 0 3 * * * (max_concurrency 1, no catch-up)" in out and "caching: True" in out
+    assert 'raw_logs_uri: "s3://grade/logs/dt={date}"' in out and "window_days: 14" in out
+    assert "n_requests: 1234" in out  # the config text travels as a parameter
+
+
+def test_dry_run_checks_its_input_like_a_submission(fake_kfp, package, capsys):
+    import grade.core.cli
+
+    rc = grade.core.cli.run(submit.main, ["--dry-run", "--package", str(package), "--schedule", "0 3 * * *"])
+    assert rc == 2 and "6 fields" in capsys.readouterr().err
+
+
+def test_without_host_or_dry_run_exits_2(fake_kfp, package, capsys):
+    import grade.core.cli
+
+    assert grade.core.cli.run(submit.main, ["--package", str(package), "--run"]) == 2
+    assert "--host URL is required" in capsys.readouterr().err
+    assert fake_kfp.instances == []
+
+
+def test_an_unreachable_host_is_one_line_and_exit_1(package, capsys):
+    """A real kfp.Client against a closed port: before, a ~90-line traceback."""
+    import socket
+
+    import grade.core.cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    host = f"http://user:pw-secret@127.0.0.1:{port}"
+    rc = grade.core.cli.run(submit.main, ["--host", host, "--package", str(package), "--run"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1, err
+    assert err[0].startswith(f"error: --host http://127.0.0.1:{port}: the KFP endpoint did not answer")
+    assert "pw-secret" not in err[0]

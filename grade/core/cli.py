@@ -6,9 +6,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import types
+import typing
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from grade.core.errors import InputError, IntegrityError, NotFound, NotPublished, StoreError
 
@@ -47,6 +49,23 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         print("interrupted", file=sys.stderr)
         return 130
     return 0 if rc is None else int(rc)
+
+
+def metavar(option: str, kind: Any) -> str | None:
+    """How an option's value reads in ``--help``: ``--requests N``, ``--lr X``, ``--model-name NAME``.
+
+    None for a choice (argparse shows the choices) and for true|false flags (their caller names them).
+    """
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 1:
+        kind = args[0]  # an optional value reads like the value
+    if typing.get_origin(kind) is typing.Literal or kind is bool:
+        return None
+    if option.endswith("name"):
+        return "NAME"
+    origin = typing.get_origin(kind) or kind
+    words = {int: "N", float: "X", list: "LIST", tuple: "LIST", dict: "MAPPING", str: "TEXT"}
+    return words.get(origin, "VALUE")
 
 
 def _location(uri: str) -> tuple[str, tuple[str, ...]]:

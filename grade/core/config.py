@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from grade.core import cli
 from grade.core.errors import ConfigError
 
 T = TypeVar("T")
@@ -423,7 +424,8 @@ def add_arguments(parser: argparse.ArgumentParser, keys: tuple[str, ...] = (),
         default_name = "--" + dotted.split(".", 1)[1].replace(".", "-").replace("_", "-")
         name = (renamed or {}).get(dotted) or default_name
         dest = "config_flag_" + name.lstrip("-").replace("-", "_")
-        kwargs: dict[str, Any] = {"dest": dest, "help": f"{doc} ({dotted})", "type": parse_value}
+        kwargs: dict[str, Any] = {"dest": dest, "help": f"{doc} ({dotted})", "type": parse_value,
+                                  "metavar": cli.metavar(name, tp)}
         if tp is bool:
             kwargs.update(type=parse_bool, metavar="true|false")
         elif tp is str:

@@ -22,6 +22,7 @@ process is gone from this host or the lock is older than ``LOCK_LEASE_S``.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -34,6 +35,8 @@ from typing import Any
 from grade import __version__
 from grade.core import store
 from grade.core.config import DEFAULT_MODEL
+from grade.core.errors import InputError
+from grade.core.store import paths
 
 log = logging.getLogger("grade.model.registry")
 
@@ -66,7 +69,7 @@ def code_version() -> str:
 class Registry:
     def __init__(self, root: str, model_name: str = DEFAULT_MODEL):
         self.root = str(root)
-        self.model_name = model_name
+        self.model_name = paths.safe_name(model_name, "model name")
         self.model_root = store.join(self.root, model_name)
         self.versions_root = store.join(self.model_root, "versions")
         self.alias_uri = store.join(self.model_root, "aliases", f"{ALIAS}.json")
@@ -75,16 +78,37 @@ class Registry:
     # -- versions ----------------------------------------------------------------------------
 
     def version_uri(self, version: str) -> str:
-        return store.join(self.versions_root, version)
+        return store.join(self.versions_root, paths.safe_name(version, f"{self.versions_root}: version"))
 
     def versions(self) -> list[str]:
-        """Published versions (a manifest exists), oldest first."""
+        """Published versions (a manifest exists), oldest first; listed names that break the path rule
+        are not versions."""
         names = store.list_prefix(self.versions_root)
-        return sorted(n.split("/")[0] for n in names
-                      if n.count("/") == 1 and n.endswith("/" + store.MANIFEST))
+        return sorted(n.split("/")[0] for n in names if n.count("/") == 1 and n.endswith("/" + store.MANIFEST)
+                      and paths.path_problem(n) is None)
+
+    def check_exists(self) -> None:
+        """InputError unless the registry's root exists: a local folder, or an S3 bucket (S3 prefixes
+        are not folders: a new registry on an existing bucket exists)."""
+        if not store.folder_exists(self.root):
+            where = "bucket" if store.is_s3(self.root) else "folder"
+            raise InputError(f"--registry {self.root}: no such {where}; nothing is registered there "
+                             "(a typo? a new local registry is made with --create-registry)")
+
+    def check_usable(self, create: bool = False) -> None:
+        """Before the first registration or alias move: the root exists (made when ``create``, locally)
+        and can be written; InputError (exit 2) otherwise, with nothing changed."""
+        local = store.backend_for(self.root).local_path(self.root)
+        if create and local is not None:
+            store.check_writable(self.root)
+            local.mkdir(parents=True, exist_ok=True)
+        self.check_exists()
+        store.check_writable(self.root)
 
     def lineage(self, version: str) -> dict[str, Any]:
-        return store.read_json(store.join(self.version_uri(version), LINEAGE_FILE))
+        """The version's lineage.json, checked against the version's manifest."""
+        uri = self.version_uri(version)
+        return paths.loads(store.read_published_file(uri, LINEAGE_FILE), store.join(uri, LINEAGE_FILE))
 
     def find_by_hash(self, content_hash: str) -> str | None:
         for v in self.versions():
@@ -137,10 +161,15 @@ class Registry:
         and publish it."""
         with store.temp_folder("register") as staging:
             manifest = store.read_manifest(model_uri)
-            for rel in manifest["files"]:
+            for rel, meta in manifest["files"].items():
+                data = (local / rel).read_bytes()
+                # hashed as copied: the bytes registered are the bytes the manifest (and the report) name
+                if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+                    raise store.IntegrityError(f"{store.join(model_uri, rel)}: content differs from the "
+                                               "manifest (sha256 mismatch) while it was registered")
                 dst = staging / "model" / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                dst.write_bytes((local / rel).read_bytes())
+                dst.write_bytes(data)
             # the model's own manifest travels along: the copy is a published folder with the same hash
             (staging / "model" / store.MANIFEST).write_text(
                 json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -152,10 +181,10 @@ class Registry:
                 log.warning("registry: no TorchScript export for %s: %s", model_uri, e)
             if report_uri:
                 folder = report_uri.rsplit("/", 1)[0] if report_uri.endswith(".json") else report_uri
+                listed = store.read_manifest(folder)["files"]
                 for name in ("report.json", "report.html"):
-                    uri = store.join(folder, name)
-                    if store.exists(uri):
-                        (staging / name).write_bytes(store.read_bytes(uri))
+                    if name in listed:  # checked against the report's manifest as it is read
+                        (staging / name).write_bytes(store.read_published_file(folder, name))
             for name, data in extra_files.items():
                 (staging / name).write_bytes(data)
             (staging / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
@@ -193,7 +222,7 @@ class Registry:
             data, etag = store.get_with_etag(lock)
         except store.NotFound:
             return False  # released meanwhile: the next look finds the version or takes the lock
-        holder = json.loads(data)
+        holder = paths.loads(data, lock)
         gone = holder.get("host") == socket.gethostname() and not store.process_alive(int(holder["pid"]))
         if not gone and time.time() - float(holder["since"]) < LOCK_LEASE_S:
             return False
@@ -217,7 +246,11 @@ class Registry:
             data, etag = store.get_with_etag(self.alias_uri)
         except store.NotFound:
             return None
-        return json.loads(data), etag
+        record = paths.loads(data, self.alias_uri)
+        if not isinstance(record, dict):
+            raise InputError(f"{self.alias_uri}: expected a JSON object (the alias record)")
+        paths.safe_name(record.get("version"), f"{self.alias_uri}: version")
+        return record, etag
 
     def set_production(self, version: str, why: str, *, expected_etag: str | None,
                        action: str = "promote") -> dict[str, Any]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from grade.core import store
@@ -44,6 +45,8 @@ CHECKPOINT_FORMAT = "grade-checkpoint-v1"
 __all__ = ["Checkpoint", "Progress", "load_checkpoint", "publish_model", "restore", "run_config",
            "run_fingerprint", "save_checkpoint", "state_tensors"]
 _EMPTY = "_empty"   # safetensors cannot hold zero tensors: a placeholder for an empty optimiser state
+#: what reading a checkpoint cut short or missing a file raises (an outage, StoreError, still propagates)
+_DAMAGED = (store.NotFound, InputError, KeyError, ValueError, UnicodeDecodeError, SafetensorError)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,18 +162,39 @@ def _commit(out_uri: str, counter: str, number: int, tag: str) -> None:
 
 
 def load_checkpoint(out_uri: str, fingerprint: dict[str, Any] | None = None) -> Checkpoint | None:
-    """The last committed checkpoint under ``out_uri``, or None when there is none to resume.
+    """The last committed checkpoint under ``out_uri`` that reads back whole, or None to start afresh.
 
+    A committed checkpoint that cannot be read (a file truncated or missing, e.g. by a full disk or
+    a copy cut short) is skipped with a warning for the one before it (``latest.json`` keeps both).
     With ``fingerprint`` a checkpoint of another run (config, world size or inputs differ) is
     refused; a checkpoint of an older format (before safetensors-only checkpoints) is refused
     always. Both cases log a warning saying why, and the caller starts afresh.
     """
-    from safetensors.torch import load as load_safetensors
-
     latest_uri = store.join(out_uri, CHECKPOINTS, LATEST)
     if not store.exists(latest_uri):
         return None
-    folder = store.join(out_uri, CHECKPOINTS, store.read_json(latest_uri)["folder"])
+    try:
+        latest = store.read_json(latest_uri)
+        tags = [latest["folder"], *([latest["previous"]] if latest.get("previous") else [])]
+    except (InputError, KeyError, TypeError) as e:
+        log.warning("%s: unreadable (%s); starting afresh", latest_uri, e)
+        return None
+    for tag in tags:
+        try:
+            return _read_checkpoint(out_uri, tag, fingerprint)
+        except _DAMAGED as e:
+            log.warning("%s: checkpoint %s cannot be read back (%s: %s); trying the one before it",
+                        out_uri, tag, type(e).__name__, e)
+    log.warning("%s: no committed checkpoint reads back whole; starting afresh", out_uri)
+    return None
+
+
+def _read_checkpoint(out_uri: str, tag: str, fingerprint: dict[str, Any] | None) -> Checkpoint | None:
+    """One checkpoint folder read back (None: refused, see :func:`load_checkpoint`); ``_DAMAGED`` errors
+    when a file is missing or cut short."""
+    from safetensors.torch import load as load_safetensors
+
+    folder = store.join(out_uri, CHECKPOINTS, tag)
     state = store.read_json(store.join(folder, "state.json"))
     if state.get("format") != CHECKPOINT_FORMAT:
         log.warning("%s: checkpoint in an old format (expected %s; torch.save checkpoints are no longer "

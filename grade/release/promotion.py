@@ -26,11 +26,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from grade.core import store
 from grade.core.config import ranged
 from grade.core.errors import InputError
+from grade.core.store import paths
 from grade.model.registry import DEFAULT_MODEL, AliasConflict, Registry
 from grade.release.blessing import Blessing, Check, Fields, Thresholds
 
@@ -63,14 +65,16 @@ def report_folder(uri: str) -> str:
 
 
 def read_report(uri: str) -> dict[str, Any]:
-    """report.json from a report folder or the file itself; bad input -> InputError."""
-    path = uri if uri.endswith(".json") else store.join(uri, "report.json")
+    """report.json from a report folder or the file itself, checked against the folder's manifest
+    (the evaluation published it: a report edited since is refused, IntegrityError); bad input ->
+    InputError."""
+    folder = report_folder(uri)
+    name = uri.rsplit("/", 1)[-1] if uri.endswith(".json") else "report.json"
+    path = store.join(folder, name)
     try:
-        report = json.loads(store.read_bytes(path))
-    except store.NotFound:
-        raise InputError(f"{path}: report not found") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
+        report = paths.loads(store.read_published_file(folder, name), path)
+    except store.NotPublished as e:
+        raise InputError(f"--report {uri}: {e}") from None
     if not isinstance(report, dict) or "policies" not in report:
         raise InputError(f"{path}: not an evaluation report (expected a 'policies' key)")
     return report
@@ -215,8 +219,14 @@ def threshold_checks(evidence: GateEvidence, blessing: Blessing, cfg: PromoteCon
 
 
 def promote(report_uri: str, candidate_uri: str, registry_uri: str, cfg: PromoteConfig,
-            data_uri: str | None = None) -> Blessing:
-    """Gate, then register and move the alias when blessed. Returns the blessing (with the outcome)."""
+            data_uri: str | None = None, before_acting: Callable[[], None] | None = None) -> Blessing:
+    """Gate, then register and move the alias when blessed. Returns the blessing (with the outcome).
+
+    Everything the gate reads is checked against its manifest first: the report (:func:`read_report`),
+    every file of the candidate (:func:`decide`; again as the registry copies it). ``before_acting``
+    runs once the candidate is blessed, before the first irreversible act (the registration): the
+    caller's checks of its outputs and permissions, so a refusal there changes nothing.
+    """
     report = read_report(report_uri)
     registry = Registry(registry_uri, cfg.model_name)
     # read the alias (and its ETag) before deciding: the move is a compare-and-swap against it
@@ -224,6 +234,8 @@ def promote(report_uri: str, candidate_uri: str, registry_uri: str, cfg: Promote
     blessing = decide(report, candidate_uri, registry, cfg, report_uri)
     if not blessing.blessed or blessing.verdict == "already in production":
         return blessing
+    if before_acting is not None:
+        before_acting()
     blessing_bytes = (json.dumps(blessing.to_json(), indent=2, sort_keys=True) + "\n").encode()
     version, created = registry.register(candidate_uri, report_uri=report_uri, data_uri=data_uri,
                                          parent=current[0]["version"] if current else None,

@@ -25,8 +25,10 @@ S3 settings come from the environment only: ``S3_ENDPOINT_URL``, ``AWS_ACCESS_KE
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from grade.core.errors import (  # noqa: F401 - re-exported: callers catch them as store.<Error>
+    InputError,
     IntegrityError,
     NotFound,
     NotPublished,
@@ -46,8 +49,11 @@ from grade.core.errors import (  # noqa: F401 - re-exported: callers catch them 
     S3ConfigError,
     StoreError,
 )
+from grade.core.store import paths
 from grade.core.store.backend import StoreBackend, sha256_file
 from grade.core.store.local import LocalBackend
+
+log = logging.getLogger("grade.core.store")
 
 MANIFEST = "_MANIFEST.json"
 #: folder inside a published folder holding a re-publish's new files whose names the old output still uses
@@ -104,8 +110,15 @@ def is_s3(uri: str | os.PathLike) -> bool:
 
 
 def join(uri: str | os.PathLike, *parts: str) -> str:
-    """Join path parts onto a local path or a URI."""
+    """Join relative path parts onto a local path or a URI.
+
+    Every part must pass the path rule (:mod:`grade.core.store.paths`: relative, normalised, no
+    ``..``): parts often come from data (manifest entries, version ids), and nothing joined here may
+    leave ``uri``.
+    """
     base = str(uri)
+    for p in parts:
+        paths.safe_relpath(p, base)
     if _scheme(base) not in _BACKENDS:
         return str(Path(base, *parts))
     out = base.rstrip("/")
@@ -128,7 +141,9 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 
 def read_json(uri: str) -> Any:
-    return json.loads(read_bytes(uri))
+    """A JSON object read from the store; not JSON, or nested deeper than ``paths.MAX_JSON_DEPTH``:
+    InputError naming ``uri``."""
+    return paths.loads(read_bytes(uri), uri)
 
 
 def write_json(uri: str, obj: Any) -> None:
@@ -158,6 +173,12 @@ def check_writable(uri: str | os.PathLike) -> None:
 def exists(uri: str) -> bool:
     """True when an object (file) exists at ``uri``."""
     return backend_for(uri).exists(str(uri))
+
+
+def folder_exists(uri: str) -> bool:
+    """True when the folder ``uri`` exists: a local directory; on S3 its bucket (prefixes are not
+    folders there: any prefix of an existing bucket can be written)."""
+    return backend_for(uri).folder_exists(str(uri))
 
 
 def list_prefix(uri: str) -> list[str]:
@@ -292,6 +313,9 @@ def build_manifest(local_dir: str | os.PathLike, extra: dict[str, Any] | None = 
     files = {}
     for p in sorted(root.rglob("*")):
         rel = str(p.relative_to(root)).replace(os.sep, "/")
+        if p.is_symlink():
+            raise InputError(f"{local_dir}: entry {rel!r} is a symbolic link; refused: a published folder "
+                             "holds plain files only")
         # only the folder's own manifest is left out: a nested published folder keeps its manifest
         if p.is_file() and rel != MANIFEST:
             files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
@@ -335,11 +359,18 @@ def publish_dir(local_dir: str | os.PathLike, uri: str,
     in_use = _objects_in_use(current)
     token = uuid.uuid4().hex[:12]
     beside: dict[str, str] = {}  # name -> where its new bytes wait while the old output still uses the name
-    for rel, meta in manifest["files"].items():
-        target = rel if in_use.get(rel, meta["sha256"]) == meta["sha256"] else f"{PENDING}/{token}/{rel}"
-        upload_file(Path(local_dir, rel), join(uri, target))
-        if target != rel:
-            beside[rel] = target
+    written: list[str] = []
+    try:
+        for rel, meta in manifest["files"].items():
+            target = rel if in_use.get(rel, meta["sha256"]) == meta["sha256"] else f"{PENDING}/{token}/{rel}"
+            if target not in in_use:
+                written.append(target)
+            upload_file(Path(local_dir, rel), join(uri, target))
+            if target != rel:
+                beside[rel] = target
+    except BaseException:
+        _remove_unpublished(uri, written)
+        raise
     switched = {rel: {**meta, "path": beside[rel]} if rel in beside else meta
                 for rel, meta in manifest["files"].items()}
     referenced = set(_objects_in_use({"files": switched}))
@@ -357,6 +388,18 @@ def publish_dir(local_dir: str | os.PathLike, uri: str,
     return manifest
 
 
+def _remove_unpublished(uri: str, names: list[str]) -> None:
+    """After a publish failed before its switch: delete what it wrote, so the output is the old one
+    (or absent) and no partial file stays beside it. Best effort: the failure that got us here
+    (a full disk, an outage) may make deleting fail too; the next publish clears ``_pending/``."""
+    for name in names:
+        try:
+            delete(join(uri, name))
+        except (StoreError, OSError) as e:
+            log.warning("%s: could not remove %s after a failed publish: %s", uri, name, e)
+            return
+
+
 @contextmanager
 def publishing(uri: str, extra: dict[str, Any] | None = None) -> Iterator[Path]:
     """Yield a local staging folder; on normal exit its files are published to ``uri``.
@@ -364,7 +407,14 @@ def publishing(uri: str, extra: dict[str, Any] | None = None) -> Iterator[Path]:
     On an exception nothing is published; the staging folder is removed in every case.
     """
     with temp_folder("publish") as staging:
-        yield staging
+        try:
+            yield staging
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # the staging disk filled while the output was written: a fault, like a full output disk
+            raise StoreError(f"{staging}: no space left on the device while staging {uri} "
+                             f"({e.strerror}); nothing was published") from None
         publish_dir(staging, uri, extra)
 
 
@@ -373,11 +423,69 @@ def is_published(uri: str) -> bool:
 
 
 def read_manifest(uri: str) -> dict[str, Any]:
-    """The manifest of a published folder; :class:`NotPublished` when it has none."""
+    """The manifest of a published folder, checked (:func:`check_manifest`); :class:`NotPublished`
+    when it has none."""
+    where = join(uri, MANIFEST)
     try:
-        return read_json(join(uri, MANIFEST))
+        doc = read_json(where)
     except NotFound:
         raise NotPublished(f"{uri}: no {MANIFEST} (output missing or its writer did not finish)") from None
+    return check_manifest(doc, where)
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def check_manifest(doc: Any, where: str) -> dict[str, Any]:
+    """``doc`` when it is a well-formed manifest; else InputError naming the entry.
+
+    Every file name, object path and ``_retired`` name passes the path rule
+    (:func:`grade.core.store.paths.safe_relpath`): a manifest decides where readers write their
+    copies and what a re-publish deletes, so an entry like ``../../x`` would leave the folder.
+    """
+    if not isinstance(doc, dict) or not isinstance(doc.get("files"), dict):
+        raise InputError(f"{where}: not a manifest (expected an object with a 'files' object)")
+    for rel, meta in doc["files"].items():
+        paths.safe_relpath(rel, f"{where}: files")
+        if not isinstance(meta, dict):
+            raise InputError(f"{where}: files[{rel!r}]: expected an object with size and sha256")
+        size, sha = meta.get("size"), meta.get("sha256")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise InputError(f"{where}: files[{rel!r}].size: expected a byte count >= 0, got {size!r}")
+        if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+            raise InputError(f"{where}: files[{rel!r}].sha256: expected 64 hex digits, got {sha!r}")
+        if "path" in meta:
+            paths.safe_relpath(meta["path"], f"{where}: files[{rel!r}].path")
+    retired = doc.get(RETIRED, [])
+    if not isinstance(retired, list):
+        raise InputError(f"{where}: {RETIRED}: expected a list of names")
+    for name in retired:
+        paths.safe_relpath(name, f"{where}: {RETIRED}")
+    return doc
+
+
+def read_published_file(uri: str, rel: str) -> bytes:
+    """The bytes of the file ``rel`` of the published folder ``uri``, checked against its manifest.
+
+    One read, then its size and sha256 compared with the manifest's entry (``IntegrityError``
+    otherwise), so what the caller gets is exactly what was published; a name the manifest does not
+    list is ``IntegrityError`` too.
+    """
+    manifest = read_manifest(uri)
+    meta = manifest["files"].get(rel)
+    if meta is None:
+        raise IntegrityError(f"{join(uri, rel)}: not listed in {join(uri, MANIFEST)}")
+    where = join(uri, _object_name(rel, meta))
+    root = backend_for(uri).local_path(uri)
+    if root is not None:
+        paths.check_no_symlink(root, _object_name(rel, meta), where)
+    try:
+        data = read_bytes(where)
+    except NotFound:
+        raise IntegrityError(f"{where}: missing (the manifest lists it with {meta['size']} bytes)") from None
+    if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        raise _changed(where)
+    return data
 
 
 def content_hash(uri_or_manifest: str | dict[str, Any]) -> str:
@@ -426,12 +534,15 @@ def _open_published(uri: str, cache_dir: str | os.PathLike | None, verify: bool)
     root = backend.local_path(uri)
     if root is not None and all("path" not in meta for meta in manifest["files"].values()):
         for rel, meta in manifest["files"].items():
-            _check_file(join(uri, rel), root / rel, meta, verify)
+            _check_file(join(uri, rel), paths.check_no_symlink(root, rel, join(uri, rel)), meta, verify)
         return root, False
     local = Path(cache_dir) if cache_dir else new_temp_folder("fetch")
     try:
         for rel, meta in manifest["files"].items():
-            _fetch_file(backend, join(uri, _object_name(rel, meta)), local / rel, meta, verify)
+            src = join(uri, _object_name(rel, meta))
+            if root is not None:
+                paths.check_no_symlink(root, _object_name(rel, meta), src)
+            _fetch_file(backend, src, local / rel, meta, verify)
     except BaseException:
         if not cache_dir:
             shutil.rmtree(local, ignore_errors=True)
@@ -455,7 +566,8 @@ def _changed(where: str) -> IntegrityError:
 
 def _fetch_file(backend: StoreBackend, src: str, dst: Path, meta: dict[str, Any], verify: bool) -> None:
     """Download ``src`` to ``dst`` unless ``dst`` already holds the manifest's bytes; verify what arrives."""
-    if dst.is_file() and dst.stat().st_size == meta["size"] and sha256_file(dst) == meta["sha256"]:
+    if (not dst.is_symlink() and dst.is_file() and dst.stat().st_size == meta["size"]
+            and sha256_file(dst) == meta["sha256"]):
         return
     try:
         sha256 = backend.download_file(src, str(dst), digest=verify)

@@ -40,6 +40,9 @@ class StoreBackend(Protocol):
 
     def exists(self, uri: str) -> bool: ...
 
+    def folder_exists(self, uri: str) -> bool:
+        """Whether the folder ``uri`` exists (on S3: its bucket)."""
+
     def check_writable(self, uri: str) -> None:
         """``InputError`` when nothing can be written below the folder ``uri`` (a missing bucket, an
         existing file, no permission); a store that does not answer raises ``StoreError``."""

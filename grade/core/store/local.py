@@ -7,6 +7,7 @@ compare-and-swap locks (``.<name>.lock``) are bookkeeping, never listed as objec
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from grade.core.errors import InputError, NotFound, PreconditionFailed
+from grade.core.errors import InputError, NotFound, PreconditionFailed, StoreError
 from grade.core.store.backend import file_chunks, write_chunks
 
 #: suffixes of the backend's own bookkeeping files (hidden temp files, CAS locks): never listed
@@ -32,6 +33,23 @@ def _temp_beside(dst: Path) -> Iterator[tuple[int, str]]:
         yield fd, tmp
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+@contextmanager
+def _writing(uri: str | os.PathLike) -> Iterator[None]:
+    """Turn the OS's refusals to write ``uri`` into one-line errors: a full disk is a fault
+    (:class:`StoreError`, exit 1: free space and run again), a read-only or protected folder is bad
+    input (:class:`InputError`, exit 2)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StoreError(f"{uri}: no space left on the device ({e.strerror}); nothing was "
+                             "replaced") from None
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise InputError(f"{uri}: cannot write here ({e.strerror}): a read-only or protected "
+                             "folder") from None
+        raise
 
 
 def _is_scratch(path: Path) -> bool:
@@ -52,7 +70,7 @@ class LocalBackend:
             raise NotFound(f"{uri}: not found") from None
 
     def write_bytes(self, uri: str, data: bytes) -> None:
-        with _temp_beside(Path(uri)) as (fd, tmp):
+        with _writing(uri), _temp_beside(Path(uri)) as (fd, tmp):
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -64,7 +82,7 @@ class LocalBackend:
         return data, _sha256(data)
 
     def put_if_absent(self, uri: str, data: bytes) -> str:
-        with _temp_beside(Path(uri)) as (fd, tmp):
+        with _writing(uri), _temp_beside(Path(uri)) as (fd, tmp):
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             try:
@@ -80,7 +98,7 @@ class LocalBackend:
         if not p.parent.is_dir():
             raise PreconditionFailed(f"{uri}: does not exist")
         lock_path = p.with_name(f".{p.name}.lock")  # next to the object: works on any shared filesystem
-        with open(lock_path, "a+") as lock:
+        with _writing(uri), open(lock_path, "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # serialise local compare-and-swap between processes
             try:
                 current = _sha256(p.read_bytes())
@@ -101,7 +119,7 @@ class LocalBackend:
 
     def _copy_file(self, src: str | os.PathLike, dst: str | os.PathLike, digest: bool = False) -> str | None:
         """Copy through a temp file + rename; with ``digest`` hashed on the way (its sha256 returned)."""
-        with _temp_beside(Path(dst)) as (fd, tmp):
+        with _writing(dst), _temp_beside(Path(dst)) as (fd, tmp):
             if digest:
                 with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
                     sha256 = write_chunks(file_chunks(fin), fout, digest=True)
@@ -114,6 +132,9 @@ class LocalBackend:
 
     def exists(self, uri: str) -> bool:
         return Path(uri).is_file()
+
+    def folder_exists(self, uri: str) -> bool:
+        return Path(uri).is_dir()
 
     def check_writable(self, uri: str) -> None:
         path = Path(uri).absolute()
@@ -129,7 +150,7 @@ class LocalBackend:
         if not root.is_dir():
             return []
         return sorted(str(p.relative_to(root)).replace(os.sep, "/") for p in root.rglob("*")
-                      if p.is_file() and not _is_scratch(p))
+                      if p.is_file() and not p.is_symlink() and not _is_scratch(p))
 
     def delete(self, uri: str) -> None:
         Path(uri).unlink(missing_ok=True)

@@ -49,6 +49,9 @@ RETRYABLE_STATUS = {429, 500, 502, 503, 504}
 NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"}
 PART_SIZE = 16 * 1024 * 1024
 STREAM_CHUNK = 1024 * 1024
+#: longest wait for a connection and for each read of an answer (both also at most the retry budget)
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 120.0
 #: names per multi-object DELETE (the S3 API's limit)
 DELETE_BATCH = 1000
 #: OSErrors about the local side of a transfer (raised as they are, like the local backend does)
@@ -59,10 +62,7 @@ class S3Backend:
     def __init__(self, endpoint_url: str, access_key: str, secret_key: str, region: str | None = None,
                  max_attempts: int = 20, base_delay: float = 0.2, max_delay: float = 5.0,
                  retry_seconds: float = 60.0):
-        parsed = urlparse(endpoint_url)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise S3ConfigError(f"S3_ENDPOINT_URL must look like http(s)://host:port, got scheme "
-                                f"'{parsed.scheme}' and host '{parsed.netloc}'")
+        parsed = _parse_endpoint(endpoint_url)
         self.endpoint_url = endpoint_url
         self.secure = parsed.scheme == "https"
         self.host = parsed.netloc
@@ -70,11 +70,18 @@ class S3Backend:
         self.max_attempts = max(1, max_attempts)
         self.base_delay, self.max_delay = base_delay, max_delay
         self.retry_seconds = retry_seconds
-        # urllib3's own retries are off: the retry policy lives in one place (``_call``)
-        http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=5.0, read=120.0), retries=False,
-                                   maxsize=16)
-        self.client = Minio(self.host, access_key=access_key, secret_key=secret_key, secure=self.secure,
-                            region=region, http_client=http)
+        # urllib3's own retries are off: the retry policy lives in one place (``_call``). A server
+        # that accepts a connection and then stalls (a stopped process) must not hold one attempt
+        # longer than the whole budget: each socket wait is bounded by it too.
+        timeout = urllib3.Timeout(connect=min(CONNECT_TIMEOUT_S, retry_seconds),
+                                  read=min(READ_TIMEOUT_S, retry_seconds))
+        http = urllib3.PoolManager(timeout=timeout, retries=False, maxsize=16)
+        try:
+            self.client = Minio(self.host, access_key=access_key, secret_key=secret_key, secure=self.secure,
+                                region=region, http_client=http)
+        except ValueError:
+            raise S3ConfigError("S3_ENDPOINT_URL: not a usable endpoint (expected http(s)://host[:port])") \
+                from None
 
     @classmethod
     def from_env(cls) -> S3Backend:
@@ -292,6 +299,10 @@ class S3Backend:
         except NotFound:
             return False
 
+    def folder_exists(self, uri: str) -> bool:
+        bucket, _ = self.split(uri)
+        return self._call("HEAD (bucket)", f"s3://{bucket}", lambda: self.client.bucket_exists(bucket))
+
     def list_prefix(self, uri: str) -> list[str]:
         bucket, key = self.split(uri)
         prefix = key.rstrip("/") + "/" if key else ""
@@ -342,6 +353,25 @@ class S3Backend:
         from grade.core.store.s3_arrow import arrow_filesystem
 
         return arrow_filesystem(self), str(uri)[len("s3://"):]
+
+
+def _parse_endpoint(endpoint_url: str):
+    """The parsed endpoint, or S3ConfigError; the messages never repeat the value (it may hold a secret)."""
+    try:
+        parsed = urlparse(endpoint_url)
+        parsed.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        raise S3ConfigError("S3_ENDPOINT_URL: not a URL (expected http(s)://host[:port])") from None
+    if parsed.username is not None or parsed.password is not None:
+        raise S3ConfigError("S3_ENDPOINT_URL must not hold credentials (user:password@host): give them in "
+                            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; the value is not shown")
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise S3ConfigError(f"S3_ENDPOINT_URL must look like http(s)://host:port, got scheme "
+                            f"'{parsed.scheme}' and host '{parsed.hostname or ''}'")
+    if parsed.path.strip("/") or parsed.query or parsed.fragment:
+        raise S3ConfigError("S3_ENDPOINT_URL must be http(s)://host[:port] with nothing after the port "
+                            "(buckets and prefixes go into the s3:// URIs)")
+    return parsed
 
 
 def _env_number(name: str, default: T, kind: Callable[[str], T]) -> T:
