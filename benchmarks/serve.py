@@ -262,7 +262,7 @@ def load_run(port: int, body: bytes, clients: int, seconds: float, server_pid: i
 
 def floor_server(kind: str, port: int, workers: int = 0, listen_fd: int | None = None) -> int:
     """Serve a constant answer on ``port`` with ``workers`` processes (0: one per core, as the server):
-    "kserve" through components.serve's stack with a model that does not read its inputs, "bare" from
+    "kserve" through grade.release.server's stack with a model that does not read its inputs, "bare" from
     a plain uvicorn ASGI app (uvloop, httptools)."""
     import socket
 
@@ -275,7 +275,7 @@ def floor_server(kind: str, port: int, workers: int = 0, listen_fd: int | None =
         return http_server.supervise(command, workers, port)
     sockets = None if listen_fd is None else [socket.socket(fileno=listen_fd)]
     if kind == "kserve":
-        from components.serve import start_model_server
+        from grade.release.server import start_model_server
 
         model = _constant_model()
         model.load()
@@ -426,8 +426,8 @@ def run(seconds: float = 5.0, clients: int = 16, repeats: int = 3,
         for kind, figures in floor.items():
             phase[f"floor_{kind}"] = {k: v for k, v in figures[batch].items() if k != "runs"}
         results[f"batch_{batch}"] = phase
-    from components.serve import DEFAULT_BATCH_ROWS
     from grade.core.http_server import available_cpus
+    from grade.release.server import DEFAULT_BATCH_ROWS
 
     return {"clients": clients, "seconds_per_run": seconds, "repeats": repeats, "alias_moves": moves,
             "server_workers": workers or available_cpus(),

@@ -22,6 +22,7 @@ from benchmarks.serve import MODEL, demo_registry, promote, start_server, stop_s
 from components import score as score_cli
 from components import serve as serve_cli
 from grade.core import cli
+from grade.release import server as server_lib
 from grade.release import serving
 from tests.conftest import free_port
 
@@ -250,7 +251,7 @@ async def _asgi_post(app, path: str, body: bytes, headers: tuple = ()) -> tuple[
 def test_the_gate_answers_plain_v2_json_itself_and_hands_everything_else_on(world):
     holder = serving.PolicyHolder(world["registry"].root, MODEL)
     assert holder.refresh()
-    model = serve_cli.make_model(holder, MODEL)
+    model = server_lib.make_model(holder, MODEL)
     model.load()
     handed: list[tuple[str, bytes]] = []
 
@@ -259,7 +260,7 @@ def test_the_gate_answers_plain_v2_json_itself_and_hands_everything_else_on(worl
         await send({"type": "http.response.start", "status": 299, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
-    gate = serve_cli.RequestGate(framework, model=model)
+    gate = server_lib.RequestGate(framework, model=model)
     spec, infer = world["spec"], f"/v2/models/{MODEL}/infer"
     plain = v2_body(log_requests(world["logs"], spec, 2), spec)
     status, answer = asgi_post(gate, infer, json.dumps(plain).encode())
@@ -287,10 +288,10 @@ def test_the_gate_stands_in_front_of_the_middleware_the_framework_adds_when_it_s
 
     holder = serving.PolicyHolder(world["registry"].root, MODEL)
     assert holder.refresh()
-    model = serve_cli.make_model(holder, MODEL)
+    model = server_lib.make_model(holder, MODEL)
     model.load()
     app = FastAPI()
-    serve_cli.install_gate(app, model)
+    server_lib.install_gate(app, model)
     seen: list[str] = []
 
     class Timing:  # what the framework adds at start
@@ -315,9 +316,9 @@ def test_the_gate_encodes_an_answer_as_kserve_does_without_converting_element_by
     rng = np.random.default_rng(0)
     result = {"weights": rng.dirichlet(np.ones(3), 4096).astype(np.float32),
               "ranking": np.argsort(rng.random((4096, 5)), axis=1).astype(np.int64)}
-    outputs = serve_cli.v2_outputs(result)
+    outputs = server_lib.v2_outputs(result)
     t0 = time.perf_counter()
-    ours = serve_cli.encode_v2_answer("r1", MODEL, "v0001", outputs)
+    ours = server_lib.encode_v2_answer("r1", MODEL, "v0001", outputs)
     t_ours = time.perf_counter() - t0
     t0 = time.perf_counter()
     theirs = InferResponse(response_id="r1", model_name=MODEL, model_version="v0001",
@@ -509,14 +510,14 @@ def test_a_failing_answer_call_fails_every_caller_of_its_group_and_a_caller_that
 def test_the_gate_answers_concurrent_calls_together_as_it_answers_them_one_by_one(world, monkeypatch):
     holder = serving.PolicyHolder(world["registry"].root, MODEL)
     assert holder.refresh()
-    model = serve_cli.make_model(holder, MODEL)
+    model = server_lib.make_model(holder, MODEL)
     model.load()
     spec, infer = world["spec"], f"/v2/models/{MODEL}/infer"
     columns = log_requests(world["logs"], spec, 4)
     bodies = [json.dumps(v2_body({k: v[i:i + 1] for k, v in columns.items()}, spec)).encode()
               for i in range(4)]
     bodies.insert(2, b'{"inputs": []}')  # a bad call among them
-    one_by_one = [asgi_post(serve_cli.RequestGate(None, model=model), infer, body) for body in bodies]
+    one_by_one = [asgi_post(server_lib.RequestGate(None, model=model), infer, body) for body in bodies]
     group_sizes = []
     predict_many = serving.predict_many
 
@@ -525,7 +526,8 @@ def test_the_gate_answers_concurrent_calls_together_as_it_answers_them_one_by_on
         return predict_many(policy, requests, strict)
 
     monkeypatch.setattr(serving, "predict_many", counted)
-    together = asyncio.run(asgi_posts(serve_cli.RequestGate(None, model=model, batch_rows=64), infer, bodies))
+    gate = server_lib.RequestGate(None, model=model, batch_rows=64)
+    together = asyncio.run(asgi_posts(gate, infer, bodies))
     assert [s for s, _ in together] == [s for s, _ in one_by_one] == [200, 200, 400, 200, 200]
     for (_, got), (_, alone) in zip(together, one_by_one, strict=True):
         got, alone = json.loads(got), json.loads(alone)

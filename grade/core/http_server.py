@@ -1,4 +1,4 @@
-"""How the online server's processes and sockets run (components/serve.py): worker processes on one
+"""How the online server's processes and sockets run (grade/release/server.py): worker processes on one
 listening socket, and responses sent in one write.
 
 - :func:`supervise` binds the port once and runs N copies of a server command (worker processes),

@@ -1,6 +1,6 @@
 """Online serving of the production policy: verified loading, request validation, weights and ranking.
 
-The server framework (components/serve.py, KServe) only moves tensors in and out; everything it
+The server framework (grade/release/server.py, KServe) only moves tensors in and out; everything it
 serves is decided here, in plain functions:
 
 - :func:`load_verified` loads a registry version's TorchScript policy after checking every file
