@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"request rows (default {DEFAULT_BATCH_ROWS}; a call alone is never held back; "
                         f"0: one policy call per call)")
     p.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)  # a worker's inherited socket
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)  # the first worker tells it is ready
     p.add_argument("--access-log", action="store_true",
                    help="log every request (off by default: a log line per call costs latency; "
                         "/metrics counts them)")
@@ -90,7 +91,7 @@ def settings_of(args: argparse.Namespace) -> server.ServerSettings:
     return server.ServerSettings(
         registry=args.registry, model_name=args.model_name, port=args.port, watch_seconds=args.watch_seconds,
         strict_categories=args.unknown_categories == "reject", version=args.version, threads=args.threads,
-        workers=args.workers, batch_rows=args.batch_rows, listen_fd=args.listen_fd,
+        workers=args.workers, batch_rows=args.batch_rows, listen_fd=args.listen_fd, ready_fd=args.ready_fd,
         access_log=args.access_log, wait_seconds=args.wait_seconds)
 
 

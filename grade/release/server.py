@@ -105,6 +105,13 @@ def make_model(holder: serving.PolicyHolder, name: str, strict_categories: bool 
             return [{k: v for k, v in o.items() if k != "optional"}
                     for o in serving.output_metadata(holder.current.spec)]
 
+        def metadata(self) -> dict[str, Any]:
+            """KServe's v2 model metadata, with the served version and the versions refused (with
+            their reasons) since the start."""
+            return {"name": self.name, "versions": [holder.current.version], "platform": "",
+                    "inputs": self.get_input_types(), "outputs": self.get_output_types(),
+                    "rejected_versions": holder.rejections()}
+
         def answer(self, decode_inputs) -> tuple[str, dict[str, Any]]:
             """(the version that answered, :func:`serving.predict`'s result) for the inputs
             ``decode_inputs()`` returns (:class:`serving.BadRequest` for a bad call)."""
@@ -139,7 +146,7 @@ def make_model(holder: serving.PolicyHolder, name: str, strict_categories: bool 
 
             def decode() -> dict[str, Any]:
                 if v2:
-                    return named_arrays((i.name, i.as_numpy) for i in payload.inputs)
+                    return named_arrays((i.name, functools.partial(input_array, i)) for i in payload.inputs)
                 return _v1_inputs(payload)
 
             try:
@@ -199,8 +206,26 @@ def plain_rows(inputs: list[dict[str, Any]]) -> int:
 
 
 def json_array(given: dict[str, Any]) -> np.ndarray:
-    """The array of a plain v2 JSON input, decoded as KServe's ``InferInput.as_numpy`` decodes it."""
-    return np.array(given["data"], dtype=_numpy_dtypes()[given["datatype"]]).reshape(given["shape"])
+    """The array of a plain v2 JSON input, decoded as KServe's ``InferInput.as_numpy`` decodes it, except
+    that integer data must be integral: numpy would turn 3.7 into category 3 (ValueError)."""
+    dtype = _numpy_dtypes()[given["datatype"]]
+    if dtype.kind not in "iu":
+        return np.array(given["data"], dtype=dtype).reshape(given["shape"])
+    values = np.array(given["data"])
+    if values.dtype.kind == "f" and not (values == np.round(values)).all():
+        bad = values.ravel()[np.flatnonzero(values.ravel() != np.round(values.ravel()))[0]]
+        raise ValueError(f"{given['datatype']} data must be whole numbers, got {bad.item()!r}")
+    if values.dtype.kind not in "biuf":
+        raise ValueError(f"{given['datatype']} data must be whole numbers")
+    return values.astype(dtype).reshape(given["shape"])
+
+
+def input_array(given: Any) -> np.ndarray:
+    """The array of an input KServe decoded (``InferInput``): its JSON data as :func:`json_array` reads
+    it, binary data (or a datatype the gate does not decode) as KServe's ``as_numpy`` does."""
+    if given._raw_data is None and given.datatype in JSON_NUMERIC_DATATYPES:
+        return json_array({"datatype": given.datatype, "shape": given.shape, "data": given.data})
+    return given.as_numpy()
 
 
 @functools.cache
@@ -209,7 +234,7 @@ def _numpy_dtypes() -> dict[str, Any]:
     than the conversion of a one-value input)."""
     from kserve.utils.numpy_codec import to_np_dtype
 
-    return {datatype: to_np_dtype(datatype) for datatype in JSON_NUMERIC_DATATYPES}
+    return {datatype: np.dtype(to_np_dtype(datatype)) for datatype in JSON_NUMERIC_DATATYPES}
 
 
 def parse_json(body: bytes) -> Any:
@@ -221,7 +246,25 @@ def parse_json(body: bytes) -> Any:
     try:
         return orjson.loads(body or b"null")
     except orjson.JSONDecodeError:
+        depth = json_depth(body)
+        if depth > MAX_JSON_DEPTH:  # Python's parser would recurse once per level (RecursionError)
+            raise ValueError(f"nested {depth} levels deep, at most {MAX_JSON_DEPTH}") from None
         return json.loads(body or b"null")
+
+
+def json_depth(body: bytes) -> int:
+    """The deepest nesting of brackets and braces in ``body`` (counting those inside strings too: an
+    upper bound of the document's nesting)."""
+    chars = np.frombuffer(body, np.uint8)
+    step = np.isin(chars, _OPENING).astype(np.int32) - np.isin(chars, _CLOSING)
+    return int(np.cumsum(step).max(initial=0))
+
+
+#: deepest nesting handed to Python's JSON parser (the fallback for NaN and Infinity literals), well
+#: inside its recursion limit; orjson refuses a body nested over 1,024 levels itself
+MAX_JSON_DEPTH = 512
+_OPENING = np.frombuffer(b"[{", np.uint8)
+_CLOSING = np.frombuffer(b"]}", np.uint8)
 
 
 class RequestGate:
@@ -253,6 +296,8 @@ class RequestGate:
                 lambda calls: model.answer_many([plain_decoder(inputs) for inputs in calls]),
                 max_size=batch_rows, size_of=plain_rows)
         self.infer_path = f"/v2/models/{model.name}/infer" if model is not None else None
+        # a model with its own metadata (the served and the rejected versions) answers it here
+        self.metadata_path = f"/v2/models/{model.name}" if hasattr(model, "metadata") else None
         self.all_workers_metrics = bool(os.environ.get(http_server.METRICS_DIR_VAR))
         self.latency = None
         if model is not None:
@@ -264,6 +309,8 @@ class RequestGate:
         if scope["type"] != "http" or scope["method"] != "POST":
             if scope["type"] == "http" and scope["path"] == "/metrics" and self.all_workers_metrics:
                 return await _all_workers_metrics(scope, send)
+            if scope["type"] == "http" and scope["path"] == self.metadata_path and self.model.ready:
+                return await _json(200, self.model.metadata(), scope, send)
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length", b"")
@@ -363,9 +410,13 @@ async def _no_body():
 
 
 async def _error(status: int, message: str, scope, send) -> None:
+    await _json(status, {"error": message}, scope, send)
+
+
+async def _json(status: int, doc: Any, scope, send) -> None:
     from starlette.responses import JSONResponse
 
-    await JSONResponse({"error": message}, status_code=status)(scope, _no_body, send)
+    await JSONResponse(doc, status_code=status)(scope, _no_body, send)
 
 
 @dataclass(frozen=True)
@@ -382,22 +433,27 @@ class ServerSettings:
     workers: int = 0
     batch_rows: int = DEFAULT_BATCH_ROWS
     listen_fd: int | None = None
+    ready_fd: int | None = None
     access_log: bool = False
     wait_seconds: float = 60.0
 
 
 def serve(settings: ServerSettings, worker_command: list[str]) -> int:
     """Run the server: ``settings.workers`` worker processes on one socket (:func:`http_server.supervise`
-    runs ``worker_command``, this server with one worker, adding ``--listen-fd FD``), or this process
-    alone."""
+    runs ``worker_command``, this server with one worker, adding ``--listen-fd FD`` and, for the first,
+    ``--ready-fd FD``), or this process alone."""
+    serving.check_model_name(settings.model_name)
     workers = settings.workers or http_server.available_cpus()
     if workers > 1 and settings.listen_fd is None:
-        return http_server.supervise(worker_command, workers, settings.port)
+        return http_server.supervise(worker_command, workers, settings.port, ready_flag="--ready-fd")
     import torch
 
     torch.set_num_threads(max(1, settings.threads))
     torch.set_num_interop_threads(1)  # nothing here runs ops in parallel; idle pools only add wake-ups
     holder = serving.PolicyHolder(settings.registry, settings.model_name, pinned=settings.version)
+    # the port is taken before the model loads: one in use fails at once, naming it
+    sock = socket.socket(fileno=settings.listen_fd) if settings.listen_fd is not None \
+        else http_server.listening_socket(settings.port)
     try:
         policy = serving.wait_for_version(holder, settings.wait_seconds)
     except serving.IntegrityError as e:
@@ -408,8 +464,8 @@ def serve(settings: ServerSettings, worker_command: list[str]) -> int:
         holder.watch(settings.watch_seconds)
     model = make_model(holder, settings.model_name, settings.strict_categories)
     model.load()
-    sockets = None if settings.listen_fd is None else [socket.socket(fileno=settings.listen_fd)]
-    start_model_server(model, settings.port, settings.access_log, sockets, batch_rows=settings.batch_rows)
+    http_server.signal_ready(settings.ready_fd)
+    start_model_server(model, settings.port, settings.access_log, [sock], batch_rows=settings.batch_rows)
     return 0
 
 
