@@ -757,9 +757,10 @@ def test_a_version_that_answers_the_probe_batch_wrongly_is_rejected_once_and_the
         world, tmp_path, kind, monkeypatch):
     import torch
 
-    from grade.model.policy import ServingPolicy, load_policy
+    from grade.model.policy import PROBE_FILE, ServingPolicy, load_policy
 
     registry, first = fresh_registry(world, tmp_path / "registry")
+    assert (Path(registry.version_uri(first)) / PROBE_FILE).is_file()  # recorded at registration
     holder = serving.PolicyHolder(registry.root, MODEL)
     assert holder.refresh() and holder.current.version == first
     module = (torch.jit.script(ServingPolicy(load_policy(world["models"][2])).eval())
