@@ -278,6 +278,8 @@ def output_metadata(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _as_array(name: str, value: Any, dtype: type, ndim: int) -> np.ndarray:
+    if type(value) is np.ndarray and value.dtype == dtype and value.ndim == ndim and dtype is not np.float32:
+        return value  # already what is asked (the gate's decoded integer inputs): nothing to convert or check
     try:
         arr = np.asarray(value)
     except (ValueError, TypeError):
@@ -294,6 +296,17 @@ def _as_array(name: str, value: Any, dtype: type, ndim: int) -> np.ndarray:
     return arr.astype(dtype, copy=False)
 
 
+def _numeric_columns(names: Sequence[str], inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The float32 columns [N] of the numeric inputs ``names``, checked together: one finiteness test
+    for all of them when each is already a 1-d float32 array (the gate decodes them so), else (or when
+    one is not finite) each on its own by :func:`_as_array`, which names the input and row."""
+    given = [inputs[n] for n in names]
+    if all(type(v) is np.ndarray and v.dtype == np.float32 and v.ndim == 1 for v in given):
+        if not given or np.isfinite(np.concatenate(given)).all():
+            return dict(zip(names, given, strict=True))
+    return {n: _as_array(n, v, np.float32, 1) for n, v in zip(names, given, strict=True)}
+
+
 def validate(inputs: dict[str, Any], transform: FeatureTransform
              ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Raw feature columns [N] and optional candidate predictions [N, L, K] of a request
@@ -307,7 +320,7 @@ def validate(inputs: dict[str, Any], transform: FeatureTransform
     missing = [n for n in features if n not in inputs]
     if missing:
         raise BadRequest(f"missing input(s) {missing}")
-    columns = {n: _as_array(n, inputs[n], np.float32, 1) for n in numeric}
+    columns = _numeric_columns(numeric, inputs)
     columns.update({n: _as_array(n, inputs[n], np.int64, 1) for n in categorical})
     sizes = {n: len(v) for n, v in columns.items()}
     counts = list(sizes.values())
