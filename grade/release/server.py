@@ -240,7 +240,8 @@ def _numpy_dtypes() -> dict[str, Any]:
 def parse_json(body: bytes) -> Any:
     """The JSON document of a request body (ValueError when it is not JSON). orjson first; Python's
     parser for what only it reads (NaN and Infinity literals), so that such a value gets the 400
-    naming its input, as it did before."""
+    naming its input, as it did before; a body nested deeper than :data:`MAX_JSON_DEPTH` is a
+    ValueError before it reaches that parser (which recurses once per level)."""
     import orjson
 
     try:
@@ -271,16 +272,18 @@ class RequestGate:
     """ASGI middleware in front of KServe's REST stack.
 
     Every POST body is read once: 413 over ``max_bytes`` (from the declared length, or while reading)
-    and 400 naming the body for one that is not JSON, instead of the framework's 500s.
+    and 400 naming the body for one that is not JSON or is nested too deep (:func:`parse_json`),
+    instead of the framework's 500s.
 
     A plain Open Inference Protocol v2 JSON infer call for ``model`` (:func:`plain_v2_inputs`) is
     answered here, from the served policy: the model's own call (``model.answer``, which KServe's
     ``predict`` makes too), the same response document and KServe's error handlers, without building
     KServe's ``InferRequest``/``InferResponse`` and without the framework route's pydantic validation
     and response re-validation, which cost several times the policy itself on a small batch
-    (benchmarks/README.md). Its latency goes to KServe's predict histogram. Every other request (v1,
-    metadata, the binary tensor extension, requests with parameters or requested outputs, other
-    models) is handed on to KServe with its body unchanged.
+    (benchmarks/README.md). Its latency goes to KServe's predict histogram. ``GET /v2/models/NAME`` is
+    answered here for a model with its own ``metadata()`` (the served and the rejected versions).
+    Every other request (v1, the binary tensor extension, requests with parameters or requested
+    outputs, other models) is handed on to KServe with its body unchanged.
 
     With worker processes (``PROMETHEUS_MULTIPROC_DIR`` set), ``GET /metrics`` is answered here too:
     the sum over every worker, whichever worker the scrape reaches.
