@@ -14,6 +14,9 @@ References, measured the same way:
 - floors: the same server stack (KServe's ModelServer behind ``RequestGate``, uvloop, no log line per
   request) with a model that answers constant weights without reading its inputs, and a bare uvicorn
   app that answers a constant body: what a Python server on this stack can reach on this machine.
+  The batch-1 p99 is reported as a ratio to the KServe floor's (``p99_vs_kserve_floor``, target
+  <= 1.5), measured in the same run with the same settings and load client; ``targets`` says whether
+  that and >= 2,000 requests/s at batch 64 are met. The floor sees no alias moves; the server does.
 
 The server and the floors run with ``--workers`` processes (default: the server's own default, one
 per core); the server's CPU time counts every process of it.
@@ -47,6 +50,10 @@ MODEL = "grade-mtf"
 FLOOR_K = 3
 #: recorded after this much load (connections open, first calls paid)
 WARMUP_S = 0.5
+#: the batch-1 p99 the server should reach, as a multiple of KServe's constant-answer floor's in the same run
+P99_VS_FLOOR_TARGET = 1.5
+#: the batch-64 requests/s the server should sustain
+BATCH_64_TARGET = 2000
 
 
 def demo_registry(root: Path, n_versions: int = 3, n_requests: int = 200) -> dict[str, Any]:
@@ -262,7 +269,7 @@ def load_run(port: int, body: bytes, clients: int, seconds: float, server_pid: i
 
 def floor_server(kind: str, port: int, workers: int = 0, listen_fd: int | None = None) -> int:
     """Serve a constant answer on ``port`` with ``workers`` processes (0: one per core, as the server):
-    "kserve" through components.serve's stack with a model that does not read its inputs, "bare" from
+    "kserve" through grade.release.server's stack with a model that does not read its inputs, "bare" from
     a plain uvicorn ASGI app (uvloop, httptools)."""
     import socket
 
@@ -275,7 +282,7 @@ def floor_server(kind: str, port: int, workers: int = 0, listen_fd: int | None =
         return http_server.supervise(command, workers, port)
     sockets = None if listen_fd is None else [socket.socket(fileno=listen_fd)]
     if kind == "kserve":
-        from components.serve import start_model_server
+        from grade.release.server import start_model_server
 
         model = _constant_model()
         model.load()
@@ -425,11 +432,21 @@ def run(seconds: float = 5.0, clients: int = 16, repeats: int = 3,
         phase["requests_per_s_vs_one_call_each"] = phase["requests_per_s"] / reference_run["requests_per_s"]
         for kind, figures in floor.items():
             phase[f"floor_{kind}"] = {k: v for k, v in figures[batch].items() if k != "runs"}
+        if "kserve" in floor:
+            phase["p99_vs_kserve_floor"] = phase["p99_ms"] / floor["kserve"][batch]["p99_ms"]
+            phase["requests_per_s_vs_kserve_floor"] = (phase["requests_per_s"]
+                                                       / floor["kserve"][batch]["requests_per_s"])
         results[f"batch_{batch}"] = phase
-    from components.serve import DEFAULT_BATCH_ROWS
     from grade.core.http_server import available_cpus
+    from grade.release.server import DEFAULT_BATCH_ROWS
 
-    return {"clients": clients, "seconds_per_run": seconds, "repeats": repeats, "alias_moves": moves,
+    targets = {"batch_1_p99_vs_kserve_floor_at_most": P99_VS_FLOOR_TARGET,
+               "batch_64_requests_per_s_at_least": BATCH_64_TARGET}
+    if floor:
+        targets["batch_1_p99_met"] = results["batch_1"]["p99_vs_kserve_floor"] <= P99_VS_FLOOR_TARGET
+    targets["batch_64_met"] = results["batch_64"]["requests_per_s"] >= BATCH_64_TARGET
+    return {"targets": targets, "clients": clients, "seconds_per_run": seconds, "repeats": repeats,
+            "alias_moves": moves,
             "server_workers": workers or available_cpus(),
             "batch_rows": DEFAULT_BATCH_ROWS if batch_rows is None else batch_rows,
             "failed_total": sum(results[f"batch_{b}"]["failed"] for b in bodies),

@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as ds
@@ -22,6 +23,8 @@ from benchmarks.serve import MODEL, demo_registry, promote, start_server, stop_s
 from components import score as score_cli
 from components import serve as serve_cli
 from grade.core import cli
+from grade.core.errors import InputError
+from grade.release import server as server_lib
 from grade.release import serving
 from tests.conftest import free_port
 
@@ -250,7 +253,7 @@ async def _asgi_post(app, path: str, body: bytes, headers: tuple = ()) -> tuple[
 def test_the_gate_answers_plain_v2_json_itself_and_hands_everything_else_on(world):
     holder = serving.PolicyHolder(world["registry"].root, MODEL)
     assert holder.refresh()
-    model = serve_cli.make_model(holder, MODEL)
+    model = server_lib.make_model(holder, MODEL)
     model.load()
     handed: list[tuple[str, bytes]] = []
 
@@ -259,7 +262,7 @@ def test_the_gate_answers_plain_v2_json_itself_and_hands_everything_else_on(worl
         await send({"type": "http.response.start", "status": 299, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
-    gate = serve_cli.RequestGate(framework, model=model)
+    gate = server_lib.RequestGate(framework, model=model)
     spec, infer = world["spec"], f"/v2/models/{MODEL}/infer"
     plain = v2_body(log_requests(world["logs"], spec, 2), spec)
     status, answer = asgi_post(gate, infer, json.dumps(plain).encode())
@@ -287,10 +290,10 @@ def test_the_gate_stands_in_front_of_the_middleware_the_framework_adds_when_it_s
 
     holder = serving.PolicyHolder(world["registry"].root, MODEL)
     assert holder.refresh()
-    model = serve_cli.make_model(holder, MODEL)
+    model = server_lib.make_model(holder, MODEL)
     model.load()
     app = FastAPI()
-    serve_cli.install_gate(app, model)
+    server_lib.install_gate(app, model)
     seen: list[str] = []
 
     class Timing:  # what the framework adds at start
@@ -315,9 +318,9 @@ def test_the_gate_encodes_an_answer_as_kserve_does_without_converting_element_by
     rng = np.random.default_rng(0)
     result = {"weights": rng.dirichlet(np.ones(3), 4096).astype(np.float32),
               "ranking": np.argsort(rng.random((4096, 5)), axis=1).astype(np.int64)}
-    outputs = serve_cli.v2_outputs(result)
+    outputs = server_lib.v2_outputs(result)
     t0 = time.perf_counter()
-    ours = serve_cli.encode_v2_answer("r1", MODEL, "v0001", outputs)
+    ours = server_lib.encode_v2_answer("r1", MODEL, "v0001", outputs)
     t_ours = time.perf_counter() - t0
     t0 = time.perf_counter()
     theirs = InferResponse(response_id="r1", model_name=MODEL, model_version="v0001",
@@ -349,7 +352,10 @@ def stream_through_a_promotion(url: str, world, to_model: str, clients: int = 4)
         before = versions[-1]
         second = promote(world["registry"], to_model)
         deadline = time.monotonic() + 30
-        while versions.count(second) < 200 and time.monotonic() < deadline:
+        # until the new version has answered 200 calls and every process has swapped (the last 100
+        # answers are all its): on a busy machine one worker may finish its load seconds after the other
+        while not (versions.count(second) >= 200 and set(versions[-100:]) == {second}) \
+                and time.monotonic() < deadline:
             time.sleep(0.1)
         stop.set()
     assert versions[0] == before
@@ -509,14 +515,14 @@ def test_a_failing_answer_call_fails_every_caller_of_its_group_and_a_caller_that
 def test_the_gate_answers_concurrent_calls_together_as_it_answers_them_one_by_one(world, monkeypatch):
     holder = serving.PolicyHolder(world["registry"].root, MODEL)
     assert holder.refresh()
-    model = serve_cli.make_model(holder, MODEL)
+    model = server_lib.make_model(holder, MODEL)
     model.load()
     spec, infer = world["spec"], f"/v2/models/{MODEL}/infer"
     columns = log_requests(world["logs"], spec, 4)
     bodies = [json.dumps(v2_body({k: v[i:i + 1] for k, v in columns.items()}, spec)).encode()
               for i in range(4)]
     bodies.insert(2, b'{"inputs": []}')  # a bad call among them
-    one_by_one = [asgi_post(serve_cli.RequestGate(None, model=model), infer, body) for body in bodies]
+    one_by_one = [asgi_post(server_lib.RequestGate(None, model=model), infer, body) for body in bodies]
     group_sizes = []
     predict_many = serving.predict_many
 
@@ -525,7 +531,8 @@ def test_the_gate_answers_concurrent_calls_together_as_it_answers_them_one_by_on
         return predict_many(policy, requests, strict)
 
     monkeypatch.setattr(serving, "predict_many", counted)
-    together = asyncio.run(asgi_posts(serve_cli.RequestGate(None, model=model, batch_rows=64), infer, bodies))
+    gate = server_lib.RequestGate(None, model=model, batch_rows=64)
+    together = asyncio.run(asgi_posts(gate, infer, bodies))
     assert [s for s, _ in together] == [s for s, _ in one_by_one] == [200, 200, 400, 200, 200]
     for (_, got), (_, alone) in zip(together, one_by_one, strict=True):
         got, alone = json.loads(got), json.loads(alone)
@@ -688,3 +695,232 @@ def test_a_negative_batch_rows_is_refused_with_exit_2_naming_the_flag(capsys):
         serve_cli.build_parser().parse_args(["--registry", "r", "--batch-rows", "-3"])
     assert e.value.code == 2 and "--batch-rows" in capsys.readouterr().err
     assert serve_cli.build_parser().parse_args(["--registry", "r", "--batch-rows", "0"]).batch_rows == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# A version is served only after its answers are checked; bad inputs and bad starts are refused
+# ------------------------------------------------------------------------------------------------
+
+def fresh_registry(world, root) -> tuple:
+    """A registry of its own under ``root`` with world's first model in production: (registry, version)."""
+    from grade.model.registry import Registry
+
+    registry = Registry(str(root), MODEL)
+    return registry, promote(registry, world["models"][0])
+
+
+class _Answers:
+    """Builds TorchScript modules that answer the probe batch wrongly."""
+
+    @staticmethod
+    def script(kind: str, world):
+        import torch
+
+        k = len(world["spec"]["objectives"])
+
+        class Bad(torch.nn.Module):
+            def __init__(self, kind: str, k: int):
+                super().__init__()
+                self.kind, self.k = kind, k
+
+            def forward(self, num: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
+                n = num.shape[0]
+                if self.kind == "nan":
+                    return torch.full([n, self.k], float("nan"))
+                if self.kind == "two_columns":
+                    return torch.full([n, 2], 0.5)
+                return torch.full([n, self.k], 5.0)
+
+        return torch.jit.script(Bad(kind, k))
+
+
+def publish_version_with_torchscript(registry, model_uri: str, module) -> str:
+    """Register ``model_uri`` as a new version, then replace its TorchScript file by ``module`` and
+    republish the version's manifest: the files agree with the manifest, the answers are wrong."""
+    import shutil
+
+    import torch
+
+    from grade.core import store
+    from grade.model.policy import TORCHSCRIPT_FILE
+
+    version, _ = registry.register(model_uri)
+    uri = registry.version_uri(version)
+    staging = Path(uri).parent / "staging"
+    shutil.copytree(uri, staging)
+    (staging / store.MANIFEST).unlink()  # the version's own; the model folder's stays a file of it
+    torch.jit.save(module, str(staging / TORCHSCRIPT_FILE))
+    store.publish_dir(staging, uri, extra={"version": version})
+    shutil.rmtree(staging)
+    return version
+
+
+@pytest.mark.parametrize("kind", ["nan", "two_columns", "five", "another_policy"])
+def test_a_version_that_answers_the_probe_batch_wrongly_is_rejected_once_and_the_previous_keeps_serving(
+        world, tmp_path, kind, monkeypatch):
+    import torch
+
+    from grade.model.policy import PROBE_FILE, ServingPolicy, load_policy
+
+    registry, first = fresh_registry(world, tmp_path / "registry")
+    assert (Path(registry.version_uri(first)) / PROBE_FILE).is_file()  # recorded at registration
+    holder = serving.PolicyHolder(registry.root, MODEL)
+    assert holder.refresh() and holder.current.version == first
+    module = (torch.jit.script(ServingPolicy(load_policy(world["models"][2])).eval())
+              if kind == "another_policy" else _Answers.script(kind, world))
+    bad = publish_version_with_torchscript(registry, world["models"][1], module)
+    registry.set_production(bad, "test", expected_etag=registry.production()[1])
+    loads = []
+    load_verified = serving.load_verified
+    monkeypatch.setattr(serving, "load_verified", lambda *a: loads.append(a) or load_verified(*a))
+    assert not holder.refresh() and not holder.refresh()  # two watch intervals: one load attempt
+    assert holder.current.version == first and len(loads) == 1
+    [rejected] = holder.rejections()
+    expected = {"nan": "not finite", "two_columns": "shape [8, 2]", "five": "off the simplex",
+                "another_policy": "away from the evaluated policy"}[kind]
+    assert rejected["version"] == bad and expected in rejected["reason"], rejected
+    # the server's metadata names it, with its reason
+    model = server_lib.make_model(holder, MODEL)
+    model.load()
+    status, body = asyncio.run(_asgi_get(server_lib.RequestGate(None, model=model), f"/v2/models/{MODEL}"))
+    meta = json.loads(body)
+    assert status == 200 and meta["versions"] == [first] and meta["rejected_versions"] == [rejected]
+    assert {i["name"] for i in meta["inputs"]} >= {c["name"] for c in world["spec"]["numeric"]}
+
+
+async def _asgi_get(app, path: str) -> tuple[int, bytes]:
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": path, "query_string": b"", "headers": []}
+    await app(scope, receive, send)
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def run_server_cli(*args: str, timeout: float = 120, env: dict | None = None):
+    """``python -m components.serve ARGS`` run to its end: the completed process (text output)."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "components.serve", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def one_error_line(stderr: str) -> str:
+    """The one line a refused start writes (no traceback, nothing else)."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_start_with_a_production_version_that_fails_its_check_exits_2_in_one_line(world, tmp_path, workers):
+    registry, _ = fresh_registry(world, tmp_path / "registry")
+    bad = publish_version_with_torchscript(registry, world["models"][1], _Answers.script("nan", world))
+    registry.set_production(bad, "test", expected_etag=registry.production()[1])
+    done = run_server_cli("--registry", registry.root, "--port", str(free_port()), "--workers", workers)
+    assert done.returncode == 2
+    line = one_error_line(done.stderr)
+    assert bad in line and "not finite" in line
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_in_use_exits_2_naming_it_in_one_line(world, tmp_path, workers):
+    import socket
+
+    with socket.create_server(("0.0.0.0", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        done = run_server_cli("--registry", world["registry"].root, "--port", port, "--workers", workers)
+    assert done.returncode == 2 and f"--port {port}" in one_error_line(done.stderr)
+
+
+def test_a_model_name_that_is_not_a_plain_name_is_refused(world, tmp_path):
+    """``--model-name ../x`` would serve the registry ``x`` beside the one --registry names."""
+    from grade.model.registry import Registry
+
+    outside = Registry(str(tmp_path / "registry"), "x")  # <root>/registry/../x is <root>/x
+    promote(outside, world["models"][0])
+    for name in ("../x", "x/../../x", str(tmp_path / "x"), ".."):
+        done = run_server_cli("--registry", str(tmp_path / "registry" / "inner"), "--model-name", name,
+                              "--port", str(free_port()), "--workers", "1", timeout=60)
+        assert done.returncode == 2 and "--model-name" in one_error_line(done.stderr), name
+    with pytest.raises(InputError):
+        serving.PolicyHolder(str(tmp_path / "registry"), "../x")
+
+
+def test_a_fractional_value_of_an_integer_input_is_refused_on_both_routes(server, world):
+    """3.7 is not category 3: integer inputs must be integral (batch scoring refuses 1.5 too)."""
+    spec = world["spec"]
+    plain = v2_body(log_requests(world["logs"], spec, 2), spec)
+    name = spec["categorical"][0]["name"]
+    known = next(i["data"][0] for i in plain["inputs"] if i["name"] == name)
+    for i in plain["inputs"]:
+        if i["name"] == name:
+            i["data"] = [known + 0.7, i["data"][1]]  # truncated, a known category
+    extended = {**plain, "parameters": {"note": "decoded by KServe's handler"}}
+    for body in (plain, extended):
+        status, answer = call(server, f"/v2/models/{MODEL}/infer", body)
+        assert status == 400 and name in answer["error"] and "whole numbers" in answer["error"], answer
+    for i in plain["inputs"]:
+        if i["name"] == name:
+            i["data"] = [float(known), i["data"][1]]  # 12.0 is a whole number
+    assert call(server, f"/v2/models/{MODEL}/infer", plain)[0] == 200
+
+
+def test_a_body_nested_too_deep_gets_a_400_naming_it(world, tmp_path):
+    registry, _ = fresh_registry(world, tmp_path / "registry")
+    holder = serving.PolicyHolder(registry.root, MODEL)
+    assert holder.refresh()
+    model = server_lib.make_model(holder, MODEL)
+    model.load()
+    gate = server_lib.RequestGate(None, model=model)
+    for body in (b"[" * 100_000, b'{"a": ' * 5_000 + b"NaN" + b"}" * 5_000):
+        status, answer = asgi_post(gate, f"/v2/models/{MODEL}/infer", body)
+        assert status == 400 and "nested" in json.loads(answer)["error"], answer[:200]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_workers_exit_when_their_supervisor_is_killed(world, tmp_path):
+    import os
+    import signal
+
+    registry, _ = fresh_registry(world, tmp_path / "registry")
+    port = free_port()
+    proc = start_server(registry.root, port, tmp_path / "server.log", workers=2)
+    workers = [int(c) for t in Path(f"/proc/{proc.pid}/task").iterdir()
+               for c in (t / "children").read_text().split()]
+    assert len(workers) == 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(w) for w in workers)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/live", timeout=2)
+
+
+def test_a_version_loaded_from_s3_leaves_no_temp_folder_on_success_or_refusal(world, s3_env):
+    import tempfile
+
+    registry, first = fresh_registry(world, s3_env + "/registry")
+    record = registry.production()[0]
+    scratch = Path(tempfile.gettempdir())
+    before = set(scratch.glob("grade-fetch-*"))
+    assert serving.load_verified(registry, record).version == first
+    with pytest.raises(serving.IntegrityError):
+        serving.load_verified(registry, {**record, "content_hash": "0" * 64})
+    assert set(scratch.glob("grade-fetch-*")) == before

@@ -1,10 +1,11 @@
-"""How the online server's processes and sockets run (components/serve.py): worker processes on one
+"""How the online server's processes and sockets run (grade/release/server.py): worker processes on one
 listening socket, and responses sent in one write.
 
 - :func:`supervise` binds the port once and runs N copies of a server command (worker processes),
   each handed the listening socket: the kernel gives each new connection to one of them. A worker
   that exits ends the whole server (the others are stopped, the exit status is passed on) so that
-  the container's restart policy starts it afresh; SIGTERM/SIGINT stop every worker gracefully.
+  the container's restart policy starts it afresh; SIGTERM/SIGINT stop every worker gracefully, and
+  a supervisor that dies (even by SIGKILL) takes its workers with it (:func:`die_with_parent`).
   The workers share prometheus_client's multi-process folder, so that any of them can answer the
   metrics of all.
 - :class:`OneWriteTransport` holds an HTTP response's head until its body is written and sends
@@ -34,6 +35,8 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from grade.core.errors import InputError
+
 log = logging.getLogger("grade.core.http_server")
 
 #: the environment variable that puts prometheus_client in its multi-process mode: a folder of metric
@@ -57,16 +60,51 @@ def available_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
 
 
 def listening_socket(port: int, host: str = "0.0.0.0", backlog: int = 2048) -> socket.socket:
-    """A TCP socket listening on ``host:port`` that child processes inherit."""
-    sock = socket.create_server((host, port), backlog=backlog)  # SO_REUSEADDR on POSIX
+    """A TCP socket listening on ``host:port`` that child processes inherit (:class:`InputError` naming
+    the port when it cannot be bound: in use, or not allowed)."""
+    try:
+        sock = socket.create_server((host, port), backlog=backlog)  # SO_REUSEADDR on POSIX
+    except OSError as e:
+        raise InputError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror or e})") from None
     sock.set_inheritable(True)
     return sock
 
 
-def supervise(command: Sequence[str], workers: int, port: int, fd_flag: str = "--listen-fd") -> int:
+#: prctl's option that sends the calling process a signal when its parent dies (linux/prctl.h)
+PR_SET_PDEATHSIG = 1
+
+
+@functools.cache
+def _prctl():
+    """libc's prctl, or None where there is none (not Linux)."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Run in a worker between fork and exec: SIGTERM to it when its supervisor ``parent_pid`` dies, however
+    it dies (a SIGKILL too), so that no worker keeps serving a port nobody supervises; and exit at once if
+    the supervisor died before this call."""
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def supervise(command: Sequence[str], workers: int, port: int, fd_flag: str = "--listen-fd",
+              ready_flag: str | None = None) -> int:
     """Run ``workers`` copies of ``command`` (argv) on one listening socket on ``port``, passed to each
     as ``fd_flag FD``; until SIGTERM/SIGINT (exit status 0) or until a worker exits (its status, or 1;
-    the others are stopped first)."""
+    the others are stopped first).
+
+    With ``ready_flag``, the first worker is given ``ready_flag FD``, a pipe it writes to once it is
+    ready to serve, and the others start after that: a start that fails (bad input, no model) fails in
+    one worker, whose status is returned and whose message is the only one."""
     sock = listening_socket(port)
     env = dict(os.environ)
     metrics_dir = None
@@ -76,11 +114,27 @@ def supervise(command: Sequence[str], workers: int, port: int, fd_flag: str = "-
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     argv = [*command, fd_flag, str(sock.fileno())]
-    procs = [subprocess.Popen(argv, env=env, pass_fds=(sock.fileno(),)) for _ in range(workers)]
-    log.info("serving on port %d with %d worker processes (%s)", port, workers,
-             ", ".join(str(p.pid) for p in procs))
+    _prctl()  # looked up here, not between fork and exec
+    procs: list[subprocess.Popen] = []
+
+    def start(extra: Sequence[str] = (), fds: tuple[int, ...] = ()) -> subprocess.Popen:
+        procs.append(subprocess.Popen([*argv, *extra], env=env, pass_fds=(sock.fileno(), *fds),
+                                      preexec_fn=functools.partial(die_with_parent, os.getpid())))
+        return procs[-1]
+
     status = 0
     try:
+        if ready_flag:
+            read_end, write_end = os.pipe()
+            first = start([ready_flag, str(write_end)], (write_end,))
+            os.close(write_end)
+            ready = _wait_ready(read_end, first, stop)
+            if not ready:
+                return 0 if stop.is_set() else first.wait() or 1
+        while len(procs) < workers:
+            start()
+        log.info("serving on port %d with %d worker processes (%s)", port, workers,
+                 ", ".join(str(p.pid) for p in procs))
         while not stop.wait(0.5):
             ended = [p for p in procs if p.poll() is not None]
             if ended:
@@ -96,6 +150,29 @@ def supervise(command: Sequence[str], workers: int, port: int, fd_flag: str = "-
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return status
+
+
+def _wait_ready(read_end: int, proc: subprocess.Popen, stop: threading.Event) -> bool:
+    """True once ``proc`` writes to the pipe ``read_end``; False when it exits first (or closes its end
+    without writing) or on ``stop``."""
+    import select
+
+    try:
+        while not stop.is_set():
+            if select.select([read_end], [], [], 0.5)[0]:
+                return os.read(read_end, 1) == b"1"
+            if proc.poll() is not None:
+                return False
+        return False
+    finally:
+        os.close(read_end)
+
+
+def signal_ready(fd: int | None) -> None:
+    """In the first worker of :func:`supervise` (``ready_flag``): tell the supervisor it is ready."""
+    if fd is not None:
+        os.write(fd, b"1")
+        os.close(fd)
 
 
 def _stop_all(procs: list[subprocess.Popen]) -> None:

@@ -30,6 +30,10 @@ from grade.core import store
 WEIGHTS_FILE = "policy.safetensors"
 CONFIG_FILE = "policy.json"
 TORCHSCRIPT_FILE = "policy.torchscript.pt"
+#: beside the TorchScript export: a fixed batch of inputs and the weights the evaluated policy gives them
+PROBE_FILE = "policy.probe.safetensors"
+#: requests in the probe batch
+PROBE_ROWS = 8
 
 
 @dataclasses.dataclass
@@ -203,9 +207,26 @@ def load_published_policy(uri: str | Path) -> PolicyNet:
 
 
 def export_torchscript(model: PolicyNet, path: str | Path) -> None:
-    """Save the scripted serving module (features -> weights) to a local file."""
+    """Save the scripted serving module (features -> weights) to a local file, and beside it
+    (:data:`PROBE_FILE`) a probe batch with the weights ``model`` gives it: a server checks the
+    loaded module against them before it serves the version."""
+    from safetensors.torch import save_file
+
     scripted = torch.jit.script(ServingPolicy(model).eval())
     torch.jit.save(scripted, str(path))
+    num, cat = probe_inputs(model.cfg)
+    save_file({"num": num, "cat": cat, "weights": model.eval().mean_weights(num, cat).contiguous()},
+              str(Path(path).parent / PROBE_FILE), metadata={"format": "grade-policy-probe-v1"})
+
+
+def probe_inputs(cfg: PolicyConfig, rows: int = PROBE_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed batch (num [rows, U] standard normal, cat [rows, C] ids across each vocabulary, the
+    out-of-vocabulary id 0 included) of the inputs of a policy of ``cfg``."""
+    g = torch.Generator().manual_seed(0)
+    num = torch.randn(rows, cfg.n_numeric, generator=g)
+    cat = torch.stack([torch.arange(rows) * max(1, n // rows) % n for n in cfg.cat_sizes], dim=1) \
+        if cfg.cat_sizes else torch.zeros(rows, 0, dtype=torch.int64)
+    return num, cat.to(torch.int64)
 
 
 def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:

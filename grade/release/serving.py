@@ -1,6 +1,6 @@
 """Online serving of the production policy: verified loading, request validation, weights and ranking.
 
-The server framework (components/serve.py, KServe) only moves tensors in and out; everything it
+The server framework (grade/release/server.py, KServe) only moves tensors in and out; everything it
 serves is decided here, in plain functions:
 
 - :func:`load_verified` loads a registry version's TorchScript policy after checking every file
@@ -20,6 +20,7 @@ Bad requests raise :class:`BadRequest`, whose message names the field.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -78,15 +79,21 @@ def _verify_files(folder: Path, manifest: dict[str, Any], where: str) -> None:
 
 
 def load_verified(registry: Registry, record: dict[str, Any]) -> ServedPolicy:
-    """Load the version an alias ``record`` names, after verifying its content (:class:`IntegrityError`)."""
+    """Load the version an alias ``record`` names, after verifying its content and checking the loaded
+    policy's answers (:class:`IntegrityError` naming what is wrong: nothing of it is served). An S3
+    version is downloaded to a temporary folder, removed when the policy is loaded or refused."""
+    uri = registry.version_uri(record["version"])
+    try:
+        with store.fetched(uri, verify=True) as local:     # downloads from S3 and checks sha256 there
+            return _load_checked(local, uri, record)
+    except (store.NotFound, store.NotPublished, store.IntegrityError) as e:  # files missing or changed
+        raise IntegrityError(str(e)) from None
+
+
+def _load_checked(local: Path, uri: str, record: dict[str, Any]) -> ServedPolicy:
+    """:func:`load_verified` of the version's files in the local folder ``local``."""
     from grade.model.policy import TORCHSCRIPT_FILE, load_torchscript
 
-    version = record["version"]
-    uri = registry.version_uri(version)
-    try:
-        local = store.open_published(uri, verify=True)        # downloads from S3 and checks sha256 there
-    except store.StoreError as e:                              # files missing or of the wrong size
-        raise IntegrityError(str(e)) from None
     _verify_files(local, store.read_manifest(uri), uri)        # and checks them here for local folders too
     model_manifest = store.read_json(str(local / "model" / store.MANIFEST))
     found = store.content_hash(model_manifest)
@@ -96,9 +103,52 @@ def load_verified(registry: Registry, record: dict[str, Any]) -> ServedPolicy:
     if not (local / TORCHSCRIPT_FILE).is_file():
         raise IntegrityError(f"{uri}: no {TORCHSCRIPT_FILE} to serve")
     spec = store.read_json(str(local / "model" / "feature_spec.json"))
-    fn = load_torchscript(local / TORCHSCRIPT_FILE)
-    warm_up(fn, len(spec["numeric"]), len(spec["categorical"]))
-    return ServedPolicy(version, found, fn, spec)
+    try:
+        fn = load_torchscript(local / TORCHSCRIPT_FILE)
+        check_answers(fn, local, len(spec["objectives"]))
+        warm_up(fn, len(spec["numeric"]), len(spec["categorical"]))
+    except IntegrityError as e:
+        raise IntegrityError(f"{uri}: {e}") from None
+    except Exception as e:  # a module that does not load or fails on well-formed inputs
+        raise IntegrityError(f"{uri}: the TorchScript policy fails: {type(e).__name__}: {e}") from None
+    return ServedPolicy(record["version"], found, fn, spec)
+
+
+#: how far a loaded policy's weights on the probe batch may lie from the recorded ones (float32 rounding)
+PROBE_ATOL = 1e-5
+
+
+@torch.inference_mode()
+def check_answers(fn: Any, folder: Path, k: int) -> None:
+    """:class:`IntegrityError` unless the loaded TorchScript ``fn`` answers the probe batch recorded at
+    publishing (grade.model.policy.PROBE_FILE) with finite weights [N, K] on the simplex, equal to the
+    weights the evaluated policy gave it. A version published before probes were recorded is probed
+    with the same fixed batch, its expected weights from its own policy folder."""
+    from safetensors.torch import load_file
+
+    from grade.model.policy import PROBE_FILE, load_policy, probe_inputs
+
+    if (folder / PROBE_FILE).is_file():
+        probe = load_file(str(folder / PROBE_FILE))
+        num, cat, expected = probe["num"], probe["cat"], probe["weights"]
+    else:
+        policy = load_policy(folder / "model")
+        num, cat = probe_inputs(policy.cfg)
+        expected = policy.mean_weights(num, cat)
+    out = fn(num, cat)
+    w = (out[0] if isinstance(out, tuple) else out).float()
+    problem = None
+    if tuple(w.shape) != (len(num), k):
+        problem = f"shape {list(w.shape)}, expected [{len(num)}, {k}]"
+    elif not torch.isfinite(w).all():
+        problem = "weights that are not finite"
+    elif (w < 0).any() or not torch.allclose(w.sum(-1), torch.ones(len(w)), atol=PROBE_ATOL):
+        problem = f"weights off the simplex (row sums {w.sum(-1)[:3].tolist()})"
+    elif not torch.allclose(w, expected, atol=PROBE_ATOL, rtol=0):
+        problem = (f"weights {(w - expected).abs().max().item():.2g} away from the evaluated "
+                   f"policy's (at most {PROBE_ATOL:g})")
+    if problem:
+        raise IntegrityError(f"the TorchScript policy answers the probe batch with {problem}")
 
 
 #: batch sizes of the warm-up calls: two shapes TorchScript specialises for, then one it generalises to
@@ -115,6 +165,19 @@ def warm_up(fn: Any, n_numeric: int, n_categorical: int) -> None:
         fn(torch.zeros(batch, n_numeric), torch.zeros(batch, n_categorical, dtype=torch.int64))
 
 
+#: a registry model name: a plain folder name under the registry root
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_model_name(name: str) -> None:
+    """:class:`InputError` unless ``name`` is a plain relative name (no ``..``, ``/`` or absolute
+    path): it names a folder under the registry root, and anything else would serve a registry
+    outside it."""
+    if not MODEL_NAME.fullmatch(name):
+        raise InputError(f"--model-name {name!r}: expected a plain name (letters, digits, '.', '-', '_'; "
+                         "no '/', '..' or absolute path)")
+
+
 class PolicyHolder:
     """The served version, swapped atomically when the registry's alias moves.
 
@@ -124,16 +187,20 @@ class PolicyHolder:
     """
 
     def __init__(self, registry_uri: str, model_name: str, pinned: str | None = None):
+        check_model_name(model_name)
         self.registry = Registry(registry_uri, model_name)
         self.pinned = pinned
         """a version to serve instead of the alias's (a canary), verified against its lineage's hash"""
         self.current: ServedPolicy | None = None
         self.swaps = 0
-        self.rejected: set[tuple[str, str]] = set()
+        self.rejected: dict[tuple[str, str], str] = {}
+        """(version, content hash) -> why it is not served; never loaded again"""
         self._stop = threading.Event()
 
     def refresh(self) -> bool:
-        """Load the alias's version if it is not the served one; True when a swap happened."""
+        """Load the alias's version if it is not the served one; True when a swap happened. A version
+        that fails its checks is rejected once, with its reason logged and kept (:attr:`rejected`);
+        with no version served yet, that is an :class:`IntegrityError` (nothing to serve)."""
         if self.pinned:
             if self.pinned not in self.registry.versions():
                 raise IntegrityError(f"{self.registry.model_name}: no published version {self.pinned}")
@@ -152,14 +219,21 @@ class PolicyHolder:
         try:
             loaded = load_verified(self.registry, record)
         except IntegrityError as e:
-            self.rejected.add(key)
-            log.error("serve: not loading %s: %s", record["version"], e)
+            self.rejected[key] = str(e)
+            if self.current is None:
+                raise
+            log.error("serve: version %s rejected, still serving %s: %s", record["version"],
+                      self.current.version, e)
             return False
         previous = self.current.version if self.current else None
         self.current = loaded
         self.swaps += 1
         log.info("serve: now serving %s/%s (was %s)", self.registry.model_name, loaded.version, previous)
         return True
+
+    def rejections(self) -> list[dict[str, str]]:
+        """The versions refused so far, with their reasons (the server's metadata lists them)."""
+        return [{"version": v, "reason": why} for (v, _), why in self.rejected.items()]
 
     def watch(self, every_s: float = 2.0) -> threading.Thread:
         """Poll the alias every ``every_s`` seconds in a daemon thread (until :meth:`stop`)."""
@@ -204,6 +278,8 @@ def output_metadata(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _as_array(name: str, value: Any, dtype: type, ndim: int) -> np.ndarray:
+    if type(value) is np.ndarray and value.dtype == dtype and value.ndim == ndim and dtype is not np.float32:
+        return value  # already what is asked (the gate's decoded integer inputs): nothing to convert or check
     try:
         arr = np.asarray(value)
     except (ValueError, TypeError):
@@ -220,6 +296,17 @@ def _as_array(name: str, value: Any, dtype: type, ndim: int) -> np.ndarray:
     return arr.astype(dtype, copy=False)
 
 
+def _numeric_columns(names: Sequence[str], inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The float32 columns [N] of the numeric inputs ``names``, checked together: one finiteness test
+    for all of them when each is already a 1-d float32 array (the gate decodes them so), else (or when
+    one is not finite) each on its own by :func:`_as_array`, which names the input and row."""
+    given = [inputs[n] for n in names]
+    if all(type(v) is np.ndarray and v.dtype == np.float32 and v.ndim == 1 for v in given):
+        if not given or np.isfinite(np.concatenate(given)).all():
+            return dict(zip(names, given, strict=True))
+    return {n: _as_array(n, v, np.float32, 1) for n, v in zip(names, given, strict=True)}
+
+
 def validate(inputs: dict[str, Any], transform: FeatureTransform
              ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Raw feature columns [N] and optional candidate predictions [N, L, K] of a request
@@ -233,7 +320,7 @@ def validate(inputs: dict[str, Any], transform: FeatureTransform
     missing = [n for n in features if n not in inputs]
     if missing:
         raise BadRequest(f"missing input(s) {missing}")
-    columns = {n: _as_array(n, inputs[n], np.float32, 1) for n in numeric}
+    columns = _numeric_columns(numeric, inputs)
     columns.update({n: _as_array(n, inputs[n], np.int64, 1) for n in categorical})
     sizes = {n: len(v) for n, v in columns.items()}
     counts = list(sizes.values())
