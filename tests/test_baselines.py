@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from grade.data.fusion import fuse, top_e
+from grade.data.fusion import fuse, simplex_grid, top_e
 from grade.value import baselines
 
 
@@ -215,7 +215,7 @@ def test_estimated_objective_with_exact_outcomes_is_the_true_value_and_the_searc
     m = (data["true_ctr"] * data["true_cvr"]).double()
     est = auction.EstimatorInputs("dm", theta, torch.ones(n, 8, dtype=torch.float64),
                                   {"value": torch.zeros(n, 8, dtype=torch.float64)}, {"value": m})
-    grid = auction.simplex_grid(2, 4)
+    grid = simplex_grid(2, 4)
     value = baselines.estimated_objective(data, grid, est, depth=3)[:, 0]
     true_opm = auction.sweep_global_weights(data, ["ctr", "cvr"], grid, depth=3, eta=1.0)["opm"]
     impressions_per_request = float(theta.sum())

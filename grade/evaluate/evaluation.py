@@ -23,6 +23,7 @@ import torch
 from grade.core import config, store
 from grade.core.config import ranged, to_dict
 from grade.core.errors import InputError
+from grade.data.fusion import simplex_grid
 from grade.data.transform import FeatureTransform, clamp_unseen
 from grade.model.registry import DEFAULT_MODEL
 from grade.value import auction, baselines, estimators
@@ -259,7 +260,7 @@ def estimator_inputs(data: dict[str, torch.Tensor], vm: ValueModel, business: Bu
     labels = {"clicks": f64["click"], "orders": f64["order"], "gmv": f64["gmv"],
               "value": business.item_value(f64["click"], f64["order"], f64["gmv"], unit)}
     models = None
-    if name in ("dm", "switch", "shrunk"):
+    if estimators.needs_model(name):
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in labels}
         for s in range(0, data["mask"].shape[0], batch_size):
             kinds = vm.item_kinds({k: data[k][s:s + batch_size] for k in ("z", "pred", "mask", "num", "cat")})
@@ -272,12 +273,6 @@ def estimator_inputs(data: dict[str, torch.Tensor], vm: ValueModel, business: Bu
         name=name, theta=vm.examination.theta_at(torch.arange(e)).double(),
         logged_theta=vm.examination.theta_at(data["position"]).double() * data["mask"],
         labels=labels, models=models, max_weight=max_weight)
-
-
-def declared_value_weights(business: BusinessConfig, unit: float) -> tuple[float, float, float]:
-    """(v_click, v_order, v_gmv per raw GMV unit) of the declared value."""
-    v_click, v_order, v_gmv = business.weights()
-    return v_click, v_order, v_gmv / unit
 
 
 # ------------------------------------------------------------------------------------------------
@@ -435,7 +430,7 @@ def oracle_value(held: HeldOut) -> str | tuple[float, float, float]:
     """What the oracle maximises: the declared value (price in raw units) or one named kind."""
     if held.cfg.oracle_value != "declared":
         return held.cfg.oracle_value
-    return declared_value_weights(held.business, value_unit(held))
+    return held.business.prices(value_unit(held))
 
 
 def _segment_best(held: HeldOut) -> Ranking | None:
@@ -452,7 +447,7 @@ def _segment_best(held: HeldOut) -> Ranking | None:
     if not auction.has_ground_truth(valid) or "segment" not in valid:
         return Ranking(unavailable="the valid split has no ground truth or true segment")
     best = baselines.segment_best_weights(valid, held.objectives, valid["segment"].long(),
-                                          declared_value_weights(held.business, value_unit(held)),
+                                          held.business.prices(value_unit(held)),
                                           cfg.exposure_depth, cfg.position_bias, cfg.frontier_steps)
     seg = held.data["segment"].long()
     static = baselines.static_weights(held.spec)
@@ -539,7 +534,7 @@ def compute_policies(held: HeldOut, models: dict[str, str],
     runs = PolicyRuns(auction.SumsTable(auction.shared_sums(data, cfg.exposure_depth, cfg.position_bias,
                                                             held.estimator)), {}, {}, model_info)
     mix = held.business.primary_metric == "vpm"
-    value_weights = declared_value_weights(held.business, value_unit(held)) if mix else None
+    value_weights = held.business.prices(value_unit(held)) if mix else None
     estimator = held.estimator
     if estimator is not None and not mix:  # the declared value is one of clicks/orders/gmv: no vpm column
         estimator = dataclasses.replace(estimator,
@@ -684,10 +679,10 @@ def segment_estimator_picks(held: HeldOut) -> dict[str, Any]:
                        * valid["mask"])
         inputs["prior"] = dataclasses.replace(inputs["dm"], models={"value": prior_value})
     k = valid["z"].shape[-1]
-    grid = auction.simplex_grid(k, cfg.frontier_steps if k <= 3 else max(2, min(cfg.frontier_steps, 6)))
+    grid = simplex_grid(k, cfg.frontier_steps if k <= 3 else max(2, min(cfg.frontier_steps, 6)))
     seg = valid["segment"].long()
     values = estimator_check.grid_values(valid, grid, seg, int(seg.max()) + 1, inputs,
-                                         declared_value_weights(held.business, vm.order_value_unit),
+                                         held.business.prices(vm.order_value_unit),
                                          cfg.exposure_depth, cfg.position_bias)
     labels = {int(i): true_segment_labels().get(int(i), str(int(i))) for i in torch.unique(seg).tolist()}
     return estimator_check.segment_picks(values, grid, labels)
@@ -860,7 +855,7 @@ def static_frontier(data: dict[str, torch.Tensor], objectives: list[str], cfg: E
     """CTR and GPM of global weight vectors over the simplex (the static trade-off frontier)."""
     k = data["z"].shape[-1]
     steps = cfg.frontier_steps if k <= 3 else max(2, min(cfg.frontier_steps, 6))
-    grid = auction.simplex_grid(k, steps)
+    grid = simplex_grid(k, steps)
     if flavour == "prior" and "ctr" not in auction.objective_index(objectives):
         return {}
     sweep = auction.sweep_global_weights(data, objectives, grid, cfg.exposure_depth, cfg.position_bias,

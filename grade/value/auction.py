@@ -37,8 +37,6 @@ from grade.data.fusion import examination, fuse, gather_items, ndcg_at, top_e
 from grade.data.transform import objective_index
 from grade.value.estimators import ranking_value
 
-FLAVOURS = ("true", "estimated", "prior", "replay")
-
 #: flavour -> metric -> (numerator key, denominator key, scale). Keys name per-request sums; keys
 #: without a flavour prefix are policy-independent (shared by every policy).
 METRICS: dict[str, dict[str, tuple[str, str, float]]] = {
@@ -398,16 +396,6 @@ def compare(table: SumsTable, baselines: Iterable[str], n_resamples: int = 1000,
 # ------------------------------------------------------------------------------------------------
 # Global weight sweeps (the static trade-off frontier)
 # ------------------------------------------------------------------------------------------------
-
-def simplex_grid(k: int, steps: int) -> torch.Tensor:
-    """All weight vectors on the simplex with coordinates in {0, 1/steps, ..., 1}: [G, K]."""
-    def rec(remaining: int, dims: int) -> list[list[int]]:
-        if dims == 1:
-            return [[remaining]]
-        return [[i] + rest for i in range(remaining + 1) for rest in rec(remaining - i, dims - 1)]
-
-    return torch.tensor(rec(steps, k), dtype=torch.float32) / steps
-
 
 def sweep_global_weights(data: dict[str, torch.Tensor], objectives: list[str], grid: torch.Tensor,
                          depth: int = 10, eta: float = 1.0, flavour: str = "true",

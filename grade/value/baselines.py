@@ -27,8 +27,8 @@ import logging
 import torch
 
 from grade.core.errors import InputError
-from grade.data.fusion import fuse, ndcg_at, top_e
-from grade.value.auction import EstimatorInputs, simplex_grid, sweep_global_weights
+from grade.data.fusion import fuse, ndcg_at, simplex_grid, top_e
+from grade.value.auction import EstimatorInputs, sweep_global_weights
 from grade.value.estimators import ranking_value
 from grade.value.reward import RewardConfig, reward_terms
 

@@ -18,10 +18,29 @@ import torch
 
 from grade.core.config import ranged
 from grade.core.errors import InputError
-from grade.value.estimators import business_value
+
+#: the kinds of value, in the order of every price triple and of the last axis of amount tensors [..., 3]
+KINDS = ("clicks", "orders", "gmv")
 
 #: the report's metric for a declaration of one kind of value
 _SINGLE_METRIC = {"clicks": "ctr", "orders": "opm", "gmv": "gpm"}
+
+
+def per_kind_units(unit: float) -> tuple[float, float, float]:
+    """What one counted unit of each kind is in raw amounts: a click, an order and ``unit`` of GMV.
+
+    The one place the GMV unit is applied: :func:`in_value_units` divides amounts by it and
+    :meth:`BusinessConfig.prices` divides prices by it, so that GMV in currency and GMV counted in
+    order values are priced alike (an order of a typical value is worth v_order + v_gmv).
+    """
+    if not unit > 0:
+        raise ValueError(f"the GMV unit must be > 0, got {unit}")
+    return 1.0, 1.0, float(unit)
+
+
+def in_value_units(amounts: torch.Tensor, unit: float) -> torch.Tensor:
+    """Amounts [..., 3] (clicks, orders, GMV in currency) with GMV counted in units of ``unit``."""
+    return amounts / torch.tensor(per_kind_units(unit), dtype=amounts.dtype)
 
 
 @dataclasses.dataclass
@@ -42,9 +61,13 @@ class BusinessConfig:
         reward's guardrail prices)."""
         return dataclasses.replace(self, clicks=self.clicks + clicks, gmv=self.gmv + gmv)
 
-    def weights(self) -> tuple[float, float, float]:
-        """(v_click, v_order, v_gmv per unit order value)."""
-        return float(self.clicks), float(self.orders), float(self.gmv)
+    def prices(self, unit: float = 1.0) -> tuple[float, float, float]:
+        """The price of a click, an order and one currency unit of GMV when the declared GMV value counts
+        GMV in units of ``unit`` (the train mean order value); ``unit`` 1: amounts already in those units.
+        Every pricing of the declared value (the reward, best_static, the oracle, the value model, the
+        guardrails, the evaluation) goes through here."""
+        return tuple(float(v) / u for v, u in zip((self.clicks, self.orders, self.gmv), per_kind_units(unit),
+                                                   strict=True))  # type: ignore[return-value]
 
     @property
     def primary_metric(self) -> str:
@@ -54,7 +77,8 @@ class BusinessConfig:
 
     def item_value(self, clicks: torch.Tensor, orders: torch.Tensor, gmv: torch.Tensor,
                    order_value_unit: float) -> torch.Tensor:
-        """Value of expected (or estimated) clicks, orders and GMV, elementwise: any shape, same shape out."""
-        v_c, v_o, v_g = self.weights()
-        return business_value(clicks, orders, gmv, v_click=v_c, v_order=v_o, v_gmv=v_g,
-                              mean_order_value=order_value_unit)
+        """Value of expected (or estimated) clicks, orders and GMV in currency, elementwise: any shape, same
+        shape out. Every estimator is linear in the label, so the value's estimate is the estimate of this
+        combined label."""
+        v_c, v_o, v_g = self.prices(order_value_unit)
+        return v_c * clicks + v_o * orders + v_g * gmv

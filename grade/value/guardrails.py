@@ -29,12 +29,11 @@ import torch
 
 from grade.core import distributed
 from grade.data.fusion import fuse, top_e
-from grade.value.business import BusinessConfig
+from grade.value.business import KINDS, BusinessConfig
 from grade.value.estimators import ranking_value
 from grade.value.reward import RewardConfig
-from grade.value.value_model import KINDS
 
-#: the guarded kinds of value (grade.value.value_model.KINDS), in the order of the multipliers
+#: the guarded kinds of value (grade.value.business.KINDS), in the order of the multipliers
 GUARDED = ("clicks", "gmv")
 
 
@@ -89,7 +88,7 @@ def guard_controller(integral: tuple[float, ...], amounts: torch.Tensor, busines
     summed over a batch by :func:`read_guardrails`):
     lambda_k = max(0, I_k + kp gap_k), I_k <- max(0, I_k + lr gap_k)."""
     policy, static = amounts[0], amounts[1]
-    declared = torch.tensor(business.weights(), dtype=torch.float64)
+    declared = torch.tensor(business.prices(), dtype=torch.float64)
     v_static = float((declared * static).sum())
     multipliers, nxt, ratios, prices = [], [], [], []
     for k, name in enumerate(GUARDED):
