@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
-
 import pytest
 import torch
 
@@ -131,9 +128,7 @@ def test_oracle_wrapper_passes_the_truth_in_chunks_with_distinct_seeds(monkeypat
         calls.append((signals.shape[0], depth, eta, value, n_candidates, seed))
         return torch.full((signals.shape[0], signals.shape[-1]), float(seed)), torch.zeros(signals.shape[0])
 
-    fake = types.ModuleType("grade.data.simulator")
-    fake.oracle_weights = fake_oracle
-    monkeypatch.setitem(sys.modules, "grade.data.simulator", fake)
+    monkeypatch.setattr(baselines, "simulator_oracle", fake_oracle)
     n = 10
     data = {"z": torch.zeros(n, 4, 3), "true_ctr": torch.zeros(n, 4), "true_cvr": torch.zeros(n, 4),
             "price": torch.zeros(n, 4), "mask": torch.ones(n, 4, dtype=torch.bool)}

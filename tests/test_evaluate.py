@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 from grade.core import store
 from grade.core.errors import InputError
-from grade.evaluate.evaluation import EvaluateConfig, format_table, run_evaluation
+from grade.evaluate.evaluation import EvaluateConfig, run_evaluation
+from grade.evaluate.summary import format_table
 from grade.model.policy import PolicyConfig, PolicyNet, save_policy
 
 OBJECTIVES = ["ctr", "cvr", "gmv"]
@@ -392,7 +393,7 @@ def test_publishes_to_s3(evaluated, s3_env):
 
 
 def test_comparisons_by_hand():
-    from grade.evaluate.evaluation import comparisons, headroom_shares
+    from grade.evaluate.verdicts import comparisons, headroom_shares
 
     policies = {"static": {"true": {"opm": 10.0, "gpm": 100.0}},
                 "best_static": {"true": {"opm": 11.0, "gpm": 90.0}},
@@ -418,23 +419,23 @@ def test_the_stages_compose_to_report_json(evaluated, tmp_path):
     """load -> compute_policies -> build_report gives report.json (the same keys, the same values)."""
     import time
 
-    from grade.evaluate import evaluation
+    from grade.evaluate import evaluation, held_out, policies, summary, verdicts
 
     features, model, out, report = evaluated
     on_disk = store.read_json(store.join(out, "report.json"))
-    assert set(on_disk) == REPORT_KEYS and on_disk == json.loads(json.dumps(evaluation._finite(report)))
+    assert set(on_disk) == REPORT_KEYS and on_disk == json.loads(json.dumps(summary.finite(report)))
     cfg = small_config()
     # the value model the run fitted itself is published in the report folder, with its report entry
     from grade.value.value_model import load_value_model
 
     assert report["value_model"]["uri"] == "fitted"
-    fitted = store.join(out, evaluation.FITTED_VALUE_MODEL)
+    fitted = store.join(out, held_out.FITTED_VALUE_MODEL)
     assert report["value_model"]["content_hash"] == store.content_hash(fitted)
-    held = evaluation.load_inputs(features, cfg, None,
-                                  value_model=(load_value_model(fitted), report["value_model"]))
-    named, info = evaluation.named_models({"grade": model}, None, cfg)
-    staged = evaluation.build_report(held, evaluation.compute_policies(held, named, info), ["grade"],
-                                     time.monotonic())
+    held = held_out.load_inputs(features, cfg, None,
+                                value_model=(load_value_model(fitted), report["value_model"]))
+    named, info = policies.named_models({"grade": model}, None, cfg)
+    staged = verdicts.build_report(held, policies.compute_policies(held, named, info), ["grade"],
+                                   time.monotonic())
     staged.elapsed_s = report["elapsed_s"]
     assert staged.to_json() == report
     evaluation.publish(staged, str(tmp_path / "again"), "<html>")
@@ -444,15 +445,15 @@ def test_the_stages_compose_to_report_json(evaluated, tmp_path):
 def test_a_baseline_or_primary_flavour_is_one_registry_entry(evaluated, tmp_path, monkeypatch):
     """Adding a baseline to BASELINES puts it in every table; an unavailable one is reported, not ranked;
     the primary flavour is the first available entry of PRIMARY_FLAVOURS."""
-    from grade.evaluate import evaluation
+    from grade.evaluate import held_out, policies
 
     features, _, _, _ = evaluated
     uniform = torch.full((len(OBJECTIVES),), 1.0 / len(OBJECTIVES))
-    monkeypatch.setattr(evaluation, "BASELINES", {
-        **evaluation.BASELINES, "uniform": lambda held: evaluation.Ranking(weights=uniform),
-        "broken": lambda held: evaluation.Ranking(unavailable="needs data this run does not have")})
-    monkeypatch.setattr(evaluation, "PRIMARY_FLAVOURS", (
-        evaluation.PrimaryFlavour("never", lambda data: False), *evaluation.PRIMARY_FLAVOURS[::-1]))
+    monkeypatch.setattr(policies, "BASELINES", {
+        **policies.BASELINES, "uniform": lambda held: policies.Ranking(weights=uniform),
+        "broken": lambda held: policies.Ranking(unavailable="needs data this run does not have")})
+    monkeypatch.setattr(held_out, "PRIMARY_FLAVOURS", (
+        held_out.PrimaryFlavour("never", lambda data: False), *held_out.PRIMARY_FLAVOURS[::-1]))
     report = run_evaluation(features, {}, str(tmp_path / "out"),
                             small_config(static_search_iterations=0, bootstrap_samples=20))
     assert "uniform" in report["policies"] and "broken" not in report["policies"]
@@ -468,7 +469,8 @@ def test_best_static_searches_the_value_stage2_maximises(evaluated):
     """best_static answers GRADE's question globally: by default the declared value under the same
     guardrail constraints as Stage 2 (CTR and GPM at least static's); with guard_mode price, the
     declared value plus the reward's guardrail prices (grade.value.reward.rewarded_value)."""
-    from grade.evaluate.evaluation import _best_static, load_inputs
+    from grade.evaluate.held_out import load_inputs
+    from grade.evaluate.policies import _best_static
     from grade.value.business import BusinessConfig
     from grade.value.reward import RewardConfig, rewarded_value
     from grade.value.value_model import load_value_model

@@ -28,6 +28,7 @@ import torch
 
 from grade.core.errors import InputError
 from grade.data.fusion import fuse, ndcg_at, simplex_grid, top_e
+from grade.data.simulator import oracle_weights as simulator_oracle
 from grade.value.auction import EstimatorInputs, sweep_global_weights
 from grade.value.estimators import ranking_value
 from grade.value.reward import RewardConfig, reward_terms
@@ -258,8 +259,6 @@ def oracle_weights(data: dict[str, torch.Tensor], depth: int = 10, eta: float = 
     (v_click, v_order, v_gmv per raw price unit). Processed in chunks of requests to bound memory;
     chunk c uses seed + c so the result is deterministic.
     """
-    from grade.data.simulator import oracle_weights as simulator_oracle
-
     n = data["mask"].shape[0]
     out = []
     for c, start in enumerate(range(0, n, chunk)):
