@@ -73,9 +73,10 @@ def kfp_metrics(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return {"metrics": out}
 
 
-def _verdict(comparison: dict[str, Any], other: str, higher: bool) -> str:
-    """'best_static higher (+1.90% [+0.80, +3.00])': the paired lift and CI when there is one."""
-    lift = comparison.get(f"opm_lift_vs_{other}")
+def _verdict(comparison: dict[str, Any], other: str, higher: bool, metric: str) -> str:
+    """'best_static higher (+1.90% [+0.80, +3.00])': the paired lift and CI of ``metric``, when there is
+    one."""
+    lift = comparison.get(f"{metric}_lift_vs_{other}")
     ci = "" if not lift else (f" ({100 * lift['lift']:+.2f}% "
                               f"[{100 * lift['ci_low']:+.2f}, {100 * lift['ci_high']:+.2f}])")
     return f"{other} {'higher' if higher else 'NOT higher'}{ci}"
@@ -87,12 +88,13 @@ def format_table(report: dict[str, Any]) -> str:
     lifts = report["lift_vs_static"]
     metrics = [m for m in MAIN_METRICS if any(m in v.get(flavour, {}) for v in report["policies"].values())]
     # next to the truth, the estimated flavour's lift of the primary metric (what a truth-free run would see)
-    primary = report.get("primary_metric", "opm")
+    primary = report["primary_metric"]
+    lifted = [m for m in dict.fromkeys((primary, "opm", "gpm", "ctr")) if m in metrics]
     estimated = flavour != "estimated" and any(primary in v.get("estimated", {})
                                                for v in report["policies"].values())
     head = f"{'policy':<16}" + "".join(f"{m.upper():>10}" for m in metrics) + \
         "".join(f"  {m.upper() + ' lift vs static [CI]':<31}"
-                for m in ("opm", "gpm", "ctr") if m in metrics) + \
+                for m in lifted) + \
         (f"  {'estimated ' + primary.upper() + ' lift [CI]':<31}" if estimated else "")
     lines = [f"{report['n_requests']} {report['split']} requests, {flavour} metrics, "
              f"top-{report['exposure_depth']} exposure, {report['config']['confidence']:.0%} paired "
@@ -109,14 +111,15 @@ def format_table(report: dict[str, Any]) -> str:
 
     for p, flav in report["policies"].items():
         row = f"{p:<16}" + "".join(fmt(flav.get(flavour, {}).get(m)) for m in metrics)
-        row += "".join(cell(p, flavour, m) for m in ("opm", "gpm", "ctr") if m in metrics)
+        row += "".join(cell(p, flavour, m) for m in lifted)
         lines.append(row + (cell(p, "estimated", primary) if estimated else ""))
     for m, c in report.get("comparisons", {}).items():
         if m == "oracle_above_all":
             lines.append("oracle above every policy: " + ", ".join(f"{k.upper()} {'yes' if v else 'NO'}"
                                                                  for k, v in c.items()))
         else:
-            lines.append(f"{m} {flavour} OPM vs: " + ", ".join(_verdict(c, k.removeprefix("beats_"), v)
-                                                             for k, v in c.items() if k.startswith("beats_")))
+            lines.append(f"{m} {flavour} {primary.upper()} vs: " + ", ".join(
+                _verdict(c, k.removeprefix("beats_"), v, primary)
+                for k, v in c.items() if k.startswith("beats_")))
     lines.append(report["headroom_sentence"])
     return "\n".join(lines)

@@ -27,7 +27,7 @@ from grade.evaluate.held_out import (
     true_segment_labels,
 )
 from grade.evaluate.policies import PolicyRuns
-from grade.value import auction
+from grade.value import auction, estimators
 
 if TYPE_CHECKING:
     from grade.evaluate.evaluation import EvaluateConfig
@@ -64,11 +64,11 @@ class Report:
     best_static_search: dict[str, Any] | None
     """the best_static search (objective, value, static_value, n_requests, history), or None"""
     headroom_captured: dict[str, float]
-    """policy -> share of the oracle's true-OPM headroom over static"""
+    """policy -> share of the oracle's headroom over static on the true primary metric"""
     lift_vs: dict[str, Any]
     """paired baseline (evaluate.paired_baselines) -> lifts of every other policy"""
     comparisons: dict[str, Any]
-    """per named model: beats_* and opm_lift_vs_*; oracle_above_all"""
+    """per named model: beats_* and <primary metric>_lift_vs_*; oracle_above_all"""
     headroom_sentence: str
     """the headroom share in words"""
     segments: dict[str, Any]
@@ -125,7 +125,7 @@ def segment_mean_weights(runs: PolicyRuns, held: HeldOut) -> dict[str, dict[str,
 
 #: estimators whose per-segment grid picks the estimator check compares ("prior": the direct method on
 #: the MTL predictions)
-CHECKED_ESTIMATORS = ("ips", "snips", "dm", "switch", "prior")
+CHECKED_ESTIMATORS = (*(n for n, e in estimators.ESTIMATORS.items() if e.checked), "prior")
 
 
 def segment_estimator_picks(held: HeldOut) -> dict[str, Any]:
@@ -209,7 +209,7 @@ def build_report(held: HeldOut, runs: PolicyRuns, model_names: list[str], starte
                  if r.weights is not None and r.weights.dim() == 1},
         best_static_search=search.details if search else None,
         headroom_captured=headroom, lift_vs=lift_vs,
-        comparisons=comparisons(policies, flavour, list(runs.models), lift_vs),
+        comparisons=comparisons(policies, flavour, list(runs.models), lift_vs, metric=metric),
         headroom_sentence=headroom_sentence(headroom, policies, flavour, model_names, metric),
         segments={"feature": seg_name, "mean_weights": mean_weights,
                   "by_segment": segment_breakdown(runs.table, seg, seg_labels, cfg) if seg_name else {},
@@ -260,7 +260,7 @@ def static_frontier(data: dict[str, torch.Tensor], objectives: list[str], cfg: E
             **{m: [float(x) for x in v] for m, v in sweep.items()}}
 
 
-def headroom_shares(policies: dict[str, Any], flavour: str = "true", metric: str = "opm") -> dict[str, float]:
+def headroom_shares(policies: dict[str, Any], flavour: str, metric: str) -> dict[str, float]:
     """(policy - static) / (oracle - static) on the true ``metric`` for every policy but static/oracle
     (needs the oracle)."""
     if "oracle" not in policies or flavour != "true" or metric not in policies["static"].get("true", {}):
@@ -274,24 +274,25 @@ def headroom_shares(policies: dict[str, Any], flavour: str = "true", metric: str
 
 
 def comparisons(policies: dict[str, Any], flavour: str, models: list[str],
-                lift_vs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Per named model: its OPM against every other policy's (beats_*), with the paired lift and CI
-    (opm_lift_vs_*) for the baselines of ``lift_vs``; and whether the oracle bounds all."""
+                lift_vs: dict[str, Any] | None = None, *, metric: str) -> dict[str, Any]:
+    """Per named model: its primary ``metric`` against every other policy's (beats_*), with the paired
+    lift and CI (<metric>_lift_vs_*) for the baselines of ``lift_vs``; and whether the oracle bounds all
+    on the primary metric, OPM and GPM."""
     out: dict[str, Any] = {}
     for m in models:
-        mine = policies[m][flavour].get("opm")
+        mine = policies[m][flavour].get(metric)
         if mine is None:
             continue
-        out[m] = {f"beats_{p}": bool(mine > v[flavour]["opm"]) for p, v in policies.items()
-                  if p not in (m, "oracle") and v.get(flavour, {}).get("opm") is not None}
+        out[m] = {f"beats_{p}": bool(mine > v[flavour][metric]) for p, v in policies.items()
+                  if p not in (m, "oracle") and v.get(flavour, {}).get(metric) is not None}
         for b, lifts in (lift_vs or {}).items():
-            lift = lifts.get(m, {}).get(flavour, {}).get("opm")
+            lift = lifts.get(m, {}).get(flavour, {}).get(metric)
             if b != m and lift:
-                out[m][f"opm_lift_vs_{b}"] = lift
+                out[m][f"{metric}_lift_vs_{b}"] = lift
     if "oracle" in policies and flavour == "true":
         o = policies["oracle"]["true"]
-        out["oracle_above_all"] = {metric: all(o[metric] >= v["true"][metric] for p, v in policies.items()
-                                               if p != "oracle") for metric in ("opm", "gpm")}
+        out["oracle_above_all"] = {k: all(o[k] >= v["true"][k] for p, v in policies.items() if p != "oracle")
+                                   for k in dict.fromkeys((metric, "opm", "gpm")) if k in o}
     return out
 
 
@@ -300,20 +301,21 @@ _UNITS = {"opm": "orders per 1000 impressions", "gpm": "GMV per 1000 impressions
 
 
 def headroom_sentence(headroom: dict[str, float], policies: dict[str, Any], flavour: str, models: list[str],
-                      metric: str = "opm") -> str:
+                      metric: str) -> str:
+    """The headroom shares in words: every named model in the order given, then the baselines."""
     if not headroom:
         if flavour != "true":
             return "No ground truth on this data, so no oracle: the headroom share is not available."
         return ("No oracle result (the oracle is unavailable or not above static): the headroom share is not "
                 "available.")
     s, o = policies["static"]["true"][metric], policies["oracle"]["true"][metric]
-    focus = "grade" if "grade" in headroom else (models[-1] if models and models[-1] in headroom else None)
-    parts = []
-    if focus:
-        parts.append(f"{focus} captures {100 * headroom[focus]:.1f}% of the oracle's true-{metric.upper()} "
-                     f"headroom over static (static {s:.3f}, {focus} {policies[focus]['true'][metric]:.3f}, "
-                     f"oracle {o:.3f} {_UNITS[metric]}).")
-    others = ", ".join(f"{p} {100 * v:.1f}%" for p, v in headroom.items() if p != focus)
+    named = [m for m in models if m in headroom]
+    text = (f"Share of the oracle's true-{metric.upper()} headroom over static (static {s:.3f}, oracle "
+            f"{o:.3f} {_UNITS[metric]})")
+    if named:
+        text += ": " + ", ".join(f"{m} {100 * headroom[m]:.1f}% ({policies[m]['true'][metric]:.3f})"
+                                 for m in named)
+    others = ", ".join(f"{p} {100 * v:.1f}%" for p, v in headroom.items() if p not in named)
     if others:
-        parts.append(f"Other policies: {others}.")
-    return " ".join(parts)
+        text += ("; other policies: " if named else ": ") + others
+    return text + "."
