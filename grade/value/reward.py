@@ -8,8 +8,7 @@ pi_w = argsort of S(w) = sum_k w_k z_k, exposed to depth E with DCG discounts d_
   without a positive label gives 0 to every member. By default the DCG is divided by the batch's
   mean ideal DCG rather than each request's own: with one positive per request (the usual case) the
   per-request NDCG cancels the inverse-propensity weight, and the reward drifts back towards the
-  logging policy (on the demo data its best global weight vector had 21% less true OPM than the
-  batch form's, see docs/finetune.md).
+  logging policy (docs/finetune.md measures both forms).
 - **prior** R_prior: sum_j d_j value(pi_w(j)) / ideal, with value = pctr (v_click + pcvr (v_order +
   v_gmv pgmv)) from the raw MTL predictions. Dense but inherits the MTL model's biases: maximising it
   alone reward-hacks (the prior metrics go up, the true ones down).
