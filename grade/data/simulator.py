@@ -69,7 +69,8 @@ from grade.data.fusion import examination, fuse, gather_items, simplex_grid, top
 log = logging.getLogger("grade.data.simulator")
 
 SEGMENTS = ("browser", "buyer", "bargain_hunter", "premium")
-OBJECTIVES = ("ctr", "cvr", "gmv", "rel")
+#: the predicted signals (pred_<name> columns) the simulator can write; labels are click, order, gmv
+SIGNALS = ("ctr", "cvr", "gmv", "rel")
 #: segment parameters: click intent a, purchase propensity c, price sensitivity b, quality taste q
 SEGMENT_PARAMS = {
     "browser": dict(a=-2.3, c=-3.4, b=0.4, q=0.3),
@@ -140,9 +141,9 @@ class SimulatorConfig:
     """requests generated and written per chunk (bounds memory)"""
 
     def validate(self) -> None:
-        bad = [o for o in self.objectives if o not in OBJECTIVES]
+        bad = [o for o in self.objectives if o not in SIGNALS]
         if bad or not self.objectives:
-            raise ConfigError(f"simulator.objectives: expected a non-empty list from {list(OBJECTIVES)}, "
+            raise ConfigError(f"simulator.objectives: expected a non-empty list from {list(SIGNALS)}, "
                               f"got {self.objectives}")
         if len(set(self.objectives)) != len(self.objectives):
             raise ConfigError(f"simulator.objectives: duplicates in {self.objectives}")
