@@ -4,6 +4,10 @@ Policies: ``static`` (production default), ``best_static`` (CEM on train), ``log
 (with ground truth), every named model (serving weights = the policy mean), and ``incumbent`` (the
 registry's production model, when a registry is given and has one). Lifts are relative to
 ``static`` (and to ``incumbent`` when present) with paired bootstrap CIs; see :mod:`grade.value.auction`.
+
+The stages, a module each: the inputs (:mod:`grade.evaluate.held_out`), the policies
+(:mod:`grade.evaluate.policies`), the verdicts (:mod:`grade.evaluate.verdicts`), then here the HTML and
+the atomic publication (with :mod:`grade.evaluate.summary`'s KFP metrics).
 """
 
 from __future__ import annotations
@@ -103,7 +107,6 @@ class EvaluateConfig:
 
 def render(report: Report, runs: PolicyRuns, held: HeldOut) -> str:
     """report.html (grade.evaluate.report.render_html) with the weights, segments and training curves."""
-
     curves = {name: read_training_curves(info["uri"]) for name, info in report.models.items()}
     return render_html(report.to_json(), weights=runs.weights, segments=held.segment, curves=curves)
 
@@ -111,7 +114,6 @@ def render(report: Report, runs: PolicyRuns, held: HeldOut) -> str:
 def publish(report: Report, out_uri: str, html: str, value_model_folder: Path | None = None) -> None:
     """report.json, report.html, KFP metrics.json and config.json (and the fitted value model in
     ``value_model/``), published atomically to ``out_uri``."""
-
     doc = report.to_json()
     with store.publishing(out_uri) as staging:
         if value_model_folder is not None:
@@ -136,7 +138,6 @@ def run_evaluation(features_uri: str, models: dict[str, str], out_uri: str, cfg:
 
     Returns the report (the content of report.json).
     """
-
     cfg = config.check(cfg or EvaluateConfig())
     check_model_names(models)
     t0 = time.monotonic()

@@ -94,7 +94,6 @@ def obtain_value_model(features_uri: str, outcome_uri: str | None, cfg: ValueMod
     With ``outcome_uri`` the published value model is read; without it one is fitted on the features'
     train split into ``scratch`` and later published in the report folder's ``value_model/``.
     """
-
     if outcome_uri:
         vm = load_value_model(outcome_uri)
         info = {"uri": outcome_uri, "content_hash": content_hash_of(outcome_uri)}

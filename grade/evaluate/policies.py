@@ -38,7 +38,6 @@ def model_weights(uri: str, data: dict[str, torch.Tensor], spec: dict, batch_siz
 
     Only a published model folder is read, every file checked against its manifest (exit 2 otherwise).
     """
-
     with published_model(uri) as folder:
         policy = load_policy(folder)
         FeatureTransform.from_spec(spec).check_policy(policy.cfg, uri)
@@ -141,7 +140,6 @@ def oracle_value(held: HeldOut) -> str | tuple[float, float, float]:
 
 def _segment_best(held: HeldOut) -> Ranking | None:
     """Best static weights per true segment, searched with the truth on VALID (a ceiling diagnostic)."""
-
     cfg = held.cfg
     if "segment" not in held.data or not auction.has_ground_truth(held.data):
         return None

@@ -130,7 +130,6 @@ CHECKED_ESTIMATORS = (*(n for n, e in estimators.ESTIMATORS.items() if e.checked
 
 def segment_estimator_picks(held: HeldOut) -> dict[str, Any]:
     """Per true segment of the VALID split: each estimator's grid pick and its true value (needs truth)."""
-
     cfg, vm = held.cfg, held.value_model
     if vm is None or "valid" not in held.spec.get("splits", {}):
         return {}
