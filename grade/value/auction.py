@@ -189,7 +189,8 @@ def policy_sums(data: dict[str, torch.Tensor], objectives: list[str], *, weights
     The policy is either ``weights`` ([K] global or [N, K] per request, fused on ``data["z"]``) or
     precomputed ``scores`` [N, L] (higher ranks first). Flavours whose inputs are missing from
     ``data`` are left out (no ground truth -> no "true.*"; no ``estimator`` -> no "estimated.*").
-    ``value_weights`` (v_click, v_order, v_gmv per raw GMV unit) adds the true declared value "true.value".
+    ``value_weights`` (the declared value's prices for raw GMV, BusinessConfig.prices) adds the true
+    declared value "true.value".
     """
     if (weights is None) == (scores is None):
         raise ValueError("give exactly one of weights or scores")

@@ -236,9 +236,9 @@ def segment_best_weights(data: dict[str, torch.Tensor], objectives: list[str], s
                          steps: int) -> dict[int, torch.Tensor]:
     """Per segment id, the simplex-grid vector [K] with the best TRUE declared value on ``data``.
 
-    ``data`` needs the ground truth; segment [N] ids; value_weights = (v_click, v_order, v_gmv per raw
-    GMV unit). Impressions are the same for every vector of a segment, so the best value per impression
-    is the best total value.
+    ``data`` needs the ground truth; segment [N] ids; value_weights: the declared value's prices for raw
+    GMV (grade.value.business.BusinessConfig.prices). Impressions are the same for every vector of a
+    segment, so the best value per impression is the best total value.
     """
     grid = simplex_grid(data["z"].shape[-1], steps)
     v_click, v_order, v_gmv = value_weights
@@ -256,8 +256,8 @@ def oracle_weights(data: dict[str, torch.Tensor], depth: int = 10, eta: float = 
     """Per-request weights [N, K] maximising the true value, from the simulator's oracle.
 
     Needs the ground truth (true_ctr, true_cvr, price). ``value``: "clicks", "orders", "gmv" or
-    (v_click, v_order, v_gmv per raw price unit). Processed in chunks of requests to bound memory;
-    chunk c uses seed + c so the result is deterministic.
+    the declared value's prices for raw GMV (grade.value.business.BusinessConfig.prices). Processed in
+    chunks of requests to bound memory; chunk c uses seed + c so the result is deterministic.
     """
     n = data["mask"].shape[0]
     out = []
