@@ -66,13 +66,13 @@ class BusinessConfig:
         GMV in units of ``unit`` (the train mean order value); ``unit`` 1: amounts already in those units.
         Every pricing of the declared value (the reward, best_static, the oracle, the value model, the
         guardrails, the evaluation) goes through here."""
-        return tuple(float(v) / u for v, u in zip((self.clicks, self.orders, self.gmv), per_kind_units(unit),
-                                                   strict=True))  # type: ignore[return-value]
+        units = per_kind_units(unit)
+        return tuple(float(getattr(self, k)) / u for k, u in zip(KINDS, units, strict=True))  # type: ignore
 
     @property
     def primary_metric(self) -> str:
         """The report metric that measures this value: ctr, opm or gpm for one kind, vpm for a mix."""
-        kinds = [k for k in ("clicks", "orders", "gmv") if getattr(self, k) > 0]
+        kinds = [k for k in KINDS if getattr(self, k) > 0]
         return _SINGLE_METRIC[kinds[0]] if len(kinds) == 1 else "vpm"
 
     def item_value(self, clicks: torch.Tensor, orders: torch.Tensor, gmv: torch.Tensor,
