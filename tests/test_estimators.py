@@ -131,6 +131,11 @@ def test_every_registered_estimator_is_ranking_value_by_its_name(name):
     torch.testing.assert_close(got.value, want.value)
     torch.testing.assert_close(got.clipped_share, want.clipped_share)
     assert needs_model(name) == ESTIMATORS[name].needs_model
+    # a per-batch estimator's value of the first request changes with a second one logged elsewhere
+    other = torch.tensor([[1.0 / 3.0, 1.0, 0.5]])
+    pair = ranking_value(name, IDX.repeat(2, 1, 1), THETA, torch.cat([LOGGED_THETA, other]), Y.repeat(2, 1),
+                         M.repeat(2, 1), max_weight=2.0, tau=0.4, lam=0.5)
+    assert torch.equal(pair.value[:1], got.value) != ESTIMATORS[name].per_batch
     if needs_model(name):
         with pytest.raises(ValueError, match="needs the outcome model"):
             ranking_value(name, IDX, THETA, LOGGED_THETA, Y, None)

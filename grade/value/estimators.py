@@ -147,6 +147,9 @@ class Estimator:
     """whether it reads the outcome model's item values m (the value model's outcome model)"""
     checked: bool = True
     """whether the estimator check (grade.evaluate.estimator_check) compares its per-segment picks"""
+    per_batch: bool = False
+    """whether a request's value depends on the other requests of its batch (a normaliser over the
+    batch), so that it cannot be computed once per request"""
 
 
 class Inputs(NamedTuple):
@@ -166,7 +169,7 @@ class Inputs(NamedTuple):
 ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
     Estimator("ips", lambda i: ips(i.y, i.idx, i.theta, i.logged_theta, i.max_weight), needs_model=False),
     Estimator("snips", lambda i: snips(i.y, i.idx, i.theta, i.logged_theta, i.max_weight,
-                                       over="batch_and_group"), needs_model=False),
+                                       over="batch_and_group"), needs_model=False, per_batch=True),
     Estimator("dm", lambda i: Estimate(direct_method(i.m, i.idx, i.theta), i.theta.new_zeros(())),
               needs_model=True),
     Estimator("switch", lambda i: switch(i.y, i.m, i.idx, i.theta, i.logged_theta, i.tau, i.max_weight),

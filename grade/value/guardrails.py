@@ -29,6 +29,7 @@ import torch
 
 from grade.core import distributed
 from grade.data.fusion import fuse, top_e
+from grade.value import estimators
 from grade.value.business import KINDS, BusinessConfig
 from grade.value.estimators import ranking_value
 from grade.value.reward import RewardConfig
@@ -74,8 +75,9 @@ def static_fields(static: torch.Tensor, batch: dict[str, torch.Tensor], fields: 
                   theta: torch.Tensor, reward: RewardConfig, depth: int) -> dict[str, torch.Tensor]:
     """``{"static_kinds": [B, 3]}``: the static weights' (``static`` [K]) amounts per request, a value field
     like the others (fixed for a run, so computed once with them); empty where the estimator's value of a
-    request depends on its batch (snips), which :func:`read_guardrails` then estimates per batch."""
-    if reward.post_estimator == "snips":
+    request depends on its batch (``per_batch``, e.g. snips), which :func:`read_guardrails` then estimates
+    per batch."""
+    if estimators.estimator(reward.post_estimator).per_batch:
         return {}
     b = batch["z"].shape[0]
     weights = static.to(batch["z"].dtype).expand(b, 1, -1)
