@@ -252,6 +252,22 @@ def test_extreme_inputs_stay_finite(exploration):
     assert all(torch.isfinite(p).all() for p in policy.parameters())
 
 
+def test_train_step_returns_the_kappa_controllers_next_integral():
+    """The controller's state comes back as StepResult.kappa_integral (the diagnostics only log it):
+    the integral grows by kappa_dual_lr times the step's gap, and is 0 when kappa is not targeted."""
+    policy, batch = make_policy(), make_batch()
+    cfg = FinetuneConfig(update_epochs=1, reward=RewardConfig(post_estimator="dcg_ips"), kappa_dual_lr=0.3)
+    result = train_step(policy, clone(policy), torch.optim.Adam(policy.parameters(), lr=cfg.lr), batch,
+                        OBJECTIVES, cfg, seed=0, kappa_integral=0.5)
+    gap = result.diagnostics["kappa/gap"]
+    assert gap != 0 and result.kappa_integral == pytest.approx(0.5 + 0.3 * gap)
+    fixed = FinetuneConfig(update_epochs=1, reward=cfg.reward, adaptive_kappa=False)
+    policy = make_policy()
+    result = train_step(policy, clone(policy), torch.optim.Adam(policy.parameters(), lr=cfg.lr), batch,
+                        OBJECTIVES, fixed, seed=0, kappa_integral=0.5)
+    assert result.kappa_integral == 0.0
+
+
 def test_dirichlet_samples_are_clamped_and_on_the_simplex():
     policy = make_policy(kappa_min=0.01, kappa_max=0.02, kappa_init=0.015, alpha_floor=1e-3)
     batch = make_batch()
