@@ -9,8 +9,8 @@ estimator (``by_estimator``): dm, switch and ips looking their batch's value fie
 the logged positions, the declared value of the labels and, for dm and switch, the outcome model's
 values), as grade.train.finetune does, next to the earlier dcg_ips. The fields of a split of ``--requests``
 requests are computed once before (``value_fields_once``: seconds, requests/s, bytes per request,
-by :func:`grade.train.finetune.value_cache_of`); ``dm_fields_per_batch`` is the step when they are computed
-per batch instead (over ``finetune.value_cache_max_mb``). Every step with the default guard_mode
+by :func:`grade.value.value_fields.value_cache_of`); ``dm_fields_per_batch`` is the step when they are
+computed per batch instead (over ``finetune.value_cache_max_mb``). Every step with the default guard_mode
 (constraint) includes the guardrails' reading (the ranking and estimated amounts of the policy's
 served weights, the rollout's mean; static's amounts are value fields computed once);
 ``dm_guard_prices`` is the step at fixed guardrail prices, without it.
@@ -32,18 +32,13 @@ from benchmarks._common import emit, peak_rss_mib, timeit
 from grade.data.dataset import ROW_FIELD
 from grade.data.fusion import fuse, top_e
 from grade.model.policy import PolicyConfig, PolicyNet
-from grade.train.finetune import (
-    VALUE_CACHE_CHUNK,
-    cached_value_fields,
-    value_cache_of,
-    value_fields_for,
-)
 from grade.train.grpo import FinetuneConfig, Rollout, rollout, train_step
 from grade.value import guardrails
 from grade.value.business import BusinessConfig
 from grade.value.examination import ExaminationEstimate
 from grade.value.outcome import OutcomeConfig, OutcomeMixture, OutcomeNet, OutcomeSpec
 from grade.value.reward import reward_terms, rewarded_value
+from grade.value.value_fields import CACHE_CHUNK, batch_value_fields, cached_value_fields, value_cache_of
 from grade.value.value_model import ValueModel, priced_fields
 
 ESTIMATORS = ("dcg_ips", "ips", "switch", "dm")
@@ -75,13 +70,15 @@ def synthetic_value_model(list_size: int, k: int) -> ValueModel:
 
 def precompute(split: dict[str, torch.Tensor], value: ValueModel, cfg: FinetuneConfig,
                static: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The value fields of every request of ``split`` [N, L], once, as grade.train.finetune.value_cache does
+    """The value fields of every request of ``split`` [N, L], once, as grade.value.value_fields.value_cache
+    does
     (with the ``static`` weights' amounts when given, as a run holding its guardrails does)."""
     n = int(split["mask"].shape[0])
-    starts = range(0, n, VALUE_CACHE_CHUNK)
-    chunks = ({**{key: v[s:s + VALUE_CACHE_CHUNK] for key, v in split.items()},
-               ROW_FIELD: torch.arange(s, min(s + VALUE_CACHE_CHUNK, n))} for s in starts)
-    return value_cache_of(chunks, n, value, cfg, CAT_SIZES, static)
+    starts = range(0, n, CACHE_CHUNK)
+    chunks = ({**{key: v[s:s + CACHE_CHUNK] for key, v in split.items()},
+               ROW_FIELD: torch.arange(s, min(s + CACHE_CHUNK, n))} for s in starts)
+    return value_cache_of(chunks, n, value, cfg.reward, cfg.exposure_depth, CAT_SIZES, cfg.value_cache_max_mb,
+                          static)
 
 
 def step_fn(split: dict[str, torch.Tensor], rows: torch.Tensor, policy: PolicyNet, reference: PolicyNet,
@@ -102,7 +99,8 @@ def step_fn(split: dict[str, torch.Tensor], rows: torch.Tensor, policy: PolicyNe
     def fields(roll: Rollout) -> dict[str, torch.Tensor]:
         if estimator == "dcg_ips":
             return {}
-        kinds = value_fields_for(data, value, ecfg, static) if per_batch else cached_value_fields(cache, rows)
+        kinds = (batch_value_fields(data, value, ecfg.reward, ecfg.exposure_depth, static) if per_batch
+                 else cached_value_fields(cache, rows))
         if ecfg.reward.guard_mode == "price":
             return priced_fields(kinds, rewarded_value(BusinessConfig(), ecfg.reward))
         # the guardrails' reading at the rollout's served weights, as grade.train.finetune does

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from grade.evaluate.evaluation import format_table, run_evaluation
+    from grade.evaluate.evaluation import run_evaluation
+    from grade.evaluate.summary import format_table
 
     models: dict[str, str] = {}
     for name, uri in args.model:

@@ -22,6 +22,7 @@ import yaml
 
 from grade.core import config
 from grade.core.errors import ConfigError
+from grade.value.reward import POSTERIORS, RewardConfig
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "grade_prior_only": {"finetune": {"reward": {"post": 0.0, "prior": 1.0, "format": 0.0}}},
     # the guardrails at fixed prices instead of held as constraints
     "grade_guard_prices": {"finetune": {"reward": {"guard_mode": "price"}}},
-    # each other estimator of the declared value as the posterior (the default is dm)
+    # each other posterior the reward can name (grade.value.reward.POSTERIORS) instead of the default
     **{f"grade_{name}": {"finetune": {"reward": {"post_estimator": name}}}
-       for name in ("ips", "snips", "switch", "shrunk", "dcg_ips")},
+       for name in POSTERIORS if name != RewardConfig().post_estimator},
 }
 
 

@@ -213,7 +213,7 @@ def _blessing_file(path: Path) -> Path:
 
 def summary(report: dict[str, Any], blessing: Blessing | None) -> str:
     """The evaluation table (metrics, lifts vs static with CIs), lifts vs the incumbent, the verdict."""
-    from grade.evaluate.evaluation import format_table
+    from grade.evaluate.summary import format_table
 
     lines = [format_table(report)]
     vs_incumbent = report.get("lift_vs_incumbent", {}).get("grade", {})

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from grade.data.fusion import simplex_grid
 from grade.value import auction
 
 
@@ -93,7 +94,7 @@ def test_auc_per_request_extremes_and_undefined():
 
 
 def test_simplex_grid_covers_the_simplex():
-    grid = auction.simplex_grid(3, 4)
+    grid = simplex_grid(3, 4)
     assert grid.shape == (15, 3)  # C(4 + 2, 2)
     assert torch.allclose(grid.sum(-1), torch.ones(15))
     assert len({tuple(r) for r in grid.tolist()}) == 15

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-import types
-
 import pytest
 import torch
 
-from grade.data.fusion import fuse, top_e
+from grade.data.fusion import fuse, simplex_grid, top_e
 from grade.value import baselines
 
 
@@ -131,9 +128,7 @@ def test_oracle_wrapper_passes_the_truth_in_chunks_with_distinct_seeds(monkeypat
         calls.append((signals.shape[0], depth, eta, value, n_candidates, seed))
         return torch.full((signals.shape[0], signals.shape[-1]), float(seed)), torch.zeros(signals.shape[0])
 
-    fake = types.ModuleType("grade.data.simulator")
-    fake.oracle_weights = fake_oracle
-    monkeypatch.setitem(sys.modules, "grade.data.simulator", fake)
+    monkeypatch.setattr(baselines, "simulator_oracle", fake_oracle)
     n = 10
     data = {"z": torch.zeros(n, 4, 3), "true_ctr": torch.zeros(n, 4), "true_cvr": torch.zeros(n, 4),
             "price": torch.zeros(n, 4), "mask": torch.ones(n, 4, dtype=torch.bool)}
@@ -215,7 +210,7 @@ def test_estimated_objective_with_exact_outcomes_is_the_true_value_and_the_searc
     m = (data["true_ctr"] * data["true_cvr"]).double()
     est = auction.EstimatorInputs("dm", theta, torch.ones(n, 8, dtype=torch.float64),
                                   {"value": torch.zeros(n, 8, dtype=torch.float64)}, {"value": m})
-    grid = auction.simplex_grid(2, 4)
+    grid = simplex_grid(2, 4)
     value = baselines.estimated_objective(data, grid, est, depth=3)[:, 0]
     true_opm = auction.sweep_global_weights(data, ["ctr", "cvr"], grid, depth=3, eta=1.0)["opm"]
     impressions_per_request = float(theta.sum())

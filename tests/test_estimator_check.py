@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from grade.data.fusion import simplex_grid
 from grade.evaluate.estimator_check import grid_values, policy_check, segment_picks
 from grade.value import auction
 
@@ -58,7 +59,7 @@ def test_grid_values_with_exact_outcomes_pick_the_true_best():
     m = (ctr * cvr).double()
     est = auction.EstimatorInputs("dm", theta, torch.ones(n, length, dtype=torch.float64),
                                   {"value": torch.zeros(n, length, dtype=torch.float64)}, {"value": m})
-    grid = auction.simplex_grid(2, 4)
+    grid = simplex_grid(2, 4)
     values = grid_values(data, grid, segment, 2, {"dm": est}, (0.0, 1.0, 0.0), depth=3, eta=1.0)
     assert torch.allclose(values["dm"], values["true"])
     picks = segment_picks(values, grid, {0: "s0", 1: "s1"})

@@ -8,7 +8,19 @@ import pytest
 import torch
 
 from grade.data.fusion import examination
-from grade.value.estimators import business_value, direct_method, ips, ratio_weights, shrunk_dr, snips, switch
+from grade.value.business import BusinessConfig, in_value_units
+from grade.value.estimators import (
+    ESTIMATORS,
+    Estimate,
+    direct_method,
+    ips,
+    needs_model,
+    ranking_value,
+    ratio_weights,
+    shrunk_dr,
+    snips,
+    switch,
+)
 
 # One request, 3 candidates logged at positions 0, 1, 2 (theta = 1, 1/2, 1/3 with eta = 1).
 LOGGED_THETA = torch.tensor([[1.0, 0.5, 1.0 / 3.0]])
@@ -89,12 +101,67 @@ def test_doubly_robust_collapses_to_ips_whatever_the_model():
                                    ips(Y, IDX, THETA, LOGGED_THETA).value)
 
 
-def test_business_value_combines_the_label_estimates():
-    v = business_value(torch.tensor([2.0]), torch.tensor([0.5]), torch.tensor([30.0]),
-                       v_click=0.1, v_order=1.0, v_gmv=2.0, mean_order_value=60.0)
+def test_the_declared_value_prices_gmv_in_order_value_units():
+    value = BusinessConfig(clicks=0.1, orders=1.0, gmv=2.0)
+    assert value.prices() == (0.1, 1.0, 2.0)
+    assert value.prices(60.0) == (0.1, 1.0, 2.0 / 60.0)
+    v = value.item_value(torch.tensor([2.0]), torch.tensor([0.5]), torch.tensor([30.0]), 60.0)
     torch.testing.assert_close(v, torch.tensor([0.2 + 0.5 + 1.0]))
-    with pytest.raises(ValueError, match="mean_order_value"):
-        business_value(v, v, v, v_click=0, v_order=1, v_gmv=0, mean_order_value=0.0)
+    amounts = in_value_units(torch.tensor([[2.0, 0.5, 30.0]]), 60.0)
+    torch.testing.assert_close(amounts, torch.tensor([[2.0, 0.5, 0.5]]))
+    # amounts in value units at unit prices price alike with raw amounts at the unit's prices
+    torch.testing.assert_close(amounts @ torch.tensor(value.prices()), v)
+    with pytest.raises(ValueError, match="GMV unit"):
+        value.prices(0.0)
+
+
+EXPECTED = {"ips": lambda: ips(Y, IDX, THETA, LOGGED_THETA, 2.0),
+            "snips": lambda: snips(Y, IDX, THETA, LOGGED_THETA, 2.0, over="batch_and_group"),
+            "dm": lambda: Estimate(direct_method(M, IDX, THETA), THETA.new_zeros(())),
+            "switch": lambda: switch(Y, M, IDX, THETA, LOGGED_THETA, 0.4, 2.0),
+            "shrunk": lambda: shrunk_dr(Y, M, IDX, THETA, LOGGED_THETA, 0.5)}
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_every_registered_estimator_is_ranking_value_by_its_name(name):
+    """A new entry in ESTIMATORS needs its expected computation here (and reaches the reward, the
+    evaluation, the estimator check and the pipeline's ablations through the registry)."""
+    got = ranking_value(name, IDX, THETA, LOGGED_THETA, Y, M, max_weight=2.0, tau=0.4, lam=0.5)
+    want = EXPECTED[name]()
+    torch.testing.assert_close(got.value, want.value)
+    torch.testing.assert_close(got.clipped_share, want.clipped_share)
+    assert needs_model(name) == ESTIMATORS[name].needs_model
+    # a per-batch estimator's value of the first request changes with a second one logged elsewhere
+    other = torch.tensor([[1.0 / 3.0, 1.0, 0.5]])
+    pair = ranking_value(name, IDX.repeat(2, 1, 1), THETA, torch.cat([LOGGED_THETA, other]), Y.repeat(2, 1),
+                         M.repeat(2, 1), max_weight=2.0, tau=0.4, lam=0.5)
+    assert torch.equal(pair.value[:1], got.value) != ESTIMATORS[name].per_batch
+    if needs_model(name):
+        with pytest.raises(ValueError, match="needs the outcome model"):
+            ranking_value(name, IDX, THETA, LOGGED_THETA, Y, None)
+    else:
+        ranking_value(name, IDX, THETA, LOGGED_THETA, Y, None)
+
+
+def test_an_unknown_estimator_is_refused_naming_the_known_ones():
+    with pytest.raises(ValueError, match="unknown estimator 'nope'.*'ips'"):
+        ranking_value("nope", IDX, THETA, LOGGED_THETA, Y, M)
+    assert not needs_model("dcg_ips")
+
+
+def test_the_reward_and_the_pipeline_read_the_registry():
+    import typing
+
+    from grade.value.reward import POSTERIORS, RewardConfig
+    from pipeline.params import ABLATIONS
+
+    assert POSTERIORS == (*ESTIMATORS, "dcg_ips")
+    hints = typing.get_type_hints(RewardConfig)
+    assert set(typing.get_args(hints["post_estimator"])) == set(POSTERIORS)
+    default = RewardConfig().post_estimator
+    ablated = {v["finetune"]["reward"]["post_estimator"] for v in ABLATIONS.values()
+               if "post_estimator" in v.get("finetune", {}).get("reward", {})}
+    assert ablated == set(POSTERIORS) - {default}
 
 
 def test_ips_is_unbiased_and_the_true_model_dm_is_exact_on_synthetic_logs():

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 from grade.core import store
 from grade.core.errors import InputError
-from grade.evaluate.evaluation import EvaluateConfig, format_table, run_evaluation
+from grade.evaluate.evaluation import EvaluateConfig, run_evaluation
+from grade.evaluate.summary import format_table
 from grade.model.policy import PolicyConfig, PolicyNet, save_policy
 
 OBJECTIVES = ["ctr", "cvr", "gmv"]
@@ -229,6 +230,26 @@ def test_html_is_self_contained(evaluated):
         assert f"<h2>{heading}</h2>" in page
 
 
+def test_a_run_with_gmv_declared_judges_every_verdict_on_gpm(evaluated, tmp_path):
+    """business {orders: 0, gmv: 1}: the primary metric is GPM and the comparisons, the headroom and the
+    table are on GPM, whatever OPM says."""
+    from grade.value.business import BusinessConfig
+
+    features, model, _, _ = evaluated
+    report = run_evaluation(features, {"grade": model, "other": model}, str(tmp_path / "gpm"),
+                            small_config(static_search_iterations=0, bootstrap_samples=20),
+                            business=BusinessConfig(orders=0.0, gmv=1.0))
+    assert report["primary_metric"] == "gpm" and report["primary_flavour"] == "true"
+    true = {p: v["true"] for p, v in report["policies"].items()}
+    for p, beats in report["comparisons"]["grade"].items():
+        assert beats == (true["grade"]["gpm"] > true[p.removeprefix("beats_")]["gpm"]), p
+    s, o = true["static"]["gpm"], true["oracle"]["gpm"]
+    assert report["headroom_captured"]["grade"] == pytest.approx((true["grade"]["gpm"] - s) / (o - s))
+    assert "true-GPM" in report["headroom_sentence"]
+    assert report["headroom_sentence"].index("grade ") < report["headroom_sentence"].index("other ")
+    assert "grade true GPM vs:" in format_table(report)
+
+
 def test_truth_free_run_leads_with_estimated_and_the_gate_decides_as_with_truth(tmp_path):
     """The same logs with and without the ground-truth columns: estimated leads, the gate agrees."""
     from grade.model.registry import Registry
@@ -392,20 +413,55 @@ def test_publishes_to_s3(evaluated, s3_env):
 
 
 def test_comparisons_by_hand():
-    from grade.evaluate.evaluation import comparisons, headroom_shares
+    from grade.evaluate.verdicts import comparisons, headroom_shares
 
     policies = {"static": {"true": {"opm": 10.0, "gpm": 100.0}},
                 "best_static": {"true": {"opm": 11.0, "gpm": 90.0}},
                 "grade": {"true": {"opm": 12.0, "gpm": 120.0}},
                 "oracle": {"true": {"opm": 20.0, "gpm": 110.0}}}
-    c = comparisons(policies, "true", ["grade"])
+    c = comparisons(policies, "true", ["grade"], metric="opm")
     assert c["grade"] == {"beats_static": True, "beats_best_static": True}
     lift = {"lift": 0.09, "ci_low": 0.02, "ci_high": 0.15}
     c = comparisons(policies, "true", ["grade"], {"best_static": {"grade": {"true": {"opm": lift}},
-                                                                  "best_static": {"true": {"opm": lift}}}})
+                                                                  "best_static": {"true": {"opm": lift}}}},
+                    metric="opm")
     assert c["grade"]["opm_lift_vs_best_static"] == lift and c["grade"]["beats_best_static"]
     assert c["oracle_above_all"] == {"opm": True, "gpm": False}
-    assert headroom_shares(policies) == pytest.approx({"best_static": 0.1, "grade": 0.2})
+    assert headroom_shares(policies, "true", "opm") == pytest.approx({"best_static": 0.1, "grade": 0.2})
+
+
+def test_a_declared_gpm_is_the_metric_of_every_verdict():
+    """With GPM declared, OPM and GPM disagree here: the verdicts, the headroom and the table follow GPM,
+    and the sentence names the named models in the order given, none singled out."""
+    from grade.evaluate.summary import format_table
+    from grade.evaluate.verdicts import comparisons, headroom_sentence, headroom_shares
+
+    policies = {"static": {"true": {"opm": 10.0, "gpm": 100.0}},
+                "best_static": {"true": {"opm": 13.0, "gpm": 90.0}},
+                "zeta": {"true": {"opm": 12.0, "gpm": 120.0}},
+                "grade": {"true": {"opm": 14.0, "gpm": 105.0}},
+                "oracle": {"true": {"opm": 20.0, "gpm": 130.0}}}
+    lift = {"lift": 0.33, "ci_low": 0.2, "ci_high": 0.4}
+    paired = {"best_static": {"zeta": {"true": {"gpm": lift, "opm": {"lift": -0.08, "ci_low": -0.1,
+                                                                      "ci_high": -0.05}}}}}
+    c = comparisons(policies, "true", ["zeta", "grade"], paired, metric="gpm")
+    assert c["zeta"]["beats_best_static"] and c["zeta"]["beats_grade"]      # by OPM it would lose both
+    assert c["zeta"]["gpm_lift_vs_best_static"] == lift and "opm_lift_vs_best_static" not in c["zeta"]
+    assert not c["grade"]["beats_zeta"]
+    shares = headroom_shares(policies, "true", "gpm")
+    assert shares == pytest.approx({"best_static": -1 / 3, "zeta": 2 / 3, "grade": 1 / 6})
+    sentence = headroom_sentence(shares, policies, "true", ["zeta", "grade"], "gpm")
+    assert "true-GPM" in sentence and "OPM" not in sentence
+    assert sentence.index("zeta 66.7%") < sentence.index("grade 16.7%") < sentence.index("best_static -33.3%")
+    lifts = {p: {"true": {m: lift for m in ("opm", "gpm")}} for p in policies}
+    report = {"primary_flavour": "true", "primary_metric": "gpm", "policies": policies,
+              "lift_vs_static": lifts, "n_requests": 10, "split": "test", "exposure_depth": 10,
+              "config": {"confidence": 0.95, "bootstrap_samples": 10}, "comparisons": c,
+              "headroom_sentence": sentence}
+    table = format_table(report)
+    assert "zeta true GPM vs: static higher, best_static higher (+33.00% [+20.00, +40.00])" in table
+    head = table.splitlines()[1]
+    assert head.index("GPM lift vs static") < head.index("OPM lift vs static")
 
 
 REPORT_KEYS = {"n_requests", "split", "primary_metric", "primary_flavour", "has_ground_truth", "objectives",
@@ -418,23 +474,23 @@ def test_the_stages_compose_to_report_json(evaluated, tmp_path):
     """load -> compute_policies -> build_report gives report.json (the same keys, the same values)."""
     import time
 
-    from grade.evaluate import evaluation
+    from grade.evaluate import evaluation, held_out, policies, summary, verdicts
 
     features, model, out, report = evaluated
     on_disk = store.read_json(store.join(out, "report.json"))
-    assert set(on_disk) == REPORT_KEYS and on_disk == json.loads(json.dumps(evaluation._finite(report)))
+    assert set(on_disk) == REPORT_KEYS and on_disk == json.loads(json.dumps(summary.finite(report)))
     cfg = small_config()
     # the value model the run fitted itself is published in the report folder, with its report entry
     from grade.value.value_model import load_value_model
 
     assert report["value_model"]["uri"] == "fitted"
-    fitted = store.join(out, evaluation.FITTED_VALUE_MODEL)
+    fitted = store.join(out, held_out.FITTED_VALUE_MODEL)
     assert report["value_model"]["content_hash"] == store.content_hash(fitted)
-    held = evaluation.load_inputs(features, cfg, None,
-                                  value_model=(load_value_model(fitted), report["value_model"]))
-    named, info = evaluation.named_models({"grade": model}, None, cfg)
-    staged = evaluation.build_report(held, evaluation.compute_policies(held, named, info), ["grade"],
-                                     time.monotonic())
+    held = held_out.load_inputs(features, cfg, None,
+                                value_model=(load_value_model(fitted), report["value_model"]))
+    named, info = policies.named_models({"grade": model}, None, cfg)
+    staged = verdicts.build_report(held, policies.compute_policies(held, named, info), ["grade"],
+                                   time.monotonic())
     staged.elapsed_s = report["elapsed_s"]
     assert staged.to_json() == report
     evaluation.publish(staged, str(tmp_path / "again"), "<html>")
@@ -444,15 +500,15 @@ def test_the_stages_compose_to_report_json(evaluated, tmp_path):
 def test_a_baseline_or_primary_flavour_is_one_registry_entry(evaluated, tmp_path, monkeypatch):
     """Adding a baseline to BASELINES puts it in every table; an unavailable one is reported, not ranked;
     the primary flavour is the first available entry of PRIMARY_FLAVOURS."""
-    from grade.evaluate import evaluation
+    from grade.evaluate import held_out, policies
 
     features, _, _, _ = evaluated
     uniform = torch.full((len(OBJECTIVES),), 1.0 / len(OBJECTIVES))
-    monkeypatch.setattr(evaluation, "BASELINES", {
-        **evaluation.BASELINES, "uniform": lambda held: evaluation.Ranking(weights=uniform),
-        "broken": lambda held: evaluation.Ranking(unavailable="needs data this run does not have")})
-    monkeypatch.setattr(evaluation, "PRIMARY_FLAVOURS", (
-        evaluation.PrimaryFlavour("never", lambda data: False), *evaluation.PRIMARY_FLAVOURS[::-1]))
+    monkeypatch.setattr(policies, "BASELINES", {
+        **policies.BASELINES, "uniform": lambda held: policies.Ranking(weights=uniform),
+        "broken": lambda held: policies.Ranking(unavailable="needs data this run does not have")})
+    monkeypatch.setattr(held_out, "PRIMARY_FLAVOURS", (
+        held_out.PrimaryFlavour("never", lambda data: False), *held_out.PRIMARY_FLAVOURS[::-1]))
     report = run_evaluation(features, {}, str(tmp_path / "out"),
                             small_config(static_search_iterations=0, bootstrap_samples=20))
     assert "uniform" in report["policies"] and "broken" not in report["policies"]
@@ -468,7 +524,8 @@ def test_best_static_searches_the_value_stage2_maximises(evaluated):
     """best_static answers GRADE's question globally: by default the declared value under the same
     guardrail constraints as Stage 2 (CTR and GPM at least static's); with guard_mode price, the
     declared value plus the reward's guardrail prices (grade.value.reward.rewarded_value)."""
-    from grade.evaluate.evaluation import _best_static, load_inputs
+    from grade.evaluate.held_out import load_inputs
+    from grade.evaluate.policies import _best_static
     from grade.value.business import BusinessConfig
     from grade.value.reward import RewardConfig, rewarded_value
     from grade.value.value_model import load_value_model

@@ -16,13 +16,9 @@ import grade.core.cli
 from components import features as features_cli
 from grade.core import store
 from grade.core.errors import InputError
-from grade.data.features import (
-    FeaturesConfig,
-    extract_features,
-    hash_strings,
-    objective_order,
-    split_boundaries,
-)
+from grade.data.features import FeaturesConfig, extract_features
+from grade.data.raw_logs import hash_strings, objective_order
+from grade.data.shard_writer import split_boundaries
 from grade.data.transform import encode_categorical
 
 T0 = pd.Timestamp("2026-03-01")

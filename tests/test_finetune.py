@@ -182,9 +182,9 @@ def test_a_tighter_guardrail_floor_keeps_more_gmv(features, stage1, tmp_path):
     from grade.data import dataset
     from grade.data.transform import clamp_unseen
     from grade.model.policy import load_policy
-    from grade.train.finetune import value_fields_for
     from grade.value import guardrails
     from grade.value.business import BusinessConfig
+    from grade.value.value_fields import batch_value_fields
     from grade.value.value_model import ValueModelConfig, build_value_model, load_value_model
 
     outcome = str(tmp_path / "value_model")
@@ -201,7 +201,7 @@ def test_a_tighter_guardrail_floor_keeps_more_gmv(features, stage1, tmp_path):
         data = {**valid, "cat": clamp_unseen(valid["cat"], policy.cfg.cat_sizes)}
         with torch.no_grad():
             mean = policy.mean_weights(data["num"], data["cat"])
-        fields = value_fields_for(data, vm, cfg)
+        fields = batch_value_fields(data, vm, cfg.reward, cfg.exposure_depth)
         reading = guardrails.read_guardrails(mean, static_weights(spec), data, fields, vm.theta(10),
                                              BusinessConfig(), cfg.reward, 10, (0.0, 0.0))
         return reading.ratios[guardrails.GUARDED.index("gmv")]
@@ -370,12 +370,14 @@ def test_value_fields_computed_once_are_those_of_each_batch(features, value_mode
     from grade.data import dataset
     from grade.data.transform import clamp_unseen
     from grade.train import finetune as finetune_mod
+    from grade.value import value_fields as value_fields_mod
     from grade.value.value_model import value_fields
 
-    monkeypatch.setattr(finetune_mod, "VALUE_CACHE_CHUNK", 500)   # 1200 requests: chunks of 500, 500, 200
+    monkeypatch.setattr(value_fields_mod, "CACHE_CHUNK", 500)   # 1200 requests: chunks of 500, 500, 200
     cfg = small_cfg(reward=RewardConfig(post_estimator=estimator))
     cat_sizes = [3, 2]   # smaller than the features' vocabularies: clamped as a step clamps
-    cache = finetune_mod.value_cache(features, value_model, cfg, cat_sizes)
+    cache = value_fields_mod.value_cache(features, value_model, cfg.reward, cfg.exposure_depth, cat_sizes,
+                                         cfg.value_cache_max_mb, finetune_mod.TRAIN_FIELDS)
     n = dataset.count_requests(features, "train")
     assert set(cache) == ({"logged_theta", "label_kinds", "model_kinds"} if estimator == "dm"
                           else {"logged_theta", "label_kinds"})
@@ -395,14 +397,16 @@ def test_value_fields_computed_once_are_those_of_each_batch(features, value_mode
 
 
 def test_value_fields_over_the_memory_limit_are_computed_per_batch(features, value_model, caplog):
-    from grade.train.finetune import value_cache
+    from grade.train.finetune import TRAIN_FIELDS
+    from grade.value.value_fields import value_cache
 
     def cache_under(max_mb: float):
         cfg = small_cfg(value_cache_max_mb=max_mb)
-        return value_cache(features, value_model, cfg, [4, 3])
+        return value_cache(features, value_model, cfg.reward, cfg.exposure_depth, [4, 3],
+                           cfg.value_cache_max_mb, TRAIN_FIELDS)
 
     # 1200 requests x 12 items x (1 + 3 + 3) values x 4 bytes = 0.385 MB
-    with caplog.at_level("WARNING", logger="grade.train.finetune"):
+    with caplog.at_level("WARNING", logger="grade.value.value_fields"):
         assert cache_under(0.3) is None
     assert "would take 0.4 MB" in caplog.text and "per batch" in caplog.text
     assert cache_under(0.4) is not None
@@ -413,18 +417,18 @@ def test_fields_computed_once_train_the_same_weights_as_fields_per_batch(feature
                                                                           monkeypatch):
     """The default posterior (dm) runs the outcome model once per train request, not once per step, and
     the weights are bit for bit those of the per-batch computation (over an epoch boundary)."""
-    import grade.train.finetune as finetune_mod
+    import grade.value.value_fields as value_fields_mod
     from grade.data import dataset
 
     calls = []
-    counted = finetune_mod.value_fields
-    monkeypatch.setattr(finetune_mod, "value_fields", lambda batch, *a, **k: calls.append(
+    counted = value_fields_mod.value_fields
+    monkeypatch.setattr(value_fields_mod, "value_fields", lambda batch, *a, **k: calls.append(
         int(batch["mask"].shape[0])) or counted(batch, *a, **k))
     assert small_cfg().reward.post_estimator == "dm"
     cached, per_batch = str(tmp_path / "cached"), str(tmp_path / "per_batch")
     finetune(features, stage1, cached, small_cfg(max_steps=12))
     n_train, n_valid = (dataset.count_requests(features, split) for split in ("train", "valid"))
-    chunk = finetune_mod.VALUE_CACHE_CHUNK
+    chunk = value_fields_mod.CACHE_CHUNK
     train_chunks = [min(chunk, n_train - start) for start in range(0, n_train, chunk)]
     assert sorted(calls) == sorted(train_chunks + [n_valid])   # the train split once, the valid split once
     calls.clear()

@@ -115,7 +115,7 @@ def test_train_step_reports_ratio_one_first_then_moves():
     reference = clone(policy)
     cfg = FinetuneConfig(update_epochs=3, lr=1e-2, reward=RewardConfig(post_estimator="dcg_ips"))
     diag = train_step(policy, reference, torch.optim.Adam(policy.parameters(), lr=cfg.lr), batch, OBJECTIVES,
-                      cfg, seed=0)
+                      cfg, seed=0).diagnostics
     assert diag["grpo/ratio_first_epoch"] == 1.0
     assert diag["grpo/ratio_mean"] != 1.0  # the last epoch sees updated parameters
     expected_keys = {"reward/total", "reward/post", "reward/prior", "reward/format", "adv/std", "loss/policy",
@@ -246,10 +246,26 @@ def test_extreme_inputs_stay_finite(exploration):
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     ref = clone(policy)
     for step in range(3):
-        diag = train_step(policy, ref, opt, batch, OBJECTIVES, cfg, seed=step)
+        diag = train_step(policy, ref, opt, batch, OBJECTIVES, cfg, seed=step).diagnostics
         assert all(math.isfinite(v) for v in diag.values()), diag
     assert diag["grpo/zero_var_groups"] >= 0.5  # one-item lists: every weight ranks alike
     assert all(torch.isfinite(p).all() for p in policy.parameters())
+
+
+def test_train_step_returns_the_kappa_controllers_next_integral():
+    """The controller's state comes back as StepResult.kappa_integral (the diagnostics only log it):
+    the integral grows by kappa_dual_lr times the step's gap, and is 0 when kappa is not targeted."""
+    policy, batch = make_policy(), make_batch()
+    cfg = FinetuneConfig(update_epochs=1, reward=RewardConfig(post_estimator="dcg_ips"), kappa_dual_lr=0.3)
+    result = train_step(policy, clone(policy), torch.optim.Adam(policy.parameters(), lr=cfg.lr), batch,
+                        OBJECTIVES, cfg, seed=0, kappa_integral=0.5)
+    gap = result.diagnostics["kappa/gap"]
+    assert gap != 0 and result.kappa_integral == pytest.approx(0.5 + 0.3 * gap)
+    fixed = FinetuneConfig(update_epochs=1, reward=cfg.reward, adaptive_kappa=False)
+    policy = make_policy()
+    result = train_step(policy, clone(policy), torch.optim.Adam(policy.parameters(), lr=cfg.lr), batch,
+                        OBJECTIVES, fixed, seed=0, kappa_integral=0.5)
+    assert result.kappa_integral == 0.0
 
 
 def test_dirichlet_samples_are_clamped_and_on_the_simplex():

@@ -4,12 +4,13 @@ The folder a module sits in is its layer (docs/architecture.md, "Layers"), lowes
 
 - core: errors, config, command line, progress, the store and its backends, distributed helpers, the
   HTTP server's processes;
-- data: simulator, features, the rolling data window, the feature transform, the tensor dataset and
-  the ranking rule (fusion), with which the simulator ranks its logs;
+- data: simulator, features (raw_logs, log_checks, shard_writer: its stages), the rolling data window,
+  the feature transform, the tensor dataset and the ranking rule (fusion), with which the simulator
+  ranks its logs;
 - model: the policy, its loss, the training runtime (it publishes a policy folder with the data's
   feature spec) and the registry of published policies (the evaluation reads the incumbent from it);
-- value: what a ranking is worth (examination, estimators, outcome and value model, declared
-  business value, auction metrics, reward and its guardrails, baselines);
+- value: what a ranking is worth (examination, estimators, outcome and value model, the value fields of
+  training requests, declared business value, auction metrics, reward and its guardrails, baselines);
 - train, evaluate, release: three peers on top that never import one another.
 
 Imports inside ``if TYPE_CHECKING:`` are annotations only and are not counted. Import cycles are
@@ -114,3 +115,25 @@ def test_the_check_sees_upward_lazy_and_peer_imports_and_skips_type_only_ones():
         "grade.evaluate.evaluation (evaluate) -> grade.train.finetune (train)"]
     assert violations({"grade.data.dataset": {"grade.model.policy", "grade.core.store"}}) == [
         "grade.data.dataset (data) -> grade.model.policy (model)"]
+
+
+#: the most lines a module of grade/ may hold: past it a module does more than one stage's work
+MAX_MODULE_LINES = 600
+
+
+def long_modules(paths: dict[str, Path], limit: int = MAX_MODULE_LINES) -> list[str]:
+    """``name (N lines)`` for every module over ``limit`` lines."""
+    counts = {name: len(p.read_text().splitlines()) for name, p in paths.items()}
+    return [f"{name} ({n} lines)" for name, n in sorted(counts.items()) if n > limit]
+
+
+def test_no_module_of_grade_is_over_600_lines():
+    assert long_modules(modules()) == []
+
+
+def test_the_length_check_names_a_long_module(tmp_path):
+    short, long = tmp_path / "short.py", tmp_path / "long.py"
+    short.write_text("x = 1\n" * MAX_MODULE_LINES)
+    long.write_text("x = 1\n" * (MAX_MODULE_LINES + 1))
+    assert long_modules({"grade.short": short, "grade.long": long}) == [
+        f"grade.long ({MAX_MODULE_LINES + 1} lines)"]

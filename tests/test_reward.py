@@ -9,6 +9,7 @@ import torch
 
 from grade.core import config
 from grade.core.errors import InputError
+from grade.data.fusion import simplex_grid
 from grade.value.reward import RewardConfig, format_penalty, prior_item_value, reward_terms, weight_entropy
 
 OBJECTIVES = ["ctr", "cvr", "gmv"]
@@ -213,7 +214,7 @@ def test_batch_posterior_points_at_the_truly_better_weights_on_simulated_logs(tm
     extract_features(str(tmp_path / "logs"), str(tmp_path / "f"), FeaturesConfig())
     objectives = list(dataset.load_spec(str(tmp_path / "f"))["objectives"])
     data = dataset.load_split(str(tmp_path / "f"), "valid")
-    grid = auction.simplex_grid(3, 10)
+    grid = simplex_grid(3, 10)
     true_opm = auction.sweep_global_weights(data, objectives, grid)["opm"]
     w = grid.expand(data["mask"].shape[0], -1, -1)
     best, corr = {}, {}

@@ -88,3 +88,13 @@ def ndcg_at(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | Non
     if dcg.dim() == 2:
         idcg = idcg.unsqueeze(1)
     return torch.where(idcg > 0, dcg / idcg.clamp_min(1e-12), torch.zeros_like(dcg))
+
+
+def simplex_grid(k: int, steps: int) -> torch.Tensor:
+    """All weight vectors on the simplex with coordinates in {0, 1/steps, ..., 1}: [G, K]."""
+    def rec(remaining: int, dims: int) -> list[list[int]]:
+        if dims == 1:
+            return [[remaining]]
+        return [[i] + rest for i in range(remaining + 1) for rest in rec(remaining - i, dims - 1)]
+
+    return torch.tensor(rec(steps, k), dtype=torch.float32) / steps

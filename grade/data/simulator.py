@@ -64,12 +64,13 @@ from grade.core import config, store
 from grade.core.config import ranged
 from grade.core.errors import ConfigError
 from grade.core.progress import Progress
-from grade.data.fusion import examination, fuse, gather_items, top_e
+from grade.data.fusion import examination, fuse, gather_items, simplex_grid, top_e
 
 log = logging.getLogger("grade.data.simulator")
 
 SEGMENTS = ("browser", "buyer", "bargain_hunter", "premium")
-OBJECTIVES = ("ctr", "cvr", "gmv", "rel")
+#: the predicted signals (pred_<name> columns) the simulator can write; labels are click, order, gmv
+SIGNALS = ("ctr", "cvr", "gmv", "rel")
 #: segment parameters: click intent a, purchase propensity c, price sensitivity b, quality taste q
 SEGMENT_PARAMS = {
     "browser": dict(a=-2.3, c=-3.4, b=0.4, q=0.3),
@@ -140,9 +141,9 @@ class SimulatorConfig:
     """requests generated and written per chunk (bounds memory)"""
 
     def validate(self) -> None:
-        bad = [o for o in self.objectives if o not in OBJECTIVES]
+        bad = [o for o in self.objectives if o not in SIGNALS]
         if bad or not self.objectives:
-            raise ConfigError(f"simulator.objectives: expected a non-empty list from {list(OBJECTIVES)}, "
+            raise ConfigError(f"simulator.objectives: expected a non-empty list from {list(SIGNALS)}, "
                               f"got {self.objectives}")
         if len(set(self.objectives)) != len(self.objectives):
             raise ConfigError(f"simulator.objectives: duplicates in {self.objectives}")
@@ -209,11 +210,6 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def examination_probs(depth: int, eta: float) -> np.ndarray:
-    """Examination probabilities theta_0..theta_{depth-1} = 1 / (1 + j)^eta."""
-    return examination(depth, eta).double().numpy()
-
-
 # ------------------------------------------------------------------------------------------------
 # Requests
 # ------------------------------------------------------------------------------------------------
@@ -276,7 +272,7 @@ def _chunk(cfg: SimulatorConfig, world: World, index: int, start: int, n: int) -
     position = np.empty((n, L), dtype=np.int16)
     np.put_along_axis(position, order_idx, np.broadcast_to(slot.astype(np.int16), (n, L)), axis=1)
 
-    theta = examination_probs(L, cfg.position_bias)[position]
+    theta = examination(L, cfg.position_bias).double().numpy()[position]
     click = rng.random((n, L)) < theta * true_ctr
     order = click & (rng.random((n, L)) < true_cvr)
     gmv = np.where(order, price, 0.0)
@@ -361,11 +357,11 @@ def simplex_candidates(k: int, n_candidates: int = 512, seed: int = 0) -> torch.
     """
     step = 1
     while True:  # finest grid with at most half the budget
-        nxt = _grid(k, step + 1)
+        nxt = simplex_grid(k, step + 1)
         if len(nxt) > max(n_candidates // 2, k + 1):
             break
         step += 1
-    grid = _grid(k, step)
+    grid = simplex_grid(k, step)
     centre = torch.full((1, k), 1.0 / k)
     g = torch.Generator().manual_seed(seed)
     extra = max(n_candidates - len(grid) - 1, 0)
@@ -376,16 +372,9 @@ def simplex_candidates(k: int, n_candidates: int = 512, seed: int = 0) -> torch.
     return torch.unique(cand.round(decimals=6), dim=0)
 
 
-def _grid(k: int, steps: int) -> torch.Tensor:
-    """All weight vectors with coordinates in {0, 1/steps, ..., 1} summing to 1."""
-    pts = [[]]
-    for _ in range(k - 1):
-        pts = [p + [i] for p in pts for i in range(steps + 1 - sum(p))]
-    arr = torch.tensor([p + [steps - sum(p)] for p in pts], dtype=torch.float32)
-    return arr / steps
-
-
 def _value_weights(value) -> tuple[float, float, float]:
+    """(v_click, v_order, v_gmv per currency unit) of a preset name or a triple: the evaluation passes
+    grade.value.business.BusinessConfig.prices, the simulator's own headroom report a preset."""
     if isinstance(value, str):
         if value not in VALUE_PRESETS:
             raise ValueError(f"value must be one of {sorted(VALUE_PRESETS)} or (v_click, v_order, v_gmv), "
@@ -395,6 +384,12 @@ def _value_weights(value) -> tuple[float, float, float]:
     if len(v) != 3:
         raise ValueError(f"value must be (v_click, v_order, v_gmv), got {value!r}")
     return v
+
+
+def _priced(outcomes: dict[str, torch.Tensor], value) -> torch.Tensor:
+    """The value of expected clicks, orders and GMV ({kind: [N, C]}) at ``value``'s prices: [N, C]."""
+    v_click, v_order, v_gmv = _value_weights(value)
+    return v_click * outcomes["clicks"] + v_order * outcomes["orders"] + v_gmv * outcomes["gmv"]
 
 
 def candidate_outcomes(signals: torch.Tensor, true_ctr: torch.Tensor, true_cvr: torch.Tensor,
@@ -436,10 +431,9 @@ def oracle_weights(signals: torch.Tensor, true_ctr: torch.Tensor, true_cvr: torc
     one of "clicks", "orders", "gmv": value of a ranking = sum_j theta_j ctr (v_click + cvr (v_order +
     v_gmv price)) over the top ``depth``. Returns weights [N, K] and value [N].
     """
-    v_click, v_order, v_gmv = _value_weights(value)
     cand = simplex_candidates(signals.shape[-1], n_candidates, seed)
     o = candidate_outcomes(signals, true_ctr, true_cvr, price, mask, cand, depth=depth, eta=eta, chunk=chunk)
-    val = v_click * o["clicks"] + v_order * o["orders"] + v_gmv * o["gmv"]
+    val = _priced(o, value)
     best = val.argmax(dim=1)
     return cand[best], val.gather(1, best[:, None])[:, 0]
 
@@ -474,8 +468,7 @@ def headroom_report(table: pa.Table, objectives: list[str], *, list_size: int, d
     static = torch.full((1, k), 1.0 / k)
     cand = torch.cat([static, cand])
     o = candidate_outcomes(signals, ctr, cvr, price, None, cand, depth=depth, eta=eta)
-    v_click, v_order, v_gmv = _value_weights(value)
-    val = v_click * o["clicks"] + v_order * o["orders"] + v_gmv * o["gmv"]
+    val = _priced(o, value)
     impressions = float(examination(min(depth, list_size), eta).sum()) * n
     rows = torch.arange(n)
 

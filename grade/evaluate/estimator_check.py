@@ -78,7 +78,8 @@ def grid_values(data: dict[str, torch.Tensor], grid: torch.Tensor, segment: torc
 
     ``estimators``: name -> inputs on ``data``'s requests (label and model key "value": the declared
     value per item); "true" is added from the ground truth (true_ctr, true_cvr, price) with
-    ``value_weights`` (v_click, v_order, v_gmv per raw price unit) and theta_j = (1+j)^-eta.
+    ``value_weights`` (the declared value's prices for raw GMV, BusinessConfig.prices) and
+    theta_j = (1+j)^-eta.
     segment [N] holds ids in 0..n_segments-1. Requests are processed in chunks (SNIPS normalises per chunk).
     """
     n, length = data["mask"].shape

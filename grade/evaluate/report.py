@@ -98,18 +98,20 @@ def segments_table(report: dict[str, Any]) -> str:
     by = seg.get("by_segment", {})
     if not by:
         return "<p>No segment breakdown.</p>"
-    flavour = report["primary_flavour"]
+    flavour, metric = report["primary_flavour"], report["primary_metric"]
+    name = metric.upper()
     pols = [p for p in report["lift_vs_static"] if p != "logged"]
-    head = "".join(f"<th>{html.escape(p)} OPM lift</th>" for p in pols)
+    head = "".join(f"<th>{html.escape(p)} {name} lift</th>" for p in pols)
     rows = []
     for label, v in by.items():
-        static_opm = v["policies"].get("static", {}).get(flavour, {}).get("opm")
-        cells = "".join(f"<td>{_pct(v['lift_vs_static'].get(p, {}).get(flavour, {}).get('opm'))}</td>"
+        static_value = v["policies"].get("static", {}).get(flavour, {}).get(metric)
+        cells = "".join(f"<td>{_pct(v['lift_vs_static'].get(p, {}).get(flavour, {}).get(metric))}</td>"
                         for p in pols)
         rows.append(f"<tr><th>{html.escape(str(label))}</th><td>{v['n_requests']}</td>"
-                    f"<td>{_fmt(static_opm, 3)}</td>{cells}</tr>")
-    return (f'<table class="lifts"><caption>{flavour} OPM by {html.escape(seg.get("feature", ""))}</caption>'
-            f"<thead><tr><th>segment</th><th>requests</th><th>static OPM</th>{head}</tr></thead>"
+                    f"<td>{_fmt(static_value, 3)}</td>{cells}</tr>")
+    feature = html.escape(seg.get("feature", ""))
+    return (f'<table class="lifts"><caption>{flavour} {name} by {feature}</caption>'
+            f"<thead><tr><th>segment</th><th>requests</th><th>static {name}</th>{head}</tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>")
 
 

@@ -22,7 +22,7 @@ import torch
 
 from grade.core import store
 from grade.core.errors import InputError
-from grade.data.features import aligned_batches, list_log_files
+from grade.data.raw_logs import aligned_batches, list_log_files
 from grade.data.transform import FeatureTransform, repeated_key
 
 log = logging.getLogger("grade.release.scoring")

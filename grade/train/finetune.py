@@ -21,7 +21,7 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,22 +38,19 @@ from grade.value import auction, guardrails
 from grade.value.baselines import static_weights
 from grade.value.business import BusinessConfig
 from grade.value.reward import gmv_unit_of, reward_terms, rewarded_value, weight_entropy
+from grade.value.value_fields import batch_value_fields, cached_value_fields, value_cache
 from grade.value.value_model import (
     ValueModel,
     ValueModelConfig,
     fit_value_model,
     load_value_model,
     priced_fields,
-    value_fields,
 )
 
 log = logging.getLogger(__name__)
 
 TRAIN_FIELDS = ["z", "pred", "mask", "num", "cat", "click", "order", "gmv", "position"]
 TRUTH_FIELDS = ["true_ctr", "true_cvr", "price"]
-VALUE_CACHE_CHUNK = 1024
-"""train requests per outcome-model pass when the value fields are computed once (4,096 at L = 50 took 2.7x
-the transient memory of 1,024 and longer)"""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,7 +264,9 @@ def _start(features_uri: str, init_uri: str, cfg: FinetuneConfig, rank: int, wor
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     static = static_weights(spec)
-    cache = None if value is None else value_cache(features_uri, value, cfg, policy.cfg.cat_sizes, static)
+    cache = None if value is None else value_cache(features_uri, value, cfg.reward, cfg.exposure_depth,
+                                                   policy.cfg.cat_sizes, cfg.value_cache_max_mb, TRAIN_FIELDS,
+                                                   static)
     return _Run(features_uri, cfg, spec, objectives, gmv_unit_of(spec), fingerprint, policy, reference,
                 optimizer, valid, n_train, rank_batch, drop_last, steps_per_epoch, total_steps, rank,
                 world_size, distributed.GradientAverager(), business, value, cache, static)
@@ -288,17 +287,6 @@ def _theta(run: _Run) -> torch.Tensor | None:
     return None if run.value is None else run.value.theta(run.cfg.exposure_depth)
 
 
-def value_fields_for(batch: dict[str, torch.Tensor], value: ValueModel, cfg: FinetuneConfig,
-                     static: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """:func:`value_fields` of a batch: the outcome model's terms only where the estimator uses them;
-    with the ``static`` weights [K] and guardrails held as constraints, also the static weights' amounts
-    per request (:func:`grade.value.guardrails.static_fields`), the guardrails' fixed reference."""
-    needs_model = cfg.reward.post_estimator in ("dm", "switch", "shrunk")
-    fields = value_fields(batch, value, with_model=needs_model)
-    if static is not None and cfg.reward.guard_mode == "constraint":
-        fields.update(guardrails.static_fields(static, batch, fields, value.theta(cfg.exposure_depth),
-                                               cfg.reward, cfg.exposure_depth))
-    return fields
 
 
 def rewarded_now(run: _Run, state: _State) -> BusinessConfig:
@@ -309,63 +297,10 @@ def rewarded_now(run: _Run, state: _State) -> BusinessConfig:
     return rewarded_value(run.business, run.cfg.reward)
 
 
-def value_cache(features_uri: str, value: ValueModel, cfg: FinetuneConfig, cat_sizes: list[int],
-                static: torch.Tensor | None = None) -> dict[str, torch.Tensor] | None:
-    """The value fields of every train request, computed once: {name: [N, ...] float32} by row of the
-    split (:func:`grade.value.value_model.value_fields`: theta-hat at the logged position, the labels and the
-    outcome model's expectations per kind of value, so that any price of the kinds reads them; with
-    ``static``, the static weights' amounts per request, :func:`value_fields_for`).
-
-    They depend on the request alone (the value model is fixed during Stage 2), so a step looks its
-    batch up (``dataset.iter_batches(..., rows=True)``) instead of running the outcome model again every
-    epoch. Computed by :func:`grade.value.value_model.value_fields` in chunks of ``VALUE_CACHE_CHUNK``
-    requests on the categories the policy sees (``clamp_unseen``), as a step would; the outcome model
-    works request by request, so the numbers are those of a per-batch computation. With several ranks
-    each holds the whole split (a rank's share changes from epoch to epoch). None, with a warning, when
-    they would take more than ``cfg.value_cache_max_mb`` (and when it is 0): the steps then compute them
-    per batch.
-    """
-    if cfg.value_cache_max_mb == 0:
-        return None
-    n = dataset.count_requests(features_uri, "train")
-    chunks = dataset.iter_batches(features_uri, "train", VALUE_CACHE_CHUNK, fields=TRAIN_FIELDS, rows=True)
-    return value_cache_of(chunks, n, value, cfg, cat_sizes, static)
 
 
-def value_cache_of(chunks: Iterable[dict[str, torch.Tensor]], n: int, value: ValueModel,
-                   cfg: FinetuneConfig, cat_sizes: list[int], static: torch.Tensor | None = None
-                   ) -> dict[str, torch.Tensor] | None:
-    """:func:`value_cache` over ``chunks`` of a split of ``n`` requests, each chunk with its
-    ``dataset.ROW_FIELD`` [C]; {name: [n, ...]} or None over ``cfg.value_cache_max_mb``
-    (``static``: as :func:`value_fields_for`)."""
-    cache: dict[str, torch.Tensor] | None = None
-    progress = training.Progress("finetune value fields", n, "requests", logger=log)
-    for chunk in chunks:
-        chunk = {**chunk, "cat": clamp_unseen(chunk["cat"], cat_sizes)}
-        rows = chunk.pop(dataset.ROW_FIELD)
-        fields = value_fields_for(chunk, value, cfg, static)
-        if cache is None:
-            mb = n * sum(v[0].numel() * v.element_size() for v in fields.values()) / 2**20
-            if mb > cfg.value_cache_max_mb:
-                log.warning("finetune: the value fields of the %d train requests would take %.1f MB, over "
-                            "finetune.value_cache_max_mb = %g: computing them per batch instead", n, mb,
-                            cfg.value_cache_max_mb)
-                return None
-            cache = {k: torch.empty((n, *v.shape[1:]), dtype=v.dtype) for k, v in fields.items()}
-        for k, v in fields.items():
-            cache[k][rows] = v
-        progress.add(len(rows))
-    seconds = progress.finish()
-    if cache is not None:
-        mb = sum(v.numel() * v.element_size() for v in cache.values()) / 2**20
-        log.info("finetune: value fields of %d train requests computed once in %.1f s (%s; %.1f MB held)",
-                 n, seconds, ", ".join(cache), mb)
-    return cache
 
 
-def cached_value_fields(cache: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The value fields {name: [B, L, ...]} of the batch whose requests sit at ``rows`` [B] of the split."""
-    return {name: fields[rows] for name, fields in cache.items()}
 
 
 def _train_epoch(run: _Run, state: _State, epoch: int, progress: training.Progress, out_uri: str,
@@ -415,7 +350,7 @@ def _step(run: _Run, state: _State, epoch: int, batch: dict[str, torch.Tensor]) 
     guard: dict[str, float] = {}
     if run.value is not None:
         fields = (cached_value_fields(run.value_cache, rows) if run.value_cache is not None
-                  else value_fields_for(batch, run.value, cfg, run.static))
+                  else batch_value_fields(batch, run.value, cfg.reward, cfg.exposure_depth, run.static))
         if cfg.reward.guard_mode == "constraint":
             # read at the weights the policy serves before this step's update (the rollout's mean)
             state.guard = guardrails.read_guardrails(roll.mean, run.static, batch, fields, _theta(run),
@@ -424,10 +359,10 @@ def _step(run: _Run, state: _State, epoch: int, batch: dict[str, torch.Tensor]) 
             state.guard_integral = state.guard.integral
             guard = guardrails.diagnostics(state.guard)
         batch = {**batch, **priced_fields(fields, rewarded_now(run, state))}
-    diag = train_step(run.policy, run.reference, run.optimizer, batch, run.objectives, cfg, seed,
-                      run.gmv_unit, run.averager, _theta(run), state.kappa_integral, roll=roll)
-    diag.update(guard)
-    state.kappa_integral = diag["kappa/integral"]
+    result = train_step(run.policy, run.reference, run.optimizer, batch, run.objectives, cfg, seed,
+                        run.gmv_unit, run.averager, _theta(run), state.kappa_integral, roll=roll)
+    state.kappa_integral = result.kappa_integral
+    diag = {**result.diagnostics, **guard}
     state.step += 1
     state.log_lines.append(json.dumps({"step": state.step, "epoch": epoch + 1,
                                        "requests": int(batch["mask"].shape[0]), **diag},
@@ -481,7 +416,9 @@ def _load_valid(features_uri: str, spec: dict[str, Any], cfg: FinetuneConfig, va
     data = dataset.load_split(features_uri, "valid", fields=TRAIN_FIELDS + truth)
     if cfg.eval_max_requests and data["mask"].shape[0] > cfg.eval_max_requests:
         data = {k: v[: cfg.eval_max_requests] for k, v in data.items()}
-    return data if value is None else {**data, **value_fields_for(data, value, cfg)}
+    if value is None:
+        return data
+    return {**data, **batch_value_fields(data, value, cfg.reward, cfg.exposure_depth)}
 
 
 def _lifts(final: dict[str, float] | None, base: dict[str, float] | None) -> dict[str, float]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.distributions as D
@@ -345,21 +345,32 @@ def grpo_loss(policy: PolicyNet, reference_out: PolicyOutput, num: torch.Tensor,
 # One training step
 # ------------------------------------------------------------------------------------------------
 
+class StepResult(NamedTuple):
+    """What one training step gives back: its diagnostics and the controller state the next step needs."""
+
+    diagnostics: dict[str, float]
+    """the step's diagnostics under namespaced keys (the train log's line)"""
+    kappa_integral: float
+    """the integral part of the kappa target's multiplier for the next step (0 when kappa is untargeted)"""
+
+
 def train_step(policy: PolicyNet, reference: PolicyNet, optimizer: torch.optim.Optimizer,
                batch: dict[str, torch.Tensor], objectives: list[str], cfg: FinetuneConfig,
                seed: int, gmv_unit: float = 1.0,
                averager: distributed.GradientAverager | None = None,
                theta: torch.Tensor | None = None, kappa_integral: float = 0.0,
-               roll: Rollout | None = None) -> dict[str, float]:
+               roll: Rollout | None = None) -> StepResult:
     """Rollout, rewards, advantages and ``update_epochs`` clipped updates on one batch.
 
-    Returns the step's diagnostics under namespaced keys. ``seed`` fixes this step's samples;
+    Returns the step's diagnostics and the kappa controller's next integral. ``seed`` fixes this step's
+    samples;
     ``gmv_unit`` scales pgmv in the prior (see :func:`grade.value.reward.gmv_unit_of`); ``averager``
     averages gradients over data-parallel ranks (default: one for the current process group);
     ``theta``: the estimated examination curve the posterior estimators need
     (grade.value.reward.reward_terms).
-    ``kappa_integral`` is the integral part of the kappa target's lambda, ``kappa/integral`` in the
-    result its next value. ``roll``: this step's rollout when the caller has drawn it already (with
+    ``kappa_integral`` is the integral part of the kappa target's lambda (the previous step's
+    :attr:`StepResult.kappa_integral`). ``roll``: this step's rollout when the caller has drawn it already
+    (with
     :func:`rollout` and ``seed``), e.g. to read the guardrails at its served weights before the reward.
     """
     averager = averager or distributed.GradientAverager()
@@ -421,4 +432,4 @@ def train_step(policy: PolicyNet, reference: PolicyNet, optimizer: torch.optim.O
     bad = [k for k, v in diag.items() if not math.isfinite(v)]
     if bad:
         raise FloatingPointError(f"non-finite diagnostics {bad} (lower lr or raise alpha_floor)")
-    return diag
+    return StepResult(diag, next_integral)

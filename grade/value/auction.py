@@ -37,8 +37,6 @@ from grade.data.fusion import examination, fuse, gather_items, ndcg_at, top_e
 from grade.data.transform import objective_index
 from grade.value.estimators import ranking_value
 
-FLAVOURS = ("true", "estimated", "prior", "replay")
-
 #: flavour -> metric -> (numerator key, denominator key, scale). Keys name per-request sums; keys
 #: without a flavour prefix are policy-independent (shared by every policy).
 METRICS: dict[str, dict[str, tuple[str, str, float]]] = {
@@ -191,7 +189,8 @@ def policy_sums(data: dict[str, torch.Tensor], objectives: list[str], *, weights
     The policy is either ``weights`` ([K] global or [N, K] per request, fused on ``data["z"]``) or
     precomputed ``scores`` [N, L] (higher ranks first). Flavours whose inputs are missing from
     ``data`` are left out (no ground truth -> no "true.*"; no ``estimator`` -> no "estimated.*").
-    ``value_weights`` (v_click, v_order, v_gmv per raw GMV unit) adds the true declared value "true.value".
+    ``value_weights`` (the declared value's prices for raw GMV, BusinessConfig.prices) adds the true
+    declared value "true.value".
     """
     if (weights is None) == (scores is None):
         raise ValueError("give exactly one of weights or scores")
@@ -398,16 +397,6 @@ def compare(table: SumsTable, baselines: Iterable[str], n_resamples: int = 1000,
 # ------------------------------------------------------------------------------------------------
 # Global weight sweeps (the static trade-off frontier)
 # ------------------------------------------------------------------------------------------------
-
-def simplex_grid(k: int, steps: int) -> torch.Tensor:
-    """All weight vectors on the simplex with coordinates in {0, 1/steps, ..., 1}: [G, K]."""
-    def rec(remaining: int, dims: int) -> list[list[int]]:
-        if dims == 1:
-            return [[remaining]]
-        return [[i] + rest for i in range(remaining + 1) for rest in rec(remaining - i, dims - 1)]
-
-    return torch.tensor(rec(steps, k), dtype=torch.float32) / steps
-
 
 def sweep_global_weights(data: dict[str, torch.Tensor], objectives: list[str], grid: torch.Tensor,
                          depth: int = 10, eta: float = 1.0, flavour: str = "true",

@@ -27,8 +27,9 @@ import logging
 import torch
 
 from grade.core.errors import InputError
-from grade.data.fusion import fuse, ndcg_at, top_e
-from grade.value.auction import EstimatorInputs, simplex_grid, sweep_global_weights
+from grade.data.fusion import fuse, ndcg_at, simplex_grid, top_e
+from grade.data.simulator import oracle_weights as simulator_oracle
+from grade.value.auction import EstimatorInputs, sweep_global_weights
 from grade.value.estimators import ranking_value
 from grade.value.reward import RewardConfig, reward_terms
 
@@ -235,9 +236,9 @@ def segment_best_weights(data: dict[str, torch.Tensor], objectives: list[str], s
                          steps: int) -> dict[int, torch.Tensor]:
     """Per segment id, the simplex-grid vector [K] with the best TRUE declared value on ``data``.
 
-    ``data`` needs the ground truth; segment [N] ids; value_weights = (v_click, v_order, v_gmv per raw
-    GMV unit). Impressions are the same for every vector of a segment, so the best value per impression
-    is the best total value.
+    ``data`` needs the ground truth; segment [N] ids; value_weights: the declared value's prices for raw
+    GMV (grade.value.business.BusinessConfig.prices). Impressions are the same for every vector of a
+    segment, so the best value per impression is the best total value.
     """
     grid = simplex_grid(data["z"].shape[-1], steps)
     v_click, v_order, v_gmv = value_weights
@@ -255,11 +256,9 @@ def oracle_weights(data: dict[str, torch.Tensor], depth: int = 10, eta: float = 
     """Per-request weights [N, K] maximising the true value, from the simulator's oracle.
 
     Needs the ground truth (true_ctr, true_cvr, price). ``value``: "clicks", "orders", "gmv" or
-    (v_click, v_order, v_gmv per raw price unit). Processed in chunks of requests to bound memory;
-    chunk c uses seed + c so the result is deterministic.
+    the declared value's prices for raw GMV (grade.value.business.BusinessConfig.prices). Processed in
+    chunks of requests to bound memory; chunk c uses seed + c so the result is deterministic.
     """
-    from grade.data.simulator import oracle_weights as simulator_oracle
-
     n = data["mask"].shape[0]
     out = []
     for c, start in enumerate(range(0, n, chunk)):

@@ -27,7 +27,9 @@ variance for bias; :func:`shrunk_dr` with ``lam = inf`` is exactly that collapse
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import torch
@@ -133,22 +135,61 @@ def shrunk_dr(y: torch.Tensor, m: torch.Tensor, idx: torch.Tensor, theta: torch.
     return Estimate(value, share.to(w.dtype))
 
 
-def business_value(clicks: torch.Tensor, orders: torch.Tensor, gmv: torch.Tensor, *, v_click: float,
-                   v_order: float, v_gmv: float, mean_order_value: float) -> torch.Tensor:
-    """Declared value V = v_click * clicks + v_order * orders + v_gmv * gmv / mean_order_value.
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+    """One estimator of a ranking's value, as the reward, the evaluation and the estimator check name it."""
 
-    Any estimates of the three labels of the same shape (e.g. [B, G]); GMV is counted in units of the
-    given mean order value, so v_gmv = v_order values a typical order's GMV like the order itself.
-    Every estimator here is linear in the label, so V's estimate is the same estimator applied to the
-    combined label.
-    """
-    if mean_order_value <= 0:
-        raise ValueError(f"mean_order_value must be > 0, got {mean_order_value}")
-    return v_click * clicks + v_order * orders + (v_gmv / mean_order_value) * gmv
+    name: str
+    """its config value (finetune.reward.post_estimator, evaluate.estimator, ...)"""
+    value: Callable[[Inputs], Estimate]
+    """the value [B, G] of the rankings in the inputs"""
+    needs_model: bool
+    """whether it reads the outcome model's item values m (the value model's outcome model)"""
+    checked: bool = True
+    """whether the estimator check (grade.evaluate.estimator_check) compares its per-segment picks"""
+    per_batch: bool = False
+    """whether a request's value depends on the other requests of its batch (a normaliser over the
+    batch), so that it cannot be computed once per request"""
 
 
-#: the estimators a reward or a judge can name (config values)
-ESTIMATORS = ("ips", "snips", "dm", "switch", "shrunk")
+class Inputs(NamedTuple):
+    """What an estimator reads (shapes in the module docstring); ``m`` None without an outcome model."""
+
+    idx: torch.Tensor
+    theta: torch.Tensor
+    logged_theta: torch.Tensor
+    y: torch.Tensor
+    m: torch.Tensor | None
+    max_weight: float
+    tau: float
+    lam: float
+
+
+#: Every estimator by name, in the order the reports list them: adding one is one entry here (and its test).
+ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
+    Estimator("ips", lambda i: ips(i.y, i.idx, i.theta, i.logged_theta, i.max_weight), needs_model=False),
+    Estimator("snips", lambda i: snips(i.y, i.idx, i.theta, i.logged_theta, i.max_weight,
+                                       over="batch_and_group"), needs_model=False, per_batch=True),
+    Estimator("dm", lambda i: Estimate(direct_method(i.m, i.idx, i.theta), i.theta.new_zeros(())),
+              needs_model=True),
+    Estimator("switch", lambda i: switch(i.y, i.m, i.idx, i.theta, i.logged_theta, i.tau, i.max_weight),
+              needs_model=True),
+    Estimator("shrunk", lambda i: shrunk_dr(i.y, i.m, i.idx, i.theta, i.logged_theta, i.lam),
+              needs_model=True, checked=False),
+)}
+
+
+def estimator(name: str) -> Estimator:
+    """The registered estimator ``name``; ValueError naming the known ones otherwise."""
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {name!r}; expected one of {list(ESTIMATORS)}")
+    return ESTIMATORS[name]
+
+
+def needs_model(name: str) -> bool:
+    """Whether the estimator ``name`` reads the outcome model's item values (False for names outside the
+    registry, such as the reward's own dcg_ips)."""
+    return name in ESTIMATORS and ESTIMATORS[name].needs_model
 
 
 def ranking_value(name: str, idx: torch.Tensor, theta: torch.Tensor, logged_theta: torch.Tensor,
@@ -157,20 +198,11 @@ def ranking_value(name: str, idx: torch.Tensor, theta: torch.Tensor, logged_thet
     """The value [B, G] of rankings idx [B, G, E] by the estimator ``name`` (one of :data:`ESTIMATORS`).
 
     y [B, L]: the logged label of the declared value (e.g. v_click click + v_order order + ...);
-    m [B, L]: the outcome model's value of an examined item, needed by dm, switch and shrunk;
+    m [B, L]: the outcome model's value of an examined item, needed by the estimators that read the model;
     theta [E], logged_theta [B, L] as in the other estimators. Every estimator is linear in the label,
     so the value of a mix of labels is the estimate of the mixed label.
     """
-    if name in ("dm", "switch", "shrunk") and m is None:
+    est = estimator(name)
+    if est.needs_model and m is None:
         raise ValueError(f"estimator {name!r} needs the outcome model's item values m")
-    if name == "ips":
-        return ips(y, idx, theta, logged_theta, max_weight)
-    if name == "snips":
-        return snips(y, idx, theta, logged_theta, max_weight, over="batch_and_group")
-    if name == "dm":
-        return Estimate(direct_method(m, idx, theta), theta.new_zeros(()))
-    if name == "switch":
-        return switch(y, m, idx, theta, logged_theta, tau, max_weight)
-    if name == "shrunk":
-        return shrunk_dr(y, m, idx, theta, logged_theta, lam)
-    raise ValueError(f"unknown estimator {name!r}; expected one of {list(ESTIMATORS)}")
+    return est.value(Inputs(idx, theta, logged_theta, y, m, max_weight, tau, lam))

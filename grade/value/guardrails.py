@@ -29,12 +29,12 @@ import torch
 
 from grade.core import distributed
 from grade.data.fusion import fuse, top_e
-from grade.value.business import BusinessConfig
+from grade.value import estimators
+from grade.value.business import KINDS, BusinessConfig
 from grade.value.estimators import ranking_value
 from grade.value.reward import RewardConfig
-from grade.value.value_model import KINDS
 
-#: the guarded kinds of value (grade.value.value_model.KINDS), in the order of the multipliers
+#: the guarded kinds of value (grade.value.business.KINDS), in the order of the multipliers
 GUARDED = ("clicks", "gmv")
 
 
@@ -75,8 +75,9 @@ def static_fields(static: torch.Tensor, batch: dict[str, torch.Tensor], fields: 
                   theta: torch.Tensor, reward: RewardConfig, depth: int) -> dict[str, torch.Tensor]:
     """``{"static_kinds": [B, 3]}``: the static weights' (``static`` [K]) amounts per request, a value field
     like the others (fixed for a run, so computed once with them); empty where the estimator's value of a
-    request depends on its batch (snips), which :func:`read_guardrails` then estimates per batch."""
-    if reward.post_estimator == "snips":
+    request depends on its batch (``per_batch``, e.g. snips), which :func:`read_guardrails` then estimates
+    per batch."""
+    if estimators.estimator(reward.post_estimator).per_batch:
         return {}
     b = batch["z"].shape[0]
     weights = static.to(batch["z"].dtype).expand(b, 1, -1)
@@ -89,7 +90,7 @@ def guard_controller(integral: tuple[float, ...], amounts: torch.Tensor, busines
     summed over a batch by :func:`read_guardrails`):
     lambda_k = max(0, I_k + kp gap_k), I_k <- max(0, I_k + lr gap_k)."""
     policy, static = amounts[0], amounts[1]
-    declared = torch.tensor(business.weights(), dtype=torch.float64)
+    declared = torch.tensor(business.prices(), dtype=torch.float64)
     v_static = float((declared * static).sum())
     multipliers, nxt, ratios, prices = [], [], [], []
     for k, name in enumerate(GUARDED):

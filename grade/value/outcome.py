@@ -13,11 +13,11 @@ Each head is a *correction of the MTL model*: its logit starts from the MTL pred
 embeddings] adds what the global MTL model misses — above all each user's own price sensitivity,
 which shows up as an interaction between the user features and the item's price signal within the
 request. Starting from the MTL logit keeps the model at least as good as the predictions it corrects
-(measured on the demo's valid split: the order-probability correlation with the truth rises from
-0.80 to 0.82-0.87, the click probability's stays at 0.93).
+(docs/estimators.md measures how much better).
 
 The direct-method estimator (:mod:`grade.value.estimators`) turns the per-item value
-v_click ctr + v_order ctr cvr + v_gmv ctr cvr value / unit into the value of any ranking.
+v_click ctr + v_order ctr cvr + v_gmv ctr cvr value / unit (priced by
+:meth:`grade.value.business.BusinessConfig.prices`) into the value of any ranking.
 """
 
 from __future__ import annotations

@@ -8,8 +8,7 @@ pi_w = argsort of S(w) = sum_k w_k z_k, exposed to depth E with DCG discounts d_
   without a positive label gives 0 to every member. By default the DCG is divided by the batch's
   mean ideal DCG rather than each request's own: with one positive per request (the usual case) the
   per-request NDCG cancels the inverse-propensity weight, and the reward drifts back towards the
-  logging policy (on the demo data its best global weight vector had 21% less true OPM than the
-  batch form's, see docs/finetune.md).
+  logging policy (docs/finetune.md measures both forms).
 - **prior** R_prior: sum_j d_j value(pi_w(j)) / ideal, with value = pctr (v_click + pcvr (v_order +
   v_gmv pgmv)) from the raw MTL predictions. Dense but inherits the MTL model's biases: maximising it
   alone reward-hacks (the prior metrics go up, the true ones down).
@@ -35,7 +34,9 @@ from grade.data.transform import objective_index
 from grade.value import estimators
 from grade.value.business import BusinessConfig
 
-TERMS = ("post", "prior", "format")
+#: what finetune.reward.post_estimator can name: every registered estimator of the declared value
+#: (grade.value.estimators.ESTIMATORS), then dcg_ips, the reward's own discounted mix of logged labels
+POSTERIORS = (*estimators.ESTIMATORS, "dcg_ips")
 
 
 @dataclasses.dataclass
@@ -116,6 +117,9 @@ class RewardConfig:
     def validate(self, n_objectives: int | None = None) -> None:
         """Checks beyond each field's range (grade.core.config.check runs those first); with the features'
         number of objectives K, also that the weight bounds fit K."""
+        if self.post_estimator not in POSTERIORS:
+            raise InputError(f"finetune.reward.post_estimator: expected one of {list(POSTERIORS)}, "
+                             f"got {self.post_estimator!r}")
         if self.post > 0 and self.post_estimator == "dcg_ips" and \
                 self.post_click + self.post_order + self.post_gmv <= 0:
             raise InputError("finetune.reward: post > 0 needs a positive post_click, post_order or post_gmv")
@@ -146,7 +150,13 @@ class RewardConfig:
     def needs_value_model(self) -> bool:
         """Whether the posterior needs the value model (theta-hat, and the outcome model for
         dm/switch/shrunk)."""
-        return self.post > 0 and self.post_estimator != "dcg_ips"
+        return self.post > 0 and self.post_estimator in estimators.ESTIMATORS
+
+
+def prior_value(cfg: RewardConfig) -> BusinessConfig:
+    """The value the prior term prices the MTL predictions at (``v_click``, ``v_order``, ``v_gmv``), priced
+    like the declared value (:meth:`BusinessConfig.prices`)."""
+    return BusinessConfig(clicks=cfg.v_click, orders=cfg.v_order, gmv=cfg.v_gmv)
 
 
 def prior_item_value(pred: torch.Tensor, mask: torch.Tensor, objectives: list[str], cfg: RewardConfig,
@@ -160,12 +170,13 @@ def prior_item_value(pred: torch.Tensor, mask: torch.Tensor, objectives: list[st
     obj = objective_index(objectives)
     if "ctr" not in obj:
         raise InputError(f"finetune.reward.prior: needs a 'ctr' objective, the features have {objectives}")
+    v_click, v_order, v_gmv = prior_value(cfg).prices(gmv_unit)
     pctr = pred[..., obj["ctr"]]
-    inner = torch.full_like(pctr, cfg.v_order)
-    if "gmv" in obj and cfg.v_gmv:
-        inner = inner + (cfg.v_gmv / gmv_unit) * pred[..., obj["gmv"]]
+    inner = torch.full_like(pctr, v_order)
+    if "gmv" in obj and v_gmv:
+        inner = inner + v_gmv * pred[..., obj["gmv"]]
     after_click = pred[..., obj["cvr"]] * inner if "cvr" in obj else torch.zeros_like(pctr)
-    value = pctr * (cfg.v_click + after_click)
+    value = pctr * (v_click + after_click)
     return value.masked_fill(~mask, 0.0)
 
 

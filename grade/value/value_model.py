@@ -29,7 +29,7 @@ from grade.core.config import ranged
 from grade.data import dataset
 from grade.data.transform import objective_index
 from grade.model import training
-from grade.value.business import BusinessConfig
+from grade.value.business import BusinessConfig, in_value_units
 from grade.value.examination import ExaminationConfig, ExaminationEstimate, estimate_examination
 from grade.value.outcome import (
     OutcomeConfig,
@@ -44,9 +44,6 @@ from grade.value.outcome import (
 )
 
 log = logging.getLogger(__name__)
-
-FILES = ("examination.json", "outcome.json", "outcome.safetensors", "value.json")
-
 
 @dataclasses.dataclass
 class ValueModelConfig:
@@ -91,10 +88,6 @@ class ValueModel:
         return business.item_value(clicks, orders, gmv, self.order_value_unit)
 
 
-#: the kinds of value of the value fields, in the order of their last axis
-KINDS = ("clicks", "orders", "gmv")
-
-
 def value_fields(batch: dict[str, torch.Tensor], vm: ValueModel, with_model: bool = True
                  ) -> dict[str, torch.Tensor]:
     """What the estimators need per item beyond a feature batch, for any declared value: ``logged_theta``
@@ -104,19 +97,19 @@ def value_fields(batch: dict[str, torch.Tensor], vm: ValueModel, with_model: boo
     :func:`priced_fields` turns them into one value per item."""
     mask = batch["mask"]
     unit = vm.order_value_unit
-    labels = torch.stack([batch["click"], batch["order"], batch["gmv"] / unit], dim=-1).to(torch.float32)
+    labels = in_value_units(torch.stack([batch["click"], batch["order"], batch["gmv"]], dim=-1), unit)
     out = {"logged_theta": vm.examination.theta_at(batch["position"]).masked_fill(~mask, 0.0),
-           "label_kinds": labels.masked_fill(~mask.unsqueeze(-1), 0.0)}
+           "label_kinds": labels.to(torch.float32).masked_fill(~mask.unsqueeze(-1), 0.0)}
     if with_model:
-        out["model_kinds"] = vm.item_kinds(batch) / torch.tensor([1.0, 1.0, unit])
+        out["model_kinds"] = in_value_units(vm.item_kinds(batch), unit)
     return out
 
 
 def priced_fields(fields: dict[str, torch.Tensor], business: BusinessConfig) -> dict[str, torch.Tensor]:
     """The fields of grade.value.reward.estimated_value [B, L] for one value: ``logged_theta``,
-    ``label_value``
-    and (with ``model_kinds``) ``model_value`` = v_click clicks + v_order orders + v_gmv gmv-units."""
-    prices = torch.tensor(business.weights(), dtype=fields["label_kinds"].dtype)
+    ``label_value`` and (with ``model_kinds``) ``model_value``: the kinds (GMV in value units) priced by
+    ``business``."""
+    prices = torch.tensor(business.prices(), dtype=fields["label_kinds"].dtype)
     out = {"logged_theta": fields["logged_theta"], "label_value": fields["label_kinds"] @ prices}
     if "model_kinds" in fields:
         out["model_value"] = fields["model_kinds"] @ prices.to(fields["model_kinds"].dtype)
