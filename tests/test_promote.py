@@ -463,7 +463,8 @@ def test_window_and_serve_read_their_config(tmp_path, capsys, monkeypatch):
     assert cli.run(window_cli.main, argv) == 2
     assert "modle_name" in capsys.readouterr().err
     seen = {}
-    monkeypatch.setattr(serve_cli, "serve", lambda args, argv: seen.setdefault("name", args.model_name) and 0)
+    monkeypatch.setattr(serve_cli.server, "serve",
+                        lambda settings, worker: seen.setdefault("name", settings.model_name) and 0)
     good = tmp_path / "serve.yaml"
     good.write_text("shared:\n  model_name: ranking-b\n")
     assert cli.run(serve_cli.main, ["--registry", str(tmp_path), "--config", str(good)]) == 0
