@@ -24,8 +24,10 @@ from typing import TextIO
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _STARTED = re.compile(r"Executing task '([^']+)'")
 _FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
-# A step's log line (grade.core.cli's format) whose message has a rate: "<time> INFO <logger>: <message>"
-_STEP_PROGRESS = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ INFO [\w.]+: (.*\d (?:[\w-]+)/s\b.*)$")
+# A step's log line whose message has a rate ("... (310 requests/s, ETA 41s)"), in the format of KFP's
+# executor ("[KFP Executor <time> INFO]: <message>") or of grade.core.cli ("<time> INFO <logger>: <message>").
+_STEP_PROGRESS = re.compile(r"^\s*(?:\[KFP Executor [\d-]+ [\d:,.]+ INFO\]|[\d-]+ [\d:,.]+ INFO [\w.]+): "
+                            r"(.*\d [\w-]+/s\b.*)$")
 #: seconds between two progress lines of one step on the terminal (steps log theirs every 10 s)
 PROGRESS_EVERY_S = 10.0
 

@@ -4,6 +4,8 @@ import io
 import logging
 import sys
 
+import pytest
+
 from pipeline.progress import quiet_runner_output, tail
 
 CYAN, GREEN, RESET = "\x1b[96m", "\x1b[92m", "\x1b[0m"
@@ -50,8 +52,15 @@ def test_the_runners_log_records_go_to_the_log_file_not_the_terminal(tmp_path, m
     assert "Skipping task x" in (tmp_path / "run.log").read_text()
 
 
-def test_a_running_steps_progress_lines_reach_the_terminal_at_most_every_ten_seconds(tmp_path, monkeypatch):
-    """The lines a step logs with grade.core.progress (rate, ETA), in the format a step's log has."""
+# a step under KFP's executor, and grade.core.cli's format
+STEP_LOG_FORMATS = ["    [KFP Executor %(asctime)s %(levelname)s]: %(message)s",
+                    "%(asctime)s %(levelname)s %(name)s: %(message)s"]
+
+
+@pytest.mark.parametrize("log_format", STEP_LOG_FORMATS)
+def test_a_running_steps_progress_lines_reach_the_terminal_at_most_every_ten_seconds(log_format, tmp_path,
+                                                                                     monkeypatch):
+    """The lines a step logs with grade.core.progress (rate, ETA), in the formats a step's log has."""
     from grade.core.progress import Progress
     from pipeline import progress as progress_module
 
@@ -62,7 +71,7 @@ def test_a_running_steps_progress_lines_reach_the_terminal_at_most_every_ten_sec
     step_log = logging.getLogger("grade.test.step")
     with quiet_runner_output(tmp_path / "run.log"):
         handler = logging.StreamHandler(sys.stdout)  # the step's stderr, as the runner prints it
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter(log_format))
         step_log.addHandler(handler)
         step_log.setLevel(logging.INFO)
         try:
