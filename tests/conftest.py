@@ -131,6 +131,15 @@ def store_root(request, tmp_path):
 
 
 @pytest.fixture(autouse=True)
+def _one_thread_per_worker():
+    """Under parallel workers, back to one torch thread after a test that set more (a trainer's config)."""
+    yield
+    torch = sys.modules.get("torch")
+    if _workers() > 1 and torch is not None and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
 def _scratch_tmpdir(tmp_path, monkeypatch):
     """Keep temp folders (KFP local tasks, staging dirs) inside the test's own tmp_path."""
     d = tmp_path / "_tmp"
