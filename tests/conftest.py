@@ -51,6 +51,7 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's hook reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     """Modules holding slow tests first (each module's tests stay together and in order); the
     one-worker modules marked as an xdist group."""
