@@ -690,7 +690,7 @@ def test_temp_folders_of_killed_processes_are_removed_once_stale(tmp_path):
     with store.publishing(str(tmp_path / "mine")) as live:   # a folder in use by a live process
         os.utime(live, (day_ago, day_ago))
         # the next process to publish (or fetch) clears stale folders when it starts
-        subprocess.run([sys.executable, "-c", "import sys; from grade import store\n"
+        subprocess.run([sys.executable, "-c", "import sys; from grade.core import store\n"
                         "with store.publishing(sys.argv[1]) as s: pass", str(tmp_path / "o3")],
                        check=True, env=dict(os.environ), timeout=120)
         assert not old.exists(), "older than the age and its process is gone: removed"
