@@ -1,8 +1,10 @@
-"""A quiet terminal for KFP's local runner: one line per step, everything else to a log file.
+"""A quiet terminal for KFP's local runner: a few lines per step, everything else to a log file.
 
 The local runner prints every task's executor dump (outputs, artifacts, metadata) and streams the
 step's own log to stdout. :func:`quiet_runner_output` sends all of it to a log file and keeps, on
-the terminal, a line when a step starts and one when it ends (with its duration). Both the runner's
+the terminal, a line when a step starts, the step's progress lines (the ones with a rate, e.g.
+``finetune: 120/400 steps (310 requests/s, ETA 41s)`` from :class:`grade.core.progress.Progress`) at
+most one per ``every_s`` seconds, and a line when it ends (with its duration). Both the runner's
 logging handler and its ``print`` calls look ``sys.stdout`` up when they write, so swapping
 ``sys.stdout`` for the duration of the run is enough.
 """
@@ -22,16 +24,26 @@ from typing import TextIO
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _STARTED = re.compile(r"Executing task '([^']+)'")
 _FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
+# A step's log line whose message has a rate ("... (310 requests/s, ETA 41s)"), in the format of KFP's
+# executor ("[KFP Executor <time> INFO]: <message>") or of grade.core.cli ("<time> INFO <logger>: <message>").
+_STEP_PROGRESS = re.compile(r"^\s*(?:\[KFP Executor [\d-]+ [\d:,.]+ INFO\]|[\d-]+ [\d:,.]+ INFO [\w.]+): "
+                            r"(.*\d [\w-]+/s\b.*)$")
+#: seconds between two progress lines of one step on the terminal (steps log theirs every 10 s)
+PROGRESS_EVERY_S = 10.0
 
 
 class ProgressFilter:
-    """A write-only text stream: every line to ``log``, step start/end lines to ``terminal``."""
+    """A write-only text stream: every line to ``log``; step start/end lines, and the running step's
+    progress lines at most one per ``every_s`` seconds, to ``terminal``."""
 
-    def __init__(self, log: TextIO, terminal: TextIO):
+    def __init__(self, log: TextIO, terminal: TextIO, every_s: float = PROGRESS_EVERY_S):
         self.log = log
         self.terminal = terminal
+        self.every_s = every_s
         self.started: dict[str, float] = {}
         self.finished: list[tuple[str, str]] = []
+        self.running: str | None = None
+        self._shown_at = 0.0
         self._partial = ""
 
     def write(self, text: str) -> int:
@@ -43,14 +55,21 @@ class ProgressFilter:
         return len(text)
 
     def _progress(self, line: str) -> None:
+        now = time.monotonic()
         if m := _STARTED.search(line):
-            self.started[m.group(1)] = time.monotonic()
-            self.terminal.write(f"  step {m.group(1)} ...\n")
+            self.running = m.group(1)
+            self.started[self.running] = self._shown_at = now
+            self.terminal.write(f"  step {self.running} ...\n")
         elif m := _FINISHED.search(line):
             task, status = m.groups()
-            seconds = time.monotonic() - self.started.get(task, time.monotonic())
+            seconds = now - self.started.get(task, now)
             self.finished.append((task, status))
+            self.running = None
             self.terminal.write(f"  step {task}: {status.lower()} ({seconds:.1f} s)\n")
+        elif (m := _STEP_PROGRESS.match(line)) and self.running and now - self._shown_at >= self.every_s:
+            self._shown_at = now
+            elapsed = now - self.started[self.running]
+            self.terminal.write(f"  step {self.running}: {m.group(1)} [{elapsed:.0f} s in]\n")
         else:
             return
         self.terminal.flush()

@@ -7,7 +7,8 @@
 Every step runs once as a subprocess in this Python environment (``SubprocessRunner(use_venv=False)``;
 no task retries: the object store retries transient errors itself), or with ``--runner docker`` in
 the project image (``make image``) through KFP's DockerRunner; artifacts land under
-WORKDIR/pipeline-root. The terminal shows one line per step; the runner's verbose output (every
+WORKDIR/pipeline-root. The terminal shows a line when a step starts and ends and, in between, the
+step's progress (rate, ETA) at most every 10 s; the runner's verbose output (every
 task's log and outputs) goes to WORKDIR/logs/run-<time>.log, whose path is printed (--verbose: to
 the terminal instead).
 

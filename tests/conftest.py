@@ -1,8 +1,16 @@
-"""Shared fixtures: the S3 test server (a real S3 HTTP endpoint on loopback) and store roots.
+"""Shared fixtures: the S3 test server (a real S3 HTTP endpoint on loopback) and store roots; the
+order and grouping of the tests for parallel workers (pytest-xdist).
 
 The server is a ``moto_server`` subprocess started once per test session on a free port and
-stopped at the end. Tests that need S3 take the ``s3_env`` fixture (environment set, fresh bucket)
-or the parametrised ``store_root`` fixture (the same test on a local folder and on S3).
+stopped at the end (under pytest-xdist: one server per worker process). Tests that need S3 take the
+``s3_env`` fixture (environment set, fresh bucket) or the parametrised ``store_root`` fixture (the
+same test on a local folder and on S3).
+
+With several workers each worker (and every process it starts) uses one torch intra-op thread:
+two workers of two threads each on two cores would oversubscribe them. Modules whose tests share an
+expensive module-scoped fixture (a trained model, a running server) run on one worker, so the
+fixture is built once; modules with slow tests are collected first, so that the long tests start
+while the short ones fill the gaps.
 """
 
 from __future__ import annotations
@@ -22,6 +30,37 @@ from grade.core import store
 
 ACCESS_KEY = "grade-test-access"
 SECRET_KEY = "grade-test-secret-value"
+
+
+#: Modules whose module-scoped fixtures train models or start servers: each runs whole on one worker.
+ONE_WORKER_MODULES = ("test_evaluate", "test_faults", "test_finetune", "test_pretrain", "test_report_browser",
+                      "test_score", "test_serve", "test_window")
+
+
+def _workers() -> int:
+    return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+
+def pytest_configure(config):
+    if _workers() > 1:
+        # inherited by every process a test starts (pipeline steps, torchrun, servers)
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[name] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's hook reads the groups into the test ids
+def pytest_collection_modifyitems(config, items):
+    """Modules holding slow tests first (each module's tests stay together and in order); the
+    one-worker modules marked as an xdist group."""
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow_modules)
+    for item in items:
+        name = item.module.__name__.rpartition(".")[2]
+        if name in ONE_WORKER_MODULES:
+            item.add_marker(pytest.mark.xdist_group(name))
 
 
 def free_port() -> int:
@@ -90,6 +129,15 @@ def store_root(request, tmp_path):
         yield str(tmp_path / "store")
     else:
         yield request.getfixturevalue("s3_env") + "/root"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_per_worker():
+    """Under parallel workers, back to one torch thread after a test that set more (a trainer's config)."""
+    yield
+    torch = sys.modules.get("torch")
+    if _workers() > 1 and torch is not None and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

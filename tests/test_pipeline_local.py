@@ -13,11 +13,13 @@ from grade.core import store
 
 pytestmark = pytest.mark.slow
 
-# A small scenario: enough requests for every split, few epochs, a small group, few resamples.
+# A small scenario: enough requests for every split, few epochs, a small group, few resamples, one
+# outcome model of two passes; one torch thread per step (the suite runs on parallel workers).
 SMALL = {
     "simulator": {"seed": 3, "n_requests": 2000, "n_users": 400, "n_items": 3000, "list_size": 20},
     "features": {"shard_requests": 1024},
-    "pretrain": {"epochs": 2, "batch_size": 256, "patience": 1},
+    "outcome": {"model": {"epochs": 2, "members": 1}},
+    "pretrain": {"epochs": 2, "batch_size": 256, "patience": 1, "threads": 1},
     "finetune": {"epochs": 1, "group_size": 4, "batch_size": 128, "eval_every": 100,
                  "eval_max_requests": 300, "checkpoint_every": 100},
     "evaluate": {"bootstrap_samples": 100, "oracle_candidates": 32, "frontier_steps": 4,
