@@ -27,7 +27,7 @@ KEYS: dict[str, set[str]] = {
                  "valid_ndcg_order"},
     "finetune": {"train_step", "floor_forward_fused_ranking", "step_over_floor_median", "by_estimator",
                  "value_fields_once", "dm_fields_per_batch"},
-    "outcome": {"train_pass", "forward_pass", "train_over_forward_median", "value_fields_per_finetune_batch"},
+    "outcome": {"fit_s", "floor_s", "train_over_floor", "forward_pass", "value_fields_per_finetune_batch"},
     "distributed": {"pretrain", "finetune", "layouts"},
     "auction": {"bootstrap", "policy_sums", "rank_only_reference", "policy_sums_vs_rank_only"},
     "inference": {"batch_1", "batch_1024"},

@@ -43,6 +43,12 @@ class Progress:
             self.last = now
             self._line(now, detail)
 
+    def retire(self, units: int) -> None:
+        """Work of the total that will not be done (a loop that stops early, e.g. early stopping): the
+        total shrinks by ``units``, so the ETA counts only the work that remains."""
+        if self.total is not None and units > 0:
+            self.total = max(self.done, self.total - units)
+
     def finish(self) -> float:
         """Log the last line (unless it was just logged); the seconds since the start."""
         now = time.monotonic()
