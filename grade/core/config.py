@@ -3,10 +3,19 @@
 Each step defines its section as a dataclass in its own module (one line of doc per field);
 this module maps section names to those classes, loads YAML, applies command-line overrides and
 builds typed, validated configs: the one place where configuration is checked. Numeric fields
-declare their range with :func:`ranged`; :func:`build` checks every key's type and range (nested
-dataclasses included) and then calls the class's ``validate()`` hook, if any, for checks that need
-more than one field. Keys that several steps must agree on (``SHARED``) are defined once in the
-``shared`` section; the old per-section names stay accepted as aliases (docs/pipeline.md).
+declare their range with :func:`ranged` (size-like ones an upper bound too); :func:`build` checks
+every key's type and range (nested dataclasses included) and then calls the class's ``validate()``
+hook, if any, for checks that need more than one field.
+
+Not every dataclass field is a key (docs/pipeline.md, "Configuration"):
+
+* a **derived** field (``ranged(..., derived=SOURCE)`` / ``setting(..., derived=SOURCE)``) takes the
+  value of another key, e.g. every step's ``seed`` is ``shared.seed``; the step's own old name is
+  an alias of that key;
+* a **retired** field keeps its default as a constant; an old file that sets it still works;
+* ``outcome`` is the old name of the ``value_model`` section (``outcome.model``: ``value_model.outcome``).
+
+Every old name is accepted for one release and logs one warning per name per process.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import dataclasses
 import importlib
 import inspect
 import json
+import logging
 import math
 import re
 import textwrap
@@ -40,12 +50,13 @@ SECTIONS: dict[str, str] = {
     "shared": "grade.core.config:SharedConfig",
     "simulator": "grade.data.simulator:SimulatorConfig",
     "features": "grade.data.features:FeaturesConfig",
+    "value_model": "grade.value.value_model:ValueModelConfig",
     "pretrain": "grade.train.pretrain:PretrainConfig",
     "finetune": "grade.train.grpo:FinetuneConfig",
     "evaluate": "grade.evaluate.evaluation:EvaluateConfig",
     "promote": "grade.release.promotion:PromoteConfig",
-    "outcome": "grade.value.value_model:ValueModelConfig",
     "business": "grade.value.business:BusinessConfig",
+    "ablation": "grade.core.config:AblationConfig",
 }
 
 
@@ -64,7 +75,7 @@ class Bounds:
     text: str
 
     def contains(self, value: float) -> bool:
-        if math.isnan(value):
+        if isinstance(value, float) and math.isnan(value):
             return False
         above = value > self.low if self.low_open else value >= self.low
         below = value < self.high if self.high_open else value <= self.high
@@ -89,10 +100,22 @@ def parse_bounds(text: str) -> Bounds:
     return Bounds(-math.inf, number, True, op == "<", f"{op} {m[2]}")
 
 
-def ranged(default: Any, bounds: str) -> Any:
+def ranged(default: Any, bounds: str, *, derived: str | None = None, retired: bool = False) -> Any:
     """A dataclass field whose numbers (the value, or each element of a list / value of a mapping)
-    must lie in ``bounds``; a list or dict default is copied per instance."""
-    meta = {"bounds": parse_bounds(bounds)}
+    must lie in ``bounds``; a list or dict default is copied per instance. ``derived``: the field is
+    not a key but takes the value of the key (or ``DERIVED`` source) named; ``retired``: not a key,
+    a constant (see the module docstring)."""
+    return setting(default, derived=derived, retired=retired, bounds=parse_bounds(bounds))
+
+
+def setting(default: Any, *, derived: str | None = None, retired: bool = False,
+            bounds: Bounds | None = None) -> Any:
+    """A dataclass field that is derived from another key or retired (see :func:`ranged`)."""
+    meta: dict[str, Any] = {} if bounds is None else {"bounds": bounds}
+    if derived is not None:
+        meta["derived"] = derived
+    if retired:
+        meta["retired"] = True
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -108,7 +131,7 @@ def _check_bounds(bounds: Bounds, value: Any, where: str) -> None:
         for k, v in value.items():
             _check_bounds(bounds, v, f"{where}.{k}")
     elif isinstance(value, (int, float)) and not bounds.contains(value):
-        raise ConfigError(f"{where}: expected a value {bounds.text}, got {value!r}")
+        raise ConfigError(f"{where}: expected a value {bounds.text}, got {show(value)}")
 
 
 def check(cfg: Any, where: str | None = None) -> Any:
@@ -128,14 +151,30 @@ def check(cfg: Any, where: str | None = None) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------
-# Keys shared by several sections
+# Keys shared by several sections, and the ablations
 # ------------------------------------------------------------------------------------------------
+
+#: the largest seed (numpy and torch both take it)
+MAX_SEED = 2**63 - 1
+#: the declared range of every seed
+SEED_RANGE = f"[0, {MAX_SEED}]"
+
 
 @dataclasses.dataclass
 class SharedConfig:
-    exposure_depth: int = ranged(10, ">= 1")
+    seed: int = ranged(0, f"[0, {MAX_SEED}]")
+    """random seed of every step (the simulator's world and logs, every fit, sample and resample):
+    the same config and seed always give the same outputs; ablation.seeds sets one step's apart"""
+    exposure_depth: int = ranged(10, "[1, 1000]")
     """E: items exposed per request, for every step (training reward and validation, evaluation, the
     simulator's headroom report)"""
+    eta: float = ranged(1.0, "[0, 10]")
+    """eta of the examination law theta_j = 1/(1+j)^eta that the metrics assume (true and prior
+    flavours of fine-tuning's validation and of the evaluation, the oracle) and that the value model
+    assumes when eta_mode is fixed; the simulated world's own eta is simulator.position_bias"""
+    eta_mode: typing.Literal["estimated", "fixed"] = "estimated"
+    """how the value model gets theta: estimated from the logged clicks (value_model.examination), or
+    fixed, the power law with shared.eta"""
     model_name: str = DEFAULT_MODEL
     """registry model name: the one promotion gates and whose production model is the incumbent"""
 
@@ -145,51 +184,349 @@ class SharedConfig:
                               f"got {self.model_name!r}")
 
 
-#: shared.<key> -> the per-section keys that are accepted aliases of it (they all get its value).
-SHARED: dict[str, tuple[str, ...]] = {
-    "exposure_depth": ("simulator.exposure_depth", "pretrain.exposure_depth", "finetune.exposure_depth",
-                       "evaluate.exposure_depth"),
-    "model_name": ("promote.model_name", "evaluate.registry_model_name"),
+#: The named ablations of the documented tables (docs/finetune.md, docs/evaluation.md): preset ->
+#: the keys it sets (keys given explicitly win). ``pipeline.params.ABLATIONS`` runs them.
+ABLATION_PRESETS: dict[str, dict[str, Any]] = {
+    "grade_gaussian": {"ablation.exploration": "gaussian"},
+    "grade_fixed_kappa": {"ablation.adaptive_kappa": False},
+    "grade_posterior_only": {"finetune.reward.post": 1.0, "finetune.reward.prior": 0.0,
+                             "finetune.reward.format": 0.0},
+    "grade_prior_only": {"finetune.reward.post": 0.0, "finetune.reward.prior": 1.0,
+                         "finetune.reward.format": 0.0},
+    # the guardrails at fixed prices instead of held as constraints
+    "grade_guard_prices": {"ablation.guard_mode": "price"},
+    # each other estimator of the declared value as the posterior (the default is dm)
+    **{f"grade_{name}": {"finetune.reward.post_estimator": name}
+       for name in ("ips", "snips", "switch", "shrunk", "dcg_ips")},
+}
+
+#: the steps whose seed ablation.seeds can set apart from shared.seed
+SEED_STEPS = ("simulator", "examination", "outcome", "pretrain", "finetune", "evaluate")
+
+
+@dataclasses.dataclass
+class AblationConfig:
+    preset: str = ""
+    """one row of the documented ablation tables ('' = none): grade_gaussian, grade_fixed_kappa,
+    grade_posterior_only, grade_prior_only, grade_guard_prices, grade_ips, grade_snips, grade_switch,
+    grade_shrunk, grade_dcg_ips; sets the keys of grade.core.config.ABLATION_PRESETS unless given"""
+    seeds: dict[str, int] = ranged({}, f"[0, {MAX_SEED}]")
+    """step -> its own seed instead of shared.seed (seed studies: simulator, examination, outcome,
+    pretrain, finetune, evaluate)"""
+    exploration: typing.Literal["dirichlet", "gaussian"] = "dirichlet"
+    """Stage 2 exploration: dirichlet (GRADE) or gaussian (logistic-normal: softmax(logits + 0.3 eps))"""
+    adaptive_kappa: bool = True
+    """learn the Dirichlet concentration per request; false = kappa 150 (the target) for every request"""
+    guard_mode: typing.Literal["price", "constraint"] = "constraint"
+    """how Stage 2's posterior keeps the guardrails CTR and GPM (grade.value.guardrails): constraint
+    prices each guardrail by a multiplier a controller raises while the served weights' estimated CTR
+    (GPM) is below static's times (1 + finetune.reward.guard_margin) (the default, docs/finetune.md);
+    price adds the fixed guard_prices (the earlier form)"""
+    guard_prices: dict[str, float] = ranged({"clicks": 0.05, "gmv": 0.2}, "[0, 100]")
+    """guard_mode price: value of a click and of one train mean order value of GMV added to the
+    declared value in the posterior (chosen on the valid splits of three simulated markets)"""
+
+    def validate(self) -> None:
+        if self.preset and self.preset not in ABLATION_PRESETS:
+            raise ConfigError(f"ablation.preset: expected '' or one of {sorted(ABLATION_PRESETS)}, "
+                              f"got {self.preset!r}")
+        bad = sorted(set(self.seeds) - set(SEED_STEPS))
+        if bad:
+            raise ConfigError(f"ablation.seeds: unknown step(s) {bad}; expected some of {list(SEED_STEPS)}")
+        bad = sorted(set(self.guard_prices) ^ {"clicks", "gmv"})
+        if bad:
+            raise ConfigError(f"ablation.guard_prices: expected the keys clicks and gmv, got "
+                              f"{sorted(self.guard_prices)}")
+
+
+def _step_seed(step: str) -> Any:
+    return lambda get: get("ablation.seeds").get(step, get("shared.seed"))
+
+
+def _guard_price(kind: str) -> Any:
+    return lambda get: get("ablation.guard_prices")[kind]
+
+
+def _fixed_eta(get: Any) -> float:
+    return get("shared.eta") if get("shared.eta_mode") == "fixed" else 0.0
+
+
+#: derived-field sources that are not one key: name -> function of a getter of resolved keys
+DERIVED: dict[str, Any] = {
+    **{f"seed:{step}": _step_seed(step) for step in SEED_STEPS},
+    "eta:fixed": _fixed_eta,
+    "guard_price:clicks": _guard_price("clicks"),
+    "guard_price:gmv": _guard_price("gmv"),
 }
 
 
-def _shared_names(dotted: str) -> tuple[str, ...] | None:
-    """Every name of the shared key ``dotted`` is one of (shared.<key> first), or None."""
-    for key, aliases in SHARED.items():
-        names = (f"shared.{key}", *aliases)
-        if dotted in names:
-            return names
-    return None
+def _alias_targets(source: str, value: Any) -> list[tuple[str, Any]]:
+    """The keys an old name of a field derived from ``source`` sets, given its ``value``."""
+    if source.startswith("seed:"):
+        return [(f"ablation.seeds.{source[5:]}", value)]
+    if source == "eta:fixed":
+        fixed = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        return [("shared.eta", value), ("shared.eta_mode", "fixed")] if fixed else \
+            [("shared.eta_mode", "estimated")]
+    if source.startswith("guard_price:"):
+        return [(f"ablation.guard_prices.{source[12:]}", value)]
+    return [(source, value)]
 
 
-def _resolve_shared(data: dict[str, Any]) -> None:
-    """Give every alias of each shared key one value; names given in ``data`` must agree."""
-    hints = typing.get_type_hints(SharedConfig)
-    for key, aliases in SHARED.items():
-        names = [n for n in (f"shared.{key}", *aliases) if n.split(".")[0] in SECTIONS]
-        given: list[tuple[str, Any]] = []
-        for name in names:
-            section, field = name.split(".")
-            values = data.get(section)
-            if isinstance(values, dict) and field in values:
-                given.append((name, _coerce(hints[key], values[field], name)))
-        for name, value in given[1:]:
-            if value != given[0][1]:
-                first, first_value = given[0]
-                raise ConfigError(f"{name}: {value!r} disagrees with {first}: {first_value!r} "
-                                  f"(one shared value, shared.{key}; give it once)")
-        if not given:
+# ------------------------------------------------------------------------------------------------
+# Keys, derived and retired fields; old names
+# ------------------------------------------------------------------------------------------------
+
+#: old section names -> (new name, renamed nested keys)
+SECTION_RENAMES: dict[str, tuple[str, dict[str, str]]] = {"outcome": ("value_model", {"model": "outcome"})}
+
+_WARNED: set[str] = set()
+_log = logging.getLogger(__name__)
+
+
+def _deprecated(old: str, instead: str) -> None:
+    """One warning per old name per process."""
+    if old not in _WARNED:
+        _WARNED.add(old)
+        _log.warning("config: %s is an old name, accepted for one release: %s", old, instead)
+
+
+def is_key(f: dataclasses.Field) -> bool:
+    """Whether a dataclass field is a config key (not derived from another key, not retired)."""
+    return "derived" not in f.metadata and not f.metadata.get("retired")
+
+
+def keys(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if is_key(f)]
+
+
+def _path_fields(dotted: str) -> list[tuple[dataclasses.Field | None, Any]]:
+    """(field, type) of each part of ``section.key[.key...]``; a part inside a mapping value has field
+    None and the mapping's value type; raises KeyError for an unknown part."""
+    section, *parts = dotted.split(".")
+    tp: Any = section_class(section)
+    out = []
+    for part in parts:
+        if dataclasses.is_dataclass(tp):
+            field = {f.name: f for f in dataclasses.fields(tp)}[part]
+            tp = typing.get_type_hints(tp)[part]
+            out.append((field, tp))
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+            out.append((None, tp))
+        else:
+            raise KeyError(part)
+    return out
+
+
+def _default(dotted: str) -> Any:
+    """The default value of a key (its field's default)."""
+    *parent, last = dotted.split(".")
+    cls = section_class(parent[0])
+    for part in parent[1:]:
+        cls = typing.get_type_hints(cls)[part]
+    f = {f.name: f for f in dataclasses.fields(cls)}[last]
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def _rename_section(parts: list[str]) -> list[str]:
+    if parts and parts[0] in SECTION_RENAMES:
+        new, nested = SECTION_RENAMES[parts[0]]
+        return [new, *([nested.get(parts[1], parts[1])] if len(parts) > 1 else []), *parts[2:]]
+    return parts
+
+
+def _assignments(dotted: str, value: Any) -> list[tuple[str, Any]]:
+    """The keys ``dotted`` = ``value`` sets: itself, or (an old name, with a warning) its new keys."""
+    parts = dotted.split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"{dotted}: expected section.key[.key...]")
+    if parts[0] not in SECTIONS and parts[0] not in SECTION_RENAMES:
+        raise ConfigError(f"unknown config section '{parts[0]}'; expected one of {sorted(SECTIONS)}")
+    new = ".".join(_rename_section(parts))
+    try:
+        chain = _path_fields(new)
+    except KeyError:
+        raise _unknown_key(new, dotted) from None
+    derived = next((f.metadata["derived"] for f, _ in chain if f is not None and "derived" in f.metadata),
+                   None)
+    if derived is not None:
+        targets = _alias_targets(derived, value)
+        names = [f"{k}: {v}" if k.endswith("eta_mode") else k for k, v in targets]
+        _deprecated(dotted, f"use {' and '.join(names)}")
+        return targets
+    if any(f is not None and f.metadata.get("retired") for f, _ in chain):
+        _deprecated(dotted, "no longer a key (its default is the only setting the documented tables use); "
+                            "the value given still applies in this release")
+    elif new != dotted:
+        _deprecated(dotted, f"use {new}")
+    return [(new, value)]
+
+
+def _unknown_key(new: str, given: str) -> ConfigError:
+    parts = new.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            chain = _path_fields(".".join(parts[:i]))
+        except KeyError:
             continue
-        for name in names:
-            section, field = name.split(".")
-            values = data.get(section) or {}
-            if isinstance(values, dict):  # a non-mapping section is reported when it is built
-                data[section] = {**values, field: given[0][1]}
+        tp = chain[-1][1] if chain else section_class(parts[0])
+        if dataclasses.is_dataclass(tp):
+            where = ".".join(given.split(".")[:i])
+            return ConfigError(f"{where}: unknown key(s) ['{parts[i]}']; known keys: {keys(tp)}")
+        return ConfigError(f"{'.'.join(given.split('.')[:i])}: expected a mapping of keys, got a value")
+    return ConfigError(f"{given}: unknown key")
+
+
+def _leaves(data: dict[str, Any], origin: str) -> list[tuple[str, Any]]:
+    """(dotted name as given, value) of every key in a raw config mapping (nested sections walked)."""
+    out: list[tuple[str, Any]] = []
+    for section, values in data.items():
+        if section not in SECTIONS and section not in SECTION_RENAMES:
+            raise ConfigError(f"{origin}unknown config section '{section}'; "
+                              f"expected one of {sorted(SECTIONS)}")
+        out += _walk(section, values)
+    return out
+
+
+def _walk(where: str, values: Any) -> list[tuple[str, Any]]:
+    if values is None:
+        return []
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {type(values).__name__} {show(values)}")
+    out: list[tuple[str, Any]] = []
+    for key, value in values.items():
+        dotted = f"{where}.{key}"
+        try:
+            tp = _path_fields(".".join(_rename_section(dotted.split("."))))[-1][1]
+        except KeyError:
+            raise _unknown_key(".".join(_rename_section(dotted.split("."))), dotted) from None
+        out += _walk(dotted, value) if dataclasses.is_dataclass(tp) else [(dotted, value)]
+    return out
+
+
+def _coerced(target: str, value: Any, origin: str) -> Any:
+    return _coerce(_path_fields(target)[-1][1], value, origin)
+
+
+def _entry_to_mapping(given: dict[str, tuple[Any, str]], target: str, value: Any) -> tuple[str, Any]:
+    """A mapping's entry (``ablation.seeds.pretrain``) as the whole mapping with that entry set."""
+    if _path_fields(target)[-1][0] is not None:
+        return target, value
+    parent, key = target.rsplit(".", 1)
+    base = given[parent][0] if parent in given else _default(parent)
+    return parent, {**base, key: value}
+
+
+def _resolve(file_leaves: list[tuple[str, Any]], overrides: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Dotted key -> value: the file's keys (names of one key must agree), then the overrides in order."""
+    given: dict[str, tuple[Any, str]] = {}
+    for dotted, value in file_leaves:
+        for target, v in _assignments(dotted, value):
+            target, v = _entry_to_mapping(given, target, _coerced(target, v, dotted))
+            if target in given and given[target][0] != v:
+                first, origin = given[target]
+                raise ConfigError(f"{dotted}: {show(v)} disagrees with {origin}: {show(first)} "
+                                  f"(one value, {target}; give it once)")
+            given[target] = (v, dotted)
+    for dotted, value in overrides:
+        for target, v in _assignments(dotted, value):
+            target, v = _entry_to_mapping(given, target, _coerced(target, v, dotted))
+            given.pop(target, None)
+            given[target] = (v, dotted)
+    return {target: v for target, (v, _) in given.items()}
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        node = data
+        *path, last = dotted.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        if isinstance(value, dict) and isinstance(node.get(last), dict):
+            value = {**value, **node[last]}  # one entry given by itself wins over the whole mapping
+        node[last] = copy.deepcopy(value)
+    return data
+
+
+def _derived_values(cls: type, where: str, get: Any) -> dict[str, Any]:
+    """Nested mapping of the derived fields of ``cls`` (and of its nested dataclasses)."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if "derived" in f.metadata:
+            source = f.metadata["derived"]
+            out[f.name] = DERIVED[source](get) if source in DERIVED else get(source)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            inner = _derived_values(hints[f.name], f"{where}.{f.name}", get)
+            if inner:
+                out[f.name] = inner
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
 # Loading and building
 # ------------------------------------------------------------------------------------------------
+
+#: a config file larger than this is refused before it is parsed
+MAX_CONFIG_BYTES = 1 << 20
+#: longest integer read from YAML (a longer one is refused naming its key, never converted)
+MAX_DIGITS = 30
+
+
+class LongNumber(str):
+    """An integer literal of more than MAX_DIGITS digits, kept as text so it is never converted."""
+
+    def __repr__(self) -> str:
+        return f"a number of {len(self.lstrip('+-'))} digits"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML without anchors/aliases (a few lines of aliases expand to gigabytes) and without
+    integers too long to convert."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.events.AliasEvent) or getattr(self.peek_event(), "anchor", None):
+            mark = self.peek_event().start_mark
+            raise ConfigError(f"line {mark.line + 1}: YAML anchors and aliases (&name, *name) are not "
+                              f"accepted in a config; write the value out")
+        return super().compose_node(parent, index)
+
+    def construct_yaml_int(self, node: Any) -> Any:  # type: ignore[override]
+        digits = str(node.value).replace("_", "")
+        if len(digits.lstrip("+-")) > MAX_DIGITS:
+            return LongNumber(digits)
+        return super().construct_yaml_int(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+
+
+def safe_load(text: str, where: str) -> Any:
+    """Parse config YAML: bounded in size, no aliases, no over-long integers; errors name ``where``."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where}: {len(text)} bytes; a config holds at most {MAX_CONFIG_BYTES}")
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except (yaml.YAMLError, ValueError) as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from None
+
+
+def show(value: Any) -> str:
+    """A value for an error message: its repr, shortened."""
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + f"... ({len(text)} characters)"
+
 
 def section_class(name: str) -> type:
     if name not in SECTIONS:
@@ -219,18 +556,17 @@ def load_yaml(path: str | Path | None) -> dict[str, Any]:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{path}: config file not found")
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {p.stat().st_size} bytes; a config holds at most {MAX_CONFIG_BYTES}")
         text = p.read_text()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = safe_load(text, path)
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, "
                           f"got {type(data).__name__}")
     for name in data:
-        if name not in SECTIONS:
+        if name not in SECTIONS and name not in SECTION_RENAMES:
             raise ConfigError(f"{path}: unknown config section '{name}'; expected one of {sorted(SECTIONS)}")
     return data
 
@@ -241,11 +577,11 @@ def build(cls: type[T], values: dict[str, Any] | None, where: str = "") -> T:
     where = where or section_name(cls)
     values = {} if values is None else values
     if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping of keys, got {type(values).__name__} {values!r}")
+        raise ConfigError(f"{where}: expected a mapping of keys, got {type(values).__name__} {show(values)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {keys(cls)}")
     hints = typing.get_type_hints(cls)
     kwargs = {key: _coerce(hints[key], value, f"{where}.{key}") for key, value in values.items()}
     return check(cls(**kwargs), where)
@@ -264,6 +600,8 @@ def _number(value: Any, where: str) -> float:
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
+    if isinstance(value, LongNumber):
+        raise ConfigError(f"{where}: expected a number of at most {MAX_DIGITS} digits, got {value!r}")
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
@@ -306,42 +644,33 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
-def set_key(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``section.key[.key...]`` in raw config ``data`` (a shared key under every one of its names)."""
-    parts = dotted.split(".")
-    if len(parts) < 2 or not all(parts):
-        raise ConfigError(f"--set {dotted}=...: expected section.key[.key...]=VALUE")
-    if parts[0] not in SECTIONS:
-        raise ConfigError(f"--set {dotted}=...: unknown config section '{parts[0]}'; expected one of "
-                          f"{sorted(SECTIONS)}")
-    for name in _shared_names(dotted) or (dotted,):
-        if name.split(".")[0] not in SECTIONS:
-            continue
-        node = data
-        *path, last = name.split(".")
-        for i, part in enumerate(path):
-            child = node.get(part)
-            if not isinstance(child, dict):
-                if child is not None:
-                    raise ConfigError(f"{'.'.join(path[:i + 1])}: expected a mapping of keys, got {child!r}")
-                child = {}
-            node[part] = child = dict(child)
-            node = child
-        node[last] = value
-
-
 def load(path: str | Path | None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every section, built and validated: the YAML file, then ``overrides`` (dotted key -> value,
-    applied in order; None values are skipped). Returns section name -> config dataclass."""
-    data = load_yaml(path)
-    file_names = {section: dict(values) for section, values in data.items() if isinstance(values, dict)}
-    _resolve_shared({**data, **file_names})  # the file's own aliases must agree
-    data = {**data, **file_names}
-    for dotted, value in (overrides or {}).items():
-        if value is not None:
-            set_key(data, dotted, value)
-    _resolve_shared(data)
-    return {name: build(section_class(name), data.get(name), name) for name in SECTIONS}
+    applied in order; None values are skipped), then the ablation preset's keys not given, then the
+    derived fields. Old names are accepted with a warning. Returns section name -> config dataclass."""
+    given = _resolve(_leaves(load_yaml(path), f"{path}: " if path else ""),
+                     [(k, v) for k, v in (overrides or {}).items() if v is not None])
+    preset = given.get("ablation.preset", "")
+    if preset and preset in ABLATION_PRESETS:
+        for dotted, value in ABLATION_PRESETS[preset].items():
+            given.setdefault(dotted, _coerced(dotted, value, f"ablation.preset {preset}"))
+
+    data = _nest(given)
+
+    def get(dotted: str) -> Any:
+        node: Any = data
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return _default(dotted)
+            node = node[part]
+        default = _default(dotted)
+        return {**default, **node} if isinstance(default, dict) else node
+
+    out = {}
+    for name in SECTIONS:
+        cls = section_class(name)
+        out[name] = build(cls, _merge(data.get(name) or {}, _derived_values(cls, name, get)), name)
+    return out
 
 
 def load_section(path: str | Path | None, name: str, overrides: dict[str, Any] | None = None):
@@ -394,8 +723,8 @@ def parse_bool(text: str) -> bool:
 def parse_value(text: str) -> Any:
     """A command-line value read like a YAML value (``3``, ``1e-3``, ``true``, ``[64, 32]``, ``null``)."""
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return safe_load(text, "--set")
+    except ConfigError:
         return text
 
 
