@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m components.simulate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix for the logs")
-    config.add_arguments(p, ("simulator.n_requests", "shared.seed"),
+    config.add_arguments(p, ("simulator.n_requests", "simulator.seed"),
                          renamed={"simulator.n_requests": "--requests"},
                          config_help="YAML config; its `simulator` section is used (every key has a default)")
     p.add_argument("--report", action="store_true",

@@ -163,8 +163,9 @@ SEED_RANGE = f"[0, {MAX_SEED}]"
 @dataclasses.dataclass
 class SharedConfig:
     seed: int = ranged(0, f"[0, {MAX_SEED}]")
-    """random seed of every step (the simulator's world and logs, every fit, sample and resample):
-    the same config and seed always give the same outputs; ablation.seeds sets one step's apart"""
+    """random seed of every step run on the data (every fit, data order, sample and resample): the same
+    data, config and seed give the same outputs; ablation.seeds sets one step's apart (the simulated
+    world's own seed is simulator.seed)"""
     exposure_depth: int = ranged(10, "[1, 1000]")
     """E: items exposed per request, for every step (training reward and validation, evaluation, the
     simulator's headroom report)"""
@@ -201,7 +202,7 @@ ABLATION_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 #: the steps whose seed ablation.seeds can set apart from shared.seed
-SEED_STEPS = ("simulator", "examination", "outcome", "pretrain", "finetune", "evaluate")
+SEED_STEPS = ("examination", "outcome", "pretrain", "finetune", "evaluate")
 
 
 @dataclasses.dataclass
@@ -211,8 +212,8 @@ class AblationConfig:
     grade_posterior_only, grade_prior_only, grade_guard_prices, grade_ips, grade_snips, grade_switch,
     grade_shrunk, grade_dcg_ips; sets the keys of grade.core.config.ABLATION_PRESETS unless given"""
     seeds: dict[str, int] = ranged({}, f"[0, {MAX_SEED}]")
-    """step -> its own seed instead of shared.seed (seed studies: simulator, examination, outcome,
-    pretrain, finetune, evaluate)"""
+    """step -> its own seed instead of shared.seed (seed studies: examination, outcome, pretrain, finetune,
+    evaluate)"""
     exploration: typing.Literal["dirichlet", "gaussian"] = "dirichlet"
     """Stage 2 exploration: dirichlet (GRADE) or gaussian (logistic-normal: softmax(logits + 0.3 eps))"""
     adaptive_kappa: bool = True
@@ -773,3 +774,37 @@ def from_args(args: argparse.Namespace) -> dict[str, Any]:
             overrides.pop(dotted, None)
             overrides[dotted] = getattr(args, dest)
     return load(args.config, overrides)
+
+
+# ------------------------------------------------------------------------------------------------
+# The full default configuration, documented (python -m components.config)
+# ------------------------------------------------------------------------------------------------
+
+def defaults_yaml(width: int = 100) -> str:
+    """Every key with its default, in section order, each under its doc line as a YAML comment."""
+    lines = ["# Every key of the GRADE-MTF configuration with its default (python -m components.config).",
+             "# An empty file means these values; a file gives only the keys it changes."]
+    for name in SECTIONS:
+        lines += ["", f"{name}:"]
+        lines += _documented(section_class(name), "  ", width)
+    return "\n".join(lines) + "\n"
+
+
+def _documented(cls: type, indent: str, width: int) -> list[str]:
+    docs, hints, lines = field_docs(cls), typing.get_type_hints(cls), []
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        if not is_key(f):
+            continue
+        lines += [indent + "# " + line for line in textwrap.wrap(docs.get(f.name, ""), width - len(indent) - 2)]
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines += [f"{indent}{f.name}:", *_documented(hints[f.name], indent + "  ", width)]
+        else:
+            value = yaml.safe_dump(getattr(defaults, f.name), default_flow_style=True, width=10_000)
+            lines.append(f"{indent}{f.name}: {value.removesuffix(chr(10)).removesuffix('...').strip()}")
+    return lines
+
+
+def old_names_used() -> list[str]:
+    """The old names this process has accepted (each warned about once)."""
+    return sorted(_WARNED)

@@ -90,8 +90,10 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 @dataclasses.dataclass
 class SimulatorConfig:
-    seed: int = ranged(0, SEED_RANGE, derived="seed:simulator")
-    """random seed: the same config and seed always give the same logs (shared.seed)"""
+    seed: int = ranged(0, SEED_RANGE)
+    """seed of the simulated world (catalogue, users, market) and its logs: the same config and seed always
+    give the same logs; like position_bias a property of the data, so apart from shared.seed (the seed of
+    every step run on the data)"""
     n_requests: int = ranged(20000, "[1, 1e8]")
     """number of search requests"""
     n_users: int = ranged(5000, "[1, 1e8]")

@@ -72,7 +72,7 @@ class EvaluateConfig:
     """estimator of the 'estimated' best_static search (dm needs the value model's outcome model)"""
     static_search_iterations: int = ranged(10, "[0, 1000]", retired=True)
     """cross-entropy-method iterations of the best_static search"""
-    paired_baselines: list[str] = dataclasses.field(default_factory=lambda: ["best_static", "stage1"])
+    paired_baselines: list[str] = setting(["best_static", "stage1"], retired=True)
     """policies every other one is also compared with by paired bootstrap (report key lift_vs), when
     present"""
     static_search_population: int = ranged(32, "[1, 100000]", retired=True)
