@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     config.load(args.check, dict(args.config_settings))
     old = config.old_names_used()
     if args.strict and old:
-        raise ConfigError(f"{args.check}: old key name(s) {old}; see python -m components.config for the keys")
+        raise ConfigError(f"{args.check}: old key name(s) {old}; python -m components.config lists the keys")
     print(f"{args.check}: valid" + (f" (old names: {', '.join(old)})" if old else ""))
     return 0
 

@@ -186,7 +186,7 @@ class SharedConfig:
 
 
 #: The named ablations of the documented tables (docs/finetune.md, docs/evaluation.md): preset ->
-#: the keys it sets (keys given explicitly win). ``pipeline.params.ABLATIONS`` runs them.
+#: the keys it sets over the file's (a command-line override wins). ``pipeline.params.ABLATIONS`` runs them.
 ABLATION_PRESETS: dict[str, dict[str, Any]] = {
     "grade_gaussian": {"ablation.exploration": "gaussian"},
     "grade_fixed_kappa": {"ablation.adaptive_kappa": False},
@@ -210,7 +210,8 @@ class AblationConfig:
     preset: str = ""
     """one row of the documented ablation tables ('' = none): grade_gaussian, grade_fixed_kappa,
     grade_posterior_only, grade_prior_only, grade_guard_prices, grade_ips, grade_snips, grade_switch,
-    grade_shrunk, grade_dcg_ips; sets the keys of grade.core.config.ABLATION_PRESETS unless given"""
+    grade_shrunk, grade_dcg_ips: sets the keys grade.core.config.ABLATION_PRESETS lists, over the file's
+    values (a --set of such a key still wins)"""
     seeds: dict[str, int] = ranged({}, f"[0, {MAX_SEED}]")
     """step -> its own seed instead of shared.seed (seed studies: examination, outcome, pretrain, finetune,
     evaluate)"""
@@ -375,7 +376,8 @@ def _unknown_key(new: str, given: str) -> ConfigError:
         if dataclasses.is_dataclass(tp):
             where = ".".join(given.split(".")[:i])
             return ConfigError(f"{where}: unknown key(s) ['{parts[i]}']; known keys: {keys(tp)}")
-        return ConfigError(f"{'.'.join(given.split('.')[:i])}: expected a mapping of keys, got a value")
+        return ConfigError(f"{'.'.join(given.split('.')[:i])}: expected a mapping of keys, got a value "
+                           f"(so {given} is no key)")
     return ConfigError(f"{given}: unknown key")
 
 
@@ -407,7 +409,13 @@ def _walk(where: str, values: Any) -> list[tuple[str, Any]]:
 
 
 def _coerced(target: str, value: Any, origin: str) -> Any:
-    return _coerce(_path_fields(target)[-1][1], value, origin)
+    """``value`` typed for key ``target`` and checked against its declared range; errors name ``origin``."""
+    chain = _path_fields(target)
+    value = _coerce(chain[-1][1], value, origin)
+    field = chain[-1][0] if chain[-1][0] is not None else chain[-2][0] if len(chain) > 1 else None
+    if field is not None and "bounds" in field.metadata and not dataclasses.is_dataclass(chain[-1][1]):
+        _check_bounds(field.metadata["bounds"], value, origin)
+    return value
 
 
 def _entry_to_mapping(given: dict[str, tuple[Any, str]], target: str, value: Any) -> tuple[str, Any]:
@@ -419,23 +427,30 @@ def _entry_to_mapping(given: dict[str, tuple[Any, str]], target: str, value: Any
     return parent, {**base, key: value}
 
 
-def _resolve(file_leaves: list[tuple[str, Any]], overrides: list[tuple[str, Any]]) -> dict[str, Any]:
-    """Dotted key -> value: the file's keys (names of one key must agree), then the overrides in order."""
+def _resolve(file_leaves: list[tuple[str, Any]],
+             overrides: list[tuple[str, Any]]) -> tuple[dict[str, Any], set[str]]:
+    """(dotted key -> value, the keys the overrides set): the file's keys (names of one key must agree),
+    then the overrides in order."""
     given: dict[str, tuple[Any, str]] = {}
+    overridden: set[str] = set()
+    seen: dict[str, tuple[Any, str]] = {}
     for dotted, value in file_leaves:
         for target, v in _assignments(dotted, value):
-            target, v = _entry_to_mapping(given, target, _coerced(target, v, dotted))
-            if target in given and given[target][0] != v:
-                first, origin = given[target]
+            v = _coerced(target, v, dotted)
+            if target in seen and seen[target][0] != v:
+                first, origin = seen[target]
                 raise ConfigError(f"{dotted}: {show(v)} disagrees with {origin}: {show(first)} "
                                   f"(one value, {target}; give it once)")
+            seen[target] = (v, dotted)
+            target, v = _entry_to_mapping(given, target, v)
             given[target] = (v, dotted)
     for dotted, value in overrides:
         for target, v in _assignments(dotted, value):
             target, v = _entry_to_mapping(given, target, _coerced(target, v, dotted))
             given.pop(target, None)
             given[target] = (v, dotted)
-    return {target: v for target, (v, _) in given.items()}
+            overridden.add(target)
+    return {target: v for target, (v, _) in given.items()}, overridden
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:
@@ -647,14 +662,15 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 
 def load(path: str | Path | None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every section, built and validated: the YAML file, then ``overrides`` (dotted key -> value,
-    applied in order; None values are skipped), then the ablation preset's keys not given, then the
-    derived fields. Old names are accepted with a warning. Returns section name -> config dataclass."""
-    given = _resolve(_leaves(load_yaml(path), f"{path}: " if path else ""),
-                     [(k, v) for k, v in (overrides or {}).items() if v is not None])
+    applied in order; None values are skipped), with the ablation preset's keys over the file's (not over
+    the overrides), then the derived fields. Old names are accepted with a warning. Returns section name
+    -> config dataclass."""
+    given, overridden = _resolve(_leaves(load_yaml(path), f"{path}: " if path else ""),
+                                 [(k, v) for k, v in (overrides or {}).items() if v is not None])
     preset = given.get("ablation.preset", "")
-    if preset and preset in ABLATION_PRESETS:
-        for dotted, value in ABLATION_PRESETS[preset].items():
-            given.setdefault(dotted, _coerced(dotted, value, f"ablation.preset {preset}"))
+    for dotted, value in ABLATION_PRESETS.get(preset, {}).items():
+        if dotted not in overridden:
+            given[dotted] = _coerced(dotted, value, f"ablation.preset {preset}")
 
     data = _nest(given)
 
@@ -796,7 +812,8 @@ def _documented(cls: type, indent: str, width: int) -> list[str]:
     for f in dataclasses.fields(cls):
         if not is_key(f):
             continue
-        lines += [indent + "# " + line for line in textwrap.wrap(docs.get(f.name, ""), width - len(indent) - 2)]
+        doc = textwrap.wrap(docs.get(f.name, ""), width - len(indent) - 2)
+        lines += [indent + "# " + line for line in doc]
         if dataclasses.is_dataclass(hints[f.name]):
             lines += [f"{indent}{f.name}:", *_documented(hints[f.name], indent + "  ", width)]
         else:
