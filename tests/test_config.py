@@ -120,7 +120,7 @@ REAL_SECTIONS = dict(config.SECTIONS)
     ("simulator:\n  feature_noise: -0.5\n", r"simulator.feature_noise: expected a value >= 0, got -0.5"),
     ("pretrain:\n  k: -3\n", r"pretrain.k: expected a value in \[1, 10000\], got -3"),
     ("pretrain:\n  patience: -1\n", r"pretrain.patience: expected a value in \[1, 10000\], got -1"),
-    ("pretrain:\n  sigma: -1\n", r"pretrain.sigma: expected a value > 0, got -1.0"),   # retired, still checked
+    ("pretrain:\n  sigma: -1\n", r"pretrain.sigma: expected a value > 0, got -1.0"),  # retired, checked
     ("finetune:\n  kappa_min: 500\n  kappa_max: 400\n",
      r"finetune.kappa_min, kappa_init, kappa_max: expected kappa_min <= kappa_init"),
     ("pretrain:\n  kappa_min: 500\n  kappa_max: 400\n",       # the old names of the same keys
@@ -251,7 +251,7 @@ def test_set_overrides_on_a_component_command_line(real_sections, tmp_path):
     ("finetune.reward.nope=1", r"finetune.reward: unknown key\(s\) \['nope'\]"),
     ("nowhere.lr=1", r"unknown config section 'nowhere'"),
     ("finetune.epochs=two", r"finetune.epochs: expected an integer, got 'two'"),
-    ("finetune.lr.x=1", r"finetune.lr: expected a mapping of keys, got a value \(so finetune.lr.x is no key\)"),
+    ("finetune.lr.x=1", r"finetune.lr: expected a mapping of keys, got a value \(so finetune.lr.x is no "),
 ])
 def test_bad_set_values_are_refused_like_yaml_values(real_sections, setting, match):
     from components import finetune
@@ -383,8 +383,8 @@ def test_old_names_still_work_and_warn_once(real_sections, tmp_path, monkeypatch
 
 
 def test_the_old_demo_config_and_its_new_form_give_the_same_sections(real_sections, tmp_path):
-    old = write(tmp_path, "simulator:\n  seed: 7\npretrain:\n  seed: 0\n  exposure_depth: 10\n  kappa_max: 300\n"
-                          "finetune:\n  seed: 0\n  position_bias: 0.9\n  fixed_kappa: 150\n"
+    old = write(tmp_path, "simulator:\n  seed: 7\npretrain:\n  seed: 0\n  exposure_depth: 10\n"
+                          "  kappa_max: 300\nfinetune:\n  seed: 0\n  position_bias: 0.9\n  fixed_kappa: 150\n"
                           "outcome:\n  fixed_eta: 0.9\n  model:\n    members: 2\n")
     (tmp_path / "new.yaml").write_text("simulator:\n  seed: 7\nfinetune:\n  kappa_max: 300\n"
                                        "shared:\n  eta: 0.9\n  eta_mode: fixed\n"
@@ -480,8 +480,8 @@ def test_a_huge_config_file_is_refused(real_sections, tmp_path):
 
 
 @pytest.mark.parametrize("text, match", [
-    ("pretrain:\n  hidden: [1e8, 1e8]\n", r"pretrain.hidden\[0\]: expected an integer|pretrain.hidden"),
-    ("pretrain:\n  hidden: [100000000, 100000000]\n", r"pretrain.hidden\[0\]: expected a value in \[1, 8192\]"),
+    ("pretrain:\n  hidden: [1e8, 1e8]\n", r"pretrain.hidden\[0\]: expected an integer, got '1e8'"),
+    ("pretrain:\n  hidden: [100000000, 1]\n", r"pretrain.hidden\[0\]: expected a value in \[1, 8192\]"),
     ("finetune:\n  group_size: 100000000\n", r"finetune.group_size: expected a value in \[2, 4096\]"),
     ("pretrain:\n  epochs: " + "9" * 5000 + "\n", r"pretrain.epochs: expected a number of at most 30 digits, "
                                                   r"got a number of 5000 digits"),
@@ -502,7 +502,8 @@ def test_long_numbers_on_the_command_line_are_refused_naming_the_key(real_sectio
     argv = ["--features", "f", "--init", "i", "--out", "o", "--set", "finetune.group_size=" + "7" * 5000]
     assert grade.core.cli.run(finetune.main, argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: finetune.group_size: expected a number of at most 30 digits, got a number of 5000 digits"
+    assert err == ("error: finetune.group_size: expected a number of at most 30 digits, got a number of 5000 "
+                   "digits")
 
 
 def test_every_size_like_integer_key_has_an_upper_bound(real_sections):
@@ -514,7 +515,8 @@ def test_every_size_like_integer_key_has_an_upper_bound(real_sections):
             tp = hints[f.name]
             if dataclasses.is_dataclass(tp):
                 visit(tp, f"{where}.{f.name}")
-            elif int in (tp, *typing.get_args(tp), *[a for t in typing.get_args(tp) for a in typing.get_args(t)]):
+            elif int in (tp, *typing.get_args(tp), *(a for t in typing.get_args(tp) for a in
+                                                     typing.get_args(t))):
                 assert f.metadata["bounds"].high < float("inf"), f"{where}.{f.name} has no upper bound"
 
     for name in config.SECTIONS:
@@ -541,7 +543,8 @@ def test_check_exits_2_naming_the_key(real_sections, tmp_path, capsys):
     import grade.core.cli
     from components import config as component
 
-    assert grade.core.cli.run(component.main, ["--check", write(tmp_path, "finetune:\n  reward:\n    pst: 1\n")]) == 2
+    bad = write(tmp_path, "finetune:\n  reward:\n    pst: 1\n")
+    assert grade.core.cli.run(component.main, ["--check", bad]) == 2
     assert capsys.readouterr().err.startswith("error: finetune.reward: unknown key(s) ['pst']")
     old = write(tmp_path, "pretrain:\n  seed: 1\n")
     assert grade.core.cli.run(component.main, ["--check", old]) == 0
@@ -569,9 +572,12 @@ def test_every_config_and_doc_snippet_passes_check(real_sections, tmp_path):
         config.load(str(cfg))
     seen = 0
     for name, kind, snippet in _doc_snippets():
-        if kind == "yaml":
-            config.load(write(tmp_path, snippet))
-        else:
-            config.load(None, dict([config.parse_setting(snippet)]))
+        try:
+            if kind == "yaml":
+                config.load(write(tmp_path, snippet))
+            else:
+                config.load(None, dict([config.parse_setting(snippet)]))
+        except ConfigError as e:
+            raise AssertionError(f"{name}: {snippet!r}: {e}") from None
         seen += 1
     assert seen >= 3
