@@ -3,7 +3,7 @@
     python -m components.outcome --features URI --out URI [--config YAML]
 
 Estimates the examination curve theta from the train split's clicks (the logging policy's
-per-request noise moves items across positions; ``outcome.fixed_eta`` assumes a power law instead),
+per-request noise moves items across positions; ``shared.eta_mode: fixed`` assumes a power law instead),
 fits the outcome model (click given examination, order given click, order value) as a correction of
 the MTL predictions, reports its calibration on the valid split next to the raw MTL predictions', and
 publishes the folder atomically (docs/estimators.md). Fine-tuning (``--outcome``) and evaluation
