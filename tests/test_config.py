@@ -560,7 +560,8 @@ def _doc_snippets():
         text = path.read_text()
         for block in re.findall(r"```ya?ml\n(.*?)```", text, re.S):
             yield path.name, "yaml", block
-        for setting in re.findall(r"--set ([a-z_]+\.[a-z_.]+=[^\s`\\]+)", text):
+        # a concrete value, not =<placeholder>
+        for setting in re.findall(r"--set ([a-z_]+\.[a-z_.]+=[^\s`\\<][^\s`\\]*)", text):
             yield path.name, "set", setting
 
 
