@@ -267,7 +267,10 @@ def _alias_targets(source: str, value: Any) -> list[tuple[str, Any]]:
     if source.startswith("seed:"):
         return [(f"ablation.seeds.{source[5:]}", value)]
     if source == "eta:fixed":
-        fixed = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        try:
+            fixed = _number(value, "") > 0
+        except ConfigError:
+            return [("shared.eta", value)]   # refused there, naming the old name
         return [("shared.eta", value), ("shared.eta_mode", "fixed")] if fixed else \
             [("shared.eta_mode", "estimated")]
     if source.startswith("guard_price:"):
@@ -466,7 +469,7 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _derived_values(cls: type, where: str, get: Any) -> dict[str, Any]:
+def _derived_values(cls: type, get: Any) -> dict[str, Any]:
     """Nested mapping of the derived fields of ``cls`` (and of its nested dataclasses)."""
     out: dict[str, Any] = {}
     hints = typing.get_type_hints(cls)
@@ -475,7 +478,7 @@ def _derived_values(cls: type, where: str, get: Any) -> dict[str, Any]:
             source = f.metadata["derived"]
             out[f.name] = DERIVED[source](get) if source in DERIVED else get(source)
         elif dataclasses.is_dataclass(hints[f.name]):
-            inner = _derived_values(hints[f.name], f"{where}.{f.name}", get)
+            inner = _derived_values(hints[f.name], get)
             if inner:
                 out[f.name] = inner
     return out
@@ -686,7 +689,7 @@ def load(path: str | Path | None, overrides: dict[str, Any] | None = None) -> di
     out = {}
     for name in SECTIONS:
         cls = section_class(name)
-        out[name] = build(cls, _merge(data.get(name) or {}, _derived_values(cls, name, get)), name)
+        out[name] = build(cls, _merge(data.get(name) or {}, _derived_values(cls, get)), name)
     return out
 
 
