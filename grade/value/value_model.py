@@ -53,7 +53,8 @@ class ValueModelConfig:
     examination: ExaminationConfig = dataclasses.field(default_factory=ExaminationConfig)
     """how theta is estimated from the logs (position-based click likelihood)"""
     fixed_eta: float = ranged(0.0, "[0, 10]", derived="eta:fixed")
-    """> 0: assume theta_j = (1+j)^-fixed_eta instead of estimating it (logs without position noise)"""
+    """> 0: assume theta_j = (1+j)^-fixed_eta instead of estimating it (logs without position noise); set by
+    shared.eta_mode: fixed with shared.eta"""
     outcome: OutcomeConfig = dataclasses.field(default_factory=OutcomeConfig)
     """the outcome model and its training"""
     calibration_max_requests: int = ranged(20000, "[1, 1e8]", retired=True)
