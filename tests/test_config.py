@@ -278,9 +278,9 @@ def test_every_component_refuses_a_bad_set_with_exit_2(real_sections, capsys, mo
     import grade.core.cli
 
     main = importlib.import_module(f"components.{module}").main
-    assert grade.core.cli.run(main, [*argv, "--set", "pretrain.sigma=-1"]) == 2
+    assert grade.core.cli.run(main, [*argv, "--set", "pretrain.lr=-1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: pretrain.sigma: expected a value > 0, got -1.0"]
+    assert err == ["error: pretrain.lr: expected a value > 0, got -1.0"]
 
 
 def test_flags_mirror_the_dataclass_fields(real_sections):
