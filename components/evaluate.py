@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registry", metavar="URI",
                    help="model registry root; its production model is evaluated as 'incumbent' "
                         "when it exists")
-    config.add_arguments(p, ("evaluate.split", "evaluate.bootstrap_samples", "evaluate.seed"),
-                         config_help="config file; its 'evaluate', 'business' and 'outcome' sections and "
+    config.add_arguments(p, ("evaluate.split", "evaluate.bootstrap_samples", "shared.seed"),
+                         config_help="config file; its 'evaluate', 'business' and 'value_model' sections and "
                                      "finetune.reward are used")
     return p
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     reward = sections["finetune"].reward
     report = run_evaluation(args.features, models, args.out, cfg, registry_uri=args.registry, reward=reward,
                             business=sections["business"], outcome_uri=args.outcome,
-                            value_model_cfg=sections["outcome"])
+                            value_model_cfg=sections["value_model"])
     print(format_table(report))
     print(f"report: {store.join(args.out, 'report.html')}")
     return 0

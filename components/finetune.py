@@ -27,10 +27,10 @@ import grade.core.cli
 from grade.core import config, distributed
 
 #: config keys with a flag of their own (--group-size, --reward-post, ...); any other key: --set
-FLAGS = tuple(f"finetune.{key}" for key in (
-    "group_size", "exploration", "adaptive_kappa", "fixed_kappa", "reward.post", "reward.prior",
-    "reward.format",
-    "kl_coef", "clip", "lr", "epochs", "max_steps", "batch_size", "seed"))
+FLAGS = (*(f"finetune.{key}" for key in (
+    "group_size", "reward.post", "reward.prior", "reward.format", "kl_coef", "clip", "lr", "epochs",
+    "max_steps", "batch_size")), "ablation.exploration", "ablation.adaptive_kappa", "ablation.preset",
+    "finetune.fixed_kappa", "shared.seed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="URI", help="output model folder, local path or s3://")
     p.add_argument("--outcome", metavar="URI",
                    help="value model (components.outcome output) for the posterior's estimator; without it "
-                        "one is fitted on --features with the config's 'outcome' section")
+                        "one is fitted on --features with the config's 'value_model' section")
     config.add_arguments(p, FLAGS, config_help="config file; its 'finetune' section is used")
     return p
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     with distributed.session() as ctx:
         metrics = finetune(args.features, args.init, args.out, cfg, rank=ctx.rank, world_size=ctx.world_size,
                            business=sections["business"], outcome_uri=args.outcome,
-                           outcome_cfg=sections["outcome"])
+                           outcome_cfg=sections["value_model"])
     if not ctx.is_main:
         return 0
     summary = {"out": args.out, "steps": metrics["steps"], "requests_per_s": metrics["requests_per_s"],

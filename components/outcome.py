@@ -3,7 +3,7 @@
     python -m components.outcome --features URI --out URI [--config YAML]
 
 Estimates the examination curve theta from the train split's clicks (the logging policy's
-per-request noise moves items across positions; ``outcome.fixed_eta`` assumes a power law instead),
+per-request noise moves items across positions; ``shared.eta_mode: fixed`` assumes a power law instead),
 fits the outcome model (click given examination, order given click, order value) as a correction of
 the MTL predictions, reports its calibration on the valid split next to the raw MTL predictions', and
 publishes the folder atomically (docs/estimators.md). Fine-tuning (``--outcome``) and evaluation
@@ -26,14 +26,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--features", required=True, metavar="URI",
                    help="published features folder or s3:// prefix (output of components.features)")
     p.add_argument("--out", required=True, metavar="URI", help="value-model folder or s3:// prefix")
-    config.add_arguments(p, ("outcome.fixed_eta", "outcome.model.epochs", "outcome.model.seed"),
-                         config_help="config file; its 'outcome' section is used")
+    config.add_arguments(p, ("shared.eta_mode", "shared.eta", "value_model.outcome.epochs", "shared.seed",
+                             "value_model.fixed_eta", "value_model.outcome.seed"),
+                         renamed={"value_model.outcome.epochs": "--model-epochs",
+                                  "value_model.outcome.seed": "--model-seed"},
+                         config_help="config file; its 'value_model' section is used")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = config.from_args(args)["outcome"]
+    cfg = config.from_args(args)["value_model"]
     grade.core.cli.check_new_output(args.out, features=args.features)
     metrics = build_value_model(args.features, args.out, cfg)
     exam = metrics["examination"]

@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="published features folder or s3:// prefix (output of components.features)")
     p.add_argument("--out", required=True, metavar="URI",
                    help="model folder or s3:// prefix (published atomically; holds the resume checkpoints)")
-    config.add_arguments(p, ("pretrain.epochs", "pretrain.seed", "pretrain.batch_size", "pretrain.threads"),
+    config.add_arguments(p, ("pretrain.epochs", "shared.seed", "pretrain.batch_size", "pretrain.threads"),
                          config_help="config file; its 'pretrain' section is used")
     return p.parse_args(argv)
 

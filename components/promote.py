@@ -39,7 +39,7 @@ def gate_parser() -> argparse.ArgumentParser:
                    help="the candidate model folder that the report evaluated")
     p.add_argument("--registry", required=True, metavar="URI",
                    help="registry root (local folder or s3://bucket/prefix)")
-    config.add_arguments(p, ("promote.candidate_name", "promote.model_name"),
+    config.add_arguments(p, ("promote.candidate_name", "shared.model_name"),
                          config_help="YAML config; its `promote` section holds the thresholds")
     p.add_argument("--out", "--blessing", dest="out", metavar="URI",
                    help="where to write the blessing JSON (default: blessing.json in the report's folder)")

@@ -22,7 +22,6 @@ import yaml
 
 from grade.core import config
 from grade.core.errors import ConfigError
-from grade.value.reward import POSTERIORS, RewardConfig
 
 
 @dataclass(frozen=True)
@@ -48,18 +47,10 @@ TUNABLES: tuple[Tunable, ...] = (
 )
 
 
-#: The ablations the evaluation can compare with (docs/finetune.md): fine-tuning config changes per name.
-ABLATIONS: dict[str, dict[str, Any]] = {
-    "grade_gaussian": {"finetune": {"exploration": "gaussian"}},
-    "grade_fixed_kappa": {"finetune": {"adaptive_kappa": False}},
-    "grade_posterior_only": {"finetune": {"reward": {"post": 1.0, "prior": 0.0, "format": 0.0}}},
-    "grade_prior_only": {"finetune": {"reward": {"post": 0.0, "prior": 1.0, "format": 0.0}}},
-    # the guardrails at fixed prices instead of held as constraints
-    "grade_guard_prices": {"finetune": {"reward": {"guard_mode": "price"}}},
-    # each other posterior the reward can name (grade.value.reward.POSTERIORS) instead of the default
-    **{f"grade_{name}": {"finetune": {"reward": {"post_estimator": name}}}
-       for name in POSTERIORS if name != RewardConfig().post_estimator},
-}
+#: The ablations the evaluation can compare with (docs/finetune.md): each sets its preset of the
+#: config's ``ablation`` section (grade.core.config.ABLATION_PRESETS holds what each one changes).
+ABLATIONS: dict[str, dict[str, Any]] = {name: {"ablation": {"preset": name}}
+                                        for name in config.ABLATION_PRESETS}
 
 
 def tunable(name: str) -> Tunable:
@@ -136,7 +127,7 @@ def _deep_merge(base: dict[str, Any], changes: dict[str, Any], where: str) -> di
 def merge(config_yaml: str, overrides: dict[str, Any], ablation: str = "") -> dict[str, Any]:
     """The config mapping of ``config_yaml`` with ``{tunable name: value}`` (then the named
     ablation's changes, when given) merged over it."""
-    data = yaml.safe_load(config_yaml or "") or {}
+    data = config.safe_load(config_yaml or "", "config_yaml") or {}
     if not isinstance(data, dict):
         raise ConfigError("config_yaml: expected a mapping of sections at the top level")
     changes: dict[str, Any] = {}

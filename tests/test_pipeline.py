@@ -208,9 +208,13 @@ def test_named_parameters_override_the_yaml_and_keep_other_keys():
     assert merged["simulator"] == {"n_users": 50, "n_requests": 900}
 
 
-def test_ablation_changes_merge_into_nested_sections():
-    merged = params.merge("finetune:\n  reward:\n    post_click: 0.5\n", {}, ablation="grade_prior_only")
-    assert merged["finetune"]["reward"] == {"post_click": 0.5, "post": 0.0, "prior": 1.0, "format": 0.0}
+def test_ablation_changes_merge_into_nested_sections(tmp_path):
+    merged = params.merge("finetune:\n  reward:\n    prior: 0.5\n", {}, ablation="grade_prior_only")
+    assert merged == {"finetune": {"reward": {"prior": 0.5}}, "ablation": {"preset": "grade_prior_only"}}
+    path = params.write_step_config("finetune:\n  reward:\n    prior: 0.5\n    v_gmv: 2\n", {},
+                                    ablation="grade_prior_only", directory=str(tmp_path))
+    reward = config.load_section(path, "finetune").reward   # the preset's keys win over the file's
+    assert (reward.post, reward.prior, reward.format, reward.v_gmv) == (0.0, 1.0, 0.0, 2.0)
     with pytest.raises(ConfigError, match="unknown ablation"):
         params.merge("", {}, ablation="grade_typo")
 

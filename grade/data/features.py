@@ -47,19 +47,19 @@ class FeaturesConfig:
     """share of requests (by event_time quantile) in the validation split, after train"""
     test_fraction: float = ranged(0.15, "[0, 1)")
     """share of requests (the latest ones by event_time) in the test split"""
-    shard_requests: int = ranged(8192, ">= 1")
+    shard_requests: int = ranged(8192, "[1, 1e7]")
     """requests per safetensors shard (the last shard of a split may hold fewer)"""
     on_bad_rows: Literal["fail", "skip"] = "fail"
     """fail: bad input exits with status 2; skip: bad requests go to quarantine.parquet"""
-    batch_rows: int = ranged(262_144, ">= 1")
+    batch_rows: int = ranged(262_144, "[1, 1e8]", retired=True)
     """Parquet rows read per record batch (bounds memory together with shard_requests)"""
-    max_vocab: int = ranged(100_000, ">= 1")
+    max_vocab: int = ranged(100_000, "[1, 1e8]")
     """largest vocabulary per categorical feature (the most frequent train values are kept)"""
     objectives: list[str] = dataclasses.field(default_factory=lambda: ["ctr", "cvr", "gmv"])
     """objectives the logs must predict, a pred_<name> column each (other pred_ columns are ignored)"""
     clip_quantile: float = ranged(0.001, "[0, 0.5)")
     """q: u_ features are clipped to [a - w, b + w], a/b the train q/1-q quantiles, w = b - a"""
-    max_list_size: int = ranged(512, ">= 1")
+    max_list_size: int = ranged(512, "[1, 10000]")
     """longest list kept: a longer request keeps its rows of the smallest logged positions"""
 
     def validate(self) -> None:

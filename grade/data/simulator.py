@@ -61,7 +61,7 @@ import pyarrow.parquet as pq
 import torch
 
 from grade.core import config, store
-from grade.core.config import ranged
+from grade.core.config import SEED_RANGE, ranged
 from grade.core.errors import ConfigError
 from grade.core.progress import Progress
 from grade.data.fusion import examination, fuse, gather_items, simplex_grid, top_e
@@ -91,29 +91,31 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 @dataclasses.dataclass
 class SimulatorConfig:
-    seed: int = ranged(0, ">= 0")
-    """random seed: the same config and seed always give the same logs"""
-    n_requests: int = ranged(20000, ">= 1")
+    seed: int = ranged(0, SEED_RANGE)
+    """seed of the simulated world (catalogue, users, market) and its logs: the same config and seed always
+    give the same logs; like position_bias a property of the data, so apart from shared.seed (the seed of
+    every step run on the data)"""
+    n_requests: int = ranged(20000, "[1, 1e8]")
     """number of search requests"""
-    n_users: int = ranged(5000, ">= 1")
+    n_users: int = ranged(5000, "[1, 1e8]")
     """number of distinct users"""
-    list_size: int = ranged(50, ">= 1")
+    list_size: int = ranged(50, "[1, 10000]")
     """candidates per request (L)"""
     objectives: list[str] = dataclasses.field(default_factory=lambda: ["ctr", "cvr", "gmv"])
     """MTL predictions written as pred_<objective>; from ctr, cvr, gmv, rel"""
-    n_items: int = ranged(20000, ">= 1")
+    n_items: int = ranged(20000, "[1, 1e8]")
     """catalogue size"""
-    n_categories: int = ranged(20, ">= 2")
+    n_categories: int = ranged(20, "[2, 100000]")
     """number of item categories"""
     price_sigma: float = ranged(0.35, ">= 0")
     """std of an item's log-price around its category's mean"""
-    category_price_sigma: float = ranged(0.3, ">= 0")
+    category_price_sigma: float = ranged(0.3, ">= 0", retired=True)
     """std of the categories' mean log-prices"""
-    appeal_sigma: float = ranged(0.6, ">= 0")
+    appeal_sigma: float = ranged(0.6, ">= 0", retired=True)
     """std of the items' click appeal (logit)"""
-    in_category_share: float = ranged(0.7, "[0, 1]")
+    in_category_share: float = ranged(0.7, "[0, 1]", retired=True)
     """share of a request's candidates from its query category"""
-    n_days: int = ranged(14, ">= 1")
+    n_days: int = ranged(14, "[1, 3660]")
     """days the requests are spread over (one Parquet partition per day)"""
     start_date: str = "2026-01-01"
     """first day of the logs (UTC)"""
@@ -129,15 +131,16 @@ class SimulatorConfig:
     """share of each segment's deviation from the average price sensitivity the MTL model captures"""
     mtl_cvr_price_bias: float = ranged(0.4, "(-inf, inf)")
     """upward pCVR logit bias per unit of log-price above the category mean"""
-    mtl_gmv_noise: float = ranged(0.1, ">= 0")
+    mtl_gmv_noise: float = ranged(0.1, ">= 0", retired=True)
     """std of the log-noise of pred_gmv around the price"""
     logging_concentration: float = ranged(30.0, "> 0")
     """Dirichlet concentration of the logging policy's per-request weight noise"""
-    position_bias: float = ranged(1.0, ">= 0")
-    """eta of the examination model theta_j = 1 / (1 + j)^eta"""
-    exposure_depth: int = ranged(10, ">= 1")
+    position_bias: float = ranged(1.0, "[0, 10]")
+    """eta of the simulated world's examination theta_j = 1 / (1 + j)^eta (how its clicks are generated;
+    what the metrics and estimators assume is shared.eta)"""
+    exposure_depth: int = ranged(10, "[1, 1000]", derived="shared.exposure_depth")
     """E: positions that count as exposed in the headroom report and the oracle"""
-    chunk_requests: int = ranged(10000, ">= 1")
+    chunk_requests: int = ranged(10000, "[1, 1e7]", retired=True)
     """requests generated and written per chunk (bounds memory)"""
 
     def validate(self) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from grade.core import config, store
-from grade.core.config import ranged
+from grade.core.config import SEED_RANGE, ranged, setting
 from grade.core.errors import InputError
 from grade.evaluate.held_out import FITTED_VALUE_MODEL, HeldOut, load_inputs, obtain_value_model
 from grade.evaluate.policies import PolicyRuns, check_model_names, compute_policies, named_models
@@ -41,21 +41,21 @@ log = logging.getLogger("grade.evaluate.evaluation")
 class EvaluateConfig:
     split: str = "test"
     """held-out split every policy is evaluated on"""
-    max_requests: int = ranged(0, ">= 0")
+    max_requests: int = ranged(0, "[0, 1e8]")
     """evaluate only the first N held-out requests (0 = all)"""
-    exposure_depth: int = ranged(10, ">= 1")
+    exposure_depth: int = ranged(10, "[1, 1000]", derived="shared.exposure_depth")
     """E: items exposed per request (top-E of each ranking)"""
-    position_bias: float = ranged(1.0, ">= 0")
+    position_bias: float = ranged(1.0, "[0, 10]", derived="shared.eta")
     """eta of the examination probability theta_j = 1/(1+j)^eta"""
-    bootstrap_samples: int = ranged(1000, ">= 0")
+    bootstrap_samples: int = ranged(1000, "[0, 1e6]")
     """paired bootstrap resamples of requests for the lift CIs"""
     confidence: float = ranged(0.95, "(0, 1)")
     """confidence level of the percentile intervals"""
-    seed: int = ranged(0, ">= 0")
+    seed: int = ranged(0, SEED_RANGE, derived="seed:evaluate")
     """seed of the bootstrap, the best_static search and the oracle"""
     segment_feature: str = ""
     """breakdown feature: '' = true segment when present else the first categorical feature; or a c_* name"""
-    max_segments: int = ranged(8, ">= 1")
+    max_segments: int = ranged(8, "[1, 1000]", retired=True)
     """largest number of segments in the breakdown (the most frequent values)"""
     estimator: str = "ips"
     """estimator of the 'estimated' flavour (grade.value.estimators.ESTIMATORS: ips, snips, dm, switch,
@@ -69,27 +69,27 @@ class EvaluateConfig:
     ndcg_gmv (per-request replay NDCG@E of one logged label)"""
     static_search_estimator: str = "dm"
     """estimator of the 'estimated' best_static search (dm needs the value model's outcome model)"""
-    static_search_iterations: int = ranged(10, ">= 0")
+    static_search_iterations: int = ranged(10, "[0, 1000]", retired=True)
     """cross-entropy-method iterations of the best_static search"""
-    paired_baselines: list[str] = dataclasses.field(default_factory=lambda: ["best_static", "stage1"])
+    paired_baselines: list[str] = setting(["best_static", "stage1"], retired=True)
     """policies every other one is also compared with by paired bootstrap (report key lift_vs), when
     present"""
-    static_search_population: int = ranged(32, ">= 1")
+    static_search_population: int = ranged(32, "[1, 100000]", retired=True)
     """weight vectors sampled per CEM iteration"""
-    static_search_elite_fraction: float = ranged(0.25, "(0, 1]")
+    static_search_elite_fraction: float = ranged(0.25, "(0, 1]", retired=True)
     """share of the population kept as the elite each iteration"""
-    static_search_max_requests: int = ranged(20000, ">= 0")
+    static_search_max_requests: int = ranged(20000, "[0, 1e8]", retired=True)
     """train requests (with a positive label) the search scores on"""
     oracle_value: str = "declared"
     """what the oracle maximises per request: declared (the business section's value) or clicks, orders,
     gmv"""
-    oracle_candidates: int = ranged(512, ">= 1")
+    oracle_candidates: int = ranged(512, "[1, 100000]", retired=True)
     """weight vectors the oracle tries per request"""
-    frontier_steps: int = ranged(12, ">= 1")
+    frontier_steps: int = ranged(12, "[1, 200]", retired=True)
     """grid resolution of the static-weights sweep over the simplex (trade-off frontier)"""
-    registry_model_name: str = DEFAULT_MODEL
+    registry_model_name: str = setting(DEFAULT_MODEL, derived="shared.model_name")
     """model name in the registry whose production alias is the incumbent (an alias of shared.model_name)"""
-    batch_size: int = ranged(16384, ">= 1")
+    batch_size: int = ranged(16384, "[1, 1e7]", retired=True)
     """requests per chunk in ranking and policy inference"""
 
     def validate(self) -> None:

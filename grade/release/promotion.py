@@ -30,8 +30,8 @@ from collections.abc import Callable
 from typing import Any
 
 from grade.core import store
-from grade.core.config import ranged
-from grade.core.errors import InputError
+from grade.core.config import ranged, setting
+from grade.core.errors import ConfigError, InputError
 from grade.core.store import paths
 from grade.model.registry import DEFAULT_MODEL, AliasConflict, Registry
 from grade.release.blessing import Blessing, Check, Fields, Thresholds
@@ -41,7 +41,7 @@ log = logging.getLogger("grade.release.promotion")
 
 @dataclasses.dataclass
 class PromoteConfig:
-    model_name: str = DEFAULT_MODEL
+    model_name: str = setting(DEFAULT_MODEL, derived="shared.model_name")
     """registry model name whose production alias is gated (an alias of shared.model_name)"""
     candidate_name: str = "grade"
     """the candidate's policy name in report.json"""
@@ -49,14 +49,22 @@ class PromoteConfig:
     """metric whose lift CI must clear min_lift ('' = the report's primary_metric, the declared value's)"""
     primary_flavour: str = ""
     """metric flavour of the primary check and the guardrails ('' = the report's primary_flavour)"""
-    fallback_flavour: str = "replay"
+    fallback_flavour: str = setting("replay", retired=True)
     """flavour used for reports whose primary flavour is 'prior' (written before the estimated flavour)"""
-    fallback_metric: str = "ndcg_order"
+    fallback_metric: str = setting("ndcg_order", retired=True)
     """primary metric used for such reports"""
     min_lift: float | None = ranged(0.0, ">= -1")
     """the primary lift's CI lower bound must be above this (null: no threshold -> never blessed)"""
     guardrails: dict[str, float] = ranged({"ctr": -0.005, "cvr": -0.01, "gpm": -0.005}, ">= -1")
     """metric -> lowest acceptable lift vs the baseline (e.g. ctr -0.005: CTR may drop at most 0.5%)"""
+
+    def validate(self) -> None:
+        # the prior flavour measures the policies with the MTL model's own predictions, which a policy
+        # fitted to them games (docs/promotion.md): the gate never decides on it
+        for key in ("primary_flavour", "fallback_flavour"):
+            if getattr(self, key) == "prior":
+                raise ConfigError(f"promote.{key}: 'prior' is not accepted (the gate never decides on the "
+                                  f"MTL prior); expected '', true, estimated or replay")
 
 
 def report_folder(uri: str) -> str:

@@ -31,31 +31,38 @@ import torch
 import torch.distributions as D
 
 from grade.core import distributed
-from grade.core.config import ranged
+from grade.core.config import SEED_RANGE, ranged, setting
+from grade.core.errors import ConfigError
 from grade.model.policy import PolicyNet
 from grade.value.reward import RewardConfig, reward_terms, weight_entropy
 
 
 @dataclasses.dataclass
 class FinetuneConfig:
-    group_size: int = ranged(16, ">= 2")
+    group_size: int = ranged(16, "[2, 4096]")
     """G: weight vectors sampled per request"""
-    exploration: Literal["dirichlet", "gaussian"] = "dirichlet"
+    exploration: Literal["dirichlet", "gaussian"] = setting("dirichlet", derived="ablation.exploration")
     """dirichlet (GRADE) or gaussian (logistic-normal ablation: softmax(logits + sigma*eps))"""
-    adaptive_kappa: bool = True
+    adaptive_kappa: bool = setting(True, derived="ablation.adaptive_kappa")
     """learn the Dirichlet concentration per request; false = fixed_kappa for every request (ablation)"""
-    fixed_kappa: float = ranged(150.0, "> 0")
+    kappa_min: float = ranged(10.0, "> 0")
+    """lower bound of the Dirichlet concentration (the policy's kappa head is built with it in Stage 1)"""
+    kappa_max: float = ranged(400.0, "> 0")
+    """upper bound of the Dirichlet concentration"""
+    kappa_init: float = ranged(50.0, "> 0")
+    """initial concentration (sets the kappa head's bias in Stage 1)"""
+    fixed_kappa: float = ranged(150.0, "> 0", retired=True)
     """the concentration used when adaptive_kappa is false (the adaptive default's target, so the ablation
     changes only who gets how much exploration)"""
     kappa_target: float = ranged(150.0, ">= 0")
     """adaptive kappa: a Lagrange multiplier holds the batch's geometric-mean kappa here, so the surrogate
     only decides which requests get more or less of it; 150 chosen on the valid splits of four simulated
     markets (docs/finetune.md); 0 = unconstrained (earlier form)"""
-    kappa_dual_kp: float = ranged(5.0, ">= 0")
+    kappa_dual_kp: float = ranged(5.0, ">= 0", retired=True)
     """proportional gain: lambda = integral + kappa_dual_kp * (mean log kappa - log kappa_target) now"""
-    kappa_dual_lr: float = ranged(0.2, "> 0")
+    kappa_dual_lr: float = ranged(0.2, "> 0", retired=True)
     """integral gain: the integral grows by this per step per nat of mean log kappa above the target"""
-    gaussian_sigma: float = ranged(0.3, "> 0")
+    gaussian_sigma: float = ranged(0.3, "> 0", retired=True)
     """std of the logit noise of the gaussian exploration"""
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     """composite reward: coefficients post/prior/format, label and value mix, weight bounds, entropy floor"""
@@ -64,53 +71,57 @@ class FinetuneConfig:
     the demo)"""
     clip: float = ranged(0.2, "(0, 1)")
     """epsilon of the clipped importance ratio"""
-    log_ratio_clip: float = ranged(10.0, "> 0")
+    log_ratio_clip: float = ranged(10.0, "> 0", retired=True)
     """|log rho| is clamped to this before exp (guards against exploding ratios)"""
-    advantage_norm: Literal["group", "batch"] = "batch"
+    advantage_norm: Literal["group", "batch"] = setting("batch", retired=True)
     """divide centred rewards by each group's std (group) or by one std over the batch (batch): per-group
     scaling gives a request with one shallow logged order the same pull as one with a deep
     (inverse-propensity up-weighted) order, which undoes the debiasing and drifts back to the logging
     policy"""
-    adv_eps: float = ranged(1e-4, "> 0")
+    adv_eps: float = ranged(1e-4, "> 0", retired=True)
     """added to the std in the advantage denominator"""
-    sample_eps: float = ranged(1e-6, "(0, 0.01)")
+    sample_eps: float = ranged(1e-6, "(0, 0.01)", retired=True)
     """Dirichlet samples are clamped to >= this and renormalised"""
     lr: float = ranged(3e-3, "> 0")
     """Adam learning rate (the first step's, when anneal_lr)"""
-    anneal_lr: bool = True
+    anneal_lr: bool = setting(True, retired=True)
     """decay the learning rate linearly to 0 over the run: the logged-feedback reward is noisy, and a
     constant rate leaves the last steps (and so the served policy) jumping around the optimum"""
-    epochs: int = ranged(3, ">= 0")
+    epochs: int = ranged(3, "[0, 10000]")
     """passes over the train split"""
-    max_steps: int = ranged(0, ">= 0")
+    max_steps: int = ranged(0, "[0, 1e9]")
     """stop after this many steps (0 = run all epochs)"""
-    batch_size: int = ranged(256, ">= 1")
+    batch_size: int = ranged(256, "[1, 1e7]")
     """requests per step (the global batch: each of W processes takes batch_size / W)"""
-    update_epochs: int = ranged(2, ">= 1")
+    update_epochs: int = ranged(2, "[1, 1000]")
     """gradient updates on the same samples per step"""
-    max_grad_norm: float = ranged(1.0, "> 0")
+    max_grad_norm: float = ranged(1.0, "> 0", retired=True)
     """gradient clipping (global L2 norm)"""
-    exposure_depth: int = ranged(10, ">= 1")
+    exposure_depth: int = ranged(10, "[1, 1000]", derived="shared.exposure_depth")
     """E: items exposed per request (reward depth and validation depth)"""
-    position_bias: float = ranged(1.0, ">= 0")
+    position_bias: float = ranged(1.0, "[0, 10]", derived="shared.eta")
     """eta of the validation metrics' examination theta_j = 1/(1+j)^eta"""
-    eval_every: int = ranged(25, ">= 1")
+    eval_every: int = ranged(25, "[1, 1e9]")
     """steps between validation points (also evaluated at step 0 and at the end)"""
-    eval_max_requests: int = ranged(20000, ">= 0")
+    eval_max_requests: int = ranged(20000, "[0, 1e8]", retired=True)
     """validation requests used for the curve (the first N of the valid split)"""
-    checkpoint_every: int = ranged(50, ">= 1")
+    checkpoint_every: int = ranged(50, "[1, 1e9]", retired=True)
     """steps between checkpoints (also one at every epoch end)"""
-    seed: int = ranged(0, ">= 0")
+    seed: int = ranged(0, SEED_RANGE, derived="seed:finetune")
     """seed of the data order and of every step's sampling"""
-    threads: int = ranged(0, ">= 0")
+    threads: int = ranged(0, "[0, 1024]")
     """torch intra-op threads (0 = torch's default)"""
-    value_cache_max_mb: float = ranged(1024.0, ">= 0")
+    value_cache_max_mb: float = ranged(1024.0, "[0, 1e6]")
     """the value fields of every train request are computed once and held in memory up to this size (MB;
     1 + 3 + 3 values x list size x 4 bytes per request), else per batch; 0 = always per batch"""
 
     def validate(self, n_objectives: int | None = None) -> None:
         """Checks beyond each field's range (grade.core.config.check runs those first); with the features'
         number of objectives K, also that the reward's weight bounds fit K."""
+        if not self.kappa_min <= self.kappa_init <= self.kappa_max or self.kappa_min == self.kappa_max:
+            raise ConfigError(f"finetune.kappa_min, kappa_init, kappa_max: expected kappa_min <= "
+                              f"kappa_init <= kappa_max and kappa_min < kappa_max, got {self.kappa_min}, "
+                              f"{self.kappa_init}, {self.kappa_max}")
         self.reward.validate(n_objectives)
 
 

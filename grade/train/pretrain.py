@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from grade.core import store
-from grade.core.config import check, ranged, to_dict
+from grade.core.config import SEED_RANGE, check, ranged, setting, to_dict
 from grade.core.errors import ConfigError, InputError
 from grade.data import dataset
 from grade.data.fusion import fuse, ndcg_at
@@ -49,9 +49,9 @@ _TRAIN_FIELDS = ["z", "mask", "num", "cat", "click", "order", "gmv"]
 
 @dataclasses.dataclass
 class PretrainConfig:
-    epochs: int = ranged(8, ">= 1")
+    epochs: int = ranged(8, "[1, 10000]")
     """maximum number of passes over the train split"""
-    batch_size: int = ranged(512, ">= 1")
+    batch_size: int = ranged(512, "[1, 1e7]")
     """requests per gradient step (the global batch: each of W processes takes batch_size / W)"""
     lr: float = ranged(3e-3, "> 0")
     """AdamW learning rate"""
@@ -64,45 +64,45 @@ class PretrainConfig:
     gmv_label: Literal["graded", "log1p"] = "graded"
     """gmv relevance label: graded = decimal digits of gmv (1..gmv_max_grade, 0 without order);
     log1p = log1p(gmv)"""
-    gmv_max_grade: int = ranged(4, ">= 1")
+    gmv_max_grade: int = ranged(4, "[1, 30]", retired=True)
     """highest gmv grade (gmv >= 10^(max-1) gets it)"""
     weighing_scheme: Literal["ndcgLoss1", "ndcgLoss2", "ndcgLoss2PP", "lambdaRank", "rankNet"] = "ndcgLoss2PP"
     """LambdaLoss weighing scheme"""
-    k: int | None = ranged(None, ">= 1")
+    k: int | None = ranged(None, "[1, 10000]")
     """LambdaLoss truncation: only pairs within the predicted top-k count (None = whole list)"""
-    sigma: float = ranged(1.0, "> 0")
+    sigma: float = ranged(1.0, "> 0", retired=True)
     """LambdaLoss logistic scale of score differences"""
-    mu: float = ranged(10.0, ">= 0")
+    mu: float = ranged(10.0, ">= 0", retired=True)
     """weight of the ndcgLoss2 term in ndcgLoss2PP"""
-    score_scale: float = ranged(0.0, ">= 0")
+    score_scale: float = ranged(0.0, ">= 0", retired=True)
     """initial scale of the fused scores seen by the loss (0 = fitted on train for the initial weights)"""
-    learn_score_scale: bool = True
+    learn_score_scale: bool = setting(True, retired=True)
     """learn the score scale jointly with the policy (it never changes a ranking)"""
-    exposure_depth: int = ranged(10, ">= 1")
+    exposure_depth: int = ranged(10, "[1, 1000]", derived="shared.exposure_depth")
     """E of the validation NDCG@E"""
     stopping_objective: Literal["click", "order", "gmv"] = "order"
     """early stopping and best-epoch selection watch this objective's validation NDCG@E"""
-    patience: int = ranged(3, ">= 1")
+    patience: int = ranged(3, "[1, 10000]")
     """stop after this many epochs without an improvement of the watched NDCG@E"""
-    min_delta: float = ranged(0.0, ">= 0")
+    min_delta: float = ranged(0.0, ">= 0", retired=True)
     """smallest increase of the watched NDCG@E that counts as an improvement"""
-    max_valid_requests: int = ranged(0, ">= 0")
+    max_valid_requests: int = ranged(0, "[0, 1e8]")
     """validate on the first N valid requests only (0 = all)"""
-    hidden: list[int] = ranged([64, 64], ">= 1")
+    hidden: list[int] = ranged([64, 64], "[1, 8192]")
     """hidden layer widths of the policy MLP"""
-    emb_dim: int = ranged(8, ">= 1")
+    emb_dim: int = ranged(8, "[1, 1024]")
     """embedding width per categorical feature"""
-    kappa_min: float = ranged(10.0, "> 0")
-    """lower bound of the Dirichlet concentration (used by Stage 2)"""
-    kappa_max: float = ranged(400.0, "> 0")
-    """upper bound of the Dirichlet concentration (used by Stage 2)"""
-    kappa_init: float = ranged(50.0, "> 0")
-    """initial concentration (used by Stage 2)"""
-    seed: int = ranged(0, ">= 0")
+    kappa_min: float = ranged(10.0, "> 0", derived="finetune.kappa_min")
+    """lower bound of the Dirichlet concentration (the policy's kappa head is built here, used by Stage 2)"""
+    kappa_max: float = ranged(400.0, "> 0", derived="finetune.kappa_max")
+    """upper bound of the Dirichlet concentration"""
+    kappa_init: float = ranged(50.0, "> 0", derived="finetune.kappa_init")
+    """initial concentration"""
+    seed: int = ranged(0, SEED_RANGE, derived="seed:pretrain")
     """seed of the initialisation and the data order"""
-    threads: int = ranged(2, ">= 1")
+    threads: int = ranged(2, "[1, 1024]")
     """torch intra-op threads (results depend on it: keep it fixed for reproducibility)"""
-    log_every_s: float = ranged(10.0, "> 0")
+    log_every_s: float = ranged(10.0, "> 0", retired=True)
     """seconds between progress lines within an epoch"""
 
     def validate(self) -> None:
@@ -114,7 +114,7 @@ class PretrainConfig:
             raise ConfigError(f"pretrain.objective_weights: expected at least one weight > 0, "
                               f"got {self.objective_weights}")
         if not self.kappa_min <= self.kappa_init <= self.kappa_max or self.kappa_min == self.kappa_max:
-            raise ConfigError(f"pretrain.kappa_min, kappa_init, kappa_max: expected kappa_min <= "
+            raise ConfigError(f"finetune.kappa_min, kappa_init, kappa_max: expected kappa_min <= "
                               f"kappa_init <= kappa_max and kappa_min < kappa_max, got {self.kappa_min}, "
                               f"{self.kappa_init}, {self.kappa_max}")
 

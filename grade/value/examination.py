@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import torch
 
-from grade.core.config import ranged
+from grade.core.config import SEED_RANGE, ranged
 from grade.core.errors import InputError
 
 METHODS = ("power", "free")
@@ -42,17 +42,17 @@ METHODS = ("power", "free")
 class ExaminationConfig:
     method: Literal["power", "free"] = "power"
     """curve reported as ``theta`` (both are always fitted): power law (1+j)^-eta or free per position"""
-    depth: int = ranged(20, ">= 2")
+    depth: int = ranged(20, "[2, 1000]")
     """D: positions of the reported curve and of the free fit (items logged at >= D leave the free fit)"""
     interactions: bool = True
     """add the products of item terms and user features to f (user-dependent click models)"""
-    max_rows: int = ranged(2_000_000, ">= 1")
+    max_rows: int = ranged(2_000_000, "[1, 1e9]")
     """largest number of logged items used; a seeded subsample above it (bounds time and memory)"""
-    max_iter: int = ranged(200, ">= 1")
+    max_iter: int = ranged(200, "[1, 100000]", retired=True)
     """LBFGS iterations per fit"""
-    l2: float = ranged(1e-4, ">= 0")
+    l2: float = ranged(1e-4, ">= 0", retired=True)
     """L2 penalty on f's weights (per item, relative to the mean log-likelihood)"""
-    seed: int = ranged(0, ">= 0")
+    seed: int = ranged(0, SEED_RANGE, derived="seed:examination")
     """seed of the subsample: the same logs, config and seed give the same estimate"""
 
     def validate(self) -> None:

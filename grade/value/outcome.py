@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from grade.core.config import ranged
+from grade.core.config import SEED_RANGE, ranged
 from grade.core.progress import Progress
 from grade.data.transform import objective_index
 from grade.value.examination import ExaminationEstimate
@@ -45,31 +45,31 @@ _OFFSET_EPS = 1e-6
 
 @dataclasses.dataclass
 class OutcomeConfig:
-    hidden: list[int] = ranged([64, 64], ">= 1")
+    hidden: list[int] = ranged([64, 64], "[1, 8192]")
     """hidden layer widths of the correction MLP"""
-    emb_dim: int = ranged(8, ">= 1")
+    emb_dim: int = ranged(8, "[1, 1024]")
     """embedding width per categorical feature"""
-    epochs: int = ranged(24, ">= 1")
+    epochs: int = ranged(24, "[1, 10000]")
     """most passes over the train split (early stopping on the valid likelihood usually ends sooner)"""
-    patience: int = ranged(3, ">= 1")
+    patience: int = ranged(3, "[1, 10000]")
     """stop after this many passes without a lower valid loss, and keep the best pass's weights"""
-    batch_size: int = ranged(256, ">= 1")
+    batch_size: int = ranged(256, "[1, 1e7]")
     """requests per step"""
     lr: float = ranged(1e-3, "> 0")
     """Adam learning rate: 1e-3 with patience 3 reaches a lower valid loss than 3e-3 with patience 2 and
     GRADE gains 0.8 points of headroom on average over six market/seed pairs (docs/estimators.md)"""
     value_loss_weight: float = ranged(0.1, ">= 0")
     """weight of the order-value (log-normal) loss next to the click and order likelihoods"""
-    seed: int = ranged(0, ">= 0")
+    seed: int = ranged(0, SEED_RANGE, derived="seed:outcome")
     """seed of the initialisation and the data order (member i of a mixture: seed + i)"""
-    members: int = ranged(3, ">= 1")
+    members: int = ranged(3, "[1, 100]")
     """outcome models fitted with seeds seed, seed + 1, ... and averaged (:class:`OutcomeMixture`): one
     model's own seed moved GRADE's share of the headroom by up to 4 points; the average of three reached
     +0.9 points over one model on average (docs/estimators.md)"""
-    precision: Literal["auto", "bfloat16", "float32"] = "auto"
-    """the matrix products of the training steps: bfloat16 (float32 weights, losses and valid loss; the
-    saved model computes in float32) or float32; auto: bfloat16 where the CPU has native bfloat16
-    products, else float32 (docs/estimators.md: same valid loss, a fraction of the time)"""
+    precision: Literal["auto", "bfloat16", "float32"] = "float32"
+    """the matrix products of the training steps: float32 (the same result on every machine), bfloat16
+    (float32 weights, losses and valid loss; the saved model computes in float32; faster where the CPU
+    has native bfloat16 products, docs/estimators.md) or auto (bfloat16 where the CPU has them)"""
 
 
 @dataclasses.dataclass

@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 
 from grade.core import distributed
-from grade.core.config import ranged
+from grade.core.config import ranged, setting
 from grade.core.errors import InputError
 from grade.data.fusion import dcg_discounts, fuse, gather_items, top_e
 from grade.data.transform import objective_index
@@ -55,19 +55,19 @@ class RewardConfig:
     (DCG-discounted, 1/theta-weighted mix of the post_click/post_order/post_gmv labels)"""
     post_max_weight: float = ranged(20.0, "> 0")
     """largest importance weight theta_j / theta_p(i) of the ips, switch and snips estimators"""
-    post_switch_tau: float = ranged(0.1, "[0, 1]")
+    post_switch_tau: float = ranged(0.1, "[0, 1]", retired=True)
     """switch: IPS for items logged where theta >= tau, the outcome model below"""
-    post_shrink_lambda: float = ranged(1.0, "> 0")
+    post_shrink_lambda: float = ranged(1.0, "> 0", retired=True)
     """shrunk: lambda of the shrunk importance weights lambda w / (w^2 + lambda)"""
-    guard_clicks: float = ranged(0.05, ">= 0")
+    guard_clicks: float = ranged(0.05, ">= 0", derived="guard_price:clicks")
     """guard_mode price: value of a click added to the declared business value in the posterior: a small
     weight on each guardrail metric, so that maximising the declared value does not trade the guardrails
     away. Chosen on the valid splits of three simulated markets (docs/finetune.md): with clicks 0.05 and
     gmv 0.2 the direct method's best weights keep their true orders and gain GPM and CTR against static"""
-    guard_gmv: float = ranged(0.2, ">= 0")
+    guard_gmv: float = ranged(0.2, ">= 0", derived="guard_price:gmv")
     """guard_mode price: value of one train mean order value of GMV added to the declared value in the
     posterior (see guard_clicks)"""
-    guard_mode: Literal["price", "constraint"] = "constraint"
+    guard_mode: Literal["price", "constraint"] = setting("constraint", derived="ablation.guard_mode")
     """how the posterior keeps the guardrails CTR and GPM (grade.value.guardrails): constraint prices each
     guardrail by a multiplier that a controller raises while the served weights' estimated CTR (GPM) on
     the batch is below static's times (1 + guard_margin) and returns to 0 where it holds (the default,
@@ -76,24 +76,24 @@ class RewardConfig:
     its own label mix, not the declared value"""
     guard_margin: float = ranged(0.0, "[-0.5, 0.5]")
     """constraint: the floor of each guardrail relative to static's estimate (0.01: 1% above static)"""
-    guard_dual_kp: float = ranged(2.0, ">= 0")
+    guard_dual_kp: float = ranged(2.0, ">= 0", retired=True)
     """constraint: proportional gain, lambda = integral + guard_dual_kp * relative shortfall now"""
-    guard_dual_lr: float = ranged(0.5, "> 0")
+    guard_dual_lr: float = ranged(0.5, "> 0", retired=True)
     """constraint: integral gain, the integral grows by this per step per unit of relative shortfall"""
-    post_click: float = ranged(0.25, ">= 0")
+    post_click: float = ranged(0.25, ">= 0", retired=True)
     """share of click NDCG in the posterior term (dcg_ips only)"""
-    post_order: float = ranged(1.0, ">= 0")
+    post_order: float = ranged(1.0, ">= 0", retired=True)
     """share of order NDCG in the posterior term (dcg_ips only)"""
-    post_gmv: float = ranged(1.0, ">= 0")
+    post_gmv: float = ranged(1.0, ">= 0", retired=True)
     """share of gmv NDCG (linear gain) in the posterior term (dcg_ips only)"""
-    post_debias: bool = True
+    post_debias: bool = setting(True, retired=True)
     """weight logged labels by 1/theta(logged position): clicks were only possible where users looked,
     so without it the posterior favours whatever the logging policy put on top"""
-    post_debias_eta: float = ranged(1.0, ">= 0")
+    post_debias_eta: float = ranged(1.0, "[0, 10]", derived="shared.eta")
     """eta of the examination model theta_j = 1/(1+j)^eta used for the debiasing"""
-    post_debias_clip: float = ranged(20.0, "> 0")
+    post_debias_clip: float = ranged(20.0, "> 0", retired=True)
     """largest inverse-propensity weight (bounds the variance from clicks at deep positions)"""
-    post_normalise: Literal["request", "batch"] = "batch"
+    post_normalise: Literal["request", "batch"] = setting("batch", retired=True)
     """divide each request's DCG by its own ideal DCG (request: NDCG) or by the batch's mean ideal DCG
     (batch): NDCG cancels the inverse-propensity weight of a request's single positive, so it drifts
     back to the logging policy; the batch form keeps it and estimates the new ranking's true value"""

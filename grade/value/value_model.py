@@ -49,11 +49,12 @@ log = logging.getLogger(__name__)
 class ValueModelConfig:
     examination: ExaminationConfig = dataclasses.field(default_factory=ExaminationConfig)
     """how theta is estimated from the logs (position-based click likelihood)"""
-    fixed_eta: float = ranged(0.0, ">= 0")
-    """> 0: assume theta_j = (1+j)^-fixed_eta instead of estimating it (logs without position noise)"""
-    model: OutcomeConfig = dataclasses.field(default_factory=OutcomeConfig)
+    fixed_eta: float = ranged(0.0, "[0, 10]", derived="eta:fixed")
+    """> 0: assume theta_j = (1+j)^-fixed_eta instead of estimating it (logs without position noise); set by
+    shared.eta_mode: fixed with shared.eta"""
+    outcome: OutcomeConfig = dataclasses.field(default_factory=OutcomeConfig)
     """the outcome model and its training"""
-    calibration_max_requests: int = ranged(20000, ">= 1")
+    calibration_max_requests: int = ranged(20000, "[1, 1e8]", retired=True)
     """valid requests used for early stopping and the calibration report"""
 
 
@@ -151,7 +152,7 @@ def calibration_report(model: OutcomeNet | OutcomeMixture, exam: ExaminationEsti
 
 def fit_value_model(features_uri: str, cfg: ValueModelConfig) -> tuple[ValueModel, dict[str, Any]]:
     """Estimate theta and fit the outcome model on the train split; calibration on valid. (model, metrics)"""
-    config_mod.check(cfg, "outcome")
+    config_mod.check(cfg, "value_model")
     t0 = time.monotonic()
     spec = dataset.load_spec(features_uri)
     train = dataset.load_split(features_uri, "train")
@@ -160,7 +161,7 @@ def fit_value_model(features_uri: str, cfg: ValueModelConfig) -> tuple[ValueMode
     if spec["splits"].get("valid", {}).get("n_requests", 0) > 0:
         valid = dataset.load_split(features_uri, "valid")
         valid = {k: v[: cfg.calibration_max_requests] for k, v in valid.items()}
-    model, history = fit_outcomes(train, spec, exam, cfg.model, valid)
+    model, history = fit_outcomes(train, spec, exam, cfg.outcome, valid)
     unit = mean_order_value(train["gmv"], train["order"], train["mask"])
     metrics: dict[str, Any] = {"examination": exam.to_json(), "order_value_unit": unit,
                                "n_train_requests": int(train["mask"].shape[0]), "history": history}
