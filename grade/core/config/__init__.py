@@ -93,3 +93,4 @@ from grade.core.config.shared import (  # noqa: F401
     _guard_price,
     _step_seed,
 )
+from grade.core.errors import ConfigError  # noqa: F401  (callers catch config.ConfigError)
