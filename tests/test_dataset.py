@@ -142,3 +142,25 @@ def test_reads_from_s3(features, s3_env, tmp_path, monkeypatch):
         assert torch.equal(local[name], remote[name])
     ids = torch.cat([b["request_id"] for b in dataset.iter_batches(uri, "train", 32, rank=0, world_size=2)])
     assert len(ids) == 36
+
+
+def test_an_unwritable_cache_folder_is_an_input_error_naming_it(features, s3_env, tmp_path, monkeypatch):
+    import os
+    from pathlib import Path
+
+    (tmp_path / "ro").mkdir(mode=0o500)
+    if os.geteuid() == 0:
+        # root writes through a read-only mode: refuse the folder's creation the way the kernel would
+        real_mkdir = Path.mkdir
+
+        def refused(self, *args, **kwargs):
+            if str(self).startswith(str(tmp_path / "ro")):
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_mkdir(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "mkdir", refused)
+    monkeypatch.setenv("GRADE_CACHE_DIR", str(tmp_path / "ro" / "cache"))
+    uri = f"{s3_env}/features-unwritable-cache"
+    store.publish_dir(features, uri)
+    with pytest.raises(InputError, match="GRADE_CACHE_DIR .*ro/cache.*writable"):
+        dataset.load_split(uri, "valid")

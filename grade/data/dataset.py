@@ -45,7 +45,11 @@ def _local_root(uri: str) -> Path:
     if key not in _FETCHED:
         base = Path(os.environ.get("GRADE_CACHE_DIR") or Path(tempfile.gettempdir(), "grade-cache"))
         cache = base / hashlib.sha256("\t".join(key).encode()).hexdigest()[:16]
-        _FETCHED[key] = store.open_published(uri, cache_dir=cache)
+        try:
+            _FETCHED[key] = store.open_published(uri, cache_dir=cache)
+        except PermissionError as e:  # a setting to correct, not an outage to retry
+            raise InputError(f"GRADE_CACHE_DIR {base}: cannot write the downloaded features there "
+                             f"({e.strerror}); point it at a writable folder") from None
     return _FETCHED[key]
 
 
