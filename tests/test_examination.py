@@ -49,6 +49,15 @@ def test_logs_without_clicks_are_refused():
         estimate_examination(batch)
 
 
+def test_clicks_at_one_position_only_are_refused_naming_it_and_the_way_out():
+    """Every click at the top: theta below it would be fitted to ~0 (eta in the tens), not estimated."""
+    batch = simulated_batch(SimulatorConfig(seed=0, n_requests=300, n_users=100))
+    batch["click"] = torch.where(batch["position"] == 0, batch["click"], torch.zeros_like(batch["click"]))
+    assert int(batch["click"].sum()) > 0
+    with pytest.raises(InputError, match="every logged click is at position 0.*eta_mode: fixed"):
+        estimate_examination(batch)
+
+
 def test_bad_config_is_refused():
     with pytest.raises(InputError, match="examination.method"):
         ExaminationConfig(method="cascade").validate()

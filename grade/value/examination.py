@@ -234,6 +234,12 @@ def estimate_examination(batch: dict[str, torch.Tensor], cfg: ExaminationConfig 
     if n_clicks == 0 or len(torch.unique(pos)) < 2:
         raise InputError("examination: the logs need clicks and items at more than one position "
                          "to estimate theta")
+    clicked = torch.unique(pos[click > 0])
+    if len(clicked) < 2:
+        # theta below the one clicked position would be fitted to ~0 (an eta in the tens): not an estimate
+        raise InputError(f"examination: every logged click is at position {int(clicked[0])}, so theta at "
+                         "other positions cannot be estimated from these logs; set shared.eta_mode: fixed "
+                         "with the shared.eta you trust, or log clicks at more positions")
     power, eta, ll_power, ok_power, params = _fit(x, pos, click, "power", cfg.depth, cfg)
     shallow = pos < cfg.depth
     free, _, ll_free, ok_free, _ = _fit(x[shallow], pos[shallow], click[shallow], "free", cfg.depth, cfg,
