@@ -329,10 +329,11 @@ def _checkpoints(out: str, n: int) -> None:
     for epoch in range(1, n + 1):
         training.save_checkpoint(out, "epoch", epoch, fingerprint={"config": {}},
                                  tensors={"model": training.state_tensors(model)}, optimizer=optimizer,
-                                 state={"epoch": epoch}, log_lines=[])
+                                 state={"epoch": epoch},
+                                 log_lines=[f'{{"epoch": {e}}}\n' for e in range(1, epoch + 1)])
 
 
-@pytest.mark.parametrize("damage", ["truncate model", "truncate state", "delete optimizer"])
+@pytest.mark.parametrize("damage", ["truncate model", "truncate state", "delete optimizer", "truncate log"])
 def test_a_damaged_latest_checkpoint_resumes_from_the_one_before_it(tmp_path, caplog, damage):
     """A latest checkpoint cut short (a full disk, a copy killed): before, resuming failed; now the
     run resumes from the previous committed checkpoint, with a warning naming the damaged one."""
@@ -344,7 +345,8 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_one_before_it(tmp_path, ca
     _checkpoints(out, 3)
     folder = tmp_path / training.CHECKPOINTS / "epoch-0003"
     what, name = damage.split()
-    files = {"model": "model.safetensors", "state": "state.json", "optimizer": "optimizer.safetensors"}
+    files = {"model": "model.safetensors", "state": "state.json", "optimizer": "optimizer.safetensors",
+             "log": "train_log.jsonl"}
     path = folder / files[name]
     if what == "truncate":
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -352,7 +354,7 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_one_before_it(tmp_path, ca
         path.unlink()
     with caplog.at_level(logging.WARNING, logger="grade.model.training"):
         ckpt = training.load_checkpoint(out, {"config": {}})
-    assert ckpt is not None and ckpt.state["epoch"] == 2
+    assert ckpt is not None and ckpt.state["epoch"] == 2 and len(ckpt.log_lines) == 2
     assert "epoch-0003 cannot be read back" in caplog.text
     (tmp_path / training.CHECKPOINTS / "epoch-0002" / "rng.safetensors").write_bytes(b"x")
     assert training.load_checkpoint(out, {"config": {}}) is None  # both damaged: start afresh

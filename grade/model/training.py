@@ -140,7 +140,7 @@ def save_checkpoint(out_uri: str, counter: str, number: int, *, fingerprint: dic
         save_file(opt_tensors or {_EMPTY: torch.zeros(0)}, str(Path(tmp, "optimizer.safetensors")))
         save_file({"torch_rng": torch.get_rng_state()}, str(Path(tmp, "rng.safetensors")))
         meta = {**state, "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "optimizer": opt_meta,
-                "tensors": sorted(tensors)}
+                "tensors": sorted(tensors), "log_bytes": len("".join(log_lines).encode())}
         Path(tmp, "state.json").write_text(json.dumps(meta, indent=1))
         Path(tmp, "train_log.jsonl").write_text("".join(log_lines))
         for name in sorted(p.name for p in Path(tmp).iterdir()):
@@ -210,10 +210,14 @@ def _read_checkpoint(out_uri: str, tag: str, fingerprint: dict[str, Any] | None)
 
     opt = tensors("optimizer")
     opt.pop(_EMPTY, None)
+    log_bytes = store.read_bytes(store.join(folder, "train_log.jsonl"))
+    # a log cut short would resume with rows missing from train_log.jsonl; older checkpoints lack the size
+    if len(log_bytes) != state.get("log_bytes", len(log_bytes)):
+        raise ValueError(f"train_log.jsonl holds {len(log_bytes)} bytes, the checkpoint recorded "
+                         f"{state['log_bytes']}")
     return Checkpoint(state=state, tensors={name: tensors(name) for name in state["tensors"]},
                       optimizer=unflatten_optimizer(opt, state["optimizer"]), rng=tensors("rng")["torch_rng"],
-                      log_lines=store.read_bytes(store.join(folder, "train_log.jsonl")).decode()
-                      .splitlines(True))
+                      log_lines=log_bytes.decode().splitlines(True))
 
 
 def restore(ckpt: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
