@@ -57,7 +57,7 @@ class FinetuneConfig:
     kappa_target: float = ranged(150.0, ">= 0")
     """adaptive kappa: a Lagrange multiplier holds the batch's geometric-mean kappa here, so the surrogate
     only decides which requests get more or less of it; 150 chosen on the valid splits of four simulated
-    markets (docs/finetune.md); 0 = unconstrained (earlier form)"""
+    markets (docs/finetune.md); 0 = unconstrained"""
     kappa_dual_kp: float = ranged(5.0, ">= 0", retired=True)
     """proportional gain: lambda = integral + kappa_dual_kp * (mean log kappa - log kappa_target) now"""
     kappa_dual_lr: float = ranged(0.2, "> 0", retired=True)
@@ -67,8 +67,8 @@ class FinetuneConfig:
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     """composite reward: coefficients post/prior/format, label and value mix, weight bounds, entropy floor"""
     kl_coef: float = ranged(0.005, ">= 0")
-    """beta: weight of KL(pi_theta || pi_stage1) in the loss (a light anchor: 0.02 cost ~2 true OPM on
-    the demo)"""
+    """beta: weight of KL(pi_theta || pi_stage1) in the loss (a light anchor: a heavier one holds the
+    policy near Stage 1's, docs/finetune.md)"""
     clip: float = ranged(0.2, "(0, 1)")
     """epsilon of the clipped importance ratio"""
     log_ratio_clip: float = ranged(10.0, "> 0", retired=True)

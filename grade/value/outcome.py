@@ -56,16 +56,14 @@ class OutcomeConfig:
     batch_size: int = ranged(256, "[1, 1e7]")
     """requests per step"""
     lr: float = ranged(1e-3, "> 0")
-    """Adam learning rate: 1e-3 with patience 3 reaches a lower valid loss than 3e-3 with patience 2 and
-    GRADE gains 0.8 points of headroom on average over six market/seed pairs (docs/estimators.md)"""
+    """Adam learning rate (chosen with patience on the valid splits of several markets, docs/estimators.md)"""
     value_loss_weight: float = ranged(0.1, ">= 0")
     """weight of the order-value (log-normal) loss next to the click and order likelihoods"""
     seed: int = ranged(0, SEED_RANGE, derived="seed:outcome")
     """seed of the initialisation and the data order (member i of a mixture: seed + i)"""
     members: int = ranged(3, "[1, 100]")
-    """outcome models fitted with seeds seed, seed + 1, ... and averaged (:class:`OutcomeMixture`): one
-    model's own seed moved GRADE's share of the headroom by up to 4 points; the average of three reached
-    +0.9 points over one model on average (docs/estimators.md)"""
+    """outcome models fitted with seeds seed, seed + 1, ... and averaged (:class:`OutcomeMixture`): the
+    average is less at the mercy of one model's seed (docs/estimators.md)"""
     precision: Literal["auto", "bfloat16", "float32"] = "float32"
     """the matrix products of the training steps: float32 (the same result on every machine), bfloat16
     (float32 weights, losses and valid loss; the saved model computes in float32; faster where the CPU

@@ -51,7 +51,7 @@ class RewardConfig:
     post_estimator: Literal["dm", "ips", "switch", "shrunk", "snips", "dcg_ips"] = "dm"
     """estimator of the declared business value (section ``business``) of each ranking, from
     grade.value.estimators with the value model's theta: dm (outcome model; the default, chosen by the
-    estimator check in docs/estimators.md), ips, switch, shrunk, snips; dcg_ips is the earlier form
+    estimator check in docs/estimators.md), ips, switch, shrunk, snips; dcg_ips prices no declared value
     (DCG-discounted, 1/theta-weighted mix of the post_click/post_order/post_gmv labels)"""
     post_max_weight: float = ranged(20.0, "> 0")
     """largest importance weight theta_j / theta_p(i) of the ips, switch and snips estimators"""
@@ -72,7 +72,7 @@ class RewardConfig:
     guardrail by a multiplier that a controller raises while the served weights' estimated CTR (GPM) on
     the batch is below static's times (1 + guard_margin) and returns to 0 where it holds (the default,
     chosen on the valid splits of four simulated markets, docs/finetune.md); price adds the fixed
-    guard_clicks and guard_gmv instead (the earlier form). Neither applies to dcg_ips, whose posterior is
+    guard_clicks and guard_gmv instead (ablation.guard_mode). Neither applies to dcg_ips, whose posterior is
     its own label mix, not the declared value"""
     guard_margin: float = ranged(0.0, "[-0.5, 0.5]")
     """constraint: the floor of each guardrail relative to static's estimate (0.01: 1% above static)"""

@@ -79,7 +79,7 @@ class AblationConfig:
     """how Stage 2's posterior keeps the guardrails CTR and GPM (grade.value.guardrails): constraint
     prices each guardrail by a multiplier a controller raises while the served weights' estimated CTR
     (GPM) is below static's times (1 + finetune.reward.guard_margin) (the default, docs/finetune.md);
-    price adds the fixed guard_prices (the earlier form)"""
+    price adds the fixed guard_prices"""
     guard_prices: dict[str, float] = ranged({"clicks": 0.05, "gmv": 0.2}, "[0, 100]")
     """guard_mode price: value of a click and of one train mean order value of GMV added to the
     declared value in the posterior (chosen on the valid splits of three simulated markets)"""
