@@ -22,6 +22,7 @@ import yaml
 
 from grade.core import config
 from grade.core.errors import ConfigError
+from grade.value.reward import POSTERIORS, RewardConfig
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,12 @@ TUNABLES: tuple[Tunable, ...] = (
 
 
 #: The ablations the evaluation can compare with (docs/finetune.md): each sets its preset of the
-#: config's ``ablation`` section (grade.core.config.ABLATION_PRESETS holds what each one changes).
-ABLATIONS: dict[str, dict[str, Any]] = {name: {"ablation": {"preset": name}}
-                                        for name in config.ABLATION_PRESETS}
+#: config's ``ablation`` section: the named ones (grade.core.config.ABLATION_PRESETS) and each other
+#: posterior of the estimator registry (grade.value.reward.POSTERIORS) instead of the default.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    name: {"ablation": {"preset": name}}
+    for name in [*config.ABLATION_PRESETS,
+                 *(f"grade_{p}" for p in POSTERIORS if p != RewardConfig().post_estimator)]}
 
 
 def tunable(name: str) -> Tunable:

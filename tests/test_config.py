@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from grade.core import config
-from grade.core.errors import ConfigError
+from grade.core.errors import ConfigError, InputError
 
 
 @dataclasses.dataclass
@@ -417,13 +417,13 @@ def test_eta_mode_fixed_is_the_value_models_fixed_eta(real_sections):
     assert sections["simulator"].position_bias == 1.0                                   # the world's own
 
 
-@pytest.mark.parametrize("preset", sorted(config.ABLATION_PRESETS))
+@pytest.mark.parametrize("preset", [*sorted(config.ABLATION_PRESETS), "grade_ips", "grade_dcg_ips"])
 def test_every_ablation_preset_sets_its_keys_over_the_file(real_sections, tmp_path, preset):
     """The pipeline's ablations are presets; one --set reproduces a row of the documented table."""
     path = write(tmp_path, "finetune:\n  reward:\n    post: 0.5\n    prior: 0.5\n    post_estimator: dm\n"
                            "ablation:\n  exploration: dirichlet\n")
     sections = config.load(path, {"ablation.preset": preset})
-    for dotted, value in config.ABLATION_PRESETS[preset].items():
+    for dotted, value in config.preset_keys(preset).items():
         node = sections
         for part in dotted.split("."):
             node = node[part] if isinstance(node, dict) else getattr(node, part)
@@ -434,7 +434,7 @@ def test_every_ablation_preset_sets_its_keys_over_the_file(real_sections, tmp_pa
     if preset == "grade_guard_prices":
         assert sections["finetune"].reward.guard_mode == "price"
     # a command-line --set of a key the preset sets still wins
-    key, value = next(iter(config.ABLATION_PRESETS[preset].items()))
+    key, value = next(iter(config.preset_keys(preset).items()))
     other = {str: "dirichlet" if "exploration" in key else "constraint" if "guard" in key else "ips",
              bool: True, float: 0.25}[type(value)]
     over = config.load(path, {"ablation.preset": preset, key: other})
@@ -447,9 +447,12 @@ def test_every_ablation_preset_sets_its_keys_over_the_file(real_sections, tmp_pa
 def test_pipeline_ablations_are_the_presets(real_sections):
     from pipeline import params
 
-    assert list(params.ABLATIONS) == list(config.ABLATION_PRESETS)
-    with pytest.raises(ConfigError, match="ablation.preset: expected '' or one of"):
-        config.load(None, {"ablation.preset": "grade_nothing"})
+    assert list(params.ABLATIONS)[:len(config.ABLATION_PRESETS)] == list(config.ABLATION_PRESETS)
+    assert all(config.preset_keys(v["ablation"]["preset"]) for v in params.ABLATIONS.values())
+    with pytest.raises(ConfigError, match="ablation.preset: expected '', one of"):
+        config.load(None, {"ablation.preset": "nothing"})
+    with pytest.raises(InputError, match="finetune.reward.post_estimator: expected one of"):
+        config.load(None, {"ablation.preset": "grade_nothing"})  # the registry names the estimators
 
 
 # ------------------------------------------------------------------------------------------------

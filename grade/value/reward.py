@@ -48,7 +48,7 @@ class RewardConfig:
     Small by default: the MTL model is global, so its prior pulls every user towards the same weights"""
     format: float = ranged(1.0, ">= 0")
     """lambda_fmt: coefficient of the format (weight bounds + entropy floor) penalty; 0 switches it off"""
-    post_estimator: Literal["dm", "ips", "switch", "shrunk", "snips", "dcg_ips"] = "dm"
+    post_estimator: str = "dm"
     """estimator of the declared business value (section ``business``) of each ranking, from
     grade.value.estimators with the value model's theta: dm (outcome model; the default, chosen by the
     estimator check in docs/estimators.md), ips, switch, shrunk, snips; dcg_ips prices no declared value

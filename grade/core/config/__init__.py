@@ -83,6 +83,7 @@ from grade.core.config.loading import (  # noqa: F401
 from grade.core.config.shared import (  # noqa: F401
     ABLATION_PRESETS,
     DERIVED,
+    ESTIMATOR_PRESET,
     MAX_SEED,
     SEED_RANGE,
     SEED_STEPS,
@@ -92,5 +93,6 @@ from grade.core.config.shared import (  # noqa: F401
     _fixed_eta,
     _guard_price,
     _step_seed,
+    preset_keys,
 )
 from grade.core.errors import ConfigError  # noqa: F401  (callers catch config.ConfigError)

@@ -20,7 +20,7 @@ from grade.core.config.keys import (
     _nest,
     _resolve,
 )
-from grade.core.config.shared import ABLATION_PRESETS
+from grade.core.config.shared import preset_keys
 from grade.core.errors import ConfigError
 
 #: a config file larger than this is refused before it is parsed
@@ -96,7 +96,7 @@ def load(path: str | Path | None, overrides: dict[str, Any] | None = None) -> di
     given, overridden = _resolve(_leaves(load_yaml(path), f"{path}: " if path else ""),
                                  [(k, v) for k, v in (overrides or {}).items() if v is not None])
     preset = given.get("ablation.preset", "")
-    for dotted, value in ABLATION_PRESETS.get(preset, {}).items():
+    for dotted, value in preset_keys(preset).items():
         if dotted not in overridden:
             given[dotted] = _coerced(dotted, value, f"ablation.preset {preset}")
 

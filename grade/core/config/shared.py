@@ -52,10 +52,18 @@ ABLATION_PRESETS: dict[str, dict[str, Any]] = {
                          "finetune.reward.format": 0.0},
     # the guardrails at fixed prices instead of held as constraints
     "grade_guard_prices": {"ablation.guard_mode": "price"},
-    # each other estimator of the declared value as the posterior (the default is dm)
-    **{f"grade_{name}": {"finetune.reward.post_estimator": name}
-       for name in ("ips", "snips", "switch", "shrunk", "dcg_ips")},
 }
+#: ``grade_<estimator>``: that estimator of the declared value as the posterior. The names are the value
+#: layer's registry (grade.value.reward.POSTERIORS), which checks them; this layer only reads the pattern.
+ESTIMATOR_PRESET = re.compile(r"grade_([a-z][a-z0-9_]*)")
+
+
+def preset_keys(preset: str) -> dict[str, Any]:
+    """The keys an ablation preset sets (empty for '' or an unknown name)."""
+    if preset in ABLATION_PRESETS:
+        return ABLATION_PRESETS[preset]
+    match = ESTIMATOR_PRESET.fullmatch(preset)
+    return {"finetune.reward.post_estimator": match.group(1)} if match else {}
 
 #: the steps whose seed ablation.seeds can set apart from shared.seed
 SEED_STEPS = ("examination", "outcome", "pretrain", "finetune", "evaluate")
@@ -65,8 +73,8 @@ SEED_STEPS = ("examination", "outcome", "pretrain", "finetune", "evaluate")
 class AblationConfig:
     preset: str = ""
     """one row of the documented ablation tables ('' = none): grade_gaussian, grade_fixed_kappa,
-    grade_posterior_only, grade_prior_only, grade_guard_prices, grade_ips, grade_snips, grade_switch,
-    grade_shrunk, grade_dcg_ips: sets the keys grade.core.config.ABLATION_PRESETS lists, over the file's
+    grade_posterior_only, grade_prior_only, grade_guard_prices (the keys grade.core.config.ABLATION_PRESETS
+    lists), or grade_<estimator> (finetune.reward.post_estimator, e.g. grade_ips): set over the file's
     values (a --set of such a key still wins)"""
     seeds: dict[str, int] = ranged({}, f"[0, {MAX_SEED}]")
     """step -> its own seed instead of shared.seed (seed studies: examination, outcome, pretrain, finetune,
@@ -85,9 +93,9 @@ class AblationConfig:
     declared value in the posterior (chosen on the valid splits of three simulated markets)"""
 
     def validate(self) -> None:
-        if self.preset and self.preset not in ABLATION_PRESETS:
-            raise ConfigError(f"ablation.preset: expected '' or one of {sorted(ABLATION_PRESETS)}, "
-                              f"got {self.preset!r}")
+        if self.preset and not preset_keys(self.preset):
+            raise ConfigError(f"ablation.preset: expected '', one of {sorted(ABLATION_PRESETS)} or "
+                              f"grade_<estimator>, got {self.preset!r}")
         bad = sorted(set(self.seeds) - set(SEED_STEPS))
         if bad:
             raise ConfigError(f"ablation.seeds: unknown step(s) {bad}; expected some of {list(SEED_STEPS)}")
