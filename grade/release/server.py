@@ -30,6 +30,7 @@ import numpy as np
 
 from grade.core import http_server
 from grade.core.errors import InputError
+from grade.core.store import paths
 from grade.release import serving
 
 log = logging.getLogger("grade.release.server")
@@ -445,7 +446,7 @@ def serve(settings: ServerSettings, worker_command: list[str]) -> int:
     """Run the server: ``settings.workers`` worker processes on one socket (:func:`http_server.supervise`
     runs ``worker_command``, this server with one worker, adding ``--listen-fd FD`` and, for the first,
     ``--ready-fd FD``), or this process alone."""
-    serving.check_model_name(settings.model_name)
+    paths.safe_model_name(settings.model_name, "--model-name")
     workers = settings.workers or http_server.available_cpus()
     if workers > 1 and settings.listen_fd is None:
         return http_server.supervise(worker_command, workers, settings.port, ready_flag="--ready-fd")

@@ -20,7 +20,6 @@ Bad requests raise :class:`BadRequest`, whose message names the field.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ import torch
 
 from grade.core import store
 from grade.core.errors import InputError
+from grade.core.store import paths
 from grade.core.store.backend import sha256_file
 from grade.data.transform import FeatureTransform
 from grade.model.registry import Registry
@@ -165,19 +165,6 @@ def warm_up(fn: Any, n_numeric: int, n_categorical: int) -> None:
         fn(torch.zeros(batch, n_numeric), torch.zeros(batch, n_categorical, dtype=torch.int64))
 
 
-#: a registry model name: a plain folder name under the registry root
-MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-def check_model_name(name: str) -> None:
-    """:class:`InputError` unless ``name`` is a plain relative name (no ``..``, ``/`` or absolute
-    path): it names a folder under the registry root, and anything else would serve a registry
-    outside it."""
-    if not MODEL_NAME.fullmatch(name):
-        raise InputError(f"--model-name {name!r}: expected a plain name (letters, digits, '.', '-', '_'; "
-                         "no '/', '..' or absolute path)")
-
-
 class PolicyHolder:
     """The served version, swapped atomically when the registry's alias moves.
 
@@ -187,7 +174,7 @@ class PolicyHolder:
     """
 
     def __init__(self, registry_uri: str, model_name: str, pinned: str | None = None):
-        check_model_name(model_name)
+        paths.safe_model_name(model_name, "--model-name")
         self.registry = Registry(registry_uri, model_name)
         self.pinned = pinned
         """a version to serve instead of the alias's (a canary), verified against its lineage's hash"""

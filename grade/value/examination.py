@@ -95,12 +95,12 @@ class ExaminationEstimate:
         """
         pos = position.to(torch.int64)
         depth = int(pos.max()) + 1 if pos.numel() else 1
-        # A table indexed by position, not a vectorised pow over the batch: the SIMD and scalar paths of
-        # pow differ in the last bit, so the same position would get another theta in another batch.
-        table = [(j + 1.0) ** -self.eta for j in range(max(depth, 1))]
+        # a table indexed by position, so that a position gets the same theta in every batch
+        table = power_curve(max(depth, 1), self.eta)
         if self.method == "free":
-            table[:len(self.theta_free)] = self.theta_free[:len(table)]
-        theta = torch.tensor(table, dtype=torch.float32)[pos.clamp_min(0)]
+            free = self.theta_free[:len(table)]
+            table[:len(free)] = torch.tensor(free, dtype=torch.float64)
+        theta = table.to(torch.float32)[pos.clamp_min(0)]
         return torch.where(pos >= 0, theta, torch.zeros_like(theta))
 
     def to_json(self) -> dict[str, Any]:
@@ -112,8 +112,11 @@ class ExaminationEstimate:
 
 
 def power_curve(depth: int, eta: float) -> torch.Tensor:
-    """theta_j = (1 + j)^-eta for 0-based j < depth: [depth] float64."""
-    return (torch.arange(depth, dtype=torch.float64) + 1.0).pow(-eta)
+    """theta_j = (1 + j)^-eta for 0-based j < depth: [depth] float64.
+
+    One scalar pow per position, not a vectorised pow: its SIMD and scalar paths differ in the last
+    bit, so a position's theta would depend on how many positions were asked for."""
+    return torch.tensor([(j + 1.0) ** -eta for j in range(depth)], dtype=torch.float64)
 
 
 def click_features(pred: torch.Tensor, z: torch.Tensor, num: torch.Tensor, mask: torch.Tensor,

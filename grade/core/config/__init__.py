@@ -18,17 +18,12 @@ Not every dataclass field is a key (docs/pipeline.md, "Configuration"):
 Every old name is accepted for one release and logs one warning per name per process."""
 
 from grade.core.config.fields import (  # noqa: F401
-    _COMPARISON,
-    _INTERVAL,
     DEFAULT_MODEL,
     MAX_DIGITS,
     SECTIONS,
     Bounds,
     LongNumber,
     T,
-    _check_bounds,
-    _coerce,
-    _number,
     build,
     check,
     is_key,
@@ -41,8 +36,6 @@ from grade.core.config.fields import (  # noqa: F401
     show,
 )
 from grade.core.config.flags import (  # noqa: F401
-    _documented,
-    _field,
     add_arguments,
     defaults_yaml,
     field_docs,
@@ -55,25 +48,9 @@ from grade.core.config.flags import (  # noqa: F401
 from grade.core.config.keys import (  # noqa: F401
     _WARNED,
     SECTION_RENAMES,
-    _assignments,
-    _coerced,
-    _default,
-    _deprecated,
-    _derived_values,
-    _entry_to_mapping,
-    _leaves,
-    _log,
-    _merge,
-    _nest,
-    _path_fields,
-    _rename_section,
-    _resolve,
-    _unknown_key,
-    _walk,
 )
 from grade.core.config.loading import (  # noqa: F401
     MAX_CONFIG_BYTES,
-    _Loader,
     load,
     load_section,
     load_yaml,
@@ -89,10 +66,6 @@ from grade.core.config.shared import (  # noqa: F401
     SEED_STEPS,
     AblationConfig,
     SharedConfig,
-    _alias_targets,
-    _fixed_eta,
-    _guard_price,
-    _step_seed,
     preset_keys,
 )
 from grade.core.errors import ConfigError  # noqa: F401  (callers catch config.ConfigError)

@@ -9,6 +9,7 @@ from typing import Any
 
 from grade.core.config.fields import DEFAULT_MODEL, _number, ranged
 from grade.core.errors import ConfigError
+from grade.core.store import paths
 
 #: the largest seed (numpy and torch both take it)
 MAX_SEED = 2**63 - 1
@@ -36,9 +37,7 @@ class SharedConfig:
     """registry model name: the one promotion gates and whose production model is the incumbent"""
 
     def validate(self) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", self.model_name):
-            raise ConfigError(f"shared.model_name: expected letters, digits, '.', '_' or '-', "
-                              f"got {self.model_name!r}")
+        paths.safe_model_name(self.model_name, "shared.model_name", ConfigError)
 
 
 #: The named ablations of the documented tables (docs/finetune.md, docs/evaluation.md): preset ->

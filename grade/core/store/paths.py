@@ -63,6 +63,18 @@ def safe_name(name: Any, where: str) -> str:
     return name
 
 
+#: a registry model name: one plain part that is also the server's URL segment
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def safe_model_name(name: Any, where: str, error: type[InputError] = InputError) -> str:
+    """``name`` when it is a registry model name (:data:`MODEL_NAME`); else ``error`` naming ``where``."""
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+        raise error(f"{where}: expected letters, digits, '.', '_' or '-' (a plain name: no '/', '..' or "
+                    f"absolute path), got {name!r}")
+    return name
+
+
 def check_no_symlink(root: Path, rel: str, where: str) -> Path:
     """``root / rel`` after checking that no part of it below ``root`` is a symbolic link.
 
