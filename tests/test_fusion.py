@@ -109,3 +109,15 @@ def test_ndcg_of_groups_matches_single_vectors():
     for j in range(4):
         assert torch.allclose(group[:, j], ndcg_at(fuse(z, w[:, j], mask), y, mask, 3))
     assert ((group >= 0) & (group <= 1 + 1e-6)).all()
+
+
+def test_cascade_examination_hand_computed():
+    from grade.data.fusion import cascade_examination
+    a = torch.tensor([[0.5, 0.2, 0.1, 0.3]])
+    # slot 1: 0.5 * 0.5 + 0.5 * 0.9 = 0.7; slot 2: 0.7 * (0.2 * 0.5 + 0.8 * 0.9) = 0.574
+    got = cascade_examination(a, continue_click=0.5, continue_skip=0.9)
+    assert torch.allclose(got[0, :3], torch.tensor([1.0, 0.7, 0.574]))
+    paged = cascade_examination(a, 0.5, 0.9, page_size=2)
+    assert paged[0, 2:].eq(0).all() and torch.allclose(paged[0, :2], got[0, :2])
+    # a user who always continues examines every slot: the position-free limit
+    assert cascade_examination(a, 1.0, 1.0).eq(1).all()

@@ -70,6 +70,29 @@ def examination(e: int, eta: float = 1.0, device: torch.device | None = None,
     return (torch.arange(e, device=device, dtype=dtype) + 1.0).pow(-eta)
 
 
+def cascade_examination(attraction: torch.Tensor, continue_click: float, continue_skip: float,
+                        page_size: int | None = None) -> torch.Tensor:
+    """Examination probabilities of ranked slots under a DBN-style cascade: [..., E] -> [..., E].
+
+    ``attraction`` [..., E] is the click probability of the item in each slot once examined (0 for an
+    empty slot). The user examines slot 0, and after slot j continues with probability
+    ``continue_click`` if she clicked it, ``continue_skip`` if not; slots at or past ``page_size`` are
+    never examined. Clicks of examined slots are independent given the ranking, so the examination of
+    slot j is the product over the slots above it of a_i c_click + (1 - a_i) c_skip, exactly.
+    """
+    step = attraction * continue_click + (1.0 - attraction) * continue_skip
+    above = torch.cumprod(torch.cat([torch.ones_like(step[..., :1]), step[..., :-1]], dim=-1), dim=-1)
+    return above * page_mask(attraction.shape[-1], page_size, device=attraction.device, dtype=attraction.dtype)
+
+
+def page_mask(e: int, page_size: int | None, device: torch.device | None = None,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """1 for the slots a user can see (0-based j < page_size), 0 past the page end: [e]."""
+    slots = torch.arange(e, device=device)
+    limit = e if page_size is None else page_size
+    return (slots < limit).to(dtype)
+
+
 def ndcg_at(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, e: int,
             gain: str = "exp2") -> torch.Tensor:
     """NDCG@e of the ranking by ``scores`` against ``labels`` [B, L].
