@@ -7,13 +7,15 @@ import math
 import pytest
 import torch
 
-from grade.data.fusion import examination
+from grade.data.fusion import cascade_examination, examination
 from grade.value.business import BusinessConfig, in_value_units
 from grade.value.estimators import (
     ESTIMATORS,
     Estimate,
+    cascade_dm,
     direct_method,
     ips,
+    needs_cascade,
     needs_model,
     ranking_value,
     ratio_weights,
@@ -30,6 +32,9 @@ THETA = torch.tensor([1.0, 0.5])
 # G = 2 rankings of depth 2: A shows items 2, 0 (item 2 promoted from the last position);
 # B is the logged order.
 IDX = torch.tensor([[[2, 0], [0, 1]]])
+# The cascade estimators' inputs: P(click | examined) per candidate, (continue_click, continue_skip).
+ATTRACTION = torch.tensor([[0.3, 0.5, 0.4]])
+CONTINUATION = (0.5, 0.8)
 
 
 def test_ratio_weights_and_ips_by_hand():
@@ -119,14 +124,17 @@ EXPECTED = {"ips": lambda: ips(Y, IDX, THETA, LOGGED_THETA, 2.0),
             "snips": lambda: snips(Y, IDX, THETA, LOGGED_THETA, 2.0, over="batch_and_group"),
             "dm": lambda: Estimate(direct_method(M, IDX, THETA), THETA.new_zeros(())),
             "switch": lambda: switch(Y, M, IDX, THETA, LOGGED_THETA, 0.4, 2.0),
-            "shrunk": lambda: shrunk_dr(Y, M, IDX, THETA, LOGGED_THETA, 0.5)}
+            "shrunk": lambda: shrunk_dr(Y, M, IDX, THETA, LOGGED_THETA, 0.5),
+            "cascade_dm": lambda: Estimate(cascade_dm(M, ATTRACTION, IDX, *CONTINUATION),
+                                           THETA.new_zeros(()))}
+CASCADE = {"attraction": ATTRACTION, "continuation": CONTINUATION}
 
 
 @pytest.mark.parametrize("name", list(ESTIMATORS))
 def test_every_registered_estimator_is_ranking_value_by_its_name(name):
     """A new entry in ESTIMATORS needs its expected computation here (and reaches the reward, the
     evaluation, the estimator check and the pipeline's ablations through the registry)."""
-    got = ranking_value(name, IDX, THETA, LOGGED_THETA, Y, M, max_weight=2.0, tau=0.4, lam=0.5)
+    got = ranking_value(name, IDX, THETA, LOGGED_THETA, Y, M, max_weight=2.0, tau=0.4, lam=0.5, **CASCADE)
     want = EXPECTED[name]()
     torch.testing.assert_close(got.value, want.value)
     torch.testing.assert_close(got.clipped_share, want.clipped_share)
@@ -134,13 +142,48 @@ def test_every_registered_estimator_is_ranking_value_by_its_name(name):
     # a per-batch estimator's value of the first request changes with a second one logged elsewhere
     other = torch.tensor([[1.0 / 3.0, 1.0, 0.5]])
     pair = ranking_value(name, IDX.repeat(2, 1, 1), THETA, torch.cat([LOGGED_THETA, other]), Y.repeat(2, 1),
-                         M.repeat(2, 1), max_weight=2.0, tau=0.4, lam=0.5)
+                         M.repeat(2, 1), max_weight=2.0, tau=0.4, lam=0.5,
+                         attraction=ATTRACTION.repeat(2, 1), continuation=CONTINUATION)
     assert torch.equal(pair.value[:1], got.value) != ESTIMATORS[name].per_batch
     if needs_model(name):
         with pytest.raises(ValueError, match="needs the outcome model"):
-            ranking_value(name, IDX, THETA, LOGGED_THETA, Y, None)
+            ranking_value(name, IDX, THETA, LOGGED_THETA, Y, None, **CASCADE)
     else:
         ranking_value(name, IDX, THETA, LOGGED_THETA, Y, None)
+    if needs_cascade(name):
+        with pytest.raises(ValueError, match="needs the items' attraction and the fitted cascade"):
+            ranking_value(name, IDX, THETA, LOGGED_THETA, Y, M)
+
+
+def test_cascade_dm_by_hand():
+    """Slot 1's examination is a c_click + (1 - a) c_skip of the item above it (a its attraction)."""
+    got = cascade_dm(M, ATTRACTION, IDX, *CONTINUATION)
+    # A: items 2 (a = 0.4), 0 -> 0.6 + (0.4 * 0.5 + 0.6 * 0.8) * 0.2; B: items 0 (a = 0.3), 1
+    torch.testing.assert_close(got, torch.tensor([[0.6 + 0.68 * 0.2, 0.2 + 0.71 * 0.4]]))
+    # continuing whatever happens is the direct method with theta = 1 at every slot
+    torch.testing.assert_close(cascade_dm(M, ATTRACTION, IDX, 1.0, 1.0), direct_method(M, IDX, torch.ones(2)))
+
+
+def test_cascade_dm_is_exact_and_position_based_dm_biased_on_cascade_logs():
+    """Sequential cascade walks over random orders: the mean clicks of a ranking match cascade_dm with the
+    true attraction; the position-based direct method with the logs' average theta does not."""
+    g = torch.Generator().manual_seed(3)
+    draws, n, c_click, c_skip = 40000, 5, 0.3, 0.9
+    ctr = torch.tensor([[0.7, 0.6, 0.1, 0.05, 0.5]], dtype=torch.float64)
+    idx = torch.tensor([[[0, 1, 4, 2, 3], [2, 3, 0, 1, 4]]])                    # good items first / last
+    seen = torch.ones(draws, 2, dtype=torch.bool)
+    clicks = torch.zeros(draws, 2, dtype=torch.float64)
+    for j in range(n):
+        c = seen & (torch.rand(draws, 2, generator=g, dtype=torch.float64) < ctr[0, idx[0, :, j]])
+        clicks += c
+        seen &= torch.rand(draws, 2, generator=g, dtype=torch.float64) < torch.where(c, c_click, c_skip)
+    se = clicks.std(0) / math.sqrt(draws)
+    want = cascade_dm(ctr, ctr, idx, c_click, c_skip)[0]
+    assert bool(((clicks.mean(0) - want).abs() < 4 * se).all()), (clicks.mean(0), want, se)
+    # one theta per slot cannot see that a click above ends most scans: the average theta is biased
+    theta = cascade_examination(ctr[0, idx[0]], c_click, c_skip).mean(0)
+    dm = direct_method(ctr, idx, theta)[0]
+    assert float((dm - want).abs().max()) > 10 * float(se.max()), (dm, want)
 
 
 def test_an_unknown_estimator_is_refused_naming_the_known_ones():
@@ -156,7 +199,9 @@ def test_the_reward_and_the_pipeline_read_the_registry():
     from grade.value.reward import POSTERIORS, RewardConfig
     from pipeline.params import ABLATIONS
 
-    assert POSTERIORS == (*ESTIMATORS, "dcg_ips")
+    # the reward's cached value fields hold no cascade inputs: the cascade estimators judge, never reward
+    assert POSTERIORS == (*(n for n in ESTIMATORS if ESTIMATORS[n].click_model != "cascade"), "dcg_ips")
+    assert "cascade_dm" in ESTIMATORS and "cascade_dm" not in POSTERIORS
     for name in POSTERIORS:
         RewardConfig(post_estimator=name).validate()
     with pytest.raises(InputError, match="post_estimator"):

@@ -34,7 +34,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from grade.data.fusion import gather_items
+from grade.data.fusion import cascade_examination, gather_items
 
 
 class Estimate(NamedTuple):
@@ -135,6 +135,20 @@ def shrunk_dr(y: torch.Tensor, m: torch.Tensor, idx: torch.Tensor, theta: torch.
     return Estimate(value, share.to(w.dtype))
 
 
+def cascade_dm(m: torch.Tensor, attraction: torch.Tensor, idx: torch.Tensor, continue_click: float,
+               continue_skip: float, page_size: int | None = None) -> torch.Tensor:
+    """Direct method under the cascade: V[b, g] = sum_j e_j * m[b, pi_bg(j)], e the cascade's examination
+    (:func:`grade.data.fusion.cascade_examination`) of the new ranking's slots given the attraction
+    (P(click | examined)) of the items above them.
+
+    m, attraction [B, L]; idx [B, G, E] -> [B, G]. Exact when the logs follow the cascade with these
+    continuation probabilities and m and the attraction are right; biased as they are.
+    """
+    a = gather_items(attraction.to(m.dtype), idx)
+    exam = cascade_examination(a, continue_click, continue_skip, page_size)
+    return (exam * gather_items(m, idx)).sum(-1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Estimator:
     """One estimator of a ranking's value, as the reward, the evaluation and the estimator check name it."""
@@ -150,6 +164,9 @@ class Estimator:
     per_batch: bool = False
     """whether a request's value depends on the other requests of its batch (a normaliser over the
     batch), so that it cannot be computed once per request"""
+    click_model: str = "position_based"
+    """the click model it assumes: "position_based" (theta per position) or "cascade" (it reads the
+    items' attraction and the fitted continuation probabilities)"""
 
 
 class Inputs(NamedTuple):
@@ -163,6 +180,10 @@ class Inputs(NamedTuple):
     max_weight: float
     tau: float
     lam: float
+    attraction: torch.Tensor | None = None
+    """[B, L]: P(click | examined) of each candidate (the outcome model's ctr), for cascade estimators"""
+    continuation: tuple[float, float] | None = None
+    """(continue_click, continue_skip) of the fitted cascade, for cascade estimators"""
 
 
 #: Every estimator by name, in the order the reports list them: adding one is one entry here (and its test).
@@ -176,6 +197,9 @@ ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
               needs_model=True),
     Estimator("shrunk", lambda i: shrunk_dr(i.y, i.m, i.idx, i.theta, i.logged_theta, i.lam),
               needs_model=True, checked=False),
+    Estimator("cascade_dm", lambda i: Estimate(cascade_dm(i.m, i.attraction, i.idx, *i.continuation),
+                                               i.m.new_zeros(())),
+              needs_model=True, checked=False, click_model="cascade"),
 )}
 
 
@@ -192,17 +216,27 @@ def needs_model(name: str) -> bool:
     return name in ESTIMATORS and ESTIMATORS[name].needs_model
 
 
+def needs_cascade(name: str) -> bool:
+    """Whether the estimator ``name`` reads the items' attraction and the fitted cascade."""
+    return name in ESTIMATORS and ESTIMATORS[name].click_model == "cascade"
+
+
 def ranking_value(name: str, idx: torch.Tensor, theta: torch.Tensor, logged_theta: torch.Tensor,
                   y: torch.Tensor, m: torch.Tensor | None, *, max_weight: float = math.inf, tau: float = 0.1,
-                  lam: float = 1.0) -> Estimate:
+                  lam: float = 1.0, attraction: torch.Tensor | None = None,
+                  continuation: tuple[float, float] | None = None) -> Estimate:
     """The value [B, G] of rankings idx [B, G, E] by the estimator ``name`` (one of :data:`ESTIMATORS`).
 
     y [B, L]: the logged label of the declared value (e.g. v_click click + v_order order + ...);
     m [B, L]: the outcome model's value of an examined item, needed by the estimators that read the model;
-    theta [E], logged_theta [B, L] as in the other estimators. Every estimator is linear in the label,
-    so the value of a mix of labels is the estimate of the mixed label.
+    theta [E], logged_theta [B, L] as in the other estimators; the cascade estimators read
+    ``attraction`` [B, L] and ``continuation`` (continue_click, continue_skip) instead of theta. Every
+    estimator is linear in the label, so the value of a mix of labels is the estimate of the mixed label.
     """
     est = estimator(name)
     if est.needs_model and m is None:
         raise ValueError(f"estimator {name!r} needs the outcome model's item values m")
-    return est.value(Inputs(idx, theta, logged_theta, y, m, max_weight, tau, lam))
+    if est.click_model == "cascade" and (attraction is None or continuation is None):
+        raise ValueError(f"estimator {name!r} needs the items' attraction and the fitted cascade "
+                         "(a value model with a click_model fit)")
+    return est.value(Inputs(idx, theta, logged_theta, y, m, max_weight, tau, lam, attraction, continuation))

@@ -14,7 +14,14 @@ here with a parametric f and full-batch LBFGS instead of EM steps). Two curves a
 - ``power``: theta_j = (1 + j)^-eta, one parameter over every logged position (the default, and the
   form the reward and the evaluation use);
 - ``free``: theta_1..theta_{D-1} free (log theta_j = -softplus(a_j) keeps it <= 1) on the items logged
-  above depth D; items logged deeper are left out of that fit.
+  above depth D; items logged deeper are left out of that fit. Beyond D it continues as a power law
+  through theta_{D-1} with the exponent ``eta_tail`` of the free curve's lower half (a log-log least
+  squares slope), so it is defined at every position a new ranking can use.
+
+``method: auto`` fits both on train and reports the one with the higher click likelihood on the valid
+split (every valid logged item, each curve as ``theta_at`` extends it); both valid likelihoods and the
+choice are recorded. A cascade fit of the same logs (:mod:`grade.value.click_model`) is recorded beside
+them when a valid split is given.
 
 Identification comes from the logging policy's per-request noise: the same kind of item (same x) is
 logged at different positions, so its click-rate ratio across positions is theta's ratio. If the logs
@@ -35,13 +42,14 @@ import torch
 from grade.core.config import SEED_RANGE, ranged
 from grade.core.errors import InputError
 
-METHODS = ("power", "free")
+METHODS = ("power", "free", "auto")
 
 
 @dataclasses.dataclass
 class ExaminationConfig:
-    method: Literal["power", "free"] = "power"
-    """curve reported as ``theta`` (both are always fitted): power law (1+j)^-eta or free per position"""
+    method: Literal["power", "free", "auto"] = "power"
+    """curve reported as ``theta`` (both are always fitted): power law (1+j)^-eta, free per position, or
+    auto: the one with the higher click likelihood on the valid split"""
     depth: int = ranged(20, "[2, 1000]")
     """D: positions of the reported curve and of the free fit (items logged at >= D leave the free fit)"""
     interactions: bool = True
@@ -80,6 +88,14 @@ class ExaminationEstimate:
     """mean per-item log-likelihood of each fit ("power", "free")"""
     converged: dict[str, bool]
     """whether LBFGS met its tolerance within max_iter for each fit"""
+    eta_tail: float | None = None
+    """exponent of the free curve's continuation beyond its depth (None: the power law's eta)"""
+    log_likelihood_valid: dict[str, float] = dataclasses.field(default_factory=dict)
+    """mean per-item log-likelihood of each fit on the valid split (empty without one)"""
+    selected_by: str = "config"
+    """"config" (``method`` as configured) or "valid_likelihood" (``method: auto``)"""
+    click_model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """the cascade fit against the position-based one (grade.value.click_model.compare_click_models)"""
 
     @classmethod
     def fixed(cls, eta: float, depth: int) -> ExaminationEstimate:
@@ -95,19 +111,27 @@ class ExaminationEstimate:
         """
         pos = position.to(torch.int64)
         depth = int(pos.max()) + 1 if pos.numel() else 1
-        # a table indexed by position, so that a position gets the same theta in every batch
-        table = power_curve(max(depth, 1), self.eta)
-        if self.method == "free":
-            free = self.theta_free[:len(table)]
-            table[:len(free)] = torch.tensor(free, dtype=torch.float64)
-        theta = table.to(torch.float32)[pos.clamp_min(0)]
+        theta = self.table(max(depth, 1)).to(torch.float32)[pos.clamp_min(0)]
         return torch.where(pos >= 0, theta, torch.zeros_like(theta))
+
+    def table(self, depth: int) -> torch.Tensor:
+        """theta at positions 0..depth-1 [depth] float64 (a table indexed by position, so that a position
+        gets the same theta in every batch)."""
+        if self.method != "free":
+            return power_curve(depth, self.eta)
+        if self.eta_tail is None:  # written before the tail fit: the power law's own values beyond the depth
+            table = power_curve(depth, self.eta)
+            free = torch.tensor(self.theta_free[:depth], dtype=torch.float64)
+            table[:len(free)] = free
+            return table
+        return free_table(self.theta_free, depth, self.eta_tail)
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         for key in ("theta", "theta_power", "theta_free"):
             out[key] = [round(x, 6) for x in out[key]]
-        out["eta"] = round(out["eta"], 6)
+        for key in ("eta", "eta_tail"):
+            out[key] = None if out[key] is None else round(out[key], 6)
         return json.loads(json.dumps(out))
 
 
@@ -117,6 +141,28 @@ def power_curve(depth: int, eta: float) -> torch.Tensor:
     One scalar pow per position, not a vectorised pow: its SIMD and scalar paths differ in the last
     bit, so a position's theta would depend on how many positions were asked for."""
     return torch.tensor([(j + 1.0) ** -eta for j in range(depth)], dtype=torch.float64)
+
+
+def free_table(free: list[float], depth: int, eta_tail: float) -> torch.Tensor:
+    """The free curve at positions 0..depth-1 [depth] float64: its own values inside its depth D, then
+    theta_{D-1} ((1 + j) / D)^-eta_tail (continuous at D-1)."""
+    d = len(free)
+    tail = power_curve(depth, eta_tail)
+    table = tail * (free[-1] / float(tail[d - 1])) if depth > d else tail
+    table[:min(d, depth)] = torch.tensor(free[:depth], dtype=torch.float64)
+    return table
+
+
+def tail_exponent(free: list[float]) -> float:
+    """The power-law exponent of the free curve's lower half: the least-squares slope of -log theta_j on
+    log(1 + j) over j >= D/2, clamped to [0, 10] (the range of an assumed eta)."""
+    j = torch.arange(max(1, len(free) // 2), len(free), dtype=torch.float64)
+    if len(j) < 2:
+        return 1.0
+    x = torch.log1p(j)
+    y = -torch.log(torch.tensor(free, dtype=torch.float64)[j.long()].clamp_min(1e-12))
+    slope = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
+    return float(slope.clamp(0.0, 10.0))
 
 
 def click_features(pred: torch.Tensor, z: torch.Tensor, num: torch.Tensor, mask: torch.Tensor,
@@ -146,29 +192,41 @@ def click_features(pred: torch.Tensor, z: torch.Tensor, num: torch.Tensor, mask:
 
 def _rows(batch: dict[str, torch.Tensor], cfg: ExaminationConfig) -> tuple[torch.Tensor, ...]:
     """Logged items as rows: features [R, F], position [R] (int64), click [R] (float64)."""
+    x, pos, click, _ = logged_items(batch, cfg)
+    if len(pos) > cfg.max_rows:
+        g = torch.Generator().manual_seed(cfg.seed)
+        keep = torch.randperm(len(pos), generator=g)[: cfg.max_rows].sort().values
+        x, pos, click = x[keep], pos[keep], click[keep]
+    return x, pos, click
+
+
+def logged_items(batch: dict[str, torch.Tensor], cfg: ExaminationConfig) -> tuple[torch.Tensor, ...]:
+    """Every logged item as rows: features [R, F] float64, position [R], click [R] float64, and the mask
+    [N, L] of the logged items they come from (row r is the r-th True of the mask)."""
     for name in ("position", "mask", "click", "pred", "z", "num"):
         if name not in batch:
             raise InputError(f"examination: the feature tensors lack '{name}'")
     mask = batch["mask"].bool() & (batch["position"] >= 0)
     x = click_features(batch["pred"].float(), batch["z"].float(), batch["num"].float(), mask,
                        cfg.interactions)
-    x, pos, click = x[mask], batch["position"][mask].long(), batch["click"][mask].double()
-    bad = (click != 0) & (click != 1)
+    click = batch["click"].double()
+    bad = ((click != 0) & (click != 1))[mask]
     if bool(bad.any()):
         raise InputError(f"examination: column 'click', item {int(bad.nonzero()[0])}: expected 0 or 1, got "
-                         f"{float(click[bad][0])}")
-    if len(pos) > cfg.max_rows:
-        g = torch.Generator().manual_seed(cfg.seed)
-        keep = torch.randperm(len(pos), generator=g)[: cfg.max_rows].sort().values
-        x, pos, click = x[keep], pos[keep], click[keep]
-    return x.double(), pos, click
+                         f"{float(click[mask][bad][0])}")
+    return x[mask].double(), batch["position"][mask].long(), click[mask], mask
+
+
+def item_log_likelihood(log_theta: torch.Tensor, logits: torch.Tensor, click: torch.Tensor) -> torch.Tensor:
+    """Position-based log-likelihood of each item: click ~ Bernoulli(theta * sigmoid(logit)); inputs [...]."""
+    log_p = (log_theta + torch.nn.functional.logsigmoid(logits)).clamp(max=-1e-9)
+    log_not = torch.log(-torch.expm1(log_p))
+    return click * log_p + (1 - click) * log_not
 
 
 def _log_likelihood(log_theta: torch.Tensor, logits: torch.Tensor, click: torch.Tensor) -> torch.Tensor:
-    """Mean position-based log-likelihood: click ~ Bernoulli(theta * sigmoid(logit)); inputs [R]."""
-    log_p = (log_theta + torch.nn.functional.logsigmoid(logits)).clamp(max=-1e-9)
-    log_not = torch.log(-torch.expm1(log_p))
-    return (click * log_p + (1 - click) * log_not).mean()
+    """Mean position-based log-likelihood over rows [R]."""
+    return item_log_likelihood(log_theta, logits, click).mean()
 
 
 def _fit(x: torch.Tensor, pos: torch.Tensor, click: torch.Tensor, curve: str, depth: int,
@@ -223,14 +281,22 @@ def _fit(x: torch.Tensor, pos: torch.Tensor, click: torch.Tensor, curve: str, de
     return theta, eta, ll, grad_norm < 1e-5 or n_iter < cfg.max_iter, params
 
 
-def estimate_examination(batch: dict[str, torch.Tensor], cfg: ExaminationConfig | None = None
-                         ) -> ExaminationEstimate:
+def estimate_examination(batch: dict[str, torch.Tensor], cfg: ExaminationConfig | None = None,
+                         valid: dict[str, torch.Tensor] | None = None) -> ExaminationEstimate:
     """theta from logged requests (``batch`` as :func:`grade.data.dataset.load_split` returns it).
 
     Uses position [N, L] (-1 = padding), mask [N, L], click [N, L], pred and z [N, L, K], num [N, U].
-    Fits the power law on every logged item and the free curve on the items logged above ``cfg.depth``.
+    Fits the power law on every logged item and the free curve on the items logged above ``cfg.depth``;
+    with ``valid`` (the same tensors of the valid split), both curves' valid likelihoods, by which
+    ``method: auto`` chooses.
     """
-    cfg = cfg or ExaminationConfig()
+    return fit_curves(batch, cfg or ExaminationConfig(), valid)[0]
+
+
+def fit_curves(batch: dict[str, torch.Tensor], cfg: ExaminationConfig,
+               valid: dict[str, torch.Tensor] | None = None
+               ) -> tuple[ExaminationEstimate, dict[str, torch.Tensor]]:
+    """:func:`estimate_examination` and each curve's f (weights and bias [F+1], by curve name)."""
     cfg.validate()
     x, pos, click = _rows(batch, cfg)
     n_clicks = int(click.sum())
@@ -245,10 +311,35 @@ def estimate_examination(batch: dict[str, torch.Tensor], cfg: ExaminationConfig 
                          "with the shared.eta you trust, or log clicks at more positions")
     power, eta, ll_power, ok_power, params = _fit(x, pos, click, "power", cfg.depth, cfg)
     shallow = pos < cfg.depth
-    free, _, ll_free, ok_free, _ = _fit(x[shallow], pos[shallow], click[shallow], "free", cfg.depth, cfg,
-                                        init=params)
-    chosen = power if cfg.method == "power" else free
-    return ExaminationEstimate(
-        method=cfg.method, eta=eta, theta=chosen.tolist(), theta_power=power.tolist(),
+    free, _, ll_free, ok_free, free_params = _fit(x[shallow], pos[shallow], click[shallow], "free", cfg.depth,
+                                                  cfg, init=params)
+    est = ExaminationEstimate(
+        method="free" if cfg.method == "free" else "power", eta=eta, theta=[], theta_power=power.tolist(),
         theta_free=free.tolist(), n_rows=len(pos), n_clicks=n_clicks,
-        log_likelihood={"power": ll_power, "free": ll_free}, converged={"power": ok_power, "free": ok_free})
+        log_likelihood={"power": ll_power, "free": ll_free}, converged={"power": ok_power, "free": ok_free},
+        eta_tail=tail_exponent(free.tolist()))
+    fits = {"power": params, "free": free_params}
+    if valid is not None:
+        est.log_likelihood_valid = valid_log_likelihoods(est, fits, valid, cfg)
+    if cfg.method == "auto" and est.log_likelihood_valid:
+        ll = est.log_likelihood_valid
+        est.method, est.selected_by = ("free" if ll["free"] > ll["power"] else "power"), "valid_likelihood"
+    elif cfg.method == "auto":
+        est.selected_by = "no_valid_split"  # the power law, the form that needs the least support
+    est.theta = est.table(cfg.depth).tolist()
+    return est, fits
+
+
+def valid_log_likelihoods(est: ExaminationEstimate, fits: dict[str, torch.Tensor],
+                          valid: dict[str, torch.Tensor], cfg: ExaminationConfig) -> dict[str, float]:
+    """Mean per-item log-likelihood of each fitted curve (and its f) on every logged item of ``valid``,
+    each curve as ``theta_at`` extends it beyond its depth."""
+    x, pos, click, _ = logged_items(valid, cfg)
+    if not len(pos):
+        return {}
+    out = {}
+    for name, params in fits.items():
+        curve = dataclasses.replace(est, method=name)
+        log_theta = torch.log(curve.table(int(pos.max()) + 1).clamp_min(1e-300))[pos]
+        out[name] = float(_log_likelihood(log_theta, x @ params[:-1] + params[-1], click))
+    return out

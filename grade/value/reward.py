@@ -34,9 +34,10 @@ from grade.data.transform import objective_index
 from grade.value import estimators
 from grade.value.business import BusinessConfig
 
-#: what finetune.reward.post_estimator can name: every registered estimator of the declared value
-#: (grade.value.estimators.ESTIMATORS), then dcg_ips, the reward's own discounted mix of logged labels
-POSTERIORS = (*estimators.ESTIMATORS, "dcg_ips")
+#: what finetune.reward.post_estimator can name: every registered position-based estimator of the declared
+#: value (grade.value.estimators.ESTIMATORS; the reward's cached value fields hold no cascade inputs), then
+#: dcg_ips, the reward's own discounted mix of logged labels
+POSTERIORS = (*(n for n in estimators.ESTIMATORS if not estimators.needs_cascade(n)), "dcg_ips")
 
 
 @dataclasses.dataclass
