@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -91,6 +92,10 @@ class EstimatorInputs:
     """the same keys -> the outcome model's expected label of an examined item [N, L] (dm/switch/shrunk)"""
     max_weight: float = math.inf
     """importance weights are clipped here"""
+    attraction: torch.Tensor | None = None
+    """[N, L] float64: the outcome model's P(click | examined) per item (cascade estimators only)"""
+    continuation: tuple[float, float] | None = None
+    """(continue_click, continue_skip) of the value model's cascade fit (cascade estimators only)"""
 
     def sums(self, idx: torch.Tensor, rows: slice) -> dict[str, torch.Tensor]:
         """Estimated sums [B] float64 of the rankings ``idx`` [B, E] of requests ``rows``, keyed by label."""
@@ -98,9 +103,14 @@ class EstimatorInputs:
         for key, y in self.labels.items():
             m = None if self.models is None else self.models[key][rows]
             est = ranking_value(self.name, idx.unsqueeze(1), self.theta, self.logged_theta[rows], y[rows], m,
-                                max_weight=self.max_weight)
+                                max_weight=self.max_weight, **self.cascade(rows))
             out[key] = est.value[:, 0].to(torch.float64)
         return out
+
+    def cascade(self, rows: slice) -> dict[str, Any]:
+        """The cascade estimators' keyword arguments of :func:`ranking_value` for requests ``rows``."""
+        a = None if self.attraction is None else self.attraction[rows]
+        return {"attraction": a, "continuation": self.continuation}
 
     def impressions(self, mask: torch.Tensor) -> torch.Tensor:
         """Sum of theta-hat over the shown slots of each request: [N] float64 (policy-independent)."""

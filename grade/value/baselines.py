@@ -121,7 +121,7 @@ def estimated_objective(data: dict[str, torch.Tensor], weights: torch.Tensor, es
         for j, key in enumerate(keys):
             m = None if est.models is None else est.models[key][sl]
             value = ranking_value(est.name, idx, est.theta[:e], est.logged_theta[sl], est.labels[key][sl], m,
-                                  max_weight=est.max_weight).value
+                                  max_weight=est.max_weight, **est.cascade(sl)).value
             total[:, j] += value.sum(0, dtype=torch.float64)
     return total / max(n, 1)
 

@@ -30,7 +30,8 @@ from grade.data import dataset
 from grade.data.transform import objective_index
 from grade.model import training
 from grade.value.business import BusinessConfig, in_value_units
-from grade.value.examination import ExaminationConfig, ExaminationEstimate, estimate_examination
+from grade.value.click_model import compare_click_models
+from grade.value.examination import ExaminationConfig, ExaminationEstimate, fit_curves
 from grade.value.outcome import (
     OutcomeConfig,
     OutcomeMixture,
@@ -117,13 +118,22 @@ def priced_fields(fields: dict[str, torch.Tensor], business: BusinessConfig) -> 
     return out
 
 
-def examination_of(train: dict[str, torch.Tensor], cfg: ValueModelConfig) -> ExaminationEstimate:
-    """theta: assumed (``fixed_eta`` > 0) or estimated from the train split's clicks."""
+def examination_of(train: dict[str, torch.Tensor], cfg: ValueModelConfig,
+                   valid: dict[str, torch.Tensor] | None = None) -> ExaminationEstimate:
+    """theta: assumed (``fixed_eta`` > 0) or estimated from the train split's clicks; with ``valid``, each
+    curve's valid likelihood (``method: auto`` chooses by it) and the cascade fit against the chosen one."""
     if cfg.fixed_eta > 0:
         return ExaminationEstimate.fixed(cfg.fixed_eta, cfg.examination.depth)
-    est = estimate_examination(train, cfg.examination)
-    log.info("examination: eta %.3f from %d clicks (%s fit; free theta_1..3 %s)", est.eta, est.n_clicks,
-             est.method, [round(t, 3) for t in est.theta_free[1:4]])
+    est, fits = fit_curves(train, cfg.examination, valid)
+    log.info("examination: eta %.3f from %d clicks (%s fit, by %s; free theta_1..3 %s)", est.eta,
+             est.n_clicks, est.method, est.selected_by, [round(t, 3) for t in est.theta_free[1:4]])
+    if valid is not None:
+        est.click_model = compare_click_models(train, valid, cfg.examination, est, fits)
+        cm = est.click_model
+        log.info("click model: the valid clicks look %s (cascade minus position-based log-likelihood "
+                 "%+.4f per request, Vuong z %.1f; continue after a click %.3f, after a skip %.3f)",
+                 cm["looks_like"], cm["log_lr_per_request"], cm["vuong_z"], cm["cascade"]["continue_click"],
+                 cm["cascade"]["continue_skip"])
     return est
 
 
@@ -156,11 +166,11 @@ def fit_value_model(features_uri: str, cfg: ValueModelConfig) -> tuple[ValueMode
     t0 = time.monotonic()
     spec = dataset.load_spec(features_uri)
     train = dataset.load_split(features_uri, "train")
-    exam = examination_of(train, cfg)
     valid = None
     if spec["splits"].get("valid", {}).get("n_requests", 0) > 0:
         valid = dataset.load_split(features_uri, "valid")
         valid = {k: v[: cfg.calibration_max_requests] for k, v in valid.items()}
+    exam = examination_of(train, cfg, valid)
     model, history = fit_outcomes(train, spec, exam, cfg.outcome, valid)
     unit = mean_order_value(train["gmv"], train["order"], train["mask"])
     metrics: dict[str, Any] = {"examination": exam.to_json(), "order_value_unit": unit,
