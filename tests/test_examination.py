@@ -12,6 +12,7 @@ import torch
 from grade.core.errors import InputError
 from grade.data.simulator import SimulatorConfig
 from grade.value.click_model import (
+    cascade_inputs,
     cascade_log_likelihood,
     click_model_check,
     click_model_detail,
@@ -199,3 +200,13 @@ def test_the_click_model_check_tells_position_based_logs_from_a_cascade(market):
     torch.testing.assert_close(loaded.theta_at(torch.arange(40)), looks["cascade"].theta_at(torch.arange(40)),
                                atol=1e-5, rtol=1e-5)
     assert click_model_check(ExaminationEstimate.fixed(1.0, 5), "ips") is None
+    # cascade_dm's inputs: the cascade's own attraction, and the outcome model's values at that click rate
+    models = {"clicks": torch.full(market["mask"].shape, 0.5, dtype=torch.float64)}
+    models["orders"] = models["clicks"] * 0.2
+    a, scaled, continuation = cascade_inputs(loaded, market, models)
+    assert continuation == (cascade["cascade"]["continue_click"], cascade["cascade"]["continue_skip"])
+    assert bool(((a > 0) & (a < 1)).all()) and a.shape == market["mask"].shape
+    torch.testing.assert_close(scaled["clicks"], a)
+    torch.testing.assert_close(scaled["orders"], a * 0.2)
+    with pytest.raises(InputError, match="needs a value model with a cascade fit"):
+        cascade_inputs(ExaminationEstimate.fixed(1.0, 5), market, models)

@@ -20,7 +20,7 @@ from grade.core import config, store
 from grade.core.errors import InputError
 from grade.data import dataset
 from grade.data.simulator import SEGMENTS
-from grade.value import auction, estimators
+from grade.value import auction, click_model, estimators
 from grade.value.business import BusinessConfig
 from grade.value.reward import RewardConfig
 from grade.value.value_model import ValueModel, ValueModelConfig, build_value_model, load_value_model
@@ -134,28 +134,13 @@ def estimator_inputs(data: dict[str, torch.Tensor], vm: ValueModel, business: Bu
                          ("value", business.item_value(c, order, gmv, unit))):
                 parts[k].append(v)
         models = {k: torch.cat(v) for k, v in parts.items()}
-    attraction, continuation = cascade_inputs(data, vm, name, batch_size)
+    attraction = continuation = None
+    if estimators.needs_cascade(name):
+        attraction, models, continuation = click_model.cascade_inputs(vm.examination, data, models)
     return auction.EstimatorInputs(
         name=name, theta=vm.examination.theta_at(torch.arange(e)).double(),
         logged_theta=vm.examination.theta_at(data["position"]).double() * data["mask"],
         labels=labels, models=models, max_weight=max_weight, attraction=attraction, continuation=continuation)
-
-
-def cascade_inputs(data: dict[str, torch.Tensor], vm: ValueModel, name: str, batch_size: int
-                   ) -> tuple[torch.Tensor | None, tuple[float, float] | None]:
-    """A cascade estimator's inputs: the outcome model's P(click | examined) per item [N, L] float64 and
-    the value model's fitted (continue_click, continue_skip); (None, None) for the other estimators."""
-    if not estimators.needs_cascade(name):
-        return None, None
-    fit = vm.examination.click_model.get("cascade")
-    if not fit:
-        raise InputError(f"evaluate.estimator {name!r} needs a value model with a cascade fit (one fitted "
-                         "with a valid split and an estimated theta); refit it with components.outcome or "
-                         "choose another estimator")
-    keys = ("z", "pred", "mask", "num", "cat")
-    ctr = [vm.item_outcomes({k: data[k][s:s + batch_size] for k in keys})["ctr"]
-           for s in range(0, data["mask"].shape[0], batch_size)]
-    return torch.cat(ctr).double() * data["mask"], (fit["continue_click"], fit["continue_skip"])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,9 +27,16 @@ from typing import Any
 
 import torch
 
+from grade.core.errors import InputError
 from grade.data.fusion import cascade_examination
 from grade.value import estimators
-from grade.value.examination import ExaminationConfig, ExaminationEstimate, item_log_likelihood, logged_items
+from grade.value.examination import (
+    ExaminationConfig,
+    ExaminationEstimate,
+    click_features,
+    item_log_likelihood,
+    logged_items,
+)
 
 #: |Vuong z| above which one click model is said to fit the valid clicks better (two-sided 5%)
 VUONG_Z = 1.96
@@ -160,11 +167,34 @@ def compare_click_models(train: dict[str, torch.Tensor], valid: dict[str, torch.
             "vuong_z": round(z, 4), "n_valid_requests": n,
             "position_based": {"form": est.method,
                                "log_likelihood_valid": round(float(ll_position.mean()), 6) if n else None},
-            "cascade": {"continue_click": round(cascade["continue_click"], 6),
+            "cascade": {"attraction": [float(v) for v in cascade["params"]], "interactions": cfg.interactions,
+                        "continue_click": round(cascade["continue_click"], 6),
                         "continue_skip": round(cascade["continue_skip"], 6),
                         "log_likelihood_train": round(cascade["log_likelihood"], 6),
                         "log_likelihood_valid": round(float(ll_cascade.mean()), 6) if n else None,
                         "converged": cascade["converged"]}}
+
+
+def cascade_inputs(est: ExaminationEstimate, batch: dict[str, torch.Tensor], models: dict[str, torch.Tensor]
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[float, float]]:
+    """What a cascade estimator reads on ``batch`` (pred, z, num, mask): the cascade fit's attraction
+    a(x) per item [N, L] float64 (0 at padding); the outcome model's item values ``models`` (key ->
+    [N, L], "clicks" its P(click | examined)) with their click probability replaced by a(x), i.e. scaled
+    by a / P(click | examined) (what a click is worth is the outcome model's; how often an examined item
+    is clicked is the cascade's, fitted with the examination it implies); and (continue_click,
+    continue_skip). InputError when ``est`` holds no cascade fit."""
+    fit = est.click_model.get("cascade", {})
+    if "attraction" not in fit:
+        raise InputError("a cascade estimator needs a value model with a cascade fit (one fitted with a "
+                         "valid split and an estimated theta, by this version); refit it with "
+                         "components.outcome or choose another estimator")
+    mask = batch["mask"].bool()
+    x = click_features(batch["pred"].float(), batch["z"].float(), batch["num"].float(), mask,
+                       fit["interactions"]).double()
+    params = torch.tensor(fit["attraction"], dtype=torch.float64)
+    a = torch.sigmoid(x @ params[:-1] + params[-1]) * mask
+    scale = a / models["clicks"].double().clamp_min(1e-12)
+    return a, {k: v * scale for k, v in models.items()}, (fit["continue_click"], fit["continue_skip"])
 
 
 def click_model_detail(est: ExaminationEstimate) -> dict[str, Any] | None:
