@@ -1,4 +1,5 @@
-"""Counterfactual value of new rankings of logged requests under position-based examination.
+"""Counterfactual value of new rankings of logged requests under position-based examination (and one
+under a cascade, :func:`cascade_dm`).
 
 Shapes (B requests, L candidates, G rankings per request, E exposure depth):
 
