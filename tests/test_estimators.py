@@ -242,3 +242,23 @@ def test_ips_is_unbiased_and_the_true_model_dm_is_exact_on_synthetic_logs():
 
 def gather(x, idx):
     return torch.gather(x.unsqueeze(1).expand(-1, idx.shape[1], -1), 2, idx)
+
+
+def test_the_evaluation_judges_by_cascade_dm_by_name(tmp_path):
+    """evaluate.estimator: cascade_dm runs through the evaluation with the value model it fits (a cascade
+    fit needs its valid split); its estimated flavour is the cascade direct method's, not IPS's."""
+    from grade.evaluate.evaluation import run_evaluation
+    from grade.value.outcome import OutcomeConfig
+    from grade.value.value_model import ValueModelConfig
+    from tests.test_evaluate import make_features, make_model, small_config
+
+    features = make_features(tmp_path / "features", n_train=400, n_test=200)
+    model = make_model(tmp_path / "model")
+    quick = ValueModelConfig(outcome=OutcomeConfig(epochs=2, members=1))
+    reports = {name: run_evaluation(features, {"grade": model}, str(tmp_path / name),
+                                    small_config(estimator=name, static_search_iterations=0,
+                                                 bootstrap_samples=20), value_model_cfg=quick)
+               for name in ("cascade_dm", "ips")}
+    est = reports["cascade_dm"]["policies"]["static"]["estimated"]
+    assert est and all(math.isfinite(v) for v in est.values() if isinstance(v, float)), est
+    assert est != reports["ips"]["policies"]["static"]["estimated"]
