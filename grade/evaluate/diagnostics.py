@@ -44,7 +44,7 @@ class DiagnosticsConfig:
     min_position_variation: float = ranged(0.02, "[0, 1]")
     """fail below: share of neighbouring logged items (positions < 2E) in another order than the fixed score
     that best reproduces the logged rankings (theta is identified only if comparable items move)"""
-    theta_floor: float = ranged(1e-3, "[0, 1)")
+    theta_floor: float = ranged(0.01, "[0, 1)")
     """fail when theta-hat at the last exposed position is below this (a degenerate fit: deep slots unseen)"""
     max_truncated_share: float = ranged(0.5, "[0, 1]")
     """fail above: share of requests whose logged list holds no more than E candidates"""
@@ -93,63 +93,81 @@ def adjacent_swaps(scores: torch.Tensor, position: torch.Tensor, mask: torch.Ten
     return swapped.sum((0, -1)), pair.sum((0, -1)).expand_as(swapped.sum((0, -1)))
 
 
-def reference_weights(data: dict[str, torch.Tensor], static: torch.Tensor, depth: int) -> torch.Tensor:
-    """The global fusion weights [K] (static or a simplex grid point) whose score reverses the fewest
-    neighbouring logged pairs: the fixed score closest to the logging policy."""
-    k = static.shape[0]
+def swap_share(data: dict[str, torch.Tensor], weights: torch.Tensor, depth: int) -> float:
+    """Share of neighbouring logged pairs (positions < ``depth``) that the fused score of ``weights`` ([K] or
+    [N, K]) orders the other way (NaN without such pairs)."""
+    n = data["mask"].shape[0]
+    swapped, pairs = adjacent_swaps(fuse(data["z"], weights.to(data["z"].dtype).expand(n, -1), data["mask"]),
+                                    data["position"], data["mask"], depth)
+    return float(swapped) / float(pairs) if int(pairs) else float("nan")
+
+
+def reference_ranking(data: dict[str, torch.Tensor], static: torch.Tensor, policies: dict[str, torch.Tensor],
+                      depth: int) -> tuple[str, torch.Tensor]:
+    """(what it is, weights [K] or [N, K]) of the scoring closest to the logging policy: of the global
+    weights (static and a simplex grid) and the evaluated ``policies`` (name -> weights [N, K]), the one
+    that reverses the fewest neighbouring logged pairs (positions < ``depth``) of the first
+    REFERENCE_REQUESTS requests. A policy's own logs (a model in production logging its mean ranking)
+    are reproduced by that policy."""
+    k, n = static.shape[0], min(REFERENCE_REQUESTS, data["mask"].shape[0])
+    head = {key: data[key][:n] for key in ("z", "mask", "position")}
     grid = torch.cat([static.unsqueeze(0), simplex_grid(k, 20 if k <= 3 else 6)])
-    n = min(REFERENCE_REQUESTS, data["mask"].shape[0])
-    z, mask, position = data["z"][:n], data["mask"][:n], data["position"][:n]
-    swapped, _ = adjacent_swaps(fuse(z, grid.unsqueeze(0).expand(n, -1, -1), mask), position, mask, depth)
-    return grid[int(torch.argmin(swapped))]  # the first best: static wins ties
+    swapped, _ = adjacent_swaps(fuse(head["z"], grid.unsqueeze(0).expand(n, -1, -1), head["mask"]),
+                                head["position"], head["mask"], depth)
+    best = grid[int(torch.argmin(swapped))]  # the first best: static wins ties
+    found = ("one fixed ranking score", best, swap_share(head, best, depth))
+    for name, w in policies.items():
+        share = swap_share(head, w[:n], depth)
+        if share < found[2]:
+            found = (f"{name}'s ranking", w, share)
+    return found[0], found[1]
 
 
-def position_variation(data: dict[str, torch.Tensor], reference: torch.Tensor, exposure: int,
+def position_variation(data: dict[str, torch.Tensor], reference: tuple[str, torch.Tensor], exposure: int,
                        threshold: float, theta_estimated: bool) -> dict[str, Any]:
-    """Share of neighbouring logged items (positions < 2E) that the reference score orders the other way.
+    """Share of neighbouring logged items (positions < 2E) that the reference ranking (what it is, weights
+    [K] or [N, K]: :func:`reference_ranking`) orders the other way.
 
     Near 0, the logging ranking is a fixed function of the item scores: position and item are collinear
     and theta cannot be identified from clicks (fail, when theta is estimated; with an assumed theta a
-    warning). The estimators themselves need only theta, not the variation."""
-    depth = 2 * exposure
-    swapped, pairs = adjacent_swaps(fuse(data["z"], reference.expand(data["z"].shape[0], -1), data["mask"]),
-                                    data["position"], data["mask"], depth)
-    if int(pairs) == 0:
+    warning: the estimators themselves need only theta, not the variation)."""
+    what, weights = reference
+    value = swap_share(data, weights, 2 * exposure)
+    if value != value:
         return check("position_variation", "warn", None, f">= {threshold:g}",
                      "No neighbouring logged positions in the held-out requests: position variation cannot "
                      "be measured.")
-    value = float(swapped) / float(pairs)
     status = graded(True, value, threshold)
     if status == "fail" and not theta_estimated:
         status = "warn"
-    sentence = (f"{value:.1%} of neighbouring logged items are in another order than one fixed ranking score "
-                f"gives them, so comparable items do move across positions and theta can be estimated."
+    sentence = (f"{value:.1%} of neighbouring logged items are in another order than {what} gives them, so "
+                f"comparable items do move across positions and theta can be estimated."
                 if status == "pass" else
-                f"Only {value:.2%} of neighbouring logged items are in another order than one fixed ranking "
-                f"score gives them: the logging ranking is (nearly) deterministic, so the examination curve "
-                f"theta is {'not ' if status == 'fail' else 'barely '}identified by the logged clicks; "
-                f"randomise the logging ranking (per-request weight noise) or assume theta with "
-                f"shared.eta_mode: fixed and an eta measured elsewhere.")
+                f"Only {value:.2%} of neighbouring logged items are in another order than {what} gives them: "
+                f"the logging ranking is (nearly) deterministic, so the examination curve theta is "
+                f"{'not ' if status == 'fail' else 'barely '}identified by the logged clicks; randomise the "
+                f"logging ranking (per-request weight noise) or assume theta with shared.eta_mode: fixed and "
+                f"an eta measured elsewhere.")
     return check("position_variation", status, value, f">= {threshold:g}", sentence)
 
 
-def logging_randomness(data: dict[str, torch.Tensor], reference: torch.Tensor, exposure: int,
+def logging_randomness(data: dict[str, torch.Tensor], reference: tuple[str, torch.Tensor], exposure: int,
                        threshold: float) -> dict[str, Any]:
-    """Share of requests whose logged top-E items (as a set) differ from the reference score's top E;
+    """Share of requests whose logged top-E items (as a set) differ from the reference ranking's top E;
     warns when near-deterministic (never fails: position_variation judges identification)."""
+    what, weights = reference
     mask, position = data["mask"], data["position"]
     e = min(exposure, mask.shape[1])
-    ref = top_e(fuse(data["z"], reference.expand(mask.shape[0], -1), mask), e)
-    logged = (mask & (position >= 0) & (position < e))
+    ref = top_e(fuse(data["z"], weights.to(data["z"].dtype).expand(mask.shape[0], -1), mask), e)
+    logged = mask & (position >= 0) & (position < e)
     in_ref = torch.zeros_like(mask).scatter_(1, ref, True) & mask
     value = float(((in_ref != logged).any(-1)).double().mean())
     status = "warn" if value < threshold else "pass"
-    sentence = (f"{value:.1%} of requests show another top {e} than the fixed ranking score closest to the "
-                f"logging policy: the logging ranking is randomised."
-                if status == "pass" else
-                f"Only {value:.1%} of requests show another top {e} than the fixed ranking score closest to "
-                f"the logging policy: the logging ranking is near-deterministic, so the logs say little "
-                f"about rankings that differ from it; add per-request randomisation to the logging policy.")
+    sentence = (f"{value:.1%} of requests show another top {e} than {what}: the logging ranking is "
+                f"randomised." if status == "pass" else
+                f"Only {value:.1%} of requests show another top {e} than {what}: the logging ranking is "
+                f"near-deterministic, so the logs say little about rankings that differ from it; add "
+                f"per-request randomisation to the logging policy.")
     return check("logging_randomness", status, value, f">= {threshold:g}", sentence)
 
 
@@ -271,7 +289,8 @@ def run_checks(held: HeldOut, runs: PolicyRuns, model_names: Iterable[str]) -> l
     if not has_logged_feedback(data):
         return []
     exam = held.value_model.examination if held.value_model is not None else None
-    reference = reference_weights(data, static_weights(held.spec), 2 * e)
+    policies = {name: w for name, w in runs.weights.items() if name != "static"}
+    reference = reference_ranking(data, static_weights(held.spec), policies, 2 * e)
     out = [position_variation(data, reference, e, cfg.min_position_variation,
                               exam is None or exam.method != "fixed"),
            logging_randomness(data, reference, e, cfg.min_logging_randomness),
