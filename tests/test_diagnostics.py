@@ -155,7 +155,7 @@ def test_low_support_of_static_on_logs_of_another_ranking(randomised):
 
 
 def test_low_support_counts_unlogged_items_and_nothing_else():
-    """Two requests by hand: the share is the ranking's value on items logged below the floor or not at all."""
+    """Two requests by hand: the share is the value on items logged below the floor or not at all."""
     idx = torch.tensor([[0, 1], [2, 0]])
     theta = torch.tensor([1.0, 0.5], dtype=torch.float64)
     logged = torch.tensor([[1.0, 0.01, 0.5], [0.0, 0.5, 1.0]])       # item 1 deep; request 2's item 0 unlogged
