@@ -158,7 +158,7 @@ def test_low_support_counts_unlogged_items_and_nothing_else():
     """Two requests by hand: the share is the value on items logged below the floor or not at all."""
     idx = torch.tensor([[0, 1], [2, 0]])
     theta = torch.tensor([1.0, 0.5], dtype=torch.float64)
-    logged = torch.tensor([[1.0, 0.01, 0.5], [0.0, 0.5, 1.0]])       # item 1 deep; request 2's item 0 unlogged
+    logged = torch.tensor([[1.0, 0.01, 0.5], [0.0, 0.5, 1.0]])  # item 1 deep; request 2's item 0 unlogged
     value = torch.tensor([[2.0, 4.0, 1.0], [3.0, 1.0, 1.0]])
     mask = torch.ones(2, 3, dtype=torch.bool)
     # values: request 1: 1*2 (ok) + 0.5*4 (low); request 2: 1*1 (ok) + 0.5*3 (unlogged)
