@@ -188,3 +188,44 @@ def test_click_profile_counts_clicks_per_logged_position():
             "click": torch.tensor([[1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])}
     rates = d.click_profile(data, 5)
     assert rates[:4] == [1.0, 0.5, 0.5, 0.0] and rates[4] != rates[4]
+
+
+@pytest.fixture(scope="module")
+def evaluated_truncated(tmp_path_factory):
+    """A truth-free evaluation of logs whose lists hold no more than E items (the synthetic features of
+    test_evaluate with 4 to 5 candidates and E = 5)."""
+    from grade.core import store
+    from grade.evaluate.evaluation import run_evaluation
+    from grade.value.outcome import OutcomeConfig
+    from grade.value.value_model import ValueModelConfig
+    from tests.test_evaluate import make_features, make_model, small_config
+
+    root = tmp_path_factory.mktemp("diag")
+    features = make_features(root / "features", n_train=300, n_test=200, length=5, truth=False)
+    out = str(root / "out")
+    report = run_evaluation(features, {"grade": make_model(root / "model")}, out,
+                            small_config(static_search_iterations=0, bootstrap_samples=20),
+                            value_model_cfg=ValueModelConfig(outcome=OutcomeConfig(members=1, epochs=2)))
+    return report, store.read_bytes(store.join(out, "report.html")).decode()
+
+
+def test_report_json_html_and_summary_carry_the_checks(evaluated_truncated):
+    from grade.evaluate.summary import format_table
+
+    report, page = evaluated_truncated
+    checks = report["diagnostics"]["checks"]
+    assert set(report["diagnostics"]) == {"checks"}
+    assert all(set(c) == set(d.CHECK_KEYS) and c["status"] in d.STATUSES for c in checks)
+    names = [c["name"] for c in checks]
+    assert names[:4] == ["position_variation", "theta_degenerate", "logging_randomness", "truncated_lists"]
+    assert {c["policy"] for c in checks if c["name"] == "low_support"} == {"static", "logged", "grade"}
+    truncated_check = checks[3]
+    assert truncated_check["status"] == "fail" and truncated_check["value"] == 1.0
+    assert report["config"]["diagnostics"] == dataclasses.asdict(CFG)
+    # the page: the table with the status colours and the support figure
+    assert "<h2>Diagnostics</h2>" in page and "<td class='neg'>FAIL</td>" in page
+    assert 'alt="share of value on low-support items per policy"' in page
+    # the terminal: one line per check that did not pass
+    lines = [x for x in format_table(report).splitlines() if x.startswith("diagnostic ")]
+    assert len(lines) == sum(c["status"] != "pass" for c in checks) >= 1
+    assert any(x.startswith("diagnostic FAIL truncated_lists: 1 (needs <= 0.5).") for x in lines)
