@@ -229,3 +229,19 @@ def test_report_json_html_and_summary_carry_the_checks(evaluated_truncated):
     lines = [x for x in format_table(report).splitlines() if x.startswith("diagnostic ")]
     assert len(lines) == sum(c["status"] != "pass" for c in checks) >= 1
     assert any(x.startswith("diagnostic FAIL truncated_lists: 1 (needs <= 0.5).") for x in lines)
+
+
+def test_logging_randomness_counts_only_requests_with_a_choice(randomised):
+    """A list of at most E items has one top-E set whatever the ranking: such requests say nothing."""
+    n = randomised["mask"].shape[0]
+    ref = d.reference_ranking(randomised, static_of(randomised), {}, 2 * E)
+    whole = d.logging_randomness(randomised, ref, E, CFG.min_logging_randomness)
+    half = truncated(randomised, E, torch.arange(n) % 2 == 0)
+    got = d.logging_randomness(half, ref, E, CFG.min_logging_randomness)
+    long_rows = torch.arange(n) % 2 == 1
+    alone = d.logging_randomness({k: v[long_rows] for k, v in randomised.items()},
+                                 (ref[0], ref[1]), E, CFG.min_logging_randomness)
+    assert got["value"] == alone["value"] and whole["status"] == got["status"] == "pass"
+    every = truncated(randomised, E, torch.ones(n, dtype=torch.bool))
+    got = d.logging_randomness(every, ref, E, CFG.min_logging_randomness)
+    assert got["status"] == "warn" and got["value"] is None

@@ -153,15 +153,21 @@ def position_variation(data: dict[str, torch.Tensor], reference: tuple[str, torc
 
 def logging_randomness(data: dict[str, torch.Tensor], reference: tuple[str, torch.Tensor], exposure: int,
                        threshold: float) -> dict[str, Any]:
-    """Share of requests whose logged top-E items (as a set) differ from the reference ranking's top E;
-    warns when near-deterministic (never fails: position_variation judges identification)."""
+    """Share of the requests with more than E candidates whose logged top-E items (as a set) differ from
+    the reference ranking's top E; warns when near-deterministic (never fails: position_variation judges
+    identification)."""
     what, weights = reference
     mask, position = data["mask"], data["position"]
     e = min(exposure, mask.shape[1])
     ref = top_e(fuse(data["z"], weights.to(data["z"].dtype).expand(mask.shape[0], -1), mask), e)
     logged = mask & (position >= 0) & (position < e)
     in_ref = torch.zeros_like(mask).scatter_(1, ref, True) & mask
-    value = float(((in_ref != logged).any(-1)).double().mean())
+    choice = mask.sum(-1) > e  # a list of at most E items has one top-E set whatever the ranking
+    if not bool(choice.any()):
+        return check("logging_randomness", "warn", None, f">= {threshold:g}",
+                     f"No request logs more than {e} candidates: the logging's randomness cannot be "
+                     f"measured.")
+    value = float(((in_ref != logged).any(-1))[choice].double().mean())
     status = "warn" if value < threshold else "pass"
     sentence = (f"{value:.1%} of requests show another top {e} than {what}: the logging ranking is "
                 f"randomised." if status == "pass" else
