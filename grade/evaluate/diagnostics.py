@@ -16,6 +16,8 @@ condition of off-policy evaluation, as in OBP).
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +30,8 @@ from grade.value.examination import ExaminationEstimate
 if TYPE_CHECKING:
     from grade.evaluate.held_out import HeldOut
     from grade.evaluate.policies import PolicyRuns
+
+log = logging.getLogger("grade.evaluate.evaluation")
 
 STATUSES = ("pass", "warn", "fail")
 CHECK_KEYS = ("name", "status", "value", "threshold", "sentence", "policy")
@@ -273,8 +277,10 @@ def support_checks(held: HeldOut, runs: PolicyRuns, cfg: DiagnosticsConfig,
 
     vm, data, ev = held.value_model, held.data, held.cfg
     kind = PRIMARY_KIND[held.business.primary_metric]
-    model = estimator_inputs(data, vm, held.business, "dm", ev.estimator_max_weight, ev.exposure_depth,
-                             ev.batch_size)
+    model = held.estimator
+    if model is None or model.models is None:  # the estimated flavour's estimator reads no outcome model
+        model = estimator_inputs(data, vm, held.business, "dm", ev.estimator_max_weight, ev.exposure_depth,
+                                 ev.batch_size)
     judged = {*JUDGED, *model_names}
     return [low_support(name, low_support_share(idx, model.theta, model.logged_theta, model.models[kind],
                                                 data["mask"], cfg.support_floor),
@@ -294,6 +300,7 @@ def run_checks(held: HeldOut, runs: PolicyRuns, model_names: Iterable[str]) -> l
     data, cfg, e = held.data, held.cfg.diagnostics, held.cfg.exposure_depth
     if not has_logged_feedback(data):
         return []
+    t = time.monotonic()
     exam = held.value_model.examination if held.value_model is not None else None
     policies = {name: w for name, w in runs.weights.items() if name != "static"}
     reference = reference_ranking(data, static_weights(held.spec), policies, 2 * e)
@@ -304,6 +311,8 @@ def run_checks(held: HeldOut, runs: PolicyRuns, model_names: Iterable[str]) -> l
     if exam is not None:
         out.insert(1, theta_degenerate(exam, e, cfg.theta_floor))
         out += support_checks(held, runs, cfg, model_names)
+    counts = [sum(c["status"] == s for c in out) for s in ("fail", "warn")]
+    log.info("diagnostics: %d checks (%d fail, %d warn) in %.1fs", len(out), *counts, time.monotonic() - t)
     return out
 
 
