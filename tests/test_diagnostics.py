@@ -245,3 +245,15 @@ def test_logging_randomness_counts_only_requests_with_a_choice(randomised):
     every = truncated(randomised, E, torch.ones(n, dtype=torch.bool))
     got = d.logging_randomness(every, ref, E, CFG.min_logging_randomness)
     assert got["status"] == "warn" and got["value"] is None
+
+
+def test_thresholds_are_keys_of_evaluate_diagnostics():
+    from grade.core import config
+    from grade.core.errors import ConfigError
+
+    cfg = config.load(None, {"evaluate.diagnostics.max_truncated_share": 0.8})["evaluate"]
+    assert cfg.diagnostics.max_truncated_share == 0.8 and cfg.diagnostics.theta_floor == CFG.theta_floor
+    with pytest.raises(ConfigError, match=r"evaluate\.diagnostics\.support_floor: expected a value in \[0, 1\)"):
+        config.load(None, {"evaluate.diagnostics.support_floor": 1.5})
+    with pytest.raises(ConfigError, match=r"evaluate\.diagnostics: unknown key\(s\) \['floor'\]"):
+        config.load(None, {"evaluate.diagnostics.floor": 0.1})

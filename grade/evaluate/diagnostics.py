@@ -93,8 +93,8 @@ def adjacent_swaps(scores: torch.Tensor, position: torch.Tensor, mask: torch.Ten
         order = order.unsqueeze(1).expand(-1, scores.shape[1], -1)
         pair = pair.unsqueeze(1)
     s = torch.gather(scores, -1, order)
-    swapped = (s[..., :-1] < s[..., 1:]) & pair
-    return swapped.sum((0, -1)), pair.sum((0, -1)).expand_as(swapped.sum((0, -1)))
+    swapped = ((s[..., :-1] < s[..., 1:]) & pair).sum((0, -1))
+    return swapped, pair.sum((0, -1)).expand_as(swapped)
 
 
 def swap_share(data: dict[str, torch.Tensor], weights: torch.Tensor, depth: int) -> float:
