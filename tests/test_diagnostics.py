@@ -253,7 +253,7 @@ def test_thresholds_are_keys_of_evaluate_diagnostics():
 
     cfg = config.load(None, {"evaluate.diagnostics.max_truncated_share": 0.8})["evaluate"]
     assert cfg.diagnostics.max_truncated_share == 0.8 and cfg.diagnostics.theta_floor == CFG.theta_floor
-    with pytest.raises(ConfigError, match=r"evaluate\.diagnostics\.support_floor: expected a value in \[0, 1\)"):
+    with pytest.raises(ConfigError, match=r"diagnostics\.support_floor: expected a value in \[0, 1\)"):
         config.load(None, {"evaluate.diagnostics.support_floor": 1.5})
     with pytest.raises(ConfigError, match=r"evaluate\.diagnostics: unknown key\(s\) \['floor'\]"):
         config.load(None, {"evaluate.diagnostics.floor": 0.1})
