@@ -23,6 +23,7 @@ from typing import Any
 from grade.core import config, store
 from grade.core.config import SEED_RANGE, ranged, setting
 from grade.core.errors import InputError
+from grade.evaluate.diagnostics import DiagnosticsConfig, click_profile
 from grade.evaluate.held_out import FITTED_VALUE_MODEL, HeldOut, load_inputs, obtain_value_model
 from grade.evaluate.policies import PolicyRuns, check_model_names, compute_policies, named_models
 from grade.evaluate.report import render_html
@@ -91,6 +92,8 @@ class EvaluateConfig:
     """model name in the registry whose production alias is the incumbent (an alias of shared.model_name)"""
     batch_size: int = ranged(16384, "[1, 1e7]", retired=True)
     """requests per chunk in ranking and policy inference"""
+    diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
+    """thresholds of the checks of the logs against what the estimated flavour assumes (docs/estimators.md)"""
 
     def validate(self) -> None:
         if self.static_search_objective not in baselines.SEARCH_OBJECTIVES:
@@ -108,7 +111,8 @@ class EvaluateConfig:
 def render(report: Report, runs: PolicyRuns, held: HeldOut) -> str:
     """report.html (grade.evaluate.report.render_html) with the weights, segments and training curves."""
     curves = {name: read_training_curves(info["uri"]) for name, info in report.models.items()}
-    return render_html(report.to_json(), weights=runs.weights, segments=held.segment, curves=curves)
+    return render_html(report.to_json(), weights=runs.weights, segments=held.segment, curves=curves,
+                       click_rates=click_profile(held.data, len(report.value_model.get("theta", []))))
 
 
 def publish(report: Report, out_uri: str, html: str, value_model_folder: Path | None = None) -> None:

@@ -17,7 +17,7 @@ import torch
 from grade.core.config import to_dict
 from grade.data import dataset
 from grade.data.fusion import simplex_grid
-from grade.evaluate import estimator_check
+from grade.evaluate import diagnostics, estimator_check
 from grade.evaluate.held_out import (
     HeldOut,
     content_hash_of,
@@ -91,6 +91,9 @@ class Report:
     """estimated vs true per policy and per-segment grid picks of each estimator ({} without truth)"""
     business: dict[str, float] = dataclasses.field(default_factory=dict)
     """the declared business value (clicks, orders, gmv per impression) the primary metric measures"""
+    diagnostics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """{"checks": [...]}: the logs checked against what the estimated flavour assumes
+    (grade.evaluate.diagnostics)"""
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -222,6 +225,7 @@ def build_report(held: HeldOut, runs: PolicyRuns, model_names: list[str], starte
         value_model=held.value_model_info,
         estimator_check=estimator_report(held, policies, lifts["static"], metric),
         business=dataclasses.asdict(held.business),
+        diagnostics=diagnostics.diagnostics_section(diagnostics.run_checks(held, runs, model_names)),
         elapsed_s=round(time.monotonic() - started, 2))
 
 
