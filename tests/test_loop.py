@@ -18,9 +18,11 @@ def test_rounds_follow_the_calendar_and_later_rounds_are_served_by_production():
     assert plan.round_days(2) == (dt.date(2026, 1, 9), dt.date(2026, 1, 12))
     first = loop.round_config(plan, 0, None)
     assert first["simulator"] == {"seed": 3, "n_requests": 100, "start_date": "2026-01-01", "n_days": 4}
-    assert first["promote"] == {"min_lift": 0.0, "primary_flavour": "estimated"}, "the gate judges without truth"
+    # the gate judges without truth
+    assert first["promote"] == {"min_lift": 0.0, "primary_flavour": "estimated"}
     later = loop.round_config(plan, 2, "/reg/grade-mtf/versions/v0002")
-    assert later["simulator"]["stream"] == 2 and later["simulator"]["logging"] == "/reg/grade-mtf/versions/v0002"
+    assert later["simulator"]["stream"] == 2
+    assert later["simulator"]["logging"] == "/reg/grade-mtf/versions/v0002"
     assert later["simulator"]["start_date"] == "2026-01-09"
     assert plan.base["simulator"] == {"seed": 3, "n_requests": 100}, "the base config is not changed"
 
@@ -56,8 +58,9 @@ def test_a_round_record_names_what_serves_after_it():
 
 def test_results_are_written_whole_with_a_page(tmp_path):
     days = (dt.date(2026, 1, 1), dt.date(2026, 1, 4))
+    refused = {"blessed": False, "verdict": "NOT BLESSED"}
     rounds = [loop.round_record(0, _report(False), {"blessed": True, "verdict": "promoted"}, "v0001", days),
-              loop.round_record(1, _report(True), {"blessed": False, "verdict": "NOT BLESSED"}, "v0001", days)]
+              loop.round_record(1, _report(True), refused, "v0001", days)]
     loop.publish_results(tmp_path, _plan(), rounds)
     doc = json.loads((tmp_path / loop.LOOP_FILE).read_text())
     assert [r["round"] for r in doc["rounds"]] == [0, 1] and doc["plan"]["window_days"] == 8
