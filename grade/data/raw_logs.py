@@ -169,7 +169,7 @@ def read_log_schema(file_uri: str, schema: pa.Schema, objectives: list[str],
 _FNV_PRIME = 0x100000001B3
 
 
-def _mix64(h: np.ndarray) -> np.ndarray:
+def mix64(h: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser (uint64 arithmetic wraps mod 2**64)."""
     h = h ^ (h >> np.uint64(30))
     h = h * np.uint64(0xBF58476D1CE4E5B9)
@@ -208,7 +208,7 @@ def hash_strings(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
         sums = csum[rel[1:]] - csum[rel[:-1]]
         lengths = (rel[1:] - rel[:-1]).astype(np.uint64)
         h = sums * pows[np.maximum(rel[1:] - 1, 0)]
-        h = _mix64(h ^ (lengths * np.uint64(0x9E3779B97F4A7C15)))
+        h = mix64(h ^ (lengths * np.uint64(0x9E3779B97F4A7C15)))
     return (h & MASK63).view(np.int64)
 
 

@@ -1,0 +1,165 @@
+"""Exploration in serving: served weights drawn from the policy's Dirichlet, seeded by the request id.
+
+A share of the traffic (``serve.explore.share``) is served weights drawn from the served Dirichlet
+Dir(alpha), alpha = min(kappa, kappa_cap) * mu + alpha_floor (the policy's own distribution, its
+concentration capped so that the served weights keep some spread around a confident mean); the
+rest is served the mean mu, as without exploration. Which requests explore and what they draw are
+functions of (request id, seed) only: a counter-based generator (splitmix64 of the id, the seed, the
+objective and a counter) gives each request its own uniforms, so the same request always gets the same
+weights, whatever batch it arrives in, and a batch is drawn with a few vectorised array operations.
+
+What is logged per request (the log contract's ``served_w_<objective>``, ``served_log_propensity``):
+
+- explored: the weights and their log-density under the served Dirichlet, log Dir(w; alpha). That is
+  the density *given* that the request explores; the decision to explore is a hash of the id alone,
+  independent of the request's features, so the explored requests are a uniform sample of the traffic
+  and an estimator over weight vectors reweights them by pi_new(w) / Dir(w; alpha) among themselves.
+- served the mean: the mean and a null (NaN) log-propensity: a point mass has no density, and a
+  continuous target policy gives that single point probability 0, so those requests carry no weight in
+  importance sampling (grade.value.weight_ips uses the explored ones only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import numpy as np
+
+from grade.core.config import ranged
+from grade.data.raw_logs import mix64
+
+#: attempts of the gamma sampler drawn at once per (request, objective); all miss with p < 1e-7
+ATTEMPTS = 6
+#: served weights are kept at least this far from 0 (a float32 weight of 0 has no log-density)
+MIN_WEIGHT = 1e-12
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+#: counters of one objective's uniforms lie in [k * _STRIDE, (k + 1) * _STRIDE); counter 0 of a request
+#: decides whether it explores, counter 1 of an objective boosts its gamma draw, the others feed attempts
+_STRIDE = 1 << 32
+_LGAMMA = np.frompyfunc(math.lgamma, 1, 1)
+
+
+@dataclasses.dataclass
+class ExploreConfig:
+    share: float = ranged(0.0, "[0, 1]")
+    """share of requests served weights drawn from the policy's Dirichlet (0: every request is served the
+    mean, as before exploration; the rest of the traffic is served the mean)"""
+    kappa_cap: float = ranged(200.0, "> 0")
+    """the served Dirichlet's concentration is min(kappa, kappa_cap): a lower cap explores more widely"""
+    seed: int = ranged(0, ">= 0")
+    """seed of the draws, with the request id: the same request and seed always get the same weights"""
+
+
+@dataclasses.dataclass
+class Served:
+    """What serving answers for a batch of B requests and what the logs record of it."""
+
+    weights: np.ndarray
+    """float32 [B, K]: the served weights, rows on the simplex"""
+    log_propensity: np.ndarray
+    """float32 [B]: log Dir(weights; alpha) for an explored request, NaN for one served the mean"""
+    explored: np.ndarray
+    """bool [B]"""
+    model_version: str
+
+
+def served_alpha(mu: np.ndarray, kappa: np.ndarray, alpha_floor: float, kappa_cap: float) -> np.ndarray:
+    """The served Dirichlet's parameters [B, K] (float64) from the policy's mean mu [B, K] and
+    concentration kappa [B]."""
+    return np.minimum(np.asarray(kappa, np.float64), kappa_cap)[:, None] * mu + alpha_floor
+
+
+def log_density(alpha: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """log Dir(weights; alpha) [B] (float64) of weights [B, K] on the simplex under alpha [B, K]
+    (torch.distributions.Dirichlet.log_prob's formula)."""
+    a, w = np.asarray(alpha, np.float64), np.asarray(weights, np.float64)
+    lg = _LGAMMA(np.concatenate([a, a.sum(-1, keepdims=True)], axis=-1)).astype(np.float64)
+    return lg[..., -1] - lg[..., :-1].sum(-1) + ((a - 1.0) * np.log(w)).sum(-1)
+
+
+def uniforms(keys: np.ndarray, counters: np.ndarray) -> np.ndarray:
+    """Uniforms in (0, 1), float64, of the generator at uint64 ``keys`` and ``counters`` (broadcast;
+    uint64 arrays wrap mod 2**64 without a warning)."""
+    bits = mix64(keys + (counters.astype(np.uint64) + np.uint64(1)) * _GOLDEN)
+    return ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53
+
+
+@functools.lru_cache(maxsize=64)
+def _salt(seed: int) -> np.uint64:
+    with np.errstate(over="ignore"):
+        return mix64(np.array([seed], dtype=np.uint64) * _GOLDEN + _GOLDEN)[0]
+
+
+@functools.lru_cache(maxsize=16)
+def _draw_counters(k: int, start: int) -> np.ndarray:
+    """[K, 1 + 3 * ATTEMPTS]: an objective's boost counter, then its attempts' from ``start`` on."""
+    own = np.r_[1, start + np.arange(3 * ATTEMPTS)]
+    return (np.arange(k)[:, None] * _STRIDE + own[None, :]).astype(np.uint64)
+
+
+def request_keys(request_ids: np.ndarray, seed: int) -> np.ndarray:
+    """uint64 [B]: the generator's key of each request id (int64 [B]) under ``seed``."""
+    return mix64(np.asarray(request_ids, np.int64).view(np.uint64) ^ _salt(seed))
+
+
+def log_gamma_draws(alpha: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """log of Gamma(alpha, 1) draws [B, K] for alpha [B, K] (float64) and request keys [B].
+
+    Marsaglia and Tsang's method for Gamma(alpha + 1) (alpha + 1 >= 1: acceptance above 95%), boosted to
+    Gamma(alpha) by U^(1/alpha), kept in logs so that a small alpha's tiny draws do not underflow.
+    ``ATTEMPTS`` attempts are drawn at once; a draw that misses all of them continues with the next ones.
+    """
+    d = alpha + (1.0 - 1.0 / 3.0)
+    c = 1.0 / np.sqrt(9.0 * d)
+    u = uniforms(keys[:, None, None], _draw_counters(alpha.shape[1], 2))               # [B, K, 1 + 3T]
+    log_g = _accepted(u[..., 1:], d, c)
+    start = 2 + 3 * ATTEMPTS
+    while np.isnan(log_g).any():  # rare: continue the missed draws with their next counters
+        miss = np.isnan(log_g)
+        more = uniforms(keys[:, None, None], _draw_counters(alpha.shape[1], start))[..., 1:]
+        log_g[miss] = _accepted(more, d, c)[miss]
+        start += 3 * ATTEMPTS
+    return log_g + np.log(u[..., 0]) / alpha
+
+
+def _accepted(u: np.ndarray, d: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """log of the first accepted Marsaglia-Tsang draw [B, K] from uniforms [B, K, 3T] (NaN: none)."""
+    u1, u2, u3 = u[..., 0::3], u[..., 1::3], u[..., 2::3]
+    x = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+    v = 1.0 + c[..., None] * x
+    v = v * v * v
+    log_v = np.log(np.maximum(v, 1e-300))
+    ok = (v > 0) & (np.log(u3) < 0.5 * x * x + d[..., None] * (1.0 - v + log_v))
+    first = ok & (np.cumsum(ok, axis=-1) == 1)                 # the first accepted attempt only
+    hit = first.any(axis=-1)
+    return np.where(hit, np.log(d) + (log_v * first).sum(-1), np.nan)
+
+
+def explore(mu: np.ndarray, kappa: np.ndarray, alpha_floor: float, request_ids: np.ndarray | None,
+            cfg: ExploreConfig, model_version: str) -> Served:
+    """The served weights of a batch: the policy's mean mu [B, K] and concentration kappa [B], request
+    ids int64 [B] (None: no id to seed with, every request is served the mean).
+
+    share 0 (or no ids): the mean, exactly, with NaN log-propensities. Otherwise each request whose
+    decision uniform falls below ``cfg.share`` is served a draw of the served Dirichlet
+    (:func:`served_alpha`) with its log-density; the others the mean.
+    """
+    mean = np.asarray(mu, np.float32)
+    log_p = np.full(len(mean), np.nan, dtype=np.float32)
+    if cfg.share <= 0 or request_ids is None or not len(mean):
+        return Served(mean, log_p, np.zeros(len(mean), dtype=bool), model_version)
+    keys = request_keys(request_ids, cfg.seed)
+    explored = uniforms(keys, np.zeros(1, np.uint64)) < cfg.share
+    if not explored.any():
+        return Served(mean, log_p, explored, model_version)
+    alpha = served_alpha(mean[explored].astype(np.float64), kappa[explored], alpha_floor, cfg.kappa_cap)
+    log_g = log_gamma_draws(alpha, keys[explored])
+    w = np.exp(log_g - log_g.max(axis=1, keepdims=True))
+    w = np.maximum(w / w.sum(axis=1, keepdims=True), MIN_WEIGHT)
+    w32 = (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+    weights = mean.copy()
+    weights[explored] = w32
+    log_p[explored] = log_density(alpha, w32)
+    return Served(weights, log_p, explored, model_version)
