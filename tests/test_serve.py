@@ -922,3 +922,59 @@ def test_a_version_loaded_from_s3_leaves_no_temp_folder_on_success_or_refusal(wo
     with pytest.raises(serving.IntegrityError):
         serving.load_verified(registry, {**record, "content_hash": "0" * 64})
     assert set(scratch.glob("grade-fetch-*")) == before
+
+
+def test_exploring_serves_seeded_draws_with_their_log_density_and_scoring_draws_the_same(world, tmp_path):
+    import torch
+
+    from grade.model.exploration import ExploreConfig
+    from grade.release.scoring import score_requests
+
+    policy = serving.load_verified(world["registry"], world["registry"].production()[0])
+    spec = world["spec"]
+    columns = log_requests(world["logs"], spec, 16)
+    inputs = {i["name"]: np.asarray(i["data"]).reshape(i["shape"])
+              for i in v2_body(columns, spec, with_candidates=True)["inputs"]}
+    off = serving.predict(policy, inputs)
+    zero = serving.predict(policy, inputs, exploring=ExploreConfig(share=0.0))
+    assert set(zero) == set(off) and "log_propensity" not in off
+    for key in ("weights", "scores", "ranking"):
+        np.testing.assert_array_equal(zero[key], off[key])
+    cfg = ExploreConfig(share=0.5, kappa_cap=50.0, seed=2)
+    on = serving.predict(policy, inputs, exploring=cfg)
+    again = serving.predict(policy, {k: v[::-1] for k, v in inputs.items()}, exploring=cfg)  # reversed batch
+    np.testing.assert_array_equal(again["weights"][::-1], on["weights"])
+    explored = np.isfinite(on["log_propensity"])
+    assert 0 < explored.sum() < len(explored) and on["model_version"] == world["first"]
+    np.testing.assert_array_equal(on["weights"][~explored], off["weights"][~explored])
+    assert not np.allclose(on["weights"][explored], off["weights"][explored], atol=1e-3)
+    num, cat = serving.model_inputs({k: v for k, v in inputs.items() if k in policy.transform.numeric
+                                     or k in policy.transform.categorical}, policy.transform)
+    with torch.inference_mode():
+        mu, kappa = policy.fn.dirichlet(torch.from_numpy(num), torch.from_numpy(cat))
+    alpha = (kappa.clamp(max=50.0)[:, None] * mu + policy.alpha_floor).double()[explored]
+    expected = torch.distributions.Dirichlet(alpha).log_prob(torch.from_numpy(on["weights"][explored]).double())
+    np.testing.assert_allclose(on["log_propensity"][explored], expected.numpy(), rtol=1e-5, atol=1e-4)
+    # a call without ids is served the mean: nothing seeds a draw
+    anonymous = serving.predict(policy, {k: v for k, v in inputs.items() if k != "request_id"}, exploring=cfg)
+    np.testing.assert_array_equal(anonymous["weights"], off["weights"])
+    assert np.isnan(anonymous["log_propensity"]).all()
+    # the gate's JSON answer: the log-propensity, null where the request was served the mean
+    holder = serving.PolicyHolder(world["registry"].root, MODEL)
+    assert holder.refresh()
+    model = server_lib.make_model(holder, MODEL, exploring=cfg)
+    model.load()
+    status, answer = asgi_post(server_lib.RequestGate(None, model=model), f"/v2/models/{MODEL}/infer",
+                               json.dumps(v2_body(columns, spec)).encode())
+    outputs = {o["name"]: o for o in json.loads(answer)["outputs"]}
+    assert status == 200 and [v is None for v in outputs["log_propensity"]["data"]] == list(~explored)
+    # batch scoring draws the same weights for the same request ids
+    score_requests(world["registry"].version_uri(world["first"]), world["logs"], str(tmp_path / "s"),
+                   exploring=cfg)
+    scored = ds.dataset(str(tmp_path / "s"), format="parquet").to_table().to_pandas()
+    scored = scored.drop_duplicates("request_id").set_index("request_id")
+    w = scored.loc[columns["request_id"], [f"w_{o}" for o in spec["objectives"]]].to_numpy()
+    np.testing.assert_allclose(w, on["weights"], atol=1e-6)
+    logged = scored.loc[columns["request_id"], "served_log_propensity"].to_numpy()
+    np.testing.assert_allclose(logged[explored], on["log_propensity"][explored], rtol=1e-5)
+    assert np.isnan(logged[~explored]).all() and (scored["model_version"] == world["first"]).all()
