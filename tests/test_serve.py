@@ -953,7 +953,8 @@ def test_exploring_serves_seeded_draws_with_their_log_density_and_scoring_draws_
     with torch.inference_mode():
         mu, kappa = policy.fn.dirichlet(torch.from_numpy(num), torch.from_numpy(cat))
     alpha = (kappa.clamp(max=50.0)[:, None] * mu + policy.alpha_floor).double()[explored]
-    expected = torch.distributions.Dirichlet(alpha).log_prob(torch.from_numpy(on["weights"][explored]).double())
+    served = torch.from_numpy(on["weights"][explored]).double()
+    expected = torch.distributions.Dirichlet(alpha).log_prob(served)
     np.testing.assert_allclose(on["log_propensity"][explored], expected.numpy(), rtol=1e-5, atol=1e-4)
     # a call without ids is served the mean: nothing seeds a draw
     anonymous = serving.predict(policy, {k: v for k, v in inputs.items() if k != "request_id"}, exploring=cfg)
