@@ -27,7 +27,7 @@ import math
 
 import numpy as np
 
-from grade.core.config import ranged
+from grade.core.config import MAX_SEED, ranged
 from grade.data.raw_logs import mix64
 
 #: attempts of the gamma sampler drawn at once per (request, objective); all miss with p < 1e-7
@@ -46,10 +46,11 @@ class ExploreConfig:
     share: float = ranged(0.0, "[0, 1]")
     """share of requests served weights drawn from the policy's Dirichlet (0: every request is served the
     mean, as before exploration; the rest of the traffic is served the mean)"""
-    kappa_cap: float = ranged(200.0, "> 0")
+    kappa_cap: float = ranged(200.0, "(0, 1e6]")
     """the served Dirichlet's concentration is min(kappa, kappa_cap): a lower cap explores more widely"""
-    seed: int = ranged(0, ">= 0")
-    """seed of the draws, with the request id: the same request and seed always get the same weights"""
+    seed: int = ranged(0, f"[0, {MAX_SEED}]", derived="shared.seed")
+    """seed of the draws, with the request id: the same request and seed always get the same weights
+    (the run's one seed, shared.seed)"""
 
 
 @dataclasses.dataclass
