@@ -69,3 +69,49 @@ def test_weight_ips_is_unbiased_for_a_second_dirichlet_policy():
     # the logging policy's own value is not the new one's: the test could tell them apart
     a0 = served_alpha(mu0[:1], kappa0[:1], 0.2, 100.0)[0]
     assert abs(float(c @ (a0 / a0.sum())) - truth) > 8 * se
+
+
+def _published_policy(root, seed: int, u: int, sizes: list[int]) -> str:
+    from grade.core import store
+    from grade.model.policy import PolicyConfig, PolicyNet, save_policy
+
+    torch.manual_seed(seed)
+    net = PolicyNet(PolicyConfig(n_numeric=u, cat_sizes=sizes, n_objectives=3))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    uri = str(root / f"model-{seed}")
+    with store.publishing(uri) as staging:
+        save_policy(net, staging)
+    return uri
+
+
+def test_the_report_section_values_the_logging_policy_at_its_own_value_and_another_apart(tmp_path):
+    """Logs served by policy A with exploration: A's ratios are 1 (lift 0 exactly), B's are not; logs
+    without propensities give no section."""
+    from grade.model.policy import load_published_policy
+    from grade.value.weight_ips import report_section
+
+    n, u, sizes = 3000, 2, [5]
+    a, b = _published_policy(tmp_path, 1, u, sizes), _published_policy(tmp_path, 2, u, sizes)
+    g = torch.Generator().manual_seed(0)
+    num, cat = torch.randn(n, u, generator=g), torch.randint(0, 5, (n, 1), generator=g)
+    policy = load_published_policy(a)
+    with torch.inference_mode():
+        mu, kappa = policy(num, cat)
+    served = explore(mu.numpy(), kappa.numpy(), policy.alpha_floor, np.arange(n),
+                     ExploreConfig(share=0.5, kappa_cap=100.0), "v1")
+    value = torch.rand(n, 4, generator=g) * torch.from_numpy(served.weights[:, :1])  # depends on the weights
+    data = {"num": num, "cat": cat, "position": torch.arange(4).repeat(n, 1),
+            "served_w": torch.from_numpy(served.weights),
+            "served_log_propensity": torch.from_numpy(served.log_propensity)}
+    section = report_section(data, {"a": a, "b": b}, value, depth=3, kappa_cap=100.0, clip=math.inf,
+                             n_resamples=200, confidence=0.95, seed=0)
+    assert section["n_explored"] == int(served.explored.sum())
+    lift_a = section["policies"]["a"]["lift_vs_logging"]
+    assert abs(lift_a["lift"]) < 1e-4 and lift_a["ci_low"] <= lift_a["lift"] <= lift_a["ci_high"]
+    assert section["policies"]["a"]["ips"] == pytest.approx(section["logging_value"], rel=1e-4)
+    lift_b = section["policies"]["b"]["lift_vs_logging"]
+    assert abs(lift_b["lift"]) > 1e-3 and lift_b["ci_low"] <= lift_b["lift"] <= lift_b["ci_high"]
+    no_propensity = {**data, "served_log_propensity": torch.full((n,), math.nan)}
+    assert report_section(no_propensity, {"a": a}, value, 3, 100.0, math.inf, 10, 0.95, 0) is None

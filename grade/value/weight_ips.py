@@ -98,3 +98,59 @@ def per_request_terms(rho: torch.Tensor, explored: torch.Tensor, realised: torch
     give IPS (first / n) and SNIPS (first / second); resampling rows gives bootstrap intervals."""
     e = explored
     return torch.stack([rho[e].double() * realised[e].double(), rho[e].double()], dim=1).numpy()
+
+
+def has_propensities(data: dict[str, torch.Tensor]) -> bool:
+    """Whether held-out tensors carry served weights with at least one explored request's log-propensity."""
+    logp = data.get("served_log_propensity")
+    return "served_w" in data and logp is not None and bool(torch.isfinite(logp).any())
+
+
+def lift_interval(terms: np.ndarray, realised: np.ndarray, n_resamples: int, confidence: float, seed: int
+                  ) -> dict[str, float]:
+    """Lift of IPS (terms [n, 2] of :func:`per_request_terms`) over the logging policy's own value (the
+    mean realised value [n] of the explored requests, rho = 1), with a paired percentile bootstrap over
+    the requests."""
+    def lift(rows: np.ndarray) -> float:
+        return float(terms[rows, 0].sum() / max(realised[rows].sum(), 1e-12) - 1.0)
+
+    n = len(realised)
+    rng = np.random.default_rng(seed)
+    draws = np.array([lift(rng.integers(0, n, n)) for _ in range(n_resamples)])
+    tail = (1.0 - confidence) / 2 * 100
+    low, high = (np.percentile(draws, [tail, 100 - tail]) if len(draws) else (math.nan, math.nan))
+    return {"lift": lift(np.arange(n)), "ci_low": float(low), "ci_high": float(high)}
+
+
+def report_section(data: dict[str, torch.Tensor], models: dict[str, str], item_value: torch.Tensor,
+                   depth: int, kappa_cap: float, clip: float, n_resamples: int, confidence: float,
+                   seed: int, batch_size: int = 4096) -> dict | None:
+    """report.json's ``weight_level`` section (None unless the held-out logs carry propensities): each
+    model's IPS and SNIPS value of its exploring Dirichlet, and its IPS lift over the logging policy
+    with a bootstrap interval, from the explored requests alone (no click model). ``item_value`` [B, L]:
+    the declared value of each logged item's labels."""
+    from grade.data.transform import clamp_unseen
+    from grade.model.policy import load_published_policy
+
+    if not has_propensities(data):
+        return None
+    realised = realised_value(item_value, data["position"], depth)
+    log_logged = data["served_log_propensity"].double()
+    out = {"estimator": "weight_ips", "kappa_cap": kappa_cap, "clip": clip, "policies": {}}
+    for name, uri in models.items():
+        policy = load_published_policy(uri)
+        cat = clamp_unseen(data["cat"], policy.cfg.cat_sizes)
+        with torch.inference_mode():
+            parts = [policy(data["num"][s:s + batch_size], cat[s:s + batch_size])
+                     for s in range(0, cat.shape[0], batch_size)]
+        mu, kappa = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        log_new = policy_log_density(mu, kappa, policy.alpha_floor, kappa_cap, data["served_w"])
+        rho, explored, clipped = density_ratios(log_new, log_logged, clip)
+        est = estimate(rho, explored, realised, clipped=clipped)
+        terms = per_request_terms(rho, explored, realised)
+        out["n_explored"] = est.n_explored
+        out["logging_value"] = float(realised[explored].double().mean())
+        out["policies"][name] = {"ips": est.ips, "snips": est.snips, "clipped_share": est.clipped_share,
+                                 "lift_vs_logging": lift_interval(terms, realised[explored].double().numpy(),
+                                                                  n_resamples, confidence, seed)}
+    return out
