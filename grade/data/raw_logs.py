@@ -213,11 +213,12 @@ _FNV_PRIME = 0x100000001B3
 
 def mix64(h: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser (uint64 arithmetic wraps mod 2**64)."""
-    h = h ^ (h >> np.uint64(30))
-    h = h * np.uint64(0xBF58476D1CE4E5B9)
-    h = h ^ (h >> np.uint64(27))
-    h = h * np.uint64(0x94D049BB133111EB)
-    return h ^ (h >> np.uint64(31))
+    h = h ^ (h >> np.uint64(30))       # a new array: the rest works in place on it
+    h *= np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(27)
+    h *= np.uint64(0x94D049BB133111EB)
+    h ^= h >> np.uint64(31)
+    return h
 
 
 def hash_strings(values: pa.Array | pa.ChunkedArray) -> np.ndarray:

@@ -35,8 +35,8 @@ ATTEMPTS = 6
 #: served weights are kept at least this far from 0 (a float32 weight of 0 has no log-density)
 MIN_WEIGHT = 1e-12
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-#: counters of one objective's uniforms lie in [k * _STRIDE, (k + 1) * _STRIDE); counter 0 of a request
-#: decides whether it explores, counter 1 of an objective boosts its gamma draw, the others feed attempts
+#: counters of one objective's uniforms lie in [k * _STRIDE, (k + 1) * _STRIDE): counter 1 boosts its
+#: gamma draw, the others feed attempts (the request key's own bits decide whether it explores)
 _STRIDE = 1 << 32
 _LGAMMA = np.frompyfunc(math.lgamma, 1, 1)
 
@@ -80,29 +80,39 @@ def log_density(alpha: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return lg[..., -1] - lg[..., :-1].sum(-1) + ((a - 1.0) * np.log(w)).sum(-1)
 
 
-def uniforms(keys: np.ndarray, counters: np.ndarray) -> np.ndarray:
-    """Uniforms in (0, 1), float64, of the generator at uint64 ``keys`` and ``counters`` (broadcast;
-    uint64 arrays wrap mod 2**64 without a warning)."""
-    bits = mix64(keys + (counters.astype(np.uint64) + np.uint64(1)) * _GOLDEN)
-    return ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53
+def uniforms(keys: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Uniforms in (0, 1), float64, of the generator at uint64 ``keys`` and counter ``offsets``
+    (:func:`counter_offsets`; broadcast; uint64 arrays wrap mod 2**64 without a warning)."""
+    bits = mix64(keys + offsets)
+    return (bits >> np.uint64(11)) * 2.0 ** -53 + 2.0 ** -54
+
+
+def counter_offsets(counters: np.ndarray) -> np.ndarray:
+    """The generator's uint64 offsets (counter + 1) * golden of integer ``counters``."""
+    return (np.asarray(counters).astype(np.uint64) + np.uint64(1)) * _GOLDEN
 
 
 @functools.lru_cache(maxsize=64)
 def _salt(seed: int) -> np.uint64:
-    with np.errstate(over="ignore"):
-        return mix64(np.array([seed], dtype=np.uint64) * _GOLDEN + _GOLDEN)[0]
+    return mix64(np.array([seed], dtype=np.uint64) * _GOLDEN + _GOLDEN)[0]
 
 
 @functools.lru_cache(maxsize=16)
-def _draw_counters(k: int, start: int) -> np.ndarray:
-    """[K, 1 + 3 * ATTEMPTS]: an objective's boost counter, then its attempts' from ``start`` on."""
+def _draw_offsets(k: int, start: int) -> np.ndarray:
+    """[K, 1 + 3 * ATTEMPTS] offsets: an objective's boost counter, then its attempts' from ``start`` on
+    (the attempts' first uniforms, then their second, then their third)."""
     own = np.r_[1, start + np.arange(3 * ATTEMPTS)]
-    return (np.arange(k)[:, None] * _STRIDE + own[None, :]).astype(np.uint64)
+    return counter_offsets(np.arange(k)[:, None] * _STRIDE + own[None, :])
 
 
 def request_keys(request_ids: np.ndarray, seed: int) -> np.ndarray:
     """uint64 [B]: the generator's key of each request id (int64 [B]) under ``seed``."""
     return mix64(np.asarray(request_ids, np.int64).view(np.uint64) ^ _salt(seed))
+
+
+def decisions(keys: np.ndarray) -> np.ndarray:
+    """The explore decision's uniform [B] of each request key [B] (the key's own bits: a mix64 output)."""
+    return (keys >> np.uint64(11)) * 2.0 ** -53 + 2.0 ** -54
 
 
 def log_gamma_draws(alpha: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -114,12 +124,12 @@ def log_gamma_draws(alpha: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """
     d = alpha + (1.0 - 1.0 / 3.0)
     c = 1.0 / np.sqrt(9.0 * d)
-    u = uniforms(keys[:, None, None], _draw_counters(alpha.shape[1], 2))               # [B, K, 1 + 3T]
+    u = uniforms(keys[:, None, None], _draw_offsets(alpha.shape[1], 2))                # [B, K, 1 + 3T]
     log_g = _accepted(u[..., 1:], d, c)
     start = 2 + 3 * ATTEMPTS
     while np.isnan(log_g).any():  # rare: continue the missed draws with their next counters
         miss = np.isnan(log_g)
-        more = uniforms(keys[:, None, None], _draw_counters(alpha.shape[1], start))[..., 1:]
+        more = uniforms(keys[:, None, None], _draw_offsets(alpha.shape[1], start))[..., 1:]
         log_g[miss] = _accepted(more, d, c)[miss]
         start += 3 * ATTEMPTS
     return log_g + np.log(u[..., 0]) / alpha
@@ -127,15 +137,16 @@ def log_gamma_draws(alpha: np.ndarray, keys: np.ndarray) -> np.ndarray:
 
 def _accepted(u: np.ndarray, d: np.ndarray, c: np.ndarray) -> np.ndarray:
     """log of the first accepted Marsaglia-Tsang draw [B, K] from uniforms [B, K, 3T] (NaN: none)."""
-    u1, u2, u3 = u[..., 0::3], u[..., 1::3], u[..., 2::3]
-    x = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
-    v = 1.0 + c[..., None] * x
+    t = ATTEMPTS
+    x = np.sqrt(-2.0 * np.log(u[..., :t])) * np.cos(2.0 * np.pi * u[..., t:2 * t])
+    v = c[..., None] * x + 1.0
     v = v * v * v
     log_v = np.log(np.maximum(v, 1e-300))
-    ok = (v > 0) & (np.log(u3) < 0.5 * x * x + d[..., None] * (1.0 - v + log_v))
-    first = ok & (np.cumsum(ok, axis=-1) == 1)                 # the first accepted attempt only
-    hit = first.any(axis=-1)
-    return np.where(hit, np.log(d) + (log_v * first).sum(-1), np.nan)
+    ok = (v > 0) & (np.log(u[..., 2 * t:]) < x * x * 0.5 + d[..., None] * (1.0 - v + log_v))
+    first = ok.argmax(axis=-1).ravel()                         # the first accepted attempt (0 if none)
+    rows = np.arange(first.size)
+    hit = ok.reshape(-1, t)[rows, first].reshape(d.shape)
+    return np.where(hit, np.log(d) + log_v.reshape(-1, t)[rows, first].reshape(d.shape), np.nan)
 
 
 def explore(mu: np.ndarray, kappa: np.ndarray, alpha_floor: float, request_ids: np.ndarray | None,
@@ -152,14 +163,14 @@ def explore(mu: np.ndarray, kappa: np.ndarray, alpha_floor: float, request_ids: 
     if cfg.share <= 0 or request_ids is None or not len(mean):
         return Served(mean, log_p, np.zeros(len(mean), dtype=bool), model_version)
     keys = request_keys(request_ids, cfg.seed)
-    explored = uniforms(keys, np.zeros(1, np.uint64)) < cfg.share
+    explored = decisions(keys) < cfg.share
     if not explored.any():
         return Served(mean, log_p, explored, model_version)
     alpha = served_alpha(mean[explored].astype(np.float64), kappa[explored], alpha_floor, cfg.kappa_cap)
     log_g = log_gamma_draws(alpha, keys[explored])
     w = np.exp(log_g - log_g.max(axis=1, keepdims=True))
     w = np.maximum(w / w.sum(axis=1, keepdims=True), MIN_WEIGHT)
-    w32 = (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+    w32 = (w / w.sum(axis=1, keepdims=True)).astype(np.float32)    # the logged weights, and their density
     weights = mean.copy()
     weights[explored] = w32
     log_p[explored] = log_density(alpha, w32)
