@@ -753,7 +753,33 @@ def publish_version_with_torchscript(registry, model_uri: str, module) -> str:
     return version
 
 
-@pytest.mark.parametrize("kind", ["nan", "two_columns", "five", "another_policy"])
+def _another_dirichlet(world):
+    """A module whose weights are the version's own but whose Dirichlet is another policy's."""
+    import torch
+
+    from grade.model.policy import ServingPolicy, load_policy
+
+    class Mixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.own = ServingPolicy(load_policy(world["models"][1]))
+            self.other = load_policy(world["models"][2])
+
+        def forward(self, num: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
+            return self.own(num, cat)
+
+        @torch.jit.export
+        def dirichlet(self, num: torch.Tensor, cat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.other(num, cat)
+
+        @torch.jit.export
+        def alpha_floor(self) -> float:
+            return 0.2
+
+    return torch.jit.script(Mixed().eval())
+
+
+@pytest.mark.parametrize("kind", ["nan", "two_columns", "five", "another_policy", "another_dirichlet"])
 def test_a_version_that_answers_the_probe_batch_wrongly_is_rejected_once_and_the_previous_keeps_serving(
         world, tmp_path, kind, monkeypatch):
     import torch
@@ -765,7 +791,8 @@ def test_a_version_that_answers_the_probe_batch_wrongly_is_rejected_once_and_the
     holder = serving.PolicyHolder(registry.root, MODEL)
     assert holder.refresh() and holder.current.version == first
     module = (torch.jit.script(ServingPolicy(load_policy(world["models"][2])).eval())
-              if kind == "another_policy" else _Answers.script(kind, world))
+              if kind == "another_policy" else _another_dirichlet(world) if kind == "another_dirichlet"
+              else _Answers.script(kind, world))
     bad = publish_version_with_torchscript(registry, world["models"][1], module)
     registry.set_production(bad, "test", expected_etag=registry.production()[1])
     loads = []
@@ -775,7 +802,8 @@ def test_a_version_that_answers_the_probe_batch_wrongly_is_rejected_once_and_the
     assert holder.current.version == first and len(loads) == 1
     [rejected] = holder.rejections()
     expected = {"nan": "not finite", "two_columns": "shape [8, 2]", "five": "off the simplex",
-                "another_policy": "away from the evaluated policy"}[kind]
+                "another_policy": "away from the evaluated policy",
+                "another_dirichlet": "a Dirichlet"}[kind]
     assert rejected["version"] == bad and expected in rejected["reason"], rejected
     # the server's metadata names it, with its reason
     model = server_lib.make_model(holder, MODEL)

@@ -165,6 +165,11 @@ def check_answers(fn: Any, folder: Path, k: int) -> None:
     elif not torch.allclose(w, expected, atol=PROBE_ATOL, rtol=0):
         problem = (f"weights {(w - expected).abs().max().item():.2g} away from the evaluated "
                    f"policy's (at most {PROBE_ATOL:g})")
+    elif hasattr(fn, "dirichlet"):  # what exploration draws from must be the same policy
+        mu, kappa = fn.dirichlet(num, cat)
+        if not (torch.equal(mu, out if not isinstance(out, tuple) else out[0])
+                and torch.isfinite(kappa).all() and (kappa > 0).all()):
+            problem = "a Dirichlet (dirichlet()) whose mean is not its weights or whose kappa is not > 0"
     if problem:
         raise IntegrityError(f"the TorchScript policy answers the probe batch with {problem}")
 
@@ -179,8 +184,10 @@ def warm_up(fn: Any, n_numeric: int, n_categorical: int) -> None:
     of a few batch sizes. Its profiling executor records and optimises the graph during the first
     calls of each module (50-200 ms on 2 cores); done here, before the swap, the requests that follow a
     promotion do not wait for it (with the GIL held, nor does every other request in flight)."""
-    for batch in WARM_UP_BATCHES:
-        fn(torch.zeros(batch, n_numeric), torch.zeros(batch, n_categorical, dtype=torch.int64))
+    methods = [fn, fn.dirichlet] if hasattr(fn, "dirichlet") else [fn]  # each method is optimised on its own
+    for method in methods:
+        for batch in WARM_UP_BATCHES:
+            method(torch.zeros(batch, n_numeric), torch.zeros(batch, n_categorical, dtype=torch.int64))
 
 
 class PolicyHolder:
