@@ -522,9 +522,9 @@ def test_the_gate_answers_concurrent_calls_together_as_it_answers_them_one_by_on
     group_sizes = []
     predict_many = serving.predict_many
 
-    def counted(policy, requests, strict=True):
+    def counted(policy, requests, *args):
         group_sizes.append(len(requests))
-        return predict_many(policy, requests, strict)
+        return predict_many(policy, requests, *args)
 
     monkeypatch.setattr(serving, "predict_many", counted)
     gate = server_lib.RequestGate(None, model=model, batch_rows=64)
@@ -973,7 +973,7 @@ def test_exploring_serves_seeded_draws_with_their_log_density_and_scoring_draws_
     again = serving.predict(policy, {k: v[::-1] for k, v in inputs.items()}, exploring=cfg)  # reversed batch
     np.testing.assert_array_equal(again["weights"][::-1], on["weights"])
     explored = np.isfinite(on["log_propensity"])
-    assert 0 < explored.sum() < len(explored) and on["model_version"] == world["first"]
+    assert 0 < explored.sum() < len(explored) and on["model_version"] == policy.version
     np.testing.assert_array_equal(on["weights"][~explored], off["weights"][~explored])
     assert not np.allclose(on["weights"][explored], off["weights"][explored], atol=1e-3)
     num, cat = serving.model_inputs({k: v for k, v in inputs.items() if k in policy.transform.numeric
@@ -998,7 +998,7 @@ def test_exploring_serves_seeded_draws_with_their_log_density_and_scoring_draws_
     outputs = {o["name"]: o for o in json.loads(answer)["outputs"]}
     assert status == 200 and [v is None for v in outputs["log_propensity"]["data"]] == list(~explored)
     # batch scoring draws the same weights for the same request ids
-    score_requests(world["registry"].version_uri(world["first"]), world["logs"], str(tmp_path / "s"),
+    score_requests(world["registry"].version_uri(policy.version), world["logs"], str(tmp_path / "s"),
                    exploring=cfg)
     scored = ds.dataset(str(tmp_path / "s"), format="parquet").to_table().to_pandas()
     scored = scored.drop_duplicates("request_id").set_index("request_id")
@@ -1006,4 +1006,4 @@ def test_exploring_serves_seeded_draws_with_their_log_density_and_scoring_draws_
     np.testing.assert_allclose(w, on["weights"], atol=1e-6)
     logged = scored.loc[columns["request_id"], "served_log_propensity"].to_numpy()
     np.testing.assert_allclose(logged[explored], on["log_propensity"][explored], rtol=1e-5)
-    assert np.isnan(logged[~explored]).all() and (scored["model_version"] == world["first"]).all()
+    assert np.isnan(logged[~explored]).all() and (scored["model_version"] == policy.version).all()
