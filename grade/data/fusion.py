@@ -82,7 +82,8 @@ def cascade_examination(attraction: torch.Tensor, continue_click: float, continu
     """
     step = attraction * continue_click + (1.0 - attraction) * continue_skip
     above = torch.cumprod(torch.cat([torch.ones_like(step[..., :1]), step[..., :-1]], dim=-1), dim=-1)
-    return above * page_mask(attraction.shape[-1], page_size, device=attraction.device, dtype=attraction.dtype)
+    page = page_mask(attraction.shape[-1], page_size, device=attraction.device, dtype=attraction.dtype)
+    return above * page
 
 
 def page_mask(e: int, page_size: int | None, device: torch.device | None = None,

@@ -94,12 +94,17 @@ class Report:
     diagnostics: dict[str, Any] = dataclasses.field(default_factory=dict)
     """{"checks": [...]}: the logs checked against what the estimated flavour assumes
     (grade.evaluate.diagnostics)"""
+    weight_level: dict[str, Any] | None = None
+    """the weight-level estimator's values and lifts (grade.value.weight_ips; key absent unless the
+    held-out logs carry served weights and propensities)"""
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name not in ("lift_vs_incumbent", "unavailable")}
+               if f.name not in ("lift_vs_incumbent", "unavailable", "weight_level")}
         if self.lift_vs_incumbent is not None:
             out["lift_vs_incumbent"] = self.lift_vs_incumbent
+        if self.weight_level is not None:
+            out["weight_level"] = self.weight_level
         out.update({f"{name}_unavailable": why for name, why in self.unavailable.items()})
         return out
 
