@@ -50,7 +50,7 @@ import dataclasses
 import datetime as dt
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ from grade.core import config, store
 from grade.core.config import SEED_RANGE, ranged
 from grade.core.errors import ConfigError
 from grade.core.progress import Progress
-from grade.data.fusion import examination, fuse, gather_items, simplex_grid, top_e
+from grade.data.fusion import CLICK_MODELS, ClickModel, examination, fuse, gather_items, simplex_grid, top_e
 
 log = logging.getLogger("grade.data.simulator")
 
@@ -103,11 +103,11 @@ class SimulatorConfig:
     """candidates per request (L)"""
     objectives: list[str] = dataclasses.field(default_factory=lambda: ["ctr", "cvr", "gmv"])
     """MTL predictions written as pred_<objective>; from ctr, cvr, gmv, rel"""
-    n_items: int = ranged(20000, "[1, 1e8]")
+    n_items: int = ranged(20000, "[1, 1e8]", retired=True)
     """catalogue size"""
-    n_categories: int = ranged(20, "[2, 100000]")
+    n_categories: int = ranged(20, "[2, 100000]", retired=True)
     """number of item categories"""
-    price_sigma: float = ranged(0.35, ">= 0")
+    price_sigma: float = ranged(0.35, ">= 0", retired=True)
     """std of an item's log-price around its category's mean"""
     category_price_sigma: float = ranged(0.3, ">= 0", retired=True)
     """std of the categories' mean log-prices"""
@@ -123,9 +123,9 @@ class SimulatorConfig:
     """share of users per segment: browser, buyer, bargain_hunter, premium"""
     feature_noise: float = ranged(0.7, ">= 0")
     """std of the noise on the numeric user features (higher = segments harder to identify)"""
-    mtl_noise_ctr: float = ranged(0.25, ">= 0")
+    mtl_noise_ctr: float = ranged(0.25, ">= 0", retired=True)
     """std of the MTL pCTR logit noise"""
-    mtl_noise_cvr: float = ranged(0.3, ">= 0")
+    mtl_noise_cvr: float = ranged(0.3, ">= 0", retired=True)
     """std of the MTL pCVR logit noise"""
     mtl_price_awareness: float = ranged(0.1, "[0, 1]")
     """share of each segment's deviation from the average price sensitivity the MTL model captures"""
@@ -136,8 +136,24 @@ class SimulatorConfig:
     logging_concentration: float = ranged(30.0, "> 0")
     """Dirichlet concentration of the logging policy's per-request weight noise"""
     position_bias: float = ranged(1.0, "[0, 10]")
-    """eta of the simulated world's examination theta_j = 1 / (1 + j)^eta (how its clicks are generated;
-    what the metrics and estimators assume is shared.eta)"""
+    """eta of the simulated world's examination theta_j = 1 / (1 + j)^eta under click_model pbm (how its
+    clicks are generated; what the estimators assume is shared.eta; the truth is always the world's)"""
+    click_model: str = "pbm"
+    """how users examine a list: pbm (position-based: position j examined with theta_j, whatever is above)
+    or cascade (DBN-style: the user scans from the top, continuing after each slot with
+    cascade_continue_click if she clicked it, cascade_continue_skip if not)"""
+    cascade_continue_click: float = ranged(0.5, "[0, 1]")
+    """cascade: probability of going on after a click; half the users who clicked are satisfied and stop,
+    the order of magnitude DBN fits on search logs report for satisfaction after a click"""
+    cascade_continue_skip: float = ranged(0.9, "[0, 1]")
+    """cascade: probability of going on after a skip; 0.9 makes a list nobody clicks examined 0.9^j deep
+    (0.39 at position 10, 0.12 at 20): a patient but finite scan, as DBN fits of web search find"""
+    page_size: int = ranged(0, "[0, 10000]")
+    """positions at or past it are never examined, under either click model (0 = no page end)"""
+    logging: str = "static"
+    """who ranks the logged lists: static (the production fusion with Dirichlet noise on its weights) or a
+    model folder or registry version URI (the market served by that model: its mean weights, logged as
+    served_w_<objective>, served_log_propensity and model_version)"""
     exposure_depth: int = ranged(10, "[1, 1000]", derived="shared.exposure_depth")
     """E: positions that count as exposed in the headroom report and the oracle"""
     chunk_requests: int = ranged(10000, "[1, 1e7]", retired=True)
@@ -161,6 +177,17 @@ class SimulatorConfig:
             dt.date.fromisoformat(self.start_date)
         except ValueError:
             raise ConfigError(f"simulator.start_date: expected YYYY-MM-DD, got {self.start_date!r}") from None
+        if self.click_model not in CLICK_MODELS:
+            raise ConfigError(f"simulator.click_model: expected one of {list(CLICK_MODELS)}, "
+                              f"got {self.click_model!r}")
+        if not self.logging:
+            raise ConfigError("simulator.logging: expected static or a model folder / registry version URI, "
+                              "got ''")
+
+    def world(self) -> ClickModel:
+        """The simulated world's click model: its clicks are drawn from it, its truth computed under it."""
+        return ClickModel(self.click_model, self.position_bias, self.cascade_continue_click,
+                          self.cascade_continue_skip, self.page_size or None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,8 +244,10 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 # Requests
 # ------------------------------------------------------------------------------------------------
 
-def _chunk(cfg: SimulatorConfig, world: World, index: int, start: int, n: int) -> pa.Table:
-    """Requests [start, start + n) as a long-format table (rows of a request contiguous)."""
+def _chunk(cfg: SimulatorConfig, world: World, index: int, start: int, n: int,
+           ranker: Ranker | None = None) -> pa.Table:
+    """Requests [start, start + n) as a long-format table (rows of a request contiguous), ranked by the
+    static logging policy or by ``ranker``."""
     rng = np.random.default_rng([cfg.seed, 1, index])
     L = cfg.list_size
     per_cat = world.category_items.shape[1]
@@ -266,20 +295,12 @@ def _chunk(cfg: SimulatorConfig, world: World, index: int, start: int, n: int) -
     pred_rel = _sigmoid(1.5 * in_query[None, :] - 0.75 + rng.normal(0, 0.5, (n, L)))
     preds = {"ctr": pred_ctr, "cvr": pred_cvr, "gmv": pred_gmv, "rel": pred_rel}
 
-    # logging policy: product of predictions with per-request Dirichlet noise on the weights
+    # logging policy: product of predictions with per-request Dirichlet noise on the weights. Every random
+    # draw happens before the ranking, in a fixed order, so a served market sees the same users, lists
+    # and uniforms as the static one
     k = len(cfg.objectives)
     logged_w = rng.dirichlet(np.full(k, cfg.logging_concentration / k), n)
-    logp = np.stack([np.log(np.maximum(preds[o], 1e-12)) for o in cfg.objectives], axis=-1)
-    score = np.einsum("nlk,nk->nl", logp, logged_w)
-    order_idx = np.argsort(-score, axis=1, kind="stable")
-    position = np.empty((n, L), dtype=np.int16)
-    np.put_along_axis(position, order_idx, np.broadcast_to(slot.astype(np.int16), (n, L)), axis=1)
-
-    theta = examination(L, cfg.position_bias).double().numpy()[position]
-    click = rng.random((n, L)) < theta * true_ctr
-    order = click & (rng.random((n, L)) < true_cvr)
-    gmv = np.where(order, price, 0.0)
-
+    u_click, u_order = rng.random((n, L)), rng.random((n, L))
     session_depth = world.user_num[user, 2][:, None] * 0.5 + rng.normal(0, 1.0, (n, 1))
     rows = n * L
     rep = lambda x: np.repeat(x, L)  # noqa: E731 - request-level value on every row of the request
@@ -295,14 +316,31 @@ def _chunk(cfg: SimulatorConfig, world: World, index: int, start: int, n: int) -
         "c_region": pa.array(rep(world.user_region[user]).astype(np.int32)),
         "c_query_category": pa.array(rep(query_cat).astype(np.int32)),
         "item_id": pa.array(items.reshape(rows).astype(np.int64)),
-        "position": pa.array(position.reshape(rows)),
     }
-    for o in cfg.objectives:
-        cols[f"pred_{o}"] = pa.array(np.maximum(preds[o], 1e-7).reshape(rows).astype(np.float32))
+    pred_cols = {f"pred_{o}": pa.array(np.maximum(preds[o], 1e-7).reshape(rows).astype(np.float32))
+                 for o in cfg.objectives}
+    if ranker is None:
+        logp = np.stack([np.log(np.maximum(preds[o], 1e-12)) for o in cfg.objectives], axis=-1)
+        served = Served(np.einsum("nlk,nk->nl", logp, logged_w))
+    else:
+        served = ranker(pa.table({**cols, **pred_cols}))
+    order_idx = np.argsort(-served.scores.reshape(n, L), axis=1, kind="stable")
+    position = np.empty((n, L), dtype=np.int16)
+    np.put_along_axis(position, order_idx, np.broadcast_to(slot.astype(np.int16), (n, L)), axis=1)
+
+    click = _clicks(cfg, rng, order_idx, position, true_ctr, u_click)
+    order = click & (u_order < true_cvr)
+    gmv = np.where(order, price, 0.0)
+
+    cols["position"] = pa.array(position.reshape(rows))
+    cols.update(pred_cols)
     cols.update({
         "click": pa.array(click.reshape(rows).astype(np.int8)),
         "order": pa.array(order.reshape(rows).astype(np.int8)),
         "gmv": pa.array(gmv.reshape(rows).astype(np.float32)),
+    })
+    cols.update(served.columns(cfg.objectives, L))
+    cols.update({
         "true_ctr": pa.array(true_ctr.reshape(rows).astype(np.float32)),
         "true_cvr": pa.array(true_cvr.reshape(rows).astype(np.float32)),
         "price": pa.array(price.reshape(rows).astype(np.float32)),
@@ -311,17 +349,75 @@ def _chunk(cfg: SimulatorConfig, world: World, index: int, start: int, n: int) -
     return pa.table(cols)
 
 
-def generate(cfg: SimulatorConfig) -> Iterator[pa.Table]:
-    """The logs as a sequence of tables, one per chunk of ``cfg.chunk_requests`` requests, in time order."""
+def _clicks(cfg: SimulatorConfig, rng: np.random.Generator, order_idx: np.ndarray, position: np.ndarray,
+            true_ctr: np.ndarray, u_click: np.ndarray) -> np.ndarray:
+    """Clicks [n, L] of the ranked lists under the world's click model (``u_click``: a uniform per item)."""
+    n, L = position.shape
+    world = cfg.world()
+    if world.kind == "pbm":
+        theta = examination(L, world.eta).double().numpy()
+        if world.page_size is not None:
+            theta = theta * (np.arange(L) < world.page_size)
+        return u_click < theta[position] * true_ctr
+    # the cascade, sequentially down the ranking (a loop over positions, vectorised over requests)
+    u_continue = rng.random((n, L))
+    click = np.zeros((n, L), dtype=bool)
+    examined = np.ones(n, dtype=bool)
+    rows = np.arange(n)
+    for j in range(min(L, world.page_size or L)):
+        item = order_idx[:, j]
+        clicked = examined & (u_click[rows, item] < true_ctr[rows, item])
+        click[rows, item] = clicked
+        go_on = np.where(clicked, world.continue_click, world.continue_skip)
+        examined &= u_continue[:, j] < go_on
+    return click
+
+
+@dataclasses.dataclass
+class Served:
+    """What ranked a chunk's lists: per-row scores (higher first) and, for a served model, what it logs."""
+
+    scores: np.ndarray
+    """[n, L] or [n * L] scores in the rows' order"""
+    weights: np.ndarray | None = None
+    """[n, K] the served weights per signal (simulator.objectives order), or None (the static policy)"""
+    log_propensity: np.ndarray | None = None
+    """[n] log-density of the served weights under the serving policy; None when it ranks by its mean"""
+    model_version: str | None = None
+    """version of the serving model"""
+
+    def columns(self, objectives: list[str], list_size: int) -> dict[str, pa.Array]:
+        """The optional log columns of a served market: served_w_<objective>, served_log_propensity,
+        model_version (nothing for the static policy)."""
+        if self.weights is None:
+            return {}
+        out = {f"served_w_{o}": pa.array(np.repeat(self.weights[:, k], list_size).astype(np.float32))
+               for k, o in enumerate(objectives)}
+        rows = self.weights.shape[0] * list_size
+        out["served_log_propensity"] = (
+            pa.nulls(rows, pa.float32()) if self.log_propensity is None
+            else pa.array(np.repeat(self.log_propensity, list_size).astype(np.float32)))
+        out["model_version"] = pa.array([self.model_version or ""] * rows, type=pa.string())
+        return out
+
+
+#: ranks a chunk: the chunk's requests in log format (features, item_id, pred_* columns; the rows of a
+#: request contiguous, list_size rows each) -> :class:`Served`
+Ranker = Callable[[pa.Table], Served]
+
+
+def generate(cfg: SimulatorConfig, ranker: Ranker | None = None) -> Iterator[pa.Table]:
+    """The logs as a sequence of tables, one per chunk of ``cfg.chunk_requests`` requests, in time order,
+    ranked by the static logging policy or by ``ranker`` (the served market)."""
     config.check(cfg)
     world = make_world(cfg)
     for index, start in enumerate(range(0, cfg.n_requests, cfg.chunk_requests)):
-        yield _chunk(cfg, world, index, start, min(cfg.chunk_requests, cfg.n_requests - start))
+        yield _chunk(cfg, world, index, start, min(cfg.chunk_requests, cfg.n_requests - start), ranker)
 
 
-def write_logs(cfg: SimulatorConfig, out_uri: str) -> dict[str, Any]:
+def write_logs(cfg: SimulatorConfig, out_uri: str, ranker: Ranker | None = None) -> dict[str, Any]:
     """Generate the logs and publish them atomically as ``day=YYYY-MM-DD/part-NNNNN.parquet`` under
-    ``out_uri``."""
+    ``out_uri`` (``ranker``: the served market's, for ``cfg.logging`` other than static)."""
     t0 = time.monotonic()
     rows = 0
     files = 0
@@ -330,7 +426,7 @@ def write_logs(cfg: SimulatorConfig, out_uri: str) -> dict[str, Any]:
                         every_s=0.0, logger=log)
     with store.publishing(out_uri, extra={"producer": "grade.data.simulator",
                                           "config": dataclasses.asdict(cfg)}) as staging:
-        for index, table in enumerate(generate(cfg)):
+        for index, table in enumerate(generate(cfg, ranker)):
             day = pc.strftime(table["event_time"], format="%Y-%m-%d").to_numpy(zero_copy_only=False)
             bounds = np.flatnonzero(np.r_[True, day[1:] != day[:-1], True])
             for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
@@ -347,6 +443,22 @@ def write_logs(cfg: SimulatorConfig, out_uri: str) -> dict[str, Any]:
     log.info("simulate: wrote %d rows of %d requests in %d files to %s (%.1f s)", rows, cfg.n_requests, files,
              out_uri, elapsed)
     return summary
+
+
+def logged_world(logs_uri: str | list[str]) -> dict[str, Any]:
+    """{"click_model": the world's click model as JSON} of simulated logs, read from their manifest (the
+    simulator's config); {} for logs this simulator did not write (no manifest, or another producer)."""
+    if not isinstance(logs_uri, str):
+        return {}
+    try:
+        manifest = store.read_manifest(logs_uri)
+    except store.NotPublished:
+        return {}
+    if manifest.get("producer") != "grade.data.simulator" or not isinstance(manifest.get("config"), dict):
+        return {}
+    known = {f.name for f in dataclasses.fields(SimulatorConfig)}
+    cfg = SimulatorConfig(**{k: v for k, v in manifest["config"].items() if k in known})
+    return {"click_model": cfg.world().to_json()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -397,12 +509,15 @@ def _priced(outcomes: dict[str, torch.Tensor], value) -> torch.Tensor:
 
 def candidate_outcomes(signals: torch.Tensor, true_ctr: torch.Tensor, true_cvr: torch.Tensor,
                        price: torch.Tensor, mask: torch.Tensor | None, candidates: torch.Tensor, *,
-                       depth: int = 10, eta: float = 1.0, chunk: int = 256) -> dict[str, torch.Tensor]:
+                       depth: int = 10, eta: ClickModel | float = 1.0,
+                       chunk: int = 256) -> dict[str, torch.Tensor]:
     """Expected clicks, orders and GMV per request for every candidate weight vector: each [N, C].
 
-    signals [N, L, K]; true_* and price [N, L]; candidates [C, K]. Ranks with every candidate at once
-    (chunks of requests bound the [chunk, C, L] score tensor).
+    signals [N, L, K]; true_* and price [N, L]; candidates [C, K]; ``eta`` the world's click model (an
+    eta = position-based). Ranks with every candidate at once (chunks of requests bound the
+    [chunk, C, L] score tensor).
     """
+    world = ClickModel.of(eta)
     n = signals.shape[0]
     out = {"clicks": [], "orders": [], "gmv": []}
     for s in range(0, n, chunk):
@@ -411,11 +526,10 @@ def candidate_outcomes(signals: torch.Tensor, true_ctr: torch.Tensor, true_cvr: 
         m = None if mask is None else mask[sl]
         w = candidates.unsqueeze(0).expand(z.shape[0], -1, -1)
         idx = top_e(fuse(z, w, m), depth)                                      # [b, C, E]
-        theta = examination(idx.shape[-1], eta)
         ctr = true_ctr[sl].float()
-        if m is not None:
-            ctr = ctr.masked_fill(~m, 0.0)
-        clicks = gather_items(ctr, idx) * theta
+        shown = torch.ones(idx.shape) if m is None else gather_items(m.float(), idx)
+        attraction = gather_items(ctr, idx)
+        clicks = attraction * world.examine(attraction, shown)
         orders = clicks * gather_items(true_cvr[sl].float(), idx)
         out["clicks"].append(clicks.sum(-1))
         out["orders"].append(orders.sum(-1))
@@ -424,7 +538,7 @@ def candidate_outcomes(signals: torch.Tensor, true_ctr: torch.Tensor, true_cvr: 
 
 
 def oracle_weights(signals: torch.Tensor, true_ctr: torch.Tensor, true_cvr: torch.Tensor, price: torch.Tensor,
-                   mask: torch.Tensor | None = None, *, depth: int = 10, eta: float = 1.0,
+                   mask: torch.Tensor | None = None, *, depth: int = 10, eta: ClickModel | float = 1.0,
                    value=(0.0, 1.0, 0.0), n_candidates: int = 512, seed: int = 0,
                    chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Per request, the candidate weights maximising the true business value, and that value.
@@ -432,7 +546,8 @@ def oracle_weights(signals: torch.Tensor, true_ctr: torch.Tensor, true_cvr: torc
     signals [N, L, K] (log-predictions or standardised z: any per-objective score whose weighted sum
     ranks); true_ctr, true_cvr, price [N, L]; mask bool [N, L]. value = (v_click, v_order, v_gmv) or
     one of "clicks", "orders", "gmv": value of a ranking = sum_j theta_j ctr (v_click + cvr (v_order +
-    v_gmv price)) over the top ``depth``. Returns weights [N, K] and value [N].
+    v_gmv price)) over the top ``depth``, theta the examination under the click model ``eta`` (an eta =
+    position-based). Returns weights [N, K] and value [N].
     """
     cand = simplex_candidates(signals.shape[-1], n_candidates, seed)
     o = candidate_outcomes(signals, true_ctr, true_cvr, price, mask, cand, depth=depth, eta=eta, chunk=chunk)
@@ -449,14 +564,14 @@ def _metrics(clicks: torch.Tensor, orders: torch.Tensor, gmv: torch.Tensor,
 
 
 def headroom_report(table: pa.Table, objectives: list[str], *, list_size: int, depth: int = 10,
-                    eta: float = 1.0, value="orders", n_candidates: int = 512,
+                    eta: ClickModel | float = 1.0, value="orders", n_candidates: int = 512,
                     seed: int = 0) -> dict[str, Any]:
     """True CTR/CVR/OPM/GPM of static, the best global vector, per-segment best vectors and the oracle.
 
     ``table``: simulated logs (rows of a request contiguous, ``list_size`` rows per request). Signals are
     the log-predictions (static = uniform weights = rank by the product of predictions). The best
     global and per-segment vectors are searched on the same requests (an upper bound of what a global or
-    a segment-aware policy could reach).
+    a segment-aware policy could reach). ``eta``: the world's click model (an eta = position-based).
     """
     n = table.num_rows // list_size
 
@@ -472,7 +587,7 @@ def headroom_report(table: pa.Table, objectives: list[str], *, list_size: int, d
     cand = torch.cat([static, cand])
     o = candidate_outcomes(signals, ctr, cvr, price, None, cand, depth=depth, eta=eta)
     val = _priced(o, value)
-    impressions = float(examination(min(depth, list_size), eta).sum()) * n
+    impressions = float(ClickModel.of(eta).impressions(torch.ones(min(depth, list_size)))) * n
     rows = torch.arange(n)
 
     def pick(choice: torch.Tensor) -> dict[str, float]:
