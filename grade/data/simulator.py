@@ -50,7 +50,7 @@ import dataclasses
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,8 @@ from grade.core import config, store
 from grade.core.config import SEED_RANGE, ranged
 from grade.core.errors import ConfigError
 from grade.core.progress import Progress
-from grade.data.fusion import CLICK_MODELS, ClickModel, examination, fuse, gather_items, simplex_grid, top_e
+from grade.data.fusion import CLICK_MODELS, ClickModel, fuse, gather_items, simplex_grid, top_e
+from grade.data.served import Ranker, Served, sample_clicks
 
 log = logging.getLogger("grade.data.simulator")
 
@@ -328,7 +329,7 @@ def _chunk(cfg: SimulatorConfig, world: World, index: int, start: int, n: int,
     position = np.empty((n, L), dtype=np.int16)
     np.put_along_axis(position, order_idx, np.broadcast_to(slot.astype(np.int16), (n, L)), axis=1)
 
-    click = _clicks(cfg, rng, order_idx, position, true_ctr, u_click)
+    click = sample_clicks(cfg.world(), rng, order_idx, position, true_ctr, u_click)
     order = click & (u_order < true_cvr)
     gmv = np.where(order, price, 0.0)
 
@@ -347,63 +348,6 @@ def _chunk(cfg: SimulatorConfig, world: World, index: int, start: int, n: int,
         "true_segment": pa.array(rep(seg).astype(np.int8)),
     })
     return pa.table(cols)
-
-
-def _clicks(cfg: SimulatorConfig, rng: np.random.Generator, order_idx: np.ndarray, position: np.ndarray,
-            true_ctr: np.ndarray, u_click: np.ndarray) -> np.ndarray:
-    """Clicks [n, L] of the ranked lists under the world's click model (``u_click``: a uniform per item)."""
-    n, L = position.shape
-    world = cfg.world()
-    if world.kind == "pbm":
-        theta = examination(L, world.eta).double().numpy()
-        if world.page_size is not None:
-            theta = theta * (np.arange(L) < world.page_size)
-        return u_click < theta[position] * true_ctr
-    # the cascade, sequentially down the ranking (a loop over positions, vectorised over requests)
-    u_continue = rng.random((n, L))
-    click = np.zeros((n, L), dtype=bool)
-    examined = np.ones(n, dtype=bool)
-    rows = np.arange(n)
-    for j in range(min(L, world.page_size or L)):
-        item = order_idx[:, j]
-        clicked = examined & (u_click[rows, item] < true_ctr[rows, item])
-        click[rows, item] = clicked
-        go_on = np.where(clicked, world.continue_click, world.continue_skip)
-        examined &= u_continue[:, j] < go_on
-    return click
-
-
-@dataclasses.dataclass
-class Served:
-    """What ranked a chunk's lists: per-row scores (higher first) and, for a served model, what it logs."""
-
-    scores: np.ndarray
-    """[n, L] or [n * L] scores in the rows' order"""
-    weights: np.ndarray | None = None
-    """[n, K] the served weights per signal (simulator.objectives order), or None (the static policy)"""
-    log_propensity: np.ndarray | None = None
-    """[n] log-density of the served weights under the serving policy; None when it ranks by its mean"""
-    model_version: str | None = None
-    """version of the serving model"""
-
-    def columns(self, objectives: list[str], list_size: int) -> dict[str, pa.Array]:
-        """The optional log columns of a served market: served_w_<objective>, served_log_propensity,
-        model_version (nothing for the static policy)."""
-        if self.weights is None:
-            return {}
-        out = {f"served_w_{o}": pa.array(np.repeat(self.weights[:, k], list_size).astype(np.float32))
-               for k, o in enumerate(objectives)}
-        rows = self.weights.shape[0] * list_size
-        out["served_log_propensity"] = (
-            pa.nulls(rows, pa.float32()) if self.log_propensity is None
-            else pa.array(np.repeat(self.log_propensity, list_size).astype(np.float32)))
-        out["model_version"] = pa.array([self.model_version or ""] * rows, type=pa.string())
-        return out
-
-
-#: ranks a chunk: the chunk's requests in log format (features, item_id, pred_* columns; the rows of a
-#: request contiguous, list_size rows each) -> :class:`Served`
-Ranker = Callable[[pa.Table], Served]
 
 
 def generate(cfg: SimulatorConfig, ranker: Ranker | None = None) -> Iterator[pa.Table]:
