@@ -33,8 +33,10 @@ Generative model (documented for users in docs/simulator.md):
   and why rewards built only from predictions can be hacked (they over-rate expensive items).
   ``pred_gmv`` is the predicted order value (the price with a little noise).
 * **Logging policy**: production fusion (uniform weights on log-predictions = rank by the product
-  of predictions) with per-request Dirichlet noise on the weights. Users examine position j with
-  probability ``theta_j = 1 / (1 + j)^eta``; click ~ Bernoulli(theta_j * true_ctr); order ~
+  of predictions) with per-request Dirichlet noise on the weights, or a served model's ranking (a
+  :data:`grade.data.served.Ranker`). Users examine the list under the world's click model
+  (:meth:`SimulatorConfig.world`: position-based ``theta_j = 1 / (1 + j)^eta`` or a DBN-style cascade,
+  with an optional page end); click ~ Bernoulli(true_ctr) on an examined item; order ~
   Bernoulli(true_cvr) after a click; ``gmv`` = price on an order.
 
 Ground truth (``true_ctr``, ``true_cvr``, ``price``, ``true_segment``) is written next to the logs for
