@@ -151,8 +151,8 @@ class SimulatorConfig:
     cascade_continue_skip: float = ranged(0.9, "[0, 1]")
     """cascade: probability of going on after a skip; 0.9 makes a list nobody clicks examined 0.9^j deep
     (0.39 at position 10, 0.12 at 20): a patient but finite scan, as DBN fits of web search find"""
-    page_size: int = ranged(0, "[0, 10000]")
-    """positions at or past it are never examined, under either click model (0 = no page end)"""
+    page_size: int | None = ranged(0, "[0, 10000]")
+    """positions at or past it are never examined, under either click model (0 or null = no page end)"""
     logging: str = "static"
     """who ranks the logged lists: static (the production fusion with Dirichlet noise on its weights) or a
     model folder or registry version URI (the market served by that model: its mean weights, logged as
