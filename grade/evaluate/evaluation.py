@@ -48,7 +48,9 @@ class EvaluateConfig:
     exposure_depth: int = ranged(10, "[1, 1000]", derived="shared.exposure_depth")
     """E: items exposed per request (top-E of each ranking)"""
     position_bias: float = ranged(1.0, "[0, 10]", derived="shared.eta")
-    """eta of the examination probability theta_j = 1/(1+j)^eta"""
+    """eta of the examination probability theta_j = 1/(1+j)^eta the estimators assume; the truth is computed
+    under the world's click model, which the features record from simulated logs (this eta only for
+    features without it)"""
     bootstrap_samples: int = ranged(1000, "[0, 1e6]")
     """paired bootstrap resamples of requests for the lift CIs"""
     confidence: float = ranged(0.95, "(0, 1)")
