@@ -214,7 +214,7 @@ def test_report_json_html_and_summary_carry_the_checks(evaluated_truncated):
 
     report, page = evaluated_truncated
     checks = report["diagnostics"]["checks"]
-    assert set(report["diagnostics"]) == {"checks"}
+    assert set(report["diagnostics"]) == {"checks", "click_model"}  # the value model was fitted with valid
     assert all(set(c) == set(d.CHECK_KEYS) and c["status"] in d.STATUSES for c in checks)
     names = [c["name"] for c in checks]
     assert names[:4] == ["position_variation", "theta_degenerate", "logging_randomness", "truncated_lists"]

@@ -262,3 +262,11 @@ def test_the_evaluation_judges_by_cascade_dm_by_name(tmp_path):
     est = reports["cascade_dm"]["policies"]["static"]["estimated"]
     assert est and all(math.isfinite(v) for v in est.values() if isinstance(v, float)), est
     assert est != reports["ips"]["policies"]["static"]["estimated"]
+    # report.json's diagnostics hold the click_model check against the estimator in use, and its detail
+    for name, report in reports.items():
+        checks = [c for c in report["diagnostics"]["checks"] if c["name"] == "click_model"]
+        detail = report["diagnostics"]["click_model"]
+        looks = detail["looks_like"]
+        assert len(checks) == 1 and checks[0]["value"] == detail["log_lr_per_request"], checks
+        want = "warn" if looks == "cascade" and name == "ips" else "pass"
+        assert checks[0]["status"] == want and checks[0]["policy"] is None

@@ -27,7 +27,7 @@ from grade.evaluate.held_out import (
     true_segment_labels,
 )
 from grade.evaluate.policies import PolicyRuns, truth_world
-from grade.value import auction, estimators
+from grade.value import auction, click_model, estimators
 
 if TYPE_CHECKING:
     from grade.evaluate.evaluation import EvaluateConfig
@@ -231,8 +231,18 @@ def build_report(held: HeldOut, runs: PolicyRuns, model_names: list[str], starte
         value_model=held.value_model_info,
         estimator_check=estimator_report(held, policies, lifts["static"], metric),
         business=dataclasses.asdict(held.business),
-        diagnostics=diagnostics.diagnostics_section(diagnostics.run_checks(held, runs, model_names)),
+        diagnostics=diagnostics_of(held, runs, model_names),
         elapsed_s=round(time.monotonic() - started, 2))
+
+
+def diagnostics_of(held: HeldOut, runs: PolicyRuns, model_names: list[str]) -> dict[str, Any]:
+    """report.json's "diagnostics": the checks of the held-out logs, then the value model's ``click_model``
+    check against the estimator in use, with its detail (grade.value.click_model)."""
+    exam = None if held.value_model is None else held.value_model.examination
+    check = None if exam is None else click_model.click_model_check(exam, held.cfg.estimator)
+    detail = None if exam is None else click_model.click_model_detail(exam)
+    return diagnostics.diagnostics_section(diagnostics.run_checks(held, runs, model_names),
+                                           [check] if check else [], detail)
 
 
 def top_segments(seg: torch.Tensor, labels: dict[int, str], cfg: EvaluateConfig) -> list[tuple[int, str]]:
