@@ -472,3 +472,152 @@ def test_window_and_serve_read_their_config(tmp_path, capsys, monkeypatch):
     assert cli.run(serve_cli.main, ["--registry", str(tmp_path), "--config", str(good)]) == 0
     assert seen["name"] == "ranking-b"
     assert cli.run(serve_cli.main, ["--registry", str(tmp_path), "--config", str(bad)]) == 2
+
+
+def _judged(root: str, *, truth: bool = False, diagnostics: dict | None = None, n: int = 3000,
+            **metrics: dict) -> tuple[dict, str]:
+    """A hand-written report judged on ``true`` (truth) or ``estimated``, the candidate's lifts vs static."""
+    a = model_folder(root, "a", 1)
+    flavour = "true" if truth else "estimated"
+    lifts = {"opm": lift(0.2), "ctr": lift(0.02), "cvr": lift(0.02), "gpm": lift(0.02), **metrics}
+    report = {"n_requests": n, "primary_metric": "opm", "primary_flavour": flavour, "has_ground_truth": truth,
+              "policies": {"static": {}, "grade": {}}, "lift_vs_static": {"grade": {flavour: lifts}},
+              "models": {"grade": {"uri": a, "content_hash": store.content_hash(a)}}}
+    if diagnostics is not None:
+        report["diagnostics"] = diagnostics
+    return report, a
+
+
+def _decide(root: str, report: dict, a: str, cfg: PromoteConfig | None = None) -> Blessing:
+    from grade.release.promotion import decide
+
+    return decide(report, a, Registry(store.join(root, "registry")), cfg or PromoteConfig())
+
+
+@pytest.mark.parametrize("truth", [True, False])
+def test_a_guardrail_is_judged_on_its_ci_lower_bound_never_the_point(tmp_path, truth):
+    """Non-inferiority: a point lift above -margin whose CI low is below it is refused, in either flavour."""
+    cfg = PromoteConfig(guardrails={"gpm": -0.01}, estimated_guardrails={"gpm": -0.05})
+    margin = 0.01 if truth else 0.05
+    ok = {"lift": 0.0, "ci_low": -margin + 0.001, "ci_high": 0.05}
+    report, a = _judged(str(tmp_path), truth=truth, gpm=ok)
+    b = _decide(str(tmp_path), report, a, cfg)
+    assert b.blessed, b.reasons
+    flavour = "true" if truth else "estimated"
+    assert b.thresholds.guardrails == {"gpm": -margin}
+    assert [(c.name, c.threshold) for c in b.checks][-1] == (
+        f"{flavour}/gpm lift CI low", f">= {-margin} (non-inferiority margin {margin:g})")
+    low = {"lift": 0.0, "ci_low": -margin - 0.001, "ci_high": 0.05}  # point 0 > -margin, CI low below
+    report, a = _judged(str(tmp_path), truth=truth, gpm=low)
+    b = _decide(str(tmp_path), report, a, cfg)
+    assert not b.blessed
+    expected = f"guardrail {flavour}/gpm: lift CI low {-margin - 0.001:+.4f}"
+    assert any(r.startswith(expected) for r in b.reasons), b.reasons
+
+
+def test_the_truth_gate_keeps_its_margins_and_the_estimated_one_its_own(tmp_path):
+    """The estimated margins never loosen the true-flavour gate: a true CTR CI low of -0.02 is refused
+    by the default margins (0.005) although the estimated default margin would pass it."""
+    cfg = PromoteConfig()
+    assert -0.02 >= cfg.estimated_guardrails["ctr"] and -0.02 < cfg.guardrails["ctr"]
+    report, a = _judged(str(tmp_path), truth=True, ctr={"lift": 0.01, "ci_low": -0.02, "ci_high": 0.04})
+    assert not _decide(str(tmp_path), report, a, cfg).blessed
+    report, a = _judged(str(tmp_path), truth=False, ctr={"lift": 0.01, "ci_low": -0.02, "ci_high": 0.04})
+    assert _decide(str(tmp_path), report, a, cfg).blessed
+
+
+def _diagnostic(status: str, name: str = "position_variation", policy: str | None = None) -> dict:
+    return {"name": name, "status": status, "value": 0.01, "threshold": ">= 0.05", "policy": policy,
+            "sentence": f"{name} is {status}: the logs have no position variation; randomise the logging"}
+
+
+def test_a_failed_diagnostic_refuses_a_judgement_without_truth_and_names_its_sentence(tmp_path):
+    root = str(tmp_path)
+    diag = {"checks": [_diagnostic("pass", "logging_randomness"), _diagnostic("fail")]}
+    report, a = _judged(root, diagnostics=diag)
+    b = _decide(root, report, a)
+    assert not b.blessed and b.verdict == "not blessed"
+    assert "cannot judge: position_variation is fail: the logs have no position variation; randomise the " \
+           "logging" in b.reasons
+    failing = [c for c in b.checks if not c.passed]
+    assert [(c.name, c.value, c.threshold) for c in failing] == [
+        ("diagnostic position_variation", 0.01, ">= 0.05 (fail)")]
+    assert not any("logging_randomness" in c.name for c in b.checks)  # passes are not listed
+    # the same report with ground truth judges on the truth: the diagnostic does not block
+    report, a = _judged(root, truth=True, diagnostics=diag)
+    assert _decide(root, report, a).blessed
+
+
+def test_a_warning_is_shown_but_never_blocks_and_other_policies_failures_do_not_either(tmp_path):
+    root = str(tmp_path)
+    diag = {"checks": [_diagnostic("warn"), _diagnostic("fail", "support", policy="oracle")],
+            "click_model": {"pbm": -1.0, "cascade": -1.2}}
+    report, a = _judged(root, diagnostics=diag)
+    b = _decide(root, report, a)
+    assert b.blessed, b.reasons
+    assert [(c.name, c.passed) for c in b.checks[:2]] == [("diagnostic position_variation", True),
+                                                          ("diagnostic support (oracle)", True)]
+    # about the candidate itself: refused
+    report, a = _judged(root, diagnostics={"checks": [_diagnostic("fail", "support", policy="grade")]})
+    b = _decide(root, report, a)
+    assert not b.blessed and any(r.startswith("cannot judge: support is fail") for r in b.reasons)
+    # a report written before diagnostics existed has none
+    report, a = _judged(root)
+    assert _decide(root, report, a).blessed
+
+
+@pytest.mark.parametrize("diagnostics, field", [
+    ([], "diagnostics"), ({}, "checks"), ({"checks": {}}, "checks"), ({"checks": ["x"]}, "checks[0]"),
+    ({"checks": [{**_diagnostic("fail"), "status": "failed"}]}, "status"),
+    ({"checks": [{k: v for k, v in _diagnostic("fail").items() if k != "sentence"}]}, "sentence"),
+    ({"checks": [{**_diagnostic("warn"), "value": "0.1"}]}, "value"),
+    ({"checks": [{**_diagnostic("warn"), "policy": 3}]}, "policy"),
+])
+def test_malformed_diagnostics_are_bad_input_naming_the_field(tmp_path, capsys, diagnostics, field):
+    registry = str(tmp_path / "registry")
+    a = model_folder(str(tmp_path), "a", 1)
+    uri = write_report(str(tmp_path), "r1", a, opm=0.05)
+    report = json.loads(Path(uri, "report.json").read_text())
+    report["diagnostics"] = diagnostics
+    with store.publishing(uri) as staging:
+        (staging / "report.json").write_text(json.dumps(report))
+    assert cli.run(promote_cli.main, ["--report", uri, "--candidate", a, "--registry", registry]) == 2
+    err = capsys.readouterr().err
+    assert "diagnostics" in err and field in err and "Traceback" not in err
+    assert production_model(registry) is None
+
+
+def test_too_wide_a_primary_interval_says_how_many_requests_would_decide(tmp_path):
+    """Lift +0.05 [-0.01, +0.11] at 3,000 requests with an MDE of 0.10: the SE scales as 1/sqrt(n), so the
+    MDE reaches the lift at 3,000 * (0.10 / 0.05)^2 = 12,000 requests."""
+    root = str(tmp_path)
+    opm = {"lift": 0.05, "ci_low": -0.01, "ci_high": 0.11, "se": 0.0357, "mde": 0.10}
+    report, a = _judged(root, opm=opm)
+    b = _decide(root, report, a)
+    assert not b.blessed
+    assert any(r.endswith("not enough evidence: about 12,000 requests needed") for r in b.reasons), b.reasons
+    # a min_lift of 0.01 leaves 0.04 to detect: 3,000 * (0.10 / 0.04)^2 = 18,750 -> about 19,000
+    b = _decide(root, report, a, PromoteConfig(min_lift=0.01))
+    assert any(r.endswith("about 19,000 requests needed") for r in b.reasons), b.reasons
+    # decided by the evidence: a lift below the threshold, or an MDE already below the lift
+    for entry in ({**opm, "lift": -0.005}, {**opm, "mde": 0.04}, {**opm, "ci_low": -0.03, "ci_high": -0.001}):
+        report, a = _judged(root, opm=entry)
+        b = _decide(root, report, a)
+        assert not b.blessed and not any("not enough evidence" in r for r in b.reasons), entry
+    # a report written before the MDE existed: the plain reason
+    report, a = _judged(root, opm={k: v for k, v in opm.items() if k not in ("se", "mde")})
+    assert not any("not enough evidence" in r for r in _decide(root, report, a).reasons)
+
+
+def test_the_mde_is_at_the_reports_confidence_and_80_percent_power():
+    from grade.value.auction import min_detectable_effect
+
+    assert min_detectable_effect(0.01, 0.95) == pytest.approx(0.01 * (1.959964 + 0.841621), rel=1e-5)
+    assert min_detectable_effect(0.01, 0.90) == pytest.approx(0.01 * (1.644854 + 0.841621), rel=1e-5)
+
+
+def test_the_prior_flavour_is_refused_at_config_time():
+    from grade.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="promote.primary_flavour: 'prior' is not accepted"):
+        PromoteConfig(primary_flavour="prior").validate()
