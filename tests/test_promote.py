@@ -497,7 +497,7 @@ def _decide(root: str, report: dict, a: str, cfg: PromoteConfig | None = None) -
 @pytest.mark.parametrize("truth", [True, False])
 def test_a_guardrail_is_judged_on_its_ci_lower_bound_never_the_point(tmp_path, truth):
     """Non-inferiority: a point lift above -margin whose CI low is below it is refused, in either flavour."""
-    cfg = PromoteConfig(guardrails={"gpm": -0.01}, estimated_guardrails={"gpm": -0.05})
+    cfg = PromoteConfig(guardrails={"gpm": -0.01, "estimated/gpm": -0.05})
     margin = 0.01 if truth else 0.05
     ok = {"lift": 0.0, "ci_low": -margin + 0.001, "ci_high": 0.05}
     report, a = _judged(str(tmp_path), truth=truth, gpm=ok)
@@ -519,7 +519,8 @@ def test_the_truth_gate_keeps_its_margins_and_the_estimated_one_its_own(tmp_path
     """The estimated margins never loosen the true-flavour gate: a true CTR CI low of -0.02 is refused
     by the default margins (0.005) although the estimated default margin would pass it."""
     cfg = PromoteConfig()
-    assert -0.02 >= cfg.estimated_guardrails["ctr"] and -0.02 < cfg.guardrails["ctr"]
+    assert -0.02 >= cfg.margins("estimated")["ctr"] and -0.02 < cfg.margins("true")["ctr"] == -0.005
+    assert set(cfg.margins("true")) == set(cfg.margins("estimated")) == {"ctr", "cvr", "gpm"}
     report, a = _judged(str(tmp_path), truth=True, ctr={"lift": 0.01, "ci_low": -0.02, "ci_high": 0.04})
     assert not _decide(str(tmp_path), report, a, cfg).blessed
     report, a = _judged(str(tmp_path), truth=False, ctr={"lift": 0.01, "ci_low": -0.02, "ci_high": 0.04})
@@ -616,8 +617,12 @@ def test_the_mde_is_at_the_reports_confidence_and_80_percent_power():
     assert min_detectable_effect(0.01, 0.90) == pytest.approx(0.01 * (1.644854 + 0.841621), rel=1e-5)
 
 
-def test_the_prior_flavour_is_refused_at_config_time():
+def test_the_prior_flavour_and_unknown_guardrail_flavours_are_refused_at_config_time():
     from grade.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="promote.primary_flavour: 'prior' is not accepted"):
         PromoteConfig(primary_flavour="prior").validate()
+    for key in ("prior/gpm", "estimated/", "replay/ctr"):
+        with pytest.raises(ConfigError, match=f"promote.guardrails.{key}: expected a metric or"):
+            PromoteConfig(guardrails={key: -0.1}).validate()
+    PromoteConfig(guardrails={"true/gpm": -0.01, "ctr": -0.01}).validate()

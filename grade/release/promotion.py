@@ -14,8 +14,8 @@ Checks (config section ``promote``):
   interval straddles ``min_lift`` and the lift's minimum detectable effect is above the lift, the
   reason says how many requests would decide ("not enough evidence: about N requests needed");
 - guardrails (non-inferiority): the CI lower bound of each guardrail metric's lift (CTR, CVR, GPM) in the
-  same flavour is at or above -margin (``guardrails`` with ground truth, ``estimated_guardrails``
-  without); never the point estimate; the primary metric itself is not also a guardrail;
+  same flavour is at or above -margin (``guardrails``: a plain metric's entry, or the flavour's own
+  ``estimated/<metric>``); never the point estimate; the primary metric itself is not also a guardrail;
 - diagnostics (report.json ``diagnostics.checks``): judging without ground truth, a failed diagnostic
   about the logs, the candidate or the baseline refuses ("cannot judge: <its sentence>"); a warning is
   listed and never blocks.
@@ -45,10 +45,13 @@ from grade.release.blessing import Blessing, Check, Fields, Thresholds
 
 log = logging.getLogger("grade.release.promotion")
 
-#: default non-inferiority margins of the estimated flavour: each the minimum detectable effect of the
-#: guardrail's lift at the demo's size, so that a candidate that truly holds it passes with 80% power
-#: (the measurement: docs/promotion.md)
-ESTIMATED_MARGINS = {"ctr": -0.07, "cvr": -0.20, "gpm": -0.16}
+#: default -margins of non-inferiority: with ground truth, and of the estimated flavour (each the minimum
+#: detectable effect of the guardrail's lift at the demo's size, so that a candidate that truly holds it
+#: passes with 80% power; the measurement: docs/promotion.md)
+GUARDRAILS = {"ctr": -0.005, "cvr": -0.01, "gpm": -0.005,
+              "estimated/ctr": -0.07, "estimated/cvr": -0.20, "estimated/gpm": -0.16}
+#: flavours a guardrail entry may name ('<flavour>/<metric>')
+GUARD_FLAVOURS = ("true", "estimated")
 #: statuses of a diagnostic check (report.json diagnostics.checks[].status)
 DIAGNOSTIC_STATUSES = ("pass", "warn", "fail")
 
@@ -69,14 +72,23 @@ class PromoteConfig:
     """primary metric used for such reports"""
     min_lift: float | None = ranged(0.0, ">= -1")
     """the primary lift's CI lower bound must be above this (null: no threshold -> never blessed)"""
-    guardrails: dict[str, float] = ranged({"ctr": -0.005, "cvr": -0.01, "gpm": -0.005}, ">= -1")
+    guardrails: dict[str, float] = ranged(GUARDRAILS, ">= -1")
     """metric -> -margin of non-inferiority: the lift's CI lower bound vs the baseline must be at or above it
-    (e.g. ctr -0.005: CTR shown not to drop more than 0.5%), in the true flavour"""
-    estimated_guardrails: dict[str, float] = ranged(ESTIMATED_MARGINS, ">= -1")
-    """the same margins when judging without ground truth (a flavour other than true), whose intervals are
-    about ten times as wide (docs/promotion.md)"""
+    (ctr -0.005: CTR shown not to drop more than 0.5%); 'estimated/<metric>' for that flavour only (its
+    intervals are about ten times as wide: docs/promotion.md)"""
+
+    def margins(self, flavour: str) -> dict[str, float]:
+        """metric -> -margin of the guardrails judged in ``flavour`` (its own entries over the plain ones)."""
+        plain = {k: v for k, v in self.guardrails.items() if "/" not in k}
+        own = {k.split("/", 1)[1]: v for k, v in self.guardrails.items() if k.startswith(f"{flavour}/")}
+        return {**plain, **own}
 
     def validate(self) -> None:
+        for key in self.guardrails:
+            flavour, _, metric = key.rpartition("/")
+            if not metric or (flavour and flavour not in GUARD_FLAVOURS):
+                raise ConfigError(f"promote.guardrails.{key}: expected a metric or <flavour>/<metric> with "
+                                  f"flavour one of {list(GUARD_FLAVOURS)}")
         # the prior flavour measures the policies with the MTL model's own predictions, which a policy
         # fitted to them games (docs/promotion.md): the gate never decides on it
         for key in ("primary_flavour", "fallback_flavour"):
@@ -233,8 +245,7 @@ def decide(report: dict[str, Any], candidate_uri: str, registry: Registry, cfg: 
     blessing = Blessing(
         candidate=name, candidate_uri=candidate_uri, candidate_content_hash=candidate_hash, report=report_uri,
         registry=registry.root, model_name=registry.model_name,
-        thresholds=Thresholds(cfg.min_lift, dict(cfg.guardrails if flavour == "true"
-                                                  else cfg.estimated_guardrails)),
+        thresholds=Thresholds(cfg.min_lift, cfg.margins("prior" if flavour == "replay" else flavour)),
         incumbent_version=current[0]["version"] if current else None, primary=f"{flavour}/{metric}",
         baseline="incumbent" if current is not None else "static")
     reasons = evidence_reasons(evidence, name, candidate_hash, current)
@@ -279,8 +290,7 @@ def threshold_checks(evidence: GateEvidence, blessing: Blessing, cfg: PromoteCon
     out: list[tuple[Check, str | None]] = []
     if cfg.min_lift is not None:
         out.append(primary_check(evidence, blessing, cfg.min_lift))
-    margins = cfg.guardrails if guard_flavour == "true" else cfg.estimated_guardrails
-    for m, tol in sorted(margins.items()):
+    for m, tol in sorted(cfg.margins(guard_flavour).items()):
         if f"{guard_flavour}/{m}" == blessing.primary:
             continue  # the primary check already judges this metric
         out.append(guardrail_check(evidence, blessing, f"{guard_flavour}/{m}", tol))
