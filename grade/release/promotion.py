@@ -209,10 +209,11 @@ def read_diagnostics(doc: dict[str, Any] | None, source: str) -> list[Diagnostic
         if status not in DIAGNOSTIC_STATUSES:
             raise InputError(f"{where}.checks[{i}]: field 'status': expected one of "
                              f"{list(DIAGNOSTIC_STATUSES)}, got {status!r}")
-        value = check.get("value", (int, float), optional=True)
+        # value and policy may be null; a writer that leaves them out means the same
+        value = check.get("value", (int, float), optional=True, absent_ok=True)
         out.append(Diagnostic(check.get("name", str), status, None if value is None else float(value),
                               check.get("threshold", str), check.get("sentence", str),
-                              check.get("policy", str, optional=True)))
+                              check.get("policy", str, optional=True, absent_ok=True)))
     return out
 
 
