@@ -11,6 +11,10 @@ References, measured the same way:
 
 - in process: the TorchScript call alone and the whole ``serving.predict`` on the same batch (the
   ratio of the HTTP p50 to the TorchScript call is the serving overhead);
+- exploration (``serve.explore``): the server with every request exploring (share 1, the most a
+  share can cost) against the same server serving the mean, at batch 64 (``explore`` in the output:
+  requests/s ratio, target >= 0.9), and in process the whole ``serving.predict`` with exploration at
+  shares 0.1 and 1 against it without, alternated over rounds (medians of the per-round ratios);
 - floors: the same server stack (KServe's ModelServer behind ``RequestGate``, uvloop, no log line per
   request) with a model that answers constant weights without reading its inputs, and a bare uvicorn
   app that answers a constant body: what a Python server on this stack can reach on this machine.
@@ -54,6 +58,10 @@ WARMUP_S = 0.5
 P99_VS_FLOOR_TARGET = 1.5
 #: the batch-64 requests/s the server should sustain
 BATCH_64_TARGET = 2000
+#: the share of requests the exploring server draws weights for (all: the most exploration can cost)
+EXPLORE_SHARE = 1.0
+#: the exploring server's batch-64 requests/s should stay at least this share of the same server's without
+EXPLORE_TARGET = 0.9
 
 
 def demo_registry(root: Path, n_versions: int = 3, n_requests: int = 200) -> dict[str, Any]:
@@ -99,7 +107,7 @@ def promote(registry, model_uri: str) -> str:
 
 def start_server(registry_root: str | None, port: int, log_file: Path, watch_seconds: float = 0.2,
                  timeout_s: float = 90, floor: str | None = None, workers: int = 0,
-                 batch_rows: int | None = None) -> subprocess.Popen:
+                 batch_rows: int | None = None, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     """``python -m components.serve`` with ``workers`` processes (0: its default) and ``--batch-rows``
     (None: its default) on loopback ``port`` (or the ``floor`` server of this module: "kserve" or
     "bare"), its output in ``log_file`` (a pipe nobody reads would stall it); returned once its model
@@ -113,6 +121,7 @@ def start_server(registry_root: str | None, port: int, log_file: Path, watch_sec
                    "--watch-seconds", str(watch_seconds), "--workers", str(workers)]
         if batch_rows is not None:
             command += ["--batch-rows", str(batch_rows)]
+        command += list(extra)
     with open(log_file, "w") as log:
         proc = subprocess.Popen([sys.executable, *command], env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s
@@ -137,17 +146,19 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def v2_body(spec: dict[str, Any], batch: int, seed: int = 0) -> bytes:
-    """A v2 infer request of ``batch`` requests with known feature values."""
-    from grade.release.serving import input_metadata
+def v2_body(spec: dict[str, Any], batch: int, seed: int = 0, with_ids: bool = False) -> bytes:
+    """A v2 infer request of ``batch`` requests with known feature values (and request ids 0..batch-1
+    ``with_ids``: what seeds exploration's draws)."""
+    from grade.release.serving import REQUEST_ID, input_metadata
 
     rng = np.random.default_rng(seed)
     vocab = {c["name"]: c["vocab"] for c in spec["categorical"]}
     inputs = []
     for i in input_metadata(spec):
-        if i["name"].startswith("pred_"):
+        if i["name"].startswith("pred_") or (i["name"] == REQUEST_ID and not with_ids):
             continue
         data = (rng.choice(vocab[i["name"]], batch).tolist() if i["name"] in vocab
+                else list(range(batch)) if i["name"] == REQUEST_ID
                 else rng.normal(size=batch).round(4).tolist())
         inputs.append({"name": i["name"], "datatype": i["datatype"], "shape": [batch], "data": data})
     return json.dumps({"inputs": inputs}).encode()
@@ -358,6 +369,56 @@ def in_process(registry, body: bytes, calls: int = 500) -> dict[str, float]:
                 "predict_ms": median_ms(lambda: serving.predict(policy, inputs))}
 
 
+def explore_in_process(registry, body: bytes, calls: int = 500, rounds: int = 5) -> dict[str, Any]:
+    """``serving.predict`` with exploration at shares 0.1 and 1 against without it on the same batch
+    (with its request ids), alternated over ``rounds`` rounds: the median of the per-round ratios."""
+    from grade.model.exploration import ExploreConfig
+    from grade.release import serving
+
+    torch.set_num_threads(1)
+    policy = serving.load_verified(registry, registry.production()[0])
+    inputs = {i["name"]: np.asarray(i["data"]) for i in json.loads(body)["inputs"]}
+    configs = {"off": None, "share_0.1": ExploreConfig(share=0.1), "share_1": ExploreConfig(share=1.0)}
+    per_round: dict[str, list[float]] = {name: [] for name in configs}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for name, cfg in configs.items():
+                t = timeit(lambda cfg=cfg: serving.predict(policy, inputs, exploring=cfg),
+                           repeat=max(1, calls // rounds), warmup=5)
+                per_round[name].append(t["median_s"] * 1e3)
+    off = np.array(per_round["off"])
+    out: dict[str, Any] = {f"predict_{name}_ms": float(np.median(v)) for name, v in per_round.items()}
+    for name in ("share_0.1", "share_1"):
+        out[f"predict_{name}_vs_off"] = float(np.median(np.array(per_round[name]) / off))
+    return out
+
+
+def explore_pairs(registry_root: str, body: bytes, repeats: int, seconds: float, clients: int, tmp: Path,
+                  workers: int, batch_rows: int | None) -> dict[str, Any]:
+    """Batch-64 load runs alternating between the server exploring every request and the same server
+    serving the mean (both on the same body, request ids included), ``repeats`` pairs: the median of
+    the per-pair requests/s ratios, so that a machine whose load drifts disturbs both sides alike."""
+    from tests.conftest import free_port
+
+    servers = {}
+    try:
+        for name, extra in (("mean", ()), ("explore", ("--set", f"serve.explore.share={EXPLORE_SHARE}"))):
+            port = free_port()
+            servers[name] = (port, start_server(registry_root, port, tmp / f"explore-{name}.log",
+                                                workers=workers, batch_rows=batch_rows, extra=extra))
+        runs: dict[str, list] = {"mean": [], "explore": []}
+        for _ in range(repeats):
+            for name, (port, proc) in servers.items():
+                runs[name].append(load_run(port, body, clients, seconds, proc.pid, [], tmp))
+    finally:
+        for _, proc in servers.values():
+            stop_server(proc)
+    ratios = [e["requests_per_s"] / m["requests_per_s"] for m, e in zip(runs["mean"], runs["explore"],
+                                                                         strict=True)]
+    return {"batch_64_requests_per_s_vs_mean": float(np.median(ratios)), "ratios": ratios,
+            "batch_64_mean": medians(runs["mean"]), "batch_64": medians(runs["explore"]), "runs": runs}
+
+
 def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median over runs of every numeric figure; failed requests summed."""
     keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and k != "failed"]
@@ -422,6 +483,9 @@ def run(seconds: float = 5.0, clients: int = 16, repeats: int = 3,
 
         served = serve_and_measure(batch_rows)
         one_call_each = serve_and_measure(0)  # the reference: one policy call per call
+        exploring = explore_pairs(world["registry"].root, v2_body(world["spec"], 64, with_ids=True), repeats,
+                                  seconds, clients, Path(tmp), workers, batch_rows)
+        explore_reference = explore_in_process(world["registry"], v2_body(world["spec"], 64, with_ids=True))
         floor = floors(bodies, repeats, seconds, clients, Path(tmp), workers) if with_floors else {}
     results: dict[str, Any] = {}
     for batch in bodies:
@@ -445,12 +509,16 @@ def run(seconds: float = 5.0, clients: int = 16, repeats: int = 3,
     if floor:
         targets["batch_1_p99_met"] = results["batch_1"]["p99_vs_kserve_floor"] <= P99_VS_FLOOR_TARGET
     targets["batch_64_met"] = results["batch_64"]["requests_per_s"] >= BATCH_64_TARGET
+    explore = {"share": EXPLORE_SHARE, **exploring, **explore_reference}
+    targets["explore_batch_64_requests_per_s_vs_mean_at_least"] = EXPLORE_TARGET
+    targets["explore_met"] = explore["batch_64_requests_per_s_vs_mean"] >= EXPLORE_TARGET
     return {"targets": targets, "clients": clients, "seconds_per_run": seconds, "repeats": repeats,
             "alias_moves": moves,
             "server_workers": workers or available_cpus(),
             "batch_rows": DEFAULT_BATCH_ROWS if batch_rows is None else batch_rows,
             "failed_total": sum(results[f"batch_{b}"]["failed"] for b in bodies),
-            "load_average_before": load_before, "load_average_after": os.getloadavg(), **results}
+            "load_average_before": load_before, "load_average_after": os.getloadavg(), **results,
+            "explore": explore}
 
 
 def main(argv: list[str] | None = None) -> None:

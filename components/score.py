@@ -6,7 +6,10 @@
 --requests: log-format Parquet (a file, a folder or an s3:// prefix) with request_id, the user/context
 features and pred_* columns of the model's feature spec. --model: a model folder or a registry
 version folder; by default the registry's production model. Output: Parquet with request_id,
-item_id, score, rank (0 = top) and the request's weights w_<objective>, published atomically.
+item_id, score, rank (0 = top) and the request's weights w_<objective>, published atomically. With
+exploration on (config serve.explore.share > 0) a share of the requests are scored with weights drawn
+from the policy's Dirichlet, seeded by the request id, and the output adds served_log_propensity
+(null where the request was scored with the mean) and model_version (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model folder or registry version (default: the registry's production model)")
     p.add_argument("--registry", metavar="URI", help="registry root, used when --model is not given")
     config.add_arguments(p, ("shared.model_name",),
-                         config_help="YAML config; its shared.model_name is the default model name")
+                         config_help="YAML config; its shared.model_name is the default model name, its "
+                                     "serve.explore the exploration (off by default)")
     p.add_argument("--batch-rows", type=int, default=262_144, metavar="N", help="rows per record batch")
     return p
 
@@ -38,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     from grade.model.registry import Registry
     from grade.release.scoring import score_requests
 
-    args.model_name = config.from_args(args)["shared"].model_name
+    cfg = config.from_args(args)
+    args.model_name = cfg["shared"].model_name
     cli.check_new_output(args.out, requests=args.requests, model=args.model, registry=args.registry)
     model = args.model
     if model is None:
@@ -50,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"{args.registry}: no production model '{args.model_name}'")
         model = reg.version_uri(current[0]["version"])
         cli.log.info("scoring with %s/production = %s", args.model_name, current[0]["version"])
-    summary = score_requests(model, args.requests, args.out, args.batch_rows)
+    summary = score_requests(model, args.requests, args.out, args.batch_rows, cfg["serve"].explore)
     print(f"scored {summary['requests']:,} requests ({summary['rows']:,} rows) with the "
           f"{summary['model_kind']} policy in {summary['seconds']:.1f} s "
           f"({summary['rows_per_s']:,.0f} rows/s) -> {summary['out']}")

@@ -13,7 +13,10 @@ in, so no request fails, waits for it or mixes versions.
   POST /v2/models/NAME/infer   inputs: the user/context features (one value per request), optionally
                                pred_<objective> [N, L] for L candidates; outputs: weights [N, K]
                                (rows on the simplex), with candidates scores [N, L] and ranking [N, L]
-                               (best first); model_version names the version that answered
+                               (best first); model_version names the version that answered.
+                               With exploration on (config serve.explore.share > 0), a request_id
+                               input [N] (int64) seeds each request's draw of the policy's Dirichlet
+                               and the answer carries log_propensity [N] (null: served the mean)
   GET  /v2/models/NAME         every input and output with its datatype and shape
   POST /v1/models/NAME:predict {"instances": [{feature: value, ...}, ...]}
   GET  /v2/health/live, /v2/health/ready, /v2/models/NAME/ready; GET /metrics (Prometheus)
@@ -36,6 +39,7 @@ Needs the `serve` extra (pip install 'grade-mtf[serve]'). S3 settings come from 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from grade.core import cli, config
@@ -56,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registry", required=True, metavar="URI", help="registry root (folder or s3:// prefix)")
     p.add_argument("--model-name", metavar="NAME",
                    help="registry model name and URL name (default: the config's shared.model_name)")
-    config.add_arguments(p, config_help="YAML config; its shared.model_name is the default --model-name")
+    config.add_arguments(p, config_help="YAML config; its shared.model_name is the default --model-name, "
+                                        "its serve.explore the exploration (off by default)")
     p.add_argument("--port", type=int, default=8080, metavar="N", help="HTTP port (default 8080)")
     p.add_argument("--watch-seconds", type=float, default=2.0, metavar="S",
                    help="how often the production alias is checked (default 2)")
@@ -99,9 +104,11 @@ def settings_of(args: argparse.Namespace) -> server.ServerSettings:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    args.model_name = args.model_name or config.from_args(args)["shared"].model_name
+    cfg = config.from_args(args)
+    args.model_name = args.model_name or cfg["shared"].model_name
     worker = [sys.executable, "-m", "components.serve", *argv, "--workers", "1"]
-    return server.serve(settings_of(args), worker)
+    settings = dataclasses.replace(settings_of(args), explore=cfg["serve"].explore)
+    return server.serve(settings, worker)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
 Output: Parquet files ``day=YYYY-MM-DD/part-NNNNN.parquet`` in the log contract's columns plus the
 ground truth (true_ctr, true_cvr, price, true_segment), published atomically (``_MANIFEST.json`` last).
 ``--report`` also prints the true OPM/GPM/CTR headroom: static weights, the best global weight
-vector, per-segment best weights and the per-request oracle.
+vector, per-segment best weights and the per-request oracle, under the world's click model.
+``simulator.logging``: static, or a model folder / registry version URI whose mean ranks the logged
+lists (the served market, grade.release.served_market).
 """
 
 from __future__ import annotations
@@ -37,10 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from grade.data import simulator
 
-    cfg = config.from_args(args)["simulator"]
+    sections = config.from_args(args)
+    cfg = sections["simulator"]
     cli.check_new_output(args.out)
     cli.log.info("simulator config: %s", json.dumps(config.to_dict(cfg), sort_keys=True))
-    summary = simulator.write_logs(cfg, args.out)
+    ranker = None
+    if cfg.logging != "static":
+        from grade.release.served_market import ServedMarket
+
+        ranker = ServedMarket(cfg.logging, cfg.objectives, sections["serve"].explore)
+    summary = simulator.write_logs(cfg, args.out, ranker)
     print(f"wrote {summary['rows']:,} rows ({summary['requests']:,} requests, {summary['files']} files) "
           f"to {summary['out']} in {summary['seconds']:.1f} s ({summary['rows_per_s']:,} rows/s)")
     if args.report:
@@ -54,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
         table = pa.concat_tables(tables).slice(0, min(n, args.report_requests) * cfg.list_size)
         rep = simulator.headroom_report(table, cfg.objectives, list_size=cfg.list_size,
-                                        depth=cfg.exposure_depth, eta=cfg.position_bias, seed=cfg.seed)
+                                        depth=cfg.exposure_depth, eta=cfg.world(), seed=cfg.seed)
         print(simulator.format_headroom(rep))
     return 0
 

@@ -467,7 +467,8 @@ def test_a_declared_gpm_is_the_metric_of_every_verdict():
 REPORT_KEYS = {"n_requests", "split", "primary_metric", "primary_flavour", "has_ground_truth", "objectives",
                "exposure_depth", "policies", "lift_vs_static", "models", "weights", "best_static_search",
                "headroom_captured", "lift_vs", "comparisons", "headroom_sentence", "segments", "frontier",
-               "config", "features", "elapsed_s", "value_model", "estimator_check", "business"}
+               "config", "features", "elapsed_s", "value_model", "estimator_check", "business",
+               "diagnostics"}
 
 
 def test_the_stages_compose_to_report_json(evaluated, tmp_path):

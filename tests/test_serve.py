@@ -522,9 +522,9 @@ def test_the_gate_answers_concurrent_calls_together_as_it_answers_them_one_by_on
     group_sizes = []
     predict_many = serving.predict_many
 
-    def counted(policy, requests, strict=True):
+    def counted(policy, requests, *args):
         group_sizes.append(len(requests))
-        return predict_many(policy, requests, strict)
+        return predict_many(policy, requests, *args)
 
     monkeypatch.setattr(serving, "predict_many", counted)
     gate = server_lib.RequestGate(None, model=model, batch_rows=64)
@@ -753,7 +753,33 @@ def publish_version_with_torchscript(registry, model_uri: str, module) -> str:
     return version
 
 
-@pytest.mark.parametrize("kind", ["nan", "two_columns", "five", "another_policy"])
+def _another_dirichlet(world):
+    """A module whose weights are the version's own but whose Dirichlet is another policy's."""
+    import torch
+
+    from grade.model.policy import ServingPolicy, load_policy
+
+    class Mixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.own = ServingPolicy(load_policy(world["models"][1]))
+            self.other = load_policy(world["models"][2])
+
+        def forward(self, num: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
+            return self.own(num, cat)
+
+        @torch.jit.export
+        def dirichlet(self, num: torch.Tensor, cat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.other(num, cat)
+
+        @torch.jit.export
+        def alpha_floor(self) -> float:
+            return 0.2
+
+    return torch.jit.script(Mixed().eval())
+
+
+@pytest.mark.parametrize("kind", ["nan", "two_columns", "five", "another_policy", "another_dirichlet"])
 def test_a_version_that_answers_the_probe_batch_wrongly_is_rejected_once_and_the_previous_keeps_serving(
         world, tmp_path, kind, monkeypatch):
     import torch
@@ -765,7 +791,8 @@ def test_a_version_that_answers_the_probe_batch_wrongly_is_rejected_once_and_the
     holder = serving.PolicyHolder(registry.root, MODEL)
     assert holder.refresh() and holder.current.version == first
     module = (torch.jit.script(ServingPolicy(load_policy(world["models"][2])).eval())
-              if kind == "another_policy" else _Answers.script(kind, world))
+              if kind == "another_policy" else _another_dirichlet(world) if kind == "another_dirichlet"
+              else _Answers.script(kind, world))
     bad = publish_version_with_torchscript(registry, world["models"][1], module)
     registry.set_production(bad, "test", expected_etag=registry.production()[1])
     loads = []
@@ -775,7 +802,8 @@ def test_a_version_that_answers_the_probe_batch_wrongly_is_rejected_once_and_the
     assert holder.current.version == first and len(loads) == 1
     [rejected] = holder.rejections()
     expected = {"nan": "not finite", "two_columns": "shape [8, 2]", "five": "off the simplex",
-                "another_policy": "away from the evaluated policy"}[kind]
+                "another_policy": "away from the evaluated policy",
+                "another_dirichlet": "a Dirichlet"}[kind]
     assert rejected["version"] == bad and expected in rejected["reason"], rejected
     # the server's metadata names it, with its reason
     model = server_lib.make_model(holder, MODEL)
@@ -922,3 +950,60 @@ def test_a_version_loaded_from_s3_leaves_no_temp_folder_on_success_or_refusal(wo
     with pytest.raises(serving.IntegrityError):
         serving.load_verified(registry, {**record, "content_hash": "0" * 64})
     assert set(scratch.glob("grade-fetch-*")) == before
+
+
+def test_exploring_serves_seeded_draws_with_their_log_density_and_scoring_draws_the_same(world, tmp_path):
+    import torch
+
+    from grade.model.exploration import ExploreConfig
+    from grade.release.scoring import score_requests
+
+    policy = serving.load_verified(world["registry"], world["registry"].production()[0])
+    spec = world["spec"]
+    columns = log_requests(world["logs"], spec, 16)
+    inputs = {i["name"]: np.asarray(i["data"]).reshape(i["shape"])
+              for i in v2_body(columns, spec, with_candidates=True)["inputs"]}
+    off = serving.predict(policy, inputs)
+    zero = serving.predict(policy, inputs, exploring=ExploreConfig(share=0.0))
+    assert set(zero) == set(off) and "log_propensity" not in off
+    for key in ("weights", "scores", "ranking"):
+        np.testing.assert_array_equal(zero[key], off[key])
+    cfg = ExploreConfig(share=0.5, kappa_cap=50.0, seed=2)
+    on = serving.predict(policy, inputs, exploring=cfg)
+    again = serving.predict(policy, {k: v[::-1] for k, v in inputs.items()}, exploring=cfg)  # reversed batch
+    np.testing.assert_array_equal(again["weights"][::-1], on["weights"])
+    explored = np.isfinite(on["log_propensity"])
+    assert 0 < explored.sum() < len(explored) and on["model_version"] == policy.version
+    np.testing.assert_array_equal(on["weights"][~explored], off["weights"][~explored])
+    assert not np.allclose(on["weights"][explored], off["weights"][explored], atol=1e-3)
+    num, cat = serving.model_inputs({k: v for k, v in inputs.items() if k in policy.transform.numeric
+                                     or k in policy.transform.categorical}, policy.transform)
+    with torch.inference_mode():
+        mu, kappa = policy.fn.dirichlet(torch.from_numpy(num), torch.from_numpy(cat))
+    alpha = (kappa.clamp(max=50.0)[:, None] * mu + policy.alpha_floor).double()[explored]
+    served = torch.from_numpy(on["weights"][explored]).double()
+    expected = torch.distributions.Dirichlet(alpha).log_prob(served)
+    np.testing.assert_allclose(on["log_propensity"][explored], expected.numpy(), rtol=1e-5, atol=1e-4)
+    # a call without ids is served the mean: nothing seeds a draw
+    anonymous = serving.predict(policy, {k: v for k, v in inputs.items() if k != "request_id"}, exploring=cfg)
+    np.testing.assert_array_equal(anonymous["weights"], off["weights"])
+    assert np.isnan(anonymous["log_propensity"]).all()
+    # the gate's JSON answer: the log-propensity, null where the request was served the mean
+    holder = serving.PolicyHolder(world["registry"].root, MODEL)
+    assert holder.refresh()
+    model = server_lib.make_model(holder, MODEL, exploring=cfg)
+    model.load()
+    status, answer = asgi_post(server_lib.RequestGate(None, model=model), f"/v2/models/{MODEL}/infer",
+                               json.dumps(v2_body(columns, spec)).encode())
+    outputs = {o["name"]: o for o in json.loads(answer)["outputs"]}
+    assert status == 200 and [v is None for v in outputs["log_propensity"]["data"]] == list(~explored)
+    # batch scoring draws the same weights for the same request ids
+    score_requests(world["registry"].version_uri(policy.version), world["logs"], str(tmp_path / "s"),
+                   exploring=cfg)
+    scored = ds.dataset(str(tmp_path / "s"), format="parquet").to_table().to_pandas()
+    scored = scored.drop_duplicates("request_id").set_index("request_id")
+    w = scored.loc[columns["request_id"], [f"w_{o}" for o in spec["objectives"]]].to_numpy()
+    np.testing.assert_allclose(w, on["weights"], atol=1e-6)
+    logged = scored.loc[columns["request_id"], "served_log_propensity"].to_numpy()
+    np.testing.assert_allclose(logged[explored], on["log_propensity"][explored], rtol=1e-5)
+    assert np.isnan(logged[~explored]).all() and (scored["model_version"] == policy.version).all()

@@ -182,3 +182,210 @@ def test_headroom_on_the_default_model():
     assert p["segment_best"]["opm"] >= 1.02 * p["best_global"]["opm"]
     assert p["segment_best"]["gpm"] > p["static"]["gpm"]
     assert p["oracle"]["opm"] >= p["segment_best"]["opm"] >= p["best_global"]["opm"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Click models: pbm as before, the cascade, the page end
+# ------------------------------------------------------------------------------------------------
+
+def table_hash(cfg: SimulatorConfig) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in simulator.generate(cfg):
+        for name in t.column_names:
+            h.update(name.encode())
+            h.update(t[name].combine_chunks().to_numpy(zero_copy_only=False).tobytes())
+    return h.hexdigest()
+
+
+def test_pbm_logs_are_those_before_click_models():
+    """The default click model writes byte for byte the logs of the simulator before click models existed
+    (hash measured on that version)."""
+    cfg = small(n_requests=600, chunk_requests=300, seed=5)
+    assert cfg.click_model == "pbm" and cfg.page_size == 0
+    assert table_hash(cfg) == "6011fd60fe4c8dcb50de9e3359c9239059b3778582a1bb74c5b0e21b9d86827e"
+
+
+def ranked(t: pa.Table, cfg: SimulatorConfig, name: str) -> torch.Tensor:
+    """Column ``name`` of every request in ranked order (position 0 first): [N, L]."""
+    n, L = t.num_rows // cfg.list_size, cfg.list_size
+    x = torch.from_numpy(t[name].to_numpy().astype(np.float64).reshape(n, L))
+    pos = torch.from_numpy(t["position"].to_numpy().astype(np.int64).reshape(n, L))
+    return torch.empty_like(x).scatter_(1, pos, x)
+
+
+@pytest.mark.parametrize("page_size", [0, 12])
+def test_cascade_clicks_match_cascade_examination(page_size):
+    """Per position, the cascade's clicks over many requests match sum ctr * cascade_examination within
+    4 standard errors (each slot's click is Bernoulli with that probability, independent across requests)."""
+    from grade.data.fusion import cascade_examination
+
+    cfg = small(n_requests=6000, chunk_requests=2000, click_model="cascade", page_size=page_size, seed=2)
+    t = pa.concat_tables(list(simulator.generate(cfg)))
+    ctr, click = ranked(t, cfg, "true_ctr"), ranked(t, cfg, "click")
+    p = ctr * cascade_examination(ctr, cfg.cascade_continue_click, cfg.cascade_continue_skip,
+                                  page_size or None)
+    expected, observed = p.sum(0), click.sum(0)
+    se = (p * (1 - p)).sum(0).sqrt()
+    assert torch.all((observed - expected).abs() <= 4 * se + 1e-9), (observed[:12], expected[:12])
+    # the cascade's shape, not the position-based one: the first slot is always examined, deeper ones less
+    assert observed[0] == pytest.approx(float(ctr[:, 0].sum()), rel=0.1)
+    assert float(p[:, 1:10].sum() / ctr[:, 1:10].sum()) < 0.9
+
+
+@pytest.mark.parametrize("click_model", ["pbm", "cascade"])
+def test_page_size_never_clicks_past_the_page(click_model):
+    cfg = small(n_requests=1500, chunk_requests=1500, click_model=click_model, page_size=5, position_bias=0.3)
+    t = pa.concat_tables(list(simulator.generate(cfg)))
+    pos = t["position"].to_numpy()[t["click"].to_numpy() > 0]
+    assert pos.max() == 4 and (pos == 4).sum() > 10
+    assert (t["order"].to_numpy()[t["position"].to_numpy() >= 5] == 0).all()
+
+
+def test_oracle_under_the_cascade_beats_static_and_differs_from_the_pbm_truth():
+    cfg = small(n_requests=1500, chunk_requests=1500, click_model="cascade", page_size=8)
+    t = pa.concat_tables(list(simulator.generate(cfg)))
+    rep = simulator.headroom_report(t, cfg.objectives, list_size=cfg.list_size, eta=cfg.world(),
+                                    n_candidates=128)
+    p = rep["policies"]
+    assert p["oracle"]["opm"] > p["best_global"]["opm"] > p["static"]["opm"]
+    assert p["oracle"]["opm"] >= p["segment_best"]["opm"]
+    pbm = simulator.headroom_report(t, cfg.objectives, list_size=cfg.list_size, eta=1.0, n_candidates=128)
+    assert pbm["policies"]["static"]["opm"] != pytest.approx(p["static"]["opm"], rel=0.05)
+
+
+def test_the_cascade_truth_of_the_auction_is_a_monte_carlo_of_the_simulator():
+    """The auction's true clicks and orders of the logged ranking (under the world's click model) equal the
+    simulator's realised clicks and orders in the top E within 4 standard errors (per-request spread)."""
+    from grade.value import auction
+    from tests.sim_tensors import simulated_batch
+
+    cfg = small(n_requests=6000, chunk_requests=2000, click_model="cascade", page_size=7, seed=4)
+    data = simulated_batch(cfg)
+    sums = auction.policy_sums(data, cfg.objectives, scores=-data["position"].float(), depth=10,
+                               eta=cfg.world())
+    top = (data["position"] < 10).float()
+    for label, key in (("click", "true.clicks"), ("order", "true.orders")):
+        diff = (data[label] * top).sum(-1).double() - sums[key]
+        se = diff.std() * len(diff) ** 0.5
+        assert abs(float(diff.sum())) <= 4 * float(se), label
+    # the policy-independent impressions: the examination of a list nobody clicks, up to the page end
+    imp = auction.shared_sums(data, 10, cfg.world())["impressions"]
+    assert torch.allclose(imp, torch.full_like(imp, sum(0.9 ** j for j in range(7))))
+
+
+def test_features_record_the_world_and_the_evaluation_reads_it(tmp_path):
+    """The truth's click model comes from the logs, not the config: the world's eta even when shared.eta
+    differs, the cascade's parameters; features without the record fall back to the config's eta."""
+    from grade.data.features import FeaturesConfig, extract_features
+    from grade.data.fusion import ClickModel, truth_click_model
+
+    for name, cfg in (("pbm", small(n_requests=300, position_bias=0.5)),
+                      ("cascade", small(n_requests=300, click_model="cascade", cascade_continue_skip=0.8,
+                                        page_size=20))):
+        logs, feats = str(tmp_path / f"{name}-logs"), str(tmp_path / f"{name}-feats")
+        simulator.write_logs(cfg, logs)
+        spec = extract_features(logs, feats, FeaturesConfig())
+        assert truth_click_model(spec, 1.0) == cfg.world()
+    assert cfg.world() == ClickModel("cascade", 1.0, 0.5, 0.8, 20)
+    assert truth_click_model({}, 0.7) == ClickModel("pbm", 0.7)
+
+
+# ------------------------------------------------------------------------------------------------
+# The market served by a model
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def served_model(tmp_path_factory):
+    """A published policy with personalised weights on the features of small static logs."""
+    from grade.data.features import FeaturesConfig, extract_features
+    from grade.model.policy import PolicyConfig, PolicyNet, save_policy
+
+    root = tmp_path_factory.mktemp("served")
+    logs, feats, model = str(root / "logs"), str(root / "feats"), str(root / "model")
+    simulator.write_logs(small(n_requests=300, n_days=2), logs)
+    spec = extract_features(logs, feats, FeaturesConfig())
+    torch.manual_seed(3)
+    net = PolicyNet(PolicyConfig(n_numeric=len(spec["numeric"]),
+                                 cat_sizes=[c["size"] for c in spec["categorical"]],
+                                 n_objectives=len(spec["objectives"])))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    with store.publishing(model) as staging:
+        save_policy(net, staging)
+        (staging / "feature_spec.json").write_bytes(store.read_bytes(store.join(feats, "feature_spec.json")))
+    return model
+
+
+def test_served_market_ranks_as_components_score(served_model, tmp_path):
+    """simulator.logging = a model: every logged list is in the order components.score gives the same
+    requests, the served weights are the score's (to float32 rounding: the policy runs on other batches),
+    the propensity null (the mean), the version the model's."""
+    from components import score as score_cli
+    from grade.core import cli
+
+    out, scores = str(tmp_path / "served"), str(tmp_path / "scores")
+    args = ["--out", out, "--requests", "400", "--set", f"simulator.logging={served_model}",
+            "--set", "simulator.n_days=2"]
+    assert cli.run(simulate_cli.main, args) == 0
+    logs = read_logs(out)
+    assert cli.run(score_cli.main, ["--requests", out, "--model", served_model, "--out", scores]) == 0
+    scored = read_logs(scores)
+    assert np.array_equal(scored["request_id"].to_numpy(), logs["request_id"].to_numpy())
+    assert np.array_equal(scored["rank"].to_numpy(), logs["position"].to_numpy())
+    for o in ("ctr", "cvr", "gmv"):
+        assert logs.schema.field(f"served_w_{o}").type == pa.float32()
+        served, score_w = logs[f"served_w_{o}"].to_numpy(), scored[f"w_{o}"].to_numpy()
+        assert np.allclose(served, score_w, rtol=1e-5, atol=1e-7)
+    assert logs["served_log_propensity"].null_count == logs.num_rows
+    assert set(logs["model_version"].to_pylist()) == {store.content_hash(served_model)}
+    # the same requests as the static market, only ranked otherwise
+    static = pa.concat_tables(list(simulator.generate(small(n_requests=400, n_days=2, n_users=5000,
+                                                             n_items=20000, chunk_requests=10000))))
+    assert np.array_equal(static["item_id"].to_numpy(), logs["item_id"].to_numpy())
+    assert not np.array_equal(static["position"].to_numpy(), logs["position"].to_numpy())
+
+
+def test_served_market_with_a_bad_uri_is_exit_2(tmp_path, capsys):
+    from grade.core import cli
+
+    bad = str(tmp_path / "no-such-model")
+    args = ["--out", str(tmp_path / "o"), "--requests", "50", "--set", f"simulator.logging={bad}"]
+    assert cli.run(simulate_cli.main, args) == 2
+    err = capsys.readouterr().err
+    assert bad in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_served_market_explores_and_logs_the_propensities(served_model, tmp_path):
+    """With serve.explore.share 1 every logged request carries its drawn weights and their log-density;
+    the same config logs the same draws again (seeded by the request id)."""
+    from grade.core import cli
+
+    logs = []
+    for name in ("a", "b"):
+        out = str(tmp_path / name)
+        args = ["--out", out, "--requests", "200", "--set", f"simulator.logging={served_model}",
+                "--set", "simulator.n_days=2", "--set", "serve.explore.share=1"]
+        assert cli.run(simulate_cli.main, args) == 0
+        logs.append(read_logs(out))
+    lp = logs[0]["served_log_propensity"]
+    assert lp.null_count == 0 and np.isfinite(lp.to_numpy()).all()
+    assert logs[0].equals(logs[1])
+    w = np.stack([logs[0][f"served_w_{o}"].to_numpy() for o in ("ctr", "cvr", "gmv")], -1)
+    assert np.allclose(w.sum(-1), 1.0, atol=1e-5) and len(np.unique(w.round(6), axis=0)) > 150
+
+
+def test_a_later_stream_is_new_requests_of_the_same_world():
+    first = pa.concat_tables(list(simulator.generate(small(n_requests=300))))
+    again = pa.concat_tables(list(simulator.generate(small(n_requests=300))))
+    later = pa.concat_tables(list(simulator.generate(small(n_requests=300, stream=1))))
+    assert first.equals(again)
+    assert not np.array_equal(first["user_id"].to_numpy(), later["user_id"].to_numpy())
+    # the same world: an item's price does not depend on the stream
+    price = dict(zip(first["item_id"].to_pylist(), first["price"].to_pylist(), strict=True))
+    shared = [(i, p) for i, p in zip(later["item_id"].to_pylist(), later["price"].to_pylist(), strict=True)
+              if i in price]
+    assert len(shared) > 100 and all(price[i] == p for i, p in shared)

@@ -76,7 +76,8 @@ def _empty(spec: dict[str, Any], name: str) -> torch.Tensor:
               "mask": ((0, L), torch.bool), "position": ((0, L), torch.int64),
               "num": ((0, U), torch.float32), "cat": ((0, C), torch.int64),
               "event_time": ((0,), torch.int64), "request_id": ((0,), torch.int64),
-              "segment": ((0,), torch.int64)}
+              "segment": ((0,), torch.int64), "served_w": ((0, K), torch.float32),
+              "served_log_propensity": ((0,), torch.float32), "model_version": ((0,), torch.int64)}
     shape, dtype = shapes.get(name, ((0, L), torch.float32))
     return torch.zeros(shape, dtype=dtype)
 
@@ -97,7 +98,8 @@ def _split_fields(spec: dict[str, Any], split: str, fields: list[str] | None) ->
     base = ["z", "pred", "mask", "num", "cat", "click", "order", "gmv", "position", "event_time",
             "request_id"]
     truth = [] if split == "train" else list(spec.get("ground_truth", []))
-    return base + truth if fields is None else list(fields)
+    served = list(spec["splits"].get(split, {}).get("served_fields", []))  # logs served by a model
+    return base + truth + served if fields is None else list(fields)
 
 
 def load_split(uri: str, split: str, fields: list[str] | None = None) -> dict[str, torch.Tensor]:

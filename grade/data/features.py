@@ -36,6 +36,7 @@ from grade.core.errors import ConfigError, InputError
 from grade.data.log_checks import bad_requests, check_contiguous, scan_logs
 from grade.data.raw_logs import FORMAT_VERSION, SPEC_FILE, SPLITS, LogSchema, list_log_files, read_log_schema
 from grade.data.shard_writer import fit_statistics, iso_time, split_boundaries, write_shards
+from grade.data.simulator import logged_world
 from grade.data.transform import PRED_EPS
 
 log = logging.getLogger("grade.data.features")
@@ -172,6 +173,7 @@ def extract_features(logs_uri: str | list[str], out_uri: str, cfg: FeaturesConfi
                                  "valid_start_iso": iso_time(valid_start),
                                  "test_start_iso": iso_time(test_start)},
             "ground_truth": ls.ground_truth(),
+            **logged_world(logs_uri),   # the click model the truth is computed under (simulated logs)
             "request_id": {"source_type": "string" if ls.request_id_is_string else "int64",
                            "hashed": ls.request_id_is_string},
             "input": {"uri": str(logs_uri), "files": len(files), "n_rows": total_rows},

@@ -11,6 +11,9 @@ All functions are vectorised over requests and groups; nothing loops over items.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 
 
@@ -82,7 +85,8 @@ def cascade_examination(attraction: torch.Tensor, continue_click: float, continu
     """
     step = attraction * continue_click + (1.0 - attraction) * continue_skip
     above = torch.cumprod(torch.cat([torch.ones_like(step[..., :1]), step[..., :-1]], dim=-1), dim=-1)
-    return above * page_mask(attraction.shape[-1], page_size, device=attraction.device, dtype=attraction.dtype)
+    page = page_mask(attraction.shape[-1], page_size, device=attraction.device, dtype=attraction.dtype)
+    return above * page
 
 
 def page_mask(e: int, page_size: int | None, device: torch.device | None = None,
@@ -91,6 +95,69 @@ def page_mask(e: int, page_size: int | None, device: torch.device | None = None,
     slots = torch.arange(e, device=device)
     limit = e if page_size is None else page_size
     return (slots < limit).to(dtype)
+
+
+CLICK_MODELS = ("pbm", "cascade")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClickModel:
+    """How users of a world examine a ranked list: the one object every true metric is computed under.
+
+    ``pbm``: slot j is examined with theta_j = 1 / (1 + j)^eta, whatever the items. ``cascade``: the
+    DBN-style cascade of :func:`cascade_examination` (eta unused). Under both, slots at or past
+    ``page_size`` (None = no page end) are never examined.
+    """
+
+    kind: str = "pbm"
+    eta: float = 1.0
+    continue_click: float = 0.5
+    continue_skip: float = 0.9
+    page_size: int | None = None
+
+    def examine(self, attraction: torch.Tensor, shown: torch.Tensor) -> torch.Tensor:
+        """Examination of ranked slots [..., E] from their items' click probability once examined and
+        the shown mask (1 = a real item in the slot), in ``attraction``'s dtype."""
+        shown = shown.to(attraction.dtype)
+        e = attraction.shape[-1]
+        if self.kind == "cascade":
+            return cascade_examination(attraction * shown, self.continue_click, self.continue_skip,
+                                       self.page_size) * shown
+        theta = examination(e, self.eta, device=attraction.device, dtype=attraction.dtype)
+        if self.page_size is not None:
+            theta = theta * page_mask(e, self.page_size, device=attraction.device, dtype=attraction.dtype)
+        return shown * theta
+
+    def impressions(self, shown: torch.Tensor) -> torch.Tensor:
+        """The policy-independent impressions of ranked slots [..., E] -> [...]: the examination of the shown
+        slots when nothing in them attracts (theta_j under pbm, continue_skip^j under the cascade), so
+        that a lift of a per-mille metric is the lift of its count per request."""
+        return self.examine(torch.zeros_like(shown), shown).sum(-1)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def of(cls, world: ClickModel | float) -> ClickModel:
+        """A click model as is, or the position-based one of an eta (what callers passed before)."""
+        return world if isinstance(world, ClickModel) else cls(eta=float(world))
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> ClickModel:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(doc) - fields)
+        if unknown or doc.get("kind", "pbm") not in CLICK_MODELS:
+            raise ValueError(f"click model: expected keys {sorted(fields)} and kind in {list(CLICK_MODELS)}, "
+                             f"got {doc}")
+        return cls(**doc)
+
+
+def truth_click_model(spec: dict[str, Any], eta: float) -> ClickModel:
+    """The click model the truth of a features folder is computed under: the world's, recorded by the
+    features step from the simulated logs' manifest (``spec["click_model"]``); for features without it,
+    the position-based model of ``eta``."""
+    doc = spec.get("click_model")
+    return ClickModel(eta=float(eta)) if doc is None else ClickModel.from_json(doc)
 
 
 def ndcg_at(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, e: int,

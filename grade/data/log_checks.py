@@ -18,6 +18,7 @@ import pyarrow as pa
 from grade.core.errors import InputError
 from grade.core.progress import Progress
 from grade.data.raw_logs import (
+    PROPENSITY_COLUMN,
     QUARANTINE_FILE,
     TIME_UNIT_NS,
     TRUTH_SEGMENT_COLUMN,
@@ -99,7 +100,39 @@ def _check_rows(b: Batch, ls: LogSchema, starts: np.ndarray, lengths: np.ndarray
     time = cols["event_time"]
     add("event_time", "expected one event_time per request; this row's differs from the request's first row",
         time != np.repeat(time[starts], lengths), time)
+    if ls.served:
+        _check_served(t, ls, starts, lengths, cols, add)
     return cols, rules
+
+
+#: how far a row of served weights may sum from 1 (float32 weights, written rounded)
+SERVED_SUM_ATOL = 1e-3
+
+
+def _check_served(t: pa.Table, ls: LogSchema, starts, lengths, cols: dict, add) -> None:
+    """The rules of the optional served columns: weights on the simplex, a finite log-propensity or
+    null, both the same on every row of a request (they were served once per request)."""
+    names = ls.served_columns
+    for c in names:
+        cols[c], nulls = column_of(t, c, np.float32)
+        add(c, "expected a value, got null", nulls)
+        add(c, "expected a finite weight >= 0", ~(np.isfinite(cols[c]) & (cols[c] >= 0)), cols[c])
+    total = np.sum([cols[c].astype(np.float64) for c in names], axis=0)
+    add(names[0], f"expected served weights summing to 1 (within {SERVED_SUM_ATOL:g}) over {names}",
+        ~(np.abs(total - 1.0) <= SERVED_SUM_ATOL), total)
+    if ls.has_propensity:
+        cols[PROPENSITY_COLUMN], nulls = column_of(t, PROPENSITY_COLUMN, np.float32)
+        nulls = np.zeros(t.num_rows, bool) if nulls is None else nulls
+        logp = np.where(nulls, np.nan, cols[PROPENSITY_COLUMN])
+        cols[PROPENSITY_COLUMN] = logp.astype(np.float32)
+        add(PROPENSITY_COLUMN, "expected a finite log-density or null (served the mean)",
+            ~nulls & ~np.isfinite(logp), logp)
+        names = [*names, PROPENSITY_COLUMN]
+    for c in names:
+        first = np.repeat(cols[c][starts], lengths)
+        same = (cols[c] == first) | (np.isnan(cols[c]) & np.isnan(first))
+        add(c, "expected one value per request; this row's differs from the request's first row", ~same,
+            cols[c])
 
 
 def _beyond_ns_range(column: pa.ChunkedArray) -> np.ndarray | None:

@@ -49,6 +49,13 @@ TRUTH_SEGMENT_COLUMN = "true_segment"
 REQUIRED_COLUMNS = ("request_id", "user_id", "event_time", "item_id", "position", "click", "order", "gmv")
 
 
+#: optional columns of logs served by a model (docs/input_contract.md): the served weights, one per
+#: declared objective, their log-density under the logging policy (null: served the policy's mean, or
+#: not known) and the version that served the request
+SERVED_PREFIX = "served_w_"
+PROPENSITY_COLUMN = "served_log_propensity"
+MODEL_VERSION_COLUMN = "model_version"
+
 TIME_UNIT_NS = {"s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "ns": 1}
 
 
@@ -88,13 +95,23 @@ class LogSchema:
     truth_rows: list[str]
     has_segment: bool
     request_id_is_string: bool
+    served: bool = False
+    """the logs carry served_w_<objective> for every objective"""
+    has_propensity: bool = False
+    has_model_version: bool = False
 
     @property
     def pred_columns(self) -> list[str]:
         return [f"pred_{k}" for k in self.objectives]
 
+    @property
+    def served_columns(self) -> list[str]:
+        return [f"{SERVED_PREFIX}{k}" for k in self.objectives] if self.served else []
+
     def used_columns(self) -> list[str]:
         cols = list(REQUIRED_COLUMNS) + self.pred_columns + self.numeric + self.categorical + self.truth_rows
+        cols += self.served_columns + ([PROPENSITY_COLUMN] if self.has_propensity else [])
+        cols += [MODEL_VERSION_COLUMN] if self.has_model_version else []
         return cols + ([TRUTH_SEGMENT_COLUMN] if self.has_segment else [])
 
     def ground_truth(self) -> list[str]:
@@ -125,6 +142,8 @@ def expected_kinds(name: str) -> tuple[set[str], str]:
         return {"int", "bool"}, "an integer 0/1 (int8)"
     if name in ("user_id", "item_id", "position", TRUTH_SEGMENT_COLUMN) or name.startswith("c_"):
         return {"int"}, "an integer"
+    if name == MODEL_VERSION_COLUMN:
+        return {"string"}, "a string"
     return {"float", "int"}, "a number (float32)"
 
 
@@ -148,6 +167,7 @@ def read_log_schema(file_uri: str, schema: pa.Schema, objectives: list[str],
         truth_rows=[n for n in TRUTH_ROW_COLUMNS if n in names],
         has_segment=TRUTH_SEGMENT_COLUMN in names,
         request_id_is_string=kind_of(schema.field("request_id").type) == "string",
+        **served_columns_found(file_uri, names, objective_order(objectives)),
     )
     for col in found.used_columns():
         kinds, words = expected_kinds(col)
@@ -166,16 +186,39 @@ def read_log_schema(file_uri: str, schema: pa.Schema, objectives: list[str],
     return found
 
 
+def served_columns_found(file_uri: str, names: list[str], objectives: list[str]) -> dict[str, bool]:
+    """Which optional served columns a file has (LogSchema's ``served``, ``has_propensity``,
+    ``has_model_version``): served weights come for every declared objective or not at all, and a
+    log-propensity only with them (it is the density of those weights)."""
+    served = [n for n in names if n.startswith(SERVED_PREFIX)]
+    expected = [f"{SERVED_PREFIX}{k}" for k in objectives]
+    for name in served:
+        if name not in expected:
+            raise InputError(f"served weights of an objective features.objectives does not declare "
+                             f"(declared: {objectives})", file=file_uri, column=name)
+    if served:
+        for name in expected:
+            if name not in served:
+                raise InputError(f"missing column: served weights come for every declared objective "
+                                 f"({expected})", file=file_uri, column=name)
+    if PROPENSITY_COLUMN in names and not served:
+        raise InputError(f"a log-propensity without the weights it is the density of: expected "
+                         f"{expected} too", file=file_uri, column=PROPENSITY_COLUMN)
+    return {"served": bool(served), "has_propensity": PROPENSITY_COLUMN in names,
+            "has_model_version": MODEL_VERSION_COLUMN in names}
+
+
 _FNV_PRIME = 0x100000001B3
 
 
-def _mix64(h: np.ndarray) -> np.ndarray:
+def mix64(h: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser (uint64 arithmetic wraps mod 2**64)."""
-    h = h ^ (h >> np.uint64(30))
-    h = h * np.uint64(0xBF58476D1CE4E5B9)
-    h = h ^ (h >> np.uint64(27))
-    h = h * np.uint64(0x94D049BB133111EB)
-    return h ^ (h >> np.uint64(31))
+    h = h ^ (h >> np.uint64(30))       # a new array: the rest works in place on it
+    h *= np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(27)
+    h *= np.uint64(0x94D049BB133111EB)
+    h ^= h >> np.uint64(31)
+    return h
 
 
 def hash_strings(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -208,7 +251,7 @@ def hash_strings(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
         sums = csum[rel[1:]] - csum[rel[:-1]]
         lengths = (rel[1:] - rel[:-1]).astype(np.uint64)
         h = sums * pows[np.maximum(rel[1:] - 1, 0)]
-        h = _mix64(h ^ (lengths * np.uint64(0x9E3779B97F4A7C15)))
+        h = mix64(h ^ (lengths * np.uint64(0x9E3779B97F4A7C15)))
     return (h & MASK63).view(np.int64)
 
 

@@ -22,6 +22,8 @@ from grade.core.progress import Progress
 from grade.data.log_checks import NULL_ID_REASON, Scan, truncate_lists
 from grade.data.raw_logs import (
     FORMAT_VERSION,
+    MODEL_VERSION_COLUMN,
+    PROPENSITY_COLUMN,
     QUARANTINE_FILE,
     SPLITS,
     TRUTH_SEGMENT_COLUMN,
@@ -30,6 +32,7 @@ from grade.data.raw_logs import (
     aligned_batches,
     column_of,
     expected_kinds,
+    hash_strings,
     run_starts,
 )
 from grade.data.transform import FeatureTransform
@@ -118,7 +121,7 @@ class ShardWriter:
     """Fixed-size shard buffers of one split, filled request by request, written when full."""
 
     def __init__(self, root: Path, split: str, capacity: int, list_size: int, k: int, u: int, c: int,
-                 truth_rows: list[str], has_segment: bool):
+                 truth_rows: list[str], has_segment: bool, served: tuple[str, ...] = ()):
         self.root, self.split, self.capacity, self.L = root, split, capacity, list_size
         n, L = capacity, list_size
         self.row_fields = {"z": ((n, L, k), np.float32, 0), "pred": ((n, L, k), np.float32, 0),
@@ -131,6 +134,11 @@ class ShardWriter:
                            "event_time": ((n,), np.int64, 0), "request_id": ((n,), np.int64, 0)}
         if has_segment:
             self.req_fields["segment"] = ((n,), np.int64, 0)
+        served_shapes = {SERVED_W: ((n, k), np.float32, 0), PROPENSITY_COLUMN: ((n,), np.float32, np.nan),
+                         MODEL_VERSION_COLUMN: ((n,), np.int64, -1)}
+        self.req_fields.update({name: served_shapes[name] for name in served})
+        self.model_versions: dict[str, str] = {}
+        """hash (as text) -> name of the model versions met (the model_version tensor holds the hash)"""
         self.buf = {name: np.full(shape, fill, dtype=dtype)
                     for name, (shape, dtype, fill) in {**self.row_fields, **self.req_fields}.items()}
         self.cursor = 0
@@ -186,9 +194,15 @@ class ShardWriter:
         self.cursor = 0
 
     def summary(self) -> dict[str, Any]:
-        return {"n_requests": int(sum(self.sizes)), "n_rows": self.n_rows, "shards": self.shards,
-                "shard_requests": self.sizes, "time_min": self.time_min, "time_max": self.time_max,
-                "time_min_iso": iso_time(self.time_min), "time_max_iso": iso_time(self.time_max)}
+        out = {"n_requests": int(sum(self.sizes)), "n_rows": self.n_rows, "shards": self.shards,
+               "shard_requests": self.sizes, "time_min": self.time_min, "time_max": self.time_max,
+               "time_min_iso": iso_time(self.time_min), "time_max_iso": iso_time(self.time_max)}
+        served = [n for n in SERVED_FIELDS if n in self.req_fields]
+        if served:
+            out["served_fields"] = served
+        if MODEL_VERSION_COLUMN in self.req_fields:
+            out["model_versions"] = dict(sorted(self.model_versions.items()))
+        return out
 
 
 class _Quarantine:
@@ -205,6 +219,8 @@ class _Quarantine:
                 return pa.string() if ls.request_id_is_string else pa.int64()
             if name == "event_time":
                 return pa.timestamp("ns", tz="UTC")
+            if name == MODEL_VERSION_COLUMN:
+                return pa.string()
             return pa.float64() if "float" in expected_kinds(name)[0] else pa.int64()
 
         self.schema = pa.schema([pa.field(n, canonical(n)) for n in ls.used_columns()]
@@ -245,7 +261,8 @@ def write_shards(files, fs, paths, ls: LogSchema, cfg: FeaturesConfig, staging: 
            total_rows: int, quarantine: bool) -> dict[str, ShardWriter]:
     k, u, c = len(ls.objectives), len(ls.numeric), len(ls.categorical)
     writers = {s: ShardWriter(staging, s, cfg.shard_requests, list_size, k, u, c,
-                              [] if s == "train" else ls.truth_rows, s != "train" and ls.has_segment)
+                              [] if s == "train" else ls.truth_rows, s != "train" and ls.has_segment,
+                              served_fields(ls))
                for s in SPLITS}
     sink = _Quarantine(staging / QUARANTINE_FILE, ls) if quarantine else None
     transform = FeatureTransform.from_spec({"objectives": ls.objectives, **fitted})
@@ -294,6 +311,35 @@ def _drop_bad_requests(b: Batch, file_uri: str, bad_keys: np.ndarray, bad_reason
     return b.table.filter(pa.array(~rows_bad)), run_starts(lengths), lengths, run_keys[~bad]
 
 
+#: the request tensors of the log contract's optional served columns (docs/input_contract.md)
+SERVED_W = "served_w"
+SERVED_FIELDS = (SERVED_W, PROPENSITY_COLUMN, MODEL_VERSION_COLUMN)
+
+
+def served_fields(ls: LogSchema) -> tuple[str, ...]:
+    """The served request tensors the logs' columns give: served_w [N, K] float32,
+    served_log_propensity [N] float32 (NaN: null), model_version [N] int64 (a stable hash; -1: null)."""
+    present = (ls.served, ls.has_propensity, ls.has_model_version)
+    return tuple(name for name, here in zip(SERVED_FIELDS, present, strict=True) if here)
+
+
+def _served(t: pa.Table, starts: np.ndarray, ls: LogSchema, req: dict[str, np.ndarray]) -> dict[str, str]:
+    """Adds the served request tensors of a batch's requests to ``req``; the model versions met
+    (hash as text -> name)."""
+    if ls.served:
+        req[SERVED_W] = np.stack([column_of(t, c, np.float32)[0][starts] for c in ls.served_columns], axis=1)
+    if ls.has_propensity:
+        values, nulls = column_of(t, PROPENSITY_COLUMN, np.float32)
+        req[PROPENSITY_COLUMN] = np.where(nulls[starts], np.nan, values[starts]).astype(np.float32) \
+            if nulls is not None else values[starts]
+    if not ls.has_model_version:
+        return {}
+    names = t.column(MODEL_VERSION_COLUMN).take(pa.array(starts))
+    hashed = np.where(names.is_null().to_numpy(zero_copy_only=False), -1, hash_strings(names.fill_null("")))
+    req[MODEL_VERSION_COLUMN] = hashed.astype(np.int64)
+    return {str(h): n for h, n in zip(hashed.tolist(), names.to_pylist(), strict=True) if n is not None}
+
+
 def _emit(t: pa.Table, starts, lengths, run_keys, ls: LogSchema, writers, boundaries,
           transform: FeatureTransform) -> None:
     """Tensors of the good requests of one batch, handed to their split's writer."""
@@ -316,6 +362,9 @@ def _emit(t: pa.Table, starts, lengths, run_keys, ls: LogSchema, writers, bounda
     req = {"event_time": times, "request_id": run_keys, "num": num, "cat": cat}
     if ls.has_segment:
         req["segment"] = col(TRUTH_SEGMENT_COLUMN, np.int64)[starts]
+    versions = _served(t, starts, ls, req)
+    for w in writers.values():
+        w.model_versions.update(versions)
     for si, split in enumerate(SPLITS):
         sel = split_of == si
         if not sel.any():

@@ -33,8 +33,10 @@ Generative model (documented for users in docs/simulator.md):
   and why rewards built only from predictions can be hacked (they over-rate expensive items).
   ``pred_gmv`` is the predicted order value (the price with a little noise).
 * **Logging policy**: production fusion (uniform weights on log-predictions = rank by the product
-  of predictions) with per-request Dirichlet noise on the weights. Users examine position j with
-  probability ``theta_j = 1 / (1 + j)^eta``; click ~ Bernoulli(theta_j * true_ctr); order ~
+  of predictions) with per-request Dirichlet noise on the weights, or a served model's ranking (a
+  :data:`grade.data.served.Ranker`). Users examine the list under the world's click model
+  (:meth:`SimulatorConfig.world`: position-based ``theta_j = 1 / (1 + j)^eta`` or a DBN-style cascade,
+  with an optional page end); click ~ Bernoulli(true_ctr) on an examined item; order ~
   Bernoulli(true_cvr) after a click; ``gmv`` = price on an order.
 
 Ground truth (``true_ctr``, ``true_cvr``, ``price``, ``true_segment``) is written next to the logs for
@@ -64,7 +66,8 @@ from grade.core import config, store
 from grade.core.config import SEED_RANGE, ranged
 from grade.core.errors import ConfigError
 from grade.core.progress import Progress
-from grade.data.fusion import examination, fuse, gather_items, simplex_grid, top_e
+from grade.data.fusion import CLICK_MODELS, ClickModel, fuse, gather_items, simplex_grid, top_e
+from grade.data.served import Ranker, Served, sample_clicks
 
 log = logging.getLogger("grade.data.simulator")
 
@@ -107,7 +110,7 @@ class SimulatorConfig:
     """catalogue size"""
     n_categories: int = ranged(20, "[2, 100000]")
     """number of item categories"""
-    price_sigma: float = ranged(0.35, ">= 0")
+    price_sigma: float = ranged(0.35, ">= 0", retired=True)
     """std of an item's log-price around its category's mean"""
     category_price_sigma: float = ranged(0.3, ">= 0", retired=True)
     """std of the categories' mean log-prices"""
@@ -123,9 +126,9 @@ class SimulatorConfig:
     """share of users per segment: browser, buyer, bargain_hunter, premium"""
     feature_noise: float = ranged(0.7, ">= 0")
     """std of the noise on the numeric user features (higher = segments harder to identify)"""
-    mtl_noise_ctr: float = ranged(0.25, ">= 0")
+    mtl_noise_ctr: float = ranged(0.25, ">= 0", retired=True)
     """std of the MTL pCTR logit noise"""
-    mtl_noise_cvr: float = ranged(0.3, ">= 0")
+    mtl_noise_cvr: float = ranged(0.3, ">= 0", retired=True)
     """std of the MTL pCVR logit noise"""
     mtl_price_awareness: float = ranged(0.1, "[0, 1]")
     """share of each segment's deviation from the average price sensitivity the MTL model captures"""
@@ -136,8 +139,27 @@ class SimulatorConfig:
     logging_concentration: float = ranged(30.0, "> 0")
     """Dirichlet concentration of the logging policy's per-request weight noise"""
     position_bias: float = ranged(1.0, "[0, 10]")
-    """eta of the simulated world's examination theta_j = 1 / (1 + j)^eta (how its clicks are generated;
-    what the metrics and estimators assume is shared.eta)"""
+    """eta of the simulated world's examination theta_j = 1 / (1 + j)^eta under click_model pbm (how its
+    clicks are generated; what the estimators assume is shared.eta; the truth is always the world's)"""
+    click_model: str = "pbm"
+    """how users examine a list: pbm (position-based: position j examined with theta_j, whatever is above)
+    or cascade (DBN-style: the user scans from the top, continuing after each slot with
+    cascade_continue_click if she clicked it, cascade_continue_skip if not)"""
+    cascade_continue_click: float = ranged(0.5, "[0, 1]")
+    """cascade: probability of going on after a click; half the users who clicked are satisfied and stop,
+    the order of magnitude DBN fits on search logs report for satisfaction after a click"""
+    cascade_continue_skip: float = ranged(0.9, "[0, 1]")
+    """cascade: probability of going on after a skip; 0.9 makes a list nobody clicks examined 0.9^j deep
+    (0.39 at position 10, 0.12 at 20): a patient but finite scan, as DBN fits of web search find"""
+    page_size: int | None = ranged(0, "[0, 10000]")
+    """positions at or past it are never examined, under either click model (0 or null = no page end)"""
+    logging: str = "static"
+    """who ranks the logged lists: static (the production fusion with Dirichlet noise on its weights) or a
+    model folder or registry version URI (the market served by that model: its mean weights, logged as
+    served_w_<objective>, served_log_propensity and model_version)"""
+    stream: int = ranged(0, "[0, 1000000]")
+    """index of the stream of requests drawn from the same world (catalogue, users, click model): 0 the
+    original logs, 1, 2, ... the next days of the same market (pipeline.loop's rounds)"""
     exposure_depth: int = ranged(10, "[1, 1000]", derived="shared.exposure_depth")
     """E: positions that count as exposed in the headroom report and the oracle"""
     chunk_requests: int = ranged(10000, "[1, 1e7]", retired=True)
@@ -161,6 +183,17 @@ class SimulatorConfig:
             dt.date.fromisoformat(self.start_date)
         except ValueError:
             raise ConfigError(f"simulator.start_date: expected YYYY-MM-DD, got {self.start_date!r}") from None
+        if self.click_model not in CLICK_MODELS:
+            raise ConfigError(f"simulator.click_model: expected one of {list(CLICK_MODELS)}, "
+                              f"got {self.click_model!r}")
+        if not self.logging:
+            raise ConfigError("simulator.logging: expected static or a model folder / registry version URI, "
+                              "got ''")
+
+    def world(self) -> ClickModel:
+        """The simulated world's click model: its clicks are drawn from it, its truth computed under it."""
+        return ClickModel(self.click_model, self.position_bias, self.cascade_continue_click,
+                          self.cascade_continue_skip, self.page_size or None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,9 +250,12 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 # Requests
 # ------------------------------------------------------------------------------------------------
 
-def _chunk(cfg: SimulatorConfig, world: World, index: int, start: int, n: int) -> pa.Table:
-    """Requests [start, start + n) as a long-format table (rows of a request contiguous)."""
-    rng = np.random.default_rng([cfg.seed, 1, index])
+def _chunk(cfg: SimulatorConfig, world: World, index: int, start: int, n: int,
+           ranker: Ranker | None = None) -> pa.Table:
+    """Requests [start, start + n) as a long-format table (rows of a request contiguous), ranked by the
+    static logging policy or by ``ranker``."""
+    # stream 0 keeps the original draws; a later stream is new requests of the same world
+    rng = np.random.default_rng([cfg.seed, 1, index] + ([cfg.stream] if cfg.stream else []))
     L = cfg.list_size
     per_cat = world.category_items.shape[1]
 
@@ -266,20 +302,12 @@ def _chunk(cfg: SimulatorConfig, world: World, index: int, start: int, n: int) -
     pred_rel = _sigmoid(1.5 * in_query[None, :] - 0.75 + rng.normal(0, 0.5, (n, L)))
     preds = {"ctr": pred_ctr, "cvr": pred_cvr, "gmv": pred_gmv, "rel": pred_rel}
 
-    # logging policy: product of predictions with per-request Dirichlet noise on the weights
+    # logging policy: product of predictions with per-request Dirichlet noise on the weights. Every random
+    # draw happens before the ranking, in a fixed order, so a served market sees the same users, lists
+    # and uniforms as the static one
     k = len(cfg.objectives)
     logged_w = rng.dirichlet(np.full(k, cfg.logging_concentration / k), n)
-    logp = np.stack([np.log(np.maximum(preds[o], 1e-12)) for o in cfg.objectives], axis=-1)
-    score = np.einsum("nlk,nk->nl", logp, logged_w)
-    order_idx = np.argsort(-score, axis=1, kind="stable")
-    position = np.empty((n, L), dtype=np.int16)
-    np.put_along_axis(position, order_idx, np.broadcast_to(slot.astype(np.int16), (n, L)), axis=1)
-
-    theta = examination(L, cfg.position_bias).double().numpy()[position]
-    click = rng.random((n, L)) < theta * true_ctr
-    order = click & (rng.random((n, L)) < true_cvr)
-    gmv = np.where(order, price, 0.0)
-
+    u_click, u_order = rng.random((n, L)), rng.random((n, L))
     session_depth = world.user_num[user, 2][:, None] * 0.5 + rng.normal(0, 1.0, (n, 1))
     rows = n * L
     rep = lambda x: np.repeat(x, L)  # noqa: E731 - request-level value on every row of the request
@@ -295,14 +323,31 @@ def _chunk(cfg: SimulatorConfig, world: World, index: int, start: int, n: int) -
         "c_region": pa.array(rep(world.user_region[user]).astype(np.int32)),
         "c_query_category": pa.array(rep(query_cat).astype(np.int32)),
         "item_id": pa.array(items.reshape(rows).astype(np.int64)),
-        "position": pa.array(position.reshape(rows)),
     }
-    for o in cfg.objectives:
-        cols[f"pred_{o}"] = pa.array(np.maximum(preds[o], 1e-7).reshape(rows).astype(np.float32))
+    pred_cols = {f"pred_{o}": pa.array(np.maximum(preds[o], 1e-7).reshape(rows).astype(np.float32))
+                 for o in cfg.objectives}
+    if ranker is None:
+        logp = np.stack([np.log(np.maximum(preds[o], 1e-12)) for o in cfg.objectives], axis=-1)
+        served = Served(np.einsum("nlk,nk->nl", logp, logged_w))
+    else:
+        served = ranker(pa.table({**cols, **pred_cols}))
+    order_idx = np.argsort(-served.scores.reshape(n, L), axis=1, kind="stable")
+    position = np.empty((n, L), dtype=np.int16)
+    np.put_along_axis(position, order_idx, np.broadcast_to(slot.astype(np.int16), (n, L)), axis=1)
+
+    click = sample_clicks(cfg.world(), rng, order_idx, position, true_ctr, u_click)
+    order = click & (u_order < true_cvr)
+    gmv = np.where(order, price, 0.0)
+
+    cols["position"] = pa.array(position.reshape(rows))
+    cols.update(pred_cols)
     cols.update({
         "click": pa.array(click.reshape(rows).astype(np.int8)),
         "order": pa.array(order.reshape(rows).astype(np.int8)),
         "gmv": pa.array(gmv.reshape(rows).astype(np.float32)),
+    })
+    cols.update(served.columns(cfg.objectives, L))
+    cols.update({
         "true_ctr": pa.array(true_ctr.reshape(rows).astype(np.float32)),
         "true_cvr": pa.array(true_cvr.reshape(rows).astype(np.float32)),
         "price": pa.array(price.reshape(rows).astype(np.float32)),
@@ -311,17 +356,18 @@ def _chunk(cfg: SimulatorConfig, world: World, index: int, start: int, n: int) -
     return pa.table(cols)
 
 
-def generate(cfg: SimulatorConfig) -> Iterator[pa.Table]:
-    """The logs as a sequence of tables, one per chunk of ``cfg.chunk_requests`` requests, in time order."""
+def generate(cfg: SimulatorConfig, ranker: Ranker | None = None) -> Iterator[pa.Table]:
+    """The logs as a sequence of tables, one per chunk of ``cfg.chunk_requests`` requests, in time order,
+    ranked by the static logging policy or by ``ranker`` (the served market)."""
     config.check(cfg)
     world = make_world(cfg)
     for index, start in enumerate(range(0, cfg.n_requests, cfg.chunk_requests)):
-        yield _chunk(cfg, world, index, start, min(cfg.chunk_requests, cfg.n_requests - start))
+        yield _chunk(cfg, world, index, start, min(cfg.chunk_requests, cfg.n_requests - start), ranker)
 
 
-def write_logs(cfg: SimulatorConfig, out_uri: str) -> dict[str, Any]:
+def write_logs(cfg: SimulatorConfig, out_uri: str, ranker: Ranker | None = None) -> dict[str, Any]:
     """Generate the logs and publish them atomically as ``day=YYYY-MM-DD/part-NNNNN.parquet`` under
-    ``out_uri``."""
+    ``out_uri`` (``ranker``: the served market's, for ``cfg.logging`` other than static)."""
     t0 = time.monotonic()
     rows = 0
     files = 0
@@ -330,7 +376,7 @@ def write_logs(cfg: SimulatorConfig, out_uri: str) -> dict[str, Any]:
                         every_s=0.0, logger=log)
     with store.publishing(out_uri, extra={"producer": "grade.data.simulator",
                                           "config": dataclasses.asdict(cfg)}) as staging:
-        for index, table in enumerate(generate(cfg)):
+        for index, table in enumerate(generate(cfg, ranker)):
             day = pc.strftime(table["event_time"], format="%Y-%m-%d").to_numpy(zero_copy_only=False)
             bounds = np.flatnonzero(np.r_[True, day[1:] != day[:-1], True])
             for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
@@ -347,6 +393,22 @@ def write_logs(cfg: SimulatorConfig, out_uri: str) -> dict[str, Any]:
     log.info("simulate: wrote %d rows of %d requests in %d files to %s (%.1f s)", rows, cfg.n_requests, files,
              out_uri, elapsed)
     return summary
+
+
+def logged_world(logs_uri: str | list[str]) -> dict[str, Any]:
+    """{"click_model": the world's click model as JSON} of simulated logs, read from their manifest (the
+    simulator's config); {} for logs this simulator did not write (no manifest, or another producer)."""
+    if not isinstance(logs_uri, str):
+        return {}
+    try:
+        manifest = store.read_manifest(logs_uri)
+    except store.NotPublished:
+        return {}
+    if manifest.get("producer") != "grade.data.simulator" or not isinstance(manifest.get("config"), dict):
+        return {}
+    known = {f.name for f in dataclasses.fields(SimulatorConfig)}
+    cfg = SimulatorConfig(**{k: v for k, v in manifest["config"].items() if k in known})
+    return {"click_model": cfg.world().to_json()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -397,12 +459,15 @@ def _priced(outcomes: dict[str, torch.Tensor], value) -> torch.Tensor:
 
 def candidate_outcomes(signals: torch.Tensor, true_ctr: torch.Tensor, true_cvr: torch.Tensor,
                        price: torch.Tensor, mask: torch.Tensor | None, candidates: torch.Tensor, *,
-                       depth: int = 10, eta: float = 1.0, chunk: int = 256) -> dict[str, torch.Tensor]:
+                       depth: int = 10, eta: ClickModel | float = 1.0,
+                       chunk: int = 256) -> dict[str, torch.Tensor]:
     """Expected clicks, orders and GMV per request for every candidate weight vector: each [N, C].
 
-    signals [N, L, K]; true_* and price [N, L]; candidates [C, K]. Ranks with every candidate at once
-    (chunks of requests bound the [chunk, C, L] score tensor).
+    signals [N, L, K]; true_* and price [N, L]; candidates [C, K]; ``eta`` the world's click model (an
+    eta = position-based). Ranks with every candidate at once (chunks of requests bound the
+    [chunk, C, L] score tensor).
     """
+    world = ClickModel.of(eta)
     n = signals.shape[0]
     out = {"clicks": [], "orders": [], "gmv": []}
     for s in range(0, n, chunk):
@@ -411,11 +476,10 @@ def candidate_outcomes(signals: torch.Tensor, true_ctr: torch.Tensor, true_cvr: 
         m = None if mask is None else mask[sl]
         w = candidates.unsqueeze(0).expand(z.shape[0], -1, -1)
         idx = top_e(fuse(z, w, m), depth)                                      # [b, C, E]
-        theta = examination(idx.shape[-1], eta)
         ctr = true_ctr[sl].float()
-        if m is not None:
-            ctr = ctr.masked_fill(~m, 0.0)
-        clicks = gather_items(ctr, idx) * theta
+        shown = torch.ones(idx.shape) if m is None else gather_items(m.float(), idx)
+        attraction = gather_items(ctr, idx)
+        clicks = attraction * world.examine(attraction, shown)
         orders = clicks * gather_items(true_cvr[sl].float(), idx)
         out["clicks"].append(clicks.sum(-1))
         out["orders"].append(orders.sum(-1))
@@ -424,7 +488,7 @@ def candidate_outcomes(signals: torch.Tensor, true_ctr: torch.Tensor, true_cvr: 
 
 
 def oracle_weights(signals: torch.Tensor, true_ctr: torch.Tensor, true_cvr: torch.Tensor, price: torch.Tensor,
-                   mask: torch.Tensor | None = None, *, depth: int = 10, eta: float = 1.0,
+                   mask: torch.Tensor | None = None, *, depth: int = 10, eta: ClickModel | float = 1.0,
                    value=(0.0, 1.0, 0.0), n_candidates: int = 512, seed: int = 0,
                    chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Per request, the candidate weights maximising the true business value, and that value.
@@ -432,7 +496,8 @@ def oracle_weights(signals: torch.Tensor, true_ctr: torch.Tensor, true_cvr: torc
     signals [N, L, K] (log-predictions or standardised z: any per-objective score whose weighted sum
     ranks); true_ctr, true_cvr, price [N, L]; mask bool [N, L]. value = (v_click, v_order, v_gmv) or
     one of "clicks", "orders", "gmv": value of a ranking = sum_j theta_j ctr (v_click + cvr (v_order +
-    v_gmv price)) over the top ``depth``. Returns weights [N, K] and value [N].
+    v_gmv price)) over the top ``depth``, theta the examination under the click model ``eta`` (an eta =
+    position-based). Returns weights [N, K] and value [N].
     """
     cand = simplex_candidates(signals.shape[-1], n_candidates, seed)
     o = candidate_outcomes(signals, true_ctr, true_cvr, price, mask, cand, depth=depth, eta=eta, chunk=chunk)
@@ -449,14 +514,14 @@ def _metrics(clicks: torch.Tensor, orders: torch.Tensor, gmv: torch.Tensor,
 
 
 def headroom_report(table: pa.Table, objectives: list[str], *, list_size: int, depth: int = 10,
-                    eta: float = 1.0, value="orders", n_candidates: int = 512,
+                    eta: ClickModel | float = 1.0, value="orders", n_candidates: int = 512,
                     seed: int = 0) -> dict[str, Any]:
     """True CTR/CVR/OPM/GPM of static, the best global vector, per-segment best vectors and the oracle.
 
     ``table``: simulated logs (rows of a request contiguous, ``list_size`` rows per request). Signals are
     the log-predictions (static = uniform weights = rank by the product of predictions). The best
     global and per-segment vectors are searched on the same requests (an upper bound of what a global or
-    a segment-aware policy could reach).
+    a segment-aware policy could reach). ``eta``: the world's click model (an eta = position-based).
     """
     n = table.num_rows // list_size
 
@@ -472,7 +537,7 @@ def headroom_report(table: pa.Table, objectives: list[str], *, list_size: int, d
     cand = torch.cat([static, cand])
     o = candidate_outcomes(signals, ctr, cvr, price, None, cand, depth=depth, eta=eta)
     val = _priced(o, value)
-    impressions = float(examination(min(depth, list_size), eta).sum()) * n
+    impressions = float(ClickModel.of(eta).impressions(torch.ones(min(depth, list_size)))) * n
     rows = torch.arange(n)
 
     def pick(choice: torch.Tensor) -> dict[str, float]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from grade.data.fusion import examination, fuse, top_e
+from grade.data.fusion import ClickModel, fuse, top_e
 from grade.value.auction import EstimatorInputs, exposure_sums
 from grade.value.estimators import ranking_value
 
@@ -73,19 +73,18 @@ def ordering(rows: dict[str, dict[str, Any]], margin: float) -> dict[str, Any]:
 @torch.no_grad()
 def grid_values(data: dict[str, torch.Tensor], grid: torch.Tensor, segment: torch.Tensor, n_segments: int,
                 estimators: dict[str, EstimatorInputs], value_weights: tuple[float, float, float],
-                depth: int, eta: float, chunk_elems: int = 4_000_000) -> dict[str, torch.Tensor]:
+                depth: int, eta: ClickModel | float, chunk_elems: int = 4_000_000) -> dict[str, torch.Tensor]:
     """Per segment, the total value of each global vector of ``grid`` [G, K]: name -> [S, G] float64.
 
     ``estimators``: name -> inputs on ``data``'s requests (label and model key "value": the declared
     value per item); "true" is added from the ground truth (true_ctr, true_cvr, price) with
-    ``value_weights`` (the declared value's prices for raw GMV, BusinessConfig.prices) and
-    theta_j = (1+j)^-eta.
+    ``value_weights`` (the declared value's prices for raw GMV, BusinessConfig.prices) under the world's
+    click model ``eta`` (an eta = position-based, theta_j = (1+j)^-eta).
     segment [N] holds ids in 0..n_segments-1. Requests are processed in chunks (SNIPS normalises per chunk).
     """
     n, length = data["mask"].shape
     g = grid.shape[0]
     e = min(depth, length)
-    theta = examination(e, eta)
     out = {name: torch.zeros(n_segments, g, dtype=torch.float64) for name in [*estimators, "true"]}
     chunk = max(1, chunk_elems // max(1, g * length))
     for start in range(0, n, chunk):
@@ -99,7 +98,7 @@ def grid_values(data: dict[str, torch.Tensor], grid: torch.Tensor, segment: torc
             v = ranking_value(est.name, idx, est.theta[:e], est.logged_theta[sl], est.labels["value"][sl],
                               model, max_weight=est.max_weight).value
             out[name].index_add_(0, seg, v.to(torch.float64))
-        sums = exposure_sums(idx, m, theta, data["true_ctr"][sl], data["true_cvr"][sl], data["price"][sl])
+        sums = exposure_sums(idx, m, eta, data["true_ctr"][sl], data["true_cvr"][sl], data["price"][sl])
         true = sum(w * sums[k] for w, k in zip(value_weights, ("clicks", "orders", "gmv"), strict=True))
         out["true"].index_add_(0, seg, true)
     return out

@@ -23,13 +23,15 @@ from typing import Any
 from grade.core import config, store
 from grade.core.config import SEED_RANGE, ranged, setting
 from grade.core.errors import InputError
-from grade.evaluate.held_out import FITTED_VALUE_MODEL, HeldOut, load_inputs, obtain_value_model
+from grade.evaluate.diagnostics import DiagnosticsConfig, click_profile
+from grade.evaluate.held_out import FITTED_VALUE_MODEL, HeldOut, load_inputs, obtain_value_model, value_unit
 from grade.evaluate.policies import PolicyRuns, check_model_names, compute_policies, named_models
 from grade.evaluate.report import render_html
 from grade.evaluate.summary import kfp_metrics, read_training_curves, write_json
 from grade.evaluate.verdicts import Report, build_report
+from grade.model.exploration import ExploreConfig
 from grade.model.registry import DEFAULT_MODEL
-from grade.value import auction, baselines, estimators
+from grade.value import auction, baselines, estimators, weight_ips
 from grade.value.business import BusinessConfig
 from grade.value.reward import RewardConfig
 from grade.value.value_model import ValueModelConfig
@@ -46,7 +48,9 @@ class EvaluateConfig:
     exposure_depth: int = ranged(10, "[1, 1000]", derived="shared.exposure_depth")
     """E: items exposed per request (top-E of each ranking)"""
     position_bias: float = ranged(1.0, "[0, 10]", derived="shared.eta")
-    """eta of the examination probability theta_j = 1/(1+j)^eta"""
+    """eta of the examination probability theta_j = 1/(1+j)^eta the estimators assume; the truth is computed
+    under the world's click model, which the features record from simulated logs (this eta only for
+    features without it)"""
     bootstrap_samples: int = ranged(1000, "[0, 1e6]")
     """paired bootstrap resamples of requests for the lift CIs"""
     confidence: float = ranged(0.95, "(0, 1)")
@@ -94,6 +98,8 @@ class EvaluateConfig:
     """model name in the registry whose production alias is the incumbent (an alias of shared.model_name)"""
     batch_size: int = ranged(16384, "[1, 1e7]", retired=True)
     """requests per chunk in ranking and policy inference"""
+    diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
+    """thresholds of the checks of the logs against what the estimated flavour assumes (docs/estimators.md)"""
 
     def validate(self) -> None:
         if self.interval not in auction.INTERVALS:
@@ -111,10 +117,24 @@ class EvaluateConfig:
                              f"got {self.oracle_value!r}")
 
 
+def weight_level(held: HeldOut, models: dict[str, str]) -> dict[str, Any] | None:
+    """The weight-level estimator's section of report.json (grade.value.weight_ips) when the held-out
+    logs carry served weights and propensities; the models' exploring Dirichlets at serving's default
+    kappa cap, ratios clipped at evaluate.estimator_max_weight."""
+    if not (models and weight_ips.has_propensities(held.data)):
+        return None
+    d, cfg = held.data, held.cfg
+    value = held.business.item_value(d["click"], d["order"], d["gmv"], value_unit(held))
+    return weight_ips.report_section(d, models, value, cfg.exposure_depth, ExploreConfig().kappa_cap,
+                                     cfg.estimator_max_weight, cfg.bootstrap_samples, cfg.confidence,
+                                     cfg.seed)
+
+
 def render(report: Report, runs: PolicyRuns, held: HeldOut) -> str:
     """report.html (grade.evaluate.report.render_html) with the weights, segments and training curves."""
     curves = {name: read_training_curves(info["uri"]) for name, info in report.models.items()}
-    return render_html(report.to_json(), weights=runs.weights, segments=held.segment, curves=curves)
+    return render_html(report.to_json(), weights=runs.weights, segments=held.segment, curves=curves,
+                       click_rates=click_profile(held.data, len(report.value_model.get("theta", []))))
 
 
 def publish(report: Report, out_uri: str, html: str, value_model_folder: Path | None = None) -> None:
@@ -156,6 +176,7 @@ def run_evaluation(features_uri: str, models: dict[str, str], out_uri: str, cfg:
         named, info = named_models(models, registry_uri, cfg)
         runs = compute_policies(held, named, info)
         report = build_report(held, runs, list(models), t0)
+        report.weight_level = weight_level(held, named)
         publish(report, out_uri, render(report, runs, held), vm_folder)
     log.info("evaluation published to %s in %.1fs", out_uri, time.monotonic() - t0)
     return report.to_json()

@@ -20,6 +20,7 @@ import torch
 from grade.core import store
 from grade.core.errors import InputError
 from grade.data import dataset
+from grade.data.fusion import ClickModel, truth_click_model
 from grade.data.transform import FeatureTransform, clamp_unseen
 from grade.evaluate.held_out import HeldOut, estimator_inputs, true_segment_labels, value_unit
 from grade.model import registry
@@ -71,6 +72,12 @@ class Ranking:
     """what the report records about how the policy was built (the best_static search)"""
     unavailable: str | None = None
     """why the policy could not be run (report key '<name>_unavailable'); nothing is ranked"""
+
+
+def truth_world(held: HeldOut) -> ClickModel:
+    """The click model every true metric is computed under: the world's, as the features recorded it from
+    the simulated logs (the config's eta, what the estimators assume, only for features without it)."""
+    return truth_click_model(held.spec, held.cfg.position_bias)
 
 
 def _static(held: HeldOut) -> Ranking:
@@ -125,7 +132,7 @@ def _oracle(held: HeldOut) -> Ranking | None:
     if not auction.has_ground_truth(held.data):
         return None
     t = time.monotonic()
-    w = baselines.oracle_weights(held.data, depth=cfg.exposure_depth, eta=cfg.position_bias,
+    w = baselines.oracle_weights(held.data, depth=cfg.exposure_depth, eta=truth_world(held),
                                  value=oracle_value(held), n_candidates=cfg.oracle_candidates, seed=cfg.seed)
     log.info("oracle weights in %.1fs", time.monotonic() - t)
     return Ranking(weights=w)
@@ -151,7 +158,7 @@ def _segment_best(held: HeldOut) -> Ranking | None:
         return Ranking(unavailable="the valid split has no ground truth or true segment")
     best = baselines.segment_best_weights(valid, held.objectives, valid["segment"].long(),
                                           held.business.prices(value_unit(held)),
-                                          cfg.exposure_depth, cfg.position_bias, cfg.frontier_steps)
+                                          cfg.exposure_depth, truth_world(held), cfg.frontier_steps)
     seg = held.data["segment"].long()
     static = baselines.static_weights(held.spec)
     weights = static.expand(held.n_requests, -1).clone()
@@ -213,8 +220,9 @@ def compute_policies(held: HeldOut, models: dict[str, str],
                      model_info: dict[str, dict[str, Any]]) -> PolicyRuns:
     """Rank the held-out requests with every baseline and named model; their per-request sums."""
     cfg, data, n = held.cfg, held.data, held.n_requests
-    runs = PolicyRuns(auction.SumsTable(auction.shared_sums(data, cfg.exposure_depth, cfg.position_bias,
-                                                            held.estimator)), {}, {}, model_info)
+    world = truth_world(held)
+    runs = PolicyRuns(auction.SumsTable(auction.shared_sums(data, cfg.exposure_depth, world, held.estimator)),
+                      {}, {}, model_info)
     mix = held.business.primary_metric == "vpm"
     value_weights = held.business.prices(value_unit(held)) if mix else None
     estimator = held.estimator
@@ -228,7 +236,7 @@ def compute_policies(held: HeldOut, models: dict[str, str],
         t = time.monotonic()
         runs.table.add_policy(name, auction.policy_sums(
             data, held.objectives, weights=ranking.weights, scores=ranking.scores, depth=cfg.exposure_depth,
-            eta=cfg.position_bias, chunk=cfg.batch_size, estimator=estimator, value_weights=value_weights))
+            eta=world, chunk=cfg.batch_size, estimator=estimator, value_weights=value_weights))
         log.info("policy %s ranked in %.1fs (%.0f requests/s)", name, time.monotonic() - t,
                  n / max(time.monotonic() - t, 1e-9))
         w = ranking.weights

@@ -175,9 +175,69 @@ def l1_table(report: dict[str, Any]) -> str:
             f"<tbody>{''.join(rows)}</tbody></table>")
 
 
+STATUS_CLASS = {"pass": "pos", "warn": "warn", "fail": "neg"}
+
+
+def diagnostics_table(report: dict[str, Any]) -> str:
+    """Every diagnostic check: status (coloured), what it is about, value, threshold and its sentence."""
+    checks = (report.get("diagnostics") or {}).get("checks", [])
+    if not checks:
+        return "<p>No diagnostics (no logged positions and clicks, or a report written before them).</p>"
+    esc = html.escape
+    rows = "".join(
+        f"<tr><th>{esc(c['name'])}</th><td>{esc(c['policy'] or '')}</td>"
+        f"<td class='{STATUS_CLASS[c['status']]}'>{esc(c['status'].upper())}</td><td>{_fmt(c['value'])}</td>"
+        f"<td>{esc(c['threshold'])}</td><td class='text'>{esc(c['sentence'])}</td></tr>" for c in checks)
+    return ('<table class="diagnostics"><caption>Checks of the logs against what the estimated flavour '
+            "assumes (a FAIL: the truth-free judgement cannot be trusted; see docs/estimators.md)</caption>"
+            "<thead><tr><th>check</th><th>policy</th><th>status</th><th>value</th><th>threshold</th>"
+            f"<th>what it means</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
 # ------------------------------------------------------------------------------------------------
 # Figures
 # ------------------------------------------------------------------------------------------------
+
+def fig_examination(theta: list[float], click_rates: list[float]) -> str | None:
+    """Logged click rate by position relative to position 0, next to theta-hat: where the two part, the
+    fit attributes the fall of clicks to the items (the logging ranks better ones first), not to position."""
+    rates = np.array(click_rates[:len(theta)], dtype=float)
+    if not theta or rates.size == 0 or not rates[0] > 0:
+        return None
+    plt = _mpl()
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    x = np.arange(len(theta))
+    ax.plot(x, theta, marker="o", ms=3, label="theta-hat (value model)")
+    ax.plot(x[:rates.size], rates / rates[0], marker="s", ms=3, label="logged click rate / position 0's")
+    ax.set_xlabel("logged position (0 = top)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Examination: theta-hat and the logged click rate by position")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def fig_support(report: dict[str, Any]) -> str | None:
+    """Each policy's share of value on low-support items, against the fail threshold."""
+    checks = [c for c in (report.get("diagnostics") or {}).get("checks", [])
+              if c["name"] == "low_support" and c["value"] is not None]
+    if not checks:
+        return None
+    plt = _mpl()
+    fig, ax = plt.subplots(figsize=(6.4, 0.35 * len(checks) + 1.3))
+    colour = {"pass": "tab:green", "warn": "tab:orange", "fail": "tab:red"}
+    y = np.arange(len(checks))
+    ax.barh(y, [100 * c["value"] for c in checks], color=[colour[c["status"]] for c in checks])
+    limit = report.get("config", {}).get("diagnostics", {}).get("max_low_support_share")
+    if limit is not None:
+        ax.axvline(100 * limit, color="black", lw=0.8, ls="--", label="fail above (judged policies)")
+        ax.legend(fontsize=8)
+    ax.set_yticks(y, [c["policy"] for c in checks])
+    ax.invert_yaxis()
+    ax.set_xlabel("share of the policy's value on low-support items (%)")
+    ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
+
 
 def fig_lifts(lifts: dict[str, Any], flavour: str, colours: dict[str, Any]) -> str | None:
     plt = _mpl()
@@ -320,15 +380,18 @@ table{border-collapse:collapse;margin:12px 0;font-size:0.88em}th,td{border:1px s
 caption{text-align:left;font-weight:600;padding:4px 0}.pos{color:#137333;font-weight:600}
 .neg{color:#b3261e;font-weight:600}.zero{color:#555}figure{margin:10px 0}img{max-width:100%;height:auto}
 .summary{background:#f3f7fd;border-left:4px solid #3b73c4;padding:10px 14px}.meta{color:#666;font-size:0.9em}
-pre{background:#f6f6f6;padding:10px;overflow:auto;font-size:0.8em}
+pre{background:#f6f6f6;padding:10px;overflow:auto;font-size:0.8em}.warn{color:#9a5b00;font-weight:600}
+td.text{text-align:left;max-width:560px}
 """
 
 
 def render_html(report: dict[str, Any], weights: dict[str, torch.Tensor] | None = None,
                 segments: tuple[str, torch.Tensor, dict[int, str]] | None = None,
-                curves: dict[str, dict[str, Any]] | None = None) -> str:
+                curves: dict[str, dict[str, Any]] | None = None,
+                click_rates: list[float] | None = None) -> str:
     """The whole report page. ``weights``: per-request weights [N, K] of each policy (for the per-segment
-    plots); ``segments``: (feature, ids [N], id -> label); ``curves``: per model, metrics.json/train_log."""
+    plots); ``segments``: (feature, ids [N], id -> label); ``curves``: per model, metrics.json/train_log;
+    ``click_rates``: the logged click rate by position (grade.evaluate.diagnostics.click_profile)."""
     import json
 
     colours = _colours(list(report["policies"]))
@@ -353,6 +416,12 @@ def render_html(report: dict[str, Any], weights: dict[str, torch.Tensor] | None 
         parts.append(lifts_table(report["lift_vs_incumbent"], flavour, "incumbent (production)"))
     for baseline, lifts in report.get("lift_vs", {}).items():
         parts.append(lifts_table({p: v for p, v in lifts.items() if p != baseline}, flavour, baseline))
+    parts += ["<h2>Diagnostics</h2>", diagnostics_table(report)]
+    for b64, alt in ((fig_examination(report.get("value_model", {}).get("theta", []), click_rates or []),
+                      "theta-hat and the logged click rate by position"),
+                     (fig_support(report), "share of value on low-support items per policy")):
+        if b64:
+            parts.append(_img(b64, alt))
     parts += ["<h2>Metrics</h2>",
               "<p class='meta'>CTR = clicks/impressions, CVR = orders/clicks, OPM and GPM = orders and GMV "
               "per 1000 impressions (expected values on the exposure); replay = NDCG@E against logged labels "

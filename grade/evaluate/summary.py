@@ -122,4 +122,16 @@ def format_table(report: dict[str, Any]) -> str:
                 _verdict(c, k.removeprefix("beats_"), v, primary)
                 for k, v in c.items() if k.startswith("beats_")))
     lines.append(report["headroom_sentence"])
-    return "\n".join(lines)
+    return "\n".join(lines + diagnostic_lines(report))
+
+
+def diagnostic_lines(report: dict[str, Any]) -> list[str]:
+    """One line per check that did not pass: status, name (and policy), value, threshold, sentence."""
+    out = []
+    for c in (report.get("diagnostics") or {}).get("checks", []):
+        if c["status"] != "pass":
+            about = f" [{c['policy']}]" if c["policy"] else ""
+            value = "n/a" if c["value"] is None else f"{c['value']:.4g}"
+            out.append(f"diagnostic {c['status'].upper()} {c['name']}{about}: {value} "
+                       f"(needs {c['threshold']}). {c['sentence']}")
+    return out

@@ -16,8 +16,8 @@ import torch
 
 from grade.core.config import to_dict
 from grade.data import dataset
-from grade.data.fusion import simplex_grid
-from grade.evaluate import estimator_check
+from grade.data.fusion import ClickModel, simplex_grid
+from grade.evaluate import diagnostics, estimator_check
 from grade.evaluate.held_out import (
     HeldOut,
     content_hash_of,
@@ -26,7 +26,7 @@ from grade.evaluate.held_out import (
     primary_flavour,
     true_segment_labels,
 )
-from grade.evaluate.policies import PolicyRuns
+from grade.evaluate.policies import PolicyRuns, truth_world
 from grade.value import auction, estimators
 
 if TYPE_CHECKING:
@@ -91,12 +91,20 @@ class Report:
     """estimated vs true per policy and per-segment grid picks of each estimator ({} without truth)"""
     business: dict[str, float] = dataclasses.field(default_factory=dict)
     """the declared business value (clicks, orders, gmv per impression) the primary metric measures"""
+    diagnostics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """{"checks": [...]}: the logs checked against what the estimated flavour assumes
+    (grade.evaluate.diagnostics)"""
+    weight_level: dict[str, Any] | None = None
+    """the weight-level estimator's values and lifts (grade.value.weight_ips; key absent unless the
+    held-out logs carry served weights and propensities)"""
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name not in ("lift_vs_incumbent", "unavailable")}
+               if f.name not in ("lift_vs_incumbent", "unavailable", "weight_level")}
         if self.lift_vs_incumbent is not None:
             out["lift_vs_incumbent"] = self.lift_vs_incumbent
+        if self.weight_level is not None:
+            out["weight_level"] = self.weight_level
         out.update({f"{name}_unavailable": why for name, why in self.unavailable.items()})
         return out
 
@@ -152,7 +160,7 @@ def segment_estimator_picks(held: HeldOut) -> dict[str, Any]:
     seg = valid["segment"].long()
     values = estimator_check.grid_values(valid, grid, seg, int(seg.max()) + 1, inputs,
                                          held.business.prices(vm.order_value_unit),
-                                         cfg.exposure_depth, cfg.position_bias)
+                                         cfg.exposure_depth, truth_world(held))
     labels = {int(i): true_segment_labels().get(int(i), str(int(i))) for i in torch.unique(seg).tolist()}
     return estimator_check.segment_picks(values, grid, labels)
 
@@ -215,14 +223,16 @@ def build_report(held: HeldOut, runs: PolicyRuns, model_names: list[str], starte
                   "by_segment": segment_breakdown(runs.table, seg, seg_labels, cfg) if seg_name else {},
                   "best_weights": best_by_segment,
                   "l1_to_best": segment_distances(mean_weights, best_by_segment, list(runs.models))},
-        frontier=static_frontier(held.data, held.objectives, cfg, flavour),
+        frontier=static_frontier(held.data, held.objectives, cfg, flavour, truth_world(held)),
         config=to_dict(cfg),
-        features={"uri": held.features_uri, "content_hash": content_hash_of(held.features_uri)},
+        features={"uri": held.features_uri, "content_hash": content_hash_of(held.features_uri),
+                  "truth_click_model": truth_world(held).to_json()},
         lift_vs_incumbent=lifts.get("incumbent"),
         unavailable={b: r.unavailable for b, r in runs.baselines.items() if r.unavailable},
         value_model=held.value_model_info,
         estimator_check=estimator_report(held, policies, lifts["static"], metric),
         business=dataclasses.asdict(held.business),
+        diagnostics=diagnostics.diagnostics_section(diagnostics.run_checks(held, runs, model_names)),
         elapsed_s=round(time.monotonic() - started, 2))
 
 
@@ -247,14 +257,15 @@ def segment_breakdown(table: auction.SumsTable, seg: torch.Tensor, labels: dict[
 
 
 def static_frontier(data: dict[str, torch.Tensor], objectives: list[str], cfg: EvaluateConfig,
-                    flavour: str) -> dict[str, Any]:
-    """CTR and GPM of global weight vectors over the simplex (the static trade-off frontier)."""
+                    flavour: str, world: ClickModel) -> dict[str, Any]:
+    """CTR and GPM of global weight vectors over the simplex (the static trade-off frontier) under the
+    world's click model."""
     k = data["z"].shape[-1]
     steps = cfg.frontier_steps if k <= 3 else max(2, min(cfg.frontier_steps, 6))
     grid = simplex_grid(k, steps)
     if flavour == "prior" and "ctr" not in auction.objective_index(objectives):
         return {}
-    sweep = auction.sweep_global_weights(data, objectives, grid, cfg.exposure_depth, cfg.position_bias,
+    sweep = auction.sweep_global_weights(data, objectives, grid, cfg.exposure_depth, world,
                                          flavour=flavour, chunk=max(1, cfg.batch_size // 8))
     return {"flavour": flavour, "weights": grid.tolist(),
             **{m: [float(x) for x in v] for m, v in sweep.items()}}

@@ -137,7 +137,8 @@ class PolicyNet(nn.Module):
 
 
 class ServingPolicy(nn.Module):
-    """The TorchScript serving module: (num, cat) -> weights [B, K]."""
+    """The TorchScript serving module: (num, cat) -> weights [B, K]; ``dirichlet(num, cat)`` -> (mu [B, K],
+    kappa [B]) and ``alpha_floor()`` for serving's exploration (grade.model.exploration)."""
 
     def __init__(self, policy: PolicyNet):
         super().__init__()
@@ -146,6 +147,14 @@ class ServingPolicy(nn.Module):
     def forward(self, num: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
         mu, _ = self.policy(num, cat)
         return mu
+
+    @torch.jit.export
+    def dirichlet(self, num: torch.Tensor, cat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.policy(num, cat)
+
+    @torch.jit.export
+    def alpha_floor(self) -> float:
+        return self.policy.alpha_floor
 
 
 # ------------------------------------------------------------------------------------------------

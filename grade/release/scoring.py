@@ -6,6 +6,11 @@ standardised log-predictions. Raw values become model inputs through the model's
 :class:`grade.data.transform.FeatureTransform`, the one feature extraction wrote the training shards with.
 Work is row-wise and vectorised: the request's weights are broadcast to its rows and ranks come from
 one sort per record batch; lists are never padded. Input files are streamed in request-aligned record batches.
+
+With exploration on (config ``serve.explore``), a share of the requests are scored with weights drawn
+from the policy's Dirichlet, seeded by the request key (the id, or the stable hash of a string id: the
+key the features step gives the request), as serving draws them (grade.model.exploration); the output
+then carries the log contract's ``served_log_propensity`` and ``model_version`` beside ``w_<objective>``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from grade.core import store
 from grade.core.errors import InputError
 from grade.data.raw_logs import aligned_batches, list_log_files
 from grade.data.transform import FeatureTransform, repeated_key
+from grade.model.exploration import ExploreConfig, explore
 
 log = logging.getLogger("grade.release.scoring")
 
@@ -35,10 +41,12 @@ class ServingModel:
     or with a file changed since it was published, exits 2 naming it).
     """
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, exploring: ExploreConfig | None = None):
         from grade.model.policy import TORCHSCRIPT_FILE, load_policy, load_torchscript, published_model
 
         self.uri = uri
+        self.exploring = exploring if exploring is not None and exploring.share > 0 else None
+        self.version = str(store.read_manifest(uri).get("version") or uri)
         with published_model(uri) as folder:
             root = folder / "model" if (folder / "model" / "feature_spec.json").is_file() else folder
             try:
@@ -49,14 +57,29 @@ class ServingModel:
             if (folder / TORCHSCRIPT_FILE).is_file():   # a registry version's serving export
                 self.fn = load_torchscript(folder / TORCHSCRIPT_FILE)
                 self.kind = "torchscript"
+                self.dirichlet = getattr(self.fn, "dirichlet", None)
+                self.alpha_floor = float(self.fn.alpha_floor()) if self.dirichlet is not None else None
             else:
                 self.fn = load_policy(root)
                 self.kind = "eager"
+                self.dirichlet, self.alpha_floor = self.fn, self.fn.alpha_floor
+        if self.exploring is not None and self.dirichlet is None:
+            raise InputError(f"{uri}: serve.explore.share is {self.exploring.share} but this version's "
+                             "TorchScript export has no Dirichlet to draw from (published before "
+                             "exploration); score it with serve.explore.share 0")
 
     @torch.inference_mode()
-    def weights(self, num: np.ndarray, cat: np.ndarray) -> np.ndarray:
-        out = self.fn(torch.from_numpy(num), torch.from_numpy(cat))
-        return (out[0] if isinstance(out, tuple) else out).numpy()
+    def weights(self, num: np.ndarray, cat: np.ndarray, keys: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(weights [R, K], log-propensities [R] or None without exploration) of R requests, whose
+        request keys [R] seed exploration's draws."""
+        tn, tc = torch.from_numpy(num), torch.from_numpy(cat)
+        if self.exploring is None:
+            out = self.fn(tn, tc)
+            return (out[0] if isinstance(out, tuple) else out).numpy(), None
+        mu, kappa = self.dirichlet(tn, tc)
+        served = explore(mu.numpy(), kappa.numpy(), self.alpha_floor, keys, self.exploring, self.version)
+        return served.weights, served.log_propensity
 
 
 def _columns(t: pa.Table, names: list[str]) -> dict[str, np.ndarray]:
@@ -90,7 +113,7 @@ def score_batch(model: ServingModel, t: pa.Table, keys: np.ndarray, where: str, 
     # request's first row gives its values
     num, cat = transform.request_features(_columns(t, [*transform.numeric, *transform.categorical]),
                                           t.num_rows, where=where, rows=rows)
-    w = model.weights(num[starts], cat[starts])                          # [R, K]
+    w, log_p = model.weights(num[starts], cat[starts], keys[starts])    # [R, K], [R]
     z = transform.z(transform.stack_predictions(_columns(t, transform.pred_columns), where=where, rows=rows))
     score = (w[run] * z).sum(-1).astype(np.float32)
     order = np.lexsort((np.arange(len(score)), -score, run))            # by request, best first, stable
@@ -102,6 +125,9 @@ def score_batch(model: ServingModel, t: pa.Table, keys: np.ndarray, where: str, 
                 "rank": pa.array(rank)}
     for k, o in enumerate(transform.objectives):
         cols[f"w_{o}"] = pa.array(w[run, k].astype(np.float32))
+    if log_p is not None:
+        cols["served_log_propensity"] = pa.array(log_p[run], pa.float32(), from_pandas=True)  # NaN -> null
+        cols["model_version"] = pa.array(np.full(len(score), model.version, dtype=object), pa.string())
     return pa.table(cols)
 
 
@@ -134,9 +160,10 @@ class _RequestRuns:
 
 
 def score_requests(model_uri: str, requests_uri: str, out_uri: str,
-                   batch_rows: int = 262_144) -> dict[str, Any]:
-    """Score every request of ``requests_uri`` (log-format Parquet) and publish the scores to ``out_uri``."""
-    model = ServingModel(model_uri)
+                   batch_rows: int = 262_144, exploring: ExploreConfig | None = None) -> dict[str, Any]:
+    """Score every request of ``requests_uri`` (log-format Parquet) and publish the scores to ``out_uri``
+    (exploring as ``exploring`` says; None: the policy's mean)."""
+    model = ServingModel(model_uri, exploring)
     files = list_log_files(requests_uri)
     if not files:
         raise InputError(f"{requests_uri}: no Parquet files to score")

@@ -31,6 +31,7 @@ import numpy as np
 from grade.core import http_server
 from grade.core.errors import InputError
 from grade.core.store import paths
+from grade.model.exploration import ExploreConfig
 from grade.release import serving
 
 log = logging.getLogger("grade.release.server")
@@ -58,7 +59,7 @@ def _answers_counter():
 
 
 #: the outputs of a predict result, in answer order
-OUTPUT_NAMES = ("weights", "scores", "ranking")
+OUTPUT_NAMES = ("weights", "scores", "ranking", "log_propensity")
 
 
 def v2_outputs(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -81,8 +82,10 @@ def named_arrays(decoders) -> dict[str, np.ndarray]:
     return inputs
 
 
-def make_model(holder: serving.PolicyHolder, name: str, strict_categories: bool = True):
-    """The KServe model over ``holder`` (imports kserve: the `serve` extra)."""
+def make_model(holder: serving.PolicyHolder, name: str, strict_categories: bool = True,
+               exploring: ExploreConfig | None = None):
+    """The KServe model over ``holder`` (imports kserve: the `serve` extra), exploring as ``exploring``
+    says (None: serve the mean)."""
     import kserve
     from kserve.errors import InvalidInput
     from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
@@ -133,7 +136,8 @@ def make_model(holder: serving.PolicyHolder, name: str, strict_categories: bool 
                     decoded.append((i, decode()))
                 except serving.BadRequest as e:
                     out[i] = e
-            results = serving.predict_many(policy, [inputs for _, inputs in decoded], strict_categories)
+            results = serving.predict_many(policy, [inputs for _, inputs in decoded], strict_categories,
+                                           exploring)
             for (i, _), result in zip(decoded, results, strict=True):
                 out[i] = result
             for i, result in enumerate(out):
@@ -160,7 +164,7 @@ def make_model(holder: serving.PolicyHolder, name: str, strict_categories: bool 
                                      model_version=version, infer_outputs=outputs,
                                      parameters={"model_version": version})
             names = [n for n in OUTPUT_NAMES if n in result]
-            rows = [{n: result[n][i].tolist() for n in names} for i in range(len(result["weights"]))]
+            rows = [{n: _plain(result[n][i]) for n in names} for i in range(len(result["weights"]))]
             return {"predictions": rows, "model_version": version}
 
     def _v1_inputs(payload: Any) -> dict[str, Any]:
@@ -175,6 +179,12 @@ def make_model(holder: serving.PolicyHolder, name: str, strict_categories: bool 
         return {n: [r[n] for r in instances] for n in names}
 
     return GradeModel(name)
+
+
+def _plain(value: np.ndarray) -> Any:
+    """A value of a v1 answer row: its list, or None for a NaN (a mean-served request's log-propensity)."""
+    out = value.tolist()
+    return None if isinstance(out, float) and out != out else out
 
 
 def plain_v2_inputs(doc: Any) -> list[dict[str, Any]] | None:
@@ -440,6 +450,8 @@ class ServerSettings:
     ready_fd: int | None = None
     access_log: bool = False
     wait_seconds: float = 60.0
+    explore: ExploreConfig | None = None
+    """exploration in serving (config serve.explore); None: serve the mean"""
 
 
 def serve(settings: ServerSettings, worker_command: list[str]) -> int:
@@ -466,7 +478,10 @@ def serve(settings: ServerSettings, worker_command: list[str]) -> int:
              settings.port)
     if not settings.version:
         holder.watch(settings.watch_seconds)
-    model = make_model(holder, settings.model_name, settings.strict_categories)
+    model = make_model(holder, settings.model_name, settings.strict_categories, settings.explore)
+    if settings.explore is not None and settings.explore.share > 0:
+        log.info("serve: exploring on a share %.3g of the requests with ids (kappa cap %g, seed %d)",
+                 settings.explore.share, settings.explore.kappa_cap, settings.explore.seed)
     model.load()
     http_server.signal_ready(settings.ready_fd)
     start_model_server(model, settings.port, settings.access_log, [sock], batch_rows=settings.batch_rows)

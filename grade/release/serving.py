@@ -12,13 +12,17 @@ serves is decided here, in plain functions:
 - :func:`predict` validates a batch of raw user/context features (and optional candidates), turns
   them into model inputs with the batch-scoring transform (the same code as training) and returns
   ``weights`` [N, K] (rows on the simplex) and, with candidates, fused ``scores`` and ``ranking``;
-  :func:`predict_many` answers several such calls with one transform and one policy call.
+  :func:`predict_many` answers several such calls with one transform and one policy call;
+- with exploration on (config ``serve.explore``, :class:`ServeConfig`), a share of the requests that
+  carry a ``request_id`` are served weights drawn from the policy's Dirichlet
+  (grade.model.exploration), and the answer carries their ``log_propensity``.
 
 Bad requests raise :class:`BadRequest`, whose message names the field.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -35,6 +39,7 @@ from grade.core.errors import InputError
 from grade.core.store import paths
 from grade.core.store.backend import sha256_file
 from grade.data.transform import FeatureTransform
+from grade.model.exploration import ExploreConfig, explore
 from grade.model.registry import Registry
 
 log = logging.getLogger("grade.release.serving")
@@ -43,6 +48,15 @@ log = logging.getLogger("grade.release.serving")
 MAX_BATCH = 4096
 #: Most candidates per request in one call.
 MAX_CANDIDATES = 1000
+#: the optional input naming each request (int64): exploration's draws are seeded by it
+REQUEST_ID = "request_id"
+
+
+@dataclass
+class ServeConfig:
+    explore: ExploreConfig = dataclasses.field(default_factory=ExploreConfig)
+    """exploration in serving and batch scoring: the share of requests served a draw of the policy's
+    Dirichlet, its concentration cap and seed (docs/serving.md)"""
 
 
 class BadRequest(ValueError):
@@ -67,9 +81,13 @@ class ServedPolicy:
     """the model's feature spec (numeric/categorical features, objectives, standardisation)"""
     transform: FeatureTransform = field(init=False)
     """the spec's feature transform, built once per version rather than per request"""
+    alpha_floor: float | None = field(init=False)
+    """the policy's Dirichlet floor; None for an export without ``dirichlet`` (served the mean only)"""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "transform", FeatureTransform.from_spec(self.spec))
+        floor = float(self.fn.alpha_floor()) if hasattr(self.fn, "dirichlet") else None
+        object.__setattr__(self, "alpha_floor", floor)
 
 
 def _verify_files(folder: Path, manifest: dict[str, Any], where: str) -> None:
@@ -147,6 +165,11 @@ def check_answers(fn: Any, folder: Path, k: int) -> None:
     elif not torch.allclose(w, expected, atol=PROBE_ATOL, rtol=0):
         problem = (f"weights {(w - expected).abs().max().item():.2g} away from the evaluated "
                    f"policy's (at most {PROBE_ATOL:g})")
+    elif hasattr(fn, "dirichlet"):  # what exploration draws from must be the same policy
+        mu, kappa = fn.dirichlet(num, cat)
+        if not (torch.equal(mu, out if not isinstance(out, tuple) else out[0])
+                and torch.isfinite(kappa).all() and (kappa > 0).all()):
+            problem = "a Dirichlet (dirichlet()) whose mean is not its weights or whose kappa is not > 0"
     if problem:
         raise IntegrityError(f"the TorchScript policy answers the probe batch with {problem}")
 
@@ -161,8 +184,10 @@ def warm_up(fn: Any, n_numeric: int, n_categorical: int) -> None:
     of a few batch sizes. Its profiling executor records and optimises the graph during the first
     calls of each module (50-200 ms on 2 cores); done here, before the swap, the requests that follow a
     promotion do not wait for it (with the GIL held, nor does every other request in flight)."""
-    for batch in WARM_UP_BATCHES:
-        fn(torch.zeros(batch, n_numeric), torch.zeros(batch, n_categorical, dtype=torch.int64))
+    methods = [fn, fn.dirichlet] if hasattr(fn, "dirichlet") else [fn]  # each method is optimised on its own
+    for method in methods:
+        for batch in WARM_UP_BATCHES:
+            method(torch.zeros(batch, n_numeric), torch.zeros(batch, n_categorical, dtype=torch.int64))
 
 
 class PolicyHolder:
@@ -254,6 +279,7 @@ def input_metadata(spec: dict[str, Any]) -> list[dict[str, Any]]:
     inputs += [{"name": c["name"], "datatype": "INT64", "shape": [-1]} for c in spec["categorical"]]
     inputs += [{"name": f"pred_{o}", "datatype": "FP32", "shape": [-1, -1], "optional": True}
                for o in spec["objectives"]]
+    inputs.append({"name": REQUEST_ID, "datatype": "INT64", "shape": [-1], "optional": True})
     return inputs
 
 
@@ -261,7 +287,8 @@ def output_metadata(spec: dict[str, Any]) -> list[dict[str, Any]]:
     k = len(spec["objectives"])
     return [{"name": "weights", "datatype": "FP32", "shape": [-1, k]},
             {"name": "scores", "datatype": "FP32", "shape": [-1, -1], "optional": True},
-            {"name": "ranking", "datatype": "INT64", "shape": [-1, -1], "optional": True}]
+            {"name": "ranking", "datatype": "INT64", "shape": [-1, -1], "optional": True},
+            {"name": "log_propensity", "datatype": "FP32", "shape": [-1], "optional": True}]
 
 
 def _as_array(name: str, value: Any, dtype: type, ndim: int) -> np.ndarray:
@@ -296,19 +323,22 @@ def _numeric_columns(names: Sequence[str], inputs: dict[str, Any]) -> dict[str, 
 
 def validate(inputs: dict[str, Any], transform: FeatureTransform
              ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Raw feature columns [N] and optional candidate predictions [N, L, K] of a request
-    (:class:`BadRequest` naming the field: missing, extra, shapes, NaN, sizes). Unknown categories
-    are found by :func:`reject_unknown_categories` on the encoded ids."""
+    """Raw feature columns [N] (with the optional ``request_id`` [N] among them) and optional candidate
+    predictions [N, L, K] of a request (:class:`BadRequest` naming the field: missing, extra, shapes,
+    NaN, sizes). Unknown categories are found by :func:`reject_unknown_categories` on the encoded ids."""
     numeric, categorical, preds = transform.numeric, transform.categorical, transform.pred_columns
     features = numeric + categorical
-    if not inputs.keys() <= {*features, *preds}:
-        extra = sorted(set(inputs) - set(features) - set(preds))
-        raise BadRequest(f"unknown input(s) {extra}; expected {list(features)} and optionally {preds}")
+    if not inputs.keys() <= {*features, *preds, REQUEST_ID}:
+        extra = sorted(set(inputs) - set(features) - set(preds) - {REQUEST_ID})
+        raise BadRequest(f"unknown input(s) {extra}; expected {list(features)} and optionally {preds} "
+                         f"and '{REQUEST_ID}'")
     missing = [n for n in features if n not in inputs]
     if missing:
         raise BadRequest(f"missing input(s) {missing}")
     columns = _numeric_columns(numeric, inputs)
     columns.update({n: _as_array(n, inputs[n], np.int64, 1) for n in categorical})
+    if REQUEST_ID in inputs:
+        columns[REQUEST_ID] = _as_array(REQUEST_ID, inputs[REQUEST_ID], np.int64, 1)
     sizes = {n: len(v) for n, v in columns.items()}
     counts = list(sizes.values())
     n = max(counts, key=counts.count)  # the batch size most inputs agree on: the odd one is named below
@@ -357,19 +387,21 @@ def model_inputs(columns: dict[str, np.ndarray],
         raise BadRequest(str(e)) from None
 
 
-def predict(policy: ServedPolicy, inputs: dict[str, Any], strict_categories: bool = True) -> dict[str, Any]:
+def predict(policy: ServedPolicy, inputs: dict[str, Any], strict_categories: bool = True,
+            exploring: ExploreConfig | None = None) -> dict[str, Any]:
     """The served answer for one batch: ``weights`` [N, K], with candidates ``scores`` [N, L] (fused,
     S = sum_k w_k z_k) and ``ranking`` [N, L] (candidate indices, best first), and the version
-    (:class:`BadRequest` naming the field for a bad request)."""
-    answer = predict_many(policy, [inputs], strict_categories)[0]
+    (:class:`BadRequest` naming the field for a bad request); with exploration on (``exploring`` with
+    a share > 0), ``log_propensity`` [N] too (:func:`served_weights`)."""
+    answer = predict_many(policy, [inputs], strict_categories, exploring)[0]
     if isinstance(answer, BadRequest):
         raise answer
     return answer
 
 
 @torch.inference_mode()
-def predict_many(policy: ServedPolicy, requests: Sequence[dict[str, Any]], strict_categories: bool = True
-                 ) -> list[dict[str, Any] | BadRequest]:
+def predict_many(policy: ServedPolicy, requests: Sequence[dict[str, Any]], strict_categories: bool = True,
+                 exploring: ExploreConfig | None = None) -> list[dict[str, Any] | BadRequest]:
     """:func:`predict`'s answer (or its :class:`BadRequest`) for each of several calls, with one
     feature transform and one policy call for all the valid ones: what a call costs beyond its own
     checks is paid once per group, not per call (the server answers concurrent calls together).
@@ -387,8 +419,9 @@ def predict_many(policy: ServedPolicy, requests: Sequence[dict[str, Any]], stric
     if not checked:
         return answers
     sizes = [len(next(iter(columns.values()))) for _, columns, _ in checked]
-    columns = checked[0][1] if len(checked) == 1 else \
-        {n: np.concatenate([c[n] for _, c, _ in checked]) for n in checked[0][1]}
+    ids = request_ids([c for _, c, _ in checked], sizes)
+    columns = {n: v for n, v in checked[0][1].items() if n != REQUEST_ID} if len(checked) == 1 else \
+        {n: np.concatenate([c[n] for _, c, _ in checked]) for n in checked[0][1] if n != REQUEST_ID}
     try:
         num, cat = model_inputs(columns, policy.transform)
     except BadRequest as e:  # a value only the transform refuses: each call alone, so its row is its own
@@ -396,10 +429,9 @@ def predict_many(policy: ServedPolicy, requests: Sequence[dict[str, Any]], stric
             answers[checked[0][0]] = e
             return answers
         for i, *_ in checked:
-            answers[i] = predict_many(policy, [requests[i]], strict_categories)[0]
+            answers[i] = predict_many(policy, [requests[i]], strict_categories, exploring)[0]
         return answers
-    out = policy.fn(torch.from_numpy(num), torch.from_numpy(cat))
-    weights = (out[0] if isinstance(out, tuple) else out).numpy().astype(np.float32)
+    weights, log_p = served_weights(policy, num, cat, ids, exploring)
     bounds = np.cumsum([0, *sizes])
     for (i, own_columns, pred), lo, hi in zip(checked, bounds[:-1], bounds[1:], strict=True):
         try:
@@ -408,13 +440,50 @@ def predict_many(policy: ServedPolicy, requests: Sequence[dict[str, Any]], stric
         except BadRequest as e:
             answers[i] = e
             continue
-        answers[i] = answer_of(policy, weights[lo:hi], pred)
+        answers[i] = answer_of(policy, weights[lo:hi], pred, None if log_p is None else log_p[lo:hi])
     return answers
 
 
-def answer_of(policy: ServedPolicy, weights: np.ndarray, pred: np.ndarray | None) -> dict[str, Any]:
-    """The answer of a call with ``weights`` [N, K] and optional candidate predictions [N, L, K]."""
+def request_ids(columns: Sequence[dict[str, np.ndarray]], sizes: Sequence[int]
+                ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(request ids [N], whether each row has one [N]) of a group of calls; None when no call gave ids."""
+    if not any(REQUEST_ID in c for c in columns):
+        return None
+    given = [(c[REQUEST_ID], np.ones(n, bool)) if REQUEST_ID in c
+             else (np.zeros(n, np.int64), np.zeros(n, bool)) for c, n in zip(columns, sizes, strict=True)]
+    return np.concatenate([g[0] for g in given]), np.concatenate([g[1] for g in given])
+
+
+def served_weights(policy: ServedPolicy, num: np.ndarray, cat: np.ndarray,
+                   ids: tuple[np.ndarray, np.ndarray] | None, exploring: ExploreConfig | None
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(weights [N, K] float32, log-propensities [N] or None when exploration is off) of model inputs
+    and the request ids of :func:`request_ids`.
+
+    Off (no config, share 0, or an export without ``dirichlet``): the policy's mean, as before. On:
+    grade.model.exploration's draws for the rows with a request id (a call without ids is served the
+    mean, its log-propensity NaN: nothing to seed the draw with)."""
+    tn, tc = torch.from_numpy(num), torch.from_numpy(cat)
+    if exploring is None or exploring.share <= 0 or policy.alpha_floor is None:
+        out = policy.fn(tn, tc)
+        return (out[0] if isinstance(out, tuple) else out).numpy().astype(np.float32), None
+    mu, kappa = policy.fn.dirichlet(tn, tc)
+    served = explore(mu.numpy(), kappa.numpy(), policy.alpha_floor, None if ids is None else ids[0],
+                     exploring, policy.version)
+    if ids is not None and not ids[1].all():  # rows of calls without ids: the mean, no propensity
+        anonymous = ~ids[1]
+        served.weights[anonymous] = mu.numpy()[anonymous]
+        served.log_propensity[anonymous] = np.nan
+    return served.weights, served.log_propensity
+
+
+def answer_of(policy: ServedPolicy, weights: np.ndarray, pred: np.ndarray | None,
+              log_propensity: np.ndarray | None = None) -> dict[str, Any]:
+    """The answer of a call with ``weights`` [N, K], optional candidate predictions [N, L, K] and, with
+    exploration on, the log-propensities [N] of the weights (NaN where served the mean)."""
     result: dict[str, Any] = {"weights": weights, "model_version": policy.version}
+    if log_propensity is not None:
+        result["log_propensity"] = log_propensity
     if pred is not None:
         z = policy.transform.z(pred)
         scores = (z * weights[:, None, :]).sum(-1).astype(np.float32)

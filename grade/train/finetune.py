@@ -30,6 +30,7 @@ from grade.core import config, distributed, store
 from grade.core.config import to_dict
 from grade.core.errors import InputError
 from grade.data import dataset
+from grade.data.fusion import ClickModel, truth_click_model
 from grade.data.transform import FeatureTransform, clamp_unseen
 from grade.model import training
 from grade.model.policy import PolicyConfig, PolicyNet, load_published_policy
@@ -82,28 +83,32 @@ def build_policies(init_uri: str, cfg: FinetuneConfig, spec: dict[str, Any]) -> 
 @torch.no_grad()
 def validation_metrics(policy: PolicyNet, data: dict[str, torch.Tensor], objectives: list[str],
                        cfg: FinetuneConfig, gmv_unit: float = 1.0, chunk: int = 8192,
-                       theta: torch.Tensor | None = None) -> dict[str, float]:
+                       theta: torch.Tensor | None = None,
+                       world: ClickModel | None = None) -> dict[str, float]:
     """Metrics of the policy mean on held-out requests, keyed ``true/opm``, ``prior/gpm``,
     ``replay/ndcg_order``...
 
-    Also ``reward/*`` (the training reward of the mean weights) and ``policy/weight_entropy``.
+    Also ``reward/*`` (the training reward of the mean weights) and ``policy/weight_entropy``. ``world``:
+    the click model of the truth (:func:`grade.data.fusion.truth_click_model`; None = position-based with
+    ``cfg.position_bias``).
     """
     policy.eval()
     cat = clamp_unseen(data["cat"], policy.cfg.cat_sizes)
     w = torch.cat([policy.mean_weights(data["num"][s:s + chunk], cat[s:s + chunk])
                    for s in range(0, cat.shape[0], chunk)])
-    return weights_metrics(w, data, objectives, cfg, gmv_unit, chunk, theta)
+    return weights_metrics(w, data, objectives, cfg, gmv_unit, chunk, theta, world)
 
 
 def weights_metrics(w: torch.Tensor, data: dict[str, torch.Tensor], objectives: list[str],
                     cfg: FinetuneConfig, gmv_unit: float = 1.0, chunk: int = 8192,
-                    theta: torch.Tensor | None = None) -> dict[str, float]:
+                    theta: torch.Tensor | None = None, world: ClickModel | None = None) -> dict[str, float]:
     """The validation metrics of given weights ([K] global or [N, K] per request)."""
     n = data["mask"].shape[0]
     if w.dim() == 1:
         w = w.unsqueeze(0).expand(n, -1)
-    sums = auction.policy_sums(data, objectives, weights=w, depth=cfg.exposure_depth, eta=cfg.position_bias)
-    sums.update(auction.shared_sums(data, cfg.exposure_depth, cfg.position_bias))
+    world = world or ClickModel(eta=cfg.position_bias)
+    sums = auction.policy_sums(data, objectives, weights=w, depth=cfg.exposure_depth, eta=world)
+    sums.update(auction.shared_sums(data, cfg.exposure_depth, world))
     out: dict[str, float] = {}
     for flavour, metrics in auction.METRICS.items():
         for metric, (num, den, scale) in metrics.items():
@@ -387,7 +392,8 @@ def _validate(run: _Run, state: _State, policy: PolicyNet) -> dict[str, float] |
     valid = run.valid
     if run.value is not None:
         valid = {**valid, **priced_fields(valid, rewarded_now(run, state))}
-    return validation_metrics(policy, valid, run.objectives, run.cfg, run.gmv_unit, theta=_theta(run))
+    return validation_metrics(policy, valid, run.objectives, run.cfg, run.gmv_unit, theta=_theta(run),
+                              world=truth_click_model(run.spec, run.cfg.position_bias))
 
 
 def _metrics(run: _Run, state: _State, stage1: dict[str, float] | None, progress: training.Progress

@@ -5,10 +5,14 @@ Every policy re-ranks the same candidates. For each request we keep *per-request
 over requests, never means of per-request ratios, and so that a paired bootstrap only has to
 resample rows of one [N, Q] matrix.
 
-Exposure: the top E items of the ranking, examined with probability theta_j = 1/(1+j)^eta.
+Exposure: the top E items of the ranking, examined under the world's click model
+(:class:`grade.data.fusion.ClickModel`): theta_j = 1/(1+j)^eta position-based, or the cascade's
+examination of the ranked slots, which depends on the items above.
 
 - **true** (simulator ground truth): clicks C = sum theta ctr, orders O = sum theta ctr cvr,
-  GMV M = sum theta ctr cvr price, impressions I = sum theta;
+  GMV M = sum theta ctr cvr price, impressions I = the click model's policy-independent impressions
+  (sum theta under pbm; under the cascade sum continue_skip^j over the shown slots, the examination of
+  a list nobody clicks, so a lift of OPM is the lift of orders per request);
   CTR = C/I, CVR = O/C, OPM = 1000 O/I, GPM = 1000 M/I.
 - **prior**: the same formulas on the MTL predictions (pred ctr, cvr, gmv as the order value).
 - **estimated** (logs only, no truth needed): the same formulas with clicks, orders and GMV of the
@@ -33,7 +37,7 @@ from collections.abc import Iterable
 
 import torch
 
-from grade.data.fusion import examination, fuse, gather_items, ndcg_at, top_e
+from grade.data.fusion import ClickModel, fuse, gather_items, ndcg_at, top_e
 from grade.data.transform import objective_index
 from grade.value.estimators import ranking_value
 
@@ -114,16 +118,17 @@ class EstimatorInputs:
 # Per-request sums
 # ------------------------------------------------------------------------------------------------
 
-def exposure_sums(idx: torch.Tensor, mask: torch.Tensor, theta: torch.Tensor, ctr: torch.Tensor,
+def exposure_sums(idx: torch.Tensor, mask: torch.Tensor, world: ClickModel | float, ctr: torch.Tensor,
                   cvr: torch.Tensor | None, value: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """Expected clicks, orders and GMV of the exposed items ``idx`` ([B, E] or [B, G, E]).
 
-    ``ctr``, ``cvr``, ``value`` are per item [B, L]; padded items (mask False) are never examined.
+    ``world``: the click model (an eta = the position-based one); ``ctr`` (the attraction of an examined
+    item), ``cvr``, ``value`` are per item [B, L]; padded items (mask False) are never examined.
     Returns float64 tensors [B] or [B, G] keyed "clicks", "orders", "gmv" (orders/gmv only when
     their inputs are given).
     """
-    seen = gather_items(mask.to(ctr.dtype), idx) * theta
-    p_click = gather_items(ctr, idx) * seen
+    attraction = gather_items(ctr, idx)
+    p_click = attraction * ClickModel.of(world).examine(attraction, gather_items(mask.to(ctr.dtype), idx))
     out = {"clicks": p_click.sum(-1, dtype=torch.float64)}
     if cvr is not None:
         p_order = p_click * gather_items(cvr, idx)
@@ -154,19 +159,19 @@ def auc_per_request(scores: torch.Tensor, labels: torch.Tensor,
     return torch.where(valid, auc, torch.zeros_like(auc)), valid
 
 
-def shared_sums(data: dict[str, torch.Tensor], depth: int, eta: float,
+def shared_sums(data: dict[str, torch.Tensor], depth: int, eta: ClickModel | float,
                 estimator: EstimatorInputs | None = None) -> dict[str, torch.Tensor]:
     """Policy-independent denominators [N] float64: impressions and the replay normalisers.
 
-    Impressions depend only on how many items a request has (every policy shows its top E); with an
+    Impressions depend only on how many items a request has (every policy shows its top E) and on the
+    world's click model ``eta`` (an eta = position-based): :meth:`ClickModel.impressions`; with an
     ``estimator``, also the estimated impressions (theta-hat instead of theta).
     """
     mask = data["mask"]
     e = min(depth, mask.shape[1])
-    theta = examination(e, eta, dtype=torch.float64)
     n_items = mask.sum(-1)
     shown = torch.arange(e).unsqueeze(0) < n_items.unsqueeze(1)
-    out = {"impressions": (shown * theta).sum(-1)}
+    out = {"impressions": ClickModel.of(eta).impressions(shown.to(torch.float64))}
     if estimator is not None:
         out["estimated.impressions"] = estimator.impressions(mask)
     for label, _ in _REPLAY_LABELS:
@@ -181,7 +186,7 @@ def shared_sums(data: dict[str, torch.Tensor], depth: int, eta: float,
 
 
 def policy_sums(data: dict[str, torch.Tensor], objectives: list[str], *, weights: torch.Tensor | None = None,
-                scores: torch.Tensor | None = None, depth: int = 10, eta: float = 1.0,
+                scores: torch.Tensor | None = None, depth: int = 10, eta: ClickModel | float = 1.0,
                 chunk: int = 16384, estimator: EstimatorInputs | None = None,
                 value_weights: tuple[float, float, float] | None = None) -> dict[str, torch.Tensor]:
     """Per-request policy-dependent sums [N] (float64) of one policy, keyed like :data:`METRICS`.
@@ -190,14 +195,15 @@ def policy_sums(data: dict[str, torch.Tensor], objectives: list[str], *, weights
     precomputed ``scores`` [N, L] (higher ranks first). Flavours whose inputs are missing from
     ``data`` are left out (no ground truth -> no "true.*"; no ``estimator`` -> no "estimated.*").
     ``value_weights`` (the declared value's prices for raw GMV, BusinessConfig.prices) adds the true
-    declared value "true.value".
+    declared value "true.value". ``eta``: the world's click model (an eta = position-based), which the
+    true and the prior flavours are computed under.
     """
     if (weights is None) == (scores is None):
         raise ValueError("give exactly one of weights or scores")
     mask = data["mask"]
     n, length = mask.shape
     e = min(depth, length)
-    theta = examination(e, eta)
+    world = ClickModel.of(eta)
     obj = objective_index(objectives)
     truth = has_ground_truth(data)
     pred = data.get("pred")
@@ -214,7 +220,7 @@ def policy_sums(data: dict[str, torch.Tensor], objectives: list[str], *, weights
         idx = top_e(s, e)
         out: dict[str, torch.Tensor] = {}
         if truth:
-            for k, v in exposure_sums(idx, m, theta, data["true_ctr"][sl], data["true_cvr"][sl],
+            for k, v in exposure_sums(idx, m, world, data["true_ctr"][sl], data["true_cvr"][sl],
                                       data["price"][sl]).items():
                 out[f"true.{k}"] = v
             if value_weights is not None:
@@ -226,7 +232,7 @@ def policy_sums(data: dict[str, torch.Tensor], objectives: list[str], *, weights
             p = pred[sl]
             cvr = p[..., obj["cvr"]] if "cvr" in obj else None
             value = p[..., obj["gmv"]] if "gmv" in obj else None
-            for k, v in exposure_sums(idx, m, theta, p[..., obj["ctr"]], cvr, value).items():
+            for k, v in exposure_sums(idx, m, world, p[..., obj["ctr"]], cvr, value).items():
                 out[f"prior.{k}"] = v
         for label, gain in _REPLAY_LABELS:
             if label in data:
@@ -349,23 +355,17 @@ def percentile_ci(samples: torch.Tensor, confidence: float) -> tuple[float, floa
     return float(q[0]), float(q[1])
 
 
-#: How a lift's CI is read from the paired resamples (evaluate.interval): ``percentile`` (the resampled
-#: lifts' quantiles), ``bca`` (bias-corrected and accelerated: the quantiles shifted by the resamples'
-#: median bias and the skew of the requests' influence) or ``studentized`` (bootstrap-t on the log lift:
-#: each resample's deviation divided by its own delta-method SE, which widens the interval when a few
-#: heavy requests drive both).
+#: How a lift's CI is read from the paired resamples (evaluate.interval): percentile, bca (bias-corrected
+#: and accelerated) or studentized (bootstrap-t on the log lift: each resample's deviation divided by its
+#: own delta-method SE, which widens the interval when a few heavy requests drive both).
 INTERVALS = ("percentile", "bca", "studentized")
 #: power of the minimum detectable effect reported next to each lift
 MDE_POWER = 0.8
-
-
-def _normal() -> torch.distributions.Normal:
-    return torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64),
-                                      torch.tensor(1.0, dtype=torch.float64))
+_NORMAL = torch.distributions.Normal(*torch.tensor([0.0, 1.0], dtype=torch.float64))
 
 
 def _z(p: float) -> float:
-    return float(_normal().icdf(torch.tensor(p, dtype=torch.float64)))
+    return float(_NORMAL.icdf(torch.tensor(p, dtype=torch.float64)))
 
 
 def min_detectable_effect(se: float, confidence: float, power: float = MDE_POWER) -> float:
@@ -432,7 +432,7 @@ def bca_ci(samples: torch.Tensor, point: float, infl: torch.Tensor, confidence: 
     levels = []
     for p in ((1 - confidence) / 2, (1 + confidence) / 2):
         zp = z0 + _z(p)
-        levels.append(float(_normal().cdf(torch.tensor(z0 + zp / (1 - accel * zp), dtype=torch.float64))))
+        levels.append(float(_NORMAL.cdf(torch.tensor(z0 + zp / (1 - accel * zp), dtype=torch.float64))))
     q = torch.quantile(samples, torch.tensor(levels, dtype=torch.float64))
     return float(q[0]), float(q[1])
 
@@ -560,13 +560,14 @@ def compare(table: SumsTable, baselines: Iterable[str], n_resamples: int = 1000,
 # ------------------------------------------------------------------------------------------------
 
 def sweep_global_weights(data: dict[str, torch.Tensor], objectives: list[str], grid: torch.Tensor,
-                         depth: int = 10, eta: float = 1.0, flavour: str = "true",
+                         depth: int = 10, eta: ClickModel | float = 1.0, flavour: str = "true",
                          chunk: int = 2048) -> dict[str, torch.Tensor]:
-    """CTR, CVR, OPM, GPM [G] of each global weight vector of ``grid`` [G, K] (one fused pass per chunk)."""
+    """CTR, CVR, OPM, GPM [G] of each global weight vector of ``grid`` [G, K] (one fused pass per chunk)
+    under the click model ``eta`` (an eta = position-based)."""
     mask = data["mask"]
     n, length = mask.shape
     e = min(depth, length)
-    theta = examination(e, eta)
+    world = ClickModel.of(eta)
     obj = objective_index(objectives)
     if flavour == "true":
         if not has_ground_truth(data):
@@ -584,11 +585,11 @@ def sweep_global_weights(data: dict[str, torch.Tensor], objectives: list[str], g
         m = mask[sl]
         w = grid.to(data["z"].dtype).unsqueeze(0).expand(m.shape[0], g, -1)
         idx = top_e(fuse(data["z"][sl], w, m), e)
-        sums = exposure_sums(idx, m, theta, ctr[sl], None if cvr is None else cvr[sl],
+        sums = exposure_sums(idx, m, world, ctr[sl], None if cvr is None else cvr[sl],
                              None if value is None else value[sl])
         for key, v in sums.items():
             totals[key] = totals.get(key, 0) + v.sum(0)
-    impressions = shared_sums(data, depth, eta)["impressions"].sum()
+    impressions = shared_sums(data, depth, world)["impressions"].sum()
     out = {"ctr": totals["clicks"] / impressions}
     if "orders" in totals:
         out["cvr"] = totals["orders"] / totals["clicks"]

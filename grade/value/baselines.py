@@ -27,7 +27,7 @@ import logging
 import torch
 
 from grade.core.errors import InputError
-from grade.data.fusion import fuse, ndcg_at, simplex_grid, top_e
+from grade.data.fusion import ClickModel, fuse, ndcg_at, simplex_grid, top_e
 from grade.data.simulator import oracle_weights as simulator_oracle
 from grade.value.auction import EstimatorInputs, sweep_global_weights
 from grade.value.estimators import ranking_value
@@ -232,9 +232,10 @@ def best_static(train: dict[str, torch.Tensor], spec: dict, depth: int = 10, obj
 
 
 def segment_best_weights(data: dict[str, torch.Tensor], objectives: list[str], segment: torch.Tensor,
-                         value_weights: tuple[float, float, float], depth: int, eta: float,
+                         value_weights: tuple[float, float, float], depth: int, eta: ClickModel | float,
                          steps: int) -> dict[int, torch.Tensor]:
-    """Per segment id, the simplex-grid vector [K] with the best TRUE declared value on ``data``.
+    """Per segment id, the simplex-grid vector [K] with the best TRUE declared value on ``data`` under the
+    world's click model ``eta`` (an eta = position-based).
 
     ``data`` needs the ground truth; segment [N] ids; value_weights: the declared value's prices for raw
     GMV (grade.value.business.BusinessConfig.prices). Impressions are the same for every vector of a
@@ -251,9 +252,10 @@ def segment_best_weights(data: dict[str, torch.Tensor], objectives: list[str], s
     return out
 
 
-def oracle_weights(data: dict[str, torch.Tensor], depth: int = 10, eta: float = 1.0, value="orders",
-                   n_candidates: int = 256, seed: int = 0, chunk: int = 4096) -> torch.Tensor:
-    """Per-request weights [N, K] maximising the true value, from the simulator's oracle.
+def oracle_weights(data: dict[str, torch.Tensor], depth: int = 10, eta: ClickModel | float = 1.0,
+                   value="orders", n_candidates: int = 256, seed: int = 0, chunk: int = 4096) -> torch.Tensor:
+    """Per-request weights [N, K] maximising the true value under the world's click model ``eta`` (an
+    eta = position-based), from the simulator's oracle.
 
     Needs the ground truth (true_ctr, true_cvr, price). ``value``: "clicks", "orders", "gmv" or
     the declared value's prices for raw GMV (grade.value.business.BusinessConfig.prices). Processed in

@@ -29,6 +29,7 @@ SECTIONS: dict[str, str] = {
     "finetune": "grade.train.grpo:FinetuneConfig",
     "evaluate": "grade.evaluate.evaluation:EvaluateConfig",
     "promote": "grade.release.promotion:PromoteConfig",
+    "serve": "grade.release.serving:ServeConfig",
     "business": "grade.value.business:BusinessConfig",
     "ablation": "grade.core.config:AblationConfig",
 }

@@ -1,0 +1,80 @@
+"""The closed loop: each round's config, its record in loop.json, the page, the command line."""
+
+import datetime as dt
+import json
+
+import pytest
+
+from pipeline import loop
+
+
+def _plan(**base):
+    return loop.LoopPlan(rounds=3, days_per_round=4, window_days=8, start=dt.date(2026, 1, 1), base=base)
+
+
+def test_rounds_follow_the_calendar_and_later_rounds_are_served_by_production():
+    plan = _plan(simulator={"seed": 3, "n_requests": 100}, promote={"min_lift": 0.0})
+    assert plan.round_days(0) == (dt.date(2026, 1, 1), dt.date(2026, 1, 4))
+    assert plan.round_days(2) == (dt.date(2026, 1, 9), dt.date(2026, 1, 12))
+    first = loop.round_config(plan, 0, None)
+    assert first["simulator"] == {"seed": 3, "n_requests": 100, "start_date": "2026-01-01", "n_days": 4}
+    # the gate judges without truth
+    assert first["promote"] == {"min_lift": 0.0, "primary_flavour": "estimated"}
+    later = loop.round_config(plan, 2, "/reg/grade-mtf/versions/v0002")
+    assert later["simulator"]["stream"] == 2
+    assert later["simulator"]["logging"] == "/reg/grade-mtf/versions/v0002"
+    assert later["simulator"]["start_date"] == "2026-01-09"
+    assert plan.base["simulator"] == {"seed": 3, "n_requests": 100}, "the base config is not changed"
+
+
+def _cells(lift):
+    return {m: {"lift": lift, "ci_low": lift - 0.05, "ci_high": lift + 0.05} for m in ("opm", "gpm", "ctr")}
+
+
+def _report(with_incumbent):
+    truth = lambda opm: {"true": {"opm": opm, "gpm": 10 * opm, "ctr": opm / 100}}  # noqa: E731
+    policies = {"static": truth(50.0), "grade": truth(60.0)}
+    if with_incumbent:
+        policies["incumbent"] = truth(55.0)
+    return {"n_requests": 300, "policies": policies, "headroom_captured": {"grade": 0.7},
+            "lift_vs_static": {"grade": {"true": _cells(0.2), "estimated": _cells(0.3)},
+                               "incumbent": {"true": _cells(0.1)}}}
+
+
+def test_a_round_record_names_what_serves_after_it():
+    days = (dt.date(2026, 1, 5), dt.date(2026, 1, 8))
+    promoted = loop.round_record(1, _report(True), {"blessed": True, "verdict": "promoted", "reasons": []},
+                                 "v0002", days)
+    assert promoted["production_policy"] == "grade" and promoted["production_true"]["opm"] == 60.0
+    assert promoted["candidate_true_lift"]["opm"]["lift"] == 0.2
+    assert promoted["estimated_lift"]["gpm"]["lift"] == 0.3 and promoted["capture"] == 0.7
+    refused = loop.round_record(1, _report(True), {"blessed": False, "verdict": "NOT BLESSED",
+                                                   "reasons": ["cannot judge"]}, "v0001", days)
+    assert refused["production_policy"] == "incumbent" and refused["production_true"]["opm"] == 55.0
+    assert refused["reasons"] == ["cannot judge"]
+    first = loop.round_record(0, _report(False), {"blessed": False, "verdict": "NOT BLESSED"}, None, days)
+    assert first["production_policy"] == "static" and first["production_true"]["opm"] == 50.0
+
+
+def test_results_are_written_whole_with_a_page(tmp_path):
+    days = (dt.date(2026, 1, 1), dt.date(2026, 1, 4))
+    refused = {"blessed": False, "verdict": "NOT BLESSED"}
+    rounds = [loop.round_record(0, _report(False), {"blessed": True, "verdict": "promoted"}, "v0001", days),
+              loop.round_record(1, _report(True), refused, "v0001", days)]
+    loop.publish_results(tmp_path, _plan(), rounds)
+    doc = json.loads((tmp_path / loop.LOOP_FILE).read_text())
+    assert [r["round"] for r in doc["rounds"]] == [0, 1] and doc["plan"]["window_days"] == 8
+    page = (tmp_path / loop.PAGE_FILE).read_text()
+    assert "<img" in page and "NOT BLESSED" in page
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rounds", "0"], "--rounds"),
+    (["--rounds", "2", "--days-per-round", "-1"], "--days-per-round"),
+])
+def test_bad_arguments_exit_2_naming_them(tmp_path, capsys, argv, message):
+    from grade.core import cli
+
+    code = cli.run(loop.main, [*argv, "--out", str(tmp_path / "out")])
+    assert code == 2 and message in capsys.readouterr().err
