@@ -562,6 +562,9 @@ def test_a_warning_is_shown_but_never_blocks_and_other_policies_failures_do_not_
     report, a = _judged(root, diagnostics={"checks": [_diagnostic("fail", "support", policy="grade")]})
     b = _decide(root, report, a)
     assert not b.blessed and any(r.startswith("cannot judge: support is fail") for r in b.reasons)
+    # an unmeasured value (NaN) reads as null
+    report, a = _judged(root, diagnostics={"checks": [{**_diagnostic("warn"), "value": float("nan")}]})
+    assert _decide(root, report, a).checks[0].value is None
     # a report written before diagnostics existed has none
     report, a = _judged(root)
     assert _decide(root, report, a).blessed

@@ -209,8 +209,11 @@ def read_diagnostics(doc: dict[str, Any] | None, source: str) -> list[Diagnostic
         if status not in DIAGNOSTIC_STATUSES:
             raise InputError(f"{where}.checks[{i}]: field 'status': expected one of "
                              f"{list(DIAGNOSTIC_STATUSES)}, got {status!r}")
-        # value and policy may be null; a writer that leaves them out means the same
-        value = check.get("value", (int, float), optional=True, absent_ok=True)
+        # value and policy may be null; a writer that leaves them out, or a value that could not be
+        # measured (NaN), means the same
+        raw = item.get("value") if isinstance(item, dict) else None
+        value = None if isinstance(raw, float) and math.isnan(raw) else check.get(
+            "value", (int, float), optional=True, absent_ok=True)
         out.append(Diagnostic(check.get("name", str), status, None if value is None else float(value),
                               check.get("threshold", str), check.get("sentence", str),
                               check.get("policy", str, optional=True, absent_ok=True)))
