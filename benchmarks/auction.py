@@ -3,6 +3,8 @@
 - Bootstrap: ``--resamples`` (1,000) paired resamples of ``--requests`` (100k) requests over the
   columns of ``--policies`` policies (every true/prior/replay sum). Reference in the same process: the
   naive bootstrap (gather the resampled rows, sum them) timed on a few resamples and scaled.
+- Intervals: ``compare`` over three baselines with each of ``auction.INTERVALS``; reference: the
+  percentile interval in the same process (ratios).
 - Metric sums: requests/s of ``policy_sums`` (true + prior + replay flavours) for one policy; reference:
   fused ranking alone (fuse + top-E) on the same requests.
 
@@ -52,6 +54,10 @@ def run(requests: int = 100_000, resamples: int = 1000, policies: int = 8, depth
     matrix = table.matrix()
     boot_t = timeit(lambda: auction.bootstrap_totals(matrix, resamples, seed=0), repeat=3, warmup=1)
     compare_t = timeit(lambda: auction.compare(table, ["p0"], resamples, 0.95, 0), repeat=1, warmup=0)
+    # each interval of the lifts over three baselines (static, best_static, stage1 in the evaluation)
+    interval_t = {iv: timeit(lambda iv=iv: auction.compare(table, ["p0", "p1", "p2"], resamples, 0.95, 0,
+                                                           interval=iv), repeat=3, warmup=0)["median_s"]
+                  for iv in auction.INTERVALS}
 
     naive_resamples = 20
     gen = torch.Generator().manual_seed(0)
@@ -66,6 +72,8 @@ def run(requests: int = 100_000, resamples: int = 1000, policies: int = 8, depth
         "requests": requests, "resamples": resamples, "policies": policies, "columns": int(matrix.shape[1]),
         "bootstrap": boot_t,
         "bootstrap_compare_all_lifts_s": compare_t["median_s"],
+        "compare_three_baselines_s": interval_t,
+        "compare_vs_percentile": {iv: t / interval_t["percentile"] for iv, t in interval_t.items()},
         "naive_bootstrap_scaled_s": naive_scaled,
         "bootstrap_speedup_vs_naive": naive_scaled / boot_t["median_s"],
         "policy_sums": {**sums_t, "requests_per_s": requests / sums_t["median_s"]},

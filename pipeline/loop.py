@@ -135,7 +135,16 @@ def round_record(index: int, report: dict[str, Any], blessing: dict[str, Any] | 
         "candidate_true_lift": _lift(report, "grade", "true"),
         "estimated_lift": _lift(report, "grade", "estimated"),
         "capture": report.get("headroom_captured", {}).get("grade"),
+        # the logged rankings are the served model's with exploration, the incumbent's its mean: on the
+        # same held-out requests, the true lift of one over the other is what exploring cost
+        "exploration_cost": _logged_vs_incumbent(report),
     }
+
+
+def _logged_vs_incumbent(report: dict[str, Any]) -> dict[str, Any]:
+    """True {metric: lift with CI} of the logged rankings over the incumbent's mean ({} before round 1)."""
+    cells = report.get("lift_vs_incumbent", {}).get("logged", {}).get("true", {})
+    return {m: cells[m] for m in METRICS if m in cells}
 
 
 def render_page(rounds: list[dict[str, Any]]) -> str:
@@ -159,12 +168,13 @@ def render_page(rounds: list[dict[str, Any]]) -> str:
         f"<td>{r['production_true']['opm']:.3f}</td>"
         f"<td>{_pct(r['candidate_true_lift'].get('opm'))}</td><td>{_pct(r['estimated_lift'].get('opm'))}</td>"
         f"<td>{_pct(r['candidate_true_lift'].get('gpm'))}</td><td>{_pct(r['estimated_lift'].get('gpm'))}</td>"
-        f"</tr>" for r in rounds)
+        f"<td>{_pct(r['exploration_cost'].get('opm'))}</td></tr>" for r in rounds)
     return ("<!doctype html><html><head><meta charset='utf-8'><title>grade-mtf loop</title></head><body>"
             "<h1>Closed-loop retraining</h1>" + figure +
             "<table border='1' cellpadding='4'><tr><th>round</th><th>verdict</th><th>production</th>"
             "<th>production true OPM</th><th>candidate true OPM lift</th><th>estimated OPM lift</th>"
-            "<th>candidate true GPM lift</th><th>estimated GPM lift</th></tr>" + rows +
+            "<th>candidate true GPM lift</th><th>estimated GPM lift</th>"
+            "<th>exploration's true OPM cost</th></tr>" + rows +
             "</table></body></html>")
 
 

@@ -78,3 +78,45 @@ def test_bad_arguments_exit_2_naming_them(tmp_path, capsys, argv, message):
 
     code = cli.run(loop.main, [*argv, "--out", str(tmp_path / "out")])
     assert code == 2 and message in capsys.readouterr().err
+
+
+# A tiny market and short fits: the loop's wiring, not its numbers (docs/loop.md has those).
+TINY = {
+    "simulator": {"seed": 3, "n_requests": 800, "n_users": 300, "n_items": 3000, "list_size": 15,
+                  "n_days": 2},
+    "value_model": {"outcome": {"epochs": 1, "members": 1}},
+    "pretrain": {"epochs": 1, "batch_size": 256, "threads": 1},
+    "finetune": {"epochs": 1, "group_size": 4, "batch_size": 128},
+    "evaluate": {"bootstrap_samples": 50},
+    "promote": {"min_lift": -1.0, "guardrails": {"ctr": -1.0, "cvr": -1.0, "gpm": -1.0}},
+    "serve": {"explore": {"share": 0.5}},
+}
+
+
+@pytest.mark.slow
+def test_two_rounds_serve_log_retrain_and_judge(tmp_path):
+    import yaml
+
+    from grade.core import store
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "loop"
+    assert loop.main(["--rounds", "2", "--config", str(cfg), "--out", str(out)]) == 0
+    doc = json.loads((out / loop.LOOP_FILE).read_text())
+    first, second = doc["rounds"]
+    assert first["verdict"] == "promoted" and first["production_version"].startswith("v0001")
+    assert first["exploration_cost"] == {}, "round 0 is logged by static weights"
+    # round 1's days were served by round 0's model, exploring half the requests with logged propensities
+    day = out / "_work" / "store" / "days" / f"day={second['days'][0]}"
+    logs = store.read_manifest(str(day))
+    assert logs["producer"] == "pipeline.loop"
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(next(day.glob("*.parquet")))
+    assert set(table["model_version"].to_pylist()) == {first["production_version"]}
+    explored = table["served_log_propensity"].is_valid().to_numpy()
+    assert 0.2 < explored.mean() < 0.8
+    assert set(second["exploration_cost"]) == {"opm", "gpm", "ctr"}
+    assert second["production_version"] is not None and (out / loop.PAGE_FILE).is_file()
+

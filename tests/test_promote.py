@@ -23,7 +23,7 @@ def lift(v: float) -> dict:
     return {"lift": v, "ci_low": v - 0.01, "ci_high": v + 0.01}
 
 
-def write_report(root: str, name: str, candidate_uri: str, opm: float, gpm: float = 0.01, ctr: float = 0.0,
+def write_report(root: str, name: str, candidate_uri: str, opm: float, gpm: float = 0.01, ctr: float = 0.01,
                  incumbent: tuple[str, float] | None = None, include_candidate: bool = True) -> str:
     """A report.json of the evaluation's shape: the candidate's lifts vs static (and vs the incumbent)."""
     metrics = {"opm": lift(opm), "gpm": lift(gpm), "ctr": lift(ctr), "cvr": lift(0.0)}
@@ -51,10 +51,11 @@ def test_first_promotion_vs_static_then_better_replaces_and_worse_does_not(store
     assert b1.baseline == "static" and b1.blessed and b1.promoted
     v1 = b1.version
     assert production_model(registry)[0] == v1
-    # primary check: ci_low 0.04 > 0; guardrails: ctr -0.0 >= -0.005, cvr 0 >= -0.01, gpm 0.01 >= -0.005
+    # primary check: ci_low 0.04 > 0; guardrails on their CI low: ctr 0 >= -0.005, cvr -0.01 >= -0.01,
+    # gpm 0 >= -0.005
     assert [(c.name, round(c.value, 6), c.passed) for c in b1.checks] == [
-        ("true/opm lift CI low", 0.04, True), ("true/ctr lift", 0.0, True),
-        ("true/cvr lift", 0.0, True), ("true/gpm lift", 0.01, True)]
+        ("true/opm lift CI low", 0.04, True), ("true/ctr lift CI low", 0.0, True),
+        ("true/cvr lift CI low", -0.01, True), ("true/gpm lift CI low", 0.0, True)]
 
     b = model_folder(store_root, "b", 2)
     b2 = promote(write_report(store_root, "r2", b, opm=0.05, incumbent=(v1, 0.03)), b, registry, cfg)
@@ -81,7 +82,7 @@ def test_first_promotion_vs_static_then_better_replaces_and_worse_does_not(store
 def test_guardrail_missing_candidate_and_no_thresholds_fail_closed(store_root):
     registry = store.join(store_root, "registry")
     a = model_folder(store_root, "a", 1)
-    # CTR lift -0.006 is just below the -0.005 tolerance
+    # CTR lift CI low -0.016 is below the -0.005 margin
     b = promote(write_report(store_root, "r1", a, opm=0.05, ctr=-0.006), a, registry, PromoteConfig())
     assert not b.blessed and any("guardrail true/ctr" in r for r in b.reasons)
     b = promote(write_report(store_root, "r2", a, opm=0.05, include_candidate=False), a, registry,
@@ -302,13 +303,14 @@ def test_truth_free_report_is_judged_on_its_estimated_flavour_and_primary_metric
     b = decide(report, a, Registry(store.join(root, "registry")), PromoteConfig())
     assert b.primary == "estimated/gpm"
     assert [(c.name, c.passed) for c in b.checks] == [
-        ("estimated/gpm lift CI low", True), ("estimated/ctr lift", True), ("estimated/cvr lift", True)]
+        ("estimated/gpm lift CI low", True), ("estimated/ctr lift CI low", True),
+        ("estimated/cvr lift CI low", True)]
     assert b.blessed
     # an OPM-valued report: the estimated OPM lift's CI low (-0.012) fails the primary check
     b = decide({**report, "primary_metric": "opm"}, a, Registry(store.join(root, "registry")),
                PromoteConfig())
     assert b.primary == "estimated/opm" and not b.blessed
-    assert [c.name for c in b.checks][-1] == "estimated/gpm lift"
+    assert [c.name for c in b.checks][-1] == "estimated/gpm lift CI low"
 
 
 def test_a_candidate_changed_after_evaluation_is_refused(store_root):
@@ -470,3 +472,160 @@ def test_window_and_serve_read_their_config(tmp_path, capsys, monkeypatch):
     assert cli.run(serve_cli.main, ["--registry", str(tmp_path), "--config", str(good)]) == 0
     assert seen["name"] == "ranking-b"
     assert cli.run(serve_cli.main, ["--registry", str(tmp_path), "--config", str(bad)]) == 2
+
+
+def _judged(root: str, *, truth: bool = False, diagnostics: dict | None = None, n: int = 3000,
+            **metrics: dict) -> tuple[dict, str]:
+    """A hand-written report judged on ``true`` (truth) or ``estimated``, the candidate's lifts vs static."""
+    a = model_folder(root, "a", 1)
+    flavour = "true" if truth else "estimated"
+    lifts = {"opm": lift(0.2), "ctr": lift(0.02), "cvr": lift(0.02), "gpm": lift(0.02), **metrics}
+    report = {"n_requests": n, "primary_metric": "opm", "primary_flavour": flavour, "has_ground_truth": truth,
+              "policies": {"static": {}, "grade": {}}, "lift_vs_static": {"grade": {flavour: lifts}},
+              "models": {"grade": {"uri": a, "content_hash": store.content_hash(a)}}}
+    if diagnostics is not None:
+        report["diagnostics"] = diagnostics
+    return report, a
+
+
+def _decide(root: str, report: dict, a: str, cfg: PromoteConfig | None = None) -> Blessing:
+    from grade.release.promotion import decide
+
+    return decide(report, a, Registry(store.join(root, "registry")), cfg or PromoteConfig())
+
+
+@pytest.mark.parametrize("truth", [True, False])
+def test_a_guardrail_is_judged_on_its_ci_lower_bound_never_the_point(tmp_path, truth):
+    """Non-inferiority: a point lift above -margin whose CI low is below it is refused, in either flavour."""
+    cfg = PromoteConfig(guardrails={"gpm": -0.01, "estimated/gpm": -0.05})
+    margin = 0.01 if truth else 0.05
+    ok = {"lift": 0.0, "ci_low": -margin + 0.001, "ci_high": 0.05}
+    report, a = _judged(str(tmp_path), truth=truth, gpm=ok)
+    b = _decide(str(tmp_path), report, a, cfg)
+    assert b.blessed, b.reasons
+    flavour = "true" if truth else "estimated"
+    assert b.thresholds.guardrails == {"gpm": -margin}
+    assert [(c.name, c.threshold) for c in b.checks][-1] == (
+        f"{flavour}/gpm lift CI low", f">= {-margin} (non-inferiority margin {margin:g})")
+    low = {"lift": 0.0, "ci_low": -margin - 0.001, "ci_high": 0.05}  # point 0 > -margin, CI low below
+    report, a = _judged(str(tmp_path), truth=truth, gpm=low)
+    b = _decide(str(tmp_path), report, a, cfg)
+    assert not b.blessed
+    expected = f"guardrail {flavour}/gpm: lift CI low {-margin - 0.001:+.4f}"
+    assert any(r.startswith(expected) for r in b.reasons), b.reasons
+
+
+def test_the_truth_gate_keeps_its_margins_and_the_estimated_one_its_own(tmp_path):
+    """The estimated margins never loosen the true-flavour gate: a true CTR CI low of -0.02 is refused
+    by the default margins (0.005) although the estimated default margin would pass it."""
+    cfg = PromoteConfig()
+    assert -0.02 >= cfg.margins("estimated")["ctr"] and -0.02 < cfg.margins("true")["ctr"] == -0.005
+    assert set(cfg.margins("true")) == set(cfg.margins("estimated")) == {"ctr", "cvr", "gpm"}
+    report, a = _judged(str(tmp_path), truth=True, ctr={"lift": 0.01, "ci_low": -0.02, "ci_high": 0.04})
+    assert not _decide(str(tmp_path), report, a, cfg).blessed
+    report, a = _judged(str(tmp_path), truth=False, ctr={"lift": 0.01, "ci_low": -0.02, "ci_high": 0.04})
+    assert _decide(str(tmp_path), report, a, cfg).blessed
+
+
+def _diagnostic(status: str, name: str = "position_variation", policy: str | None = None) -> dict:
+    return {"name": name, "status": status, "value": 0.01, "threshold": ">= 0.05", "policy": policy,
+            "sentence": f"{name} is {status}: the logs have no position variation; randomise the logging"}
+
+
+def test_a_failed_diagnostic_refuses_a_judgement_without_truth_and_names_its_sentence(tmp_path):
+    root = str(tmp_path)
+    diag = {"checks": [_diagnostic("pass", "logging_randomness"), _diagnostic("fail")]}
+    report, a = _judged(root, diagnostics=diag)
+    b = _decide(root, report, a)
+    assert not b.blessed and b.verdict == "not blessed"
+    assert "cannot judge: position_variation is fail: the logs have no position variation; randomise the " \
+           "logging" in b.reasons
+    failing = [c for c in b.checks if not c.passed]
+    assert [(c.name, c.value, c.threshold) for c in failing] == [
+        ("diagnostic position_variation", 0.01, ">= 0.05 (fail)")]
+    assert not any("logging_randomness" in c.name for c in b.checks)  # passes are not listed
+    # the same report with ground truth judges on the truth: the diagnostic does not block
+    report, a = _judged(root, truth=True, diagnostics=diag)
+    assert _decide(root, report, a).blessed
+
+
+def test_a_warning_is_shown_but_never_blocks_and_other_policies_failures_do_not_either(tmp_path):
+    root = str(tmp_path)
+    diag = {"checks": [_diagnostic("warn"), _diagnostic("fail", "support", policy="oracle")],
+            "click_model": {"pbm": -1.0, "cascade": -1.2}}
+    report, a = _judged(root, diagnostics=diag)
+    b = _decide(root, report, a)
+    assert b.blessed, b.reasons
+    assert [(c.name, c.passed) for c in b.checks[:2]] == [("diagnostic position_variation", True),
+                                                          ("diagnostic support (oracle)", True)]
+    # about the candidate itself: refused
+    report, a = _judged(root, diagnostics={"checks": [_diagnostic("fail", "support", policy="grade")]})
+    b = _decide(root, report, a)
+    assert not b.blessed and any(r.startswith("cannot judge: support is fail") for r in b.reasons)
+    # an unmeasured value (NaN) reads as null
+    report, a = _judged(root, diagnostics={"checks": [{**_diagnostic("warn"), "value": float("nan")}]})
+    assert _decide(root, report, a).checks[0].value is None
+    # a report written before diagnostics existed has none
+    report, a = _judged(root)
+    assert _decide(root, report, a).blessed
+
+
+@pytest.mark.parametrize("diagnostics, field", [
+    ([], "diagnostics"), ({}, "checks"), ({"checks": {}}, "checks"), ({"checks": ["x"]}, "checks[0]"),
+    ({"checks": [{**_diagnostic("fail"), "status": "failed"}]}, "status"),
+    ({"checks": [{k: v for k, v in _diagnostic("fail").items() if k != "sentence"}]}, "sentence"),
+    ({"checks": [{**_diagnostic("warn"), "value": "0.1"}]}, "value"),
+    ({"checks": [{**_diagnostic("warn"), "policy": 3}]}, "policy"),
+])
+def test_malformed_diagnostics_are_bad_input_naming_the_field(tmp_path, capsys, diagnostics, field):
+    registry = str(tmp_path / "registry")
+    a = model_folder(str(tmp_path), "a", 1)
+    uri = write_report(str(tmp_path), "r1", a, opm=0.05)
+    report = json.loads(Path(uri, "report.json").read_text())
+    report["diagnostics"] = diagnostics
+    with store.publishing(uri) as staging:
+        (staging / "report.json").write_text(json.dumps(report))
+    assert cli.run(promote_cli.main, ["--report", uri, "--candidate", a, "--registry", registry]) == 2
+    err = capsys.readouterr().err
+    assert "diagnostics" in err and field in err and "Traceback" not in err
+    assert production_model(registry) is None
+
+
+def test_too_wide_a_primary_interval_says_how_many_requests_would_decide(tmp_path):
+    """Lift +0.05 [-0.01, +0.11] at 3,000 requests with an MDE of 0.10: the SE scales as 1/sqrt(n), so the
+    MDE reaches the lift at 3,000 * (0.10 / 0.05)^2 = 12,000 requests."""
+    root = str(tmp_path)
+    opm = {"lift": 0.05, "ci_low": -0.01, "ci_high": 0.11, "se": 0.0357, "mde": 0.10}
+    report, a = _judged(root, opm=opm)
+    b = _decide(root, report, a)
+    assert not b.blessed
+    assert any(r.endswith("not enough evidence: about 12,000 requests needed") for r in b.reasons), b.reasons
+    # a min_lift of 0.01 leaves 0.04 to detect: 3,000 * (0.10 / 0.04)^2 = 18,750 -> about 19,000
+    b = _decide(root, report, a, PromoteConfig(min_lift=0.01))
+    assert any(r.endswith("about 19,000 requests needed") for r in b.reasons), b.reasons
+    # decided by the evidence: a lift below the threshold, or an MDE already below the lift
+    for entry in ({**opm, "lift": -0.005}, {**opm, "mde": 0.04}, {**opm, "ci_low": -0.03, "ci_high": -0.001}):
+        report, a = _judged(root, opm=entry)
+        b = _decide(root, report, a)
+        assert not b.blessed and not any("not enough evidence" in r for r in b.reasons), entry
+    # a report written before the MDE existed: the plain reason
+    report, a = _judged(root, opm={k: v for k, v in opm.items() if k not in ("se", "mde")})
+    assert not any("not enough evidence" in r for r in _decide(root, report, a).reasons)
+
+
+def test_the_mde_is_at_the_reports_confidence_and_80_percent_power():
+    from grade.value.auction import min_detectable_effect
+
+    assert min_detectable_effect(0.01, 0.95) == pytest.approx(0.01 * (1.959964 + 0.841621), rel=1e-5)
+    assert min_detectable_effect(0.01, 0.90) == pytest.approx(0.01 * (1.644854 + 0.841621), rel=1e-5)
+
+
+def test_the_prior_flavour_and_unknown_guardrail_flavours_are_refused_at_config_time():
+    from grade.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="promote.primary_flavour: 'prior' is not accepted"):
+        PromoteConfig(primary_flavour="prior").validate()
+    for key in ("prior/gpm", "estimated/", "replay/ctr"):
+        with pytest.raises(ConfigError, match=f"promote.guardrails.{key}: expected a metric or"):
+            PromoteConfig(guardrails={key: -0.1}).validate()
+    PromoteConfig(guardrails={"true/gpm": -0.01, "ctr": -0.01}).validate()

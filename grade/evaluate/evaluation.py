@@ -54,7 +54,10 @@ class EvaluateConfig:
     bootstrap_samples: int = ranged(1000, "[0, 1e6]")
     """paired bootstrap resamples of requests for the lift CIs"""
     confidence: float = ranged(0.95, "(0, 1)")
-    """confidence level of the percentile intervals"""
+    """confidence level of the lift intervals"""
+    interval: str = "percentile"
+    """how a lift's CI is read from the paired resamples: percentile, bca or studentized (bootstrap-t of the
+    log lift; grade.value.auction.INTERVALS, docs/evaluation.md)"""
     seed: int = ranged(0, SEED_RANGE, derived="seed:evaluate")
     """seed of the bootstrap, the best_static search and the oracle"""
     segment_feature: str = ""
@@ -99,6 +102,9 @@ class EvaluateConfig:
     """thresholds of the checks of the logs against what the estimated flavour assumes (docs/estimators.md)"""
 
     def validate(self) -> None:
+        if self.interval not in auction.INTERVALS:
+            raise InputError(f"evaluate.interval: expected one of {list(auction.INTERVALS)}, "
+                             f"got {self.interval!r}")
         if self.static_search_objective not in baselines.SEARCH_OBJECTIVES:
             raise InputError(f"evaluate.static_search_objective: expected one of "
                              f"{list(baselines.SEARCH_OBJECTIVES)}, got {self.static_search_objective!r}")

@@ -405,7 +405,8 @@ def render_html(report: dict[str, Any], weights: dict[str, torch.Tensor] | None 
         f"<p class='meta'>{report['n_requests']} held-out requests ({esc(report['split'])} split), top-"
         f"{report['exposure_depth']} exposure, objectives {esc(', '.join(report['objectives']))}; "
         f"{'with' if report['has_ground_truth'] else 'without'} simulator ground truth. "
-        f"Lifts: {report['config']['confidence']:.0%} percentile CIs of a paired bootstrap over requests "
+        f"Lifts: {report['config']['confidence']:.0%} {esc(report['config'].get('interval', 'percentile'))} "
+        f"CIs of a paired bootstrap over requests "
         f"({report['config']['bootstrap_samples']} resamples).</p>",
         "<h2>Summary</h2>",
         f"<p class='summary'>{esc(report['headroom_sentence'])}</p>",

@@ -115,9 +115,10 @@ def compare_policies(table: auction.SumsTable, cfg: EvaluateConfig,
     references = ["static"] + (["incumbent"] if "incumbent" in table.policies else [])
     paired = [b for b in cfg.paired_baselines if b in table.policies and b not in references]
     t = time.monotonic()
-    overall = auction.compare(table, references + paired, cfg.bootstrap_samples, cfg.confidence, cfg.seed)
-    log.info("bootstrap: %d resamples of %d requests x %d columns in %.1fs", cfg.bootstrap_samples, n,
-             len(table.columns), time.monotonic() - t)
+    overall = auction.compare(table, references + paired, cfg.bootstrap_samples, cfg.confidence, cfg.seed,
+                              interval=cfg.interval)
+    log.info("bootstrap (%s): %d resamples of %d requests x %d columns in %.1fs", cfg.interval,
+             cfg.bootstrap_samples, n, len(table.columns), time.monotonic() - t)
     return overall, paired
 
 
@@ -259,7 +260,7 @@ def segment_breakdown(table: auction.SumsTable, seg: torch.Tensor, labels: dict[
     out = {}
     for sid, label in top_segments(seg, labels, cfg):
         res = auction.compare(table, ["static"], cfg.bootstrap_samples, cfg.confidence, cfg.seed + 1 + sid,
-                              rows=seg == sid)
+                              rows=seg == sid, interval=cfg.interval)
         out[label] = {"n_requests": res["n_requests"], "policies": res["policies"],
                       "lift_vs_static": res["lifts"].get("static", {})}
     return out

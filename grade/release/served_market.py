@@ -34,8 +34,9 @@ class ServedMarket:
         if ranked != list(objectives):
             raise InputError(f"simulator.logging: model {uri} ranks objectives {ranked}, the simulator "
                              f"writes {list(objectives)}")
-        # the identity the registry's alias record and the evaluation report give a model folder
-        self.version = store.content_hash(uri)
+        # a registry version by its name (as the alias record and the report name the incumbent), a plain
+        # model folder by its content hash (as the report names an evaluated model)
+        self.version = str(store.read_manifest(uri).get("version") or store.content_hash(uri))
 
     def __call__(self, table: pa.Table) -> Served:
         keys = table["request_id"].to_numpy()

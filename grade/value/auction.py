@@ -365,48 +365,203 @@ def percentile_ci(samples: torch.Tensor, confidence: float) -> tuple[float, floa
     return float(q[0]), float(q[1])
 
 
-def lift_values(table: SumsTable, totals: torch.Tensor, boot: torch.Tensor, baseline: str,
-                confidence: float = 0.95, policies: Iterable[str] | None = None
-                ) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
-    """policy -> flavour -> metric -> {lift, ci_low, ci_high}: relative lift over ``baseline``.
+#: How a lift's CI is read from the paired resamples (evaluate.interval): percentile, bca (bias-corrected
+#: and accelerated) or studentized (bootstrap-t on the log lift: each resample's deviation divided by its
+#: own delta-method SE, which widens the interval when a few heavy requests drive both).
+INTERVALS = ("percentile", "bca", "studentized")
+#: power of the minimum detectable effect reported next to each lift
+MDE_POWER = 0.8
+_NORMAL = torch.distributions.Normal(*torch.tensor([0.0, 1.0], dtype=torch.float64))
 
-    lift = metric(policy) / metric(baseline) - 1 on the full data; the CI is the percentile interval
-    of the same ratio over the paired resamples ``boot`` [R, Q].
-    """
+
+def _z(p: float) -> float:
+    return float(_NORMAL.icdf(torch.tensor(p, dtype=torch.float64)))
+
+
+def min_detectable_effect(se: float, confidence: float, power: float = MDE_POWER) -> float:
+    """The smallest true lift a two-sided test at ``confidence`` detects with ``power``, given its SE."""
+    return (_z((1 + confidence) / 2) + _z(power)) * se
+
+
+def influence(matrix: torch.Tensor, i: int, j: int) -> torch.Tensor:
+    """[N] each request's share of the log ratio-of-sums sum_n x_i / sum_n x_j (the delta method): its
+    square sums to the log ratio's variance, and it sums to 0."""
+    num, den = matrix[:, i].sum(), matrix[:, j].sum()
+    num, den = num.where(num != 0, torch.ones_like(num)), den.where(den != 0, torch.ones_like(den))
+    return matrix[:, i] / num - matrix[:, j] / den
+
+
+@dataclasses.dataclass
+class LiftSpec:
+    """One lift the CIs are computed for: policy vs baseline on one flavour/metric, and its columns."""
+
+    policy: str
+    baseline: str
+    flavour: str
+    metric: str
+    cols: tuple[int, int, int, int, float]
+    """numerator and denominator columns of the policy, then of the baseline, and the scale"""
+
+    def log_influence(self, matrix: torch.Tensor) -> torch.Tensor:
+        """[N] influence of the log lift log(metric(policy) / metric(baseline))."""
+        i, j, bi, bj, _ = self.cols
+        return influence(matrix, i, j) - influence(matrix, bi, bj)
+
+
+def lift_specs(table: SumsTable, baseline: str, policies: Iterable[str] | None = None) -> list[LiftSpec]:
+    """Every (policy, flavour, metric) lift over ``baseline`` the table can compute."""
     base = table.metric_columns(baseline)
-    out: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    out = []
     for p in policies if policies is not None else table.policies:
         if p == baseline:
             continue
-        res: dict[str, dict[str, dict[str, float]]] = {}
         for flavour, ms in table.metric_columns(p).items():
             for metric, (i, j, s) in ms.items():
-                if metric not in base.get(flavour, {}):
-                    continue
-                bi, bj, _ = base[flavour][metric]
-                point = float(_ratio(totals, i, j, s) / _ratio(totals, bi, bj, s) - 1)
-                samples = _ratio(boot, i, j, s) / _ratio(boot, bi, bj, s) - 1
-                lo, hi = percentile_ci(samples, confidence) if boot.shape[0] else (math.nan, math.nan)
-                res.setdefault(flavour, {})[metric] = {"lift": point, "ci_low": lo, "ci_high": hi}
-        out[p] = res
+                if metric in base.get(flavour, {}):
+                    bi, bj, _ = base[flavour][metric]
+                    out.append(LiftSpec(p, baseline, flavour, metric, (i, j, bi, bj, s)))
     return out
 
 
+def _lift(totals: torch.Tensor, cols: tuple[int, int, int, int, float]) -> torch.Tensor:
+    i, j, bi, bj, s = cols
+    return _ratio(totals, i, j, s) / _ratio(totals, bi, bj, s) - 1
+
+
+def bca_ci(samples: torch.Tensor, point: float, infl: torch.Tensor, confidence: float) -> tuple[float, float]:
+    """BCa interval: the percentile interval's quantile levels moved by the bias z0 (the share of resamples
+    below ``point``) and the acceleration (the skew of the influence values ``infl``)."""
+    samples = samples[~samples.isnan()]
+    share = (samples < point).to(torch.float64) + 0.5 * (samples == point).to(torch.float64)
+    below = float(share.mean())
+    if not 0 < below < 1:
+        return percentile_ci(samples, confidence)
+    z0 = _z(below)
+    u2 = float((infl * infl).sum())
+    accel = float((infl ** 3).sum()) / (6 * u2 ** 1.5) if u2 > 0 else 0.0
+    levels = []
+    for p in ((1 - confidence) / 2, (1 + confidence) / 2):
+        zp = z0 + _z(p)
+        levels.append(float(_NORMAL.cdf(torch.tensor(z0 + zp / (1 - accel * zp), dtype=torch.float64))))
+    q = torch.quantile(samples, torch.tensor(levels, dtype=torch.float64))
+    return float(q[0]), float(q[1])
+
+
+def studentized_ci(samples: torch.Tensor, point: float, se: float, boot_se: torch.Tensor,
+                   confidence: float) -> tuple[float, float]:
+    """Bootstrap-t interval of a lift on the log scale: t* = (log(1+L*) - log(1+L)) / se*, per resample
+    with its own delta-method SE ``boot_se`` [R]; ``se`` is the full sample's."""
+    if not se > 0 or not point > -1:
+        return percentile_ci(samples, confidence)
+    log_point = math.log1p(point)
+    t = (torch.log1p(samples) - log_point) / boot_se
+    t = t[t.isfinite()]
+    if t.numel() == 0:
+        return percentile_ci(samples, confidence)
+    q = torch.quantile(t, torch.tensor([(1 - confidence) / 2, (1 + confidence) / 2], dtype=torch.float64))
+    return math.expm1(log_point - float(q[1]) * se), math.expm1(log_point - float(q[0]) * se)
+
+
+def lift_entry(spec: LiftSpec, totals: torch.Tensor, boot: torch.Tensor, confidence: float,
+               interval: str = "percentile", matrix: torch.Tensor | None = None,
+               boot_se: torch.Tensor | None = None) -> dict[str, float]:
+    """{lift, ci_low, ci_high, se, mde} of one lift: the point on the full data, the CI by ``interval``
+    from the paired resamples ``boot`` [R, Q], the resamples' SE and the minimum detectable effect.
+    ``bca`` needs the request ``matrix``; ``studentized`` also each resample's log-lift SE ``boot_se``."""
+    point = float(_lift(totals, spec.cols))
+    if not boot.shape[0]:
+        return {"lift": point, "ci_low": math.nan, "ci_high": math.nan, "se": math.nan, "mde": math.nan}
+    samples = _lift(boot, spec.cols)
+    kept = samples[~samples.isnan()]
+    se = float(kept.std()) if kept.numel() > 1 else math.nan
+    if interval == "bca" and matrix is not None:
+        lo, hi = bca_ci(samples, point, spec.log_influence(matrix), confidence)
+    elif interval == "studentized" and matrix is not None and boot_se is not None:
+        infl = spec.log_influence(matrix)
+        lo, hi = studentized_ci(samples, point, float((infl * infl).sum().sqrt()), boot_se, confidence)
+    else:
+        lo, hi = percentile_ci(samples, confidence)
+    return {"lift": point, "ci_low": lo, "ci_high": hi, "se": se,
+            "mde": min_detectable_effect(se, confidence)}
+
+
+def lift_values(table: SumsTable, totals: torch.Tensor, boot: torch.Tensor, baseline: str,
+                confidence: float = 0.95, policies: Iterable[str] | None = None, interval: str = "percentile",
+                matrix: torch.Tensor | None = None,
+                boot_se: dict[tuple[str, str, str], torch.Tensor] | None = None
+                ) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """policy -> flavour -> metric -> {lift, ci_low, ci_high, se, mde}: relative lift over ``baseline``.
+
+    lift = metric(policy) / metric(baseline) - 1 on the full data; the CI is read by ``interval``
+    (:data:`INTERVALS`) from the same ratio over the paired resamples ``boot`` [R, Q].
+    """
+    out: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    for p in policies if policies is not None else table.policies:
+        if p != baseline:
+            out[p] = {}
+    for spec in lift_specs(table, baseline, policies):
+        se_rows = (boot_se or {}).get((spec.policy, spec.flavour, spec.metric))
+        out[spec.policy].setdefault(spec.flavour, {})[spec.metric] = lift_entry(
+            spec, totals, boot, confidence, interval, matrix, se_rows)
+    return out
+
+
+def studentized_boot(matrix: torch.Tensor, specs: list[LiftSpec], n_resamples: int, seed: int
+                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Resampled totals [R, Q] and, per lift of ``specs``, each resample's delta-method SE of the log
+    lift [R] at the resample's own totals, from the same paired resamples: the products of the columns a
+    lift reads ride along with the sums, so se*^2 = g*' (sum_n w_n x_n x_n') g* with g* = (1/T*_i, -1/T*_j,
+    -1/T*_bi, 1/T*_bj) from the resample's totals T*."""
+    q = matrix.shape[1]
+    pairs: dict[tuple[int, int], int] = {}
+    for s in specs:
+        cols = s.cols[:4]
+        for a in range(4):
+            for b in range(a, 4):
+                pairs.setdefault((min(cols[a], cols[b]), max(cols[a], cols[b])), q + len(pairs))
+    left = torch.tensor([a for a, _ in pairs], dtype=torch.long)
+    right = torch.tensor([b for _, b in pairs], dtype=torch.long)
+    boot = bootstrap_totals(torch.cat([matrix, matrix[:, left] * matrix[:, right]], 1), n_resamples, seed)
+    out = []
+    for s in specs:
+        cols = s.cols[:4]
+        tot = boot[:, list(cols)]
+        g = torch.stack([1 / tot[:, 0], -1 / tot[:, 1], -1 / tot[:, 2], 1 / tot[:, 3]], 1)
+        var = torch.zeros(boot.shape[0], dtype=boot.dtype)
+        for a in range(4):
+            for b in range(4):
+                var += g[:, a] * g[:, b] * boot[:, pairs[(min(cols[a], cols[b]), max(cols[a], cols[b]))]]
+        out.append(var.clamp_min(0).sqrt())
+    return boot[:, :q], out
+
+
 def compare(table: SumsTable, baselines: Iterable[str], n_resamples: int = 1000, confidence: float = 0.95,
-            seed: int = 0, rows: torch.Tensor | None = None) -> dict:
-    """Metrics of every policy and lifts (with paired bootstrap CIs) over each baseline.
+            seed: int = 0, rows: torch.Tensor | None = None, interval: str = "percentile") -> dict:
+    """Metrics of every policy and lifts (with paired bootstrap CIs read by ``interval``) over each baseline.
 
     ``rows`` restricts everything to a subset of requests (e.g. a user segment). Returns
     {"n_requests", "policies": metric_values, "lifts": {baseline: lift_values}}.
     """
+    if interval not in INTERVALS:
+        raise ValueError(f"interval: expected one of {list(INTERVALS)}, got {interval!r}")
     matrix = table.matrix(rows)
     totals = matrix.sum(0)
-    boot = bootstrap_totals(matrix, n_resamples, seed)
+    refs = [b for b in baselines if b in table.policies]
+    boot_se: dict[tuple[str, str, str], torch.Tensor] = {}
+    if interval == "studentized":
+        specs = [s for b in refs for s in lift_specs(table, b)]
+        boot, se_rows = studentized_boot(matrix, specs, n_resamples, seed)
+        per_base: dict[str, dict[tuple[str, str, str], torch.Tensor]] = {b: {} for b in refs}
+        for s, r in zip(specs, se_rows, strict=True):
+            per_base[s.baseline][(s.policy, s.flavour, s.metric)] = r
+    else:
+        boot = bootstrap_totals(matrix, n_resamples, seed)
+        per_base = {b: boot_se for b in refs}
     return {
         "n_requests": int(matrix.shape[0]),
         "policies": metric_values(table, totals),
-        "lifts": {b: lift_values(table, totals, boot, b, confidence)
-                  for b in baselines if b in table.policies},
+        "lifts": {b: lift_values(table, totals, boot, b, confidence, interval=interval, matrix=matrix,
+                                 boot_se=per_base[b]) for b in refs},
     }
 
 
