@@ -134,13 +134,14 @@ def estimator_inputs(data: dict[str, torch.Tensor], vm: ValueModel, business: Bu
                          ("value", business.item_value(c, order, gmv, unit))):
                 parts[k].append(v)
         models = {k: torch.cat(v) for k, v in parts.items()}
-    attraction = continuation = None
+    cascade = None
     if estimators.needs_cascade(name):
         attraction, models, continuation = click_model.cascade_inputs(vm.examination, data, models)
+        cascade = (attraction, continuation)
     return auction.EstimatorInputs(
         name=name, theta=vm.examination.theta_at(torch.arange(e)).double(),
         logged_theta=vm.examination.theta_at(data["position"]).double() * data["mask"],
-        labels=labels, models=models, max_weight=max_weight, attraction=attraction, continuation=continuation)
+        labels=labels, models=models, max_weight=max_weight, cascade=cascade)
 
 
 @dataclasses.dataclass(frozen=True)

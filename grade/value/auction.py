@@ -34,13 +34,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 
 from grade.data.fusion import ClickModel, fuse, gather_items, ndcg_at, top_e
 from grade.data.transform import objective_index
-from grade.value.estimators import ranking_value
+from grade.value.estimators import cascade_kwargs, ranking_value
 
 #: flavour -> metric -> (numerator key, denominator key, scale). Keys name per-request sums; keys
 #: without a flavour prefix are policy-independent (shared by every policy).
@@ -96,10 +95,8 @@ class EstimatorInputs:
     """the same keys -> the outcome model's expected label of an examined item [N, L] (dm/switch/shrunk)"""
     max_weight: float = math.inf
     """importance weights are clipped here"""
-    attraction: torch.Tensor | None = None
-    """[N, L] float64: the outcome model's P(click | examined) per item (cascade estimators only)"""
-    continuation: tuple[float, float] | None = None
-    """(continue_click, continue_skip) of the value model's cascade fit (cascade estimators only)"""
+    cascade: tuple[torch.Tensor, tuple[float, float]] | None = None
+    """the cascade estimators' (attraction [N, L], (continue_click, continue_skip)), or None"""
 
     def sums(self, idx: torch.Tensor, rows: slice) -> dict[str, torch.Tensor]:
         """Estimated sums [B] float64 of the rankings ``idx`` [B, E] of requests ``rows``, keyed by label."""
@@ -107,21 +104,15 @@ class EstimatorInputs:
         for key, y in self.labels.items():
             m = None if self.models is None else self.models[key][rows]
             est = ranking_value(self.name, idx.unsqueeze(1), self.theta, self.logged_theta[rows], y[rows], m,
-                                max_weight=self.max_weight, **self.cascade(rows))
+                                max_weight=self.max_weight, **cascade_kwargs(self.cascade, rows))
             out[key] = est.value[:, 0].to(torch.float64)
         return out
-
-    def cascade(self, rows: slice) -> dict[str, Any]:
-        """The cascade estimators' keyword arguments of :func:`ranking_value` for requests ``rows``."""
-        a = None if self.attraction is None else self.attraction[rows]
-        return {"attraction": a, "continuation": self.continuation}
 
     def impressions(self, mask: torch.Tensor) -> torch.Tensor:
         """Sum of theta-hat over the shown slots of each request: [N] float64 (policy-independent)."""
         e = self.theta.shape[0]
         shown = torch.arange(e).unsqueeze(0) < mask.sum(-1).unsqueeze(1)
         return (shown * self.theta.to(torch.float64)).sum(-1)
-
 
 
 # ------------------------------------------------------------------------------------------------

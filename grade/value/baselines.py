@@ -30,7 +30,7 @@ from grade.core.errors import InputError
 from grade.data.fusion import ClickModel, fuse, ndcg_at, simplex_grid, top_e
 from grade.data.simulator import oracle_weights as simulator_oracle
 from grade.value.auction import EstimatorInputs, sweep_global_weights
-from grade.value.estimators import ranking_value
+from grade.value.estimators import cascade_kwargs, ranking_value
 from grade.value.reward import RewardConfig, reward_terms
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def estimated_objective(data: dict[str, torch.Tensor], weights: torch.Tensor, es
         for j, key in enumerate(keys):
             m = None if est.models is None else est.models[key][sl]
             value = ranking_value(est.name, idx, est.theta[:e], est.logged_theta[sl], est.labels[key][sl], m,
-                                  max_weight=est.max_weight, **est.cascade(sl)).value
+                                  max_weight=est.max_weight, **cascade_kwargs(est.cascade, sl)).value
             total[:, j] += value.sum(0, dtype=torch.float64)
     return total / max(n, 1)
 

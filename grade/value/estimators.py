@@ -222,6 +222,12 @@ def needs_cascade(name: str) -> bool:
     return name in ESTIMATORS and ESTIMATORS[name].click_model == "cascade"
 
 
+def cascade_kwargs(cascade: tuple[torch.Tensor, tuple[float, float]] | None, rows: slice) -> dict:
+    """:func:`ranking_value`'s cascade arguments for requests ``rows`` of (attraction [N, L],
+    (continue_click, continue_skip)); none without a cascade."""
+    return {} if cascade is None else {"attraction": cascade[0][rows], "continuation": cascade[1]}
+
+
 def ranking_value(name: str, idx: torch.Tensor, theta: torch.Tensor, logged_theta: torch.Tensor,
                   y: torch.Tensor, m: torch.Tensor | None, *, max_weight: float = math.inf, tau: float = 0.1,
                   lam: float = 1.0, attraction: torch.Tensor | None = None,
