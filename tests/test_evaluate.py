@@ -399,7 +399,8 @@ def test_incumbent_from_registry(evaluated, tmp_path):
     assert report["models"]["incumbent"]["version"] == version
     assert report["models"]["incumbent"]["content_hash"] == report["models"]["grade"]["content_hash"]
     same = report["lift_vs_incumbent"]["grade"]["true"]["opm"]
-    assert same == {"lift": 0.0, "ci_low": 0.0, "ci_high": 0.0}  # the same model: identical rankings
+    # the same model: identical rankings, a lift of exactly 0 with no spread
+    assert same == {"lift": 0.0, "ci_low": 0.0, "ci_high": 0.0, "se": 0.0, "mde": 0.0}
 
 
 def test_publishes_to_s3(evaluated, s3_env):
