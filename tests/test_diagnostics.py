@@ -257,3 +257,20 @@ def test_thresholds_are_keys_of_evaluate_diagnostics():
         config.load(None, {"evaluate.diagnostics.support_floor": 1.5})
     with pytest.raises(ConfigError, match=r"evaluate\.diagnostics: unknown key\(s\) \['floor'\]"):
         config.load(None, {"evaluate.diagnostics.floor": 0.1})
+
+
+def test_auto_estimator_judges_cascade_looking_logs_with_the_cascade_estimator():
+    from types import SimpleNamespace
+
+    from grade.evaluate.held_out import pick_estimator
+
+    def model(looks_like):
+        exam = SimpleNamespace(click_model={"looks_like": looks_like} if looks_like else {})
+        return SimpleNamespace(examination=exam), {}
+
+    assert pick_estimator("auto", model("cascade")) == "cascade_dm"
+    assert pick_estimator("auto", model("position_based")) == "ips"
+    assert pick_estimator("auto", model("undecided")) == "ips"
+    assert pick_estimator("auto", model(None)) == "ips"
+    assert pick_estimator("auto", None) == "ips"
+    assert pick_estimator("snips", model("cascade")) == "snips", "a named estimator is used as named"

@@ -24,7 +24,14 @@ from grade.core import config, store
 from grade.core.config import SEED_RANGE, ranged, setting
 from grade.core.errors import InputError
 from grade.evaluate.diagnostics import DiagnosticsConfig, click_profile
-from grade.evaluate.held_out import FITTED_VALUE_MODEL, HeldOut, load_inputs, obtain_value_model, value_unit
+from grade.evaluate.held_out import (
+    AUTO_ESTIMATOR,
+    FITTED_VALUE_MODEL,
+    HeldOut,
+    load_inputs,
+    obtain_value_model,
+    value_unit,
+)
 from grade.evaluate.policies import PolicyRuns, check_model_names, compute_policies, named_models
 from grade.evaluate.report import render_html
 from grade.evaluate.summary import kfp_metrics, read_training_curves, write_json
@@ -64,9 +71,10 @@ class EvaluateConfig:
     """breakdown feature: '' = true segment when present else the first categorical feature; or a c_* name"""
     max_segments: int = ranged(8, "[1, 1000]", retired=True)
     """largest number of segments in the breakdown (the most frequent values)"""
-    estimator: str = "ips"
+    estimator: str = "auto"
     """estimator of the 'estimated' flavour (grade.value.estimators.ESTIMATORS: ips, snips, dm, switch,
-    shrunk)"""
+    shrunk, cascade_dm), or auto: cascade_dm where the value model's click_model check says the valid
+    clicks look like a cascade, else ips (the report records the one used)"""
     estimator_max_weight: float = ranged(100.0, ">= 1")
     """importance weights of the 'estimated' flavour (and the estimated best_static search) are clipped
     here"""
@@ -108,9 +116,9 @@ class EvaluateConfig:
         if self.static_search_objective not in baselines.SEARCH_OBJECTIVES:
             raise InputError(f"evaluate.static_search_objective: expected one of "
                              f"{list(baselines.SEARCH_OBJECTIVES)}, got {self.static_search_objective!r}")
-        for key in ("estimator", "static_search_estimator"):
-            if getattr(self, key) not in estimators.ESTIMATORS:
-                raise InputError(f"evaluate.{key}: expected one of {list(estimators.ESTIMATORS)}, "
+        for key, extra in (("estimator", [AUTO_ESTIMATOR]), ("static_search_estimator", [])):
+            if getattr(self, key) not in [*estimators.ESTIMATORS, *extra]:
+                raise InputError(f"evaluate.{key}: expected one of {[*estimators.ESTIMATORS, *extra]}, "
                                  f"got {getattr(self, key)!r}")
         if self.oracle_value not in ("declared", "clicks", "orders", "gmv"):
             raise InputError(f"evaluate.oracle_value: expected declared, clicks, orders or gmv, "

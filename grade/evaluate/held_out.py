@@ -28,6 +28,9 @@ from grade.value.value_model import ValueModel, ValueModelConfig, build_value_mo
 if TYPE_CHECKING:
     from grade.evaluate.evaluation import EvaluateConfig
 
+#: evaluate.estimator's value that picks the estimator from the logs (:func:`pick_estimator`)
+AUTO_ESTIMATOR = "auto"
+
 log = logging.getLogger("grade.evaluate.evaluation")
 
 
@@ -212,6 +215,16 @@ def value_unit(held: HeldOut) -> float:
     return held.value_model.order_value_unit if held.value_model is not None else 1.0
 
 
+def pick_estimator(name: str, value_model: tuple[ValueModel, dict[str, Any]] | None) -> str:
+    """The estimated flavour's estimator: ``name``, or for ``auto`` cascade_dm where the value model's
+    comparison of click models says the valid clicks look like a cascade (grade.value.click_model), else
+    ips (also without a value model or a comparison)."""
+    if name != AUTO_ESTIMATOR:
+        return name
+    compared = {} if value_model is None else (value_model[0].examination.click_model or {})
+    return "cascade_dm" if compared.get("looks_like") == "cascade" else "ips"
+
+
 def load_inputs(features_uri: str, cfg: EvaluateConfig, reward: RewardConfig | None,
                 business: BusinessConfig | None = None,
                 value_model: tuple[ValueModel, dict[str, Any]] | None = None) -> HeldOut:
@@ -221,9 +234,10 @@ def load_inputs(features_uri: str, cfg: EvaluateConfig, reward: RewardConfig | N
     business = config.check(business or BusinessConfig(), "business")
     held = HeldOut(features_uri, spec, data, cfg, reward, segment_ids(spec, data, cfg.segment_feature),
                    business)
+    held.cfg = dataclasses.replace(cfg, estimator=pick_estimator(cfg.estimator, value_model))
     if value_model is not None:
         held.value_model, held.value_model_info = value_model
         if has_logged_feedback(data):
-            held.estimator = estimator_inputs(data, held.value_model, business, cfg.estimator,
+            held.estimator = estimator_inputs(data, held.value_model, business, held.cfg.estimator,
                                               cfg.estimator_max_weight, cfg.exposure_depth, cfg.batch_size)
     return held
