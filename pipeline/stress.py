@@ -146,8 +146,7 @@ def run_one(condition: str, seed: int, base: dict[str, Any], out: Path, store_ro
     report, blessing = result["report"], result["blessing"]
     true, estimated = _lifts(report, "true"), _lifts(report, "estimated")
     promoted = bool(blessing and blessing.blessed)
-    harmful = promoted and (true["opm"]["ci_low"] <= 0 or any(true[m]["lift"] < floor
-                                                             for m, floor in HARM_FLOOR.items()))
+    harmful = promoted and is_harmful(true)
     return {"condition": condition, "seed": seed, "verdict": blessing.verdict if blessing else "no gate",
             "reasons": list(blessing.reasons) if blessing else [], "promoted": promoted, "harmful": harmful,
             "truth_gate": truth_verdict(report, report["models"]["grade"]["uri"], run_dir),
@@ -158,6 +157,12 @@ def run_one(condition: str, seed: int, base: dict[str, Any], out: Path, store_ro
             "diagnostics": [c for c in report.get("diagnostics", {}).get("checks", [])
                             if c["status"] != "pass"],
             "seconds": round(time.monotonic() - t0, 1)}
+
+
+def is_harmful(true: dict[str, Any]) -> bool:
+    """Whether promoting a model of these true lifts vs static harms: its OPM lift CI reaches 0, or its
+    GPM or CTR lift is below the floor."""
+    return true["opm"]["ci_low"] <= 0 or any(true[m]["lift"] < floor for m, floor in HARM_FLOOR.items())
 
 
 def _pct(cell: dict[str, float]) -> str:
