@@ -274,3 +274,19 @@ def test_auto_estimator_judges_cascade_looking_logs_with_the_cascade_estimator()
     assert pick_estimator("auto", model(None)) == "ips"
     assert pick_estimator("auto", None) == "ips"
     assert pick_estimator("snips", model("cascade")) == "snips", "a named estimator is used as named"
+
+
+def test_served_exploration_fails_on_a_models_own_deterministic_ranking():
+    from grade.evaluate.diagnostics import served_exploration
+
+    n = 40
+    data = {"mask": torch.ones(n, 5, dtype=torch.bool), "served_w": torch.full((n, 3), 1 / 3)}
+    assert served_exploration({"mask": data["mask"]}) is None, "static logs say nothing of serving"
+    mean_only = served_exploration({**data, "served_log_propensity": torch.full((n,), float("nan"))})
+    assert mean_only["status"] == "fail" and mean_only["value"] == 0.0
+    some = torch.full((n,), float("nan"))
+    some[:1] = -2.0
+    assert served_exploration({**data, "served_log_propensity": some})["status"] == "warn"
+    some[:10] = -2.0
+    checked = served_exploration({**data, "served_log_propensity": some})
+    assert checked["status"] == "pass" and checked["value"] == 0.25

@@ -39,6 +39,8 @@ CHECK_KEYS = ("name", "status", "value", "threshold", "sentence", "policy")
 REFERENCE_REQUESTS = 1000
 #: the primary metric -> the estimator label of its kind
 PRIMARY_KIND = {"ctr": "clicks", "opm": "orders", "gpm": "gmv", "vpm": "value"}
+#: warn below: share of a served market's logged requests whose weights were drawn (explored)
+MIN_EXPLORED_SHARE = 0.05
 #: policies a per-policy failure is about: what the gate compares (others can only warn)
 JUDGED = ("static", "incumbent")
 
@@ -223,6 +225,25 @@ def truncated_lists(mask: torch.Tensor, exposure: int, threshold: float) -> dict
     return check("truncated_lists", status, value, f"<= {threshold:g}", sentence)
 
 
+def served_exploration(data: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """For logs of a served model (the log contract's served weights present): the share of requests
+    whose served weights were drawn by exploration (a logged propensity). None (a share of 0) means the
+    logs are the model's own deterministic ranking: fail; below MIN_EXPLORED_SHARE: warn. None for logs
+    without served weights (a randomised static logging policy, or logs that do not say)."""
+    weights, log_p = data.get("served_w"), data.get("served_log_propensity")
+    if weights is None or log_p is None or weights.shape[0] != data["mask"].shape[0] or not len(log_p):
+        return None
+    value = float(torch.isfinite(log_p).double().mean())
+    status = "fail" if value == 0 else "warn" if value < MIN_EXPLORED_SHARE else "pass"
+    sentence = (f"{value:.1%} of the logged requests were served explored weights with a logged propensity."
+                if status == "pass" else
+                f"only {value:.1%} of the logged requests were served explored weights: the logs are (almost "
+                f"all) the serving model's own deterministic ranking, which the position-based estimators "
+                f"read as if candidates had moved at random, so they over-rate what that model ranks high; "
+                f"serve with exploration (serve.explore.share > 0) and judge on the logs it writes.")
+    return check("served_exploration", status, value, f"> 0 (warn below {MIN_EXPLORED_SHARE:g})", sentence)
+
+
 # ------------------------------------------------------------------------------------------------
 # Support: where a policy's value comes from
 # ------------------------------------------------------------------------------------------------
@@ -308,6 +329,9 @@ def run_checks(held: HeldOut, runs: PolicyRuns, model_names: Iterable[str]) -> l
                               exam is None or exam.method != "fixed"),
            logging_randomness(data, reference, e, cfg.min_logging_randomness),
            truncated_lists(data["mask"], e, cfg.max_truncated_share)]
+    served = served_exploration(data)
+    if served is not None:
+        out.append(served)
     if exam is not None:
         out.insert(1, theta_degenerate(exam, e, cfg.theta_floor))
         out += support_checks(held, runs, cfg, model_names)
