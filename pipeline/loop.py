@@ -36,6 +36,7 @@ import yaml
 import grade.core.cli
 from grade.core import config, store
 from grade.core.errors import InputError
+from pipeline.params import deep_merge
 
 LOOP_FILE = "loop.json"
 PAGE_FILE = "loop.html"
@@ -68,21 +69,32 @@ def round_config(plan: LoopPlan, index: int, production_uri: str | None) -> dict
     """The config mapping of round ``index``: new days of the same market (a new request stream of the
     same world), logged by ``production_uri`` (None: the static weights), judged without truth."""
     first, _ = plan.round_days(index)
-    cfg = json.loads(json.dumps(plan.base))
-    sim = cfg.setdefault("simulator", {})
-    sim.update({"start_date": first.isoformat(), "n_days": plan.days_per_round})
+    sim: dict[str, Any] = {"start_date": first.isoformat(), "n_days": plan.days_per_round}
     if index:
         sim["stream"] = index
     if production_uri:
         sim["logging"] = production_uri
-    cfg.setdefault("promote", {})["primary_flavour"] = "estimated"
-    return cfg
+    return deep_merge(plan.base, {"simulator": sim, "promote": {"primary_flavour": "estimated"}}, "")
 
 
 def write_yaml(mapping: dict[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(mapping, sort_keys=True))
     return path
+
+
+def base_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The config mapping of ``--config`` with every ``--set`` merged over it (both checked first: a bad
+    file or value is exit 2 before anything runs)."""
+    config.from_args(args)
+    base = config.load_yaml(args.config) if args.config else {}
+    for dotted, value in args.config_settings:
+        *sections, key = dotted.split(".")
+        change: dict[str, Any] = {key: value}
+        for name in reversed(sections):
+            change = {name: change}
+        base = deep_merge(base, change, "")
+    return base
 
 
 def simulate_round(config_path: Path, round_uri: str, days_pattern: str) -> list[str]:
@@ -166,9 +178,9 @@ def render_page(rounds: list[dict[str, Any]]) -> str:
     rows = "".join(
         f"<tr><td>{r['round']}</td><td>{r['verdict']}</td><td>{r['production_version'] or 'static'}</td>"
         f"<td>{r['production_true']['opm']:.3f}</td>"
-        f"<td>{_pct(r['candidate_true_lift'].get('opm'))}</td><td>{_pct(r['estimated_lift'].get('opm'))}</td>"
-        f"<td>{_pct(r['candidate_true_lift'].get('gpm'))}</td><td>{_pct(r['estimated_lift'].get('gpm'))}</td>"
-        f"<td>{_pct(r['exploration_cost'].get('opm'))}</td></tr>" for r in rounds)
+        f"<td>{lift_text(r['candidate_true_lift'].get('opm'))}</td><td>{lift_text(r['estimated_lift'].get('opm'))}</td>"
+        f"<td>{lift_text(r['candidate_true_lift'].get('gpm'))}</td><td>{lift_text(r['estimated_lift'].get('gpm'))}</td>"
+        f"<td>{lift_text(r['exploration_cost'].get('opm'))}</td></tr>" for r in rounds)
     return ("<!doctype html><html><head><meta charset='utf-8'><title>grade-mtf loop</title></head><body>"
             "<h1>Closed-loop retraining</h1>" + figure +
             "<table border='1' cellpadding='4'><tr><th>round</th><th>verdict</th><th>production</th>"
@@ -178,7 +190,7 @@ def render_page(rounds: list[dict[str, Any]]) -> str:
             "</table></body></html>")
 
 
-def _pct(cell: dict[str, float] | None) -> str:
+def lift_text(cell: dict[str, float] | None) -> str:
     if not cell:
         return "-"
     return f"{100 * cell['lift']:+.1f}% [{100 * cell['ci_low']:+.1f}, {100 * cell['ci_high']:+.1f}]"
@@ -226,8 +238,8 @@ def run_loop(plan: LoopPlan, out: Path, *, verbose: bool = False) -> dict[str, A
         r = rounds[-1]
         print(f"loop: round {index}: {r['verdict']}; production {version or 'static'} true OPM "
               f"{r['production_true']['opm']:.3f} (candidate true OPM lift "
-              f"{_pct(r['candidate_true_lift'].get('opm'))}, estimated "
-              f"{_pct(r['estimated_lift'].get('opm'))}) in {r['seconds']:.0f} s", flush=True)
+              f"{lift_text(r['candidate_true_lift'].get('opm'))}, estimated "
+              f"{lift_text(r['estimated_lift'].get('opm'))}) in {r['seconds']:.0f} s", flush=True)
     return {"rounds": rounds}
 
 
@@ -261,12 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
 def plan_from_args(args: argparse.Namespace) -> LoopPlan:
     if args.rounds < 1:
         raise InputError(f"--rounds: expected at least 1, got {args.rounds}")
-    sections = config.from_args(args)           # validates the config and the --set values (exit 2)
-    base = config.load_yaml(args.config) if args.config else {}
-    for dotted, value in args.config_settings:
-        section, key = dotted.split(".", 1)
-        base.setdefault(section, {})[key] = value
-    sim = sections["simulator"]
+    base = base_config(args)
+    sim = config.from_args(args)["simulator"]
     days = args.days_per_round or sim.n_days
     window = args.window_days or days
     if days < 1 or window < 1:

@@ -115,14 +115,14 @@ def pipeline_arguments(config_path: str | None, *, logs: str = "", registry: str
     return args
 
 
-def _deep_merge(base: dict[str, Any], changes: dict[str, Any], where: str) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], changes: dict[str, Any], where: str) -> dict[str, Any]:
     out = dict(base)
     for key, value in changes.items():
         if isinstance(value, dict):
             current = out.get(key) or {}
             if not isinstance(current, dict):
                 raise ConfigError(f"config_yaml: '{where}{key}' must be a mapping, got {current!r}")
-            out[key] = _deep_merge(current, value, f"{where}{key}.")
+            out[key] = deep_merge(current, value, f"{where}{key}.")
         else:
             out[key] = value
     return out
@@ -137,12 +137,12 @@ def merge(config_yaml: str, overrides: dict[str, Any], ablation: str = "") -> di
     changes: dict[str, Any] = {}
     for name, value in overrides.items():
         t = tunable(name)
-        changes = _deep_merge(changes, {t.section: {t.key: value}}, "")
+        changes = deep_merge(changes, {t.section: {t.key: value}}, "")
     if ablation:
         if ablation not in ABLATIONS:
             raise ConfigError(f"unknown ablation '{ablation}'; expected one of {sorted(ABLATIONS)}")
-        changes = _deep_merge(changes, ABLATIONS[ablation], "")
-    return _deep_merge(data, changes, "")
+        changes = deep_merge(changes, ABLATIONS[ablation], "")
+    return deep_merge(data, changes, "")
 
 
 def write_step_config(config_yaml: str, overrides: dict[str, Any] | None = None, ablation: str = "",

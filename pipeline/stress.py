@@ -33,11 +33,12 @@ from typing import Any
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import yaml
 
 import grade.core.cli
 from grade.core import config, store
 from grade.core.errors import InputError
+from pipeline.loop import base_config, lift_text, write_yaml
+from pipeline.params import deep_merge
 
 #: condition -> config changes over the base config
 CONDITIONS: dict[str, dict[str, Any]] = {
@@ -55,25 +56,10 @@ HARM_FLOOR = {"gpm": -0.01, "ctr": -0.01}
 METRICS = ("opm", "gpm", "ctr")
 
 
-def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    out = json.loads(json.dumps(base))
-    for section, values in changes.items():
-        current = out.setdefault(section, {})
-        for key, value in values.items():
-            current[key] = merged(current.get(key) or {}, value) if isinstance(value, dict) else value
-    return out
-
-
 def run_config(base: dict[str, Any], condition: str, seed: int) -> dict[str, Any]:
     """The config of one run: the base, the condition, the seed, and a gate that judges without truth."""
-    return merged(base, merged(CONDITIONS[condition], {
-        "simulator": {"seed": seed}, "shared": {"seed": seed}, "promote": {"primary_flavour": "estimated"}}))
-
-
-def write_yaml(mapping: dict[str, Any], path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(mapping, sort_keys=True))
-    return str(path)
+    run = {"simulator": {"seed": seed}, "shared": {"seed": seed}, "promote": {"primary_flavour": "estimated"}}
+    return deep_merge(base, deep_merge(CONDITIONS[condition], run, ""), "")
 
 
 def simulate(cfg_path: str, out_uri: str) -> str:
@@ -111,7 +97,7 @@ def truth_verdict(report: dict[str, Any], candidate_uri: str, work: Path) -> str
 def logs_for(condition: str, cfg: dict[str, Any], run_dir: Path, store_root: str) -> str:
     """Simulate (and transform) the logs of one run; ``own_ranking`` first trains a model on the
     static-logged days and then simulates new days served by it."""
-    cfg_path = write_yaml(cfg, run_dir / "config.yaml")
+    cfg_path = str(write_yaml(cfg, run_dir / "config.yaml"))
     logs = simulate(cfg_path, store.join(store_root, "logs", run_dir.name))
     if condition == "truncated_top10":
         return truncate(logs, store.join(store_root, "logs", run_dir.name + "-top10"))
@@ -122,8 +108,8 @@ def logs_for(condition: str, cfg: dict[str, Any], run_dir: Path, store_root: str
                           registry=store.join(store_root, "registry", run_dir.name + "-logger"),
                           logs=logs, verbose=False)
         model = first["report"]["models"]["grade"]["uri"]
-        served = merged(cfg, {"simulator": {"logging": model, "stream": 1}})
-        return simulate(write_yaml(served, run_dir / "served.yaml"),
+        served = deep_merge(cfg, {"simulator": {"logging": model, "stream": 1}}, "")
+        return simulate(str(write_yaml(served, run_dir / "served.yaml")),
                         store.join(store_root, "logs", run_dir.name + "-served"))
     return logs
 
@@ -140,7 +126,7 @@ def run_one(condition: str, seed: int, base: dict[str, Any], out: Path, store_ro
     run_dir = out / f"{condition}-s{seed}"
     cfg = run_config(base, condition, seed)
     logs = logs_for(condition, cfg, run_dir, store_root)
-    result = run_local(write_yaml(cfg, run_dir / "config.yaml"), run_dir, workdir=run_dir / "_work",
+    result = run_local(str(write_yaml(cfg, run_dir / "config.yaml")), run_dir, workdir=run_dir / "_work",
                        store_uri=store_root, registry=store.join(store_root, "registry", run_dir.name),
                        logs=logs, verbose=False)
     report, blessing = result["report"], result["blessing"]
@@ -165,10 +151,6 @@ def is_harmful(true: dict[str, Any]) -> bool:
     return true["opm"]["ci_low"] <= 0 or any(true[m]["lift"] < floor for m, floor in HARM_FLOOR.items())
 
 
-def _pct(cell: dict[str, float]) -> str:
-    return f"{100 * cell['lift']:+.1f}% [{100 * cell['ci_low']:+.1f}, {100 * cell['ci_high']:+.1f}]"
-
-
 def table(rows: list[dict[str, Any]]) -> str:
     """The markdown table of every run: verdicts, the reason, estimated vs true lifts."""
     head = ("| condition | seed | verdict (truth-free) | truth gate | reason | est. OPM | true OPM | "
@@ -178,8 +160,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         reason = "; ".join(r["reasons"])[:140].replace("|", "/")
         est, true = r["estimated_lift"], r["true_lift"]
         lines.append(f"| {r['condition']} | {r['seed']} | {r['verdict']} | {r['truth_gate']} | {reason} | "
-                     f"{_pct(est['opm'])} | {_pct(true['opm'])} | {_pct(est['gpm'])} | {_pct(true['gpm'])} | "
-                     f"{_pct(true['ctr'])} | {'YES' if r['harmful'] else 'no'} |")
+                     f"{lift_text(est['opm'])} | {lift_text(true['opm'])} | {lift_text(est['gpm'])} | "
+                     f"{lift_text(true['gpm'])} | {lift_text(true['ctr'])} | "
+                     f"{'YES' if r['harmful'] else 'no'} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -214,12 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError:
         raise InputError(f"--seeds {args.seeds!r}: expected integers separated by commas") from None
-    config.from_args(args)                       # a bad config or --set is exit 2 before any run
-    base = config.load_yaml(args.config) if args.config else {}
-    for dotted, value in args.config_settings:
-        section, key = dotted.split(".", 1)
-        base.setdefault(section, {})[key] = value
-    base = merged(base, {"simulator": {"n_requests": args.requests}})
+    base = deep_merge(base_config(args), {"simulator": {"n_requests": args.requests}}, "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     store_root = str((out / "_store").absolute())
@@ -230,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             write_results(out, rows)
             r = rows[-1]
             print(f"stress: {condition} seed {seed}: {r['verdict']} (truth gate: {r['truth_gate']}); "
-                  f"est. OPM {_pct(r['estimated_lift']['opm'])} vs true {_pct(r['true_lift']['opm'])}"
+                  f"est. OPM {lift_text(r['estimated_lift']['opm'])} vs true "
+                  f"{lift_text(r['true_lift']['opm'])}"
                   f"{'; HARMFUL' if r['harmful'] else ''} ({r['seconds']:.0f} s)", flush=True)
     print(f"stress.md: {(out / 'stress.md').absolute()}")
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -34,3 +36,24 @@ def simulated_batch(cfg: SimulatorConfig) -> dict[str, torch.Tensor]:
     num = torch.from_numpy(np.stack([col(c)[:, 0] for c in NUMERIC], -1).astype(np.float32))
     out["num"] = (num - num.mean(0)) / num.std(0)
     return out
+
+
+def publish_random_policy(features_uri: str, model_uri: str, seed: int = 3):
+    """Publish at ``model_uri`` a policy on the features at ``features_uri`` whose parameters are moved
+    at random (seeded), so its weights are personalised rather than the initial constant; returns it."""
+    from grade.core import store
+    from grade.model.policy import PolicyConfig, PolicyNet, save_policy
+
+    spec_bytes = store.read_bytes(store.join(features_uri, "feature_spec.json"))
+    spec = json.loads(spec_bytes)
+    torch.manual_seed(seed)
+    net = PolicyNet(PolicyConfig(n_numeric=len(spec["numeric"]),
+                                 cat_sizes=[c["size"] for c in spec["categorical"]],
+                                 n_objectives=len(spec["objectives"])))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    with store.publishing(model_uri) as staging:
+        save_policy(net, staging)
+        (staging / "feature_spec.json").write_bytes(spec_bytes)
+    return net

@@ -99,27 +99,15 @@ TINY = {
 def _production_model(tmp_path, sim: dict, registry_root: str) -> str:
     """A registered production version: a policy with random personalised weights on the features of a
     static market of the loop's world (what a first promotion would leave behind)."""
-    import torch
-
-    from grade.core import store
     from grade.data import simulator
     from grade.data.features import FeaturesConfig, extract_features
-    from grade.model.policy import PolicyConfig, PolicyNet, save_policy
     from grade.model.registry import Registry
+    from tests.sim_tensors import publish_random_policy
 
     logs, feats, model = (str(tmp_path / name) for name in ("static-logs", "static-feats", "model"))
     simulator.write_logs(simulator.SimulatorConfig(**sim), logs)
-    spec = extract_features(logs, feats, FeaturesConfig())
-    torch.manual_seed(3)
-    net = PolicyNet(PolicyConfig(n_numeric=len(spec["numeric"]),
-                                 cat_sizes=[c["size"] for c in spec["categorical"]],
-                                 n_objectives=len(spec["objectives"])))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    with store.publishing(model) as staging:
-        save_policy(net, staging)
-        (staging / "feature_spec.json").write_bytes(store.read_bytes(store.join(feats, "feature_spec.json")))
+    extract_features(logs, feats, FeaturesConfig())
+    publish_random_policy(feats, model, seed=3)
     registry = Registry(registry_root, "grade-mtf")
     version, _ = registry.register(model)
     registry.set_production(version, "the loop's starting point", expected_etag=None)
@@ -153,3 +141,13 @@ def test_a_round_is_served_by_production_with_logged_exploration_and_judged_agai
     promoted = first["verdict"] == "promoted"
     assert (first["production_version"] != version) == promoted, "production moves only on a promotion"
     assert (out / loop.PAGE_FILE).is_file()
+
+
+def test_set_values_nest_into_the_config_every_round_starts_from(tmp_path):
+    cfg = tmp_path / "base.yaml"
+    cfg.write_text("simulator:\n  seed: 4\nserve:\n  explore:\n    kappa_cap: 50\n")
+    args = loop.build_parser().parse_args(["--rounds", "1", "--out", str(tmp_path / "o"), "--config",
+                                           str(cfg), "--set", "serve.explore.share=0.2",
+                                           "--set", "simulator.n_days=3"])
+    assert loop.base_config(args) == {"simulator": {"seed": 4, "n_days": 3},
+                                      "serve": {"explore": {"kappa_cap": 50, "share": 0.2}}}

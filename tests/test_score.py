@@ -18,7 +18,7 @@ from grade.data import dataset
 from grade.data.features import FeaturesConfig, extract_features, list_log_files
 from grade.data.fusion import fuse, top_e
 from grade.data.simulator import SimulatorConfig, write_logs
-from grade.model.policy import PolicyConfig, PolicyNet, save_policy
+from tests.sim_tensors import publish_random_policy
 
 
 @pytest.fixture(scope="module")
@@ -26,17 +26,8 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("score")
     logs, feats, model = str(root / "logs"), str(root / "feats"), str(root / "model")
     write_logs(SimulatorConfig(n_requests=300, n_users=100, n_items=2000, n_days=2), logs)
-    spec = extract_features(logs, feats, FeaturesConfig())
-    torch.manual_seed(3)
-    net = PolicyNet(PolicyConfig(n_numeric=len(spec["numeric"]),
-                                 cat_sizes=[c["size"] for c in spec["categorical"]],
-                                 n_objectives=len(spec["objectives"])))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.5)  # personalised weights, not the initial constant
-    with store.publishing(model) as staging:
-        save_policy(net, staging)
-        (staging / "feature_spec.json").write_bytes(store.read_bytes(store.join(feats, "feature_spec.json")))
+    extract_features(logs, feats, FeaturesConfig())
+    net = publish_random_policy(feats, model, seed=3)
     return logs, feats, model, net
 
 

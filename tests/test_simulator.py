@@ -13,6 +13,7 @@ from grade.core import store
 from grade.data import simulator
 from grade.data.fusion import fuse, top_e
 from grade.data.simulator import SimulatorConfig
+from tests.sim_tensors import publish_random_policy
 
 
 def small(**kw) -> SimulatorConfig:
@@ -300,22 +301,12 @@ def test_features_record_the_world_and_the_evaluation_reads_it(tmp_path):
 def served_model(tmp_path_factory):
     """A published policy with personalised weights on the features of small static logs."""
     from grade.data.features import FeaturesConfig, extract_features
-    from grade.model.policy import PolicyConfig, PolicyNet, save_policy
 
     root = tmp_path_factory.mktemp("served")
     logs, feats, model = str(root / "logs"), str(root / "feats"), str(root / "model")
     simulator.write_logs(small(n_requests=300, n_days=2), logs)
-    spec = extract_features(logs, feats, FeaturesConfig())
-    torch.manual_seed(3)
-    net = PolicyNet(PolicyConfig(n_numeric=len(spec["numeric"]),
-                                 cat_sizes=[c["size"] for c in spec["categorical"]],
-                                 n_objectives=len(spec["objectives"])))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    with store.publishing(model) as staging:
-        save_policy(net, staging)
-        (staging / "feature_spec.json").write_bytes(store.read_bytes(store.join(feats, "feature_spec.json")))
+    extract_features(logs, feats, FeaturesConfig())
+    publish_random_policy(feats, model, seed=3)
     return model
 
 

@@ -13,15 +13,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from grade.core import store
 from grade.core.errors import InputError
 from grade.data import dataset
 from grade.data.features import FeaturesConfig, extract_features
 from grade.data.fusion import fuse
 from grade.data.simulator import SimulatorConfig, write_logs
 from grade.data.transform import PRED_EPS, FeatureTransform, InputColumn, clamp_unseen, encode_categorical
-from grade.model.policy import PolicyConfig, PolicyNet, save_policy
+from grade.model.policy import PolicyConfig
 from grade.release.scoring import score_requests
+from tests.sim_tensors import publish_random_policy
 
 SPEC = {"objectives": ["ctr", "gmv"], "pred_log_mean": [math.log(0.1), 2.0], "pred_log_std": [2.0, 0.5],
         "numeric": [{"name": "u_a", "mean": 1.0, "std": 2.0}, {"name": "u_b", "mean": -1.0, "std": 0.0}],
@@ -99,15 +99,7 @@ def test_training_and_serving_give_identical_tensors(tmp_path):
     # small vocab: OOV ids
     spec = extract_features(logs, feats, FeaturesConfig(max_vocab=3, shard_requests=64))
     transform = FeatureTransform.from_spec(spec)
-    torch.manual_seed(11)
-    net = PolicyNet(PolicyConfig(n_numeric=len(spec["numeric"]), cat_sizes=transform.cat_sizes,
-                                 n_objectives=len(spec["objectives"])))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    with store.publishing(model) as staging:
-        save_policy(net, staging)
-        (staging / "feature_spec.json").write_bytes(store.read_bytes(store.join(feats, "feature_spec.json")))
+    net = publish_random_policy(feats, model, seed=11)
 
     # training path: shards -> (clamped) policy inputs -> weights -> fused scores
     test = dataset.load_split(feats, "test")
