@@ -188,6 +188,10 @@ def warm_up(fn: Any, n_numeric: int, n_categorical: int) -> None:
     for method in methods:
         for batch in WARM_UP_BATCHES:
             method(torch.zeros(batch, n_numeric), torch.zeros(batch, n_categorical, dtype=torch.int64))
+    if hasattr(fn, "dirichlet"):  # exploration's compiled draw: loaded (or compiled) once, here
+        mu, kappa = fn.dirichlet(torch.zeros(1, n_numeric), torch.zeros(1, n_categorical, dtype=torch.int64))
+        explore(mu.numpy(), kappa.numpy(), float(fn.alpha_floor()), np.zeros(1, np.int64),
+                ExploreConfig(share=1.0), "warm-up")
 
 
 class PolicyHolder:
