@@ -75,3 +75,12 @@ def test_the_kappa_cap_widens_the_served_dirichlet():
     mu, kappa, _ = batch()
     capped = served_alpha(mu, kappa, 0.2, 20.0)
     np.testing.assert_allclose(capped.sum(1), np.minimum(kappa, 20.0) + 0.2 * mu.shape[1], rtol=1e-6)
+
+
+def test_log_density_keeps_leading_dimensions_and_matches_torch():
+    g = torch.Generator().manual_seed(2)
+    alpha = 0.1 + 5 * torch.rand(2, 5, 3, generator=g, dtype=torch.float64)
+    w = torch.distributions.Dirichlet(alpha).sample()
+    out = log_density(alpha.numpy(), w.numpy())
+    assert out.shape == (2, 5)
+    np.testing.assert_allclose(out, torch.distributions.Dirichlet(alpha).log_prob(w).numpy(), rtol=1e-9)
