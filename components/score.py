@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registry", metavar="URI", help="registry root, used when --model is not given")
     config.add_arguments(p, ("shared.model_name",),
                          config_help="YAML config; its shared.model_name is the default model name, its "
-                                     "serve.explore the exploration (off by default)")
+                                     "serve.explore the exploration (share 0.2 by default)")
     p.add_argument("--batch-rows", type=int, default=262_144, metavar="N", help="rows per record batch")
     return p
 

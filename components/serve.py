@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", metavar="NAME",
                    help="registry model name and URL name (default: the config's shared.model_name)")
     config.add_arguments(p, config_help="YAML config; its shared.model_name is the default --model-name, "
-                                        "its serve.explore the exploration (off by default)")
+                                        "its serve.explore the exploration (share 0.2 by default)")
     p.add_argument("--port", type=int, default=8080, metavar="N", help="HTTP port (default 8080)")
     p.add_argument("--watch-seconds", type=float, default=2.0, metavar="S",
                    help="how often the production alias is checked (default 2)")

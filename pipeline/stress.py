@@ -108,7 +108,9 @@ def logs_for(condition: str, cfg: dict[str, Any], run_dir: Path, store_root: str
                           registry=store.join(store_root, "registry", run_dir.name + "-logger"),
                           logs=logs, verbose=False)
         model = first["report"]["models"]["grade"]["uri"]
-        served = deep_merge(cfg, {"simulator": {"logging": model, "stream": 1}}, "")
+        # the mean ranking: what a model served without exploration logs
+        mean_ranked = {"simulator": {"logging": model, "stream": 1}, "serve": {"explore": {"share": 0.0}}}
+        served = deep_merge(cfg, mean_ranked, "")
         return simulate(str(write_yaml(served, run_dir / "served.yaml")),
                         store.join(store_root, "logs", run_dir.name + "-served"))
     return logs

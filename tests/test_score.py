@@ -34,7 +34,9 @@ def setup(tmp_path_factory):
 def test_scores_match_training_time_fusion(setup, tmp_path):
     logs, feats, model, net = setup
     out = str(tmp_path / "scores")
-    assert cli.run(score_cli.main, ["--requests", logs, "--model", model, "--out", out]) == 0
+    # the policy's mean, as training fuses (exploration, on by default, is tested in test_serve.py)
+    assert cli.run(score_cli.main, ["--requests", logs, "--model", model, "--out", out,
+                                    "--set", "serve.explore.share=0"]) == 0
     scored = ds.dataset([store.join(out, f)
                          for f in store.read_manifest(out)["files"]]).to_table().to_pandas()
     assert len(scored) == 300 * 50

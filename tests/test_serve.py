@@ -148,7 +148,7 @@ def test_served_weights_equal_batch_scoring_and_rank_the_candidates(server, worl
         assert (np.diff(out["scores"][i][out["ranking"][i]]) <= 1e-6).all()
     # v1 answers the same weights and names the version too
     v1 = {"instances": [{c["name"]: columns[c["name"]][i] for c in spec["numeric"] + spec["categorical"]}
-                        for i in range(n)]}
+                        | {"request_id": int(columns["request_id"][i])} for i in range(n)]}
     status, body1 = call(server, f"/v1/models/{MODEL}:predict", v1)
     assert status == 200 and body1["model_version"] == world["first"]
     assert np.allclose([p["weights"] for p in body1["predictions"]], w, atol=1e-6)
@@ -205,7 +205,8 @@ def test_plain_and_extended_v2_requests_get_the_same_answer(server, world):
                                                                                     "model_version")]
     assert a["id"] == "req-7"
     outputs = [{o["name"]: (o["datatype"], o["shape"], o["data"]) for o in r["outputs"]} for r in (a, b)]
-    assert outputs[0] == outputs[1] and set(outputs[0]) == {"weights", "scores", "ranking"}
+    # the server explores by default (serve.explore.share): requests with ids get their log-propensity
+    assert outputs[0] == outputs[1] and set(outputs[0]) == {"weights", "scores", "ranking", "log_propensity"}
     num = spec["numeric"][0]["name"]
     for body in (plain, extended):
         body["inputs"] = [{**i, "data": [float("nan")] + i["data"][1:]} if i["name"] == num else i

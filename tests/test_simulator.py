@@ -318,11 +318,12 @@ def test_served_market_ranks_as_components_score(served_model, tmp_path):
     from grade.core import cli
 
     out, scores = str(tmp_path / "served"), str(tmp_path / "scores")
+    mean = ["--set", "serve.explore.share=0"]  # the mean ranking (exploration: test_loop.py, test_serve.py)
     args = ["--out", out, "--requests", "400", "--set", f"simulator.logging={served_model}",
-            "--set", "simulator.n_days=2"]
+            "--set", "simulator.n_days=2", *mean]
     assert cli.run(simulate_cli.main, args) == 0
     logs = read_logs(out)
-    assert cli.run(score_cli.main, ["--requests", out, "--model", served_model, "--out", scores]) == 0
+    assert cli.run(score_cli.main, ["--requests", out, "--model", served_model, "--out", scores, *mean]) == 0
     scored = read_logs(scores)
     assert np.array_equal(scored["request_id"].to_numpy(), logs["request_id"].to_numpy())
     assert np.array_equal(scored["rank"].to_numpy(), logs["position"].to_numpy())
