@@ -78,7 +78,7 @@ class EvaluateConfig:
     estimator_max_weight: float = ranged(100.0, ">= 1")
     """importance weights of the 'estimated' flavour (and the estimated best_static search) are clipped
     here"""
-    cascade_max_weight: float = ranged(5.0, ">= 1")
+    cascade_max_weight: float = ranged(5.0, ">= 1", retired=True)
     """cascade_dr's inverse logged examination is clipped here instead (chosen by the coverage of true
     lifts on cascade markets, docs/estimators.md)"""
     static_search_objective: str = "estimated"
