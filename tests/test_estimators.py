@@ -161,6 +161,10 @@ def test_every_registered_estimator_is_ranking_value_by_its_name(name):
     if needs_cascade(name):
         with pytest.raises(ValueError, match="needs the items' attraction and the fitted cascade"):
             ranking_value(name, IDX, THETA, LOGGED_THETA, Y, M)
+    if ESTIMATORS[name].reads_logged_clicks:
+        with pytest.raises(ValueError, match="needs each item's cascade examination in its logged list"):
+            ranking_value(name, IDX, THETA, LOGGED_THETA, Y, M, attraction=ATTRACTION,
+                          continuation=CONTINUATION)
 
 
 def test_cascade_dm_by_hand():

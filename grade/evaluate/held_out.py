@@ -141,7 +141,7 @@ def estimator_inputs(data: dict[str, torch.Tensor], vm: ValueModel, business: Bu
     if estimators.needs_cascade(name):
         attraction, models, continuation = click_model.cascade_inputs(vm.examination, data, models)
         cascade = estimators.CascadeInputs(attraction, continuation)
-        if name == "cascade_dr":
+        if estimators.reads_logged_clicks(name):
             mask = data["mask"].bool()
             cascade = cascade._replace(
                 logged_examination=click_model.logged_examination(attraction, data["position"], mask,
@@ -232,8 +232,10 @@ def pick_estimator(name: str, value_model: tuple[ValueModel, dict[str, Any]] | N
 
 
 def max_weight_of(cfg: EvaluateConfig) -> float:
-    """The weight clip of the estimated flavour's estimator: cascade_dr's own, else the IPS weights'."""
-    return cfg.cascade_max_weight if cfg.estimator == "cascade_dr" else cfg.estimator_max_weight
+    """The weight clip of the estimated flavour's estimator: the inverse logged examination's of the
+    estimators that read the logged clicks under the cascade (cascade_dr), else the IPS weights'."""
+    cascade = estimators.reads_logged_clicks(cfg.estimator)
+    return cfg.cascade_max_weight if cascade else cfg.estimator_max_weight
 
 
 def load_inputs(features_uri: str, cfg: EvaluateConfig, reward: RewardConfig | None,

@@ -209,6 +209,9 @@ class Estimator:
     click_model: str = "position_based"
     """the click model it assumes: "position_based" (theta per position) or "cascade" (it reads the
     items' attraction and the fitted continuation probabilities)"""
+    reads_logged_clicks: bool = False
+    """whether it also reads each item's cascade examination in its logged list and the logged clicks
+    (cascade_dr)"""
 
 
 class Inputs(NamedTuple):
@@ -248,7 +251,7 @@ ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
               needs_model=True, checked=False, click_model="cascade"),
     Estimator("cascade_dr", lambda i: cascade_dr(i.y, i.m, i.attraction, i.idx, *i.continuation,
                                                  i.logged_examination, i.click, i.max_weight),
-              needs_model=True, checked=False, click_model="cascade"),
+              needs_model=True, checked=False, click_model="cascade", reads_logged_clicks=True),
 )}
 
 
@@ -268,6 +271,11 @@ def needs_model(name: str) -> bool:
 def needs_cascade(name: str) -> bool:
     """Whether the estimator ``name`` reads the items' attraction and the fitted cascade."""
     return name in ESTIMATORS and ESTIMATORS[name].click_model == "cascade"
+
+
+def reads_logged_clicks(name: str) -> bool:
+    """Whether the estimator ``name`` reads the logged items' cascade examination and clicks."""
+    return name in ESTIMATORS and ESTIMATORS[name].reads_logged_clicks
 
 
 def cascade_kwargs(cascade: tuple | None, rows: slice) -> dict:
@@ -303,8 +311,8 @@ def ranking_value(name: str, idx: torch.Tensor, theta: torch.Tensor, logged_thet
     if est.click_model == "cascade" and (attraction is None or continuation is None):
         raise ValueError(f"estimator {name!r} needs the items' attraction and the fitted cascade "
                          "(a value model with a click_model fit)")
-    if name == "cascade_dr" and (logged_examination is None or click is None):
-        raise ValueError("estimator 'cascade_dr' needs each item's cascade examination in its logged list "
+    if est.reads_logged_clicks and (logged_examination is None or click is None):
+        raise ValueError(f"estimator {name!r} needs each item's cascade examination in its logged list "
                          "and the logged clicks")
     return est.value(Inputs(idx, theta, logged_theta, y, m, max_weight, tau, lam, attraction, continuation,
                             logged_examination, click))
