@@ -268,12 +268,17 @@ def test_auto_estimator_judges_cascade_looking_logs_with_the_cascade_estimator()
         exam = SimpleNamespace(click_model={"looks_like": looks_like} if looks_like else {})
         return SimpleNamespace(examination=exam), {}
 
-    assert pick_estimator("auto", model("cascade")) == "cascade_dm"
+    assert pick_estimator("auto", model("cascade")) == "cascade_dr"
     assert pick_estimator("auto", model("position_based")) == "ips"
     assert pick_estimator("auto", model("undecided")) == "ips"
     assert pick_estimator("auto", model(None)) == "ips"
     assert pick_estimator("auto", None) == "ips"
     assert pick_estimator("snips", model("cascade")) == "snips", "a named estimator is used as named"
+    # cascade_dr clips its inverse logged examination at its own key, the others at the IPS weights' clip
+    from grade.evaluate.evaluation import EvaluateConfig
+    from grade.evaluate.held_out import max_weight_of
+    assert max_weight_of(EvaluateConfig(estimator="cascade_dr", cascade_max_weight=7.0)) == 7.0
+    assert max_weight_of(EvaluateConfig(estimator="cascade_dm", estimator_max_weight=50.0)) == 50.0
 
 
 def test_served_exploration_fails_on_a_models_own_deterministic_ranking():

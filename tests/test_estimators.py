@@ -13,6 +13,7 @@ from grade.value.estimators import (
     ESTIMATORS,
     Estimate,
     cascade_dm,
+    cascade_dr,
     direct_method,
     ips,
     needs_cascade,
@@ -35,6 +36,10 @@ IDX = torch.tensor([[[2, 0], [0, 1]]])
 # The cascade estimators' inputs: P(click | examined) per candidate, (continue_click, continue_skip).
 ATTRACTION = torch.tensor([[0.3, 0.5, 0.4]])
 CONTINUATION = (0.5, 0.8)
+# cascade_dr's: each candidate's cascade examination in the logged list (1, 0.3 * 0.5 + 0.7 * 0.8, then
+# times 0.5 * 0.5 + 0.5 * 0.8) and the logged clicks (Y is a label no larger than them, e.g. orders).
+LOGGED_EXAM = torch.tensor([[1.0, 0.71, 0.71 * 0.65]])
+CLICK = torch.tensor([[1.0, 1.0, 1.0]])
 
 
 def test_ratio_weights_and_ips_by_hand():
@@ -126,8 +131,10 @@ EXPECTED = {"ips": lambda: ips(Y, IDX, THETA, LOGGED_THETA, 2.0),
             "switch": lambda: switch(Y, M, IDX, THETA, LOGGED_THETA, 0.4, 2.0),
             "shrunk": lambda: shrunk_dr(Y, M, IDX, THETA, LOGGED_THETA, 0.5),
             "cascade_dm": lambda: Estimate(cascade_dm(M, ATTRACTION, IDX, *CONTINUATION),
-                                           THETA.new_zeros(()))}
-CASCADE = {"attraction": ATTRACTION, "continuation": CONTINUATION}
+                                           THETA.new_zeros(())),
+            "cascade_dr": lambda: cascade_dr(Y, M, ATTRACTION, IDX, *CONTINUATION, LOGGED_EXAM, CLICK, 2.0)}
+CASCADE = {"attraction": ATTRACTION, "continuation": CONTINUATION, "logged_examination": LOGGED_EXAM,
+           "click": CLICK}
 
 
 @pytest.mark.parametrize("name", list(ESTIMATORS))
@@ -143,7 +150,8 @@ def test_every_registered_estimator_is_ranking_value_by_its_name(name):
     other = torch.tensor([[1.0 / 3.0, 1.0, 0.5]])
     pair = ranking_value(name, IDX.repeat(2, 1, 1), THETA, torch.cat([LOGGED_THETA, other]), Y.repeat(2, 1),
                          M.repeat(2, 1), max_weight=2.0, tau=0.4, lam=0.5,
-                         attraction=ATTRACTION.repeat(2, 1), continuation=CONTINUATION)
+                         attraction=ATTRACTION.repeat(2, 1), continuation=CONTINUATION,
+                         logged_examination=LOGGED_EXAM.repeat(2, 1), click=CLICK.repeat(2, 1))
     assert torch.equal(pair.value[:1], got.value) != ESTIMATORS[name].per_batch
     if needs_model(name):
         with pytest.raises(ValueError, match="needs the outcome model"):
@@ -153,6 +161,10 @@ def test_every_registered_estimator_is_ranking_value_by_its_name(name):
     if needs_cascade(name):
         with pytest.raises(ValueError, match="needs the items' attraction and the fitted cascade"):
             ranking_value(name, IDX, THETA, LOGGED_THETA, Y, M)
+    if ESTIMATORS[name].reads_logged_clicks:
+        with pytest.raises(ValueError, match="needs each item's cascade examination in its logged list"):
+            ranking_value(name, IDX, THETA, LOGGED_THETA, Y, M, attraction=ATTRACTION,
+                          continuation=CONTINUATION)
 
 
 def test_cascade_dm_by_hand():
@@ -162,6 +174,60 @@ def test_cascade_dm_by_hand():
     torch.testing.assert_close(got, torch.tensor([[0.6 + 0.68 * 0.2, 0.2 + 0.71 * 0.4]]))
     # continuing whatever happens is the direct method with theta = 1 at every slot
     torch.testing.assert_close(cascade_dm(M, ATTRACTION, IDX, 1.0, 1.0), direct_method(M, IDX, torch.ones(2)))
+
+
+def test_cascade_dr_by_hand():
+    """Each item's value m + (y - click m / a) / x, then cascade_dm of those; clicks alone are cascade_dm."""
+    dr = M + (Y - CLICK * M / ATTRACTION) / LOGGED_EXAM
+    want = cascade_dm(dr, ATTRACTION, IDX, *CONTINUATION)
+    got = cascade_dr(Y, M, ATTRACTION, IDX, *CONTINUATION, LOGGED_EXAM, CLICK)
+    torch.testing.assert_close(got.value, want)
+    assert float(got.clipped_share) == 0.0
+    # for the click label the correction is 0 whatever the logged clicks: the estimate is cascade_dm's
+    clicks = cascade_dr(Y, ATTRACTION, ATTRACTION, IDX, *CONTINUATION, LOGGED_EXAM, Y).value
+    torch.testing.assert_close(clicks, cascade_dm(ATTRACTION, ATTRACTION, IDX, *CONTINUATION))
+    # the inverse examination 1 / 0.4615 of the third item is clipped at 2: one of three clicked items
+    clipped = cascade_dr(Y, M, ATTRACTION, IDX, *CONTINUATION, LOGGED_EXAM, CLICK, max_weight=2.0)
+    weight = torch.tensor([[1.0, 1 / 0.71, 2.0]])
+    item_values = M + weight * (Y - CLICK * M / ATTRACTION)
+    torch.testing.assert_close(clipped.value, cascade_dm(item_values, ATTRACTION, IDX, *CONTINUATION))
+    assert float(clipped.clipped_share) == pytest.approx(1 / 3)
+    # a padded item (x = 0) takes the model's value
+    x = torch.tensor([[1.0, 0.71, 0.0]])
+    pad = cascade_dr(Y, M, ATTRACTION, IDX, *CONTINUATION, x, CLICK)
+    dr_pad = torch.cat([dr[:, :2], M[:, 2:]], 1)
+    torch.testing.assert_close(pad.value, cascade_dm(dr_pad, ATTRACTION, IDX, *CONTINUATION))
+
+
+def test_cascade_dr_is_unbiased_with_a_wrong_outcome_model_where_cascade_dm_is_not():
+    """Logged lists in random orders, clicks by a cascade walk (true attraction and continuation known),
+    orders ~ Bernoulli(cvr) after a click. The outcome model's order value per click is wrong (half the
+    true cvr plus 0.1): cascade_dm with it is biased, cascade_dr with the same model is not."""
+    g = torch.Generator().manual_seed(11)
+    draws, n, c_click, c_skip = 40000, 5, 0.4, 0.85
+    a = torch.tensor([[0.6, 0.3, 0.5, 0.2, 0.4]], dtype=torch.float64)
+    cvr = torch.tensor([[0.1, 0.6, 0.3, 0.8, 0.2]], dtype=torch.float64)
+    idx = torch.tensor([[[3, 1, 2], [0, 4, 2]]])
+    truth = cascade_dm(a * cvr, a, idx, c_click, c_skip)[0]
+    m = a * (0.5 * cvr + 0.1)
+    position = torch.argsort(torch.rand(draws, n, generator=g), -1)
+    order = torch.argsort(position, -1)                     # item at each logged slot
+    seen = torch.ones(draws, dtype=torch.bool)
+    click = torch.zeros(draws, n, dtype=torch.float64)
+    for j in range(n):
+        item = order[:, j]
+        c = seen & (torch.rand(draws, generator=g, dtype=torch.float64) < a[0, item])
+        click[torch.arange(draws), item] = c.double()
+        seen &= torch.rand(draws, generator=g, dtype=torch.float64) < torch.where(c, c_click, c_skip)
+    orders = click * (torch.rand(draws, n, generator=g, dtype=torch.float64) < cvr).double()
+    x = torch.zeros(draws, n, dtype=torch.float64).scatter(
+        1, order, cascade_examination(a[0][order], c_click, c_skip))
+    rep = lambda t: t.expand(draws, *t.shape[1:])  # noqa: E731 - one request per draw
+    est = cascade_dr(orders, rep(m), rep(a), rep(idx), c_click, c_skip, x, click).value
+    se = est.std(0) / math.sqrt(draws)
+    assert bool(((est.mean(0) - truth).abs() < 4 * se).all()), (est.mean(0), truth, se)
+    dm = cascade_dm(m, a, idx, c_click, c_skip)[0]
+    assert float((dm - truth).abs().max()) > 10 * float(se.max()), (dm, truth, se)
 
 
 def test_cascade_dm_is_exact_and_position_based_dm_biased_on_cascade_logs():
@@ -258,10 +324,14 @@ def test_the_evaluation_judges_by_cascade_dm_by_name(tmp_path):
     reports = {name: run_evaluation(features, {"grade": model}, str(tmp_path / name),
                                     small_config(estimator=name, static_search_iterations=0,
                                                  bootstrap_samples=20), value_model_cfg=quick)
-               for name in ("cascade_dm", "ips")}
+               for name in ("cascade_dm", "cascade_dr", "ips")}
     est = reports["cascade_dm"]["policies"]["static"]["estimated"]
     assert est and all(math.isfinite(v) for v in est.values() if isinstance(v, float)), est
     assert est != reports["ips"]["policies"]["static"]["estimated"]
+    dr = reports["cascade_dr"]["policies"]["static"]["estimated"]
+    assert dr and all(math.isfinite(v) for v in dr.values() if isinstance(v, float)), dr
+    assert dr["ctr"] == pytest.approx(est["ctr"]), "cascade_dr corrects what a click is worth, not the ctr"
+    assert dr["opm"] != est["opm"]
     # report.json's diagnostics hold the click_model check against the estimator in use, and its detail
     for name, report in reports.items():
         checks = [c for c in report["diagnostics"]["checks"] if c["name"] == "click_model"]

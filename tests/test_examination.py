@@ -17,6 +17,7 @@ from grade.value.click_model import (
     click_model_check,
     click_model_detail,
     compare_click_models,
+    logged_examination,
 )
 from grade.value.examination import (
     ExaminationConfig,
@@ -138,6 +139,17 @@ def test_cascade_likelihood_of_a_three_slot_list_by_hand():
     assert got[8].item() == pytest.approx(0.44)
     # the eight click patterns of the full list are every outcome
     assert got[:8].sum().item() == pytest.approx(1.0)
+
+
+def test_the_cascade_examination_of_logged_items_follows_the_logged_order():
+    """Candidates stored out of logged order, with a gap in the positions and a padded slot: each item is
+    examined with the product of a c_click + (1 - a) c_skip over the items logged above it."""
+    a = torch.tensor([[0.4, 0.5, 0.9, 0.2]], dtype=torch.float64)
+    position = torch.tensor([[3, 0, -1, 1]])                      # logged order: item 1, 3, 0; item 2 padding
+    mask = torch.tensor([[True, True, False, True]])
+    got = logged_examination(a, position, mask, (0.6, 0.9))
+    step1, step3 = 0.5 * 0.6 + 0.5 * 0.9, 0.2 * 0.6 + 0.8 * 0.9
+    torch.testing.assert_close(got, torch.tensor([[step1 * step3, 1.0, 0.0, step1]], dtype=torch.float64))
 
 
 def test_the_free_curve_continues_past_its_depth_as_the_power_law_of_its_tail():

@@ -73,11 +73,14 @@ class EvaluateConfig:
     """largest number of segments in the breakdown (the most frequent values)"""
     estimator: str = "auto"
     """estimator of the 'estimated' flavour (grade.value.estimators.ESTIMATORS: ips, snips, dm, switch,
-    shrunk, cascade_dm), or auto: cascade_dm where the value model's click_model check says the valid
-    clicks look like a cascade, else ips (the report records the one used)"""
+    shrunk, cascade_dm, cascade_dr), or auto: cascade_dr where the value model's click_model check says
+    the valid clicks look like a cascade, else ips (the report records the one used)"""
     estimator_max_weight: float = ranged(100.0, ">= 1")
     """importance weights of the 'estimated' flavour (and the estimated best_static search) are clipped
     here"""
+    cascade_max_weight: float = ranged(5.0, ">= 1", retired=True)
+    """cascade_dr's inverse logged examination is clipped here instead (chosen by the coverage of true
+    lifts on cascade markets, docs/estimators.md)"""
     static_search_objective: str = "estimated"
     """best_static objective on train: estimated (the declared business value by static_search_estimator),
     posterior (Stage 2's posterior reward, the finetune.reward label mix) or ndcg_order, ndcg_click,

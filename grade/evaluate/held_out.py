@@ -140,7 +140,13 @@ def estimator_inputs(data: dict[str, torch.Tensor], vm: ValueModel, business: Bu
     cascade = None
     if estimators.needs_cascade(name):
         attraction, models, continuation = click_model.cascade_inputs(vm.examination, data, models)
-        cascade = (attraction, continuation)
+        cascade = estimators.CascadeInputs(attraction, continuation)
+        if estimators.reads_logged_clicks(name):
+            mask = data["mask"].bool()
+            cascade = cascade._replace(
+                logged_examination=click_model.logged_examination(attraction, data["position"], mask,
+                                                                  continuation),
+                click=f64["click"] * mask)
     return auction.EstimatorInputs(
         name=name, theta=vm.examination.theta_at(torch.arange(e)).double(),
         logged_theta=vm.examination.theta_at(data["position"]).double() * data["mask"],
@@ -216,13 +222,20 @@ def value_unit(held: HeldOut) -> float:
 
 
 def pick_estimator(name: str, value_model: tuple[ValueModel, dict[str, Any]] | None) -> str:
-    """The estimated flavour's estimator: ``name``, or for ``auto`` cascade_dm where the value model's
+    """The estimated flavour's estimator: ``name``, or for ``auto`` cascade_dr where the value model's
     comparison of click models says the valid clicks look like a cascade (grade.value.click_model), else
     ips (also without a value model or a comparison)."""
     if name != AUTO_ESTIMATOR:
         return name
     compared = {} if value_model is None else (value_model[0].examination.click_model or {})
-    return "cascade_dm" if compared.get("looks_like") == "cascade" else "ips"
+    return "cascade_dr" if compared.get("looks_like") == "cascade" else "ips"
+
+
+def max_weight_of(cfg: EvaluateConfig) -> float:
+    """The weight clip of the estimated flavour's estimator: the inverse logged examination's of the
+    estimators that read the logged clicks under the cascade (cascade_dr), else the IPS weights'."""
+    cascade = estimators.reads_logged_clicks(cfg.estimator)
+    return cfg.cascade_max_weight if cascade else cfg.estimator_max_weight
 
 
 def load_inputs(features_uri: str, cfg: EvaluateConfig, reward: RewardConfig | None,
@@ -239,5 +252,5 @@ def load_inputs(features_uri: str, cfg: EvaluateConfig, reward: RewardConfig | N
         held.value_model, held.value_model_info = value_model
         if has_logged_feedback(data):
             held.estimator = estimator_inputs(data, held.value_model, business, held.cfg.estimator,
-                                              cfg.estimator_max_weight, cfg.exposure_depth, cfg.batch_size)
+                                              max_weight_of(held.cfg), cfg.exposure_depth, cfg.batch_size)
     return held

@@ -197,6 +197,19 @@ def cascade_inputs(est: ExaminationEstimate, batch: dict[str, torch.Tensor], mod
     return a, {k: v * scale for k, v in models.items()}, (fit["continue_click"], fit["continue_skip"])
 
 
+def logged_examination(attraction: torch.Tensor, position: torch.Tensor, mask: torch.Tensor,
+                       continuation: tuple[float, float]) -> torch.Tensor:
+    """Each logged item's examination under the cascade in its logged list: [N, L] float64 (0 at padding).
+
+    attraction [N, L] (e.g. :func:`cascade_inputs`'), position [N, L] logged positions, mask [N, L].
+    Items are taken in logged-position order with gaps closed up, as the fit takes them."""
+    key = torch.where(mask, position, torch.iinfo(torch.int64).max)
+    order = torch.sort(key, dim=1, stable=True).indices
+    a = (attraction.double() * mask).gather(1, order)
+    exam = cascade_examination(a, *continuation) * mask.gather(1, order)
+    return torch.zeros_like(exam).scatter(1, order, exam)
+
+
 def click_model_detail(est: ExaminationEstimate) -> dict[str, Any] | None:
     """report["diagnostics"]["click_model"]: the likelihoods of the fitted click forms (None when the
     value model holds no comparison: an assumed eta, or no valid split)."""
@@ -221,7 +234,7 @@ def click_model_check(est: ExaminationEstimate, estimator_name: str) -> dict[str
         status = "warn"
         sentence = (f"the clicks look like a cascade (users stop scanning after a click or a skip), not the "
                     f"position-based model the estimator '{estimator_name}' assumes (Vuong z = {z:.1f}): "
-                    "its lifts may be biased; evaluate with evaluate.estimator: cascade_dm to compare")
+                    "its lifts may be biased; evaluate with evaluate.estimator: cascade_dr to compare")
     elif cm["looks_like"] == "cascade":
         status, sentence = "pass", (f"the clicks look like a cascade (Vuong z = {z:.1f}) and the estimator "
                                     f"'{estimator_name}' models one")

@@ -150,6 +150,47 @@ def cascade_dm(m: torch.Tensor, attraction: torch.Tensor, idx: torch.Tensor, con
     return (exam * gather_items(m, idx)).sum(-1)
 
 
+def cascade_dr(y: torch.Tensor, m: torch.Tensor, attraction: torch.Tensor, idx: torch.Tensor,
+               continue_click: float, continue_skip: float, logged_examination: torch.Tensor,
+               click: torch.Tensor, max_weight: float = math.inf) -> Estimate:
+    """Doubly robust on what a click is worth, direct on how often an item is clicked, under the cascade.
+
+    The value of an examined item is a_i q_i: its attraction a_i times what a click of it is worth,
+    q_i = E[y_i | click] (1 for the click label, cvr for orders, cvr * value for GMV). Whatever the
+    examination, a logged click of item i reveals y_i - q_i without bias, and item i was clicked with
+    probability x_i a_i, x_i its cascade examination in the logged list. So
+    m_i + (y_i - click_i q^_i) / x_i, with q^_i = m_i / a_i the model's, has expectation a_i q_i when
+    the attraction and the examination are right, whatever the outcome model's q^ is; the ranking's value
+    is :func:`cascade_dm` of these item values. For the click label the correction is 0 (the estimate is
+    cascade_dm's). The inverse examination 1 / x_i is clipped at ``max_weight``.
+
+    y, m, attraction, logged_examination (x), click [B, L]; idx [B, G, E] -> value [B, G], with the
+    share of clicked logged items whose weight was clipped.
+    """
+    a = attraction.to(m.dtype)
+    x = logged_examination.to(m.dtype)
+    per_click = torch.where(a > 0, m / a.clamp_min(1e-12), torch.zeros_like(m))
+    weight = torch.where(x > 0, 1.0 / x.clamp_min(1e-12), torch.zeros_like(x))
+    clicked = (click > 0) & (x > 0)
+    share = ((weight > max_weight) & clicked).sum() / clicked.sum().clamp_min(1)
+    residual = weight.clamp(max=max_weight) * (y.to(m.dtype) - click.to(m.dtype) * per_click)
+    value = cascade_dm(m + residual, attraction, idx, continue_click, continue_skip)
+    return Estimate(value, share.to(m.dtype))
+
+
+class CascadeInputs(NamedTuple):
+    """What the cascade estimators read besides the labels, for N requests of L candidates."""
+
+    attraction: torch.Tensor
+    """[N, L]: the cascade fit's P(click | examined) of each candidate (0 at padding)"""
+    continuation: tuple[float, float]
+    """(continue_click, continue_skip) of the fitted cascade"""
+    logged_examination: torch.Tensor | None = None
+    """[N, L]: each candidate's cascade examination in its logged list (cascade_dr; 0 at padding)"""
+    click: torch.Tensor | None = None
+    """[N, L]: the logged click of each candidate (cascade_dr)"""
+
+
 @dataclasses.dataclass(frozen=True)
 class Estimator:
     """One estimator of a ranking's value, as the reward, the evaluation and the estimator check name it."""
@@ -168,6 +209,9 @@ class Estimator:
     click_model: str = "position_based"
     """the click model it assumes: "position_based" (theta per position) or "cascade" (it reads the
     items' attraction and the fitted continuation probabilities)"""
+    reads_logged_clicks: bool = False
+    """whether it also reads each item's cascade examination in its logged list and the logged clicks
+    (cascade_dr)"""
 
 
 class Inputs(NamedTuple):
@@ -185,6 +229,10 @@ class Inputs(NamedTuple):
     """[B, L]: P(click | examined) of each candidate (the outcome model's ctr), for cascade estimators"""
     continuation: tuple[float, float] | None = None
     """(continue_click, continue_skip) of the fitted cascade, for cascade estimators"""
+    logged_examination: torch.Tensor | None = None
+    """[B, L]: each candidate's cascade examination in its logged list (cascade_dr)"""
+    click: torch.Tensor | None = None
+    """[B, L]: the logged click of each candidate (cascade_dr)"""
 
 
 #: Every estimator by name, in the order the reports list them: adding one is one entry here (and its test).
@@ -201,6 +249,9 @@ ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
     Estimator("cascade_dm", lambda i: Estimate(cascade_dm(i.m, i.attraction, i.idx, *i.continuation),
                                                i.m.new_zeros(())),
               needs_model=True, checked=False, click_model="cascade"),
+    Estimator("cascade_dr", lambda i: cascade_dr(i.y, i.m, i.attraction, i.idx, *i.continuation,
+                                                 i.logged_examination, i.click, i.max_weight),
+              needs_model=True, checked=False, click_model="cascade", reads_logged_clicks=True),
 )}
 
 
@@ -222,22 +273,36 @@ def needs_cascade(name: str) -> bool:
     return name in ESTIMATORS and ESTIMATORS[name].click_model == "cascade"
 
 
-def cascade_kwargs(cascade: tuple[torch.Tensor, tuple[float, float]] | None, rows: slice) -> dict:
-    """:func:`ranking_value`'s cascade arguments for requests ``rows`` of (attraction [N, L],
-    (continue_click, continue_skip)); none without a cascade."""
-    return {} if cascade is None else {"attraction": cascade[0][rows], "continuation": cascade[1]}
+def reads_logged_clicks(name: str) -> bool:
+    """Whether the estimator ``name`` reads the logged items' cascade examination and clicks."""
+    return name in ESTIMATORS and ESTIMATORS[name].reads_logged_clicks
+
+
+def cascade_kwargs(cascade: tuple | None, rows: slice) -> dict:
+    """:func:`ranking_value`'s cascade arguments for requests ``rows`` of a :class:`CascadeInputs` (or
+    (attraction [N, L], (continue_click, continue_skip))); none without a cascade."""
+    if cascade is None:
+        return {}
+    c = CascadeInputs(*cascade)
+    out = {"attraction": c.attraction[rows], "continuation": c.continuation}
+    if c.logged_examination is not None:
+        out.update(logged_examination=c.logged_examination[rows], click=c.click[rows])
+    return out
 
 
 def ranking_value(name: str, idx: torch.Tensor, theta: torch.Tensor, logged_theta: torch.Tensor,
                   y: torch.Tensor, m: torch.Tensor | None, *, max_weight: float = math.inf, tau: float = 0.1,
                   lam: float = 1.0, attraction: torch.Tensor | None = None,
-                  continuation: tuple[float, float] | None = None) -> Estimate:
+                  continuation: tuple[float, float] | None = None,
+                  logged_examination: torch.Tensor | None = None, click: torch.Tensor | None = None
+                  ) -> Estimate:
     """The value [B, G] of rankings idx [B, G, E] by the estimator ``name`` (one of :data:`ESTIMATORS`).
 
     y [B, L]: the logged label of the declared value (e.g. v_click click + v_order order + ...);
     m [B, L]: the outcome model's value of an examined item, needed by the estimators that read the model;
     theta [E], logged_theta [B, L] as in the other estimators; the cascade estimators read
-    ``attraction`` [B, L] and ``continuation`` (continue_click, continue_skip) instead of theta. Every
+    ``attraction`` [B, L] and ``continuation`` (continue_click, continue_skip) instead of theta, and
+    cascade_dr also each item's ``logged_examination`` [B, L] and the logged ``click`` [B, L]. Every
     estimator is linear in the label, so the value of a mix of labels is the estimate of the mixed label.
     """
     est = estimator(name)
@@ -246,4 +311,8 @@ def ranking_value(name: str, idx: torch.Tensor, theta: torch.Tensor, logged_thet
     if est.click_model == "cascade" and (attraction is None or continuation is None):
         raise ValueError(f"estimator {name!r} needs the items' attraction and the fitted cascade "
                          "(a value model with a click_model fit)")
-    return est.value(Inputs(idx, theta, logged_theta, y, m, max_weight, tau, lam, attraction, continuation))
+    if est.reads_logged_clicks and (logged_examination is None or click is None):
+        raise ValueError(f"estimator {name!r} needs each item's cascade examination in its logged list "
+                         "and the logged clicks")
+    return est.value(Inputs(idx, theta, logged_theta, y, m, max_weight, tau, lam, attraction, continuation,
+                            logged_examination, click))
