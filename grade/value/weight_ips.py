@@ -16,13 +16,12 @@ traffic (serving decides to explore by a hash of the request id alone), so condi
 nothing but the sample size. Requests served the mean have no density (a point mass) and a continuous
 new policy gives their single point probability 0: they carry no weight.
 
-The new policy's density. A policy that serves its mean is deterministic: its density at a logged
-weight vector is 0 almost surely, so the ratio is degenerate. The estimator therefore values the new
-policy's *exploring* serving distribution, Dir(min(kappa, kappa_cap) mu + alpha_floor), the same
-distribution serving draws from, with the policy's own kappa: that is the policy the next round of
-logs would come from, its density is exact (no kernel bandwidth to choose) and it concentrates on the
-mean as kappa grows. A static or fixed policy has no kappa: it is compared by the direct method, or
-given a narrow Dirichlet around its weights (kappa = kappa_cap) at the price of a high variance.
+A Dirichlet target (a policy's exploring serving distribution, Dir(min(kappa, kappa_cap) mu +
+alpha_floor)) has an exact density (:func:`policy_log_density`). A deterministic one (static, a model's
+mean: a point mass) has none: :func:`kernel_log_density` smooths it with the Dirichlet kernel
+Dir(1 + c t) whose mode is its weights t, and :func:`policy_columns` / :func:`lifts_vs` give the
+smoothed IPS, SNIPS, DR (the direct method at t itself, the kernel only on the residual) and
+self-normalised DR values and lifts vs static (docs/estimators.md, "Lifts vs static").
 
 Shapes: B logged requests, K objectives, L candidates. Pure functions of tensors.
 """
