@@ -9,6 +9,7 @@ level"); the doubly robust form takes the deterministic part from the direct met
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -63,35 +64,59 @@ def served_in_z(held: HeldOut) -> tuple[torch.Tensor, torch.Tensor]:
     return weight_ips.on_standardised(d["served_w"], d["served_log_propensity"], static_rows, log_std)
 
 
+@dataclasses.dataclass
+class Inputs:
+    """What every kernel and clip reads: the logs' side and the direct method's values of each policy."""
+
+    realised: torch.Tensor
+    """[N] the declared value of the logged labels in the top E"""
+    served_w: torch.Tensor
+    """[N, K] the served weights on z"""
+    log_q: torch.Tensor
+    """[N] their log-propensities on z (NaN: served the mean)"""
+    dm_name: str | None
+    """the direct method (dm or cascade_dm), None without a value model"""
+    dm_logged: torch.Tensor | None
+    """[N] its value of the logged ranking"""
+    dm_new: dict[str, torch.Tensor]
+    """policy -> [N] its value of the policy's ranking"""
+
+
+def inputs_of(held: HeldOut, weights: dict[str, torch.Tensor]) -> Inputs:
+    d, cfg = held.data, held.cfg
+    depth = min(cfg.exposure_depth, d["mask"].shape[1])
+    item_value = held.business.item_value(d["click"].double(), d["order"].double(), d["gmv"].double(),
+                                          value_unit(held))
+    served_w, log_q = served_in_z(held)
+    out = Inputs(weight_ips.realised_value(item_value, d["position"], depth), served_w, log_q, None, None, {})
+    if held.value_model is not None:
+        name = "cascade_dm" if cfg.estimator == "cascade_dm" else "dm"
+        est = estimator_inputs(d, held.value_model, held.business, name, math.inf, depth, cfg.batch_size)
+        logged = top_e(baselines.logged_scores(d).masked_fill(~d["mask"], float("-inf")), depth)
+        out.dm_name, out.dm_logged = name, _dm_values(held, est, logged)
+        out.dm_new = {p: _dm_values(held, est, _ranked(d, w, depth)) for p, w in weights.items()}
+    return out
+
+
 def section(held: HeldOut, weights: dict[str, torch.Tensor], concentration: float = TARGET_CONCENTRATION,
-            clip: float = math.inf) -> dict[str, Any] | None:
+            clip: float = math.inf, inputs: Inputs | None = None) -> dict[str, Any] | None:
     """report.json's ``weight_level``: every form's value and lift vs static of each weight policy
-    (``weights``: name -> [N, K], static among them), None unless the logs carry propensities."""
+    (``weights``: name -> [N, K], static among them), None unless the logs carry propensities.
+    ``inputs``: :func:`inputs_of` (computed here when not given)."""
     d, cfg = held.data, held.cfg
     if not weight_ips.has_propensities(d) or "static" not in weights:
         return None
-    depth = min(cfg.exposure_depth, d["mask"].shape[1])
-    unit = value_unit(held)
-    item_value = held.business.item_value(d["click"].double(), d["order"].double(), d["gmv"].double(), unit)
-    realised = weight_ips.realised_value(item_value, d["position"], depth)
-    served_w, log_q = served_in_z(held)
-    inputs, dm_logged = None, None
-    if held.value_model is not None:
-        name = "cascade_dm" if cfg.estimator == "cascade_dm" else "dm"
-        inputs = estimator_inputs(d, held.value_model, held.business, name, math.inf, depth, cfg.batch_size)
-        logged = top_e(baselines.logged_scores(d).masked_fill(~d["mask"], float("-inf")), depth)
-        dm_logged = _dm_values(held, inputs, logged)
+    x = inputs or inputs_of(held, weights)
     columns, clipped = {}, {}
     for policy, w in weights.items():
-        dm_new = None if inputs is None else _dm_values(held, inputs, _ranked(d, w, depth))
-        log_kernel = weight_ips.kernel_log_density(w, served_w, concentration)
-        columns[policy], clipped[policy] = weight_ips.policy_columns(log_kernel, log_q, realised, clip,
-                                                                      dm_new, dm_logged)
-    forms = [f for f, (reads_dm, _) in weight_ips.FORMS.items() if inputs is not None or not reads_dm]
-    explored = torch.isfinite(d["served_log_propensity"])
+        log_kernel = weight_ips.kernel_log_density(w, x.served_w, concentration)
+        columns[policy], clipped[policy] = weight_ips.policy_columns(log_kernel, x.log_q, x.realised, clip,
+                                                                      x.dm_new.get(policy), x.dm_logged)
+    forms = [f for f, (reads_dm, _) in weight_ips.FORMS.items() if x.dm_name is not None or not reads_dm]
+    explored = torch.isfinite(x.log_q)
     return {"estimator": FORM if FORM in forms else forms[0], "concentration": concentration, "clip": clip,
-            "direct_method": None if inputs is None else inputs.name,
-            "n_explored": int(explored.sum()), "explored_share": float(explored.double().mean()),
-            "clipped_share": clipped, "support": {p: weight_ips.support(c) for p, c in columns.items()},
+            "direct_method": x.dm_name, "n_explored": int(explored.sum()),
+            "explored_share": float(explored.double().mean()), "clipped_share": clipped,
+            "support": {p: weight_ips.support(c) for p, c in columns.items()},
             "lift_vs_static": weight_ips.lifts_vs(columns, "static", forms, cfg.bootstrap_samples,
                                                   cfg.confidence, cfg.seed)}
