@@ -43,14 +43,15 @@ def test_weight_level_forms_join_the_check_by_hand():
     weight_level = {"lift_vs_static": {
         "weight_dr": {"static": _lift(0.0, 0.0, 0.0), "a": _lift(0.18, 0.1, 0.3),
                       "b": _lift(0.05, 0.02, 0.08)},
-        "weight_ips": {"a": _lift(0.5, 0.3, 0.9)}}}
+        "weight_ips": {"a": _lift(0.5, 0.3, 0.9), "b": {**_lift(0.01, -0.5, 0.5), "unsupported": True}}}}
     add_weight_level(check, weight_level, lifts, "opm")
     rows = check["policies"]
     assert rows["a"]["weight_dr"]["covered"] and not rows["b"]["weight_dr"]["covered"]
     assert check["policies"]["a"]["weight_dr"]["estimated_lift"] == 0.18
     assert "weight_dr" not in check["policies"]["static"]
-    assert check["weight_level_covered_share"] == {"weight_dr": 0.5, "weight_ips": 0.0}
-    assert check["covered_share"] == 0.5      # the estimated flavour's own column is unchanged
+    assert check["weight_level_covered_share"] == {"weight_dr": 0.5, "weight_ips": 0.0}   # b: unsupported
+    assert rows["b"]["weight_ips"] == {"estimated_lift": 0.01, "unsupported": True}
+    assert check["covered_share"] == 0.0      # the estimated flavour's own column is unchanged
     empty: dict = {}
     add_weight_level(empty, weight_level, lifts, "opm")
     assert empty == {}

@@ -57,8 +57,9 @@ def add_weight_level(check: dict[str, Any], weight_level: dict[str, Any] | None,
                      lift_vs_static: dict[str, Any], metric: str) -> None:
     """Adds the weight-level forms (report.json's ``weight_level``, grade.evaluate.weight_level) to the
     check in place: per policy row, each form's lift vs static, its CI and whether the true lift lies in
-    it; ``weight_level_covered_share``: per form, the share of covered lifts. Nothing without truth or
-    propensities."""
+    it (a lift marked unsupported, its kernel outside the logs' support, only with its estimate);
+    ``weight_level_covered_share``: per form, the share of covered lifts among the supported ones.
+    Nothing without truth or propensities."""
     if not check or not weight_level:
         return
     shares = {}
@@ -68,6 +69,9 @@ def add_weight_level(check: dict[str, Any], weight_level: dict[str, Any] | None,
             est = lifts.get(name)
             true = lift_vs_static.get(name, {}).get("true", {}).get(metric)
             if name == "static" or not (est and true and _finite(true["lift"]) and _finite(est["ci_low"])):
+                continue
+            if est.get("unsupported"):
+                row[form] = {"estimated_lift": est["lift"], "unsupported": True}
                 continue
             row[form] = {"estimated_lift": est["lift"], "ci_low": est["ci_low"], "ci_high": est["ci_high"],
                          "covered": bool(est["ci_low"] <= true["lift"] <= est["ci_high"])}

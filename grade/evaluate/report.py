@@ -167,6 +167,8 @@ def _weight_head(check: dict[str, Any], form: str | None) -> str:
 def _weight_cells(cell: dict[str, Any] | None) -> str:
     if not cell:
         return "<td></td><td></td>"
+    if cell.get("unsupported"):
+        return f"<td>{100 * cell['estimated_lift']:+.2f}%</td><td>unsupported</td>"
     return (f"<td>{100 * cell['estimated_lift']:+.2f}% <small>[{100 * cell['ci_low']:+.2f}, "
             f"{100 * cell['ci_high']:+.2f}]</small></td><td>{'yes' if cell['covered'] else '<b>no</b>'}</td>")
 

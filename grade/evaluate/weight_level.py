@@ -27,8 +27,21 @@ from grade.value.estimators import cascade_kwargs, ranking_value
 #: the kernel's concentration around a deterministic policy's weights (chosen on the valid splits of
 #: the coverage measurement, docs/estimators.md)
 TARGET_CONCENTRATION = 200.0
-#: the form the estimator check and the gate read
+#: the form the estimator check reads
 FORM = "weight_dr"
+#: a policy's kernel is supported when its mean ratio over the explored requests (1 in expectation under
+#: overlap) lies within these bounds and its ratios' effective sample size reaches MIN_ESS: otherwise
+#: its lift is marked unsupported and the estimator check leaves it out (chosen on the valid splits,
+#: docs/estimators.md)
+MEAN_RATIO_BOUNDS = (0.8, 1.25)
+MIN_ESS = 50.0
+
+
+def supported(support: dict[str, float]) -> bool:
+    """Whether a policy's kernel lies where the logging policy drew (:data:`MEAN_RATIO_BOUNDS`,
+    :data:`MIN_ESS`)."""
+    low, high = MEAN_RATIO_BOUNDS
+    return low <= support["mean_ratio"] <= high and support["ess"] >= MIN_ESS
 
 
 @functools.lru_cache(maxsize=1)
@@ -114,9 +127,14 @@ def section(held: HeldOut, weights: dict[str, torch.Tensor], concentration: floa
                                                                       x.dm_new.get(policy), x.dm_logged)
     forms = [f for f, (reads_dm, _) in weight_ips.FORMS.items() if x.dm_name is not None or not reads_dm]
     explored = torch.isfinite(x.log_q)
+    support = {p: weight_ips.support(c) for p, c in columns.items()}
+    lifts = weight_ips.lifts_vs(columns, "static", forms, cfg.bootstrap_samples, cfg.confidence, cfg.seed)
+    for by_policy in lifts.values():
+        for p, lift in by_policy.items():
+            # a lift is a ratio to static's value: both kernels must lie where the logs are
+            if p != "static" and not (supported(support[p]) and supported(support["static"])):
+                lift["unsupported"] = True
     return {"estimator": FORM if FORM in forms else forms[0], "concentration": concentration, "clip": clip,
             "direct_method": x.dm_name, "n_explored": int(explored.sum()),
             "explored_share": float(explored.double().mean()), "clipped_share": clipped,
-            "support": {p: weight_ips.support(c) for p, c in columns.items()},
-            "lift_vs_static": weight_ips.lifts_vs(columns, "static", forms, cfg.bootstrap_samples,
-                                                  cfg.confidence, cfg.seed)}
+            "support": support, "lift_vs_static": lifts}
