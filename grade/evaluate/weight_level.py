@@ -26,7 +26,10 @@ from grade.value.estimators import cascade_kwargs, ranking_value
 
 #: the kernel's concentration around a deterministic policy's weights (chosen on the valid splits of
 #: the coverage measurement, docs/estimators.md)
-TARGET_CONCENTRATION = 200.0
+TARGET_CONCENTRATION = 25.0
+#: ratios are clipped here (DR then leans on the direct method where a kernel reaches past the logs;
+#: chosen with the concentration)
+RATIO_CLIP = 20.0
 #: the form the estimator check reads
 FORM = "weight_dr"
 #: a policy's kernel is supported when its mean ratio over the explored requests (1 in expectation under
@@ -112,7 +115,7 @@ def inputs_of(held: HeldOut, weights: dict[str, torch.Tensor]) -> Inputs:
 
 
 def section(held: HeldOut, weights: dict[str, torch.Tensor], concentration: float = TARGET_CONCENTRATION,
-            clip: float = math.inf, inputs: Inputs | None = None) -> dict[str, Any] | None:
+            clip: float = RATIO_CLIP, inputs: Inputs | None = None) -> dict[str, Any] | None:
     """report.json's ``weight_level``: every form's value and lift vs static of each weight policy
     (``weights``: name -> [N, K], static among them), None unless the logs carry propensities.
     ``inputs``: :func:`inputs_of` (computed here when not given)."""
