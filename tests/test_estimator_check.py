@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from grade.data.fusion import simplex_grid
-from grade.evaluate.estimator_check import grid_values, policy_check, segment_picks
+from grade.evaluate.estimator_check import add_weight_level, grid_values, policy_check, segment_picks
 from grade.value import auction
 
 
@@ -31,6 +31,30 @@ def test_policy_check_by_hand():
     order = out["ordering"]
     assert order["pairs"] == 5 and order["agreeing"] == 2 and not order["agrees"]
     assert sorted(map(tuple, order["disagreements"])) == [("a", "c"), ("b", "c"), ("c", "static")]
+
+
+def test_weight_level_forms_join_the_check_by_hand():
+    policies = {"static": {"true": {"opm": 10.0}, "estimated": {"opm": 11.0}},
+                "a": {"true": {"opm": 12.0}, "estimated": {"opm": 12.5}},
+                "b": {"true": {"opm": 10.1}, "estimated": {"opm": 10.0}}}
+    lifts = {"a": {"true": {"opm": _lift(0.2, 0.2, 0.2)}, "estimated": {"opm": _lift(0.25, 0.22, 0.3)}},
+             "b": {"true": {"opm": _lift(0.01, 0, 0)}, "estimated": {"opm": _lift(-0.09, -0.2, 0.0)}}}
+    check = policy_check(policies, lifts, "opm")
+    weight_level = {"lift_vs_static": {
+        "weight_dr": {"static": _lift(0.0, 0.0, 0.0), "a": _lift(0.18, 0.1, 0.3),
+                      "b": _lift(0.05, 0.02, 0.08)},
+        "weight_ips": {"a": _lift(0.5, 0.3, 0.9), "b": {**_lift(0.01, -0.5, 0.5), "unsupported": True}}}}
+    add_weight_level(check, weight_level, lifts, "opm")
+    rows = check["policies"]
+    assert rows["a"]["weight_dr"]["covered"] and not rows["b"]["weight_dr"]["covered"]
+    assert check["policies"]["a"]["weight_dr"]["estimated_lift"] == 0.18
+    assert "weight_dr" not in check["policies"]["static"]
+    assert check["weight_level_covered_share"] == {"weight_dr": 0.5, "weight_ips": 0.0}   # b: unsupported
+    assert rows["b"]["weight_ips"] == {"estimated_lift": 0.01, "unsupported": True}
+    assert check["covered_share"] == 0.0      # the estimated flavour's own column is unchanged
+    empty: dict = {}
+    add_weight_level(empty, weight_level, lifts, "opm")
+    assert empty == {}
 
 
 def test_segment_picks_by_hand():

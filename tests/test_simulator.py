@@ -190,11 +190,14 @@ def test_headroom_on_the_default_model():
 # ------------------------------------------------------------------------------------------------
 
 def table_hash(cfg: SimulatorConfig) -> str:
+    """The hash of the columns the logs had before the static market logged its propensities."""
     import hashlib
 
     h = hashlib.sha256()
     for t in simulator.generate(cfg):
         for name in t.column_names:
+            if name.startswith("served_") or name == "model_version":
+                continue
             h.update(name.encode())
             h.update(t[name].combine_chunks().to_numpy(zero_copy_only=False).tobytes())
     return h.hexdigest()
@@ -381,3 +384,23 @@ def test_a_later_stream_is_new_requests_of_the_same_world():
     shared = [(i, p) for i, p in zip(later["item_id"].to_pylist(), later["price"].to_pylist(), strict=True)
               if i in price]
     assert len(shared) > 100 and all(price[i] == p for i, p in shared)
+
+
+def test_static_logs_carry_their_weights_and_propensities():
+    """The static market logs each request's weights (on the log-predictions: they reproduce its ranking)
+    and their log-density under Dir(logging_concentration / K), model_version static."""
+    cfg = small(n_requests=40, seed=2)
+    t = next(simulator.generate(cfg))
+    L, k = cfg.list_size, len(cfg.objectives)
+    w = np.stack([t[f"served_w_{o}"].to_numpy()[::L] for o in cfg.objectives], axis=1).astype(np.float64)
+    assert np.allclose(w.sum(1), 1.0, atol=1e-6)
+    alpha = torch.full((k,), cfg.logging_concentration / k, dtype=torch.float64)
+    expected = torch.distributions.Dirichlet(alpha).log_prob(torch.from_numpy(w / w.sum(1, keepdims=True)))
+    logged = t["served_log_propensity"].to_numpy()[::L]
+    np.testing.assert_allclose(logged, expected.numpy(), rtol=1e-5)
+    assert set(t["model_version"].to_pylist()) == {"static"}
+    logp = np.stack([np.log(t[f"pred_{o}"].to_numpy().reshape(-1, L)) for o in cfg.objectives], axis=-1)
+    scores = np.einsum("nlk,nk->nl", logp, w)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    position = t["position"].to_numpy().reshape(-1, L)
+    assert (np.take_along_axis(position, order, axis=1)[:, :10] == np.arange(10)).mean() > 0.99

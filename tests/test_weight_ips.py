@@ -10,7 +10,19 @@ import pytest
 import torch
 
 from grade.model.exploration import ExploreConfig, explore, served_alpha
-from grade.value.weight_ips import density_ratios, estimate, policy_log_density, realised_value
+from grade.value.weight_ips import (
+    FORMS,
+    density_ratios,
+    estimate,
+    form_values,
+    kernel_log_density,
+    lifts_vs,
+    on_standardised,
+    policy_columns,
+    policy_log_density,
+    realised_value,
+    support,
+)
 
 
 def test_realised_value_sums_the_items_shown_in_the_top_e():
@@ -71,47 +83,74 @@ def test_weight_ips_is_unbiased_for_a_second_dirichlet_policy():
     assert abs(float(c @ (a0 / a0.sum())) - truth) > 8 * se
 
 
-def _published_policy(root, seed: int, u: int, sizes: list[int]) -> str:
-    from grade.core import store
-    from grade.model.policy import PolicyConfig, PolicyNet, save_policy
+def test_static_fusion_weights_move_to_z_with_the_jacobian():
+    """Weights v on the log-predictions drawn from a Dirichlet and mapped to z (w = s v / (s . v)): with the
+    Jacobian, the ratio of any density on z to the mapped propensity has mean 1 (within 4 SE); without it,
+    the mean is off by many SE (the test could fail)."""
+    n, s = 200_000, torch.tensor([0.8, 1.6, 0.5], dtype=torch.float64)
+    alpha_v = torch.tensor([4.0, 3.0, 5.0], dtype=torch.float64)
+    torch.manual_seed(3)
+    v = torch.distributions.Dirichlet(alpha_v).sample((n,))
+    log_q = torch.distributions.Dirichlet(alpha_v).log_prob(v)
+    w, log_qz = on_standardised(v, log_q, torch.ones(n, dtype=torch.bool), s)
+    assert torch.allclose(w.sum(-1), torch.ones(n, dtype=torch.float64))
+    assert torch.allclose(w[:, 1] / w[:, 0], v[:, 1] * s[1] / (v[:, 0] * s[0]))  # the same ranking
+    target = torch.tensor([0.3, 0.5, 0.2], dtype=torch.float64)
+    log_k = kernel_log_density(target, w, 20.0)
+    ratio = (log_k - log_qz).exp()
+    se = float(ratio.std()) / math.sqrt(n)
+    assert abs(float(ratio.mean()) - 1.0) < 4 * se, (float(ratio.mean()), se)
+    naive = (log_k - log_q).exp()
+    assert abs(float(naive.mean()) - 1.0) > 10 * float(naive.std()) / math.sqrt(n)
+    # rows served on z are kept as they are
+    kept, kept_q = on_standardised(v, log_q, torch.zeros(n, dtype=torch.bool), s)
+    assert torch.equal(kept, v) and torch.equal(kept_q, log_q)
 
-    torch.manual_seed(seed)
-    net = PolicyNet(PolicyConfig(n_numeric=u, cat_sizes=sizes, n_objectives=3))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.5 * torch.randn_like(p))
-    uri = str(root / f"model-{seed}")
-    with store.publishing(uri) as staging:
-        save_policy(net, staging)
-    return uri
+
+def test_the_kernel_peaks_at_the_target_and_narrows_with_its_concentration():
+    t = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    near = torch.tensor([[0.2, 0.5, 0.3], [0.25, 0.45, 0.3], [0.1, 0.6, 0.3]], dtype=torch.float64)
+    for conc in (20.0, 200.0):
+        d = kernel_log_density(t, near, conc)
+        assert d[0] > d[1] > d[2]
+    assert kernel_log_density(t, near, 200.0)[0] > kernel_log_density(t, near, 20.0)[0]
 
 
-def test_the_report_section_values_the_logging_policy_at_its_own_value_and_another_apart(tmp_path):
-    """Logs served by policy A with exploration: A's ratios are 1 (lift 0 exactly), B's are not; logs
-    without propensities give no section."""
-    from grade.model.policy import load_published_policy
-    from grade.value.weight_ips import report_section
+def test_weight_dr_lifts_vs_static_cover_the_truth_where_the_direct_method_is_biased():
+    """Static-fusion-like logging: weights drawn from Dir(10, 10, 10) around the centre; a request's
+    outcome is Bernoulli(c . w). Two deterministic targets (the centre, the 'static' reference, and a
+    point apart) have true values c . t. The direct method is biased (c . w + 0.5 (w_3 - 1/3)):
+    its own lift is off by far more than the DR interval's width, DR's interval covers the true lift,
+    and IPS's too; the reference's lift is exactly 0."""
+    n, c = 40_000, np.array([0.1, 0.3, 0.6])
+    rng = np.random.default_rng(1)
+    alpha = np.full(3, 10.0)
+    w = rng.dirichlet(alpha, n)
+    log_q = torch.distributions.Dirichlet(torch.from_numpy(alpha)).log_prob(torch.from_numpy(w))
+    outcome = torch.from_numpy((rng.random(n) < w @ c).astype(np.float64))
+    targets = {"static": np.full(3, 1 / 3), "other": np.array([0.2, 0.3, 0.5])}
+    dm_bias = lambda x: x @ c + 0.5 * (x[..., 2] - 1 / 3)  # noqa: E731 - a wrong outcome model
+    columns = {}
+    for name, t in targets.items():
+        log_k = kernel_log_density(torch.from_numpy(t), torch.from_numpy(w), 100.0)
+        dm_new, dm_logged = torch.full((n,), float(dm_bias(t))), torch.from_numpy(dm_bias(w))
+        columns[name], _ = policy_columns(log_k, log_q, outcome, math.inf, dm_new, dm_logged)
+    lifts = lifts_vs(columns, "static", list(FORMS), 300, 0.95, 0)
+    true_lift = float(targets["other"] @ c) / float(targets["static"] @ c) - 1
+    dm_lift = float(dm_bias(targets["other"])) / float(dm_bias(targets["static"])) - 1
+    dr = lifts["weight_dr"]["other"]
+    assert dr["ci_low"] <= true_lift <= dr["ci_high"], (dr, true_lift)
+    assert abs(dm_lift - true_lift) > dr["ci_high"] - dr["ci_low"]
+    ips = lifts["weight_ips"]["other"]
+    assert ips["ci_low"] <= true_lift <= ips["ci_high"], (ips, true_lift)
+    assert lifts["weight_dr"]["static"]["lift"] == 0.0
+    assert support(columns["static"])["mean_ratio"] == pytest.approx(1.0, abs=0.05)
 
-    n, u, sizes = 3000, 2, [5]
-    a, b = _published_policy(tmp_path, 1, u, sizes), _published_policy(tmp_path, 2, u, sizes)
-    g = torch.Generator().manual_seed(0)
-    num, cat = torch.randn(n, u, generator=g), torch.randint(0, 5, (n, 1), generator=g)
-    policy = load_published_policy(a)
-    with torch.inference_mode():
-        mu, kappa = policy(num, cat)
-    served = explore(mu.numpy(), kappa.numpy(), policy.alpha_floor, np.arange(n),
-                     ExploreConfig(share=0.5, kappa_cap=100.0), "v1")
-    value = torch.rand(n, 4, generator=g) * torch.from_numpy(served.weights[:, :1])  # depends on the weights
-    data = {"num": num, "cat": cat, "position": torch.arange(4).repeat(n, 1),
-            "served_w": torch.from_numpy(served.weights),
-            "served_log_propensity": torch.from_numpy(served.log_propensity)}
-    section = report_section(data, {"a": a, "b": b}, value, depth=3, kappa_cap=100.0, clip=math.inf,
-                             n_resamples=200, confidence=0.95, seed=0)
-    assert section["n_explored"] == int(served.explored.sum())
-    lift_a = section["policies"]["a"]["lift_vs_logging"]
-    assert abs(lift_a["lift"]) < 1e-4 and lift_a["ci_low"] <= lift_a["lift"] <= lift_a["ci_high"]
-    assert section["policies"]["a"]["ips"] == pytest.approx(section["logging_value"], rel=1e-4)
-    lift_b = section["policies"]["b"]["lift_vs_logging"]
-    assert abs(lift_b["lift"]) > 1e-3 and lift_b["ci_low"] <= lift_b["lift"] <= lift_b["ci_high"]
-    no_propensity = {**data, "served_log_propensity": torch.full((n,), math.nan)}
-    assert report_section(no_propensity, {"a": a}, value, 3, 100.0, math.inf, 10, 0.95, 0) is None
+
+def test_form_values_by_hand():
+    # sum DM, sum e rho R, sum e rho DM(w), n_explored, sum e rho
+    totals = np.array([6.0, 2.0, 1.0, 4.0, 5.0])
+    assert form_values(totals, 3, "weight_ips") == pytest.approx(2.0 / 4)
+    assert form_values(totals, 3, "weight_snips") == pytest.approx(2.0 / 5)
+    assert form_values(totals, 3, "weight_dr") == pytest.approx(6.0 / 3 + 1.0 / 4)
+    assert form_values(totals, 3, "weight_sndr") == pytest.approx(6.0 / 3 + 1.0 / 5)

@@ -42,6 +42,11 @@ def sample_clicks(world: ClickModel, rng: np.random.Generator, order_idx: np.nda
     return click
 
 
+#: the model_version of requests ranked by the static fusion: their served weights are on the
+#: log-predictions (rank by sum_k w_k log p_k), not on a model's standardised z
+STATIC_VERSION = "static"
+
+
 @dataclasses.dataclass
 class Served:
     """What ranked a chunk's lists: per-row scores (higher first) and, for a served model, what it logs."""
@@ -49,7 +54,7 @@ class Served:
     scores: np.ndarray
     """[n, L] or [n * L] scores in the rows' order"""
     weights: np.ndarray | None = None
-    """[n, K] the served weights per signal (simulator.objectives order), or None (the static policy)"""
+    """[n, K] the served weights per signal (simulator.objectives order), or None (nothing logged)"""
     log_propensity: np.ndarray | None = None
     """[n] log-density of the served weights under the serving policy (NaN for a request served the mean);
     None when it ranks every request by its mean"""
@@ -58,7 +63,7 @@ class Served:
 
     def columns(self, objectives: list[str], list_size: int) -> dict[str, pa.Array]:
         """The optional log columns of a served market: served_w_<objective>, served_log_propensity,
-        model_version (nothing for the static policy)."""
+        model_version (nothing without served weights)."""
         if self.weights is None:
             return {}
         out = {f"served_w_{o}": pa.array(np.repeat(self.weights[:, k], list_size).astype(np.float32))

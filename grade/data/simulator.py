@@ -40,8 +40,10 @@ Generative model (documented for users in docs/simulator.md):
   Bernoulli(true_cvr) after a click; ``gmv`` = price on an order.
 
 Ground truth (``true_ctr``, ``true_cvr``, ``price``, ``true_segment``) is written next to the logs for
-evaluation only. No ``propensity`` column: the logging noise is a continuous draw on the weights, and
-a row's examination propensity is theta at its logged ``position``. Rows are generated and written in
+evaluation only. The static logging policy's per-request weights are logged as a served model's are
+(``served_w_<objective>``, on the log-predictions; ``served_log_propensity``, their Dirichlet
+log-density; ``model_version`` ``static``): the weight-level estimator reads them. A row's examination
+propensity is theta at its logged ``position``. Rows are generated and written in
 chunks of requests, each chunk from its own seeded generator: memory does not grow with
 ``n_requests`` and the same config + seed always gives the same tables.
 """
@@ -67,7 +69,7 @@ from grade.core.config import SEED_RANGE, ranged
 from grade.core.errors import ConfigError
 from grade.core.progress import Progress
 from grade.data.fusion import CLICK_MODELS, ClickModel, fuse, gather_items, simplex_grid, top_e
-from grade.data.served import Ranker, Served, sample_clicks
+from grade.data.served import STATIC_VERSION, Ranker, Served, sample_clicks
 
 log = logging.getLogger("grade.data.simulator")
 
@@ -328,7 +330,7 @@ def _chunk(cfg: SimulatorConfig, world: World, index: int, start: int, n: int,
                  for o in cfg.objectives}
     if ranker is None:
         logp = np.stack([np.log(np.maximum(preds[o], 1e-12)) for o in cfg.objectives], axis=-1)
-        served = Served(np.einsum("nlk,nk->nl", logp, logged_w))
+        served = static_served(np.einsum("nlk,nk->nl", logp, logged_w), logged_w, cfg.logging_concentration)
     else:
         served = ranker(pa.table({**cols, **pred_cols}))
     order_idx = np.argsort(-served.scores.reshape(n, L), axis=1, kind="stable")
@@ -354,6 +356,18 @@ def _chunk(cfg: SimulatorConfig, world: World, index: int, start: int, n: int,
         "true_segment": pa.array(rep(seg).astype(np.int8)),
     })
     return pa.table(cols)
+
+
+def static_served(scores: np.ndarray, logged_w: np.ndarray, concentration: float) -> Served:
+    """The static logging policy's answer: its scores, the logged weights (on the log-predictions, as
+    logged: float32 renormalised) and their log-density under its Dirichlet Dir(concentration / K), so
+    that its logs carry propensities as a served model's do (model_version ``static``: weights on the
+    log-predictions, grade.value.weight_ips)."""
+    w = logged_w.astype(np.float32).astype(np.float64)
+    w = w / w.sum(axis=1, keepdims=True)
+    alpha = torch.full((w.shape[1],), concentration / w.shape[1], dtype=torch.float64)
+    log_p = torch.distributions.Dirichlet(alpha).log_prob(torch.from_numpy(w)).numpy()
+    return Served(scores, w, log_p, STATIC_VERSION)
 
 
 def generate(cfg: SimulatorConfig, ranker: Ranker | None = None) -> Iterator[pa.Table]:

@@ -53,6 +53,33 @@ def policy_check(policies: dict[str, Any], lift_vs_static: dict[str, Any], metri
             "ordering": ordering(rows, order_margin)}
 
 
+def add_weight_level(check: dict[str, Any], weight_level: dict[str, Any] | None,
+                     lift_vs_static: dict[str, Any], metric: str) -> None:
+    """Adds the weight-level forms (report.json's ``weight_level``, grade.evaluate.weight_level) to the
+    check in place: per policy row, each form's lift vs static, its CI and whether the true lift lies in
+    it (a lift marked unsupported, its kernel outside the logs' support, only with its estimate);
+    ``weight_level_covered_share``: per form, the share of covered lifts among the supported ones.
+    Nothing without truth or propensities."""
+    if not check or not weight_level:
+        return
+    shares = {}
+    for form, lifts in weight_level["lift_vs_static"].items():
+        covered = []
+        for name, row in check["policies"].items():
+            est = lifts.get(name)
+            true = lift_vs_static.get(name, {}).get("true", {}).get(metric)
+            if name == "static" or not (est and true and _finite(true["lift"]) and _finite(est["ci_low"])):
+                continue
+            if est.get("unsupported"):
+                row[form] = {"estimated_lift": est["lift"], "unsupported": True}
+                continue
+            row[form] = {"estimated_lift": est["lift"], "ci_low": est["ci_low"], "ci_high": est["ci_high"],
+                         "covered": bool(est["ci_low"] <= true["lift"] <= est["ci_high"])}
+            covered.append(row[form]["covered"])
+        shares[form] = sum(covered) / len(covered) if covered else None
+    check["weight_level_covered_share"] = shares
+
+
 def ordering(rows: dict[str, dict[str, Any]], margin: float) -> dict[str, Any]:
     """Whether "estimated" orders each pair as "true" does, over pairs whose true values differ by
     > margin."""

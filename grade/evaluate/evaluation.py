@@ -23,6 +23,7 @@ from typing import Any
 from grade.core import config, store
 from grade.core.config import SEED_RANGE, ranged, setting
 from grade.core.errors import InputError
+from grade.evaluate import estimator_check, weight_level
 from grade.evaluate.diagnostics import DiagnosticsConfig, click_profile
 from grade.evaluate.held_out import (
     AUTO_ESTIMATOR,
@@ -30,15 +31,13 @@ from grade.evaluate.held_out import (
     HeldOut,
     load_inputs,
     obtain_value_model,
-    value_unit,
 )
 from grade.evaluate.policies import PolicyRuns, check_model_names, compute_policies, named_models
 from grade.evaluate.report import render_html
 from grade.evaluate.summary import kfp_metrics, read_training_curves, write_json
 from grade.evaluate.verdicts import Report, build_report
-from grade.model.exploration import ExploreConfig
 from grade.model.registry import DEFAULT_MODEL
-from grade.value import auction, baselines, estimators, weight_ips
+from grade.value import auction, baselines, estimators
 from grade.value.business import BusinessConfig
 from grade.value.reward import RewardConfig
 from grade.value.value_model import ValueModelConfig
@@ -128,19 +127,6 @@ class EvaluateConfig:
                              f"got {self.oracle_value!r}")
 
 
-def weight_level(held: HeldOut, models: dict[str, str]) -> dict[str, Any] | None:
-    """The weight-level estimator's section of report.json (grade.value.weight_ips) when the held-out
-    logs carry served weights and propensities; the models' exploring Dirichlets at serving's default
-    kappa cap, ratios clipped at evaluate.estimator_max_weight."""
-    if not (models and weight_ips.has_propensities(held.data)):
-        return None
-    d, cfg = held.data, held.cfg
-    value = held.business.item_value(d["click"], d["order"], d["gmv"], value_unit(held))
-    return weight_ips.report_section(d, models, value, cfg.exposure_depth, ExploreConfig().kappa_cap,
-                                     cfg.estimator_max_weight, cfg.bootstrap_samples, cfg.confidence,
-                                     cfg.seed)
-
-
 def render(report: Report, runs: PolicyRuns, held: HeldOut) -> str:
     """report.html (grade.evaluate.report.render_html) with the weights, segments and training curves."""
     curves = {name: read_training_curves(info["uri"]) for name, info in report.models.items()}
@@ -187,7 +173,9 @@ def run_evaluation(features_uri: str, models: dict[str, str], out_uri: str, cfg:
         named, info = named_models(models, registry_uri, cfg)
         runs = compute_policies(held, named, info)
         report = build_report(held, runs, list(models), t0)
-        report.weight_level = weight_level(held, named)
+        report.weight_level = weight_level.section(held, runs.weights)
+        estimator_check.add_weight_level(report.estimator_check, report.weight_level, report.lift_vs_static,
+                                         report.primary_metric)
         publish(report, out_uri, render(report, runs, held), vm_folder)
     log.info("evaluation published to %s in %.1fs", out_uri, time.monotonic() - t0)
     return report.to_json()

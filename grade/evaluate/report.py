@@ -121,6 +121,8 @@ def estimator_check_tables(report: dict[str, Any]) -> str:
     if not check:
         return "<p>No ground truth: no estimator check.</p>"
     metric = check["metric"].upper()
+    form = ((report.get("weight_level") or {}).get("estimator")
+            if "weight_level_covered_share" in check else None)
     rows = []
     for name, r in check["policies"].items():
         covered = "" if "covered" not in r else ("yes" if r["covered"] else "<b>no</b>")
@@ -129,7 +131,7 @@ def estimator_check_tables(report: dict[str, Any]) -> str:
             f"<small>[{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]</small></td>")
         lifts = lifts or "<td></td><td></td>"
         rows.append(f"<tr><th>{html.escape(name)}</th><td>{_fmt(r['true'])}</td><td>{_fmt(r['estimated'])}</td>"
-                    f"{lifts}<td>{covered}</td></tr>")
+                    f"{lifts}<td>{covered}</td>{_weight_cells(r.get(form)) if form else ''}</tr>")
     order = check["ordering"]
     share = check["covered_share"]
     share_text = "n/a" if share is None else f"{100 * share:.0f}%"
@@ -137,7 +139,8 @@ def estimator_check_tables(report: dict[str, Any]) -> str:
            f"true lifts inside the estimated CI: {share_text}; ordering "
            f"agrees on {order['agreeing']}/{order['pairs']} pairs whose true values differ by more than "
            f"{100 * order['margin']:.0f}%</caption><thead><tr><th>policy</th><th>true</th><th>estimated</th>"
-           f"<th>true lift</th><th>estimated lift [CI]</th><th>covered</th></tr></thead>"
+           f"<th>true lift</th><th>estimated lift [CI]</th><th>covered</th>{_weight_head(check, form)}"
+           f"</tr></thead>"
            f"<tbody>{''.join(rows)}</tbody></table>"]
     segs = check.get("segments", {})
     if segs:
@@ -151,6 +154,23 @@ def estimator_check_tables(report: dict[str, Any]) -> str:
                    f"</caption><thead><tr><th>segment</th><th>best weights</th>{head}</tr></thead>"
                    f"<tbody>{body}</tbody></table>")
     return "".join(out)
+
+
+def _weight_head(check: dict[str, Any], form: str | None) -> str:
+    if not form:
+        return ""
+    share = check["weight_level_covered_share"].get(form)
+    text = "n/a" if share is None else f"{100 * share:.0f}%"
+    return f"<th>{html.escape(form)} lift [CI]</th><th>covered ({text})</th>"
+
+
+def _weight_cells(cell: dict[str, Any] | None) -> str:
+    if not cell:
+        return "<td></td><td></td>"
+    if cell.get("unsupported"):
+        return f"<td>{100 * cell['estimated_lift']:+.2f}%</td><td>unsupported</td>"
+    return (f"<td>{100 * cell['estimated_lift']:+.2f}% <small>[{100 * cell['ci_low']:+.2f}, "
+            f"{100 * cell['ci_high']:+.2f}]</small></td><td>{'yes' if cell['covered'] else '<b>no</b>'}</td>")
 
 
 def l1_table(report: dict[str, Any]) -> str:

@@ -16,13 +16,12 @@ traffic (serving decides to explore by a hash of the request id alone), so condi
 nothing but the sample size. Requests served the mean have no density (a point mass) and a continuous
 new policy gives their single point probability 0: they carry no weight.
 
-The new policy's density. A policy that serves its mean is deterministic: its density at a logged
-weight vector is 0 almost surely, so the ratio is degenerate. The estimator therefore values the new
-policy's *exploring* serving distribution, Dir(min(kappa, kappa_cap) mu + alpha_floor), the same
-distribution serving draws from, with the policy's own kappa: that is the policy the next round of
-logs would come from, its density is exact (no kernel bandwidth to choose) and it concentrates on the
-mean as kappa grows. A static or fixed policy has no kappa: it is compared by the direct method, or
-given a narrow Dirichlet around its weights (kappa = kappa_cap) at the price of a high variance.
+A Dirichlet target (a policy's exploring serving distribution, Dir(min(kappa, kappa_cap) mu +
+alpha_floor)) has an exact density (:func:`policy_log_density`). A deterministic one (static, a model's
+mean: a point mass) has none: :func:`kernel_log_density` smooths it with the Dirichlet kernel
+Dir(1 + c t) whose mode is its weights t, and :func:`policy_columns` / :func:`lifts_vs` give the
+smoothed IPS, SNIPS, DR (the direct method at t itself, the kernel only on the residual) and
+self-normalised DR values and lifts vs static (docs/estimators.md, "Lifts vs static").
 
 Shapes: B logged requests, K objectives, L candidates. Pure functions of tensors.
 """
@@ -95,7 +94,7 @@ def estimate(rho: torch.Tensor, explored: torch.Tensor, realised: torch.Tensor,
 
 def per_request_terms(rho: torch.Tensor, explored: torch.Tensor, realised: torch.Tensor) -> np.ndarray:
     """[n_explored, 2] float64: (rho_i R_i, rho_i) of the explored requests, the columns whose totals
-    give IPS (first / n) and SNIPS (first / second); resampling rows gives bootstrap intervals."""
+    give IPS (first / n) and SNIPS (first / second)."""
     e = explored
     return torch.stack([rho[e].double() * realised[e].double(), rho[e].double()], dim=1).numpy()
 
@@ -106,51 +105,109 @@ def has_propensities(data: dict[str, torch.Tensor]) -> bool:
     return "served_w" in data and logp is not None and bool(torch.isfinite(logp).any())
 
 
-def lift_interval(terms: np.ndarray, realised: np.ndarray, n_resamples: int, confidence: float, seed: int
-                  ) -> dict[str, float]:
-    """Lift of IPS (terms [n, 2] of :func:`per_request_terms`) over the logging policy's own value (the
-    mean realised value [n] of the explored requests, rho = 1), with a paired percentile bootstrap over
-    the requests."""
-    def lift(rows: np.ndarray) -> float:
-        return float(terms[rows, 0].sum() / max(realised[rows].sum(), 1e-12) - 1.0)
+# ------------------------------------------------------------------------------------------------
+# Deterministic targets: kernel-smoothed ratios, lifts vs static
+# ------------------------------------------------------------------------------------------------
 
-    n = len(realised)
+#: the forms of a deterministic policy's value over weight vectors: (reads the direct method,
+#: self-normalised); docs/estimators.md
+FORMS = {"weight_ips": (False, False), "weight_snips": (False, True), "weight_dr": (True, False),
+         "weight_sndr": (True, True)}
+
+
+def on_standardised(served_w: torch.Tensor, log_q: torch.Tensor, on_log_predictions: torch.Tensor,
+                    log_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Served weights [N, K] and their log-propensities [N] in the space the evaluated policies' weights
+    live in (weights on the standardised predictions z = (log p - m) / s), float64.
+
+    Rows ``on_log_predictions`` [N] bool were served weights v on the log-predictions (the static fusion):
+    the same ranking has the weights w = s v / (s . v), and the density moves with the map's Jacobian,
+    log q_z(w) = log q_v(v) - sum_k log s_k - K log(sum_k w_k / s_k). ``log_std`` [K]: s (feature_spec
+    pred_log_std). The other rows are kept (a model's weights on its z; its spec's s is assumed the
+    features' own, as both are fitted on the same market's predictions)."""
+    w, lq = served_w.double().clone(), log_q.double().clone()
+    rows = on_log_predictions
+    if bool(rows.any()):
+        s = log_std.double()
+        v = w[rows]
+        z = v * s / (v * s).sum(-1, keepdim=True)
+        w[rows] = z
+        lq[rows] = lq[rows] - s.log().sum() - w.shape[1] * (z / s).sum(-1).log()
+    return w, lq
+
+
+def kernel_log_density(target: torch.Tensor, weights: torch.Tensor, concentration: float) -> torch.Tensor:
+    """log K(w | t) [N] (float64): the smoothing kernel of a deterministic policy with weights ``target``
+    [N, K] (or [K]) at ``weights`` [N, K]: Dir(1 + concentration * t), whose mode is t itself and whose
+    spread shrinks as 1 / concentration."""
+    t = target.double().expand_as(weights)
+    alpha = 1.0 + concentration * t
+    return torch.from_numpy(log_density(alpha.numpy(), weights.double().numpy()))
+
+
+def policy_columns(log_kernel: torch.Tensor, log_q: torch.Tensor, realised: torch.Tensor, clip: float,
+                   dm_new: torch.Tensor | None = None, dm_logged: torch.Tensor | None = None
+                   ) -> tuple[np.ndarray, float]:
+    """([N, 5] float64 per-request columns, clipped share) of one policy: the direct method's value of
+    its ranking (0 without one), e_i rho_i R_i, e_i rho_i DM(w_i), e_i (explored) and e_i rho_i, rho the
+    kernel's ratio to the logged propensity clipped at ``clip``; their totals give every form of
+    :data:`FORMS` (:func:`form_values`), so resampling rows gives paired bootstrap intervals."""
+    rho, explored, clipped = density_ratios(log_kernel, log_q, clip)
+    e = explored.double()
+    zero = torch.zeros_like(e)
+    dm = zero if dm_new is None else dm_new.double()
+    base = zero if dm_logged is None else dm_logged.double()
+    cols = torch.stack([dm, rho * realised.double(), rho * base, e, rho], dim=1)
+    share = float(clipped[explored].double().mean()) if bool(explored.any()) else 0.0
+    return cols.numpy(), share
+
+
+def support(columns: np.ndarray) -> dict[str, float]:
+    """How much of the logs a policy's kernel sees, from its :func:`policy_columns`: the mean ratio over
+    the explored requests (1 in expectation when the logging policy covers the kernel; far below 1:
+    the kernel lies where nothing was logged) and the ratios' effective sample size (sum rho)^2 /
+    sum rho^2."""
+    rho, e = columns[:, 4], columns[:, 3]
+    total, squares = float(rho.sum()), float((rho * rho).sum())
+    ess = total * total / squares if squares else 0.0
+    return {"mean_ratio": total / max(float(e.sum()), 1.0), "ess": ess}
+
+
+def form_values(totals: np.ndarray, n: int | np.ndarray, form: str) -> np.ndarray:
+    """The value of ``form`` from column totals [..., 5] of :func:`policy_columns` over n requests:
+    (1/n) sum DM + sum e rho (R - DM(w)) / (n_explored, or sum e rho when self-normalised)."""
+    reads_dm, normalised = FORMS[form]
+    dm, r, base, e, rho = (totals[..., i] for i in range(5))
+    norm = rho if normalised else e
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if reads_dm:
+            return dm / n + (r - base) / norm
+        return r / norm
+
+
+def lifts_vs(columns: dict[str, np.ndarray], reference: str, forms: list[str], n_resamples: int,
+             confidence: float, seed: int) -> dict[str, dict[str, dict[str, float]]]:
+    """{form: {policy: {value, lift, ci_low, ci_high}}}: each policy's value and its lift over
+    ``reference`` with a paired percentile bootstrap over the requests (the same resamples for every
+    policy and form). ``columns``: policy -> [N, 5] of :func:`policy_columns`."""
+    names = list(columns)
+    stacked = np.stack([columns[p] for p in names])                               # [P, N, 5]
+    n = stacked.shape[1]
     rng = np.random.default_rng(seed)
-    draws = np.array([lift(rng.integers(0, n, n)) for _ in range(n_resamples)])
+    counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_resamples)]) \
+        if n_resamples else np.zeros((0, n))
+    boot = np.einsum("bn,pnc->pbc", counts.astype(np.float64), stacked)           # [P, B, 5]
+    full = stacked.sum(axis=1)                                                     # [P, 5]
+    ref = names.index(reference)
     tail = (1.0 - confidence) / 2 * 100
-    low, high = (np.percentile(draws, [tail, 100 - tail]) if len(draws) else (math.nan, math.nan))
-    return {"lift": lift(np.arange(n)), "ci_low": float(low), "ci_high": float(high)}
-
-
-def report_section(data: dict[str, torch.Tensor], models: dict[str, str], item_value: torch.Tensor,
-                   depth: int, kappa_cap: float, clip: float, n_resamples: int, confidence: float,
-                   seed: int, batch_size: int = 4096) -> dict | None:
-    """report.json's ``weight_level`` section (None unless the held-out logs carry propensities): each
-    model's IPS and SNIPS value of its exploring Dirichlet, and its IPS lift over the logging policy
-    with a bootstrap interval, from the explored requests alone (no click model). ``item_value`` [B, L]:
-    the declared value of each logged item's labels."""
-    from grade.data.transform import clamp_unseen
-    from grade.model.policy import load_published_policy
-
-    if not has_propensities(data):
-        return None
-    realised = realised_value(item_value, data["position"], depth)
-    log_logged = data["served_log_propensity"].double()
-    out = {"estimator": "weight_ips", "kappa_cap": kappa_cap, "clip": clip, "policies": {}}
-    for name, uri in models.items():
-        policy = load_published_policy(uri)
-        cat = clamp_unseen(data["cat"], policy.cfg.cat_sizes)
-        with torch.inference_mode():
-            parts = [policy(data["num"][s:s + batch_size], cat[s:s + batch_size])
-                     for s in range(0, cat.shape[0], batch_size)]
-        mu, kappa = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        log_new = policy_log_density(mu, kappa, policy.alpha_floor, kappa_cap, data["served_w"])
-        rho, explored, clipped = density_ratios(log_new, log_logged, clip)
-        est = estimate(rho, explored, realised, clipped=clipped)
-        terms = per_request_terms(rho, explored, realised)
-        out["n_explored"] = est.n_explored
-        out["logging_value"] = float(realised[explored].double().mean())
-        out["policies"][name] = {"ips": est.ips, "snips": est.snips, "clipped_share": est.clipped_share,
-                                 "lift_vs_logging": lift_interval(terms, realised[explored].double().numpy(),
-                                                                  n_resamples, confidence, seed)}
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for form in forms:
+        point, draws = form_values(full, n, form), form_values(boot, n, form)
+        lift, lift_draws = point / point[ref] - 1.0, draws / draws[ref] - 1.0
+        out[form] = {}
+        for i, p in enumerate(names):
+            ok = lift_draws[i][np.isfinite(lift_draws[i])]
+            low, high = np.percentile(ok, [tail, 100 - tail]) if len(ok) else (math.nan, math.nan)
+            out[form][p] = {"value": float(point[i]), "lift": float(lift[i]), "ci_low": float(low),
+                            "ci_high": float(high)}
     return out
