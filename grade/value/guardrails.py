@@ -32,7 +32,7 @@ from grade.data.fusion import fuse, top_e
 from grade.value import estimators
 from grade.value.business import KINDS, BusinessConfig
 from grade.value.estimators import ranking_value
-from grade.value.reward import RewardConfig, cascade_kwargs
+from grade.value.reward import RewardConfig, cascade_args
 
 #: the guarded kinds of value (grade.value.business.KINDS), in the order of the multipliers
 GUARDED = ("clicks", "gmv")
@@ -64,7 +64,7 @@ def request_amounts(weights: torch.Tensor, batch: dict[str, torch.Tensor], field
     idx = top_e(fuse(batch["z"], weights.to(batch["z"].dtype), batch["mask"]), depth)
     th = theta[: idx.shape[-1]].to(torch.float32)
     model = fields.get("model_kinds")
-    cascade = cascade_kwargs(fields) if estimators.needs_cascade(reward.estimator) else {}
+    cascade = cascade_args(fields) if estimators.needs_cascade(reward.estimator) else {}
     return torch.stack([
         ranking_value(reward.estimator, idx, th, fields["logged_theta"], fields["label_kinds"][..., k],
                       None if model is None else model[..., k], max_weight=reward.post_max_weight,

@@ -185,7 +185,7 @@ def default_posteriors() -> set[str]:
     return {default, *AUTO_CHOICES.values()} if default == AUTO else {default}
 
 
-def cascade_kwargs(fields: dict[str, torch.Tensor]) -> dict:
+def cascade_args(fields: dict[str, torch.Tensor]) -> dict:
     """:func:`grade.value.estimators.ranking_value`'s cascade arguments from the value fields
     (``attraction`` [B, L], ``continuation`` [B, 2], the same pair on every row); none without them."""
     if "attraction" not in fields:
@@ -267,7 +267,7 @@ def estimated_value(idx: torch.Tensor, batch: dict[str, torch.Tensor], theta: to
     theta [E]: the estimated examination of the new positions (unused under the cascade).
     """
     model_value = batch.get("model_value")
-    cascade = cascade_kwargs(batch) if estimators.needs_cascade(cfg.estimator) else {}
+    cascade = cascade_args(batch) if estimators.needs_cascade(cfg.estimator) else {}
     est = estimators.ranking_value(cfg.estimator, idx, theta, batch["logged_theta"],
                                    batch["label_value"], model_value, max_weight=cfg.post_max_weight,
                                    tau=cfg.post_switch_tau, lam=cfg.post_shrink_lambda, **cascade).value
