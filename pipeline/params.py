@@ -22,7 +22,7 @@ import yaml
 
 from grade.core import config
 from grade.core.errors import ConfigError
-from grade.value.reward import POSTERIORS, RewardConfig
+from grade.value.reward import POSTERIORS, default_posteriors
 
 
 @dataclass(frozen=True)
@@ -50,11 +50,11 @@ TUNABLES: tuple[Tunable, ...] = (
 
 #: The ablations the evaluation can compare with (docs/finetune.md): each sets its preset of the
 #: config's ``ablation`` section: the named ones (grade.core.config.ABLATION_PRESETS) and each other
-#: posterior of the estimator registry (grade.value.reward.POSTERIORS) instead of the default.
+#: posterior of the estimator registry (grade.value.reward.POSTERIORS) the default cannot resolve to.
 ABLATIONS: dict[str, dict[str, Any]] = {
     name: {"ablation": {"preset": name}}
     for name in [*config.ABLATION_PRESETS,
-                 *(f"grade_{p}" for p in POSTERIORS if p != RewardConfig().post_estimator)]}
+                 *(f"grade_{p}" for p in POSTERIORS if p not in default_posteriors())]}
 
 
 def tunable(name: str) -> Tunable:

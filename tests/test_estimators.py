@@ -262,20 +262,21 @@ def test_the_reward_and_the_pipeline_read_the_registry():
 
     from grade.core.config import preset_keys
     from grade.core.errors import InputError
-    from grade.value.reward import POSTERIORS, RewardConfig
+    from grade.value.reward import POST_ESTIMATORS, POSTERIORS, RewardConfig, default_posteriors
     from pipeline.params import ABLATIONS
 
-    # the reward's cached value fields hold no cascade inputs: the cascade estimators judge, never reward
+    # an ablation names a position-based posterior; the reward also takes the cascade's and auto
     assert POSTERIORS == (*(n for n in ESTIMATORS if ESTIMATORS[n].click_model != "cascade"), "dcg_ips")
-    assert "cascade_dm" in ESTIMATORS and "cascade_dm" not in POSTERIORS
-    for name in POSTERIORS:
+    assert set(POST_ESTIMATORS) == {*ESTIMATORS, "dcg_ips", "auto"}
+    for name in POST_ESTIMATORS:
         RewardConfig(post_estimator=name).validate()
     with pytest.raises(InputError, match="post_estimator"):
         RewardConfig(post_estimator="not_registered").validate()
-    default = RewardConfig().post_estimator
+    # the default (auto) resolves to dm or cascade_dm: neither is an ablation, which would train it again
+    assert default_posteriors() == {"auto", "dm", "cascade_dm"}
     ablated = {preset_keys(name)["finetune.reward.post_estimator"] for name in ABLATIONS
                if "finetune.reward.post_estimator" in preset_keys(name)}
-    assert ablated == set(POSTERIORS) - {default}
+    assert ablated == set(POSTERIORS) - default_posteriors()
 
 
 def test_ips_is_unbiased_and_the_true_model_dm_is_exact_on_synthetic_logs():

@@ -357,10 +357,73 @@ def test_a_stage1_folder_changed_since_publishing_is_refused(features, stage1, t
 
 
 @pytest.fixture(scope="module")
-def value_model(features):
-    from grade.value.value_model import ValueModelConfig, fit_value_model
+def value_folder(features, tmp_path_factory) -> str:
+    """A published value model of the features (position-based clicks; its cascade fit is recorded)."""
+    from grade.value.value_model import ValueModelConfig, build_value_model
 
-    return fit_value_model(features, ValueModelConfig())[0]
+    out = str(tmp_path_factory.mktemp("vm") / "value")
+    build_value_model(features, out, ValueModelConfig())
+    return out
+
+
+@pytest.fixture(scope="module")
+def value_model(value_folder):
+    from grade.value.value_model import load_value_model
+
+    return load_value_model(value_folder)
+
+
+def looking_like_a_cascade(uri: str):
+    """The value model at ``uri`` with its click-model comparison saying the logs look like a cascade."""
+    from grade.value.value_model import load_value_model
+
+    vm = load_value_model(uri)
+    vm.examination.click_model = {**vm.examination.click_model, "looks_like": "cascade"}
+    return vm
+
+
+def test_auto_posterior_follows_the_value_models_click_model(features, stage1, value_folder, value_model,
+                                                             tmp_path, monkeypatch):
+    """auto is dm, bit for bit, where the logs look position-based, and cascade_dm where the comparison
+    says cascade (which trains other weights)."""
+    import grade.train.finetune as finetune_mod
+
+    assert value_model.examination.click_model["looks_like"] != "cascade"
+    runs = {}
+    for name in ("auto", "dm"):
+        cfg = small_cfg(max_steps=6, reward=RewardConfig(post_estimator=name))
+        runs[name] = finetune(features, stage1, str(tmp_path / name), cfg, outcome_uri=value_folder)
+    assert runs["auto"]["post_estimator"] == runs["dm"]["post_estimator"] == "dm"
+    assert same(weights_of(str(tmp_path / "auto")), weights_of(str(tmp_path / "dm")))
+    monkeypatch.setattr(finetune_mod, "load_value_model", looking_like_a_cascade)
+    cascade = finetune(features, stage1, str(tmp_path / "cascade"), small_cfg(max_steps=6),
+                       outcome_uri=value_folder)
+    assert cascade["post_estimator"] == "cascade_dm"
+    assert not same(weights_of(str(tmp_path / "cascade")), weights_of(str(tmp_path / "dm")))
+    assert math.isfinite(cascade["final"]["reward/post"]) and cascade["final"]["reward/post"] > 0
+
+
+def test_cascade_value_fields_price_an_examined_item_at_the_cascades_attraction(features, value_model):
+    """Under cascade_dm the fields carry the cascade's attraction a(x) as the click probability of an
+    examined item (what a click is worth stays the outcome model's), and its continuation on every row."""
+    from grade.data import dataset
+    from grade.train.finetune import TRAIN_FIELDS
+    from grade.value.value_fields import batch_value_fields
+    from grade.value.value_model import value_fields
+
+    reward = RewardConfig(post_estimator="cascade_dm")
+    batch = {k: v[:200] for k, v in dataset.load_split(features, "train", fields=TRAIN_FIELDS).items()}
+    fields = batch_value_fields(batch, value_model, reward, depth=10)
+    plain = value_fields(batch, value_model)["model_kinds"]
+    a, kinds, mask = fields["attraction"], fields["model_kinds"], batch["mask"]
+    assert set(fields) == {"logged_theta", "label_kinds", "model_kinds", "attraction", "continuation"}
+    assert torch.equal(kinds[..., 0], a) and bool((a[~mask] == 0).all()) and 0 < float(a[mask].min())
+    assert not torch.allclose(a[mask], plain[..., 0][mask], atol=1e-3), "the cascade's attraction is its own"
+    for k in (1, 2):   # orders and GMV per examined item scale with the click probability
+        torch.testing.assert_close(kinds[..., k] * plain[..., 0], plain[..., k] * a, rtol=1e-4, atol=1e-7)
+    fit = value_model.examination.click_model["cascade"]
+    expected = torch.tensor([fit["continue_click"], fit["continue_skip"]])
+    assert torch.allclose(fields["continuation"], expected.expand(200, 2))
 
 
 @pytest.mark.parametrize("estimator", ["dm", "ips"])
@@ -415,8 +478,9 @@ def test_value_fields_over_the_memory_limit_are_computed_per_batch(features, val
 
 def test_fields_computed_once_train_the_same_weights_as_fields_per_batch(features, stage1, tmp_path,
                                                                           monkeypatch):
-    """The default posterior (dm) runs the outcome model once per train request, not once per step, and
-    the weights are bit for bit those of the per-batch computation (over an epoch boundary)."""
+    """The default posterior (auto: dm on these position-based logs) runs the outcome model once per train
+    request, not once per step, and the weights are bit for bit those of the per-batch computation (over an
+    epoch boundary)."""
     import grade.value.value_fields as value_fields_mod
     from grade.data import dataset
 
@@ -424,9 +488,8 @@ def test_fields_computed_once_train_the_same_weights_as_fields_per_batch(feature
     counted = value_fields_mod.value_fields
     monkeypatch.setattr(value_fields_mod, "value_fields", lambda batch, *a, **k: calls.append(
         int(batch["mask"].shape[0])) or counted(batch, *a, **k))
-    assert small_cfg().reward.post_estimator == "dm"
     cached, per_batch = str(tmp_path / "cached"), str(tmp_path / "per_batch")
-    finetune(features, stage1, cached, small_cfg(max_steps=12))
+    assert finetune(features, stage1, cached, small_cfg(max_steps=12))["post_estimator"] == "dm"
     n_train, n_valid = (dataset.count_requests(features, split) for split in ("train", "valid"))
     chunk = value_fields_mod.CACHE_CHUNK
     train_chunks = [min(chunk, n_train - start) for start in range(0, n_train, chunk)]

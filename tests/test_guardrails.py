@@ -57,6 +57,22 @@ def test_request_amounts_are_the_direct_method_per_kind():
     assert torch.allclose(amounts, expected.expand(2, 2, 3), atol=1e-7)
 
 
+def test_request_amounts_under_the_cascade_are_its_direct_method_per_kind():
+    """With a cascade posterior the amounts are cascade_dm's: the second slot is examined with
+    probability a c_click + (1 - a) c_skip of the item above it, whatever theta says."""
+    batch, fields, model, theta = _two_requests()
+    a = torch.tensor([[0.6, 0.3, 0.2]] * 2)
+    fields = {**fields, "attraction": a, "continuation": torch.tensor([[0.5, 0.9]] * 2)}
+    weights = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]] * 2)
+    reward = RewardConfig(post_estimator="cascade_dm")
+    amounts = guardrails.request_amounts(weights, batch, fields, theta, reward, depth=2)
+    below_0, below_2 = 0.6 * 0.5 + 0.4 * 0.9, 0.2 * 0.5 + 0.8 * 0.9
+    expected = torch.stack([model[0, 0] + below_0 * model[0, 1], model[0, 2] + below_2 * model[0, 1]])
+    assert torch.allclose(amounts, expected.expand(2, 2, 3), atol=1e-6)
+    cached = guardrails.static_fields(torch.tensor([0.0, 1.0]), batch, fields, theta, reward, depth=2)
+    assert torch.allclose(cached["static_kinds"], expected[1].expand(2, 3), atol=1e-6)
+
+
 def test_static_amounts_read_from_the_fields_as_from_the_batch():
     """The static weights' amounts computed once as a value field give the reading computed per batch;
     snips, whose value of a request depends on its batch, gets no such field."""

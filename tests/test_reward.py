@@ -10,7 +10,14 @@ import torch
 from grade.core import config
 from grade.core.errors import InputError
 from grade.data.fusion import simplex_grid
-from grade.value.reward import RewardConfig, format_penalty, prior_item_value, reward_terms, weight_entropy
+from grade.value.reward import (
+    RewardConfig,
+    format_penalty,
+    prior_item_value,
+    resolve_posterior,
+    reward_terms,
+    weight_entropy,
+)
 
 OBJECTIVES = ["ctr", "cvr", "gmv"]
 
@@ -258,6 +265,35 @@ def test_ips_posterior_by_hand():
     del batch["model_value"]
     terms = reward_terms(GROUP, batch, OBJECTIVES, cfg, depth=2, theta=THETA)
     torch.testing.assert_close(terms["post"], torch.tensor([[0.0, 1.0]]))
+
+
+def test_auto_posterior_follows_the_click_model_the_logs_look_like():
+    assert resolve_posterior("auto", {"looks_like": "cascade"}) == "cascade_dm"
+    for compared in ({"looks_like": "position_based"}, {"looks_like": "undecided"}, {}, None):
+        assert resolve_posterior("auto", compared) == "dm"
+    assert resolve_posterior("ips", {"looks_like": "cascade"}) == "ips", "a named estimator is used as named"
+    # the default; read without a comparison (no run resolved it) it is the position-based direct method
+    assert RewardConfig().post_estimator == "auto" and RewardConfig().estimator == "dm"
+    assert RewardConfig(post_estimator="cascade_dm").estimator == "cascade_dm"
+
+
+def cascade_batch() -> dict[str, torch.Tensor]:
+    """value_batch with a cascade: attraction (0.5, 0.2, 0.4), continue 0.5 after a click, 1 after a
+    skip, so the slot below an item of attraction a is examined with probability 1 - a / 2."""
+    return {**value_batch(), "attraction": torch.tensor([[0.5, 0.2, 0.4]]),
+            "continuation": torch.tensor([[0.5, 1.0]])}
+
+
+def test_cascade_posterior_by_hand():
+    # w=(1,0,0) shows items 0, 2: 0.1 + (1 - 0.25) * 0.2 = 0.25; w=(0,1,0) shows 1, 2: 0.4 + 0.9 * 0.2 =
+    # 0.58; the ideal by the model's value (items 1, 2) is 0.58 too. theta is not read (the direct
+    # method with theta (1, 0.5) gives 0.2 / 0.5 and 1)
+    cfg = RewardConfig(post=1.0, prior=0.0, format=0.0, post_estimator="cascade_dm")
+    terms = reward_terms(GROUP, cascade_batch(), OBJECTIVES, cfg, depth=2, theta=THETA)
+    torch.testing.assert_close(terms["post"], torch.tensor([[0.25 / 0.58, 1.0]]))
+    # a cascade posterior without the cascade's fields cannot value a ranking
+    with pytest.raises(ValueError, match="attraction"):
+        reward_terms(GROUP, value_batch(), OBJECTIVES, cfg, depth=2, theta=THETA)
 
 
 def test_estimated_posterior_needs_theta():

@@ -38,15 +38,9 @@ from grade.train.grpo import FinetuneConfig, rollout, train_step
 from grade.value import auction, guardrails
 from grade.value.baselines import static_weights
 from grade.value.business import BusinessConfig
-from grade.value.reward import gmv_unit_of, reward_terms, rewarded_value, weight_entropy
-from grade.value.value_fields import batch_value_fields, cached_value_fields, value_cache
-from grade.value.value_model import (
-    ValueModel,
-    ValueModelConfig,
-    fit_value_model,
-    load_value_model,
-    priced_fields,
-)
+from grade.value.reward import gmv_unit_of, resolve_posterior, reward_terms, rewarded_value, weight_entropy
+from grade.value.value_fields import batch_value_fields, cached_value_fields, priced, value_cache
+from grade.value.value_model import ValueModel, ValueModelConfig, fit_value_model, load_value_model
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +248,7 @@ def _start(features_uri: str, init_uri: str, cfg: FinetuneConfig, rank: int, wor
                 else to_dict(cfg))
     fingerprint = training.run_fingerprint(settings, inputs, world_size)
     value = _value_model(features_uri, cfg, outcome_uri, outcome_cfg)
+    cfg = _resolved(cfg, value)
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     if cfg.batch_size % world_size:
         raise InputError(f"finetune.batch_size: {cfg.batch_size} requests per step cannot be split "
@@ -286,6 +281,17 @@ def _value_model(features_uri: str, cfg: FinetuneConfig, outcome_uri: str | None
         return load_value_model(outcome_uri)
     log.info("finetune: no --outcome given: fitting the value model on %s", features_uri)
     return fit_value_model(features_uri, outcome_cfg)[0]
+
+
+def _resolved(cfg: FinetuneConfig, value: ValueModel | None) -> FinetuneConfig:
+    """``cfg`` with the posterior estimator ``auto`` resolved by the value model's click-model comparison
+    (grade.value.reward.resolve_posterior); the run's fingerprint keeps the name as configured."""
+    compared = None if value is None else value.examination.click_model
+    name = resolve_posterior(cfg.reward.post_estimator, compared)
+    if name != cfg.reward.post_estimator:
+        log.info("finetune: the posterior estimator %s is %s (the valid clicks look %s)",
+                 cfg.reward.post_estimator, name, (compared or {}).get("looks_like", "unknown"))
+    return dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, post_estimator=name))
 
 
 def _theta(run: _Run) -> torch.Tensor | None:
@@ -363,7 +369,7 @@ def _step(run: _Run, state: _State, epoch: int, batch: dict[str, torch.Tensor]) 
                                                      state.guard_integral)
             state.guard_integral = state.guard.integral
             guard = guardrails.diagnostics(state.guard)
-        batch = {**batch, **priced_fields(fields, rewarded_now(run, state))}
+        batch = {**batch, **priced(fields, rewarded_now(run, state))}
     result = train_step(run.policy, run.reference, run.optimizer, batch, run.objectives, cfg, seed,
                         run.gmv_unit, run.averager, _theta(run), state.kappa_integral, roll=roll)
     state.kappa_integral = result.kappa_integral
@@ -391,7 +397,7 @@ def _validate(run: _Run, state: _State, policy: PolicyNet) -> dict[str, float] |
         return None
     valid = run.valid
     if run.value is not None:
-        valid = {**valid, **priced_fields(valid, rewarded_now(run, state))}
+        valid = {**valid, **priced(valid, rewarded_now(run, state))}
     return validation_metrics(policy, valid, run.objectives, run.cfg, run.gmv_unit, theta=_theta(run),
                               world=truth_click_model(run.spec, run.cfg.position_bias))
 
@@ -410,7 +416,7 @@ def _metrics(run: _Run, state: _State, stage1: dict[str, float] | None, progress
         "stage1": stage1, "final": final, "curve": state.curve, "lift_vs_stage1": _lifts(final, stage1),
         "seconds": seconds,
         "requests_per_s": progress.amount / seconds if seconds > 0 and progress.amount else None,
-        "entropy_floor": cfg.reward.entropy_floor,
+        "entropy_floor": cfg.reward.entropy_floor, "post_estimator": cfg.reward.post_estimator,
     }
 
 def _load_valid(features_uri: str, spec: dict[str, Any], cfg: FinetuneConfig, value: ValueModel | None

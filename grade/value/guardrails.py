@@ -32,7 +32,7 @@ from grade.data.fusion import fuse, top_e
 from grade.value import estimators
 from grade.value.business import KINDS, BusinessConfig
 from grade.value.estimators import ranking_value
-from grade.value.reward import RewardConfig
+from grade.value.reward import RewardConfig, cascade_args
 
 #: the guarded kinds of value (grade.value.business.KINDS), in the order of the multipliers
 GUARDED = ("clicks", "gmv")
@@ -57,17 +57,18 @@ def request_amounts(weights: torch.Tensor, batch: dict[str, torch.Tensor], field
     """Estimated amounts [B, P, 3] (clicks, orders, gmv in order-value units) of each request's ranking
     under each of P weight vectors per request ``weights`` [B, P, K].
 
-    ``fields``: :func:`grade.value.value_model.value_fields` of the batch (``label_kinds``, ``model_kinds``
-    [B, L, 3], ``logged_theta``); ``theta`` [>= E]; the estimator and its clipping are the posterior's
-    (``reward.post_estimator``, ``post_max_weight``...).
+    ``fields``: :func:`grade.value.value_fields.batch_value_fields` of the batch (``label_kinds``,
+    ``model_kinds`` [B, L, 3], ``logged_theta``; the cascade's for cascade_dm); ``theta`` [>= E]; the
+    estimator and its clipping are the posterior's (``reward.estimator``, ``post_max_weight``...).
     """
     idx = top_e(fuse(batch["z"], weights.to(batch["z"].dtype), batch["mask"]), depth)
     th = theta[: idx.shape[-1]].to(torch.float32)
     model = fields.get("model_kinds")
+    cascade = cascade_args(fields) if estimators.needs_cascade(reward.estimator) else {}
     return torch.stack([
-        ranking_value(reward.post_estimator, idx, th, fields["logged_theta"], fields["label_kinds"][..., k],
+        ranking_value(reward.estimator, idx, th, fields["logged_theta"], fields["label_kinds"][..., k],
                       None if model is None else model[..., k], max_weight=reward.post_max_weight,
-                      tau=reward.post_switch_tau, lam=reward.post_shrink_lambda).value
+                      tau=reward.post_switch_tau, lam=reward.post_shrink_lambda, **cascade).value
         for k in range(len(KINDS))], dim=-1)
 
 
@@ -77,7 +78,7 @@ def static_fields(static: torch.Tensor, batch: dict[str, torch.Tensor], fields: 
     like the others (fixed for a run, so computed once with them); empty where the estimator's value of a
     request depends on its batch (``per_batch``, e.g. snips), which :func:`read_guardrails` then estimates
     per batch."""
-    if estimators.estimator(reward.post_estimator).per_batch:
+    if estimators.estimator(reward.estimator).per_batch:
         return {}
     b = batch["z"].shape[0]
     weights = static.to(batch["z"].dtype).expand(b, 1, -1)

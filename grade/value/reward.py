@@ -34,10 +34,16 @@ from grade.data.transform import objective_index
 from grade.value import estimators
 from grade.value.business import BusinessConfig
 
-#: what finetune.reward.post_estimator can name: every registered position-based estimator of the declared
-#: value (grade.value.estimators.ESTIMATORS; the reward's cached value fields hold no cascade inputs), then
-#: dcg_ips, the reward's own discounted mix of logged labels
+#: the posteriors an ablation can name (pipeline.params.ABLATIONS): every registered position-based
+#: estimator of the declared value (grade.value.estimators.ESTIMATORS), then dcg_ips, the reward's own
+#: discounted mix of logged labels
 POSTERIORS = (*(n for n in estimators.ESTIMATORS if not estimators.needs_cascade(n)), "dcg_ips")
+#: the posterior that follows the click model the logs look like (:func:`resolve_posterior`)
+AUTO = "auto"
+#: what ``auto`` becomes: the direct method under the click model the value model's comparison names
+AUTO_CHOICES = {"cascade": "cascade_dm", "position_based": "dm"}
+#: every value finetune.reward.post_estimator takes
+POST_ESTIMATORS = (*POSTERIORS, *(n for n in estimators.ESTIMATORS if estimators.needs_cascade(n)), AUTO)
 
 
 @dataclasses.dataclass
@@ -49,10 +55,12 @@ class RewardConfig:
     Small by default: the MTL model is global, so its prior pulls every user towards the same weights"""
     format: float = ranged(1.0, ">= 0")
     """lambda_fmt: coefficient of the format (weight bounds + entropy floor) penalty; 0 switches it off"""
-    post_estimator: str = "dm"
+    post_estimator: str = AUTO
     """estimator of the declared business value (section ``business``) of each ranking, from
-    grade.value.estimators with the value model's theta: dm (outcome model; the default, chosen by the
-    estimator check in docs/estimators.md), ips, switch, shrunk, snips; dcg_ips prices no declared value
+    grade.value.estimators with the value model: auto (the default: cascade_dm where the value model's
+    click-model comparison says the valid clicks look like a cascade, else dm; docs/finetune.md), dm
+    (outcome model and theta, chosen by the estimator check in docs/estimators.md), cascade_dm (outcome
+    model under the fitted cascade), ips, switch, shrunk, snips; dcg_ips prices no declared value
     (DCG-discounted, 1/theta-weighted mix of the post_click/post_order/post_gmv labels)"""
     post_max_weight: float = ranged(20.0, "> 0")
     """largest importance weight theta_j / theta_p(i) of the ips, switch and snips estimators"""
@@ -118,8 +126,8 @@ class RewardConfig:
     def validate(self, n_objectives: int | None = None) -> None:
         """Checks beyond each field's range (grade.core.config.check runs those first); with the features'
         number of objectives K, also that the weight bounds fit K."""
-        if self.post_estimator not in POSTERIORS:
-            raise InputError(f"finetune.reward.post_estimator: expected one of {list(POSTERIORS)}, "
+        if self.post_estimator not in POST_ESTIMATORS:
+            raise InputError(f"finetune.reward.post_estimator: expected one of {list(POST_ESTIMATORS)}, "
                              f"got {self.post_estimator!r}")
         if self.post > 0 and self.post_estimator == "dcg_ips" and \
                 self.post_click + self.post_order + self.post_gmv <= 0:
@@ -148,10 +156,42 @@ class RewardConfig:
 
 
     @property
+    def estimator(self) -> str:
+        """The posterior's estimator: ``post_estimator``, with ``auto`` the position-based direct method
+        until a run resolves it by the value model's click-model comparison (:func:`resolve_posterior`,
+        grade.train.finetune)."""
+        return resolve_posterior(self.post_estimator, None)
+
+    @property
     def needs_value_model(self) -> bool:
         """Whether the posterior needs the value model (theta-hat, and the outcome model for
         dm/switch/shrunk)."""
-        return self.post > 0 and self.post_estimator in estimators.ESTIMATORS
+        return self.post > 0 and self.estimator in estimators.ESTIMATORS
+
+
+def resolve_posterior(name: str, click_model: dict | None) -> str:
+    """The posterior estimator a run uses: ``name``, or for ``auto`` the direct method under the click model
+    the value model's comparison (``ExaminationEstimate.click_model``: ``looks_like``) names, the
+    position-based one when it names none (no comparison, or undecided)."""
+    if name != AUTO:
+        return name
+    return AUTO_CHOICES.get((click_model or {}).get("looks_like", ""), AUTO_CHOICES["position_based"])
+
+
+def default_posteriors() -> set[str]:
+    """The posteriors the default reward can use (its name and what it resolves to): an ablation of one
+    of them would train the default model again."""
+    default = RewardConfig().post_estimator
+    return {default, *AUTO_CHOICES.values()} if default == AUTO else {default}
+
+
+def cascade_args(fields: dict[str, torch.Tensor]) -> dict:
+    """:func:`grade.value.estimators.ranking_value`'s cascade arguments from the value fields
+    (``attraction`` [B, L], ``continuation`` [B, 2], the same pair on every row); none without them."""
+    if "attraction" not in fields:
+        return {}
+    pair = fields["continuation"][0]
+    return {"attraction": fields["attraction"], "continuation": (float(pair[0]), float(pair[1]))}
 
 
 def prior_value(cfg: RewardConfig) -> BusinessConfig:
@@ -217,23 +257,32 @@ def batch_mean(x: torch.Tensor, sync: bool = False) -> torch.Tensor:
 
 def estimated_value(idx: torch.Tensor, batch: dict[str, torch.Tensor], theta: torch.Tensor, cfg: RewardConfig,
                     sync: bool = False) -> torch.Tensor:
-    """The posterior [B, G]: the declared value of rankings idx [B, G, E] by ``cfg.post_estimator``,
+    """The posterior [B, G]: the declared value of rankings idx [B, G, E] by ``cfg.estimator``,
     over the batch's mean value of the ideal ranking (so that it is about 1 and comparable with the prior).
 
     batch: ``label_value`` [B, L] (the logged label of the declared value), ``logged_theta`` [B, L] and,
-    for dm/switch/shrunk, ``model_value`` [B, L] (see :func:`grade.value.value_model.value_fields`);
-    theta [E]: the estimated examination of the new positions.
+    for dm/switch/shrunk, ``model_value`` [B, L] (see :func:`grade.value.value_model.value_fields`); for
+    cascade_dm also ``attraction`` [B, L] and ``continuation`` [B, 2] (grade.value.value_fields), with
+    ``model_value`` the outcome model's value at the cascade's attraction;
+    theta [E]: the estimated examination of the new positions (unused under the cascade).
     """
     model_value = batch.get("model_value")
-    est = estimators.ranking_value(cfg.post_estimator, idx, theta, batch["logged_theta"],
+    cascade = cascade_args(batch) if estimators.needs_cascade(cfg.estimator) else {}
+    est = estimators.ranking_value(cfg.estimator, idx, theta, batch["logged_theta"],
                                    batch["label_value"], model_value, max_weight=cfg.post_max_weight,
-                                   tau=cfg.post_switch_tau, lam=cfg.post_shrink_lambda).value
+                                   tau=cfg.post_switch_tau, lam=cfg.post_shrink_lambda, **cascade).value
     # the ideal ranking's value by the model, or by the (clipped) inverse-propensity labels without one
     gains = model_value if model_value is not None else \
         batch["label_value"] * torch.where(batch["logged_theta"] > 0, 1.0 / batch["logged_theta"].clamp_min(
             1.0 / cfg.post_max_weight), torch.zeros_like(batch["logged_theta"]))
-    ideal = torch.sort(gains.to(theta.dtype), dim=-1, descending=True).values[..., : idx.shape[-1]]
-    norm = batch_mean((ideal * theta).sum(-1), sync).to(est.dtype)
+    if cascade:   # the cascade examines the model's order by the items above, not by theta
+        ideal_idx = torch.sort(gains, dim=-1, descending=True).indices[..., None, : idx.shape[-1]]
+        ideal_value = estimators.cascade_dm(gains.to(est.dtype), cascade["attraction"], ideal_idx,
+                                            *cascade["continuation"])[:, 0]
+    else:
+        ideal = torch.sort(gains.to(theta.dtype), dim=-1, descending=True).values[..., : idx.shape[-1]]
+        ideal_value = (ideal * theta).sum(-1)
+    norm = batch_mean(ideal_value, sync).to(est.dtype)
     return est / norm if norm > 0 else torch.zeros_like(est)
 
 
@@ -288,7 +337,7 @@ def reward_terms(w: torch.Tensor, batch: dict[str, torch.Tensor], objectives: li
         disc = dcg_discounts(idx.shape[-1], device=w.device, dtype=w.dtype)
     if cfg.needs_value_model:
         if theta is None:
-            raise ValueError(f"the {cfg.post_estimator} posterior needs the examination curve theta")
+            raise ValueError(f"the {cfg.estimator} posterior needs the examination curve theta")
         out["post"] = estimated_value(idx, batch, theta[: idx.shape[-1]].to(w.dtype), cfg, sync)
     elif cfg.post > 0:
         mix = {"click": cfg.post_click, "order": cfg.post_order, "gmv": cfg.post_gmv}

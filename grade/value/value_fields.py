@@ -3,7 +3,8 @@
 :func:`grade.value.value_model.value_fields` gives them for one batch (theta-hat at the logged position,
 the labels and the outcome model's expectations per kind of value); :func:`batch_value_fields` adds
 what the reward's settings ask for (the outcome model's terms only for estimators that read them, the
-static weights' amounts when the guardrails are held as constraints). They depend on the request alone
+cascade's attraction and continuation for cascade estimators, the static weights' amounts when the
+guardrails are held as constraints). They depend on the request alone
 (the value model is fixed during Stage 2), so :func:`value_cache` computes them once per train request
 and a step looks its batch up by row (:func:`cached_value_fields`) instead of running the outcome model
 again every epoch.
@@ -19,9 +20,13 @@ import torch
 from grade.data import dataset
 from grade.data.transform import clamp_unseen
 from grade.model import training
-from grade.value import estimators, guardrails
+from grade.value import click_model, estimators, guardrails
+from grade.value.business import KINDS, BusinessConfig
 from grade.value.reward import RewardConfig
-from grade.value.value_model import ValueModel, value_fields
+from grade.value.value_model import ValueModel, priced_fields, value_fields
+
+#: the value fields of the cascade estimators, carried beside the priced ones
+CASCADE_FIELDS = ("attraction", "continuation")
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +41,32 @@ def batch_value_fields(batch: dict[str, torch.Tensor], value: ValueModel, reward
     them; with the ``static`` weights [K] and guardrails held as constraints, also the static weights'
     amounts per request (:func:`grade.value.guardrails.static_fields`), the guardrails' fixed reference.
     ``depth``: the exposure depth E."""
-    fields = value_fields(batch, value, with_model=estimators.needs_model(reward.post_estimator))
+    fields = value_fields(batch, value, with_model=estimators.needs_model(reward.estimator))
+    if estimators.needs_cascade(reward.estimator):
+        fields.update(cascade_fields(batch, value, fields["model_kinds"]))
     if static is not None and reward.guard_mode == "constraint":
         fields.update(guardrails.static_fields(static, batch, fields, value.theta(depth), reward, depth))
     return fields
+
+
+def cascade_fields(batch: dict[str, torch.Tensor], value: ValueModel, model_kinds: torch.Tensor
+                   ) -> dict[str, torch.Tensor]:
+    """What a cascade estimator reads per item (grade.value.click_model.cascade_inputs): ``model_kinds``
+    [B, L, 3] with the outcome model's click probability replaced by the cascade's attraction a(x),
+    ``attraction`` [B, L] and ``continuation`` [B, 2] (continue_click, continue_skip: the same on every
+    row, so that the fields stay per request). InputError when the value model holds no cascade fit."""
+    models = dict(zip(KINDS, model_kinds.unbind(-1), strict=True))
+    attraction, scaled, pair = click_model.cascade_inputs(value.examination, batch, models)
+    b = model_kinds.shape[0]
+    return {"model_kinds": torch.stack([scaled[k] for k in KINDS], dim=-1).to(model_kinds.dtype),
+            "attraction": attraction.to(model_kinds.dtype),
+            "continuation": torch.tensor(pair, dtype=model_kinds.dtype).repeat(b, 1)}
+
+
+def priced(fields: dict[str, torch.Tensor], business: BusinessConfig) -> dict[str, torch.Tensor]:
+    """The reward's fields for one value: :func:`grade.value.value_model.priced_fields` and, for a cascade
+    estimator, the cascade's fields as they are."""
+    return {**priced_fields(fields, business), **{k: fields[k] for k in CASCADE_FIELDS if k in fields}}
 
 
 def value_cache(features_uri: str, value: ValueModel, reward: RewardConfig, depth: int, cat_sizes: list[int],
