@@ -272,8 +272,8 @@ def test_the_reward_and_the_pipeline_read_the_registry():
         RewardConfig(post_estimator=name).validate()
     with pytest.raises(InputError, match="post_estimator"):
         RewardConfig(post_estimator="not_registered").validate()
-    # the default (auto) resolves to dm or cascade_dm: neither is an ablation, which would train it again
-    assert default_posteriors() == {"auto", "dm", "cascade_dm"}
+    # the default (dm) is not an ablation, which would train it again
+    assert default_posteriors() == {"dm"}
     ablated = {preset_keys(name)["finetune.reward.post_estimator"] for name in ABLATIONS
                if "finetune.reward.post_estimator" in preset_keys(name)}
     assert ablated == set(POSTERIORS) - default_posteriors()

@@ -396,8 +396,8 @@ def test_auto_posterior_follows_the_value_models_click_model(features, stage1, v
     assert runs["auto"]["post_estimator"] == runs["dm"]["post_estimator"] == "dm"
     assert same(weights_of(str(tmp_path / "auto")), weights_of(str(tmp_path / "dm")))
     monkeypatch.setattr(finetune_mod, "load_value_model", looking_like_a_cascade)
-    cascade = finetune(features, stage1, str(tmp_path / "cascade"), small_cfg(max_steps=6),
-                       outcome_uri=value_folder)
+    auto = small_cfg(max_steps=6, reward=RewardConfig(post_estimator="auto"))
+    cascade = finetune(features, stage1, str(tmp_path / "cascade"), auto, outcome_uri=value_folder)
     assert cascade["post_estimator"] == "cascade_dm"
     assert not same(weights_of(str(tmp_path / "cascade")), weights_of(str(tmp_path / "dm")))
     assert math.isfinite(cascade["final"]["reward/post"]) and cascade["final"]["reward/post"] > 0
@@ -478,7 +478,7 @@ def test_value_fields_over_the_memory_limit_are_computed_per_batch(features, val
 
 def test_fields_computed_once_train_the_same_weights_as_fields_per_batch(features, stage1, tmp_path,
                                                                           monkeypatch):
-    """The default posterior (auto: dm on these position-based logs) runs the outcome model once per train
+    """The default posterior (dm) runs the outcome model once per train
     request, not once per step, and the weights are bit for bit those of the per-batch computation (over an
     epoch boundary)."""
     import grade.value.value_fields as value_fields_mod
