@@ -3,8 +3,10 @@
 :func:`grade.value.outcome.fit_outcomes` with the default members, ``--passes`` passes each (no valid
 split, so no early stopping) over N synthetic requests of L items, against the floor measured in the
 same process: an MLP of the same widths (input = the outcome model's, hidden layers, 3 outputs)
-trained with Adam on the same rows flattened to [N * L, d], minibatches of the same number of items,
-as many passes as all members make together (members x passes), regressing fixed targets. Also the
+trained with Adam on as many rows as the fit reads, flattened to [N * D, d] (D = min(L, the default
+examination depth): the fit reads each request's items at its D highest logged positions),
+minibatches of the same number of items, as many passes as all members make together (members x
+passes), regressing fixed targets. Also the
 forward pass of the fitted mixture alone and the direct method's per-step overhead in Stage 2 (the
 value fields of one finetune batch, :func:`grade.value.value_model.value_fields`).
 
@@ -22,6 +24,7 @@ from torch import nn
 
 from benchmarks._common import emit, peak_rss_mib, timeit
 from benchmarks.finetune import CAT_SIZES, OBJECTIVES, synthetic_batch, synthetic_value_model
+from grade.value.examination import ExaminationConfig, ExaminationEstimate
 from grade.value.outcome import OutcomeConfig, fit_outcomes
 from grade.value.value_model import value_fields
 
@@ -55,9 +58,11 @@ def run(requests: int = 8192, list_size: int = 50, k: int = 3, passes: int = 2, 
     value = synthetic_value_model(list_size, k)
     spec = {"objectives": OBJECTIVES[:k], "categorical": [{"size": s} for s in CAT_SIZES]}
     cfg = dataclasses.replace(OutcomeConfig(), epochs=passes)
+    exam = ExaminationEstimate.fixed(1.0, ExaminationConfig().depth)
+    depth = min(list_size, len(exam.theta))
     width = 2 * k + data["num"].shape[1] + cfg.emb_dim * len(CAT_SIZES)
-    flat = torch.randn(requests * list_size, width, generator=gen)
-    fitted = fit_outcomes({key: v[:cfg.batch_size] for key, v in data.items()}, spec, value.examination,
+    flat = torch.randn(requests * depth, width, generator=gen)
+    fitted = fit_outcomes({key: v[:cfg.batch_size] for key, v in data.items()}, spec, exam,
                           dataclasses.replace(cfg, epochs=1))[0]
 
     @torch.no_grad()
@@ -71,14 +76,14 @@ def run(requests: int = 8192, list_size: int = 50, k: int = 3, passes: int = 2, 
     # the fit and its floor alternate, so that a change of the machine's load reaches both
     fit_s, floor_s = [], []
     for _ in range(repeat):
-        fit_s.append(timeit(lambda: fit_outcomes(data, spec, value.examination, cfg), repeat=1, warmup=0)
-                     ["median_s"])
+        fit_s.append(timeit(lambda: fit_outcomes(data, spec, exam, cfg), repeat=1, warmup=0)["median_s"])
         floor_s.append(timeit(lambda: floor_mlp(flat, cfg.hidden, cfg.members * passes,
-                                                cfg.batch_size * list_size), repeat=1, warmup=0)["median_s"])
+                                                cfg.batch_size * depth), repeat=1, warmup=0)["median_s"])
     ratios = sorted(a / b for a, b in zip(fit_s, floor_s, strict=True))
     member_passes = cfg.members * passes
     return {
         "config": {"requests": requests, "list_size": list_size, "objectives": k, "passes": passes,
+                   "fit_items_per_request": depth,
                    "members": cfg.members, "batch_size": cfg.batch_size, "hidden": cfg.hidden,
                    "input_width": width, "finetune_batch": finetune_batch, "repeat": repeat},
         "fit_s": fit_s,

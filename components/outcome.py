@@ -5,9 +5,10 @@
 Estimates the examination curve theta from the train split's clicks (the logging policy's
 per-request noise moves items across positions; ``shared.eta_mode: fixed`` assumes a power law instead),
 fits the outcome model (click given examination, order given click, order value) as a correction of
-the MTL predictions, reports its calibration on the valid split next to the raw MTL predictions', and
-publishes the folder atomically (docs/estimators.md). Fine-tuning (``--outcome``) and evaluation
-(``--outcome``) read it; without it they fit it themselves. Exit status 2 on bad input or config.
+the MTL predictions on each request's items within the examination depth, reports its calibration
+on the valid split next to the raw MTL predictions', and publishes the folder atomically
+(docs/estimators.md). Fine-tuning (``--outcome``) and evaluation (``--outcome``) read it; without it
+they fit it themselves. Exit status 2 on bad input or config.
 """
 
 from __future__ import annotations

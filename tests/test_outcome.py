@@ -334,3 +334,39 @@ def test_progress_retire_shrinks_the_total_and_the_eta():
     assert p.total == 20
     p.retire(50)                         # never below what is done
     assert p.total == p.done == 10
+
+
+def test_top_logged_takes_each_requests_highest_logged_positions():
+    from grade.value.outcome import top_logged
+
+    position = torch.tensor([[3, 0, 4, 1, 2], [1, 0, -1, 2, -1]])
+    mask = torch.tensor([[True] * 5, [True, True, False, True, False]])
+    assert top_logged(position, mask, 3).tolist() == [[1, 3, 4], [1, 0, 3]]
+    assert top_logged(position, mask, 4).tolist() == [[1, 3, 4, 0], [1, 0, 3, 2]]  # padding comes last
+    assert top_logged(position, mask, 5) is None
+
+
+def test_the_fit_reads_only_the_items_within_the_examination_depth():
+    """Items logged at or below the examination curve's depth leave the outcome fit: changing their
+    feedback changes nothing, changing one item's above it changes the model."""
+    from grade.value.outcome import fit_outcomes
+
+    data, spec = _small_market(4, 300)
+    exam = ExaminationEstimate.fixed(1.0, 8)
+    cfg = OutcomeConfig(epochs=2, lr=1e-2, hidden=[8], batch_size=64, members=1, seed=0)
+
+    def fitted(d: dict[str, torch.Tensor]) -> torch.Tensor:
+        model, _ = fit_outcomes(d, spec, exam, cfg)
+        return torch.cat([p.flatten() for p in model.parameters()])
+
+    deep = data["position"] >= 8
+    assert bool(deep.any()) and bool((~deep & data["mask"]).any())
+    changed = {**data, "click": torch.where(deep, 1.0 - data["click"], data["click"])}
+    changed["order"] = torch.where(deep, torch.zeros_like(data["order"]), data["order"])
+    changed["gmv"] = torch.where(deep, torch.zeros_like(data["gmv"]), data["gmv"])
+    base = fitted(data)
+    assert torch.equal(base, fitted(changed))
+    shallow = (data["position"] == 0).nonzero()[0]
+    flipped = data["click"].clone()
+    flipped[tuple(shallow)] = 1.0 - flipped[tuple(shallow)]
+    assert not torch.equal(base, fitted({**data, "click": flipped}))

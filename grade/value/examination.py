@@ -51,11 +51,13 @@ class ExaminationConfig:
     """curve reported as ``theta`` (both are always fitted): power law (1+j)^-eta, free per position, or
     auto: the one with the higher click likelihood on the valid split"""
     depth: int = ranged(20, "[2, 1000]")
-    """D: positions of the reported curve and of the free fit (items logged at >= D leave the free fit)"""
+    """D: positions of the reported curve, of the free fit and of the outcome model's fit (items logged
+    at >= D leave both; the power law reads every position)"""
     interactions: bool = True
     """add the products of item terms and user features to f (user-dependent click models)"""
-    max_rows: int = ranged(2_000_000, "[1, 1e9]")
-    """largest number of logged items used; a seeded subsample above it (bounds time and memory)"""
+    max_rows: int = ranged(250_000, "[1, 1e9]")
+    """largest number of logged items the curve and cascade fits use; a seeded subsample above it (their
+    time grows with it; 250k items estimate eta within about 0.02, docs/estimators.md)"""
     max_iter: int = ranged(200, "[1, 100000]", retired=True)
     """LBFGS iterations per fit"""
     l2: float = ranged(1e-4, ">= 0", retired=True)

@@ -385,8 +385,14 @@ class _Rows:
     @classmethod
     def of(cls, data: dict[str, torch.Tensor], examination: ExaminationEstimate, offset_index: list[int]
            ) -> _Rows:
+        """Each request's items at its ``len(examination.theta)`` highest logged positions (the depth of
+        the examination curve, ``value_model.examination.depth``); their item inputs are computed over the
+        whole list, as the model reads them."""
         items = torch.cat([item_inputs(data["z"], data["mask"]), mtl_offsets(data["pred"], offset_index),
                            loss_labels(data, examination.theta_at(data["position"]))], dim=-1)
+        top = top_logged(data["position"], data["mask"], len(examination.theta))
+        if top is not None:
+            items = items.gather(1, top.unsqueeze(-1).expand(-1, -1, items.shape[-1]))
         return cls(items.contiguous(), data["num"].to(torch.float32), data["cat"])
 
     def __len__(self) -> int:
@@ -402,6 +408,20 @@ class _Rows:
             items[..., :k2], self.num.index_select(0, flat).view(members, b, -1),
             self.cat.index_select(0, flat).view(members, b, -1))
         return loss_sums(logits, items[..., k2 + 3:])
+
+
+def top_logged(position: torch.Tensor, mask: torch.Tensor, depth: int) -> torch.Tensor | None:
+    """The indices [N, depth] of each request's items at its ``depth`` highest logged positions (padding
+    and unlogged items last), or None when the lists are no longer than ``depth``.
+
+    Why the outcome fit reads only these: an item logged at position j tells the click likelihood
+    about theta_j of an examination, so the deep items, most of every list, carry little of it while
+    they cost as much as the top ones (docs/estimators.md measures what is kept and what it costs)."""
+    if position.shape[1] <= depth:
+        return None
+    logged = mask.bool() & (position >= 0)
+    key = torch.where(logged, position.to(torch.int64), torch.iinfo(torch.int64).max)
+    return torch.sort(key, dim=1, stable=True).indices[:, :depth]
 
 
 def fit_outcome(train: dict[str, torch.Tensor], spec: dict[str, Any], examination: ExaminationEstimate,
