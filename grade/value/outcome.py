@@ -61,9 +61,10 @@ class OutcomeConfig:
     """weight of the order-value (log-normal) loss next to the click and order likelihoods"""
     seed: int = ranged(0, SEED_RANGE, derived="seed:outcome")
     """seed of the initialisation and the data order (member i of a mixture: seed + i)"""
-    members: int = ranged(3, "[1, 100]")
+    members: int = ranged(2, "[1, 100]")
     """outcome models fitted with seeds seed, seed + 1, ... and averaged (:class:`OutcomeMixture`): the
-    average is less at the mercy of one model's seed (docs/estimators.md)"""
+    average is less at the mercy of one model's seed; two hold GRADE's share as three did, at two thirds
+    of the fit (docs/estimators.md)"""
     precision: Literal["auto", "bfloat16", "float32"] = "float32"
     """the matrix products of the training steps: float32 (the same result on every machine), bfloat16
     (float32 weights, losses and valid loss; the saved model computes in float32; faster where the CPU
