@@ -12,7 +12,6 @@ import dataclasses
 import logging
 from collections.abc import Iterator
 
-import numba
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -210,15 +209,14 @@ def served_columns_found(file_uri: str, names: list[str], objectives: list[str])
 
 
 _FNV_PRIME = 0x100000001B3
-# mix64's constants as uint64: numba turns a uint64 combined with a plain int into a float
+# mix64's constants as uint64 (numba, compiling it, turns a uint64 combined with a plain int into a float)
 _MIX_A, _MIX_B = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _S27, _S30, _S31 = np.uint64(27), np.uint64(30), np.uint64(31)
 
 
-@numba.vectorize(["uint64(uint64)"], cache=True)
-def mix64(h: np.uint64) -> np.uint64:
-    """splitmix64 finaliser (uint64 arithmetic wraps mod 2**64): a ufunc over uint64 arrays, callable on
-    one value in compiled code (grade.model.exploration's generator)."""
+def mix64(h: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser (uint64 arithmetic wraps mod 2**64) of a uint64 array; the same function,
+    compiled, finalises one value in exploration's draws (grade.model.explore_kernels)."""
     h = h ^ (h >> _S30)
     h = h * _MIX_A
     h = h ^ (h >> _S27)

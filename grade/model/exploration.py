@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
-import numba
 import numpy as np
 
 from grade.core.config import MAX_SEED, ranged
@@ -40,7 +38,8 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 #: counters of one objective's uniforms lie in [k * _STRIDE, (k + 1) * _STRIDE): counter 1 boosts its
 #: gamma draw, the others feed attempts (the request key's own bits decide whether it explores)
 _STRIDE = np.uint64(1 << 32)
-# uint64 constants of the compiled kernels: numba turns a uint64 combined with a plain int into a float
+# uint64 constants of the compiled loops (grade.model.explore_kernels): numba turns a uint64 combined
+# with a plain int into a float
 _ONE = np.uint64(1)
 _S11 = np.uint64(11)
 _UNIT, _HALF_UNIT = 2.0 ** -53, 2.0 ** -54
@@ -72,114 +71,29 @@ class Served:
     model_version: str
 
 
-@numba.vectorize(["float64(float64, float64, float64, float64)"], cache=True)
-def _alpha(kappa: float, mu: float, alpha_floor: float, kappa_cap: float) -> float:
-    return min(kappa, kappa_cap) * mu + alpha_floor
+def alpha_values(kappa, mu, alpha_floor: float, kappa_cap: float):
+    """min(kappa, kappa_cap) * mu + alpha_floor: of arrays (numpy broadcasting) or, compiled
+    (grade.model.explore_kernels), of one value."""
+    return np.minimum(kappa, kappa_cap) * mu + alpha_floor
 
 
 def served_alpha(mu: np.ndarray, kappa: np.ndarray, alpha_floor: float, kappa_cap: float) -> np.ndarray:
     """The served Dirichlet's parameters [B, K] (float64) from the policy's mean mu [B, K] and
-    concentration kappa [B]: min(kappa, kappa_cap) * mu + alpha_floor."""
-    return _alpha(np.asarray(kappa, np.float64)[:, None], np.asarray(mu, np.float64), alpha_floor, kappa_cap)
+    concentration kappa [B] (:func:`alpha_values`)."""
+    return alpha_values(np.asarray(kappa, np.float64)[:, None], np.asarray(mu, np.float64), alpha_floor,
+                        kappa_cap)
 
 
 def log_density(alpha: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """log Dir(weights; alpha) [...] (float64) of weights [..., K] on the simplex under alpha [..., K]
     (torch.distributions.Dirichlet.log_prob's formula)."""
+    from grade.model import explore_kernels
+
     a, w = np.broadcast_arrays(np.asarray(alpha, np.float64), np.asarray(weights, np.float64))
     k = a.shape[-1]
-    out = _log_densities(np.ascontiguousarray(a.reshape(-1, k)), np.ascontiguousarray(w.reshape(-1, k)))
+    out = explore_kernels.log_densities(np.ascontiguousarray(a.reshape(-1, k)),
+                                        np.ascontiguousarray(w.reshape(-1, k)))
     return out.reshape(a.shape[:-1])
-
-
-@numba.njit(cache=True, nogil=True)
-def _log_dirichlet(a: np.ndarray, w: np.ndarray) -> float:
-    """log Dir(w; a) of one row: lgamma(sum a) - sum lgamma(a) + sum (a - 1) log w."""
-    total, out = 0.0, 0.0
-    for j in range(a.shape[0]):
-        total += a[j]
-        out += (a[j] - 1.0) * math.log(np.float64(w[j])) - math.lgamma(a[j])
-    return out + math.lgamma(total)
-
-
-@numba.njit(cache=True, nogil=True)
-def _log_densities(a: np.ndarray, w: np.ndarray) -> np.ndarray:
-    out = np.empty(a.shape[0])
-    for i in range(a.shape[0]):
-        out[i] = _log_dirichlet(a[i], w[i])
-    return out
-
-
-@numba.njit(cache=True, nogil=True)
-def _uniform(key: np.uint64, counter: np.uint64) -> float:
-    """The generator's uniform in (0, 1) at ``key`` and ``counter``: mix64(key + (counter + 1) * golden)."""
-    return float(mix64(key + (counter + _ONE) * _GOLDEN) >> _S11) * _UNIT + _HALF_UNIT
-
-
-@numba.njit(cache=True, nogil=True)
-def _log_gamma_draw(key: np.uint64, k: int, alpha: float) -> float:
-    """log of a Gamma(alpha, 1) draw for objective ``k`` of the request with ``key``.
-
-    Marsaglia and Tsang's method for Gamma(alpha + 1) (alpha + 1 >= 1: acceptance above 95%), boosted to
-    Gamma(alpha) by U^(1/alpha), kept in logs so that a small alpha's tiny draws do not underflow.
-    Attempts come in blocks of ``ATTEMPTS``: attempt t of the block starting at counter s reads the
-    counters s + t (normal), s + T + t (normal's angle) and s + 2T + t (acceptance); the boost reads 1.
-    """
-    base = np.uint64(k) * _STRIDE
-    d = alpha + (1.0 - 1.0 / 3.0)
-    c = 1.0 / math.sqrt(9.0 * d)
-    start = np.uint64(2)
-    while True:
-        for t in range(ATTEMPTS):
-            u1 = _uniform(key, base + start + np.uint64(t))
-            u2 = _uniform(key, base + start + np.uint64(ATTEMPTS + t))
-            u3 = _uniform(key, base + start + np.uint64(2 * ATTEMPTS + t))
-            x = math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2)
-            v = c * x + 1.0
-            v = v * v * v
-            log_v = math.log(max(v, 1e-300))
-            if v > 0 and math.log(u3) < x * x * 0.5 + d * (1.0 - v + log_v):
-                return math.log(d) + log_v + math.log(_uniform(key, base + _ONE)) / alpha
-        start += np.uint64(3 * ATTEMPTS)
-
-
-@numba.njit(cache=True, nogil=True)
-def _explore(ids: np.ndarray, salt: np.uint64, mu: np.ndarray, kappa: np.ndarray, alpha_floor: float,
-             kappa_cap: float, share: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`explore`'s (weights float32 [B, K], log-propensities float64 [B], explored bool [B]) for
-    request ids viewed as uint64 [B], the seed's ``salt``, mu float32 [B, K] and kappa [B].
-
-    A request's key is mix64(id ^ salt); its top 53 bits are the explore decision's uniform. An explored
-    row draws log Gamma(alpha_k) per objective, normalises in logs (a small alpha's tiny draws do not
-    underflow), keeps every weight >= MIN_WEIGHT and logs the float32 weights' own log-density."""
-    b_rows, k_cols = mu.shape
-    weights = np.empty((b_rows, k_cols), np.float32)
-    log_p = np.full(b_rows, np.nan)
-    explored = np.zeros(b_rows, np.bool_)
-    a, w = np.empty(k_cols), np.empty(k_cols)
-    for b in range(b_rows):
-        key = mix64(ids[b] ^ salt)
-        if float(key >> _S11) * _UNIT + _HALF_UNIT >= share:
-            weights[b] = mu[b]
-            continue
-        explored[b] = True
-        top = -np.inf
-        for k in range(k_cols):
-            a[k] = _alpha(kappa[b], np.float64(mu[b, k]), alpha_floor, kappa_cap)
-            w[k] = _log_gamma_draw(key, k, a[k])
-            top = max(top, w[k])
-        total = 0.0
-        for k in range(k_cols):
-            w[k] = math.exp(w[k] - top)
-            total += w[k]
-        clipped = 0.0
-        for k in range(k_cols):
-            w[k] = max(w[k] / total, MIN_WEIGHT)
-            clipped += w[k]
-        for k in range(k_cols):
-            weights[b, k] = w[k] / clipped
-        log_p[b] = _log_dirichlet(a, weights[b])
-    return weights, log_p, explored
 
 
 @functools.lru_cache(maxsize=64)
@@ -200,7 +114,10 @@ def explore(mu: np.ndarray, kappa: np.ndarray, alpha_floor: float, request_ids: 
     if cfg.share <= 0 or request_ids is None or not len(mean):
         return Served(mean, np.full(len(mean), np.nan, dtype=np.float32), np.zeros(len(mean), dtype=bool),
                       model_version)
+    from grade.model import explore_kernels  # numba: imported by the first draw, not by every step
+
     ids = np.ascontiguousarray(request_ids, np.int64).view(np.uint64)
-    weights, log_p, explored = _explore(ids, _salt(cfg.seed), mean, np.asarray(kappa, np.float64),
-                                        float(alpha_floor), float(cfg.kappa_cap), float(cfg.share))
+    weights, log_p, explored = explore_kernels.explore(
+        ids, _salt(cfg.seed), mean, np.asarray(kappa, np.float64), float(alpha_floor), float(cfg.kappa_cap),
+        float(cfg.share))
     return Served(weights, log_p.astype(np.float32), explored, model_version)
