@@ -29,20 +29,7 @@ import numpy as np
 
 from grade.core.config import MAX_SEED, ranged
 from grade.data.raw_logs import mix64
-
-#: attempts of the gamma sampler drawn at once per (request, objective); all miss with p < 1e-7
-ATTEMPTS = 6
-#: served weights are kept at least this far from 0 (a float32 weight of 0 has no log-density)
-MIN_WEIGHT = 1e-12
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-#: counters of one objective's uniforms lie in [k * _STRIDE, (k + 1) * _STRIDE): counter 1 boosts its
-#: gamma draw, the others feed attempts (the request key's own bits decide whether it explores)
-_STRIDE = np.uint64(1 << 32)
-# uint64 constants of the compiled loops (grade.model.explore_kernels): numba turns a uint64 combined
-# with a plain int into a float
-_ONE = np.uint64(1)
-_S11 = np.uint64(11)
-_UNIT, _HALF_UNIT = 2.0 ** -53, 2.0 ** -54
+from grade.model.explore_stream import _GOLDEN, alpha_values
 
 
 @dataclasses.dataclass
@@ -71,15 +58,9 @@ class Served:
     model_version: str
 
 
-def alpha_values(kappa, mu, alpha_floor: float, kappa_cap: float):
-    """min(kappa, kappa_cap) * mu + alpha_floor: of arrays (numpy broadcasting) or, compiled
-    (grade.model.explore_kernels), of one value."""
-    return np.minimum(kappa, kappa_cap) * mu + alpha_floor
-
-
 def served_alpha(mu: np.ndarray, kappa: np.ndarray, alpha_floor: float, kappa_cap: float) -> np.ndarray:
     """The served Dirichlet's parameters [B, K] (float64) from the policy's mean mu [B, K] and
-    concentration kappa [B] (:func:`alpha_values`)."""
+    concentration kappa [B] (:func:`grade.model.explore_stream.alpha_values`)."""
     return alpha_values(np.asarray(kappa, np.float64)[:, None], np.asarray(mu, np.float64), alpha_floor,
                         kappa_cap)
 

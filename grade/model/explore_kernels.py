@@ -4,7 +4,7 @@ Array operations on a batch of 64 rows cost their call overhead, not their arith
 draw a batch in microseconds. Imported by the first draw or density (grade.model.exploration), so a
 step that never explores does not pay numba's import. The splitmix64 finaliser and the served alpha
 are the same Python functions numpy runs on arrays (grade.data.raw_logs.mix64,
-grade.model.exploration.alpha_values), compiled here for one value.
+grade.model.explore_stream.alpha_values), compiled here for one value.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import numba
 import numpy as np
 
 from grade.data import raw_logs
-from grade.model import exploration as _x
+from grade.model import explore_stream as stream
 
 _mix64 = numba.njit(cache=True, nogil=True)(raw_logs.mix64)
-_alpha = numba.njit(cache=True, nogil=True)(_x.alpha_values)
-ATTEMPTS, MIN_WEIGHT = _x.ATTEMPTS, _x.MIN_WEIGHT
-_GOLDEN, _STRIDE, _ONE, _S11 = _x._GOLDEN, _x._STRIDE, _x._ONE, _x._S11
-_UNIT, _HALF_UNIT = _x._UNIT, _x._HALF_UNIT
+_alpha = numba.njit(cache=True, nogil=True)(stream.alpha_values)
+ATTEMPTS, MIN_WEIGHT = stream.ATTEMPTS, stream.MIN_WEIGHT
+_GOLDEN, _STRIDE, _ONE, _S11 = stream._GOLDEN, stream._STRIDE, stream._ONE, stream._S11
+_UNIT, _HALF_UNIT = stream._UNIT, stream._HALF_UNIT
 
 
 @numba.njit(cache=True, nogil=True)
