@@ -67,30 +67,17 @@ EXPLORE_TARGET = 0.9
 def demo_registry(root: Path, n_versions: int = 3, n_requests: int = 200) -> dict[str, Any]:
     """Simulated logs, their features and a registry with ``n_versions`` registered policies (random,
     personalised weights), the first in production. Returns the paths, the spec and the model folders."""
-    from grade.core import store
     from grade.data.features import FeaturesConfig, extract_features
     from grade.data.simulator import SimulatorConfig, write_logs
-    from grade.model.policy import PolicyConfig, PolicyNet, save_policy
     from grade.model.registry import Registry
+    from tests.sim_tensors import publish_random_policy
 
     logs, feats = str(root / "logs"), str(root / "feats")
     write_logs(SimulatorConfig(n_requests=n_requests, n_users=80, n_items=1500, n_days=2, list_size=20), logs)
     spec = extract_features(logs, feats, FeaturesConfig())
-    models = []
-    for seed in range(1, n_versions + 1):
-        torch.manual_seed(seed)
-        net = PolicyNet(PolicyConfig(n_numeric=len(spec["numeric"]),
-                                     cat_sizes=[c["size"] for c in spec["categorical"]],
-                                     n_objectives=len(spec["objectives"])))
-        with torch.no_grad():
-            for p in net.parameters():
-                p.add_(torch.randn_like(p) * 0.5)
-        uri = str(root / f"model-{seed}")
-        with store.publishing(uri) as staging:
-            save_policy(net, staging)
-            spec_file = store.join(feats, "feature_spec.json")
-            (staging / "feature_spec.json").write_bytes(store.read_bytes(spec_file))
-        models.append(uri)
+    models = [str(root / f"model-{seed}") for seed in range(1, n_versions + 1)]
+    for seed, uri in enumerate(models, start=1):
+        publish_random_policy(feats, uri, seed=seed)
     registry = Registry(str(root / "registry"), MODEL)
     first = promote(registry, models[0])
     return {"logs": logs, "spec": spec, "registry": registry, "models": models, "first": first}

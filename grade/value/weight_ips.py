@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from grade.model.exploration import log_density, served_alpha
+from grade.value.auction import bootstrap_totals, percentile_ci
 
 
 class WeightEstimate(NamedTuple):
@@ -192,22 +193,21 @@ def lifts_vs(columns: dict[str, np.ndarray], reference: str, forms: list[str], n
     policy and form). ``columns``: policy -> [N, 5] of :func:`policy_columns`."""
     names = list(columns)
     stacked = np.stack([columns[p] for p in names])                               # [P, N, 5]
-    n = stacked.shape[1]
-    rng = np.random.default_rng(seed)
-    counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_resamples)]) \
-        if n_resamples else np.zeros((0, n))
-    boot = np.einsum("bn,pnc->pbc", counts.astype(np.float64), stacked)           # [P, B, 5]
+    n_policies, n, n_cols = stacked.shape
+    matrix = torch.from_numpy(np.ascontiguousarray(stacked.transpose(1, 0, 2)).reshape(n, -1))
+    boot = bootstrap_totals(matrix, n_resamples, seed).numpy()                      # [B, P * 5]
+    boot = boot.reshape(-1, n_policies, n_cols).transpose(1, 0, 2)                  # [P, B, 5]
     full = stacked.sum(axis=1)                                                     # [P, 5]
     ref = names.index(reference)
-    tail = (1.0 - confidence) / 2 * 100
     out: dict[str, dict[str, dict[str, float]]] = {}
     for form in forms:
         point, draws = form_values(full, n, form), form_values(boot, n, form)
         lift, lift_draws = point / point[ref] - 1.0, draws / draws[ref] - 1.0
+        lift_draws = np.where(np.isfinite(lift_draws), lift_draws, np.nan)
         out[form] = {}
         for i, p in enumerate(names):
-            ok = lift_draws[i][np.isfinite(lift_draws[i])]
-            low, high = np.percentile(ok, [tail, 100 - tail]) if len(ok) else (math.nan, math.nan)
+            low, high = percentile_ci(torch.from_numpy(lift_draws[i]), confidence) if n_resamples \
+                else (math.nan, math.nan)
             out[form][p] = {"value": float(point[i]), "lift": float(lift[i]), "ci_low": float(low),
                             "ci_high": float(high)}
     return out
